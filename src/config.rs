@@ -1,0 +1,334 @@
+//! Configuration of `clerk-grpc-auth serve`: flags and environment variables with Clerk's own
+//! names, validated at startup into a [`ServerConfig`].
+//!
+//! Every problem is reported as one [`ConfigError`] line naming the variable and what is
+//! wrong; the binary exits with status 64 (EX_USAGE).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use crate::{
+    jwks::{KeySource, KeyStoreConfig, Secret},
+    keys::{KeySet, VerifyingKey},
+    server::ServerConfig,
+    telemetry::LogFormat,
+    verify::Validation,
+    TokenVerifierConfig,
+};
+
+/// Clerk's Backend API.
+pub const DEFAULT_API_URL: &str = "https://api.clerk.com";
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// `clerk-grpc-auth serve` settings. Every flag can also be set by the environment variable
+/// named beside it.
+#[derive(Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CLERK_AUTH_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// Clerk secret key (`sk_…`): loads the JWKS from the Backend API.
+    #[arg(long, env = "CLERK_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// Clerk JWT public key (PEM, or the bare base64 body): networkless verification.
+    #[arg(long, env = "CLERK_JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+    /// Backend API URL.
+    #[arg(long, env = "CLERK_API_URL")]
+    pub api_url: Option<String>,
+    /// A JWKS URL to load keys from without a secret key (e.g. `https://<frontend-api>/.well-known/jwks.json`).
+    #[arg(long, env = "CLERK_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Comma-separated authorized parties (`azp` allow-list, exact match).
+    #[arg(long, env = "CLERK_AUTHORIZED_PARTIES")]
+    pub authorized_parties: Option<String>,
+    /// Pin the issuer: `iss` must equal this exactly (off by default, as in Clerk's SDK).
+    #[arg(long, env = "CLERK_ISSUER")]
+    pub issuer: Option<String>,
+    /// Comma-separated accepted audiences (`aud`).
+    #[arg(long, env = "CLERK_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Clock skew in milliseconds (default 5000).
+    #[arg(long, env = "CLERK_CLOCK_SKEW_MS")]
+    pub clock_skew_ms: Option<String>,
+    /// Background JWKS refresh interval in seconds (default 300).
+    #[arg(long, env = "CLERK_AUTH_JWKS_REFRESH_SECS")]
+    pub jwks_refresh_secs: Option<String>,
+    /// Minimum seconds between unknown-kid refetches (default 10).
+    #[arg(long, env = "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS")]
+    pub unknown_kid_cooldown_secs: Option<String>,
+    /// How long the last good keys are used while refreshes fail, in seconds (default 3600).
+    #[arg(long, env = "CLERK_AUTH_MAX_STALE_SECS")]
+    pub max_stale_secs: Option<String>,
+    /// Verdict cache capacity (default 100000; 0 disables it).
+    #[arg(long, env = "CLERK_AUTH_VERDICT_CACHE_CAPACITY")]
+    pub verdict_cache_capacity: Option<String>,
+    /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT (default 10).
+    #[arg(long, env = "CLERK_AUTH_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<String>,
+    /// Log format.
+    #[arg(long, env = "CLERK_AUTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A setting is missing or malformed. `Display` is one line: `VARIABLE: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable (the flag has the matching kebab-case name).
+    pub var: &'static str,
+    /// What is wrong (never the secret itself).
+    pub problem: String,
+}
+
+// === impl ServeArgs ===
+
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("listen", &self.listen)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "…"))
+            .field("jwt_key", &self.jwt_key.as_ref().map(|_| "…"))
+            .field("api_url", &self.api_url)
+            .field("jwks_url", &self.jwks_url)
+            .field("authorized_parties", &self.authorized_parties)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
+}
+
+fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn list(v: &Option<String>) -> Vec<String> {
+    non_empty(v)
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_num(var: &'static str, v: &Option<String>, default: u64, max: u64) -> Result<u64, ConfigError> {
+    match non_empty(v) {
+        None => Ok(default),
+        Some(s) => {
+            let n: u64 = s
+                .parse()
+                .map_err(|_| err(var, format!("{s:?} is not a non-negative whole number")))?;
+            if n > max {
+                return Err(err(var, format!("{n} is larger than the maximum {max}")));
+            }
+            Ok(n)
+        }
+    }
+}
+
+fn parse_url(var: &'static str, s: &str) -> Result<url::Url, ConfigError> {
+    let u = url::Url::parse(s).map_err(|e| err(var, format!("{s:?} is not a valid URL ({e})")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(err(var, format!("{s:?} must be an http(s) URL with a host")));
+    }
+    Ok(u)
+}
+
+impl ServeArgs {
+    /// Validates everything and builds the server configuration and listen address.
+    pub fn to_config(&self) -> Result<(ServerConfig, SocketAddr), ConfigError> {
+        let listen: SocketAddr = self.listen.trim().parse().map_err(|_| {
+            err(
+                "CLERK_AUTH_LISTEN",
+                format!("{:?} is not an address like 127.0.0.1:50051", self.listen),
+            )
+        })?;
+
+        let secret = match non_empty(&self.secret_key) {
+            None => None,
+            Some(s) if s.starts_with("pk_") => {
+                return Err(err(
+                    "CLERK_SECRET_KEY",
+                    "this is a publishable key (pk_…); give the secret key (sk_…) from the Clerk Dashboard",
+                ))
+            }
+            Some(s) if !s.starts_with("sk_") => {
+                return Err(err(
+                    "CLERK_SECRET_KEY",
+                    "a Clerk secret key starts with sk_test_ or sk_live_",
+                ))
+            }
+            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(err("CLERK_SECRET_KEY", "contains whitespace or control characters"))
+            }
+            Some(s) => Some(Secret::new(s)),
+        };
+        let api_url = match non_empty(&self.api_url) {
+            None => None,
+            Some(s) => Some(parse_url("CLERK_API_URL", s)?),
+        };
+        let jwks_url = match non_empty(&self.jwks_url) {
+            None => None,
+            Some(s) => Some(parse_url("CLERK_JWKS_URL", s)?),
+        };
+
+        // Precedence: networkless key, then an explicit JWKS URL, then the Backend API.
+        let key_source = if let Some(pem) = non_empty(&self.jwt_key) {
+            let key = VerifyingKey::from_pem(pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
+            KeySource::Static(Arc::new(KeySet::single(key)))
+        } else if let Some(url) = jwks_url {
+            KeySource::Remote { url, bearer: None }
+        } else if let Some(secret) = secret {
+            let base = api_url.unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"));
+            // Keep any path prefix (e.g. a proxy mounted under /clerk).
+            let url = format!("{}/v1/jwks", base.as_str().trim_end_matches('/'));
+            let url = parse_url("CLERK_API_URL", &url)?;
+            KeySource::Remote {
+                url,
+                bearer: Some(secret),
+            }
+        } else {
+            return Err(err(
+                "CLERK_SECRET_KEY",
+                "no key source configured: set CLERK_SECRET_KEY (keys from the Backend API), \
+                 CLERK_JWT_KEY (networkless PEM) or CLERK_JWKS_URL",
+            ));
+        };
+
+        let validation = Validation {
+            clock_skew_ms: parse_num("CLERK_CLOCK_SKEW_MS", &self.clock_skew_ms, 5_000, 3_600_000)?,
+            authorized_parties: list(&self.authorized_parties),
+            issuer: non_empty(&self.issuer).map(str::to_owned),
+            audience: list(&self.audience),
+        };
+        let refresh = parse_num("CLERK_AUTH_JWKS_REFRESH_SECS", &self.jwks_refresh_secs, 300, 86_400)?;
+        if refresh == 0 {
+            return Err(err("CLERK_AUTH_JWKS_REFRESH_SECS", "must be at least 1"));
+        }
+        let key_store = KeyStoreConfig {
+            refresh_interval: Duration::from_secs(refresh),
+            unknown_kid_cooldown: Duration::from_secs(parse_num(
+                "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
+                &self.unknown_kid_cooldown_secs,
+                10,
+                86_400,
+            )?),
+            max_stale: Duration::from_secs(parse_num(
+                "CLERK_AUTH_MAX_STALE_SECS",
+                &self.max_stale_secs,
+                3_600,
+                7 * 86_400,
+            )?),
+            ..KeyStoreConfig::default()
+        };
+        let verifier = TokenVerifierConfig {
+            validation,
+            cache_capacity: parse_num(
+                "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
+                &self.verdict_cache_capacity,
+                100_000,
+                100_000_000,
+            )?,
+        };
+        let shutdown_grace = Duration::from_secs(parse_num(
+            "CLERK_AUTH_SHUTDOWN_GRACE_SECS",
+            &self.shutdown_grace_secs,
+            10,
+            3_600,
+        )?);
+        Ok((
+            ServerConfig {
+                key_source,
+                key_store,
+                verifier,
+                shutdown_grace,
+            },
+            listen,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            listen: DEFAULT_LISTEN.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_key_source_names_the_variable() {
+        let e = args().to_config().unwrap_err();
+        assert_eq!(e.var, "CLERK_SECRET_KEY");
+        assert!(e.to_string().starts_with("CLERK_SECRET_KEY: no key source"));
+    }
+
+    #[test]
+    fn publishable_key_is_refused_without_echoing_it() {
+        let a = ServeArgs {
+            secret_key: Some("pk_test_Y2xlcmsuaW5zcGlyZWQucHVtYS03NC5sY2wuZGV2JA".into()),
+            ..args()
+        };
+        let e = a.to_config().unwrap_err();
+        assert_eq!(e.var, "CLERK_SECRET_KEY");
+        assert!(e.problem.contains("publishable"));
+        assert!(!e.to_string().contains("Y2xlcmsu"));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases: Vec<(ServeArgs, &str)> = vec![
+            (ServeArgs { jwt_key: Some("nope".into()), ..args() }, "CLERK_JWT_KEY"),
+            (ServeArgs { secret_key: Some("sk_test_x".into()), api_url: Some("not a url".into()), ..args() }, "CLERK_API_URL"),
+            (ServeArgs { jwks_url: Some("ftp://x/jwks".into()), ..args() }, "CLERK_JWKS_URL"),
+            (ServeArgs { secret_key: Some("sk_test_x".into()), clock_skew_ms: Some("-1".into()), ..args() }, "CLERK_CLOCK_SKEW_MS"),
+            (ServeArgs { secret_key: Some("sk_test_x".into()), listen: "nowhere".into(), ..args() }, "CLERK_AUTH_LISTEN"),
+        ];
+        for (a, var) in cases {
+            assert_eq!(a.to_config().unwrap_err().var, var);
+        }
+    }
+
+    #[test]
+    fn secret_key_builds_the_backend_api_jwks_url() {
+        let a = ServeArgs {
+            secret_key: Some("sk_test_abc".into()),
+            authorized_parties: Some(" https://a.example , ,https://b.example".into()),
+            ..args()
+        };
+        let (cfg, listen) = a.to_config().unwrap();
+        assert_eq!(listen.to_string(), DEFAULT_LISTEN);
+        match cfg.key_source {
+            KeySource::Remote { url, bearer } => {
+                assert_eq!(url.as_str(), "https://api.clerk.com/v1/jwks");
+                assert_eq!(bearer.unwrap().expose(), "sk_test_abc");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            cfg.verifier.validation.authorized_parties,
+            ["https://a.example", "https://b.example"]
+        );
+        let a = ServeArgs {
+            secret_key: Some("sk_test_abc".into()),
+            api_url: Some("http://127.0.0.1:9/clerk/".into()),
+            ..args()
+        };
+        match a.to_config().unwrap().0.key_source {
+            KeySource::Remote { url, .. } => assert_eq!(url.as_str(), "http://127.0.0.1:9/clerk/v1/jwks"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

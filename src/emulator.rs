@@ -1,0 +1,636 @@
+//! An offline Clerk for quickstarts, examples, tests and CI: JWKS endpoints, Clerk-shaped
+//! session tokens, key rotation and fault injection.
+//!
+//! | endpoint | what |
+//! | --- | --- |
+//! | `GET /v1/jwks` | the Backend API JWKS; needs `Authorization: Bearer <secret key>`, else a Clerk-shaped 401 |
+//! | `GET /.well-known/jwks.json` | the Frontend API JWKS (public) |
+//! | `POST /emulator/tokens` | mints a session token from a [`TokenSpec`] (JSON); answers `{"object":"token","jwt":…}` |
+//! | `POST /emulator/keys/rotate` | rotates the signing key (the old key stays in the JWKS); answers `{"kid":…}` |
+//! | `PUT /emulator/faults` | `{"jwks_status": 503}` makes both JWKS endpoints fail; `null` heals |
+//! | `GET /emulator/stats` | `{"jwks_requests": n}` |
+//!
+//! Tests start it in-process on `127.0.0.1:0`:
+//!
+//! ```no_run
+//! # async fn t() -> Result<(), Box<dyn std::error::Error>> {
+//! use clerk_grpc_auth::emulator::{Emulator, TokenSpec};
+//! let clerk = Emulator::start_local().await?;
+//! let token = clerk.mint(&TokenSpec::default());
+//! println!("{} {}", clerk.url(), token);
+//! # Ok(()) }
+//! ```
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aws_lc_rs::{
+    rand::SystemRandom,
+    rsa::KeySize,
+    signature::{KeyPair, RsaKeyPair, RSA_PKCS1_SHA256, RSA_PKCS1_SHA384, RSA_PKCS1_SHA512},
+};
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Json, Router,
+};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use rand::{distr::Alphanumeric, Rng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{keys::Alg, verify::CAT_SESSION};
+
+/// An RSA-2048 signing key with a Clerk-like kid (`ins_…`).
+pub struct SigningKey {
+    kid: String,
+    pair: RsaKeyPair,
+}
+
+/// What a minted session token carries. Every field is optional; see [`Emulator::mint`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenSpec {
+    /// `sub`. Defaults to a random `user_…`.
+    pub user_id: Option<String>,
+    /// `sid`. Defaults to a random `sess_…`.
+    pub session_id: Option<String>,
+    /// The active organization.
+    pub org: Option<OrgSpec>,
+    /// Lifetime in seconds from now (negative for an already expired token). Defaults to 60.
+    pub expires_in: Option<i64>,
+    /// Mint v1 claims (`org_*`) instead of v2 (`v: 2`, `o`).
+    pub v1: bool,
+    /// `azp`. Defaults to none.
+    pub azp: Option<String>,
+    /// `sts` (`active`, `pending`). Defaults to `active` for v2, absent for v1.
+    pub session_status: Option<String>,
+    /// Extra `fea` entries, scoped (`u:feature`, `o:feature`, `uo:feature`).
+    pub features: Vec<String>,
+    /// `pla` entries, scoped (`u:free`, `o:pro`).
+    pub plans: Vec<String>,
+    /// `fva`: [first, second] factor ages in minutes.
+    pub fva: Option<[i64; 2]>,
+    /// Claims set last, overriding anything above (e.g. `nbf`, `iat`, `aud`).
+    pub extra_claims: Map<String, Value>,
+    /// Header fields set last (e.g. `cat`, `typ`); `null` removes a field.
+    pub extra_header: Map<String, Value>,
+}
+
+/// An organization membership for a minted token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OrgSpec {
+    /// `org_…`. Defaults to a random id.
+    pub id: Option<String>,
+    /// The slug.
+    pub slug: Option<String>,
+    /// Role key, with or without the `org:` prefix (`admin` or `org:admin`).
+    pub role: Option<String>,
+    /// Permissions as full keys `org:<feature>:<permission>`.
+    pub permissions: Vec<String>,
+}
+
+/// Settings of an emulator.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The secret key `/v1/jwks` requires. Defaults to a random `sk_test_…`.
+    pub secret_key: String,
+}
+
+struct Shared {
+    secret_key: String,
+    issuer: String,
+    keys: Mutex<Vec<Arc<SigningKey>>>,
+    jwks_failure: Mutex<Option<u16>>,
+    jwks_requests: watch::Sender<u64>,
+}
+
+/// A running emulator. Dropping it stops the server.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The emulator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    /// Binding or serving failed.
+    #[error("emulator I/O error")]
+    Io(#[from] std::io::Error),
+    /// RSA key generation failed.
+    #[error("RSA key generation failed")]
+    KeyGen,
+}
+
+// === impl SigningKey ===
+
+impl SigningKey {
+    /// Generates an RSA-2048 key with a random `ins_…` kid.
+    pub fn generate() -> Result<Self, EmulatorError> {
+        let pair = RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| EmulatorError::KeyGen)?;
+        Ok(Self {
+            kid: format!("ins_{}", random_id(27)),
+            pair,
+        })
+    }
+
+    /// The key id.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a Clerk JWKS entry.
+    pub fn jwk(&self) -> Value {
+        let pk = self.pair.public_key();
+        json!({
+            "use": "sig",
+            "kty": "RSA",
+            "kid": self.kid,
+            "alg": "RS256",
+            "n": URL_SAFE_NO_PAD.encode(pk.modulus().big_endian_without_leading_zero()),
+            "e": URL_SAFE_NO_PAD.encode(pk.exponent().big_endian_without_leading_zero()),
+        })
+    }
+
+    /// Signs `header.payload` (both serialised as given) with `alg`.
+    pub fn sign_jwt(&self, header: &Value, payload: &Value, alg: Alg) -> String {
+        let h = URL_SAFE_NO_PAD.encode(serde_json::to_vec(header).expect("JSON"));
+        let p = URL_SAFE_NO_PAD.encode(serde_json::to_vec(payload).expect("JSON"));
+        let input = format!("{h}.{p}");
+        let enc = match alg {
+            Alg::RS256 => &RSA_PKCS1_SHA256,
+            Alg::RS384 => &RSA_PKCS1_SHA384,
+            Alg::RS512 => &RSA_PKCS1_SHA512,
+        };
+        let mut sig = vec![0u8; self.pair.public_modulus_len()];
+        self.pair
+            .sign(enc, &SystemRandom::new(), input.as_bytes(), &mut sig)
+            .expect("RSA signing");
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+fn random_id(n: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+// === impl TokenSpec ===
+
+impl TokenSpec {
+    /// The claims this spec produces at `now` (seconds), for `issuer`.
+    pub fn claims(&self, issuer: &str, now: i64) -> Map<String, Value> {
+        let mut c = Map::new();
+        c.insert("iss".into(), issuer.into());
+        c.insert(
+            "sub".into(),
+            self.user_id
+                .clone()
+                .unwrap_or_else(|| format!("user_{}", random_id(27)))
+                .into(),
+        );
+        c.insert(
+            "sid".into(),
+            self.session_id
+                .clone()
+                .unwrap_or_else(|| format!("sess_{}", random_id(27)))
+                .into(),
+        );
+        c.insert("iat".into(), now.into());
+        c.insert("nbf".into(), (now - 10).into());
+        c.insert("exp".into(), (now + self.expires_in.unwrap_or(60)).into());
+        c.insert("jti".into(), random_id(20).into());
+        if let Some(azp) = &self.azp {
+            c.insert("azp".into(), azp.clone().into());
+        }
+        if let Some(fva) = self.fva {
+            c.insert("fva".into(), json!(fva));
+        }
+        let org = self.org.as_ref().map(|o| {
+            let id = o
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("org_{}", random_id(27)));
+            let role = o.role.as_deref().map(|r| r.trim_start_matches("org:").to_owned());
+            (o, id, role)
+        });
+        if self.v1 {
+            if let Some((o, id, role)) = org {
+                c.insert("org_id".into(), id.into());
+                if let Some(slug) = &o.slug {
+                    c.insert("org_slug".into(), slug.clone().into());
+                }
+                if let Some(role) = role {
+                    c.insert("org_role".into(), format!("org:{role}").into());
+                }
+                c.insert("org_permissions".into(), json!(o.permissions));
+            }
+            if let Some(sts) = &self.session_status {
+                c.insert("sts".into(), sts.clone().into());
+            }
+            if !self.features.is_empty() {
+                c.insert("fea".into(), self.features.join(",").into());
+            }
+        } else {
+            c.insert("v".into(), 2.into());
+            c.insert(
+                "sts".into(),
+                self.session_status.clone().unwrap_or_else(|| "active".into()).into(),
+            );
+            // Features: those the permissions name (org-scoped), then the extra ones.
+            let mut fea: Vec<String> = Vec::new();
+            let mut perm_names: Vec<String> = Vec::new();
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            if let Some((o, _, _)) = &org {
+                for p in &o.permissions {
+                    let rest = p.strip_prefix("org:").unwrap_or(p);
+                    let Some((feature, perm)) = rest.split_once(':') else {
+                        continue;
+                    };
+                    let scoped = format!("o:{feature}");
+                    if !fea.contains(&scoped) {
+                        fea.push(scoped);
+                    }
+                    if !perm_names.iter().any(|n| n == perm) {
+                        perm_names.push(perm.to_owned());
+                    }
+                    pairs.push((feature.to_owned(), perm.to_owned()));
+                }
+            }
+            for f in &self.features {
+                if !fea.contains(f) {
+                    fea.push(f.clone());
+                }
+            }
+            if !fea.is_empty() {
+                c.insert("fea".into(), fea.join(",").into());
+            }
+            if let Some((o, id, role)) = org {
+                let mut obj = Map::new();
+                obj.insert("id".into(), id.into());
+                if let Some(slug) = &o.slug {
+                    obj.insert("slg".into(), slug.clone().into());
+                }
+                if let Some(role) = role {
+                    obj.insert("rol".into(), role.into());
+                }
+                if !perm_names.is_empty() {
+                    // One mask per org-scoped feature, in `fea` order (Clerk's JS alignment).
+                    let masks: Vec<String> = fea
+                        .iter()
+                        .filter_map(|f| {
+                            let (scope, name) = f.split_once(':')?;
+                            matches!(scope, "o" | "ou" | "uo").then_some(name)
+                        })
+                        .map(|feature| {
+                            let mut mask = num_bigint::BigUint::default();
+                            for (f, p) in &pairs {
+                                if f == feature {
+                                    let bit = perm_names.iter().position(|n| n == p).unwrap_or(0);
+                                    mask.set_bit(bit as u64, true);
+                                }
+                            }
+                            mask.to_string()
+                        })
+                        .collect();
+                    obj.insert("per".into(), perm_names.join(",").into());
+                    obj.insert("fpm".into(), masks.join(",").into());
+                }
+                c.insert("o".into(), Value::Object(obj));
+            }
+        }
+        if !self.plans.is_empty() {
+            c.insert("pla".into(), self.plans.join(",").into());
+        }
+        for (k, v) in &self.extra_claims {
+            c.insert(k.clone(), v.clone());
+        }
+        c
+    }
+}
+
+// === impl Emulator ===
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            secret_key: format!("sk_test_{}", random_id(40)),
+        }
+    }
+}
+
+impl Emulator {
+    /// Starts on `127.0.0.1:0` with a random secret key.
+    pub async fn start_local() -> Result<Self, EmulatorError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start(EmulatorConfig::default(), listener).await
+    }
+
+    /// Starts serving on `listener`.
+    pub async fn start(config: EmulatorConfig, listener: TcpListener) -> Result<Self, EmulatorError> {
+        let addr = listener.local_addr()?;
+        let key = tokio::task::spawn_blocking(SigningKey::generate)
+            .await
+            .map_err(|_| EmulatorError::KeyGen)??;
+        let shared = Arc::new(Shared {
+            secret_key: config.secret_key,
+            issuer: format!("http://{addr}"),
+            keys: Mutex::new(vec![Arc::new(key)]),
+            jwks_failure: Mutex::new(None),
+            jwks_requests: watch::Sender::new(0),
+        });
+        let app = Router::new()
+            .route("/v1/jwks", get(bapi_jwks))
+            .route("/.well-known/jwks.json", get(public_jwks))
+            .route("/emulator/tokens", post(mint_token))
+            .route("/emulator/keys/rotate", post(rotate_key))
+            .route("/emulator/faults", put(set_faults))
+            .route("/emulator/stats", get(stats))
+            .with_state(shared.clone());
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "emulator stopped");
+            }
+        });
+        Ok(Self {
+            shared,
+            addr,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`: use as `CLERK_API_URL`. Also the `iss` of minted tokens.
+    pub fn url(&self) -> String {
+        self.shared.issuer.clone()
+    }
+
+    /// The secret key `/v1/jwks` requires.
+    pub fn secret_key(&self) -> &str {
+        &self.shared.secret_key
+    }
+
+    /// The current signing key.
+    pub fn current_key(&self) -> Arc<SigningKey> {
+        self.shared.current()
+    }
+
+    /// The current signing key's kid.
+    pub fn kid(&self) -> String {
+        self.current_key().kid.clone()
+    }
+
+    /// Mints a Clerk-shaped session token signed with the current key.
+    pub fn mint(&self, spec: &TokenSpec) -> String {
+        self.shared.mint(spec)
+    }
+
+    /// Signs arbitrary header and claims with the current key (for crafting odd tokens).
+    pub fn sign(&self, header: &Value, claims: &Value, alg: Alg) -> String {
+        self.current_key().sign_jwt(header, claims, alg)
+    }
+
+    /// The standard session header for the current key: `{alg, kid, typ, cat}`.
+    pub fn session_header(&self) -> Value {
+        json!({"alg": "RS256", "kid": self.kid(), "typ": "JWT", "cat": CAT_SESSION})
+    }
+
+    /// Rotates: a new key signs from now on; the old one stays in the JWKS. Returns the new kid.
+    pub async fn rotate(&self) -> Result<String, EmulatorError> {
+        let key = tokio::task::spawn_blocking(SigningKey::generate)
+            .await
+            .map_err(|_| EmulatorError::KeyGen)??;
+        Ok(self.shared.push_key(key))
+    }
+
+    /// Makes both JWKS endpoints answer `status` (e.g. 503), or heal with `None`.
+    pub fn set_jwks_failure(&self, status: Option<u16>) {
+        *self.shared.jwks_failure.lock().expect("lock") = status;
+    }
+
+    /// JWKS requests served so far (both endpoints, failed ones included).
+    pub fn jwks_requests(&self) -> u64 {
+        *self.shared.jwks_requests.borrow()
+    }
+
+    /// Waits until at least `n` JWKS requests have arrived.
+    pub async fn wait_jwks_requests(&self, n: u64) {
+        let mut rx = self.shared.jwks_requests.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("addr", &self.addr)
+            .field("kid", &self.kid())
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn current(&self) -> Arc<SigningKey> {
+        self.keys.lock().expect("lock").last().expect("a key").clone()
+    }
+
+    fn push_key(&self, key: SigningKey) -> String {
+        let kid = key.kid.clone();
+        let mut keys = self.keys.lock().expect("lock");
+        keys.push(Arc::new(key));
+        // Keep the JWKS small, as Clerk does: current and previous keys only.
+        let excess = keys.len().saturating_sub(2);
+        keys.drain(..excess);
+        kid
+    }
+
+    fn mint(&self, spec: &TokenSpec) -> String {
+        let key = self.current();
+        let mut header = json!({"alg": "RS256", "kid": key.kid, "typ": "JWT", "cat": CAT_SESSION});
+        for (k, v) in &spec.extra_header {
+            if v.is_null() {
+                header.as_object_mut().expect("object").remove(k);
+            } else {
+                header[k] = v.clone();
+            }
+        }
+        let claims = Value::Object(spec.claims(&self.issuer, now_secs()));
+        key.sign_jwt(&header, &claims, Alg::RS256)
+    }
+
+    fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self.keys.lock().expect("lock").iter().map(|k| k.jwk()).collect();
+        json!({ "keys": keys })
+    }
+
+    fn count_jwks(&self) {
+        self.jwks_requests.send_modify(|c| *c += 1);
+    }
+
+    fn failure(&self) -> Option<Response> {
+        let status = (*self.jwks_failure.lock().expect("lock"))?;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        Some(clerk_error(status, "internal_clerk_error", "Something went wrong", "Injected failure"))
+    }
+}
+
+fn clerk_error(status: StatusCode, code: &str, message: &str, long: &str) -> Response {
+    (
+        status,
+        Json(json!({
+            "errors": [{ "message": message, "long_message": long, "code": code }],
+            "clerk_trace_id": random_id(32),
+        })),
+    )
+        .into_response()
+}
+
+async fn bapi_jwks(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    s.count_jwks();
+    let auth = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.and_then(|a| a.strip_prefix("Bearer ")) {
+        None => {
+            return clerk_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_invalid",
+                "Invalid authentication",
+                "Unable to authenticate the request, you need to supply an active API key",
+            )
+        }
+        Some(k) if k != s.secret_key => {
+            return clerk_error(
+                StatusCode::UNAUTHORIZED,
+                "clerk_key_invalid",
+                "Secret Key is invalid",
+                "The provided Clerk Secret Key is invalid. Make sure that your Clerk Secret Key is correct.",
+            )
+        }
+        Some(_) => {}
+    }
+    if let Some(r) = s.failure() {
+        return r;
+    }
+    Json(s.jwks()).into_response()
+}
+
+async fn public_jwks(State(s): State<Arc<Shared>>) -> Response {
+    s.count_jwks();
+    if let Some(r) = s.failure() {
+        return r;
+    }
+    Json(s.jwks()).into_response()
+}
+
+async fn mint_token(State(s): State<Arc<Shared>>, Json(spec): Json<TokenSpec>) -> Response {
+    let jwt = s.mint(&spec);
+    Json(json!({"object": "token", "jwt": jwt})).into_response()
+}
+
+async fn rotate_key(State(s): State<Arc<Shared>>) -> Response {
+    match tokio::task::spawn_blocking(SigningKey::generate).await {
+        Ok(Ok(key)) => Json(json!({"kid": s.push_key(key)})).into_response(),
+        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Faults {
+    jwks_status: Option<u16>,
+}
+
+async fn set_faults(State(s): State<Arc<Shared>>, Json(f): Json<Faults>) -> Response {
+    *s.jwks_failure.lock().expect("lock") = f.jwks_status;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Response {
+    Json(json!({"jwks_requests": *s.jwks_requests.borrow()})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::split_by_scope;
+
+    #[test]
+    fn v2_spec_encodes_permissions_that_decode_back() {
+        let spec = TokenSpec {
+            org: Some(OrgSpec {
+                id: Some("org_1".into()),
+                slug: Some("acme".into()),
+                role: Some("org:admin".into()),
+                permissions: vec![
+                    "org:invoices:read".into(),
+                    "org:invoices:write".into(),
+                    "org:teams:read".into(),
+                ],
+            }),
+            features: vec!["u:dashboard".into()],
+            ..Default::default()
+        };
+        let c = spec.claims("http://x", 1_000);
+        let o = c["o"].as_object().unwrap();
+        assert_eq!(o["rol"], "admin");
+        let fea = split_by_scope(c.get("fea")).unwrap();
+        let perms = crate::identity::decode_fpm(
+            &fea.organization,
+            o["per"].as_str(),
+            o["fpm"].as_str(),
+        );
+        assert_eq!(perms, ["org:invoices:read", "org:invoices:write", "org:teams:read"]);
+        assert_eq!(fea.user, ["dashboard"]);
+    }
+}

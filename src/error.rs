@@ -1,0 +1,300 @@
+//! Errors that cross module boundaries, and the **one** mapping from them to gRPC [`Status`].
+//!
+//! | error | gRPC code |
+//! | --- | --- |
+//! | [`AuthError::InvalidRequest`] (empty or oversized token) | `INVALID_ARGUMENT` |
+//! | [`AuthError::Rejected`] (the token is not valid) | `UNAUTHENTICATED` |
+//! | [`AuthError::Unavailable`] (no usable key material) | `UNAVAILABLE` |
+//!
+//! Every status carries a `google.rpc.ErrorInfo` detail with domain [`ERROR_DOMAIN`] and the
+//! [`Reason`] in `UPPER_SNAKE_CASE`. Messages are fixed texts: they never echo the token.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `google.rpc.ErrorInfo.domain` of every error this crate returns.
+pub const ERROR_DOMAIN: &str = "clerk.auth.v1";
+
+/// Why a token was refused: Clerk's `TokenVerificationErrorReason`, plus our own additions.
+///
+/// [`Reason::as_str`] gives the `UPPER_SNAKE_CASE` form used in `ErrorInfo.reason`;
+/// [`Reason::clerk_reason`] gives Clerk's own kebab-case string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// Not a well-formed JWT, bad `typ`, or an M2M category presented as a session token.
+    TokenInvalid,
+    /// `alg` is not RS256, RS384 or RS512.
+    TokenInvalidAlgorithm,
+    /// The signature does not verify.
+    TokenInvalidSignature,
+    /// The key could not verify this token (e.g. `alg` not the key's), or a claim has the
+    /// wrong type (`sub` not a string, `exp` not a number…), or `aud` does not match.
+    TokenVerificationFailed,
+    /// `azp` missing or not one of the authorized parties.
+    TokenInvalidAuthorizedParties,
+    /// `iss` differs from the pinned issuer (only when issuer pinning is on).
+    TokenInvalidIssuer,
+    /// Expired (`exp` plus clock skew is in the past).
+    TokenExpired,
+    /// `nbf` is in the future (beyond the clock skew).
+    TokenNotActiveYet,
+    /// `iat` is in the future (beyond the clock skew).
+    TokenIatInTheFuture,
+    /// No key with the token's `kid`, even after a refetch.
+    JwkKidMismatch,
+    /// The JWKS could not be loaded from Clerk.
+    JwkRemoteFailedToLoad,
+    /// Clerk refused the configured secret key.
+    SecretKeyInvalid,
+    /// No key source is configured.
+    JwkFailedToResolve,
+    /// The token is of a type the caller does not accept (machine token, JWT template…).
+    TokenTypeMismatch,
+    /// The session is `pending` and the caller did not accept pending sessions.
+    SessionPending,
+    /// The request itself is malformed (empty or oversized token).
+    InvalidRequest,
+}
+
+/// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (reason={})", reason.clerk_reason())]
+pub struct VerifyError {
+    /// Why.
+    pub reason: Reason,
+    /// A short human-readable explanation. Never contains the token or claim values.
+    pub message: &'static str,
+}
+
+/// Failures while loading Clerk keys.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The HTTP request failed (connect, timeout, body).
+    #[error("request to {url} failed")]
+    Http {
+        /// The JWKS URL (never contains a secret).
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Clerk answered with a non-success status.
+    #[error("{url} answered HTTP {status}")]
+    Status {
+        /// The JWKS URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// Clerk answered 401 with `clerk_key_invalid`: the secret key is wrong.
+    #[error("Clerk refused the secret key ({url} answered HTTP {status} clerk_key_invalid)")]
+    SecretKeyInvalid {
+        /// The JWKS URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The body is not a usable JWKS.
+    #[error("{url} returned an unusable JWKS: {detail}")]
+    InvalidJwks {
+        /// The JWKS URL.
+        url: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A PEM / base64 SPKI key could not be parsed.
+    #[error("not a usable RSA public key: {0}")]
+    InvalidPem(String),
+}
+
+/// Every outcome of a verification other than success. Converted to [`Status`] by `From`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The request is malformed: `INVALID_ARGUMENT`.
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+    /// The token is not valid: `UNAUTHENTICATED`.
+    #[error(transparent)]
+    Rejected(#[from] VerifyError),
+    /// No usable key material (never loaded, past the stale bound, Clerk down): `UNAVAILABLE`.
+    #[error("authentication keys unavailable (reason={})", .0.clerk_reason())]
+    Unavailable(Reason),
+}
+
+// === impl Reason ===
+
+impl Reason {
+    /// The `UPPER_SNAKE_CASE` reason used in `google.rpc.ErrorInfo.reason`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::TokenInvalid => "TOKEN_INVALID",
+            Reason::TokenInvalidAlgorithm => "TOKEN_INVALID_ALGORITHM",
+            Reason::TokenInvalidSignature => "TOKEN_INVALID_SIGNATURE",
+            Reason::TokenVerificationFailed => "TOKEN_VERIFICATION_FAILED",
+            Reason::TokenInvalidAuthorizedParties => "TOKEN_INVALID_AUTHORIZED_PARTIES",
+            Reason::TokenInvalidIssuer => "TOKEN_INVALID_ISSUER",
+            Reason::TokenExpired => "TOKEN_EXPIRED",
+            Reason::TokenNotActiveYet => "TOKEN_NOT_ACTIVE_YET",
+            Reason::TokenIatInTheFuture => "TOKEN_IAT_IN_THE_FUTURE",
+            Reason::JwkKidMismatch => "JWK_KID_MISMATCH",
+            Reason::JwkRemoteFailedToLoad => "JWK_REMOTE_FAILED_TO_LOAD",
+            Reason::SecretKeyInvalid => "SECRET_KEY_INVALID",
+            Reason::JwkFailedToResolve => "JWK_FAILED_TO_RESOLVE",
+            Reason::TokenTypeMismatch => "TOKEN_TYPE_MISMATCH",
+            Reason::SessionPending => "SESSION_PENDING",
+            Reason::InvalidRequest => "INVALID_REQUEST",
+        }
+    }
+
+    /// Clerk's own kebab-case reason string (`token-expired`, …).
+    pub const fn clerk_reason(self) -> &'static str {
+        match self {
+            Reason::TokenInvalid => "token-invalid",
+            Reason::TokenInvalidAlgorithm => "token-invalid-algorithm",
+            Reason::TokenInvalidSignature => "token-invalid-signature",
+            Reason::TokenVerificationFailed => "token-verification-failed",
+            Reason::TokenInvalidAuthorizedParties => "token-invalid-authorized-parties",
+            Reason::TokenInvalidIssuer => "token-invalid-issuer",
+            Reason::TokenExpired => "token-expired",
+            Reason::TokenNotActiveYet => "token-not-active-yet",
+            Reason::TokenIatInTheFuture => "token-iat-in-the-future",
+            Reason::JwkKidMismatch => "jwk-kid-mismatch",
+            Reason::JwkRemoteFailedToLoad => "jwk-remote-failed-to-load",
+            Reason::SecretKeyInvalid => "secret-key-invalid",
+            Reason::JwkFailedToResolve => "jwk-failed-to-resolve",
+            Reason::TokenTypeMismatch => "token-type-mismatch",
+            Reason::SessionPending => "session-pending",
+            Reason::InvalidRequest => "invalid-request",
+        }
+    }
+
+    /// Every reason, for tables and tests.
+    pub const ALL: [Reason; 16] = [
+        Reason::TokenInvalid,
+        Reason::TokenInvalidAlgorithm,
+        Reason::TokenInvalidSignature,
+        Reason::TokenVerificationFailed,
+        Reason::TokenInvalidAuthorizedParties,
+        Reason::TokenInvalidIssuer,
+        Reason::TokenExpired,
+        Reason::TokenNotActiveYet,
+        Reason::TokenIatInTheFuture,
+        Reason::JwkKidMismatch,
+        Reason::JwkRemoteFailedToLoad,
+        Reason::SecretKeyInvalid,
+        Reason::JwkFailedToResolve,
+        Reason::TokenTypeMismatch,
+        Reason::SessionPending,
+        Reason::InvalidRequest,
+    ];
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl VerifyError ===
+
+impl VerifyError {
+    /// A rejection with a fixed message.
+    pub const fn new(reason: Reason, message: &'static str) -> Self {
+        Self { reason, message }
+    }
+}
+
+// === impl KeyError ===
+
+impl KeyError {
+    /// The Clerk reason this load failure corresponds to.
+    pub fn reason(&self) -> Reason {
+        match self {
+            KeyError::SecretKeyInvalid { .. } => Reason::SecretKeyInvalid,
+            _ => Reason::JwkRemoteFailedToLoad,
+        }
+    }
+}
+
+// === impl AuthError ===
+
+impl AuthError {
+    /// The reason carried in `ErrorInfo`.
+    pub fn reason(&self) -> Reason {
+        match self {
+            AuthError::InvalidRequest(_) => Reason::InvalidRequest,
+            AuthError::Rejected(e) => e.reason,
+            AuthError::Unavailable(r) => *r,
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            AuthError::InvalidRequest(_) => Code::InvalidArgument,
+            AuthError::Rejected(_) => Code::Unauthenticated,
+            AuthError::Unavailable(_) => Code::Unavailable,
+        }
+    }
+
+    /// The client-visible message: fixed text, never the token.
+    pub fn message(&self) -> &'static str {
+        match self {
+            AuthError::InvalidRequest(m) => m,
+            AuthError::Rejected(e) => e.message,
+            AuthError::Unavailable(_) => "authentication keys are unavailable; retry later",
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Status {
+        Status::with_error_details(
+            err.code(),
+            err.message(),
+            ErrorDetails::with_error_info(
+                err.reason().as_str(),
+                ERROR_DOMAIN,
+                std::collections::HashMap::<String, String>::new(),
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_upper_snake_of_clerk_reasons() {
+        for r in Reason::ALL {
+            assert_eq!(r.as_str(), r.clerk_reason().replace('-', "_").to_uppercase());
+        }
+    }
+
+    #[test]
+    fn status_mapping_table() {
+        let cases = [
+            (AuthError::InvalidRequest("empty token"), Code::InvalidArgument, "INVALID_REQUEST"),
+            (
+                AuthError::Rejected(VerifyError::new(Reason::TokenExpired, "expired")),
+                Code::Unauthenticated,
+                "TOKEN_EXPIRED",
+            ),
+            (
+                AuthError::Unavailable(Reason::JwkRemoteFailedToLoad),
+                Code::Unavailable,
+                "JWK_REMOTE_FAILED_TO_LOAD",
+            ),
+        ];
+        for (err, code, reason) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            let info = status.get_details_error_info().expect("ErrorInfo present");
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, ERROR_DOMAIN);
+        }
+    }
+}

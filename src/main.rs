@@ -1,0 +1,319 @@
+//! `clerk-grpc-auth`: the AuthService server, the Clerk emulator, a token minter, and `dev`
+//! (emulator + AuthService wired together).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use clerk_grpc_auth::{
+    config::ServeArgs,
+    emulator::{Emulator, EmulatorConfig, OrgSpec, TokenSpec},
+    jwks::{KeySource, Secret},
+    server::{self, Server, ServerConfig},
+    telemetry::{self, LogFormat},
+};
+use tokio::net::TcpListener;
+
+/// EX_USAGE: a configuration error.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "clerk-grpc-auth", version, about = "Clerk authentication for gRPC services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the AuthService (configuration from flags or Clerk's environment variables).
+    Serve(ServeArgs),
+    /// Run the Clerk emulator (JWKS, token minting) on its own.
+    Emulator {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: String,
+        /// The secret key `/v1/jwks` requires (default: random, printed).
+        #[arg(long, env = "CLERK_SECRET_KEY", hide_env_values = true)]
+        secret_key: Option<String>,
+    },
+    /// Mint a session token from a running emulator; prints only the token.
+    Token(TokenArgs),
+    /// Run the emulator and the AuthService together and print a ready token.
+    Dev {
+        /// AuthService address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: String,
+        /// Emulator address.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        emulator_listen: String,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The emulator's URL (as `dev` or `emulator` prints it).
+    #[arg(long, default_value = "http://127.0.0.1:8787")]
+    emulator_url: String,
+    /// `sub` (default: random `user_…`).
+    #[arg(long)]
+    user: Option<String>,
+    /// `sid` (default: random `sess_…`).
+    #[arg(long)]
+    session: Option<String>,
+    /// Active organization id.
+    #[arg(long)]
+    org: Option<String>,
+    /// Organization slug.
+    #[arg(long)]
+    org_slug: Option<String>,
+    /// Organization role (`admin` or `org:admin`).
+    #[arg(long)]
+    role: Option<String>,
+    /// Organization permission `org:<feature>:<permission>` (repeat for more).
+    #[arg(long = "permission")]
+    permissions: Vec<String>,
+    /// Lifetime in seconds (default 60, as Clerk's session tokens).
+    #[arg(long)]
+    expires_in: Option<i64>,
+    /// `azp` claim.
+    #[arg(long)]
+    azp: Option<String>,
+    /// Mint a pending session (`sts: pending`).
+    #[arg(long)]
+    pending: bool,
+    /// Mint v1 claims instead of v2.
+    #[arg(long)]
+    v1: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Emulator { listen, secret_key } => emulator(listen, secret_key).await,
+            Command::Token(args) => token(args).await,
+            Command::Dev {
+                listen,
+                emulator_listen,
+                log_format,
+            } => dev(listen, emulator_listen, log_format).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    telemetry::init(args.log_format);
+    let (config, addr) = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: CLERK_AUTH_LISTEN: cannot listen on {addr}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing::info!(%addr, "AuthService listening");
+    match server::serve(config, listener, server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn emulator(listen: String, secret_key: Option<String>) -> ExitCode {
+    telemetry::init(LogFormat::Text);
+    let listener = match TcpListener::bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: --listen: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match secret_key {
+        Some(secret_key) => EmulatorConfig { secret_key },
+        None => EmulatorConfig::default(),
+    };
+    let emu = match Emulator::start(config, listener).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("Clerk emulator on {}", emu.url());
+    println!("  CLERK_API_URL={}", emu.url());
+    println!("  CLERK_SECRET_KEY={}", emu.secret_key());
+    println!("  CLERK_JWKS_URL={}/.well-known/jwks.json", emu.url());
+    server::shutdown_signal().await;
+    emu.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn token(args: TokenArgs) -> ExitCode {
+    let org = (args.org.is_some() || args.role.is_some() || !args.permissions.is_empty()).then(|| OrgSpec {
+        id: args.org,
+        slug: args.org_slug,
+        role: args.role,
+        permissions: args.permissions,
+    });
+    let spec = TokenSpec {
+        user_id: args.user,
+        session_id: args.session,
+        org,
+        expires_in: args.expires_in,
+        v1: args.v1,
+        azp: args.azp,
+        session_status: args.pending.then(|| "pending".to_owned()),
+        ..TokenSpec::default()
+    };
+    let url = format!("{}/emulator/tokens", args.emulator_url.trim_end_matches('/'));
+    let resp = reqwest::Client::new().post(&url).json(&spec).send().await;
+    let body: serde_json::Value = match resp {
+        Ok(r) if r.status().is_success() => match r.json().await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: the emulator at {url} answered something else than a token: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Ok(r) => {
+            eprintln!("error: the emulator at {url} answered HTTP {}", r.status());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the emulator at {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match body.get("jwt").and_then(|j| j.as_str()) {
+        Some(jwt) => {
+            println!("{jwt}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("error: the emulator's answer has no jwt");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> ExitCode {
+    telemetry::init(log_format);
+    let (emu_listener, listener) = match (TcpListener::bind(&emulator_listen).await, TcpListener::bind(&listen).await) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) => {
+            eprintln!("error: --emulator-listen: cannot listen on {emulator_listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        (_, Err(e)) => {
+            eprintln!("error: --listen: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let emu = match Emulator::start(EmulatorConfig::default(), emu_listener).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let jwks_url = match format!("{}/v1/jwks", emu.url()).parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: emulator URL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = ServerConfig::new(KeySource::Remote {
+        url: jwks_url,
+        bearer: Some(Secret::new(emu.secret_key())),
+    });
+    let server = match Server::build(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let keys = server.verifier().keys().clone();
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let running = tokio::spawn(server.serve(listener, server::shutdown_signal()));
+    keys.ready().await;
+    let token = emu.mint(&TokenSpec {
+        user_id: Some("user_2devDEVdevDEVdevDEVdevDEV".into()),
+        org: Some(OrgSpec {
+            id: Some("org_2devACMEacmeACMEacmeACME".into()),
+            slug: Some("acme".into()),
+            role: Some("admin".into()),
+            permissions: vec![
+                "org:invoices:read".into(),
+                "org:invoices:write".into(),
+                "org:members:manage".into(),
+            ],
+        }),
+        expires_in: Some(3600),
+        ..TokenSpec::default()
+    });
+    println!(
+        r#"
+clerk-grpc-auth dev: a Clerk emulator and the AuthService, wired together.
+
+  AuthService     {addr}   (gRPC, plaintext; health and reflection on)
+  Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)
+
+A session token (v2 claims, org admin of "acme", valid for 1 hour):
+
+export TOKEN={token}
+
+Verify it (grpcurl needs no proto files, the server offers reflection):
+
+grpcurl -plaintext -d "{{\"token\":\"$TOKEN\"}}" {addr} clerk.auth.v1.AuthService/VerifyToken
+grpcurl -plaintext {addr} grpc.health.v1.Health/Check
+grpcurl -plaintext {addr} describe clerk.auth.v1.AuthService
+
+Mint more tokens:
+
+export TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
+
+Ctrl-C stops both.
+"#,
+        emu_url = emu.url(),
+    );
+    let result = running.await;
+    emu.shutdown().await;
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Wiring of the AuthService server: key store and its refresher, verifier, health (tied to key
+//! availability), reflection (v1 and v1alpha), graceful shutdown with a drain deadline.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use clerk_grpc_auth::{jwks::{KeySource, Secret}, server::{serve, ServerConfig}};
+//! let config = ServerConfig::new(KeySource::Remote {
+//!     url: "https://api.clerk.com/v1/jwks".parse()?,
+//!     bearer: Some(Secret::new(std::env::var("CLERK_SECRET_KEY")?)),
+//! });
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! serve(config, listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+use std::{future::Future, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    jwks::{KeySource, KeyStore, KeyStoreConfig},
+    service::AuthServiceImpl,
+    TokenVerifier, TokenVerifierConfig,
+};
+
+/// The fully-qualified service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "clerk.auth.v1.AuthService";
+
+/// Everything the server needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where keys come from.
+    pub key_source: KeySource,
+    /// Key refresh timing and limits.
+    pub key_store: KeyStoreConfig,
+    /// Validation and verdict cache.
+    pub verifier: TokenVerifierConfig,
+    /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
+    pub shutdown_grace: Duration,
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The HTTP client for Clerk could not be built.
+    #[error("building the HTTP client failed")]
+    HttpClient(#[source] reqwest::Error),
+    /// Reflection could not be built from the descriptor set.
+    #[error("building the reflection service failed")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC transport error")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// A built server: its verifier and key store (for embedding and tests), ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    verifier: TokenVerifier,
+    shutdown_grace: Duration,
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but the key source.
+    pub fn new(key_source: KeySource) -> Self {
+        Self {
+            key_source,
+            key_store: KeyStoreConfig::default(),
+            verifier: TokenVerifierConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds the shared HTTP client used for every call to Clerk.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("clerk-grpc-auth/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
+    pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
+        let http = http_client().map_err(ServerError::HttpClient)?;
+        let keys = KeyStore::new(config.key_source, config.key_store, http);
+        let verifier = TokenVerifier::new(config.verifier, keys);
+        Ok(Self {
+            verifier,
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    /// The verifier the server uses.
+    pub fn verifier(&self) -> &TokenVerifier {
+        &self.verifier
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight calls for at most
+    /// the grace period. The key refresher runs for exactly as long.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let stop = CancellationToken::new();
+        let keys = self.verifier.keys().clone();
+        let refresher = tokio::spawn(keys.clone().run(stop.clone()));
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        let health_task = spawn_health(keys, reporter, stop.clone());
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(ServerError::Reflection)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(ServerError::Reflection)?;
+
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown signal received; draining in-flight calls");
+            let _ = drain_tx.send(());
+        };
+        let grace = self.shutdown_grace;
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AuthServiceImpl::new(self.verifier.clone()).into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let deadline = async move {
+            if drain_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            r = server => r.map_err(ServerError::Transport),
+            () = deadline => {
+                tracing::warn!(?grace, "drain deadline passed; dropping remaining calls");
+                Ok(())
+            }
+        };
+        stop.cancel();
+        let _ = refresher.await;
+        let _ = health_task.await;
+        result
+    }
+}
+
+/// Builds and serves; see [`Server::serve`].
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    Server::build(config)?.serve(listener, shutdown).await
+}
+
+fn spawn_health(keys: KeyStore, reporter: HealthReporter, stop: CancellationToken) -> JoinHandle<()> {
+    let mut rx = keys.serving();
+    tokio::spawn(async move {
+        loop {
+            let serving = *rx.borrow_and_update();
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(SERVICE_NAME, status).await;
+            reporter.set_service_status("", status).await;
+            tracing::info!(serving, "health status");
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

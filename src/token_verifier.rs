@@ -1,0 +1,258 @@
+//! [`TokenVerifier`]: the verifier core plus the key store plus the verdict cache. This is what
+//! the AuthService and the in-process auth layer call.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    error::{AuthError, Reason, VerifyError},
+    identity::{Identity, TokenType},
+    jwks::{KeyStore, Lookup, ResolveError},
+    verify::{Decoded, Validation, Verifier, VerifyOptions},
+};
+
+/// The largest token accepted, in bytes (16 KiB). Larger → `INVALID_ARGUMENT`.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Settings of a [`TokenVerifier`].
+#[derive(Debug, Clone)]
+pub struct TokenVerifierConfig {
+    /// Claim validation settings.
+    pub validation: Validation,
+    /// Most verdicts kept in the verdict cache. Defaults to 100 000; 0 disables the cache.
+    pub cache_capacity: u64,
+}
+
+/// One verification request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyRequest<'a> {
+    /// The token, without `Bearer `.
+    pub token: &'a str,
+    /// Overrides the configured authorized parties when non-empty.
+    pub authorized_parties: &'a [String],
+    /// Accept `pending` sessions.
+    pub accept_pending: bool,
+    /// Accepted token types; empty = session tokens only.
+    pub accepted_types: &'a [TokenType],
+}
+
+#[derive(Debug)]
+struct CachedVerdict {
+    identity: Arc<Identity>,
+    /// `exp` + skew, in ms since the epoch: the verdict is void from then on.
+    valid_until_ms: f64,
+    key_generation: u64,
+}
+
+struct VerdictExpiry;
+
+struct Inner {
+    core: Verifier,
+    keys: KeyStore,
+    cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
+}
+
+/// Verifies Clerk tokens with keys from a [`KeyStore`], caching verdicts. Cheap to clone.
+///
+/// A token seen again costs a hash and a cache lookup, not an RSA verification; a cached
+/// verdict still expires on time (its expiry is re-checked on every hit) and is dropped when
+/// the key material changes or becomes unusable.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    inner: Arc<Inner>,
+}
+
+// === impl TokenVerifierConfig ===
+
+impl Default for TokenVerifierConfig {
+    fn default() -> Self {
+        Self {
+            validation: Validation::default(),
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+// === impl VerdictExpiry ===
+
+impl moka::Expiry<[u8; 32], Arc<CachedVerdict>> for VerdictExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<CachedVerdict>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let left_ms = value.valid_until_ms - now_ms() as f64;
+        Some(Duration::from_millis(left_ms.clamp(0.0, 86_400_000.0) as u64))
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+// === impl TokenVerifier ===
+
+impl TokenVerifier {
+    /// A verifier over `keys`.
+    pub fn new(config: TokenVerifierConfig, keys: KeyStore) -> Self {
+        let cache = (config.cache_capacity > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .expire_after(VerdictExpiry)
+                .build()
+        });
+        Self {
+            inner: Arc::new(Inner {
+                core: Verifier::new(config.validation),
+                keys,
+                cache,
+            }),
+        }
+    }
+
+    /// The key store.
+    pub fn keys(&self) -> &KeyStore {
+        &self.inner.keys
+    }
+
+    /// The validation settings.
+    pub fn validation(&self) -> &Validation {
+        self.inner.core.validation()
+    }
+
+    /// Verifies a token. See the crate docs for the order of checks and the error mapping.
+    pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let token = req.token;
+        if token.is_empty() {
+            return Err(AuthError::InvalidRequest("token is empty"));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::InvalidRequest("token exceeds 16 KiB"));
+        }
+        let now = now_ms();
+        let cache_key = self.inner.cache.as_ref().map(|cache| {
+            let key = verdict_key(req);
+            (cache, key)
+        });
+        if let Some((cache, key)) = &cache_key {
+            if let Some(hit) = cache.get(key) {
+                if hit.valid_until_ms > now as f64
+                    && hit.key_generation == self.inner.keys.generation()
+                    && self.inner.keys.is_usable()
+                {
+                    return Ok(hit.identity.clone());
+                }
+                cache.invalidate(key);
+            }
+        }
+        let opts = VerifyOptions {
+            authorized_parties: req.authorized_parties,
+            accept_pending: req.accept_pending,
+            accepted_types: req.accepted_types,
+        };
+        let generation = self.inner.keys.generation();
+        let decoded = Decoded::parse(token)?;
+        self.inner.core.check_type(&decoded, &opts)?;
+        let key = match self.inner.keys.lookup(decoded.kid()) {
+            Lookup::Found(k) => k,
+            Lookup::Unavailable(r) => return Err(AuthError::Unavailable(r)),
+            Lookup::Unknown => self
+                .inner
+                .keys
+                .resolve(decoded.kid())
+                .await
+                .map_err(|e| match e {
+                    ResolveError::UnknownKid => AuthError::Rejected(VerifyError::new(
+                        Reason::JwkKidMismatch,
+                        "Unable to find a signing key that matches the token's kid.",
+                    )),
+                    ResolveError::Unavailable(r) => AuthError::Unavailable(r),
+                })?,
+        };
+        let identity = Arc::new(self.inner.core.verify_with_key(decoded, &key, &opts, now)?);
+        if let Some((cache, key)) = cache_key {
+            cache.insert(
+                key,
+                Arc::new(CachedVerdict {
+                    identity: identity.clone(),
+                    valid_until_ms: identity.expires_at_ms()
+                        + self.inner.core.validation().clock_skew_ms as f64,
+                    key_generation: generation,
+                }),
+            );
+        }
+        Ok(identity)
+    }
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier")
+            .field("validation", self.inner.core.validation())
+            .field("keys", &self.inner.keys)
+            .field("cache", &self.inner.cache.as_ref().map(|c| c.entry_count()))
+            .finish()
+    }
+}
+
+/// SHA-256 over the token and every option that changes the verdict.
+fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(req.token.as_bytes());
+    h.update([0u8, u8::from(req.accept_pending)]);
+    for p in req.authorized_parties {
+        h.update([0x1e]);
+        h.update(p.as_bytes());
+    }
+    h.update([0x1d]);
+    for t in req.accepted_types {
+        h.update((*t as i32).to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_key_depends_on_every_option() {
+        let parties = vec!["https://a".to_owned()];
+        let base = VerifyRequest {
+            token: "t",
+            ..Default::default()
+        };
+        let keys = [
+            verdict_key(&base),
+            verdict_key(&VerifyRequest {
+                accept_pending: true,
+                ..base
+            }),
+            verdict_key(&VerifyRequest {
+                authorized_parties: &parties,
+                ..base
+            }),
+            verdict_key(&VerifyRequest {
+                accepted_types: &[TokenType::SessionToken],
+                ..base
+            }),
+            verdict_key(&VerifyRequest {
+                token: "u",
+                ..base
+            }),
+        ];
+        for i in 0..keys.len() {
+            for j in i + 1..keys.len() {
+                assert_ne!(keys[i], keys[j], "{i} vs {j}");
+            }
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The verifier core: Clerk's decision procedure for session tokens, pure and free of I/O.
+//!
+//! The order of checks is Clerk's (`authenticateRequest` header path, then `verifyToken` /
+//! `verifyJwt`), first failure wins:
+//!
+//! 1. decode: three base64url segments, JSON header and payload → `TOKEN_INVALID`;
+//! 2. token type: machine JWTs (`sub` `mch_…`, `typ` `at+jwt`) and foreign `cat` categories
+//!    (JWT templates, M2M) → `TOKEN_TYPE_MISMATCH`;
+//! 3. key lookup by `kid` → `JWK_KID_MISMATCH` (done by the caller, see [`crate::TokenVerifier`]);
+//! 4. `typ` (absent or exactly `JWT`) → `TOKEN_INVALID`;
+//! 5. `alg` ∈ {RS256, RS384, RS512} → `TOKEN_INVALID_ALGORITHM`;
+//! 6. signature, before any claim → `TOKEN_INVALID_SIGNATURE` (or `TOKEN_VERIFICATION_FAILED`
+//!    when the key cannot verify that `alg`);
+//! 7. `sub`, `aud`, `azp`, `iss` (only when pinned), `exp`, `nbf`, `iat`;
+//! 8. pending session (`sts: pending`) unless accepted → `SESSION_PENDING`;
+//! 9. claim decoding (malformed `fea`/`pla` → `TOKEN_INVALID`).
+
+use serde_json::{Map, Value};
+
+use crate::{
+    error::{Reason, VerifyError},
+    identity::{Identity, TokenType},
+    keys::{b64url_lenient, Alg, KeySet, SigError, VerifyingKey},
+};
+
+/// Clerk's session-token category (`cat` header).
+pub const CAT_SESSION: &str = "cl_B7d4PD111AAA";
+/// Clerk's JWT-template category.
+pub const CAT_TEMPLATE: &str = "cl_B7d4PD222AAA";
+/// Clerk's M2M JWT category.
+pub const CAT_M2M: &str = "cl_B7d4PD333AAA";
+/// Clerk's "ignore" marker, stamped on every class for instances with a legacy opt-out.
+pub const CAT_IGNORE: &str = "cl_I7d4PD111III";
+
+/// The default clock skew, as Clerk's SDK: 5 seconds.
+pub const DEFAULT_CLOCK_SKEW_MS: u64 = 5_000;
+
+/// Verification settings that apply to every token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    /// Allowed clock skew for `exp`, `nbf` and `iat`. Defaults to 5 000 ms (Clerk's default).
+    pub clock_skew_ms: u64,
+    /// Authorized parties (`azp` allow-list, exact match). Defaults to empty: no `azp` check,
+    /// as in Clerk's SDK. When non-empty, a token without `azp` is rejected.
+    pub authorized_parties: Vec<String>,
+    /// Issuer pinning: when set, `iss` must equal it exactly. Defaults to off (Clerk's SDK does
+    /// not check `iss`).
+    pub issuer: Option<String>,
+    /// Accepted audiences. Defaults to empty: no check. As in Clerk's SDK, a token without
+    /// `aud` passes even when audiences are configured.
+    pub audience: Vec<String>,
+}
+
+/// Per-call options that change the verdict.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions<'a> {
+    /// Replaces [`Validation::authorized_parties`] for this call when non-empty.
+    pub authorized_parties: &'a [String],
+    /// Accept `sts: pending` sessions.
+    pub accept_pending: bool,
+    /// Accepted token types; empty means session tokens only.
+    pub accepted_types: &'a [TokenType],
+}
+
+/// A decoded, not yet verified, JWT.
+#[derive(Debug)]
+pub struct Decoded<'t> {
+    header: Map<String, Value>,
+    payload: Value,
+    signing_input: &'t str,
+    signature: Vec<u8>,
+    token_type: TokenType,
+}
+
+/// The verifier core. Cheap to clone; holds only settings.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    validation: Validation,
+}
+
+const INVALID_FORM: VerifyError = VerifyError::new(
+    Reason::TokenInvalid,
+    "Invalid JWT form. A JWT consists of three parts separated by dots.",
+);
+
+// === impl Validation ===
+
+impl Default for Validation {
+    fn default() -> Self {
+        Self {
+            clock_skew_ms: DEFAULT_CLOCK_SKEW_MS,
+            authorized_parties: Vec::new(),
+            issuer: None,
+            audience: Vec::new(),
+        }
+    }
+}
+
+// === impl Decoded ===
+
+impl<'t> Decoded<'t> {
+    /// Splits and decodes a compact JWT. Every failure is `TOKEN_INVALID`.
+    pub fn parse(token: &'t str) -> Result<Self, VerifyError> {
+        let mut parts = token.splitn(4, '.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(INVALID_FORM);
+        };
+        let signing_input = &token[..h.len() + 1 + p.len()];
+        let bad = |m| VerifyError::new(Reason::TokenInvalid, m);
+        let header_bytes = b64url_lenient(h).ok_or(bad("The JWT header is not base64url."))?;
+        let payload_bytes = b64url_lenient(p).ok_or(bad("The JWT payload is not base64url."))?;
+        let signature = b64url_lenient(s).ok_or(bad("The JWT signature is not base64url."))?;
+        let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
+            .map_err(|_| bad("The JWT header is not a JSON object."))?;
+        let payload: Value = serde_json::from_slice(&payload_bytes)
+            .map_err(|_| bad("The JWT payload is not JSON."))?;
+        if payload.is_null() {
+            return Err(bad("The JWT payload is null."));
+        }
+        let token_type = classify(&header, &payload);
+        Ok(Self {
+            header,
+            payload,
+            signing_input,
+            signature,
+            token_type,
+        })
+    }
+
+    /// The header `kid`, when it is a string.
+    pub fn kid(&self) -> Option<&str> {
+        self.header.get("kid").and_then(Value::as_str)
+    }
+
+    /// The token type this JWT presents as (session, M2M JWT, OAuth JWT).
+    pub fn token_type(&self) -> TokenType {
+        self.token_type
+    }
+
+    fn header_str(&self, k: &str) -> Option<&Value> {
+        self.header.get(k)
+    }
+}
+
+/// Clerk's `getMachineTokenType` for JWTs: M2M by `sub` prefix `mch_`, then OAuth by `typ`.
+fn classify(header: &Map<String, Value>, payload: &Value) -> TokenType {
+    if payload
+        .get("sub")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.starts_with("mch_"))
+    {
+        return TokenType::M2mToken;
+    }
+    if matches!(
+        header.get("typ").and_then(Value::as_str),
+        Some("at+jwt" | "application/at+jwt")
+    ) {
+        return TokenType::OauthToken;
+    }
+    TokenType::SessionToken
+}
+
+// === impl Verifier ===
+
+impl Verifier {
+    /// A verifier with these settings.
+    pub fn new(validation: Validation) -> Self {
+        Self { validation }
+    }
+
+    /// The settings.
+    pub fn validation(&self) -> &Validation {
+        &self.validation
+    }
+
+    /// Step 2: is this token of a type the caller accepts?
+    pub fn check_type(&self, d: &Decoded<'_>, opts: &VerifyOptions<'_>) -> Result<(), VerifyError> {
+        let accepts = |t: TokenType| {
+            if opts.accepted_types.is_empty() {
+                t == TokenType::SessionToken
+            } else {
+                opts.accepted_types.contains(&t)
+            }
+        };
+        match d.token_type {
+            TokenType::SessionToken => {
+                if !accepts(TokenType::SessionToken) {
+                    return Err(VerifyError::new(
+                        Reason::TokenTypeMismatch,
+                        "Session tokens are not accepted here.",
+                    ));
+                }
+                match d.header_str("cat") {
+                    None => Ok(()),
+                    Some(Value::String(c)) if c == CAT_SESSION || c == CAT_IGNORE => Ok(()),
+                    Some(_) => Err(VerifyError::new(
+                        Reason::TokenTypeMismatch,
+                        "The token's category is not a session token (JWT template or machine token).",
+                    )),
+                }
+            }
+            // Machine tokens are verified by the machine-token path, which this server does
+            // not offer yet: refuse them as Clerk does when they are not accepted.
+            _ => Err(VerifyError::new(
+                Reason::TokenTypeMismatch,
+                "Machine tokens are not accepted here.",
+            )),
+        }
+    }
+
+    /// Convenience for a key set already at hand: steps 1–9 with the key chosen by `kid`.
+    pub fn verify(
+        &self,
+        token: &str,
+        keys: &KeySet,
+        opts: &VerifyOptions<'_>,
+        now_ms: i64,
+    ) -> Result<Identity, VerifyError> {
+        let d = Decoded::parse(token)?;
+        self.check_type(&d, opts)?;
+        let key = keys.get(d.kid()).ok_or(VerifyError::new(
+            Reason::JwkKidMismatch,
+            "Unable to find a signing key that matches the token's kid.",
+        ))?;
+        self.verify_with_key(d, key, opts, now_ms)
+    }
+
+    /// Steps 4–9 for a decoded token and the key its `kid` selected.
+    pub fn verify_with_key(
+        &self,
+        d: Decoded<'_>,
+        key: &VerifyingKey,
+        opts: &VerifyOptions<'_>,
+        now_ms: i64,
+    ) -> Result<Identity, VerifyError> {
+        // typ: absent, or exactly "JWT".
+        match d.header_str("typ") {
+            None => {}
+            Some(Value::String(t)) if t == "JWT" => {}
+            Some(_) => {
+                return Err(VerifyError::new(
+                    Reason::TokenInvalid,
+                    "Invalid JWT type. Expected \"JWT\".",
+                ))
+            }
+        }
+        let alg = d
+            .header_str("alg")
+            .and_then(Value::as_str)
+            .and_then(Alg::from_jose)
+            .ok_or(VerifyError::new(
+                Reason::TokenInvalidAlgorithm,
+                "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
+            ))?;
+        match key.verify(alg, d.signing_input.as_bytes(), &d.signature) {
+            Ok(()) => {}
+            Err(SigError::Invalid) => {
+                return Err(VerifyError::new(
+                    Reason::TokenInvalidSignature,
+                    "JWT signature is invalid.",
+                ))
+            }
+            Err(SigError::Mismatch) => {
+                return Err(VerifyError::new(
+                    Reason::TokenVerificationFailed,
+                    "Error verifying JWT signature: the key does not accept this algorithm.",
+                ))
+            }
+        }
+        let Decoded {
+            payload,
+            token_type,
+            ..
+        } = d;
+        self.check_claims(&payload, opts, now_ms)?;
+        let Value::Object(claims) = payload else {
+            unreachable!("check_claims requires a string `sub`, so the payload is an object")
+        };
+        if claims.get("sts").and_then(Value::as_str) == Some("pending") && !opts.accept_pending {
+            return Err(VerifyError::new(
+                Reason::SessionPending,
+                "The session is pending (unfinished session tasks) and pending sessions are not accepted.",
+            ));
+        }
+        let identity = Identity::from_session_claims(token_type, claims).map_err(|_| {
+            VerifyError::new(
+                Reason::TokenInvalid,
+                "Malformed fea/pla claim: every entry must be scope:value.",
+            )
+        })?;
+        Ok(identity)
+    }
+
+    fn check_claims(
+        &self,
+        payload: &Value,
+        opts: &VerifyOptions<'_>,
+        now_ms: i64,
+    ) -> Result<(), VerifyError> {
+        let failed = |m| VerifyError::new(Reason::TokenVerificationFailed, m);
+        let v = &self.validation;
+        let skew = v.clock_skew_ms as f64;
+        let now = now_ms as f64;
+
+        // sub
+        if !payload.get("sub").is_some_and(Value::is_string) {
+            return Err(failed("Subject claim (sub) is required and must be a string."));
+        }
+
+        // aud
+        if !audience_ok(payload.get("aud"), &v.audience) {
+            return Err(failed("Invalid JWT audience claim (aud)."));
+        }
+
+        // azp
+        let parties = if opts.authorized_parties.is_empty() {
+            &v.authorized_parties[..]
+        } else {
+            opts.authorized_parties
+        };
+        if !parties.is_empty() {
+            let ok = match payload.get("azp") {
+                Some(Value::String(azp)) if !azp.is_empty() => parties.iter().any(|p| p == azp),
+                _ => false,
+            };
+            if !ok {
+                return Err(VerifyError::new(
+                    Reason::TokenInvalidAuthorizedParties,
+                    "Invalid JWT Authorized party claim (azp).",
+                ));
+            }
+        }
+
+        // iss (issuer pinning; off by default as in Clerk's SDK)
+        if let Some(iss) = &v.issuer {
+            if payload.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
+                return Err(VerifyError::new(
+                    Reason::TokenInvalidIssuer,
+                    "Invalid JWT issuer claim (iss).",
+                ));
+            }
+        }
+
+        // exp
+        let exp = match payload.get("exp") {
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+            _ => return Err(failed("Invalid JWT expiry date claim (exp): not a number.")),
+        };
+        if !(exp * 1000.0 > now - skew) {
+            return Err(VerifyError::new(Reason::TokenExpired, "JWT is expired."));
+        }
+
+        // nbf
+        match payload.get("nbf") {
+            None => {}
+            Some(Value::Number(n)) => {
+                if n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew {
+                    return Err(VerifyError::new(
+                        Reason::TokenNotActiveYet,
+                        "JWT cannot be used prior to not before date claim (nbf).",
+                    ));
+                }
+            }
+            Some(_) => return Err(failed("Invalid JWT not before date claim (nbf): not a number.")),
+        }
+
+        // iat
+        match payload.get("iat") {
+            None => {}
+            Some(Value::Number(n)) => {
+                if n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew {
+                    return Err(VerifyError::new(
+                        Reason::TokenIatInTheFuture,
+                        "JWT issued at date claim (iat) is in the future.",
+                    ));
+                }
+            }
+            Some(_) => return Err(failed("Invalid JWT issued at date claim (iat): not a number.")),
+        }
+        Ok(())
+    }
+}
+
+/// Clerk's audience rule: normalise both sides to lists without empty entries; either empty
+/// → pass; a string claim must be allowed; an array of strings needs one allowed element; any
+/// other shape is not checked.
+fn audience_ok(claim: Option<&Value>, allowed: &[String]) -> bool {
+    let allowed: Vec<&str> = allowed
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if allowed.is_empty() {
+        return true;
+    }
+    match claim {
+        Some(Value::String(s)) if !s.is_empty() => allowed.contains(&s.as_str()),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+            let list: Vec<&str> = a
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .collect();
+            list.is_empty() || list.iter().any(|s| allowed.contains(s))
+        }
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! Conformance: every vector of Clerk's own SDK fixtures (`tests/data/clerk-fixtures.json`,
+//! a copy of `shared/conformance/clerk-fixtures.json`) at its fixed clock.
+
+use super::*;
+use crate::{identity::SessionStatus, keys::VerifyingKey};
+
+const FIXTURES: &str = include_str!("../../tests/data/clerk-fixtures.json");
+
+fn fx() -> Value {
+    serde_json::from_str(FIXTURES).unwrap()
+}
+
+fn token(name: &str) -> String {
+    fx()["tokens"][name]["raw"].as_str().unwrap().to_owned()
+}
+
+fn clock(name: &str) -> i64 {
+    fx()["tokens"][name]["test_clock_ms"].as_i64().unwrap()
+}
+
+fn mock_jwks() -> KeySet {
+    let doc = serde_json::to_vec(&fx()["keys"]["mockJwks"]["value"]).unwrap();
+    KeySet::from_jwks_json(&doc).unwrap().0
+}
+
+fn verifier(parties: &[&str], skew: u64) -> Verifier {
+    Verifier::new(Validation {
+        clock_skew_ms: skew,
+        authorized_parties: parties.iter().map(|s| s.to_string()).collect(),
+        ..Validation::default()
+    })
+}
+
+fn reason(r: Result<Identity, VerifyError>) -> Reason {
+    r.expect_err("expected a rejection").reason
+}
+
+const AZP: &str = "https://accounts.inspired.puma-74.lcl.dev";
+
+#[test]
+fn mock_jwt_verifies_with_authorized_parties_and_decodes_unchanged() {
+    let f = fx();
+    let id = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS)
+        .verify(&token("mockJwt"), &mock_jwks(), &VerifyOptions::default(), clock("mockJwt"))
+        .unwrap();
+    let payload = &f["tokens"]["mockJwt"]["payload"];
+    assert_eq!(Value::Object(id.claims.clone()), *payload);
+    assert_eq!(id.user_id, payload["sub"].as_str().unwrap());
+    assert_eq!(id.session_id.as_deref(), payload["sid"].as_str());
+    assert_eq!(id.issuer.as_deref(), payload["iss"].as_str());
+    assert_eq!(id.authorized_party.as_deref(), Some(AZP));
+    assert_eq!(id.expires_at, payload["exp"].as_f64().unwrap());
+    assert_eq!(id.not_before, payload["nbf"].as_f64());
+    assert_eq!(id.issued_at, payload["iat"].as_f64());
+    assert_eq!(id.claims_version, 1);
+    assert_eq!(id.token_type, TokenType::SessionToken);
+    assert_eq!(id.organization, None);
+    // signedJwt is the same string.
+    assert_eq!(token("signedJwt"), token("mockJwt"));
+}
+
+#[test]
+fn mock_jwt_validity_window_and_expectations() {
+    let f = fx();
+    let t = token("mockJwt");
+    let keys = mock_jwks();
+    let o = VerifyOptions::default();
+    let win = &f["tokens"]["mockJwt"]["validity_window_default_skew"];
+    let from = win["valid_from_ms_inclusive"].as_i64().unwrap();
+    let until = win["valid_until_ms_exclusive"].as_i64().unwrap();
+    let v = verifier(&[], DEFAULT_CLOCK_SKEW_MS);
+    assert!(v.verify(&t, &keys, &o, from).is_ok());
+    assert!(v.verify(&t, &keys, &o, until - 1).is_ok());
+    assert_eq!(reason(v.verify(&t, &keys, &o, until)), Reason::TokenExpired);
+    // Before the window (set by iat here): iat in the future; earlier than nbf - skew, nbf
+    // (checked before iat) is the reason.
+    assert_eq!(reason(v.verify(&t, &keys, &o, from - 1)), Reason::TokenIatInTheFuture);
+    let nbf_ms = f["tokens"]["mockJwt"]["payload"]["nbf"].as_i64().unwrap() * 1000;
+    assert!(v.verify(&t, &keys, &o, nbf_ms - 5000).is_err());
+    assert_eq!(
+        reason(v.verify(&t, &keys, &o, nbf_ms - 5001)),
+        Reason::TokenNotActiveYet
+    );
+
+    let exp_ms = f["tokens"]["mockJwt"]["payload"]["exp"].as_i64().unwrap() * 1000;
+    assert!(v.verify(&t, &keys, &o, exp_ms + 1000).is_ok(), "at_exp_plus_1s_default_skew");
+    assert_eq!(
+        reason(verifier(&[], 0).verify(&t, &keys, &o, exp_ms + 1000)),
+        Reason::TokenExpired,
+        "at_exp_plus_1s_skew_0"
+    );
+    assert_eq!(reason(v.verify(&t, &keys, &o, exp_ms + 60_000)), Reason::TokenExpired);
+}
+
+#[test]
+fn expired_invalid_signature_and_malformed_fixtures() {
+    let keys = mock_jwks();
+    let o = VerifyOptions::default();
+    let v = verifier(&[], DEFAULT_CLOCK_SKEW_MS);
+    assert_eq!(
+        reason(v.verify(&token("mockExpiredJwt"), &keys, &o, clock("mockExpiredJwt"))),
+        Reason::TokenExpired
+    );
+    assert_eq!(
+        reason(v.verify(&token("mockInvalidSignatureJwt"), &keys, &o, clock("mockInvalidSignatureJwt"))),
+        Reason::TokenInvalidSignature
+    );
+    // Signature is checked before claims: the missing `sub` is never reached.
+    assert_eq!(
+        reason(v.verify(&token("mockMalformedJwt"), &keys, &o, clock("mockMalformedJwt"))),
+        Reason::TokenInvalidSignature
+    );
+}
+
+#[test]
+fn oauth_and_m2m_jwts_are_type_mismatches_on_the_session_path() {
+    let keys = mock_jwks();
+    let v = verifier(&[], DEFAULT_CLOCK_SKEW_MS);
+    for name in [
+        "mockSignedOAuthAccessTokenJwt",
+        "mockSignedOAuthAccessTokenJwtApplicationTyp",
+        "derived_m2m_jwt",
+    ] {
+        let t = token(name);
+        let d = Decoded::parse(&t).unwrap();
+        let expected = if name.starts_with("derived_m2m") {
+            TokenType::M2mToken
+        } else {
+            TokenType::OauthToken
+        };
+        assert_eq!(d.token_type(), expected, "{name}");
+        assert_eq!(
+            reason(v.verify(&t, &keys, &VerifyOptions::default(), 1666648250000)),
+            Reason::TokenTypeMismatch,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn derived_v2_session_token_decodes_like_the_js_sdk() {
+    let f = fx();
+    let exp = &f["tokens"]["derived_v2_session_jwt"]["expected"];
+    let id = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS)
+        .verify(
+            &token("derived_v2_session_jwt"),
+            &mock_jwks(),
+            &VerifyOptions::default(),
+            clock("derived_v2_session_jwt"),
+        )
+        .unwrap();
+    let org = id.organization.clone().unwrap();
+    assert_eq!(org.id, exp["orgId"].as_str().unwrap());
+    assert_eq!(org.role.as_deref(), exp["orgRole"].as_str());
+    assert_eq!(org.slug.as_deref(), exp["orgSlug"].as_str());
+    let js: Vec<&str> = exp["orgPermissions_js"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(org.permissions, js);
+    assert_eq!(id.claims_version, 2);
+    assert_eq!(id.session_status, Some(SessionStatus::Active));
+    assert_eq!(id.factor_verification_age, Some([3, -1]));
+    assert_eq!(id.features.organization, ["reservations", "support-chat", "impersonation"]);
+    assert_eq!(id.features.user, ["dashboard", "support-chat"]);
+    assert_eq!(id.plans.user, ["pro"]);
+    assert_eq!(id.plans.organization, ["business"]);
+}
+
+fn expand_per(per: &str) -> String {
+    if per.starts_with("permission_0") {
+        (0..54).map(|i| format!("permission_{i}")).collect::<Vec<_>>().join(",")
+    } else {
+        per.to_owned()
+    }
+}
+
+#[test]
+fn every_fpm_decode_vector() {
+    let f = fx();
+    let cases = f["decode_vectors"]["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 17);
+    for c in cases {
+        let fea = crate::identity::split_by_scope(c.get("fea")).unwrap().organization;
+        let per = c["per"].as_str().map(expand_per);
+        let got = crate::identity::decode_fpm(&fea, per.as_deref(), c["fpm"].as_str());
+        let want = c.get("expected").or(c.get("expected_ordered")).unwrap();
+        let want: Vec<&str> = want.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(got, want, "case {c}");
+    }
+    let av = &f["decode_vectors"]["authObjects_vector"];
+    let fea = crate::identity::split_by_scope(av.get("fea")).unwrap().organization;
+    let got = crate::identity::decode_fpm(&fea, av["per"].as_str(), av["fpm"].as_str());
+    let want: Vec<&str> =
+        av["expected_js"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn pem_keys_derive_the_expected_jwk_and_verify_networkless() {
+    let f = fx();
+    let keys = &f["keys"];
+    let want_n = keys["mockPEMJwk"]["value"]["n"].as_str().unwrap();
+    let want_e = keys["mockPEMJwk"]["value"]["e"].as_str().unwrap();
+    for name in ["mockPEMKey", "mockPEMJwtKey"] {
+        let k = VerifyingKey::from_pem(keys[name]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(k.n_b64(), want_n, "{name}");
+        assert_eq!(k.e_b64(), want_e, "{name}");
+        assert_eq!(k.bits(), 2048);
+    }
+    // The PEM of mockRsaJwk verifies mockJwt whatever its kid (networkless mode).
+    let pem = VerifyingKey::from_pem(keys["pemEncodedPublicKey"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(pem.n_b64(), keys["mockRsaJwk"]["value"]["n"].as_str().unwrap());
+    let set = KeySet::single(pem);
+    let v = verifier(&[], DEFAULT_CLOCK_SKEW_MS);
+    assert!(v.verify(&token("mockJwt"), &set, &VerifyOptions::default(), clock("mockJwt")).is_ok());
+    // An unrelated key: the signature check is false, not an error.
+    let other = VerifyingKey::from_pem(keys["someOtherPublicKey"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        reason(v.verify(&token("mockJwt"), &KeySet::single(other), &VerifyOptions::default(), clock("mockJwt"))),
+        Reason::TokenInvalidSignature
+    );
+}
+
+#[test]
+fn static_jwks_fixture_with_odd_exponent_parses() {
+    let doc = serde_json::to_vec(&fx()["keys"]["jwks.json"]["value"]).unwrap();
+    let (set, skipped) = KeySet::from_jwks_json(&doc).unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!(set.kids(), ["ins_1234"]);
+}
+
+#[test]
+fn public_jwk_without_kid_is_skipped_but_with_kid_verifies() {
+    let f = fx();
+    let mut jwk = f["keys"]["publicJwks"]["value"].clone();
+    let doc = serde_json::json!({ "keys": [jwk.clone()] });
+    assert!(KeySet::from_jwks_json(&serde_json::to_vec(&doc).unwrap()).is_err());
+    jwk["kid"] = "ins_2GIoQhbUpy0hX7B2cVkuTMinXoD".into();
+    let doc = serde_json::json!({ "keys": [jwk] });
+    let (set, _) = KeySet::from_jwks_json(&serde_json::to_vec(&doc).unwrap()).unwrap();
+    assert!(verifier(&[], DEFAULT_CLOCK_SKEW_MS)
+        .verify(&token("mockJwt"), &set, &VerifyOptions::default(), clock("mockJwt"))
+        .is_ok());
+}
+
+#[test]
+fn azp_rules() {
+    let keys = mock_jwks();
+    let t = token("mockJwt");
+    let now = clock("mockJwt");
+    let o = VerifyOptions::default();
+    // Exact match only: no normalisation of trailing slash.
+    assert_eq!(
+        reason(verifier(&["https://accounts.inspired.puma-74.lcl.dev/"], 5000).verify(&t, &keys, &o, now)),
+        Reason::TokenInvalidAuthorizedParties
+    );
+    // A per-call override replaces the configured list.
+    let parties = vec![AZP.to_owned()];
+    let o2 = VerifyOptions {
+        authorized_parties: &parties,
+        ..o
+    };
+    assert!(verifier(&["https://other.example"], 5000).verify(&t, &keys, &o2, now).is_ok());
+    // The wrong azp on an expired token reports the azp reason (azp before exp).
+    assert_eq!(
+        reason(verifier(&["https://other.example"], 5000).verify(
+            &token("mockExpiredJwt"),
+            &keys,
+            &o,
+            now
+        )),
+        Reason::TokenInvalidAuthorizedParties
+    );
+}
+
+#[test]
+fn audience_rules() {
+    let allowed = vec!["a".to_owned()];
+    assert!(audience_ok(None, &allowed));
+    assert!(audience_ok(Some(&Value::from("a")), &allowed));
+    assert!(!audience_ok(Some(&Value::from("b")), &allowed));
+    assert!(audience_ok(Some(&serde_json::json!(["b", "a"])), &allowed));
+    assert!(!audience_ok(Some(&serde_json::json!(["b", "c"])), &allowed));
+    assert!(audience_ok(Some(&serde_json::json!([1, "b"])), &allowed));
+    assert!(audience_ok(Some(&Value::from("b")), &[]));
+}
+
+#[test]
+fn malformed_tokens_are_token_invalid() {
+    let keys = mock_jwks();
+    let v = verifier(&[], 5000);
+    let good = token("mockJwt");
+    let parts: Vec<&str> = good.split('.').collect();
+    let cases = [
+        String::new(),
+        "garbage".into(),
+        format!("{}.{}", parts[0], parts[1]),
+        format!("{good}.x"),
+        format!(" {good}"),
+        format!("{good}\n"),
+        format!("Bearer {good}"),
+        format!("{}.{}.{}", parts[0], "bm90IGpzb24", parts[2]),
+        format!("{}.{}.{}", parts[0], "bnVsbA", parts[2]), // "null"
+        format!("{}.{}.{}", parts[0], parts[1].replace('-', "+").replace('_', "/") + "+/", parts[2]),
+    ];
+    for t in cases {
+        assert_eq!(
+            reason(v.verify(&t, &keys, &VerifyOptions::default(), 1666648250000)),
+            Reason::TokenInvalid,
+            "{t:?}"
+        );
+    }
+    // Padded segments are accepted.
+    let padded = format!("{}=.{}.{}", parts[0], parts[1], parts[2]);
+    let d = Decoded::parse(&padded);
+    assert!(d.is_ok());
+}
