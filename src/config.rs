@@ -120,7 +120,12 @@ fn list(v: &Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn parse_num(var: &'static str, v: &Option<String>, default: u64, max: u64) -> Result<u64, ConfigError> {
+fn parse_num(
+    var: &'static str,
+    v: &Option<String>,
+    default: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     match non_empty(v) {
         None => Ok(default),
         Some(s) => {
@@ -138,7 +143,10 @@ fn parse_num(var: &'static str, v: &Option<String>, default: u64, max: u64) -> R
 fn parse_url(var: &'static str, s: &str) -> Result<url::Url, ConfigError> {
     let u = url::Url::parse(s).map_err(|e| err(var, format!("{s:?} is not a valid URL ({e})")))?;
     if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
-        return Err(err(var, format!("{s:?} must be an http(s) URL with a host")));
+        return Err(err(
+            var,
+            format!("{s:?} must be an http(s) URL with a host"),
+        ));
     }
     Ok(u)
 }
@@ -183,7 +191,8 @@ impl ServeArgs {
 
         // Precedence: networkless key, then an explicit JWKS URL, then the Backend API.
         let key_source = if let Some(pem) = non_empty(&self.jwt_key) {
-            let key = VerifyingKey::from_pem(pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
+            let key =
+                VerifyingKey::from_pem(pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
             KeySource::Static(Arc::new(KeySet::single(key)))
         } else if let Some(url) = jwks_url {
             KeySource::Remote { url, bearer: None }
@@ -210,7 +219,12 @@ impl ServeArgs {
             issuer: non_empty(&self.issuer).map(str::to_owned),
             audience: list(&self.audience),
         };
-        let refresh = parse_num("CLERK_AUTH_JWKS_REFRESH_SECS", &self.jwks_refresh_secs, 300, 86_400)?;
+        let refresh = parse_num(
+            "CLERK_AUTH_JWKS_REFRESH_SECS",
+            &self.jwks_refresh_secs,
+            300,
+            86_400,
+        )?;
         if refresh == 0 {
             return Err(err("CLERK_AUTH_JWKS_REFRESH_SECS", "must be at least 1"));
         }
@@ -290,11 +304,44 @@ mod tests {
     #[test]
     fn bad_values_name_their_variable() {
         let cases: Vec<(ServeArgs, &str)> = vec![
-            (ServeArgs { jwt_key: Some("nope".into()), ..args() }, "CLERK_JWT_KEY"),
-            (ServeArgs { secret_key: Some("sk_test_x".into()), api_url: Some("not a url".into()), ..args() }, "CLERK_API_URL"),
-            (ServeArgs { jwks_url: Some("ftp://x/jwks".into()), ..args() }, "CLERK_JWKS_URL"),
-            (ServeArgs { secret_key: Some("sk_test_x".into()), clock_skew_ms: Some("-1".into()), ..args() }, "CLERK_CLOCK_SKEW_MS"),
-            (ServeArgs { secret_key: Some("sk_test_x".into()), listen: "nowhere".into(), ..args() }, "CLERK_AUTH_LISTEN"),
+            (
+                ServeArgs {
+                    jwt_key: Some("nope".into()),
+                    ..args()
+                },
+                "CLERK_JWT_KEY",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    api_url: Some("not a url".into()),
+                    ..args()
+                },
+                "CLERK_API_URL",
+            ),
+            (
+                ServeArgs {
+                    jwks_url: Some("ftp://x/jwks".into()),
+                    ..args()
+                },
+                "CLERK_JWKS_URL",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    clock_skew_ms: Some("-1".into()),
+                    ..args()
+                },
+                "CLERK_CLOCK_SKEW_MS",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    listen: "nowhere".into(),
+                    ..args()
+                },
+                "CLERK_AUTH_LISTEN",
+            ),
         ];
         for (a, var) in cases {
             assert_eq!(a.to_config().unwrap_err().var, var);
@@ -327,7 +374,9 @@ mod tests {
             ..args()
         };
         match a.to_config().unwrap().0.key_source {
-            KeySource::Remote { url, .. } => assert_eq!(url.as_str(), "http://127.0.0.1:9/clerk/v1/jwks"),
+            KeySource::Remote { url, .. } => {
+                assert_eq!(url.as_str(), "http://127.0.0.1:9/clerk/v1/jwks")
+            }
             other => panic!("{other:?}"),
         }
     }

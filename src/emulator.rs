@@ -182,7 +182,9 @@ impl SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -233,11 +235,13 @@ impl TokenSpec {
             c.insert("fva".into(), json!(fva));
         }
         let org = self.org.as_ref().map(|o| {
-            let id = o
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("org_{}", random_id(27)));
-            let role = o.role.as_deref().map(|r| r.trim_start_matches("org:").to_owned());
+            let id =
+                o.id.clone()
+                    .unwrap_or_else(|| format!("org_{}", random_id(27)));
+            let role = o
+                .role
+                .as_deref()
+                .map(|r| r.trim_start_matches("org:").to_owned());
             (o, id, role)
         });
         if self.v1 {
@@ -261,7 +265,10 @@ impl TokenSpec {
             c.insert("v".into(), 2.into());
             c.insert(
                 "sts".into(),
-                self.session_status.clone().unwrap_or_else(|| "active".into()).into(),
+                self.session_status
+                    .clone()
+                    .unwrap_or_else(|| "active".into())
+                    .into(),
             );
             // Features: those the permissions name (org-scoped), then the extra ones.
             let mut fea: Vec<String> = Vec::new();
@@ -353,7 +360,10 @@ impl Emulator {
     }
 
     /// Starts serving on `listener`.
-    pub async fn start(config: EmulatorConfig, listener: TcpListener) -> Result<Self, EmulatorError> {
+    pub async fn start(
+        config: EmulatorConfig,
+        listener: TcpListener,
+    ) -> Result<Self, EmulatorError> {
         let addr = listener.local_addr()?;
         let key = tokio::task::spawn_blocking(SigningKey::generate)
             .await
@@ -482,7 +492,12 @@ impl std::fmt::Debug for Emulator {
 
 impl Shared {
     fn current(&self) -> Arc<SigningKey> {
-        self.keys.lock().expect("lock").last().expect("a key").clone()
+        self.keys
+            .lock()
+            .expect("lock")
+            .last()
+            .expect("a key")
+            .clone()
     }
 
     fn push_key(&self, key: SigningKey) -> String {
@@ -510,7 +525,13 @@ impl Shared {
     }
 
     fn jwks(&self) -> Value {
-        let keys: Vec<Value> = self.keys.lock().expect("lock").iter().map(|k| k.jwk()).collect();
+        let keys: Vec<Value> = self
+            .keys
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|k| k.jwk())
+            .collect();
         json!({ "keys": keys })
     }
 
@@ -521,7 +542,12 @@ impl Shared {
     fn failure(&self) -> Option<Response> {
         let status = (*self.jwks_failure.lock().expect("lock"))?;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        Some(clerk_error(status, "internal_clerk_error", "Something went wrong", "Injected failure"))
+        Some(clerk_error(
+            status,
+            "internal_clerk_error",
+            "Something went wrong",
+            "Injected failure",
+        ))
     }
 }
 
@@ -625,12 +651,12 @@ mod tests {
         let o = c["o"].as_object().unwrap();
         assert_eq!(o["rol"], "admin");
         let fea = split_by_scope(c.get("fea")).unwrap();
-        let perms = crate::identity::decode_fpm(
-            &fea.organization,
-            o["per"].as_str(),
-            o["fpm"].as_str(),
+        let perms =
+            crate::identity::decode_fpm(&fea.organization, o["per"].as_str(), o["fpm"].as_str());
+        assert_eq!(
+            perms,
+            ["org:invoices:read", "org:invoices:write", "org:teams:read"]
         );
-        assert_eq!(perms, ["org:invoices:read", "org:invoices:write", "org:teams:read"]);
         assert_eq!(fea.user, ["dashboard"]);
     }
 }

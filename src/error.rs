@@ -270,14 +270,21 @@ mod tests {
     #[test]
     fn reasons_are_upper_snake_of_clerk_reasons() {
         for r in Reason::ALL {
-            assert_eq!(r.as_str(), r.clerk_reason().replace('-', "_").to_uppercase());
+            assert_eq!(
+                r.as_str(),
+                r.clerk_reason().replace('-', "_").to_uppercase()
+            );
         }
     }
 
     #[test]
     fn status_mapping_table() {
         let cases = [
-            (AuthError::InvalidRequest("empty token"), Code::InvalidArgument, "INVALID_REQUEST"),
+            (
+                AuthError::InvalidRequest("empty token"),
+                Code::InvalidArgument,
+                "INVALID_REQUEST",
+            ),
             (
                 AuthError::Rejected(VerifyError::new(Reason::TokenExpired, "expired")),
                 Code::Unauthenticated,

@@ -125,12 +125,14 @@ impl Identity {
                 actor_type: s("type"),
             }
         });
-        let factor_verification_age = claims.get("fva").and_then(Value::as_array).and_then(|a| {
-            match a.as_slice() {
-                [f1, f2] => Some([to_i32(f1.as_f64()?), to_i32(f2.as_f64()?)]),
-                _ => None,
-            }
-        });
+        let factor_verification_age =
+            claims
+                .get("fva")
+                .and_then(Value::as_array)
+                .and_then(|a| match a.as_slice() {
+                    [f1, f2] => Some([to_i32(f1.as_f64()?), to_i32(f2.as_f64()?)]),
+                    _ => None,
+                });
         Ok(Identity {
             token_type,
             user_id: s("sub").unwrap_or_default(),
@@ -163,9 +165,7 @@ impl Identity {
             token_type: self.token_type as i32,
             user_id: self.user_id.clone(),
             session_id: self.session_id.clone().unwrap_or_default(),
-            session_status: self
-                .session_status
-                .unwrap_or(SessionStatus::Unspecified) as i32,
+            session_status: self.session_status.unwrap_or(SessionStatus::Unspecified) as i32,
             organization: self.organization.as_ref().map(|o| pb::Organization {
                 id: o.id.clone(),
                 slug: o.slug.clone().unwrap_or_default(),

@@ -287,7 +287,9 @@ impl KeyStore {
         match self.inner.state.load().as_ref() {
             None => Err(self.unavailable_reason()),
             Some(l) => {
-                if self.is_remote() && now.duration_since(l.confirmed_at) > self.inner.config.max_stale {
+                if self.is_remote()
+                    && now.duration_since(l.confirmed_at) > self.inner.config.max_stale
+                {
                     Err(self.unavailable_reason())
                 } else {
                     Ok(())
@@ -349,16 +351,17 @@ impl KeyStore {
             if let Some(f) = st.inflight.clone() {
                 Some(f)
             } else {
-                let cooled = st.last_kid_refetch.is_none_or(|t| {
-                    t.elapsed() >= self.inner.config.unknown_kid_cooldown
-                });
+                let cooled = st
+                    .last_kid_refetch
+                    .is_none_or(|t| t.elapsed() >= self.inner.config.unknown_kid_cooldown);
                 if cooled {
                     st.last_kid_refetch = Some(Instant::now());
                     self.inner.kid_refetches.fetch_add(1, Ordering::Relaxed);
                     Some(self.start_fetch(&mut st, true))
                 } else if st.last_kid_refetch_failed {
                     return Err(ResolveError::Unavailable(
-                        st.last_error_reason.unwrap_or(Reason::JwkRemoteFailedToLoad),
+                        st.last_error_reason
+                            .unwrap_or(Reason::JwkRemoteFailedToLoad),
                     ));
                 } else {
                     None
@@ -421,7 +424,13 @@ impl KeyStore {
             return Ok(());
         };
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let result = fetch_jwks(&self.inner.http, url, bearer.as_ref(), self.inner.config.fetch_timeout).await;
+        let result = fetch_jwks(
+            &self.inner.http,
+            url,
+            bearer.as_ref(),
+            self.inner.config.fetch_timeout,
+        )
+        .await;
         match result {
             Ok((keys, skipped)) => {
                 for s in &skipped {
@@ -539,10 +548,12 @@ async fn fetch_jwks(
         .header(http::header::ACCEPT, "application/json")
         .header("Clerk-API-Version", CLERK_API_VERSION);
     if let Some(b) = bearer {
-        let mut v = http::HeaderValue::from_str(&format!("Bearer {}", b.expose()))
-            .map_err(|_| KeyError::InvalidJwks {
-                url: u.clone(),
-                detail: "the secret key is not a valid header value".into(),
+        let mut v =
+            http::HeaderValue::from_str(&format!("Bearer {}", b.expose())).map_err(|_| {
+                KeyError::InvalidJwks {
+                    url: u.clone(),
+                    detail: "the secret key is not a valid header value".into(),
+                }
             })?;
         v.set_sensitive(true);
         req = req.header(http::header::AUTHORIZATION, v);

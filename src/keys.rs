@@ -230,7 +230,9 @@ impl VerifyingKey {
         if self.declared_alg.is_some_and(|d| d != alg) {
             return Err(SigError::Mismatch);
         }
-        let key = self.parsed[alg.index()].as_ref().ok_or(SigError::Mismatch)?;
+        let key = self.parsed[alg.index()]
+            .as_ref()
+            .ok_or(SigError::Mismatch)?;
         if signature.len() != self.n.len() {
             // aws-lc rejects these too; a wrong length is just an invalid signature.
             return Err(SigError::Invalid);
@@ -386,8 +388,7 @@ impl KeySet {
             (KeySetKind::Single(a), KeySetKind::Single(b)) => a.same_material(b),
             (KeySetKind::ByKid(a), KeySetKind::ByKid(b)) => {
                 a.len() == b.len()
-                    && a
-                        .iter()
+                    && a.iter()
                         .all(|(k, v)| b.get(k).is_some_and(|w| v.same_material(w)))
             }
             _ => false,
@@ -447,10 +448,7 @@ mod tests {
         ] {
             assert!(KeySet::from_jwks_json(body).is_err(), "{body:?}");
         }
-        let many = format!(
-            "{{\"keys\":[{}]}}",
-            vec!["{}"; MAX_JWKS_KEYS + 1].join(",")
-        );
+        let many = format!("{{\"keys\":[{}]}}", vec!["{}"; MAX_JWKS_KEYS + 1].join(","));
         assert!(KeySet::from_jwks_json(many.as_bytes())
             .unwrap_err()
             .contains("hostile"));
@@ -460,6 +458,9 @@ mod tests {
     fn pem_rejects_garbage_and_private_keys() {
         assert!(VerifyingKey::from_pem("").is_err());
         assert!(VerifyingKey::from_pem("not a key").is_err());
-        assert!(VerifyingKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----").is_err());
+        assert!(VerifyingKey::from_pem(
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"
+        )
+        .is_err());
     }
 }

@@ -37,7 +37,9 @@ pub mod pb {
 
 pub use error::{AuthError, Reason, VerifyError};
 pub use identity::Identity;
-pub use token_verifier::{TokenVerifier, TokenVerifierConfig, VerifyRequest, MAX_TOKEN_BYTES};
+pub use token_verifier::{
+    TokenVerifier, TokenVerifierConfig, VerifierStats, VerifyRequest, MAX_TOKEN_BYTES,
+};
 
 /// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
 /// SHA-256. Never log the token itself.
@@ -59,7 +61,10 @@ mod tests {
             .find(|f| f.package() == "clerk.auth.v1")
             .unwrap();
         assert_eq!(auth.service[0].name(), "AuthService");
-        assert!(fds.file.iter().any(|f| f.name() == "google/protobuf/struct.proto"));
+        assert!(fds
+            .file
+            .iter()
+            .any(|f| f.name() == "google/protobuf/struct.proto"));
     }
 
     #[test]

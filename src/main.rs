@@ -17,7 +17,11 @@ use tokio::net::TcpListener;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "clerk-grpc-auth", version, about = "Clerk authentication for gRPC services")]
+#[command(
+    name = "clerk-grpc-auth",
+    version,
+    about = "Clerk authentication for gRPC services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,10 @@ struct TokenArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -128,6 +135,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "AuthService listening");
     match server::serve(config, listener, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,12 +176,13 @@ async fn emulator(listen: String, secret_key: Option<String>) -> ExitCode {
 }
 
 async fn token(args: TokenArgs) -> ExitCode {
-    let org = (args.org.is_some() || args.role.is_some() || !args.permissions.is_empty()).then(|| OrgSpec {
-        id: args.org,
-        slug: args.org_slug,
-        role: args.role,
-        permissions: args.permissions,
-    });
+    let org = (args.org.is_some() || args.role.is_some() || !args.permissions.is_empty())
+        .then_some(OrgSpec {
+            id: args.org,
+            slug: args.org_slug,
+            role: args.role,
+            permissions: args.permissions,
+        });
     let spec = TokenSpec {
         user_id: args.user,
         session_id: args.session,
@@ -184,7 +193,10 @@ async fn token(args: TokenArgs) -> ExitCode {
         session_status: args.pending.then(|| "pending".to_owned()),
         ..TokenSpec::default()
     };
-    let url = format!("{}/emulator/tokens", args.emulator_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/emulator/tokens",
+        args.emulator_url.trim_end_matches('/')
+    );
     let resp = reqwest::Client::new().post(&url).json(&spec).send().await;
     let body: serde_json::Value = match resp {
         Ok(r) if r.status().is_success() => match r.json().await {
@@ -217,7 +229,10 @@ async fn token(args: TokenArgs) -> ExitCode {
 
 async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> ExitCode {
     telemetry::init(log_format);
-    let (emu_listener, listener) = match (TcpListener::bind(&emulator_listen).await, TcpListener::bind(&listen).await) {
+    let (emu_listener, listener) = match (
+        TcpListener::bind(&emulator_listen).await,
+        TcpListener::bind(&listen).await,
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) => {
             eprintln!("error: --emulator-listen: cannot listen on {emulator_listen}: {e}");

@@ -120,17 +120,21 @@ impl Server {
         reporter
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
-        reporter.set_service_status("", ServingStatus::NotServing).await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let health_task = spawn_health(keys, reporter, stop.clone());
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(ServerError::Reflection)?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(ServerError::Reflection)?;
 
@@ -176,7 +180,11 @@ pub async fn serve(
     Server::build(config)?.serve(listener, shutdown).await
 }
 
-fn spawn_health(keys: KeyStore, reporter: HealthReporter, stop: CancellationToken) -> JoinHandle<()> {
+fn spawn_health(
+    keys: KeyStore,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     let mut rx = keys.serving();
     tokio::spawn(async move {
         loop {

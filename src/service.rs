@@ -62,7 +62,11 @@ impl AuthService for AuthServiceImpl {
                 }
             }
             result
-                .map(|identity| Response::new(pb::VerifyTokenResponse { identity: Some(identity) }))
+                .map(|identity| {
+                    Response::new(pb::VerifyTokenResponse {
+                        identity: Some(identity),
+                    })
+                })
                 .map_err(Status::from)
         }
         .instrument(span)

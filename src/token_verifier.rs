@@ -2,7 +2,10 @@
 //! the AuthService and the in-process auth layer call.
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -50,8 +53,19 @@ struct CachedVerdict {
 
 struct VerdictExpiry;
 
+/// Counters kept by a [`TokenVerifier`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifierStats {
+    /// Verdicts answered from the verdict cache.
+    pub cache_hits: u64,
+    /// Tokens that went through the full verification (signature included).
+    pub full_verifications: u64,
+}
+
 struct Inner {
     core: Verifier,
+    cache_hits: AtomicU64,
+    full_verifications: AtomicU64,
     keys: KeyStore,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
 }
@@ -87,7 +101,9 @@ impl moka::Expiry<[u8; 32], Arc<CachedVerdict>> for VerdictExpiry {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let left_ms = value.valid_until_ms - now_ms() as f64;
-        Some(Duration::from_millis(left_ms.clamp(0.0, 86_400_000.0) as u64))
+        Some(Duration::from_millis(
+            left_ms.clamp(0.0, 86_400_000.0) as u64
+        ))
     }
 }
 
@@ -112,6 +128,8 @@ impl TokenVerifier {
         Self {
             inner: Arc::new(Inner {
                 core: Verifier::new(config.validation),
+                cache_hits: AtomicU64::new(0),
+                full_verifications: AtomicU64::new(0),
                 keys,
                 cache,
             }),
@@ -121,6 +139,14 @@ impl TokenVerifier {
     /// The key store.
     pub fn keys(&self) -> &KeyStore {
         &self.inner.keys
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VerifierStats {
+        VerifierStats {
+            cache_hits: self.inner.cache_hits.load(Ordering::Relaxed),
+            full_verifications: self.inner.full_verifications.load(Ordering::Relaxed),
+        }
     }
 
     /// The validation settings.
@@ -148,6 +174,7 @@ impl TokenVerifier {
                     && hit.key_generation == self.inner.keys.generation()
                     && self.inner.keys.is_usable()
                 {
+                    self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(hit.identity.clone());
                 }
                 cache.invalidate(key);
@@ -164,19 +191,23 @@ impl TokenVerifier {
         let key = match self.inner.keys.lookup(decoded.kid()) {
             Lookup::Found(k) => k,
             Lookup::Unavailable(r) => return Err(AuthError::Unavailable(r)),
-            Lookup::Unknown => self
-                .inner
-                .keys
-                .resolve(decoded.kid())
-                .await
-                .map_err(|e| match e {
-                    ResolveError::UnknownKid => AuthError::Rejected(VerifyError::new(
-                        Reason::JwkKidMismatch,
-                        "Unable to find a signing key that matches the token's kid.",
-                    )),
-                    ResolveError::Unavailable(r) => AuthError::Unavailable(r),
-                })?,
+            Lookup::Unknown => {
+                self.inner
+                    .keys
+                    .resolve(decoded.kid())
+                    .await
+                    .map_err(|e| match e {
+                        ResolveError::UnknownKid => AuthError::Rejected(VerifyError::new(
+                            Reason::JwkKidMismatch,
+                            "Unable to find a signing key that matches the token's kid.",
+                        )),
+                        ResolveError::Unavailable(r) => AuthError::Unavailable(r),
+                    })?
+            }
         };
+        self.inner
+            .full_verifications
+            .fetch_add(1, Ordering::Relaxed);
         let identity = Arc::new(self.inner.core.verify_with_key(decoded, &key, &opts, now)?);
         if let Some((cache, key)) = cache_key {
             cache.insert(
@@ -244,10 +275,7 @@ mod tests {
                 accepted_types: &[TokenType::SessionToken],
                 ..base
             }),
-            verdict_key(&VerifyRequest {
-                token: "u",
-                ..base
-            }),
+            verdict_key(&VerifyRequest { token: "u", ..base }),
         ];
         for i in 0..keys.len() {
             for j in i + 1..keys.len() {

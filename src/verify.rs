@@ -102,7 +102,8 @@ impl<'t> Decoded<'t> {
     /// Splits and decodes a compact JWT. Every failure is `TOKEN_INVALID`.
     pub fn parse(token: &'t str) -> Result<Self, VerifyError> {
         let mut parts = token.splitn(4, '.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(INVALID_FORM);
         };
@@ -305,7 +306,9 @@ impl Verifier {
 
         // sub
         if !payload.get("sub").is_some_and(Value::is_string) {
-            return Err(failed("Subject claim (sub) is required and must be a string."));
+            return Err(failed(
+                "Subject claim (sub) is required and must be a string.",
+            ));
         }
 
         // aud
@@ -342,41 +345,48 @@ impl Verifier {
             }
         }
 
-        // exp
+        // exp (a NaN never passes)
         let exp = match payload.get("exp") {
             Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
             _ => return Err(failed("Invalid JWT expiry date claim (exp): not a number.")),
         };
-        if !(exp * 1000.0 > now - skew) {
+        if exp.is_nan() || exp * 1000.0 <= now - skew {
             return Err(VerifyError::new(Reason::TokenExpired, "JWT is expired."));
         }
 
-        // nbf
-        match payload.get("nbf") {
-            None => {}
-            Some(Value::Number(n)) => {
-                if n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew {
-                    return Err(VerifyError::new(
-                        Reason::TokenNotActiveYet,
-                        "JWT cannot be used prior to not before date claim (nbf).",
-                    ));
-                }
+        // nbf, then iat: optional, numbers, not beyond now + skew.
+        let future = |k: &str| match payload.get(k) {
+            None => Ok(false),
+            Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew),
+            Some(_) => Err(()),
+        };
+        match future("nbf") {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(VerifyError::new(
+                    Reason::TokenNotActiveYet,
+                    "JWT cannot be used prior to not before date claim (nbf).",
+                ))
             }
-            Some(_) => return Err(failed("Invalid JWT not before date claim (nbf): not a number.")),
+            Err(()) => {
+                return Err(failed(
+                    "Invalid JWT not before date claim (nbf): not a number.",
+                ))
+            }
         }
-
-        // iat
-        match payload.get("iat") {
-            None => {}
-            Some(Value::Number(n)) => {
-                if n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew {
-                    return Err(VerifyError::new(
-                        Reason::TokenIatInTheFuture,
-                        "JWT issued at date claim (iat) is in the future.",
-                    ));
-                }
+        match future("iat") {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(VerifyError::new(
+                    Reason::TokenIatInTheFuture,
+                    "JWT issued at date claim (iat) is in the future.",
+                ))
             }
-            Some(_) => return Err(failed("Invalid JWT issued at date claim (iat): not a number.")),
+            Err(()) => {
+                return Err(failed(
+                    "Invalid JWT issued at date claim (iat): not a number.",
+                ))
+            }
         }
         Ok(())
     }

@@ -41,7 +41,12 @@ const AZP: &str = "https://accounts.inspired.puma-74.lcl.dev";
 fn mock_jwt_verifies_with_authorized_parties_and_decodes_unchanged() {
     let f = fx();
     let id = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS)
-        .verify(&token("mockJwt"), &mock_jwks(), &VerifyOptions::default(), clock("mockJwt"))
+        .verify(
+            &token("mockJwt"),
+            &mock_jwks(),
+            &VerifyOptions::default(),
+            clock("mockJwt"),
+        )
         .unwrap();
     let payload = &f["tokens"]["mockJwt"]["payload"];
     assert_eq!(Value::Object(id.claims.clone()), *payload);
@@ -74,7 +79,10 @@ fn mock_jwt_validity_window_and_expectations() {
     assert_eq!(reason(v.verify(&t, &keys, &o, until)), Reason::TokenExpired);
     // Before the window (set by iat here): iat in the future; earlier than nbf - skew, nbf
     // (checked before iat) is the reason.
-    assert_eq!(reason(v.verify(&t, &keys, &o, from - 1)), Reason::TokenIatInTheFuture);
+    assert_eq!(
+        reason(v.verify(&t, &keys, &o, from - 1)),
+        Reason::TokenIatInTheFuture
+    );
     let nbf_ms = f["tokens"]["mockJwt"]["payload"]["nbf"].as_i64().unwrap() * 1000;
     assert!(v.verify(&t, &keys, &o, nbf_ms - 5000).is_err());
     assert_eq!(
@@ -83,13 +91,19 @@ fn mock_jwt_validity_window_and_expectations() {
     );
 
     let exp_ms = f["tokens"]["mockJwt"]["payload"]["exp"].as_i64().unwrap() * 1000;
-    assert!(v.verify(&t, &keys, &o, exp_ms + 1000).is_ok(), "at_exp_plus_1s_default_skew");
+    assert!(
+        v.verify(&t, &keys, &o, exp_ms + 1000).is_ok(),
+        "at_exp_plus_1s_default_skew"
+    );
     assert_eq!(
         reason(verifier(&[], 0).verify(&t, &keys, &o, exp_ms + 1000)),
         Reason::TokenExpired,
         "at_exp_plus_1s_skew_0"
     );
-    assert_eq!(reason(v.verify(&t, &keys, &o, exp_ms + 60_000)), Reason::TokenExpired);
+    assert_eq!(
+        reason(v.verify(&t, &keys, &o, exp_ms + 60_000)),
+        Reason::TokenExpired
+    );
 }
 
 #[test]
@@ -102,12 +116,22 @@ fn expired_invalid_signature_and_malformed_fixtures() {
         Reason::TokenExpired
     );
     assert_eq!(
-        reason(v.verify(&token("mockInvalidSignatureJwt"), &keys, &o, clock("mockInvalidSignatureJwt"))),
+        reason(v.verify(
+            &token("mockInvalidSignatureJwt"),
+            &keys,
+            &o,
+            clock("mockInvalidSignatureJwt")
+        )),
         Reason::TokenInvalidSignature
     );
     // Signature is checked before claims: the missing `sub` is never reached.
     assert_eq!(
-        reason(v.verify(&token("mockMalformedJwt"), &keys, &o, clock("mockMalformedJwt"))),
+        reason(v.verify(
+            &token("mockMalformedJwt"),
+            &keys,
+            &o,
+            clock("mockMalformedJwt")
+        )),
         Reason::TokenInvalidSignature
     );
 }
@@ -163,7 +187,10 @@ fn derived_v2_session_token_decodes_like_the_js_sdk() {
     assert_eq!(id.claims_version, 2);
     assert_eq!(id.session_status, Some(SessionStatus::Active));
     assert_eq!(id.factor_verification_age, Some([3, -1]));
-    assert_eq!(id.features.organization, ["reservations", "support-chat", "impersonation"]);
+    assert_eq!(
+        id.features.organization,
+        ["reservations", "support-chat", "impersonation"]
+    );
     assert_eq!(id.features.user, ["dashboard", "support-chat"]);
     assert_eq!(id.plans.user, ["pro"]);
     assert_eq!(id.plans.organization, ["business"]);
@@ -171,7 +198,10 @@ fn derived_v2_session_token_decodes_like_the_js_sdk() {
 
 fn expand_per(per: &str) -> String {
     if per.starts_with("permission_0") {
-        (0..54).map(|i| format!("permission_{i}")).collect::<Vec<_>>().join(",")
+        (0..54)
+            .map(|i| format!("permission_{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
     } else {
         per.to_owned()
     }
@@ -183,18 +213,31 @@ fn every_fpm_decode_vector() {
     let cases = f["decode_vectors"]["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 17);
     for c in cases {
-        let fea = crate::identity::split_by_scope(c.get("fea")).unwrap().organization;
+        let fea = crate::identity::split_by_scope(c.get("fea"))
+            .unwrap()
+            .organization;
         let per = c["per"].as_str().map(expand_per);
         let got = crate::identity::decode_fpm(&fea, per.as_deref(), c["fpm"].as_str());
         let want = c.get("expected").or(c.get("expected_ordered")).unwrap();
-        let want: Vec<&str> = want.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let want: Vec<&str> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         assert_eq!(got, want, "case {c}");
     }
     let av = &f["decode_vectors"]["authObjects_vector"];
-    let fea = crate::identity::split_by_scope(av.get("fea")).unwrap().organization;
+    let fea = crate::identity::split_by_scope(av.get("fea"))
+        .unwrap()
+        .organization;
     let got = crate::identity::decode_fpm(&fea, av["per"].as_str(), av["fpm"].as_str());
-    let want: Vec<&str> =
-        av["expected_js"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let want: Vec<&str> = av["expected_js"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(got, want);
 }
 
@@ -211,15 +254,32 @@ fn pem_keys_derive_the_expected_jwk_and_verify_networkless() {
         assert_eq!(k.bits(), 2048);
     }
     // The PEM of mockRsaJwk verifies mockJwt whatever its kid (networkless mode).
-    let pem = VerifyingKey::from_pem(keys["pemEncodedPublicKey"]["value"].as_str().unwrap()).unwrap();
-    assert_eq!(pem.n_b64(), keys["mockRsaJwk"]["value"]["n"].as_str().unwrap());
+    let pem =
+        VerifyingKey::from_pem(keys["pemEncodedPublicKey"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        pem.n_b64(),
+        keys["mockRsaJwk"]["value"]["n"].as_str().unwrap()
+    );
     let set = KeySet::single(pem);
     let v = verifier(&[], DEFAULT_CLOCK_SKEW_MS);
-    assert!(v.verify(&token("mockJwt"), &set, &VerifyOptions::default(), clock("mockJwt")).is_ok());
+    assert!(v
+        .verify(
+            &token("mockJwt"),
+            &set,
+            &VerifyOptions::default(),
+            clock("mockJwt")
+        )
+        .is_ok());
     // An unrelated key: the signature check is false, not an error.
-    let other = VerifyingKey::from_pem(keys["someOtherPublicKey"]["value"].as_str().unwrap()).unwrap();
+    let other =
+        VerifyingKey::from_pem(keys["someOtherPublicKey"]["value"].as_str().unwrap()).unwrap();
     assert_eq!(
-        reason(v.verify(&token("mockJwt"), &KeySet::single(other), &VerifyOptions::default(), clock("mockJwt"))),
+        reason(v.verify(
+            &token("mockJwt"),
+            &KeySet::single(other),
+            &VerifyOptions::default(),
+            clock("mockJwt")
+        )),
         Reason::TokenInvalidSignature
     );
 }
@@ -242,7 +302,12 @@ fn public_jwk_without_kid_is_skipped_but_with_kid_verifies() {
     let doc = serde_json::json!({ "keys": [jwk] });
     let (set, _) = KeySet::from_jwks_json(&serde_json::to_vec(&doc).unwrap()).unwrap();
     assert!(verifier(&[], DEFAULT_CLOCK_SKEW_MS)
-        .verify(&token("mockJwt"), &set, &VerifyOptions::default(), clock("mockJwt"))
+        .verify(
+            &token("mockJwt"),
+            &set,
+            &VerifyOptions::default(),
+            clock("mockJwt")
+        )
         .is_ok());
 }
 
@@ -254,7 +319,10 @@ fn azp_rules() {
     let o = VerifyOptions::default();
     // Exact match only: no normalisation of trailing slash.
     assert_eq!(
-        reason(verifier(&["https://accounts.inspired.puma-74.lcl.dev/"], 5000).verify(&t, &keys, &o, now)),
+        reason(
+            verifier(&["https://accounts.inspired.puma-74.lcl.dev/"], 5000)
+                .verify(&t, &keys, &o, now)
+        ),
         Reason::TokenInvalidAuthorizedParties
     );
     // A per-call override replaces the configured list.
@@ -263,7 +331,9 @@ fn azp_rules() {
         authorized_parties: &parties,
         ..o
     };
-    assert!(verifier(&["https://other.example"], 5000).verify(&t, &keys, &o2, now).is_ok());
+    assert!(verifier(&["https://other.example"], 5000)
+        .verify(&t, &keys, &o2, now)
+        .is_ok());
     // The wrong azp on an expired token reports the azp reason (azp before exp).
     assert_eq!(
         reason(verifier(&["https://other.example"], 5000).verify(
@@ -304,7 +374,12 @@ fn malformed_tokens_are_token_invalid() {
         format!("Bearer {good}"),
         format!("{}.{}.{}", parts[0], "bm90IGpzb24", parts[2]),
         format!("{}.{}.{}", parts[0], "bnVsbA", parts[2]), // "null"
-        format!("{}.{}.{}", parts[0], parts[1].replace('-', "+").replace('_', "/") + "+/", parts[2]),
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            parts[1].replace('-', "+").replace('_', "/") + "+/",
+            parts[2]
+        ),
     ];
     for t in cases {
         assert_eq!(
