@@ -102,6 +102,14 @@ fn bench_verify(c: &mut Criterion) {
         })
     });
 
+    let mut k = 0;
+    g.bench_function("decode_only", |b| {
+        b.iter(|| {
+            k = (k + 1) % DISTINCT;
+            clerk_grpc_auth::verify::Decoded::parse(&f.tokens[k]).unwrap()
+        })
+    });
+
     // The full in-process path (key store + verifier), cache disabled.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

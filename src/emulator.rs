@@ -650,7 +650,7 @@ mod tests {
         let c = spec.claims("http://x", 1_000);
         let o = c["o"].as_object().unwrap();
         assert_eq!(o["rol"], "admin");
-        let fea = split_by_scope(c.get("fea")).unwrap();
+        let fea = split_by_scope(c["fea"].as_str()).unwrap();
         let perms =
             crate::identity::decode_fpm(&fea.organization, o["per"].as_str(), o["fpm"].as_str());
         assert_eq!(

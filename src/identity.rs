@@ -1,16 +1,21 @@
 //! The verified [`Identity`] a token carries, and how Clerk's v1 and v2 session claims decode
 //! into it (organization, role, permissions, features, plans, actor, factor ages).
 
+use std::sync::OnceLock;
+
 use num_bigint::BigUint;
 use serde_json::{Map, Value};
 
-use crate::pb;
+use crate::{
+    claims::{Lenient, RawClaims, RawOrg},
+    pb,
+};
 
 pub use crate::pb::{SessionStatus, TokenType};
 
 /// The verified identity of a caller. Handed to handlers by the auth layer and returned by
 /// `VerifyToken`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Identity {
     /// The kind of credential.
     pub token_type: TokenType,
@@ -44,8 +49,9 @@ pub struct Identity {
     pub token_id: Option<String>,
     /// 2 for v2 session claims (`v: 2`), otherwise 1.
     pub claims_version: u8,
-    /// Every claim, unchanged.
-    pub claims: Map<String, Value>,
+    /// The payload's JSON text, parsed on demand by [`Identity::claims`].
+    raw_claims: Vec<u8>,
+    claims: OnceLock<Map<String, Value>>,
 }
 
 /// The active organization of a session.
@@ -90,33 +96,51 @@ pub struct MalformedScopes;
 
 // === impl Identity ===
 
+impl PartialEq for Identity {
+    fn eq(&self, o: &Self) -> bool {
+        self.token_type == o.token_type
+            && self.user_id == o.user_id
+            && self.session_id == o.session_id
+            && self.session_status == o.session_status
+            && self.organization == o.organization
+            && self.features == o.features
+            && self.plans == o.plans
+            && self.actor == o.actor
+            && self.factor_verification_age == o.factor_verification_age
+            && self.issuer == o.issuer
+            && self.authorized_party == o.authorized_party
+            && self.issued_at == o.issued_at
+            && self.expires_at == o.expires_at
+            && self.not_before == o.not_before
+            && self.token_id == o.token_id
+            && self.claims_version == o.claims_version
+            && self.raw_claims == o.raw_claims
+    }
+}
+
 impl Identity {
     /// Decodes a session token's payload (already verified) into an identity.
     ///
     /// `sub` and `exp` must already have been checked to be a string and a number.
     pub(crate) fn from_session_claims(
         token_type: TokenType,
-        claims: Map<String, Value>,
+        c: RawClaims,
+        raw_claims: Vec<u8>,
     ) -> Result<Self, MalformedScopes> {
-        let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
-        let n = |k: &str| claims.get(k).and_then(Value::as_f64);
-        let v2 = claims.get("v").and_then(Value::as_f64) == Some(2.0);
-        let features = split_by_scope(claims.get("fea"))?;
-        let plans = split_by_scope(claims.get("pla"))?;
+        let v2 = c.v.as_f64() == Some(2.0);
+        let features = split_lenient(&c.fea)?;
+        let plans = split_lenient(&c.pla)?;
         let organization = if v2 {
-            claims
-                .get("o")
-                .and_then(Value::as_object)
-                .and_then(|o| decode_v2_org(o, &features.organization))
+            c.o.and_then(|o| decode_v2_org(o, &features.organization))
         } else {
-            decode_v1_org(&claims)
+            decode_v1_org(c.org_id, c.org_slug, c.org_role, c.org_permissions)
         };
-        let session_status = match claims.get("sts").and_then(Value::as_str) {
+        let session_status = match c.sts.as_str() {
             Some("active") => Some(SessionStatus::Active),
             Some("pending") => Some(SessionStatus::Pending),
             _ => None,
         };
-        let actor = claims.get("act").and_then(Value::as_object).map(|a| {
+        let actor = c.act.as_ref().and_then(Value::as_object).map(|a| {
             let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
             Actor {
                 sub: s("sub").unwrap_or_default(),
@@ -126,8 +150,8 @@ impl Identity {
             }
         });
         let factor_verification_age =
-            claims
-                .get("fva")
+            c.fva
+                .as_ref()
                 .and_then(Value::as_array)
                 .and_then(|a| match a.as_slice() {
                     [f1, f2] => Some([to_i32(f1.as_f64()?), to_i32(f2.as_f64()?)]),
@@ -135,23 +159,30 @@ impl Identity {
                 });
         Ok(Identity {
             token_type,
-            user_id: s("sub").unwrap_or_default(),
-            session_id: s("sid"),
+            user_id: c.sub.into_string().unwrap_or_default(),
+            session_id: c.sid.into_string(),
             session_status,
             organization,
             features,
             plans,
             actor,
             factor_verification_age,
-            issuer: s("iss"),
-            authorized_party: s("azp"),
-            issued_at: n("iat"),
-            expires_at: n("exp").unwrap_or(0.0),
-            not_before: n("nbf"),
-            token_id: s("jti"),
+            issuer: c.iss.into_string(),
+            authorized_party: c.azp.into_string(),
+            issued_at: c.iat.as_f64(),
+            expires_at: c.exp.as_f64().unwrap_or(0.0),
+            not_before: c.nbf.as_f64(),
+            token_id: c.jti.into_string(),
             claims_version: if v2 { 2 } else { 1 },
-            claims,
+            raw_claims,
+            claims: OnceLock::new(),
         })
+    }
+
+    /// Every claim of the token, unchanged (parsed from the payload on first use).
+    pub fn claims(&self) -> &Map<String, Value> {
+        self.claims
+            .get_or_init(|| serde_json::from_slice(&self.raw_claims).unwrap_or_default())
     }
 
     /// The expiry in milliseconds since the epoch.
@@ -191,7 +222,7 @@ impl Identity {
             issued_at: self.issued_at.map(timestamp),
             expires_at: Some(timestamp(self.expires_at)),
             not_before: self.not_before.map(timestamp),
-            claims: Some(json_map_to_struct(&self.claims)),
+            claims: Some(json_map_to_struct(self.claims())),
             token_id: self.token_id.clone().unwrap_or_default(),
             claims_version: i32::from(self.claims_version),
         }
@@ -223,15 +254,21 @@ fn timestamp(secs: f64) -> prost_types::Timestamp {
     }
 }
 
+fn split_lenient(claim: &Lenient) -> Result<Entitlements, MalformedScopes> {
+    match claim {
+        Lenient::Absent | Lenient::Null => Ok(Entitlements::default()),
+        Lenient::Str(s) => split_by_scope(Some(s)),
+        _ => Err(MalformedScopes),
+    }
+}
+
 /// Clerk's `splitByScope`: split on `,`, trim; each element must contain `:`; scope `o` →
 /// organization, `u` → user, `ou`/`uo` → both; other scopes ignored. Empty or absent → empty.
-pub fn split_by_scope(claim: Option<&Value>) -> Result<Entitlements, MalformedScopes> {
+pub fn split_by_scope(claim: Option<&str>) -> Result<Entitlements, MalformedScopes> {
     let mut out = Entitlements::default();
     let s = match claim {
-        None | Some(Value::Null) => return Ok(out),
-        Some(Value::String(s)) if s.is_empty() => return Ok(out),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(MalformedScopes),
+        None | Some("") => return Ok(out),
+        Some(s) => s,
     };
     for el in s.split(',').map(str::trim) {
         let (scope, value) = el.split_once(':').ok_or(MalformedScopes)?;
@@ -249,37 +286,39 @@ pub fn split_by_scope(claim: Option<&Value>) -> Result<Entitlements, MalformedSc
     Ok(out)
 }
 
-fn decode_v1_org(claims: &Map<String, Value>) -> Option<Organization> {
-    let id = claims.get("org_id").and_then(Value::as_str)?;
-    if id.is_empty() {
-        return None;
-    }
-    let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
+fn decode_v1_org(
+    id: Lenient,
+    slug: Lenient,
+    role: Lenient,
+    permissions: Option<Value>,
+) -> Option<Organization> {
+    let id = id.into_string().filter(|i| !i.is_empty())?;
     Some(Organization {
-        id: id.to_owned(),
-        slug: s("org_slug"),
-        role: s("org_role"),
-        permissions: claims
-            .get("org_permissions")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        id,
+        slug: slug.into_string(),
+        role: role.into_string(),
+        permissions: match permissions {
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
     })
 }
 
-fn decode_v2_org(o: &Map<String, Value>, org_features: &[String]) -> Option<Organization> {
-    let s = |k: &str| o.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
-    let id = s("id")?;
+fn decode_v2_org(o: RawOrg, org_features: &[String]) -> Option<Organization> {
+    let non_empty = |l: Lenient| l.into_string().filter(|v| !v.is_empty());
+    let id = non_empty(o.id)?;
+    let permissions = decode_fpm(org_features, o.per.as_str(), o.fpm.as_str());
     Some(Organization {
-        id: id.to_owned(),
-        slug: s("slg").map(str::to_owned),
-        role: s("rol").map(|r| format!("org:{r}")),
-        permissions: decode_fpm(org_features, s("per"), s("fpm")),
+        id,
+        slug: non_empty(o.slg),
+        role: non_empty(o.rol).map(|r| format!("org:{r}")),
+        permissions,
     })
 }
 
@@ -288,35 +327,51 @@ fn decode_v2_org(o: &Map<String, Value>, org_features: &[String]) -> Option<Orga
 /// *i*-th permission of `o.per`; masks of any size are decoded exactly; a mask that is not all
 /// decimal digits has no bits; bits beyond the permission list are dropped.
 pub fn decode_fpm(org_features: &[String], per: Option<&str>, fpm: Option<&str>) -> Vec<String> {
-    let (Some(per), Some(fpm)) = (per, fpm) else {
+    let (Some(per), Some(fpm)) = (per.filter(|p| !p.is_empty()), fpm.filter(|f| !f.is_empty()))
+    else {
         return Vec::new();
     };
-    let perms: Vec<&str> = per.split(',').map(str::trim).collect();
-    let masks: Vec<&str> = fpm.split(',').map(str::trim).collect();
     let mut out = Vec::new();
-    for (j, feature) in org_features.iter().enumerate() {
-        let Some(mask) = masks.get(j) else { continue };
+    for (feature, mask) in org_features.iter().zip(fpm.split(',').map(str::trim)) {
         if mask.is_empty() || !mask.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let Some(bits) = mask_bits(mask) else {
-            continue;
-        };
-        for (i, perm) in perms.iter().enumerate() {
-            if bits.bit(i as u64) {
-                out.push(format!("org:{feature}:{perm}"));
+        let bits = MaskBits::parse(mask);
+        for (i, perm) in per.split(',').map(str::trim).enumerate() {
+            if bits.bit(i) {
+                let mut key = String::with_capacity(5 + feature.len() + perm.len());
+                key.push_str("org:");
+                key.push_str(feature);
+                key.push(':');
+                key.push_str(perm);
+                out.push(key);
             }
         }
     }
     out
 }
 
-fn mask_bits(mask: &str) -> Option<BigUint> {
-    // Fast path for the common small masks.
-    if mask.len() <= 19 {
-        return mask.parse::<u64>().ok().map(BigUint::from);
+/// A decimal permission mask: `u128` when it fits (no allocation), arbitrary size otherwise.
+enum MaskBits {
+    Small(u128),
+    Big(BigUint),
+}
+
+impl MaskBits {
+    /// `mask` is all ASCII digits and non-empty.
+    fn parse(mask: &str) -> Self {
+        match mask.parse::<u128>() {
+            Ok(v) => MaskBits::Small(v),
+            Err(_) => MaskBits::Big(BigUint::parse_bytes(mask.as_bytes(), 10).unwrap_or_default()),
+        }
     }
-    BigUint::parse_bytes(mask.as_bytes(), 10)
+
+    fn bit(&self, i: usize) -> bool {
+        match self {
+            MaskBits::Small(v) => i < 128 && (v >> i) & 1 == 1,
+            MaskBits::Big(b) => b.bit(i as u64),
+        }
+    }
 }
 
 /// Converts a JSON object into a `google.protobuf.Struct`.
@@ -349,9 +404,7 @@ mod tests {
     use super::*;
 
     fn feats(s: &str) -> Vec<String> {
-        split_by_scope(Some(&Value::String(s.into())))
-            .unwrap()
-            .organization
+        split_by_scope(Some(s)).unwrap().organization
     }
 
     #[test]
@@ -387,17 +440,12 @@ mod tests {
     #[test]
     fn malformed_scopes_fail_closed() {
         for bad in ["o:a,b", "nocolon", "o:a,", ","] {
-            assert_eq!(
-                split_by_scope(Some(&Value::String(bad.into()))),
-                Err(MalformedScopes),
-                "{bad}"
-            );
+            assert_eq!(split_by_scope(Some(bad)), Err(MalformedScopes), "{bad}");
         }
-        assert_eq!(split_by_scope(Some(&Value::from(3))), Err(MalformedScopes));
-        assert_eq!(
-            split_by_scope(Some(&Value::String(String::new()))),
-            Ok(Entitlements::default())
-        );
+        assert_eq!(split_lenient(&Lenient::Num(3.0)), Err(MalformedScopes));
+        assert_eq!(split_lenient(&Lenient::Other), Err(MalformedScopes));
+        assert_eq!(split_by_scope(Some("")), Ok(Entitlements::default()));
+        assert_eq!(split_lenient(&Lenient::Null), Ok(Entitlements::default()));
     }
 
     #[test]

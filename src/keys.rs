@@ -413,10 +413,16 @@ const LENIENT_B64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPu
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
 );
 
-/// Decodes base64url, tolerating padding (as Clerk's SDK does).
+/// Decodes base64url, tolerating padding and trailing bits (as Clerk's SDK does).
+///
+/// Canonical input (every real token) takes the SIMD decoder; anything it refuses is retried
+/// with the lenient scalar decoder, which accepts a strict superset and decodes identically.
 #[inline]
 pub(crate) fn b64url_lenient(s: &str) -> Option<Vec<u8>> {
-    LENIENT_B64URL.decode(s).ok()
+    base64_simd::URL_SAFE_NO_PAD
+        .decode_to_vec(s)
+        .ok()
+        .or_else(|| LENIENT_B64URL.decode(s).ok())
 }
 
 #[cfg(test)]
@@ -452,6 +458,17 @@ mod tests {
         assert!(KeySet::from_jwks_json(many.as_bytes())
             .unwrap_err()
             .contains("hostile"));
+    }
+
+    #[test]
+    fn lenient_base64url() {
+        assert_eq!(b64url_lenient("aGk").unwrap(), b"hi");
+        assert_eq!(b64url_lenient("aGk=").unwrap(), b"hi");
+        assert_eq!(b64url_lenient("aGl").unwrap(), b"hi", "trailing bits are ignored");
+        assert_eq!(b64url_lenient("-_8").unwrap(), [0xfb, 0xff]);
+        for bad in ["a+b/", "a b", " aGk", "aGk\n", "a"] {
+            assert!(b64url_lenient(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

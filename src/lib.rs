@@ -13,6 +13,7 @@
 //! Verification errors carry Clerk's reasons ([`error::Reason`]) and map to gRPC status codes
 //! in one place ([`error`]).
 
+mod claims;
 pub mod config;
 pub mod emulator;
 pub mod error;

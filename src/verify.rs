@@ -15,9 +15,10 @@
 //! 8. pending session (`sts: pending`) unless accepted → `SESSION_PENDING`;
 //! 9. claim decoding (malformed `fea`/`pla` → `TOKEN_INVALID`).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::{
+    claims::{parse_header, parse_payload, Lenient, Payload, RawClaims, RawHeader},
     error::{Reason, VerifyError},
     identity::{Identity, TokenType},
     keys::{b64url_lenient, Alg, KeySet, SigError, VerifyingKey},
@@ -65,8 +66,9 @@ pub struct VerifyOptions<'a> {
 /// A decoded, not yet verified, JWT.
 #[derive(Debug)]
 pub struct Decoded<'t> {
-    header: Map<String, Value>,
-    payload: Value,
+    header: RawHeader,
+    claims: RawClaims,
+    payload_json: Vec<u8>,
     signing_input: &'t str,
     signature: Vec<u8>,
     token_type: TokenType,
@@ -112,17 +114,18 @@ impl<'t> Decoded<'t> {
         let header_bytes = b64url_lenient(h).ok_or(bad("The JWT header is not base64url."))?;
         let payload_bytes = b64url_lenient(p).ok_or(bad("The JWT payload is not base64url."))?;
         let signature = b64url_lenient(s).ok_or(bad("The JWT signature is not base64url."))?;
-        let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
-            .map_err(|_| bad("The JWT header is not a JSON object."))?;
-        let payload: Value = serde_json::from_slice(&payload_bytes)
-            .map_err(|_| bad("The JWT payload is not JSON."))?;
-        if payload.is_null() {
-            return Err(bad("The JWT payload is null."));
-        }
-        let token_type = classify(&header, &payload);
+        let header =
+            parse_header(&header_bytes).ok_or(bad("The JWT header is not a JSON object."))?;
+        let claims = match parse_payload(&payload_bytes) {
+            Ok(Payload(Some(c))) => c,
+            Ok(Payload(None)) => return Err(bad("The JWT payload is null.")),
+            Err(_) => return Err(bad("The JWT payload is not JSON.")),
+        };
+        let token_type = classify(&header, &claims);
         Ok(Self {
             header,
-            payload,
+            claims,
+            payload_json: payload_bytes,
             signing_input,
             signature,
             token_type,
@@ -131,32 +134,21 @@ impl<'t> Decoded<'t> {
 
     /// The header `kid`, when it is a string.
     pub fn kid(&self) -> Option<&str> {
-        self.header.get("kid").and_then(Value::as_str)
+        self.header.kid.as_str()
     }
 
     /// The token type this JWT presents as (session, M2M JWT, OAuth JWT).
     pub fn token_type(&self) -> TokenType {
         self.token_type
     }
-
-    fn header_str(&self, k: &str) -> Option<&Value> {
-        self.header.get(k)
-    }
 }
 
 /// Clerk's `getMachineTokenType` for JWTs: M2M by `sub` prefix `mch_`, then OAuth by `typ`.
-fn classify(header: &Map<String, Value>, payload: &Value) -> TokenType {
-    if payload
-        .get("sub")
-        .and_then(Value::as_str)
-        .is_some_and(|s| s.starts_with("mch_"))
-    {
+fn classify(header: &RawHeader, claims: &RawClaims) -> TokenType {
+    if claims.sub.as_str().is_some_and(|s| s.starts_with("mch_")) {
         return TokenType::M2mToken;
     }
-    if matches!(
-        header.get("typ").and_then(Value::as_str),
-        Some("at+jwt" | "application/at+jwt")
-    ) {
+    if matches!(header.typ.as_str(), Some("at+jwt" | "application/at+jwt")) {
         return TokenType::OauthToken;
     }
     TokenType::SessionToken
@@ -192,10 +184,10 @@ impl Verifier {
                         "Session tokens are not accepted here.",
                     ));
                 }
-                match d.header_str("cat") {
-                    None => Ok(()),
-                    Some(Value::String(c)) if c == CAT_SESSION || c == CAT_IGNORE => Ok(()),
-                    Some(_) => Err(VerifyError::new(
+                match &d.header.cat {
+                    Lenient::Absent => Ok(()),
+                    Lenient::Str(c) if c == CAT_SESSION || c == CAT_IGNORE => Ok(()),
+                    _ => Err(VerifyError::new(
                         Reason::TokenTypeMismatch,
                         "The token's category is not a session token (JWT template or machine token).",
                     )),
@@ -236,10 +228,10 @@ impl Verifier {
         now_ms: i64,
     ) -> Result<Identity, VerifyError> {
         // typ: absent, or exactly "JWT".
-        match d.header_str("typ") {
-            None => {}
-            Some(Value::String(t)) if t == "JWT" => {}
-            Some(_) => {
+        match &d.header.typ {
+            Lenient::Absent => {}
+            Lenient::Str(t) if t == "JWT" => {}
+            _ => {
                 return Err(VerifyError::new(
                     Reason::TokenInvalid,
                     "Invalid JWT type. Expected \"JWT\".",
@@ -247,8 +239,9 @@ impl Verifier {
             }
         }
         let alg = d
-            .header_str("alg")
-            .and_then(Value::as_str)
+            .header
+            .alg
+            .as_str()
             .and_then(Alg::from_jose)
             .ok_or(VerifyError::new(
                 Reason::TokenInvalidAlgorithm,
@@ -270,32 +263,29 @@ impl Verifier {
             }
         }
         let Decoded {
-            payload,
+            claims,
+            payload_json,
             token_type,
             ..
         } = d;
-        self.check_claims(&payload, opts, now_ms)?;
-        let Value::Object(claims) = payload else {
-            unreachable!("check_claims requires a string `sub`, so the payload is an object")
-        };
-        if claims.get("sts").and_then(Value::as_str) == Some("pending") && !opts.accept_pending {
+        self.check_claims(&claims, opts, now_ms)?;
+        if claims.sts.as_str() == Some("pending") && !opts.accept_pending {
             return Err(VerifyError::new(
                 Reason::SessionPending,
                 "The session is pending (unfinished session tasks) and pending sessions are not accepted.",
             ));
         }
-        let identity = Identity::from_session_claims(token_type, claims).map_err(|_| {
+        Identity::from_session_claims(token_type, claims, payload_json).map_err(|_| {
             VerifyError::new(
                 Reason::TokenInvalid,
                 "Malformed fea/pla claim: every entry must be scope:value.",
             )
-        })?;
-        Ok(identity)
+        })
     }
 
     fn check_claims(
         &self,
-        payload: &Value,
+        c: &RawClaims,
         opts: &VerifyOptions<'_>,
         now_ms: i64,
     ) -> Result<(), VerifyError> {
@@ -305,14 +295,14 @@ impl Verifier {
         let now = now_ms as f64;
 
         // sub
-        if !payload.get("sub").is_some_and(Value::is_string) {
+        if c.sub.as_str().is_none() {
             return Err(failed(
                 "Subject claim (sub) is required and must be a string.",
             ));
         }
 
         // aud
-        if !audience_ok(payload.get("aud"), &v.audience) {
+        if !audience_ok(c.aud.as_ref(), &v.audience) {
             return Err(failed("Invalid JWT audience claim (aud)."));
         }
 
@@ -323,8 +313,8 @@ impl Verifier {
             opts.authorized_parties
         };
         if !parties.is_empty() {
-            let ok = match payload.get("azp") {
-                Some(Value::String(azp)) if !azp.is_empty() => parties.iter().any(|p| p == azp),
+            let ok = match c.azp.as_str() {
+                Some(azp) if !azp.is_empty() => parties.iter().any(|p| p == azp),
                 _ => false,
             };
             if !ok {
@@ -337,7 +327,7 @@ impl Verifier {
 
         // iss (issuer pinning; off by default as in Clerk's SDK)
         if let Some(iss) = &v.issuer {
-            if payload.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
+            if c.iss.as_str() != Some(iss.as_str()) {
                 return Err(VerifyError::new(
                     Reason::TokenInvalidIssuer,
                     "Invalid JWT issuer claim (iss).",
@@ -346,8 +336,8 @@ impl Verifier {
         }
 
         // exp (a NaN never passes)
-        let exp = match payload.get("exp") {
-            Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        let exp = match c.exp {
+            Lenient::Num(n) => n,
             _ => return Err(failed("Invalid JWT expiry date claim (exp): not a number.")),
         };
         if exp.is_nan() || exp * 1000.0 <= now - skew {
@@ -355,12 +345,12 @@ impl Verifier {
         }
 
         // nbf, then iat: optional, numbers, not beyond now + skew.
-        let future = |k: &str| match payload.get(k) {
-            None => Ok(false),
-            Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(f64::NAN) * 1000.0 > now + skew),
-            Some(_) => Err(()),
+        let future = |l: &Lenient| match l {
+            Lenient::Absent => Ok(false),
+            Lenient::Num(n) => Ok(n * 1000.0 > now + skew),
+            _ => Err(()),
         };
-        match future("nbf") {
+        match future(&c.nbf) {
             Ok(false) => {}
             Ok(true) => {
                 return Err(VerifyError::new(
@@ -374,7 +364,7 @@ impl Verifier {
                 ))
             }
         }
-        match future("iat") {
+        match future(&c.iat) {
             Ok(false) => {}
             Ok(true) => {
                 return Err(VerifyError::new(

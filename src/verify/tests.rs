@@ -49,7 +49,7 @@ fn mock_jwt_verifies_with_authorized_parties_and_decodes_unchanged() {
         )
         .unwrap();
     let payload = &f["tokens"]["mockJwt"]["payload"];
-    assert_eq!(Value::Object(id.claims.clone()), *payload);
+    assert_eq!(Value::Object(id.claims().clone()), *payload);
     assert_eq!(id.user_id, payload["sub"].as_str().unwrap());
     assert_eq!(id.session_id.as_deref(), payload["sid"].as_str());
     assert_eq!(id.issuer.as_deref(), payload["iss"].as_str());
@@ -213,7 +213,7 @@ fn every_fpm_decode_vector() {
     let cases = f["decode_vectors"]["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 17);
     for c in cases {
-        let fea = crate::identity::split_by_scope(c.get("fea"))
+        let fea = crate::identity::split_by_scope(c["fea"].as_str())
             .unwrap()
             .organization;
         let per = c["per"].as_str().map(expand_per);
@@ -228,7 +228,7 @@ fn every_fpm_decode_vector() {
         assert_eq!(got, want, "case {c}");
     }
     let av = &f["decode_vectors"]["authObjects_vector"];
-    let fea = crate::identity::split_by_scope(av.get("fea"))
+    let fea = crate::identity::split_by_scope(av["fea"].as_str())
         .unwrap()
         .organization;
     let got = crate::identity::decode_fpm(&fea, av["per"].as_str(), av["fpm"].as_str());
