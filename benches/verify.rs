@@ -110,6 +110,23 @@ fn bench_verify(c: &mut Criterion) {
         })
     });
 
+    // For comparison: off-the-shelf jsonwebtoken (aws-lc-rs backend) on the same tokens.
+    let jwt_key = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().unwrap(),
+        jwk["e"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut jwt_validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    jwt_validation.leeway = 5;
+    jwt_validation.validate_aud = false;
+    let mut m = 0;
+    g.bench_function("jsonwebtoken_distinct_tokens", |b| {
+        b.iter(|| {
+            m = (m + 1) % DISTINCT;
+            jsonwebtoken::decode::<Value>(&f.tokens[m], &jwt_key, &jwt_validation).unwrap()
+        })
+    });
+
     // The full in-process path (key store + verifier), cache disabled.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

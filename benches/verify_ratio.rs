@@ -3,8 +3,9 @@
 //! Shared machines drift by tens of percent from one second to the next, so the three figures
 //! are measured in alternating rounds and each is the median of its rounds: raw aws-lc
 //! RSA-2048/SHA-256 verification, the verifier core on distinct tokens (decode, checks, RSA,
-//! claim decoding, identity), and — when `openssl` is on the PATH — `openssl speed -seconds 1
-//! rsa2048`'s verify/s. Run with `cargo bench --bench verify_ratio` (about a minute).
+//! claim decoding, identity), off-the-shelf `jsonwebtoken` on the same tokens, and — when
+//! `openssl` is on the PATH — `openssl speed -seconds 1 rsa2048`'s verify/s. Run with
+//! `cargo bench --bench verify_ratio` (about a minute).
 
 use std::{hint::black_box, process::Command, time::Instant};
 
@@ -86,7 +87,16 @@ fn main() {
     });
     let opts = VerifyOptions::default();
 
+    let jwt_key = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().unwrap(),
+        jwk["e"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut jwt_validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    jwt_validation.leeway = 5;
+    jwt_validation.validate_aud = false;
     let (mut raw_ps, mut core_ps, mut openssl_ps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut jwt_ps = Vec::new();
     let mut i = 0;
     for round in 0..ROUNDS {
         let t0 = Instant::now();
@@ -99,30 +109,51 @@ fn main() {
         let t0 = Instant::now();
         for _ in 0..PER_ROUND {
             i = (i + 1) % DISTINCT;
-            black_box(verifier.verify(&tokens[i], &keys, &opts, now * 1000).unwrap());
+            black_box(
+                verifier
+                    .verify(&tokens[i], &keys, &opts, now * 1000)
+                    .unwrap(),
+            );
         }
         core_ps.push(PER_ROUND as f64 / t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for _ in 0..PER_ROUND / 2 {
+            i = (i + 1) % DISTINCT;
+            black_box(
+                jsonwebtoken::decode::<Value>(&tokens[i], &jwt_key, &jwt_validation).unwrap(),
+            );
+        }
+        jwt_ps.push((PER_ROUND / 2) as f64 / t0.elapsed().as_secs_f64());
         if let Some(o) = openssl_verify_per_sec() {
             openssl_ps.push(o);
         }
         eprintln!(
-            "round {round}: raw {:.0}/s, core {:.0}/s, openssl {:?}/s",
+            "round {round}: raw {:.0}/s, core {:.0}/s, jsonwebtoken {:.0}/s, openssl {:?}/s",
             raw_ps[round],
             core_ps[round],
+            jwt_ps[round],
             openssl_ps.last()
         );
     }
     let raw_per_s = median(raw_ps);
     let core_per_s = median(core_ps);
     println!("token size                     {} bytes", tokens[0].len());
-    println!("raw aws-lc RSA-2048 verify/s   {raw_per_s:>10.0}  (one core, median of {ROUNDS} rounds)");
+    println!(
+        "raw aws-lc RSA-2048 verify/s   {raw_per_s:>10.0}  (one core, median of {ROUNDS} rounds)"
+    );
     println!("verifier core verify/s         {core_per_s:>10.0}  (distinct tokens, same rounds)");
-    println!("core / raw                     {:>10.3}", core_per_s / raw_per_s);
+    let jwt_per_s = median(jwt_ps);
+    println!("jsonwebtoken 11 verify/s       {jwt_per_s:>10.0}  (aws-lc-rs backend, same tokens and rounds)");
+    println!(
+        "core / raw                     {:>10.3}",
+        core_per_s / raw_per_s
+    );
     if openssl_ps.is_empty() {
         println!("openssl speed rsa2048: openssl not found");
     } else {
         let o = median(openssl_ps);
         println!("openssl speed rsa2048 verify/s {o:>10.0}  (same rounds)");
         println!("core / openssl                 {:>10.3}", core_per_s / o);
+        println!("jsonwebtoken / openssl         {:>10.3}", jwt_per_s / o);
     }
 }

@@ -15,6 +15,11 @@ use serde::{
 };
 use serde_json::Value;
 
+use crate::{
+    keys::Alg,
+    verify::{CAT_IGNORE, CAT_SESSION},
+};
+
 /// A JSON member, typed only as far as verification needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) enum Lenient {
@@ -31,13 +36,46 @@ pub(crate) enum Lenient {
     Other,
 }
 
-/// The JOSE header members we look at.
+/// The JOSE header members we look at, classified as they are parsed (only `kid` is kept as
+/// text).
 #[derive(Debug, Default)]
 pub(crate) struct RawHeader {
-    pub(crate) alg: Lenient,
-    pub(crate) typ: Lenient,
-    pub(crate) kid: Lenient,
-    pub(crate) cat: Lenient,
+    /// `None` when missing or not exactly RS256/RS384/RS512.
+    pub(crate) alg: Option<Alg>,
+    pub(crate) typ: Typ,
+    /// `None` when missing or not a string.
+    pub(crate) kid: Option<String>,
+    pub(crate) cat: Cat,
+}
+
+/// The header `typ`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Typ {
+    #[default]
+    Absent,
+    /// Exactly `JWT`.
+    Jwt,
+    /// `at+jwt` or `application/at+jwt` (an OAuth access token).
+    AccessToken,
+    /// Anything else, `null` included.
+    Other,
+}
+
+/// The header `cat` (Clerk's token category).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cat {
+    #[default]
+    Absent,
+    /// The session category or the "ignore" marker.
+    Session,
+    /// Anything else (JWT template, M2M, unknown, `null`).
+    Other,
+}
+
+/// A header value, borrowed from the decoded header when possible.
+enum HeaderVal<'de> {
+    Str(Cow<'de, str>),
+    Other,
 }
 
 /// The claims we look at. A payload that is valid JSON but not an object yields all-absent
@@ -228,13 +266,77 @@ impl<'de, T: FromMembers> Deserialize<'de> for MaybeObject<T> {
     }
 }
 
+impl<'de> Deserialize<'de> for HeaderVal<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HeaderVal<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(HeaderVal::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(HeaderVal::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(HeaderVal::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl FromMembers for RawHeader {
     fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        let s = |v: &HeaderVal<'_>| match v {
+            HeaderVal::Str(s) => Some(s.as_ref().to_owned()),
+            HeaderVal::Other => None,
+        };
         match key {
-            "alg" => self.alg = map.next_value()?,
-            "typ" => self.typ = map.next_value()?,
-            "kid" => self.kid = map.next_value()?,
-            "cat" => self.cat = map.next_value()?,
+            "alg" => {
+                self.alg = match map.next_value::<HeaderVal<'de>>()? {
+                    HeaderVal::Str(a) => Alg::from_jose(&a),
+                    HeaderVal::Other => None,
+                }
+            }
+            "typ" => {
+                self.typ = match map.next_value::<HeaderVal<'de>>()? {
+                    HeaderVal::Str(t) if t == "JWT" => Typ::Jwt,
+                    HeaderVal::Str(t) if t == "at+jwt" || t == "application/at+jwt" => {
+                        Typ::AccessToken
+                    }
+                    _ => Typ::Other,
+                }
+            }
+            "kid" => self.kid = s(&map.next_value::<HeaderVal<'de>>()?),
+            "cat" => {
+                self.cat = match map.next_value::<HeaderVal<'de>>()? {
+                    HeaderVal::Str(c) if c == CAT_SESSION || c == CAT_IGNORE => Cat::Session,
+                    _ => Cat::Other,
+                }
+            }
             _ => {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -309,7 +411,8 @@ pub(crate) fn parse_payload(json: &[u8]) -> Result<Payload, serde_json::Error> {
             Ok(Payload(None))
         }
         fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<Payload, A::Error> {
-            let m = <MaybeObject<RawClaims>>::deserialize(de::value::MapAccessDeserializer::new(a))?;
+            let m =
+                <MaybeObject<RawClaims>>::deserialize(de::value::MapAccessDeserializer::new(a))?;
             Ok(Payload(Some(m.0.unwrap_or_default())))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Payload, A::Error> {
@@ -344,10 +447,12 @@ mod tests {
 
     #[test]
     fn last_duplicate_wins_and_types_are_recorded() {
-        let p = parse_payload(br#"{"sub":"a","sub":"b","exp":"soon","nbf":1.5,"x":{"y":[1]},"o":{"id":"org_1"}}"#)
-            .unwrap()
-            .0
-            .unwrap();
+        let p = parse_payload(
+            br#"{"sub":"a","sub":"b","exp":"soon","nbf":1.5,"x":{"y":[1]},"o":{"id":"org_1"}}"#,
+        )
+        .unwrap()
+        .0
+        .unwrap();
         assert_eq!(p.sub, Lenient::Str("b".into()));
         assert_eq!(p.exp, Lenient::Str("soon".into()));
         assert_eq!(p.nbf, Lenient::Num(1.5));
@@ -357,12 +462,35 @@ mod tests {
     #[test]
     fn payload_shapes() {
         assert!(parse_payload(b"null").unwrap().0.is_none());
-        assert_eq!(parse_payload(b"[1,2]").unwrap().0.unwrap().sub, Lenient::Absent);
+        assert_eq!(
+            parse_payload(b"[1,2]").unwrap().0.unwrap().sub,
+            Lenient::Absent
+        );
         assert!(parse_payload(b"not json").is_err());
         assert!(parse_payload(b"{} trailing").is_err());
-        assert!(parse_payload(br#"{"sub":"a\u0062"}"#).unwrap().0.unwrap().sub == Lenient::Str("ab".into()));
+        assert!(
+            parse_payload(br#"{"sub":"a\u0062"}"#)
+                .unwrap()
+                .0
+                .unwrap()
+                .sub
+                == Lenient::Str("ab".into())
+        );
         assert!(parse_header(b"[]").is_none());
         assert!(parse_header(b"null").is_none());
-        assert!(parse_header(br#"{"al\u0067":"RS256"}"#).unwrap().alg == Lenient::Str("RS256".into()));
+        let h = parse_header(
+            br#"{"al\u0067":"RS\u0032\u0035\u0036","typ":null,"cat":"cl_B7d4PD111AAA","kid":"k"}"#,
+        )
+        .unwrap();
+        assert_eq!(h.alg, Some(Alg::RS256));
+        assert_eq!(
+            (h.typ, h.cat, h.kid.as_deref()),
+            (Typ::Other, Cat::Session, Some("k"))
+        );
+        let h = parse_header(br#"{"alg":"rs256","kid":7}"#).unwrap();
+        assert_eq!(
+            (h.alg, h.typ, h.cat, h.kid),
+            (None, Typ::Absent, Cat::Absent, None)
+        );
     }
 }

@@ -16,8 +16,8 @@
 use std::{future::Future, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
@@ -150,7 +150,12 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AuthServiceImpl::new(self.verifier.clone()).into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60))),
+                signal,
+            );
         let deadline = async move {
             if drain_rx.await.is_err() {
                 std::future::pending::<()>().await;

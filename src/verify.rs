@@ -18,10 +18,10 @@
 use serde_json::Value;
 
 use crate::{
-    claims::{parse_header, parse_payload, Lenient, Payload, RawClaims, RawHeader},
+    claims::{parse_header, parse_payload, Cat, Lenient, Payload, RawClaims, RawHeader, Typ},
     error::{Reason, VerifyError},
     identity::{Identity, TokenType},
-    keys::{b64url_lenient, Alg, KeySet, SigError, VerifyingKey},
+    keys::{b64url_lenient, b64url_lenient_in, KeySet, SigError, VerifyingKey},
 };
 
 /// Clerk's session-token category (`cat` header).
@@ -111,7 +111,9 @@ impl<'t> Decoded<'t> {
         };
         let signing_input = &token[..h.len() + 1 + p.len()];
         let bad = |m| VerifyError::new(Reason::TokenInvalid, m);
-        let header_bytes = b64url_lenient(h).ok_or(bad("The JWT header is not base64url."))?;
+        let mut header_buf = [0u8; 512];
+        let header_bytes =
+            b64url_lenient_in(h, &mut header_buf).ok_or(bad("The JWT header is not base64url."))?;
         let payload_bytes = b64url_lenient(p).ok_or(bad("The JWT payload is not base64url."))?;
         let signature = b64url_lenient(s).ok_or(bad("The JWT signature is not base64url."))?;
         let header =
@@ -134,7 +136,7 @@ impl<'t> Decoded<'t> {
 
     /// The header `kid`, when it is a string.
     pub fn kid(&self) -> Option<&str> {
-        self.header.kid.as_str()
+        self.header.kid.as_deref()
     }
 
     /// The token type this JWT presents as (session, M2M JWT, OAuth JWT).
@@ -148,7 +150,7 @@ fn classify(header: &RawHeader, claims: &RawClaims) -> TokenType {
     if claims.sub.as_str().is_some_and(|s| s.starts_with("mch_")) {
         return TokenType::M2mToken;
     }
-    if matches!(header.typ.as_str(), Some("at+jwt" | "application/at+jwt")) {
+    if header.typ == Typ::AccessToken {
         return TokenType::OauthToken;
     }
     TokenType::SessionToken
@@ -184,10 +186,9 @@ impl Verifier {
                         "Session tokens are not accepted here.",
                     ));
                 }
-                match &d.header.cat {
-                    Lenient::Absent => Ok(()),
-                    Lenient::Str(c) if c == CAT_SESSION || c == CAT_IGNORE => Ok(()),
-                    _ => Err(VerifyError::new(
+                match d.header.cat {
+                    Cat::Absent | Cat::Session => Ok(()),
+                    Cat::Other => Err(VerifyError::new(
                         Reason::TokenTypeMismatch,
                         "The token's category is not a session token (JWT template or machine token).",
                     )),
@@ -228,25 +229,19 @@ impl Verifier {
         now_ms: i64,
     ) -> Result<Identity, VerifyError> {
         // typ: absent, or exactly "JWT".
-        match &d.header.typ {
-            Lenient::Absent => {}
-            Lenient::Str(t) if t == "JWT" => {}
-            _ => {
+        match d.header.typ {
+            Typ::Absent | Typ::Jwt => {}
+            Typ::AccessToken | Typ::Other => {
                 return Err(VerifyError::new(
                     Reason::TokenInvalid,
                     "Invalid JWT type. Expected \"JWT\".",
                 ))
             }
         }
-        let alg = d
-            .header
-            .alg
-            .as_str()
-            .and_then(Alg::from_jose)
-            .ok_or(VerifyError::new(
-                Reason::TokenInvalidAlgorithm,
-                "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
-            ))?;
+        let alg = d.header.alg.ok_or(VerifyError::new(
+            Reason::TokenInvalidAlgorithm,
+            "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
+        ))?;
         match key.verify(alg, d.signing_input.as_bytes(), &d.signature) {
             Ok(()) => {}
             Err(SigError::Invalid) => {
