@@ -7,6 +7,8 @@
 //! duplicate members follow JSON.parse (the last one wins). The full claim set stays
 //! available as the raw JSON text, parsed only when asked for.
 
+mod scan;
+
 use std::{borrow::Cow, fmt};
 
 use serde::{
@@ -80,7 +82,7 @@ enum HeaderVal<'de> {
 
 /// The claims we look at. A payload that is valid JSON but not an object yields all-absent
 /// claims (and then fails the `sub` check, as in Clerk's SDK).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct RawClaims {
     pub(crate) sub: Lenient,
     pub(crate) sid: Lenient,
@@ -105,7 +107,7 @@ pub(crate) struct RawClaims {
 }
 
 /// The v2 `o` claim.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct RawOrg {
     pub(crate) id: Lenient,
     pub(crate) slg: Lenient,
@@ -115,6 +117,7 @@ pub(crate) struct RawOrg {
 }
 
 /// A parsed payload: `None` for JSON `null`.
+#[derive(Debug, PartialEq)]
 pub(crate) struct Payload(pub(crate) Option<RawClaims>);
 
 /// An object key, borrowed when it has no escapes.
@@ -399,8 +402,14 @@ pub(crate) fn parse_header(json: &[u8]) -> Option<RawHeader> {
         .and_then(|m| m.0)
 }
 
-/// Parses a payload: `Err` when it is not JSON.
-pub(crate) fn parse_payload(json: &[u8]) -> Result<Payload, serde_json::Error> {
+/// Parses a payload in one pass (see [`scan`]): `Err` when it is not JSON.
+pub(crate) fn parse_payload(json: &[u8]) -> Result<Payload, scan::Invalid> {
+    scan::parse_payload(json)
+}
+
+/// The same through serde_json: the reference the scanner is tested against.
+#[cfg(test)]
+pub(crate) fn parse_payload_serde(json: &[u8]) -> Result<Payload, serde_json::Error> {
     struct V;
     impl<'de> Visitor<'de> for V {
         type Value = Payload;
@@ -444,6 +453,90 @@ pub(crate) fn parse_payload(json: &[u8]) -> Result<Payload, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic pseudo-random numbers for mutations.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    fn same(input: &[u8]) {
+        let fast = parse_payload(input);
+        if std::str::from_utf8(input).is_err() {
+            // serde_json does not validate strings it skips; we refuse invalid UTF-8 anywhere.
+            assert!(fast.is_err(), "{:?}", String::from_utf8_lossy(input));
+            return;
+        }
+        let reference = parse_payload_serde(input);
+        match (&fast, &reference) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{:?}", String::from_utf8_lossy(input)),
+            (Err(_), Err(_)) => {}
+            _ => panic!(
+                "scanner {:?} vs serde_json {:?} on {:?}",
+                fast.is_ok(),
+                reference.map_err(|e| e.to_string()),
+                String::from_utf8_lossy(input)
+            ),
+        }
+    }
+
+    #[test]
+    fn scanner_agrees_with_serde_json_on_edge_cases() {
+        let cases: &[&str] = &[
+            "", " ", "null", " null ", "nul", "{}", "[]", "[1,2]", "\"s\"", "1", "-0", "1.5e3", "1e400",
+            "-1e400", "01", "1.", ".5", "+1", "-", "1e", "1e+", "true", "false", "tru", "{} x", "{},",
+            "{\"a\":1,}", "{,}", "{\"a\" 1}", "{\"a\":}", "{a:1}", "{\"sub\":\"a\",\"sub\":\"b\"}",
+            "{\"sub\":\"\\u0041\\ud83d\\ude00\"}", "{\"sub\":\"\\ud83d\"}", "{\"sub\":\"\\ude00\"}",
+            "{\"sub\":\"\\ud83dx\"}", "{\"sub\":\"\\x\"}", "{\"sub\":\"a\tb\"}", "{\"sub\":\"a\\tb\"}",
+            "{\"s\\u0075b\":\"k\"}", "{\"exp\":1e308,\"nbf\":-1.5E-3,\"iat\":0}", "{\"exp\":1.7976931348623159e308}",
+            "{\"exp\":\"1\",\"nbf\":null,\"iat\":[1],\"sub\":{\"a\":[]}}", "{\"o\":5}", "{\"o\":{\"id\":1,\"per\":\"a,b\",\"x\":[{}]}}",
+            "{\"o\":{\"id\":\"o1\"},\"o\":null}", "{\"aud\":[\"a\",1],\"act\":{\"sub\":\"u\"},\"fva\":[1,-1]}",
+            "{\"org_permissions\":[\"a\"],\"org_id\":\"x\"}", "{\"deep\":[[[[[[[[[[]]]]]]]]]]}",
+            "\u{feff}{}", "{\"sub\":\"\u{e9}\u{1F600}\"}", "{\"sub\":\"a\"}\n", "\t{\"v\":2}\r\n",
+        ];
+        for c in cases {
+            same(c.as_bytes());
+        }
+        same(b"{\"sub\":\"\xff\"}");
+        same(b"{\"sub\":\"a\x01\"}");
+        let deep_ok = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        same(deep_ok.as_bytes());
+        let too_deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        // Deeper than 128 levels: refused (serde_json's skipping has no limit; we fail closed).
+        assert!(parse_payload(too_deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn scanner_agrees_with_serde_json_on_mutated_payloads() {
+        let seeds = [
+            r#"{"azp":"https://app.example","exp":1795773289,"fea":"o:invoices,o:members","iat":1795769689,"iss":"http://127.0.0.1:8787","jti":"E2qU9BqWnmrrNTL6e3IM","nbf":1795769679,"o":{"fpm":"3,4","id":"org_2dev","per":"read,write,manage","rol":"admin","slg":"acme"},"sid":"sess_5aTx","sts":"active","sub":"user_2dev","v":2}"#,
+            r#"{"act":{"iss":"https://x","sid":"sess_1","sub":"user_1"},"aud":["a","b"],"exp":1.5,"fva":[3,-1],"org_id":"org_1","org_permissions":["org:a:b"],"org_role":"org:admin","pla":"u:free","sub":"user_é
+","custom":{"nested":[1,2,{"k":null}],"t":true}}"#,
+        ];
+        let alphabet = b"{}[]\",:0123456789-+.eEtrufalsn \\u\x00\x1f\xc3\xa9ab";
+        let mut rng = Lcg(42);
+        for seed in seeds {
+            same(seed.as_bytes());
+            for _ in 0..20_000 {
+                let mut m = seed.as_bytes().to_vec();
+                for _ in 0..=(rng.next() % 3) {
+                    let pos = (rng.next() as usize) % (m.len() + 1);
+                    let b = alphabet[(rng.next() as usize) % alphabet.len()];
+                    match rng.next() % 3 {
+                        0 if pos < m.len() => m[pos] = b,
+                        1 if pos < m.len() => {
+                            m.remove(pos);
+                        }
+                        _ => m.insert(pos, b),
+                    }
+                }
+                same(&m);
+            }
+        }
+    }
 
     #[test]
     fn last_duplicate_wins_and_types_are_recorded() {
