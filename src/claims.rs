@@ -1,4 +1,4 @@
-//! Lenient, allocation-light parsing of JWT headers and payloads.
+//! Lenient, allocation-light, one-pass parsing of JWT headers and payloads.
 //!
 //! Only the members verification and decoding need are extracted, each as a [`Lenient`] value
 //! that records its JSON type instead of failing, so that type errors surface as Clerk's
@@ -7,20 +7,13 @@
 //! duplicate members follow JSON.parse (the last one wins). The full claim set stays
 //! available as the raw JSON text, parsed only when asked for.
 
+#[cfg(test)]
+mod reference;
 mod scan;
 
-use std::{borrow::Cow, fmt};
-
-use serde::{
-    de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor},
-    Deserialize, Deserializer,
-};
 use serde_json::Value;
 
-use crate::{
-    keys::Alg,
-    verify::{CAT_IGNORE, CAT_SESSION},
-};
+use crate::keys::Alg;
 
 /// A JSON member, typed only as far as verification needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,7 +33,7 @@ pub(crate) enum Lenient {
 
 /// The JOSE header members we look at, classified as they are parsed (only `kid` is kept as
 /// text).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct RawHeader {
     /// `None` when missing or not exactly RS256/RS384/RS512.
     pub(crate) alg: Option<Alg>,
@@ -71,12 +64,6 @@ pub(crate) enum Cat {
     /// The session category or the "ignore" marker.
     Session,
     /// Anything else (JWT template, M2M, unknown, `null`).
-    Other,
-}
-
-/// A header value, borrowed from the decoded header when possible.
-enum HeaderVal<'de> {
-    Str(Cow<'de, str>),
     Other,
 }
 
@@ -120,12 +107,6 @@ pub(crate) struct RawOrg {
 #[derive(Debug, PartialEq)]
 pub(crate) struct Payload(pub(crate) Option<RawClaims>);
 
-/// An object key, borrowed when it has no escapes.
-struct Key<'de>(Cow<'de, str>);
-
-/// `Some` when the value is an object.
-struct MaybeObject<T>(Option<T>);
-
 // === impl Lenient ===
 
 impl Lenient {
@@ -151,255 +132,9 @@ impl Lenient {
     }
 }
 
-impl<'de> Deserialize<'de> for Lenient {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Lenient;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
-                Ok(Lenient::Str(v.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Lenient, E> {
-                Ok(Lenient::Str(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
-                Ok(Lenient::Num(v as f64))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
-                Ok(Lenient::Num(v as f64))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Lenient, E> {
-                Ok(Lenient::Num(v))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient::Null)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Lenient, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Lenient::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Lenient, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Lenient::Other)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-// === impl Key ===
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-// === impl MaybeObject ===
-
-/// Types built member by member from a JSON object.
-trait FromMembers: Default {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
-}
-
-impl<'de, T: FromMembers> Deserialize<'de> for MaybeObject<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: FromMembers> Visitor<'de> for V<T> {
-            type Value = MaybeObject<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                let mut out = T::default();
-                while let Some(Key(k)) = a.next_key::<Key<'de>>()? {
-                    out.member(&k, &mut a)?;
-                }
-                Ok(MaybeObject(Some(out)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(MaybeObject(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-impl<'de> Deserialize<'de> for HeaderVal<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = HeaderVal<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Other)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Other)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(HeaderVal::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(HeaderVal::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(HeaderVal::Other)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl FromMembers for RawHeader {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        let s = |v: &HeaderVal<'_>| match v {
-            HeaderVal::Str(s) => Some(s.as_ref().to_owned()),
-            HeaderVal::Other => None,
-        };
-        match key {
-            "alg" => {
-                self.alg = match map.next_value::<HeaderVal<'de>>()? {
-                    HeaderVal::Str(a) => Alg::from_jose(&a),
-                    HeaderVal::Other => None,
-                }
-            }
-            "typ" => {
-                self.typ = match map.next_value::<HeaderVal<'de>>()? {
-                    HeaderVal::Str(t) if t == "JWT" => Typ::Jwt,
-                    HeaderVal::Str(t) if t == "at+jwt" || t == "application/at+jwt" => {
-                        Typ::AccessToken
-                    }
-                    _ => Typ::Other,
-                }
-            }
-            "kid" => self.kid = s(&map.next_value::<HeaderVal<'de>>()?),
-            "cat" => {
-                self.cat = match map.next_value::<HeaderVal<'de>>()? {
-                    HeaderVal::Str(c) if c == CAT_SESSION || c == CAT_IGNORE => Cat::Session,
-                    _ => Cat::Other,
-                }
-            }
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FromMembers for RawOrg {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "id" => self.id = map.next_value()?,
-            "slg" => self.slg = map.next_value()?,
-            "rol" => self.rol = map.next_value()?,
-            "per" => self.per = map.next_value()?,
-            "fpm" => self.fpm = map.next_value()?,
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FromMembers for RawClaims {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "sub" => self.sub = map.next_value()?,
-            "sid" => self.sid = map.next_value()?,
-            "iss" => self.iss = map.next_value()?,
-            "azp" => self.azp = map.next_value()?,
-            "jti" => self.jti = map.next_value()?,
-            "sts" => self.sts = map.next_value()?,
-            "fea" => self.fea = map.next_value()?,
-            "pla" => self.pla = map.next_value()?,
-            "exp" => self.exp = map.next_value()?,
-            "nbf" => self.nbf = map.next_value()?,
-            "iat" => self.iat = map.next_value()?,
-            "v" => self.v = map.next_value()?,
-            "aud" => self.aud = Some(map.next_value()?),
-            "act" => self.act = Some(map.next_value()?),
-            "fva" => self.fva = Some(map.next_value()?),
-            "o" => self.o = map.next_value::<MaybeObject<RawOrg>>()?.0,
-            "org_id" => self.org_id = map.next_value()?,
-            "org_slug" => self.org_slug = map.next_value()?,
-            "org_role" => self.org_role = map.next_value()?,
-            "org_permissions" => self.org_permissions = Some(map.next_value()?),
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Parses a JOSE header; it must be a JSON object.
+/// Parses a JOSE header in one pass (see [`scan`]); it must be a JSON object.
 pub(crate) fn parse_header(json: &[u8]) -> Option<RawHeader> {
-    serde_json::from_slice::<MaybeObject<RawHeader>>(json)
-        .ok()
-        .and_then(|m| m.0)
+    scan::parse_header(json).ok()
 }
 
 /// Parses a payload in one pass (see [`scan`]): `Err` when it is not JSON.
@@ -407,58 +142,21 @@ pub(crate) fn parse_payload(json: &[u8]) -> Result<Payload, scan::Invalid> {
     scan::parse_payload(json)
 }
 
-/// The same through serde_json: the reference the scanner is tested against.
-#[cfg(test)]
-pub(crate) fn parse_payload_serde(json: &[u8]) -> Result<Payload, serde_json::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Payload;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Payload, E> {
-            Ok(Payload(None))
-        }
-        fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<Payload, A::Error> {
-            let m =
-                <MaybeObject<RawClaims>>::deserialize(de::value::MapAccessDeserializer::new(a))?;
-            Ok(Payload(Some(m.0.unwrap_or_default())))
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Payload, A::Error> {
-            while a.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(Payload(Some(RawClaims::default())))
-        }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Payload, E> {
-            Ok(Payload(Some(RawClaims::default())))
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Payload, E> {
-            Ok(Payload(Some(RawClaims::default())))
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Payload, E> {
-            Ok(Payload(Some(RawClaims::default())))
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Payload, E> {
-            Ok(Payload(Some(RawClaims::default())))
-        }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Payload, E> {
-            Ok(Payload(Some(RawClaims::default())))
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let p = de::Deserializer::deserialize_any(&mut de, V)?;
-    de.end()?;
-    Ok(p)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        reference::{parse_header_serde, parse_payload_serde},
+        *,
+    };
 
     /// Deterministic pseudo-random numbers for mutations.
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
     }
@@ -486,16 +184,59 @@ mod tests {
     #[test]
     fn scanner_agrees_with_serde_json_on_edge_cases() {
         let cases: &[&str] = &[
-            "", " ", "null", " null ", "nul", "{}", "[]", "[1,2]", "\"s\"", "1", "-0", "1.5e3", "1e400",
-            "-1e400", "01", "1.", ".5", "+1", "-", "1e", "1e+", "true", "false", "tru", "{} x", "{},",
-            "{\"a\":1,}", "{,}", "{\"a\" 1}", "{\"a\":}", "{a:1}", "{\"sub\":\"a\",\"sub\":\"b\"}",
-            "{\"sub\":\"\\u0041\\ud83d\\ude00\"}", "{\"sub\":\"\\ud83d\"}", "{\"sub\":\"\\ude00\"}",
-            "{\"sub\":\"\\ud83dx\"}", "{\"sub\":\"\\x\"}", "{\"sub\":\"a\tb\"}", "{\"sub\":\"a\\tb\"}",
-            "{\"s\\u0075b\":\"k\"}", "{\"exp\":1e308,\"nbf\":-1.5E-3,\"iat\":0}", "{\"exp\":1.7976931348623159e308}",
-            "{\"exp\":\"1\",\"nbf\":null,\"iat\":[1],\"sub\":{\"a\":[]}}", "{\"o\":5}", "{\"o\":{\"id\":1,\"per\":\"a,b\",\"x\":[{}]}}",
-            "{\"o\":{\"id\":\"o1\"},\"o\":null}", "{\"aud\":[\"a\",1],\"act\":{\"sub\":\"u\"},\"fva\":[1,-1]}",
-            "{\"org_permissions\":[\"a\"],\"org_id\":\"x\"}", "{\"deep\":[[[[[[[[[[]]]]]]]]]]}",
-            "\u{feff}{}", "{\"sub\":\"\u{e9}\u{1F600}\"}", "{\"sub\":\"a\"}\n", "\t{\"v\":2}\r\n",
+            "",
+            " ",
+            "null",
+            " null ",
+            "nul",
+            "{}",
+            "[]",
+            "[1,2]",
+            "\"s\"",
+            "1",
+            "-0",
+            "1.5e3",
+            "1e400",
+            "-1e400",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "-",
+            "1e",
+            "1e+",
+            "true",
+            "false",
+            "tru",
+            "{} x",
+            "{},",
+            "{\"a\":1,}",
+            "{,}",
+            "{\"a\" 1}",
+            "{\"a\":}",
+            "{a:1}",
+            "{\"sub\":\"a\",\"sub\":\"b\"}",
+            "{\"sub\":\"\\u0041\\ud83d\\ude00\"}",
+            "{\"sub\":\"\\ud83d\"}",
+            "{\"sub\":\"\\ude00\"}",
+            "{\"sub\":\"\\ud83dx\"}",
+            "{\"sub\":\"\\x\"}",
+            "{\"sub\":\"a\tb\"}",
+            "{\"sub\":\"a\\tb\"}",
+            "{\"s\\u0075b\":\"k\"}",
+            "{\"exp\":1e308,\"nbf\":-1.5E-3,\"iat\":0}",
+            "{\"exp\":1.7976931348623159e308}",
+            "{\"exp\":\"1\",\"nbf\":null,\"iat\":[1],\"sub\":{\"a\":[]}}",
+            "{\"o\":5}",
+            "{\"o\":{\"id\":1,\"per\":\"a,b\",\"x\":[{}]}}",
+            "{\"o\":{\"id\":\"o1\"},\"o\":null}",
+            "{\"aud\":[\"a\",1],\"act\":{\"sub\":\"u\"},\"fva\":[1,-1]}",
+            "{\"org_permissions\":[\"a\"],\"org_id\":\"x\"}",
+            "{\"deep\":[[[[[[[[[[]]]]]]]]]]}",
+            "\u{feff}{}",
+            "{\"sub\":\"\u{e9}\u{1F600}\"}",
+            "{\"sub\":\"a\"}\n",
+            "\t{\"v\":2}\r\n",
         ];
         for c in cases {
             same(c.as_bytes());
@@ -507,6 +248,33 @@ mod tests {
         let too_deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
         // Deeper than 128 levels: refused (serde_json's skipping has no limit; we fail closed).
         assert!(parse_payload(too_deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn header_scanner_agrees_with_serde_json() {
+        let seed = r#"{"alg":"RS256","cat":"cl_B7d4PD111AAA","kid":"ins_2GIoQhbUpy0hX7B2cVkuTMinXoD","typ":"JWT","x":[1,{"y":null}]}"#;
+        let alphabet = b"{}[]\",:019-.etrufalsn \\uRSJWTcl_";
+        let mut rng = Lcg(7);
+        for _ in 0..20_000 {
+            let mut m = seed.as_bytes().to_vec();
+            for _ in 0..=(rng.next() % 3) {
+                let pos = (rng.next() as usize) % (m.len() + 1);
+                let b = alphabet[(rng.next() as usize) % alphabet.len()];
+                match rng.next() % 3 {
+                    0 if pos < m.len() => m[pos] = b,
+                    1 if pos < m.len() => {
+                        m.remove(pos);
+                    }
+                    _ => m.insert(pos, b),
+                }
+            }
+            assert_eq!(
+                parse_header(&m),
+                parse_header_serde(&m),
+                "{:?}",
+                String::from_utf8_lossy(&m)
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,11 @@
 
 use std::borrow::Cow;
 
-use super::{Lenient, Payload, RawClaims, RawOrg};
+use super::{Cat, Lenient, Payload, RawClaims, RawHeader, RawOrg, Typ};
+use crate::{
+    keys::Alg,
+    verify::{CAT_IGNORE, CAT_SESSION},
+};
 
 const MAX_DEPTH: usize = 128;
 
@@ -51,6 +55,54 @@ pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
         return Err(Invalid);
     }
     Ok(payload)
+}
+
+/// Parses a JOSE header: it must be a JSON object.
+pub(crate) fn parse_header(json: &[u8]) -> R<RawHeader> {
+    let text = std::str::from_utf8(json).map_err(|_| Invalid)?;
+    let mut sc = Scanner {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    sc.ws();
+    sc.expect(b'{')?;
+    let mut h = RawHeader::default();
+    sc.object_members(0, |sc, key| {
+        let v = match sc.peek() {
+            Some(b'"') => {
+                sc.i += 1;
+                Some(sc.string_body()?)
+            }
+            _ => {
+                sc.skip_value(1)?;
+                None
+            }
+        };
+        match key.as_ref() {
+            "alg" => h.alg = v.as_deref().and_then(Alg::from_jose),
+            "typ" => {
+                h.typ = match v.as_deref() {
+                    Some("JWT") => Typ::Jwt,
+                    Some("at+jwt" | "application/at+jwt") => Typ::AccessToken,
+                    _ => Typ::Other,
+                }
+            }
+            "kid" => h.kid = v.map(Cow::into_owned),
+            "cat" => {
+                h.cat = match v.as_deref() {
+                    Some(c) if c == CAT_SESSION || c == CAT_IGNORE => Cat::Session,
+                    _ => Cat::Other,
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    sc.ws();
+    if sc.i != sc.s.len() {
+        return Err(Invalid);
+    }
+    Ok(h)
 }
 
 impl<'a> Scanner<'a> {
@@ -131,7 +183,9 @@ impl<'a> Scanner<'a> {
                     self.i += 1;
                     // The input is valid UTF-8 and quotes/backslashes are ASCII, so this slice
                     // is too.
-                    return std::str::from_utf8(s).map(Cow::Borrowed).map_err(|_| Invalid);
+                    return std::str::from_utf8(s)
+                        .map(Cow::Borrowed)
+                        .map_err(|_| Invalid);
                 }
                 Some(b'\\') => break,
                 Some(c) if c < 0x20 => return Err(Invalid),
