@@ -21,14 +21,24 @@ pub(crate) struct Invalid;
 type R<T> = Result<T, Invalid>;
 
 struct Scanner<'a> {
+    /// The input, already validated as UTF-8.
+    t: &'a str,
     s: &'a [u8],
     i: usize,
+}
+
+/// Whether a string segment holds a control character (not allowed unescaped in JSON).
+#[inline]
+fn has_control(seg: &[u8]) -> bool {
+    // Branch-free so that it vectorises.
+    seg.iter().fold(false, |acc, &c| acc | (c < 0x20))
 }
 
 /// Parses a payload in one pass.
 pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
     let text = std::str::from_utf8(json).map_err(|_| Invalid)?;
     let mut sc = Scanner {
+        t: text,
         s: text.as_bytes(),
         i: 0,
     };
@@ -61,6 +71,7 @@ pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
 pub(crate) fn parse_header(json: &[u8]) -> R<RawHeader> {
     let text = std::str::from_utf8(json).map_err(|_| Invalid)?;
     let mut sc = Scanner {
+        t: text,
         s: text.as_bytes(),
         i: 0,
     };
@@ -174,68 +185,55 @@ impl<'a> Scanner<'a> {
     /// After the opening quote: the string's content, through the closing quote.
     fn string_body(&mut self) -> R<Cow<'a, str>> {
         let start = self.i;
-        // Fast path: no escapes.
-        loop {
-            match self.peek() {
-                None => return Err(Invalid),
-                Some(b'"') => {
-                    let s = &self.s[start..self.i];
-                    self.i += 1;
-                    // The input is valid UTF-8 and quotes/backslashes are ASCII, so this slice
-                    // is too.
-                    return std::str::from_utf8(s)
-                        .map(Cow::Borrowed)
-                        .map_err(|_| Invalid);
-                }
-                Some(b'\\') => break,
-                Some(c) if c < 0x20 => return Err(Invalid),
-                Some(_) => self.i += 1,
-            }
+        // Fast path: no escapes, found with SIMD.
+        let n = memchr::memchr2(b'"', b'\\', &self.s[start..]).ok_or(Invalid)?;
+        if has_control(&self.s[start..start + n]) {
+            return Err(Invalid);
         }
-        let mut out: Vec<u8> = self.s[start..self.i].to_vec();
+        if self.s[start + n] == b'"' {
+            self.i = start + n + 1;
+            // Quotes are ASCII, so both ends are char boundaries of the validated input.
+            return Ok(Cow::Borrowed(&self.t[start..start + n]));
+        }
+        self.i = start + n;
+        let mut out = String::from(&self.t[start..start + n]);
         loop {
-            match self.peek() {
-                None => return Err(Invalid),
-                Some(b'"') => {
-                    self.i += 1;
-                    return String::from_utf8(out).map(Cow::Owned).map_err(|_| Invalid);
-                }
-                Some(b'\\') => {
-                    self.i += 1;
-                    let e = self.peek().ok_or(Invalid)?;
-                    self.i += 1;
-                    match e {
-                        b'"' => out.push(b'"'),
-                        b'\\' => out.push(b'\\'),
-                        b'/' => out.push(b'/'),
-                        b'b' => out.push(0x08),
-                        b'f' => out.push(0x0c),
-                        b'n' => out.push(b'\n'),
-                        b'r' => out.push(b'\r'),
-                        b't' => out.push(b'\t'),
-                        b'u' => {
-                            let c = self.unicode_escape()?;
-                            let mut buf = [0u8; 4];
-                            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                        }
-                        _ => return Err(Invalid),
-                    }
-                }
-                Some(c) if c < 0x20 => return Err(Invalid),
-                Some(c) => {
-                    out.push(c);
-                    self.i += 1;
-                }
+            let n = memchr::memchr2(b'"', b'\\', &self.s[self.i..]).ok_or(Invalid)?;
+            let seg = &self.s[self.i..self.i + n];
+            if has_control(seg) {
+                return Err(Invalid);
+            }
+            out.push_str(&self.t[self.i..self.i + n]);
+            self.i += n;
+            if self.s[self.i] == b'"' {
+                self.i += 1;
+                return Ok(Cow::Owned(out));
+            }
+            // A backslash.
+            self.i += 1;
+            let e = self.peek().ok_or(Invalid)?;
+            self.i += 1;
+            match e {
+                b'"' => out.push('"'),
+                b'\\' => out.push('\\'),
+                b'/' => out.push('/'),
+                b'b' => out.push('\u{8}'),
+                b'f' => out.push('\u{c}'),
+                b'n' => out.push('\n'),
+                b'r' => out.push('\r'),
+                b't' => out.push('\t'),
+                b'u' => out.push(self.unicode_escape()?),
+                _ => return Err(Invalid),
             }
         }
     }
 
     fn hex4(&mut self) -> R<u16> {
         let h = self.s.get(self.i..self.i + 4).ok_or(Invalid)?;
-        let h = std::str::from_utf8(h).map_err(|_| Invalid)?;
-        if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !h.iter().all(u8::is_ascii_hexdigit) {
             return Err(Invalid);
         }
+        let h = self.t.get(self.i..self.i + 4).ok_or(Invalid)?;
         self.i += 4;
         u16::from_str_radix(h, 16).map_err(|_| Invalid)
     }
@@ -297,8 +295,7 @@ impl<'a> Scanner<'a> {
                 self.i += 1;
             }
         }
-        let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| Invalid)?;
-        let v: f64 = text.parse().map_err(|_| Invalid)?;
+        let v: f64 = self.t[start..self.i].parse().map_err(|_| Invalid)?;
         if v.is_finite() {
             Ok(v)
         } else {
@@ -333,25 +330,23 @@ impl<'a> Scanner<'a> {
 
     fn skip_string(&mut self) -> R<()> {
         loop {
-            match self.peek() {
-                None => return Err(Invalid),
-                Some(b'"') => {
+            let n = memchr::memchr2(b'"', b'\\', &self.s[self.i..]).ok_or(Invalid)?;
+            if has_control(&self.s[self.i..self.i + n]) {
+                return Err(Invalid);
+            }
+            self.i += n;
+            if self.s[self.i] == b'"' {
+                self.i += 1;
+                return Ok(());
+            }
+            self.i += 1;
+            match self.peek().ok_or(Invalid)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                b'u' => {
                     self.i += 1;
-                    return Ok(());
+                    self.unicode_escape()?;
                 }
-                Some(b'\\') => {
-                    self.i += 1;
-                    match self.peek().ok_or(Invalid)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
-                        b'u' => {
-                            self.i += 1;
-                            self.unicode_escape()?;
-                        }
-                        _ => return Err(Invalid),
-                    }
-                }
-                Some(c) if c < 0x20 => return Err(Invalid),
-                Some(_) => self.i += 1,
+                _ => return Err(Invalid),
             }
         }
     }
