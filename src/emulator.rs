@@ -99,7 +99,7 @@ pub struct OrgSpec {
 }
 
 /// Settings of an emulator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmulatorConfig {
     /// The secret key `/v1/jwks` requires. Defaults to a random `sk_test_…`.
     pub secret_key: String,
@@ -349,6 +349,14 @@ impl Default for EmulatorConfig {
         Self {
             secret_key: format!("sk_test_{}", random_id(40)),
         }
+    }
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("secret_key", &"…")
+            .finish()
     }
 }
 
