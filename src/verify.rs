@@ -103,13 +103,13 @@ impl Default for Validation {
 impl<'t> Decoded<'t> {
     /// Splits and decodes a compact JWT. Every failure is `TOKEN_INVALID`.
     pub fn parse(token: &'t str) -> Result<Self, VerifyError> {
-        let mut parts = token.splitn(4, '.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        // Exactly two dots (SIMD search; `.` is ASCII, so the slices are char boundaries).
+        let mut dots = memchr::memchr_iter(b'.', token.as_bytes());
+        let (Some(d1), Some(d2), None) = (dots.next(), dots.next(), dots.next()) else {
             return Err(INVALID_FORM);
         };
-        let signing_input = &token[..h.len() + 1 + p.len()];
+        let (h, p, s) = (&token[..d1], &token[d1 + 1..d2], &token[d2 + 1..]);
+        let signing_input = &token[..d2];
         let bad = |m| VerifyError::new(Reason::TokenInvalid, m);
         let mut header_buf = [0u8; 512];
         let header_bytes =

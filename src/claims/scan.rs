@@ -295,7 +295,12 @@ impl<'a> Scanner<'a> {
                 self.i += 1;
             }
         }
-        let v: f64 = self.t[start..self.i].parse().map_err(|_| Invalid)?;
+        let text = &self.t[start..self.i];
+        // Fast path: a plain integer of at most 15 digits is exact in f64.
+        if text.len() <= 15 && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse::<u64>().map(|v| v as f64).map_err(|_| Invalid);
+        }
+        let v: f64 = text.parse().map_err(|_| Invalid)?;
         if v.is_finite() {
             Ok(v)
         } else {
