@@ -312,7 +312,7 @@ grpcurl -plaintext {addr} describe clerk.auth.v1.AuthService
 
 Mint more tokens:
 
-export TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
+TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
 
 Ctrl-C stops both.
 "#,
