@@ -74,8 +74,32 @@ impl AuthService for AuthServiceImpl {
     }
 }
 
+/// Most authorized parties one request may name.
+pub const MAX_AUTHORIZED_PARTIES: usize = 64;
+/// Longest authorized party accepted, in bytes.
+pub const MAX_AUTHORIZED_PARTY_BYTES: usize = 2048;
+
 impl AuthServiceImpl {
     async fn verify(&self, req: &pb::VerifyTokenRequest) -> Result<pb::Identity, AuthError> {
+        if req.authorized_parties.len() > MAX_AUTHORIZED_PARTIES {
+            return Err(AuthError::InvalidRequest(
+                "authorized_parties holds more than 64 entries",
+            ));
+        }
+        if req
+            .authorized_parties
+            .iter()
+            .any(|p| p.is_empty() || p.len() > MAX_AUTHORIZED_PARTY_BYTES)
+        {
+            return Err(AuthError::InvalidRequest(
+                "authorized_parties holds an empty entry or one over 2 KiB",
+            ));
+        }
+        if req.accepted_token_types.len() > 8 {
+            return Err(AuthError::InvalidRequest(
+                "accepted_token_types holds more than 8 entries",
+            ));
+        }
         let types = req
             .accepted_token_types
             .iter()

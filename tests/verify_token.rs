@@ -238,6 +238,38 @@ async fn authorized_parties_wrong_missing_and_per_call_override() {
 }
 
 #[tokio::test]
+async fn oversized_or_empty_authorized_parties_are_malformed_requests() {
+    let h = Harness::start().await;
+    let t = h.mint(&TokenSpec {
+        azp: Some("https://app.example".into()),
+        ..Default::default()
+    });
+    for parties in [
+        vec!["https://app.example".to_owned(); 65],
+        vec![String::new()],
+        vec![format!("https://{}.example", "a".repeat(2100))],
+    ] {
+        let r = h
+            .verify_req(VerifyTokenRequest {
+                token: t.clone(),
+                authorized_parties: parties,
+                ..Default::default()
+            })
+            .await;
+        assert_rejected(r, Code::InvalidArgument, "INVALID_REQUEST", &t);
+    }
+    // 64 entries is within bounds.
+    let r = h
+        .verify_req(VerifyTokenRequest {
+            token: t.clone(),
+            authorized_parties: vec!["https://app.example".to_owned(); 64],
+            ..Default::default()
+        })
+        .await;
+    r.expect("64 parties are accepted");
+}
+
+#[tokio::test]
 async fn no_authorized_parties_configured_accepts_missing_azp() {
     let h = Harness::start().await;
     h.verify(&h.mint(&TokenSpec::default()))
