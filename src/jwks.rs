@@ -284,17 +284,25 @@ impl KeyStore {
     }
 
     fn usable_reason(&self, now: Instant) -> Result<(), Reason> {
-        match self.inner.state.load().as_ref() {
-            None => Err(self.unavailable_reason()),
-            Some(l) => {
-                if self.is_remote()
-                    && now.duration_since(l.confirmed_at) > self.inner.config.max_stale
-                {
-                    Err(self.unavailable_reason())
-                } else {
-                    Ok(())
-                }
+        self.usable_keys(self.inner.state.load().as_deref(), now)
+            .map(|_| ())
+    }
+
+    /// `loaded`'s keys when they are usable at `now`: loaded, and (for a remote source)
+    /// confirmed within the stale bound.
+    fn usable_keys<'l>(
+        &self,
+        loaded: Option<&'l Loaded>,
+        now: Instant,
+    ) -> Result<&'l KeySet, Reason> {
+        match loaded {
+            Some(l)
+                if !self.is_remote()
+                    || now.duration_since(l.confirmed_at) <= self.inner.config.max_stale =>
+            {
+                Ok(&l.keys)
             }
+            _ => Err(self.unavailable_reason()),
         }
     }
 
@@ -311,17 +319,12 @@ impl KeyStore {
     #[inline]
     pub fn lookup(&self, kid: Option<&str>) -> Lookup {
         let guard = self.inner.state.load();
-        let Some(loaded) = guard.as_ref() else {
-            return Lookup::Unavailable(self.unavailable_reason());
-        };
-        if self.is_remote()
-            && Instant::now().duration_since(loaded.confirmed_at) > self.inner.config.max_stale
-        {
-            return Lookup::Unavailable(self.unavailable_reason());
-        }
-        match loaded.keys.get(kid) {
-            Some(k) => Lookup::Found(k.clone()),
-            None => Lookup::Unknown,
+        match self.usable_keys(guard.as_deref(), Instant::now()) {
+            Err(r) => Lookup::Unavailable(r),
+            Ok(keys) => match keys.get(kid) {
+                Some(k) => Lookup::Found(k.clone()),
+                None => Lookup::Unknown,
+            },
         }
     }
 

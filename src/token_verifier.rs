@@ -12,10 +12,10 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use crate::{
-    error::{AuthError, Reason, VerifyError},
+    error::AuthError,
     identity::{Identity, TokenType},
-    jwks::{KeyStore, Lookup, ResolveError},
-    verify::{Decoded, Validation, Verifier, VerifyOptions},
+    jwks::{KeyStore, ResolveError},
+    verify::{Decoded, Validation, Verifier, VerifyOptions, KID_MISMATCH},
 };
 
 /// The largest token accepted, in bytes (16 KiB). Larger → `INVALID_ARGUMENT`.
@@ -185,26 +185,21 @@ impl TokenVerifier {
             accept_pending: req.accept_pending,
             accepted_types: req.accepted_types,
         };
+        // Taken before the key is resolved: a verdict is cached against the key material it
+        // could have been verified with, never a newer one (a withdrawn key voids it).
         let generation = self.inner.keys.generation();
         let decoded = Decoded::parse(token)?;
         self.inner.core.check_type(&decoded, &opts)?;
-        let key = match self.inner.keys.lookup(decoded.kid()) {
-            Lookup::Found(k) => k,
-            Lookup::Unavailable(r) => return Err(AuthError::Unavailable(r)),
-            Lookup::Unknown => {
-                self.inner
-                    .keys
-                    .resolve(decoded.kid())
-                    .await
-                    .map_err(|e| match e {
-                        ResolveError::UnknownKid => AuthError::Rejected(VerifyError::new(
-                            Reason::JwkKidMismatch,
-                            "Unable to find a signing key that matches the token's kid.",
-                        )),
-                        ResolveError::Unavailable(r) => AuthError::Unavailable(r),
-                    })?
-            }
-        };
+        // From memory for a known kid; one rate-limited, single-flight refetch otherwise.
+        let key = self
+            .inner
+            .keys
+            .resolve(decoded.kid())
+            .await
+            .map_err(|e| match e {
+                ResolveError::UnknownKid => AuthError::Rejected(KID_MISMATCH),
+                ResolveError::Unavailable(r) => AuthError::Unavailable(r),
+            })?;
         self.inner
             .full_verifications
             .fetch_add(1, Ordering::Relaxed);

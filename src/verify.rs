@@ -85,6 +85,12 @@ const INVALID_FORM: VerifyError = VerifyError::new(
     "Invalid JWT form. A JWT consists of three parts separated by dots.",
 );
 
+/// No key with the token's `kid` (after any refetch).
+pub const KID_MISMATCH: VerifyError = VerifyError::new(
+    Reason::JwkKidMismatch,
+    "Unable to find a signing key that matches the token's kid.",
+);
+
 // === impl Validation ===
 
 impl Default for Validation {
@@ -213,14 +219,15 @@ impl Verifier {
     ) -> Result<Identity, VerifyError> {
         let d = Decoded::parse(token)?;
         self.check_type(&d, opts)?;
-        let key = keys.get(d.kid()).ok_or(VerifyError::new(
-            Reason::JwkKidMismatch,
-            "Unable to find a signing key that matches the token's kid.",
-        ))?;
+        let key = keys.get(d.kid()).ok_or(KID_MISMATCH)?;
         self.verify_with_key(d, key, opts, now_ms)
     }
 
     /// Steps 4–9 for a decoded token and the key its `kid` selected.
+    ///
+    /// Step 2 is enforced here too, so that no caller can verify a machine or template token
+    /// as a session token by skipping [`Verifier::check_type`]; callers still call it first
+    /// to keep Clerk's order (type before key lookup).
     pub fn verify_with_key(
         &self,
         d: Decoded<'_>,
@@ -228,6 +235,7 @@ impl Verifier {
         opts: &VerifyOptions<'_>,
         now_ms: i64,
     ) -> Result<Identity, VerifyError> {
+        self.check_type(&d, opts)?;
         // typ: absent, or exactly "JWT".
         match d.header.typ {
             Typ::Absent | Typ::Jwt => {}
@@ -340,39 +348,28 @@ impl Verifier {
         }
 
         // nbf, then iat: optional, numbers, not beyond now + skew.
-        let future = |l: &Lenient| match l {
-            Lenient::Absent => Ok(false),
-            Lenient::Num(n) => Ok(n * 1000.0 > now + skew),
-            _ => Err(()),
+        let not_future = |l: &Lenient, early: VerifyError, not_number: &'static str| match l {
+            Lenient::Absent => Ok(()),
+            Lenient::Num(n) if n * 1000.0 > now + skew => Err(early),
+            Lenient::Num(_) => Ok(()),
+            _ => Err(failed(not_number)),
         };
-        match future(&c.nbf) {
-            Ok(false) => {}
-            Ok(true) => {
-                return Err(VerifyError::new(
-                    Reason::TokenNotActiveYet,
-                    "JWT cannot be used prior to not before date claim (nbf).",
-                ))
-            }
-            Err(()) => {
-                return Err(failed(
-                    "Invalid JWT not before date claim (nbf): not a number.",
-                ))
-            }
-        }
-        match future(&c.iat) {
-            Ok(false) => {}
-            Ok(true) => {
-                return Err(VerifyError::new(
-                    Reason::TokenIatInTheFuture,
-                    "JWT issued at date claim (iat) is in the future.",
-                ))
-            }
-            Err(()) => {
-                return Err(failed(
-                    "Invalid JWT issued at date claim (iat): not a number.",
-                ))
-            }
-        }
+        not_future(
+            &c.nbf,
+            VerifyError::new(
+                Reason::TokenNotActiveYet,
+                "JWT cannot be used prior to not before date claim (nbf).",
+            ),
+            "Invalid JWT not before date claim (nbf): not a number.",
+        )?;
+        not_future(
+            &c.iat,
+            VerifyError::new(
+                Reason::TokenIatInTheFuture,
+                "JWT issued at date claim (iat) is in the future.",
+            ),
+            "Invalid JWT issued at date claim (iat): not a number.",
+        )?;
         Ok(())
     }
 }

@@ -393,3 +393,18 @@ fn malformed_tokens_are_token_invalid() {
     let d = Decoded::parse(&padded);
     assert!(d.is_ok());
 }
+
+#[test]
+fn verify_with_key_enforces_the_token_type_itself() {
+    let t = token("derived_m2m_jwt");
+    let keys = mock_jwks();
+    let d = Decoded::parse(&t).unwrap();
+    let key = keys.get(d.kid()).unwrap().clone();
+    let r = verifier(&[], DEFAULT_CLOCK_SKEW_MS).verify_with_key(
+        d,
+        &key,
+        &VerifyOptions::default(),
+        clock("derived_m2m_jwt"),
+    );
+    assert_eq!(reason(r), Reason::TokenTypeMismatch);
+}
