@@ -226,7 +226,10 @@ impl TokenSpec {
         );
         c.insert("iat".into(), now.into());
         c.insert("nbf".into(), (now - 10).into());
-        c.insert("exp".into(), (now + self.expires_in.unwrap_or(60)).into());
+        c.insert(
+            "exp".into(),
+            now.saturating_add(self.expires_in.unwrap_or(60)).into(),
+        );
         c.insert("jti".into(), random_id(20).into());
         if let Some(azp) = &self.azp {
             c.insert("azp".into(), azp.clone().into());
