@@ -4,7 +4,8 @@
 //! | --- | --- |
 //! | [`AuthError::InvalidRequest`] (empty or oversized token) | `INVALID_ARGUMENT` |
 //! | [`AuthError::Rejected`] (the token is not valid) | `UNAUTHENTICATED` |
-//! | [`AuthError::Unavailable`] (no usable key material) | `UNAVAILABLE` |
+//! | [`AuthError::Unavailable`] (no usable key material, AuthService unreachable) | `UNAVAILABLE` |
+//! | [`AuthError::Denied`] (authenticated, but the policy does not allow the call) | `PERMISSION_DENIED` |
 //!
 //! Every status carries a `google.rpc.ErrorInfo` detail with domain [`ERROR_DOMAIN`] and the
 //! [`Reason`] in `UPPER_SNAKE_CASE`. Messages are fixed texts: they never echo the token.
@@ -55,6 +56,8 @@ pub enum Reason {
     SessionPending,
     /// The request itself is malformed (empty or oversized token).
     InvalidRequest,
+    /// The call carries no token (no `authorization`, `__session` cookie or configured key).
+    TokenMissing,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -118,9 +121,23 @@ pub enum AuthError {
     /// The token is not valid: `UNAUTHENTICATED`.
     #[error(transparent)]
     Rejected(#[from] VerifyError),
-    /// No usable key material (never loaded, past the stale bound, Clerk down): `UNAVAILABLE`.
-    #[error("authentication keys unavailable (reason={})", .0.clerk_reason())]
+    /// No usable key material (never loaded, past the stale bound, Clerk down), or the
+    /// AuthService a delegated layer relies on cannot answer: `UNAVAILABLE`.
+    #[error("authentication unavailable (reason={})", .0.clerk_reason())]
     Unavailable(Reason),
+    /// Authenticated, but the policy does not allow the call: `PERMISSION_DENIED`.
+    #[error("permission denied (reason={})", .0.unmet.as_str())]
+    Denied(Denial),
+}
+
+/// Why an authenticated caller was refused by policy: the requirement not met and what it
+/// asked for (reported in `ErrorInfo.metadata`, e.g. `permission: org:orders:delete`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The requirement not met.
+    pub unmet: crate::authz::Unmet,
+    /// What was required, as `ErrorInfo` metadata pairs. Never holds token contents.
+    pub required: Vec<(&'static str, String)>,
 }
 
 // === impl Reason ===
@@ -145,6 +162,7 @@ impl Reason {
             Reason::TokenTypeMismatch => "TOKEN_TYPE_MISMATCH",
             Reason::SessionPending => "SESSION_PENDING",
             Reason::InvalidRequest => "INVALID_REQUEST",
+            Reason::TokenMissing => "TOKEN_MISSING",
         }
     }
 
@@ -167,11 +185,12 @@ impl Reason {
             Reason::TokenTypeMismatch => "token-type-mismatch",
             Reason::SessionPending => "session-pending",
             Reason::InvalidRequest => "invalid-request",
+            Reason::TokenMissing => "token-missing",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -188,7 +207,13 @@ impl Reason {
         Reason::TokenTypeMismatch,
         Reason::SessionPending,
         Reason::InvalidRequest,
+        Reason::TokenMissing,
     ];
+
+    /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
+    pub fn from_upper_snake(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 impl std::fmt::Display for Reason {
@@ -221,12 +246,13 @@ impl KeyError {
 // === impl AuthError ===
 
 impl AuthError {
-    /// The reason carried in `ErrorInfo`.
-    pub fn reason(&self) -> Reason {
+    /// The reason carried in `ErrorInfo` (`UPPER_SNAKE_CASE`).
+    pub fn reason_str(&self) -> &'static str {
         match self {
-            AuthError::InvalidRequest(_) => Reason::InvalidRequest,
-            AuthError::Rejected(e) => e.reason,
-            AuthError::Unavailable(r) => *r,
+            AuthError::InvalidRequest(_) => Reason::InvalidRequest.as_str(),
+            AuthError::Rejected(e) => e.reason.as_str(),
+            AuthError::Unavailable(r) => r.as_str(),
+            AuthError::Denied(d) => d.unmet.as_str(),
         }
     }
 
@@ -236,6 +262,7 @@ impl AuthError {
             AuthError::InvalidRequest(_) => Code::InvalidArgument,
             AuthError::Rejected(_) => Code::Unauthenticated,
             AuthError::Unavailable(_) => Code::Unavailable,
+            AuthError::Denied(_) => Code::PermissionDenied,
         }
     }
 
@@ -244,21 +271,29 @@ impl AuthError {
         match self {
             AuthError::InvalidRequest(m) => m,
             AuthError::Rejected(e) => e.message,
-            AuthError::Unavailable(_) => "authentication keys are unavailable; retry later",
+            AuthError::Unavailable(Reason::JwkRemoteFailedToLoad | Reason::JwkFailedToResolve) => {
+                "authentication keys are unavailable; retry later"
+            }
+            AuthError::Unavailable(_) => "authentication is unavailable; retry later",
+            AuthError::Denied(_) => "the caller is not allowed to call this method",
         }
     }
 }
 
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Status {
+        let metadata: std::collections::HashMap<String, String> = match &err {
+            AuthError::Denied(d) => d
+                .required
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            _ => std::collections::HashMap::new(),
+        };
         Status::with_error_details(
             err.code(),
             err.message(),
-            ErrorDetails::with_error_info(
-                err.reason().as_str(),
-                ERROR_DOMAIN,
-                std::collections::HashMap::<String, String>::new(),
-            ),
+            ErrorDetails::with_error_info(err.reason_str(), ERROR_DOMAIN, metadata),
         )
     }
 }
@@ -295,6 +330,14 @@ mod tests {
                 Code::Unavailable,
                 "JWK_REMOTE_FAILED_TO_LOAD",
             ),
+            (
+                AuthError::Denied(Denial {
+                    unmet: crate::authz::Unmet::Permission,
+                    required: vec![("permission", "org:orders:delete".into())],
+                }),
+                Code::PermissionDenied,
+                "ORG_PERMISSION_REQUIRED",
+            ),
         ];
         for (err, code, reason) in cases {
             let status = Status::from(err);
@@ -302,6 +345,13 @@ mod tests {
             let info = status.get_details_error_info().expect("ErrorInfo present");
             assert_eq!(info.reason, reason);
             assert_eq!(info.domain, ERROR_DOMAIN);
+            if code == Code::PermissionDenied {
+                assert_eq!(info.metadata["permission"], "org:orders:delete");
+            }
         }
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_upper_snake(r.as_str()), Some(r));
+        }
+        assert_eq!(Reason::from_upper_snake("NOPE"), None);
     }
 }

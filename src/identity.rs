@@ -49,6 +49,8 @@ pub struct Identity {
     pub token_id: Option<String>,
     /// 2 for v2 session claims (`v: 2`), otherwise 1.
     pub claims_version: u8,
+    /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
+    fva_exact: Option<[f64; 2]>,
     /// The payload's JSON text, parsed on demand by [`Identity::claims`].
     raw_claims: Vec<u8>,
     claims: OnceLock<Map<String, Value>>,
@@ -149,14 +151,17 @@ impl Identity {
                 actor_type: s("type"),
             }
         });
-        let factor_verification_age =
-            c.fva
-                .as_ref()
-                .and_then(Value::as_array)
-                .and_then(|a| match a.as_slice() {
-                    [f1, f2] => Some([to_i32(f1.as_f64()?), to_i32(f2.as_f64()?)]),
-                    _ => None,
-                });
+        let fva = c
+            .fva
+            .as_ref()
+            .and_then(Value::as_array)
+            .and_then(|a| match a.as_slice() {
+                [f1, f2] => Some([f1.as_f64()?, f2.as_f64()?]),
+                _ => None,
+            });
+        let factor_verification_age = fva.map(|[f1, f2]| [to_i32(f1), to_i32(f2)]);
+        let fva_exact =
+            fva.filter(|a| a.iter().all(|x| x.is_finite() && (*x == -1.0 || *x >= 0.0)));
         Ok(Identity {
             token_type,
             user_id: c.sub.into_string().unwrap_or_default(),
@@ -174,6 +179,7 @@ impl Identity {
             not_before: c.nbf.as_f64(),
             token_id: c.jti.into_string(),
             claims_version: if v2 { 2 } else { 1 },
+            fva_exact,
             raw_claims,
             claims: OnceLock::new(),
         })
@@ -183,6 +189,11 @@ impl Identity {
     pub fn claims(&self) -> &Map<String, Value> {
         self.claims
             .get_or_init(|| serde_json::from_slice(&self.raw_claims).unwrap_or_default())
+    }
+
+    /// `fva` as Clerk's `has()` reads it: `None` when absent or not two numbers each -1 or ≥ 0.
+    pub fn factor_verification_age_exact(&self) -> Option<[f64; 2]> {
+        self.fva_exact
     }
 
     /// The expiry in milliseconds since the epoch.

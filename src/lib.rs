@@ -13,6 +13,7 @@
 //! Verification errors carry Clerk's reasons ([`error::Reason`]) and map to gRPC status codes
 //! in one place ([`error`]).
 
+pub mod authz;
 mod claims;
 pub mod config;
 pub mod emulator;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod identity;
 pub mod jwks;
 pub mod keys;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -53,7 +53,7 @@ impl AuthService for AuthServiceImpl {
                 }
                 Err(e) => {
                     span.record("outcome", "rejected");
-                    span.record("reason", e.reason().as_str());
+                    span.record("reason", e.reason_str());
                     if matches!(e, AuthError::Unavailable(_)) {
                         tracing::warn!(code = ?e.code(), "token not verified: keys unavailable");
                     } else {

@@ -408,3 +408,70 @@ fn verify_with_key_enforces_the_token_type_itself() {
     );
     assert_eq!(reason(r), Reason::TokenTypeMismatch);
 }
+
+/// Parses a `has` fixture key such as `permission org:a:b`, `reverification strict (fva …)`,
+/// `reverification {level:'second_factor',afterMinutes:3}` or `{} (nothing asked)`.
+fn has_check(key: &str) -> crate::authz::Check {
+    use crate::authz::{Check, Reverification, ReverificationLevel, ReverificationPreset};
+    let (kind, rest) = key.split_once(' ').unwrap();
+    let value = rest.split(' ').next().unwrap().to_owned();
+    match kind {
+        "permission" => Check::permission(value),
+        "role" => Check::role(value),
+        "feature" => Check::feature(value),
+        "plan" => Check::plan(value),
+        "{}" => Check::default(),
+        "reverification" if value.starts_with('{') => {
+            let level = if value.contains("second_factor") {
+                ReverificationLevel::SecondFactor
+            } else if value.contains("multi_factor") {
+                ReverificationLevel::MultiFactor
+            } else {
+                ReverificationLevel::FirstFactor
+            };
+            let after: f64 = value
+                .split("afterMinutes:")
+                .nth(1)
+                .unwrap()
+                .trim_end_matches('}')
+                .parse()
+                .unwrap();
+            Check::reverification(Reverification::Custom {
+                level,
+                after_minutes: after,
+            })
+        }
+        "reverification" => Check::reverification(Reverification::Preset(
+            serde_json::from_value::<ReverificationPreset>(Value::String(value)).unwrap(),
+        )),
+        other => panic!("unknown has() fixture kind {other}"),
+    }
+}
+
+#[test]
+fn has_matches_every_fixture_expectation() {
+    let f = fx();
+    let cases = f["tokens"]["derived_v2_session_jwt"]["expected"]["has"]
+        .as_object()
+        .unwrap();
+    assert!(cases.len() >= 20, "fixture lost its has() vectors");
+    let id = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS)
+        .verify(
+            &token("derived_v2_session_jwt"),
+            &mock_jwks(),
+            &VerifyOptions::default(),
+            clock("derived_v2_session_jwt"),
+        )
+        .unwrap();
+    for (key, want) in cases {
+        let check = has_check(key);
+        assert_eq!(id.has(&check), want.as_bool().unwrap(), "has({key})");
+    }
+    // Asking across dimensions is an AND (Clerk #8372): a passing role does not carry a
+    // failing feature.
+    let mut both = crate::authz::Check::role("member");
+    both.feature = Some("org:dashboard".into());
+    assert!(!id.has(&both));
+    both.feature = Some("org:reservations".into());
+    assert!(id.has(&both));
+}

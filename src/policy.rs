@@ -1,0 +1,471 @@
+//! Per-method access policy for the auth layer: which calls are public, which need a valid
+//! token, and what the token must carry (Clerk `has()` checks, token types, pending sessions).
+//!
+//! A [`Policy`] holds a default [`Rule`], rules per service (`pkg.Service`) and rules per method
+//! (`/pkg.Service/Method`). The **most specific rule wins, whole**: a method rule replaces its
+//! service's rule, which replaces the default — rules are never merged, so what a method
+//! requires is always written in one place. The gRPC health and reflection services are public
+//! unless the policy names them.
+//!
+//! Built in code:
+//!
+//! ```
+//! use clerk_grpc_auth::{authz::Check, policy::{Policy, Rule}};
+//!
+//! let policy = Policy::authenticated()
+//!     .method("/examples.orders.v1.Orders/Ping", Rule::public())
+//!     .method(
+//!         "/examples.orders.v1.Orders/DeleteOrder",
+//!         Rule::authenticated().require(Check::permission("org:orders:delete")),
+//!     );
+//! assert!(policy.rule_for("/examples.orders.v1.Orders/Ping").is_public());
+//! ```
+//!
+//! or loaded from TOML ([`Policy::from_toml`]):
+//!
+//! ```toml
+//! [default]
+//! access = "authenticated"            # or "public"
+//!
+//! [services."examples.orders.v1.Orders"]
+//! token_types = ["session_token"]     # session_token | m2m_token | oauth_token | api_key | any
+//! accept_pending = false
+//!
+//! [methods."/examples.orders.v1.Orders/Ping"]
+//! access = "public"
+//!
+//! [methods."/examples.orders.v1.Orders/DeleteOrder"]
+//! require = [{ permission = "org:orders:delete" }, { reverification = "strict" }]
+//! ```
+//!
+//! `require` is a list of `has()` checks that must all pass; within one check, asking several
+//! things is Clerk's AND across dimensions. Unknown keys, empty values, unknown scopes and
+//! malformed method paths are refused when the policy is loaded, so a typo cannot silently
+//! open or close a method.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use serde::Deserialize;
+
+use crate::{
+    authz::{Check, Reverification, Unmet},
+    error::Denial,
+    identity::{Identity, TokenType},
+};
+
+/// Services that are public unless the policy names them.
+pub const PUBLIC_BY_DEFAULT: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Whether a call needs a token at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// No token needed; none is read or verified.
+    Public,
+    /// A valid token is needed, and every check of the rule must pass.
+    #[default]
+    Authenticated,
+}
+
+/// What one method (or service, or the default) requires.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Public or authenticated (the default).
+    #[serde(default)]
+    pub access: Access,
+    /// `has()` checks that must all pass.
+    #[serde(default)]
+    pub require: Vec<Check>,
+    /// Accepted token types (default: session tokens only; `any` = all four).
+    #[serde(default = "session_only", deserialize_with = "de_token_types")]
+    pub token_types: Vec<TokenType>,
+    /// Whether `pending` sessions pass (default: no, as in Clerk).
+    #[serde(default)]
+    pub accept_pending: bool,
+}
+
+/// The per-method policy. Cheap to clone (the tables are shared).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    inner: Arc<Tables>,
+}
+
+#[derive(Debug, Clone)]
+struct Tables {
+    default: Rule,
+    services: HashMap<String, Rule>,
+    methods: HashMap<String, Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    default: Option<Rule>,
+    #[serde(default)]
+    services: HashMap<String, Rule>,
+    #[serde(default)]
+    methods: HashMap<String, Rule>,
+}
+
+/// A policy that could not be loaded: names the entry and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("policy {source_name}: {message}")]
+pub struct PolicyError {
+    source_name: String,
+    message: String,
+}
+
+fn session_only() -> Vec<TokenType> {
+    vec![TokenType::SessionToken]
+}
+
+fn de_token_types<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TokenType>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    let mut out = Vec::new();
+    for n in &names {
+        let add: &[TokenType] = match n.as_str() {
+            "session_token" => &[TokenType::SessionToken],
+            "m2m_token" => &[TokenType::M2mToken],
+            "oauth_token" => &[TokenType::OauthToken],
+            "api_key" => &[TokenType::ApiKey],
+            "any" => &[
+                TokenType::SessionToken,
+                TokenType::M2mToken,
+                TokenType::OauthToken,
+                TokenType::ApiKey,
+            ],
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown token type {other:?} (session_token, m2m_token, oauth_token, api_key, any)"
+                )))
+            }
+        };
+        for t in add {
+            if !out.contains(t) {
+                out.push(*t);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(serde::de::Error::custom("token_types is empty"));
+    }
+    Ok(out)
+}
+
+// === impl Rule ===
+
+impl Rule {
+    /// No token needed.
+    pub fn public() -> Self {
+        Self {
+            access: Access::Public,
+            require: Vec::new(),
+            token_types: session_only(),
+            accept_pending: false,
+        }
+    }
+
+    /// A valid session token needed (active sessions only), nothing more.
+    pub fn authenticated() -> Self {
+        Self {
+            access: Access::Authenticated,
+            ..Self::public()
+        }
+    }
+
+    /// Adds a `has()` check that must pass.
+    pub fn require(mut self, check: Check) -> Self {
+        self.require.push(check);
+        self
+    }
+
+    /// Sets the accepted token types (Clerk's `acceptsToken`).
+    pub fn token_types(mut self, types: impl IntoIterator<Item = TokenType>) -> Self {
+        self.token_types = types.into_iter().collect();
+        self
+    }
+
+    /// Lets `pending` sessions through.
+    pub fn accept_pending(mut self, yes: bool) -> Self {
+        self.accept_pending = yes;
+        self
+    }
+
+    /// Whether no token is needed.
+    pub fn is_public(&self) -> bool {
+        self.access == Access::Public
+    }
+
+    /// Runs the rule's checks against a verified identity (token type and pending status are
+    /// the verifier's business: they are rejections, not denials).
+    pub fn authorize(&self, identity: &Identity) -> Result<(), Denial> {
+        for check in &self.require {
+            if let Err(unmet) = check.evaluate(identity) {
+                return Err(Denial {
+                    unmet,
+                    required: required_metadata(check, unmet),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.is_public() && (!self.require.is_empty() || self.accept_pending) {
+            return Err("a public rule cannot require anything".into());
+        }
+        if self.token_types.is_empty() {
+            return Err("token_types is empty".into());
+        }
+        for (i, c) in self.require.iter().enumerate() {
+            c.validate().map_err(|e| format!("require[{i}] {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn required_metadata(check: &Check, unmet: Unmet) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let mut put = |k: &'static str, v: &Option<String>| {
+        if let Some(v) = v {
+            out.push((k, v.clone()));
+        }
+    };
+    match unmet {
+        Unmet::Role => put("role", &check.role),
+        Unmet::Permission => put("permission", &check.permission),
+        Unmet::Feature => put("feature", &check.feature),
+        Unmet::Plan => put("plan", &check.plan),
+        Unmet::Reverification => {
+            if let Some(r) = check.reverification {
+                let (level, after) = Reverification::resolve(r);
+                out.push(("level", level.as_str().to_owned()));
+                out.push(("after_minutes", after.to_string()));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Every method needs a valid session token, unless a rule says otherwise.
+    pub fn authenticated() -> Self {
+        Self::with_default(Rule::authenticated())
+    }
+
+    /// Every method is public unless a rule says otherwise.
+    pub fn public() -> Self {
+        Self::with_default(Rule::public())
+    }
+
+    /// A policy with this default rule (health and reflection public).
+    pub fn with_default(default: Rule) -> Self {
+        let services = PUBLIC_BY_DEFAULT
+            .iter()
+            .map(|s| ((*s).to_owned(), Rule::public()))
+            .collect();
+        Self {
+            inner: Arc::new(Tables {
+                default,
+                services,
+                methods: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Sets the rule of one method, `/pkg.Service/Method`.
+    ///
+    /// # Panics
+    /// When `path` is not of that form (a programming error; [`Policy::from_toml`] reports it
+    /// as an error instead).
+    pub fn method(mut self, path: &str, rule: Rule) -> Self {
+        assert!(is_method_path(path), "not a /pkg.Service/Method path: {path}");
+        Arc::make_mut(&mut self.inner)
+            .methods
+            .insert(path.to_owned(), rule);
+        self
+    }
+
+    /// Sets the rule of every method of one service, `pkg.Service`.
+    ///
+    /// # Panics
+    /// When `service` contains `/` or is empty.
+    pub fn service(mut self, service: &str, rule: Rule) -> Self {
+        assert!(is_service_name(service), "not a pkg.Service name: {service}");
+        Arc::make_mut(&mut self.inner)
+            .services
+            .insert(service.to_owned(), rule);
+        self
+    }
+
+    /// The rule for a request path (`/pkg.Service/Method`): the method's, else the service's,
+    /// else the default.
+    pub fn rule_for(&self, path: &str) -> &Rule {
+        let t = &*self.inner;
+        if let Some(r) = t.methods.get(path) {
+            return r;
+        }
+        let service = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .map(|(s, _)| s);
+        service
+            .and_then(|s| t.services.get(s))
+            .unwrap_or(&t.default)
+    }
+
+    /// Parses a TOML policy (see the module docs). `source_name` names it in errors.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let err = |message: String| PolicyError {
+            source_name: source_name.to_owned(),
+            message,
+        };
+        let file: PolicyFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut policy = Self::with_default(file.default.unwrap_or_else(Rule::authenticated));
+        policy
+            .inner
+            .default
+            .validate()
+            .map_err(|e| err(format!("[default]: {e}")))?;
+        for (name, rule) in file.services {
+            if !is_service_name(&name) {
+                return Err(err(format!(
+                    "[services.{name:?}]: not a pkg.Service name"
+                )));
+            }
+            rule.validate()
+                .map_err(|e| err(format!("[services.{name:?}]: {e}")))?;
+            policy = policy.service(&name, rule);
+        }
+        for (path, rule) in file.methods {
+            if !is_method_path(&path) {
+                return Err(err(format!(
+                    "[methods.{path:?}]: not a /pkg.Service/Method path"
+                )));
+            }
+            rule.validate()
+                .map_err(|e| err(format!("[methods.{path:?}]: {e}")))?;
+            policy = policy.method(&path, rule);
+        }
+        Ok(policy)
+    }
+
+    /// Reads and parses a TOML policy file.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+            source_name: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::authenticated()
+    }
+}
+
+fn is_service_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && !s.chars().any(char::is_whitespace)
+}
+
+fn is_method_path(p: &str) -> bool {
+    p.strip_prefix('/')
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(s, m)| is_service_name(s) && is_service_name(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORDERS: &str = r#"
+        [default]
+        access = "authenticated"
+
+        [services."examples.orders.v1.Orders"]
+        token_types = ["session_token"]
+
+        [methods."/examples.orders.v1.Orders/Ping"]
+        access = "public"
+
+        [methods."/examples.orders.v1.Orders/DeleteOrder"]
+        require = [{ permission = "org:orders:delete" }, { reverification = "strict" }]
+        accept_pending = true
+    "#;
+
+    #[test]
+    fn most_specific_rule_wins_whole() {
+        let p = Policy::from_toml(ORDERS, "test").unwrap();
+        assert!(p.rule_for("/examples.orders.v1.Orders/Ping").is_public());
+        let del = p.rule_for("/examples.orders.v1.Orders/DeleteOrder");
+        assert_eq!(del.require.len(), 2);
+        assert!(del.accept_pending);
+        assert_eq!(del.token_types, [TokenType::SessionToken]);
+        let list = p.rule_for("/examples.orders.v1.Orders/ListOrders");
+        assert!(!list.is_public() && list.require.is_empty());
+        assert!(!p.rule_for("/other.Svc/M").is_public());
+        assert!(!p.rule_for("garbage").is_public());
+        assert!(p.rule_for("/grpc.health.v1.Health/Check").is_public());
+        assert!(p
+            .rule_for("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            .is_public());
+    }
+
+    #[test]
+    fn naming_health_overrides_the_public_default() {
+        let p = Policy::from_toml(
+            "[services.\"grpc.health.v1.Health\"]\naccess = \"authenticated\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(!p.rule_for("/grpc.health.v1.Health/Check").is_public());
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_refused_with_the_entry_named() {
+        let cases = [
+            ("[default]\naccess = \"publik\"\n", "publik"),
+            ("[default]\nrequire = [{ permision = \"x\" }]\n", "permision"),
+            ("[methods.\"Orders/Ping\"]\naccess = \"public\"\n", "Orders/Ping"),
+            ("[services.\"a/b\"]\n", "a/b"),
+            (
+                "[methods.\"/a.B/C\"]\nrequire = [{ feature = \"team:x\" }]\n",
+                "team",
+            ),
+            ("[methods.\"/a.B/C\"]\nrequire = [{}]\n", "nothing"),
+            ("[methods.\"/a.B/C\"]\ntoken_types = [\"jwt\"]\n", "jwt"),
+            ("[methods.\"/a.B/C\"]\ntoken_types = []\n", "empty"),
+            (
+                "[methods.\"/a.B/C\"]\naccess = \"public\"\nrequire = [{ role = \"admin\" }]\n",
+                "public",
+            ),
+            (
+                "[methods.\"/a.B/C\"]\nrequire = [{ reverification = { level = \"first_factor\", after_minutes = 0 } }]\n",
+                "after_minutes",
+            ),
+            ("[extra]\n", "extra"),
+        ];
+        for (text, needle) in cases {
+            let e = Policy::from_toml(text, "p.toml").expect_err(text).to_string();
+            assert!(e.starts_with("policy p.toml: "), "{e}");
+            assert!(e.contains(needle), "{text:?} → {e}");
+        }
+    }
+
+    #[test]
+    fn any_expands_to_every_type() {
+        let p = Policy::from_toml("[default]\ntoken_types = [\"any\", \"api_key\"]\n", "t").unwrap();
+        assert_eq!(p.rule_for("/a.B/C").token_types.len(), 4);
+    }
+}
