@@ -58,6 +58,8 @@ pub enum Reason {
     InvalidRequest,
     /// The call carries no token (no `authorization`, `__session` cookie or configured key).
     TokenMissing,
+    /// The AuthService a delegated layer relies on did not answer (down, deadline, error).
+    AuthServiceUnavailable,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -163,6 +165,7 @@ impl Reason {
             Reason::SessionPending => "SESSION_PENDING",
             Reason::InvalidRequest => "INVALID_REQUEST",
             Reason::TokenMissing => "TOKEN_MISSING",
+            Reason::AuthServiceUnavailable => "AUTH_SERVICE_UNAVAILABLE",
         }
     }
 
@@ -186,11 +189,12 @@ impl Reason {
             Reason::SessionPending => "session-pending",
             Reason::InvalidRequest => "invalid-request",
             Reason::TokenMissing => "token-missing",
+            Reason::AuthServiceUnavailable => "auth-service-unavailable",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -208,6 +212,7 @@ impl Reason {
         Reason::SessionPending,
         Reason::InvalidRequest,
         Reason::TokenMissing,
+        Reason::AuthServiceUnavailable,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -273,6 +278,9 @@ impl AuthError {
             AuthError::Rejected(e) => e.message,
             AuthError::Unavailable(Reason::JwkRemoteFailedToLoad | Reason::JwkFailedToResolve) => {
                 "authentication keys are unavailable; retry later"
+            }
+            AuthError::Unavailable(Reason::JwkKidMismatch) => {
+                "the token's signing key is being fetched; retry shortly"
             }
             AuthError::Unavailable(_) => "authentication is unavailable; retry later",
             AuthError::Denied(_) => "the caller is not allowed to call this method",

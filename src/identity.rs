@@ -160,8 +160,7 @@ impl Identity {
                 _ => None,
             });
         let factor_verification_age = fva.map(|[f1, f2]| [to_i32(f1), to_i32(f2)]);
-        let fva_exact =
-            fva.filter(|a| a.iter().all(|x| x.is_finite() && (*x == -1.0 || *x >= 0.0)));
+        let fva_exact = fva.filter(fva_is_valid);
         Ok(Identity {
             token_type,
             user_id: c.sub.into_string().unwrap_or_default(),
@@ -199,6 +198,62 @@ impl Identity {
     /// The expiry in milliseconds since the epoch.
     pub fn expires_at_ms(&self) -> f64 {
         self.expires_at * 1000.0
+    }
+
+    /// Rebuilds an identity from the wire type (what a delegated layer receives from
+    /// AuthService). Claims travel as a `Struct`, whose numbers are doubles: integral values
+    /// come back as integers.
+    pub fn from_proto(p: pb::Identity) -> Self {
+        let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
+        let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
+        let raw_claims = serde_json::to_vec(&claims).unwrap_or_default();
+        let fva_exact = fva_from_json(claims.get("fva"));
+        let secs = |t: Option<prost_types::Timestamp>| {
+            t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+        };
+        let entitlements = |e: Option<pb::Entitlements>| {
+            e.map(|e| Entitlements {
+                user: e.user,
+                organization: e.organization,
+            })
+            .unwrap_or_default()
+        };
+        Identity {
+            token_type: TokenType::try_from(p.token_type).unwrap_or(TokenType::Unspecified),
+            user_id: p.user_id,
+            session_id: none_if_empty(p.session_id),
+            session_status: match SessionStatus::try_from(p.session_status) {
+                Ok(SessionStatus::Unspecified) | Err(_) => None,
+                Ok(s) => Some(s),
+            },
+            organization: p.organization.map(|o| Organization {
+                id: o.id,
+                slug: none_if_empty(o.slug),
+                role: none_if_empty(o.role),
+                permissions: o.permissions,
+            }),
+            features: entitlements(p.features),
+            plans: entitlements(p.plans),
+            actor: p.actor.map(|a| Actor {
+                sub: a.sub,
+                sid: none_if_empty(a.sid),
+                iss: none_if_empty(a.iss),
+                actor_type: none_if_empty(a.r#type),
+            }),
+            factor_verification_age: p
+                .factor_verification_age
+                .map(|f| [f.first_factor_minutes, f.second_factor_minutes]),
+            issuer: none_if_empty(p.issuer),
+            authorized_party: none_if_empty(p.authorized_party),
+            issued_at: secs(p.issued_at),
+            expires_at: secs(p.expires_at).unwrap_or(0.0),
+            not_before: secs(p.not_before),
+            token_id: none_if_empty(p.token_id),
+            claims_version: u8::try_from(p.claims_version).unwrap_or(1),
+            fva_exact,
+            raw_claims,
+            claims: OnceLock::from(claims),
+        }
     }
 
     /// Converts to the wire type.
@@ -246,6 +301,18 @@ impl Entitlements {
             user: self.user.clone(),
             organization: self.organization.clone(),
         }
+    }
+}
+
+/// Clerk's `has()` reads `fva` only when it holds two finite numbers, each -1 or ≥ 0.
+fn fva_is_valid(a: &[f64; 2]) -> bool {
+    a.iter().all(|x| x.is_finite() && (*x == -1.0 || *x >= 0.0))
+}
+
+fn fva_from_json(v: Option<&Value>) -> Option<[f64; 2]> {
+    match v?.as_array()?.as_slice() {
+        [a, b] => Some([a.as_f64()?, b.as_f64()?]).filter(fva_is_valid),
+        _ => None,
     }
 }
 
@@ -392,6 +459,33 @@ pub fn json_map_to_struct(map: &Map<String, Value>) -> prost_types::Struct {
             .iter()
             .map(|(k, v)| (k.clone(), json_to_proto(v)))
             .collect(),
+    }
+}
+
+/// Converts a `google.protobuf.Struct` back into a JSON object (integral numbers within
+/// ±2^53 become integers).
+pub fn struct_to_json_map(s: prost_types::Struct) -> Map<String, Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, proto_to_json(v)))
+        .collect()
+}
+
+fn proto_to_json(v: prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() <= 9_007_199_254_740_992.0 {
+                Value::from(n as i64)
+            } else {
+                serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(proto_to_json).collect()),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json_map(s)),
     }
 }
 

@@ -99,6 +99,17 @@ pub enum Lookup {
     Unavailable(Reason),
 }
 
+/// Outcome of [`KeyStore::lookup_or_refetch`].
+#[derive(Debug, Clone)]
+pub enum SyncLookup {
+    /// The key for this `kid`.
+    Found(Arc<VerifyingKey>),
+    /// Unknown `kid`; a refetch is in flight — retry shortly.
+    Refreshing,
+    /// No key, definitively for now.
+    Failed(ResolveError),
+}
+
 /// Why [`KeyStore::resolve`] found no key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResolveError {
@@ -340,41 +351,89 @@ impl KeyStore {
             // No kid in JWKS mode: no fetch can help.
             return Err(ResolveError::UnknownKid);
         };
-        if self
+        if self.is_negative(kid) {
+            return Err(ResolveError::UnknownKid);
+        }
+        let fetch = self.kid_refetch()?;
+        self.finish_kid_refetch(kid, fetch).await
+    }
+
+    /// Like [`KeyStore::resolve`] but without waiting: a known key is returned at once; for
+    /// an unknown `kid` that may still arrive, the (rate-limited, single-flight) refetch is
+    /// started on the current tokio runtime and [`SyncLookup::Refreshing`] is returned — the
+    /// caller fails closed now, and a retry after the refetch finds the key or a definitive
+    /// answer ([`ResolveError::UnknownKid`], negative-cached).
+    pub fn lookup_or_refetch(&self, kid: Option<&str>) -> SyncLookup {
+        match self.lookup(kid) {
+            Lookup::Found(k) => return SyncLookup::Found(k),
+            Lookup::Unavailable(r) => return SyncLookup::Failed(ResolveError::Unavailable(r)),
+            Lookup::Unknown => {}
+        }
+        let Some(kid) = kid else {
+            return SyncLookup::Failed(ResolveError::UnknownKid);
+        };
+        if self.is_negative(kid) {
+            return SyncLookup::Failed(ResolveError::UnknownKid);
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return SyncLookup::Failed(ResolveError::Unavailable(Reason::JwkFailedToResolve));
+        };
+        match self.kid_refetch() {
+            Err(e) => SyncLookup::Failed(e),
+            Ok(fetch) => {
+                let this = self.clone();
+                let kid = kid.to_owned();
+                handle.spawn(async move {
+                    let _ = this.finish_kid_refetch(&kid, fetch).await;
+                });
+                SyncLookup::Refreshing
+            }
+        }
+    }
+
+    fn is_negative(&self, kid: &str) -> bool {
+        let hit = self
             .inner
             .negative
             .as_ref()
-            .is_some_and(|n| n.contains_key(kid))
-        {
+            .is_some_and(|n| n.contains_key(kid));
+        if hit {
             self.inner.kid_suppressed.fetch_add(1, Ordering::Relaxed);
-            return Err(ResolveError::UnknownKid);
         }
-        let fetch = {
-            let mut st = self.inner.fetch.lock().expect("fetch state lock");
-            if let Some(f) = st.inflight.clone() {
-                Some(f)
-            } else {
-                let cooled = st
-                    .last_kid_refetch
-                    .is_none_or(|t| t.elapsed() >= self.inner.config.unknown_kid_cooldown);
-                if cooled {
-                    st.last_kid_refetch = Some(Instant::now());
-                    self.inner.kid_refetches.fetch_add(1, Ordering::Relaxed);
-                    Some(self.start_fetch(&mut st, true))
-                } else if st.last_kid_refetch_failed {
-                    return Err(ResolveError::Unavailable(
-                        st.last_error_reason
-                            .unwrap_or(Reason::JwkRemoteFailedToLoad),
-                    ));
-                } else {
-                    None
-                }
-            }
-        };
-        let Some(fetch) = fetch else {
+        hit
+    }
+
+    /// Joins the fetch in flight, or starts one when the cooldown allows; otherwise tells why
+    /// not (suppressed → `UnknownKid`; the last refetch failed → `Unavailable`).
+    fn kid_refetch(&self) -> Result<SharedFetch, ResolveError> {
+        let mut st = self.inner.fetch.lock().expect("fetch state lock");
+        if let Some(f) = st.inflight.clone() {
+            return Ok(f);
+        }
+        let cooled = st
+            .last_kid_refetch
+            .is_none_or(|t| t.elapsed() >= self.inner.config.unknown_kid_cooldown);
+        if cooled {
+            st.last_kid_refetch = Some(Instant::now());
+            self.inner.kid_refetches.fetch_add(1, Ordering::Relaxed);
+            Ok(self.start_fetch(&mut st, true))
+        } else if st.last_kid_refetch_failed {
+            Err(ResolveError::Unavailable(
+                st.last_error_reason
+                    .unwrap_or(Reason::JwkRemoteFailedToLoad),
+            ))
+        } else {
+            drop(st);
             self.inner.kid_suppressed.fetch_add(1, Ordering::Relaxed);
-            return Err(ResolveError::UnknownKid);
-        };
+            Err(ResolveError::UnknownKid)
+        }
+    }
+
+    async fn finish_kid_refetch(
+        &self,
+        kid: &str,
+        fetch: SharedFetch,
+    ) -> Result<Arc<VerifyingKey>, ResolveError> {
         if let Err(e) = fetch.await {
             return Err(ResolveError::Unavailable(e.reason()));
         }

@@ -15,12 +15,14 @@
 
 pub mod authz;
 mod claims;
+pub mod client;
 pub mod config;
 pub mod emulator;
 pub mod error;
 pub mod identity;
 pub mod jwks;
 pub mod keys;
+pub mod layer;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::{
     error::AuthError,
     identity::{Identity, TokenType},
-    jwks::{KeyStore, ResolveError},
+    jwks::{KeyStore, ResolveError, SyncLookup},
+    keys::VerifyingKey,
     verify::{Decoded, Validation, Verifier, VerifyOptions, KID_MISMATCH},
 };
 
@@ -156,6 +157,43 @@ impl TokenVerifier {
 
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let pending = match self.begin(req)? {
+            Begin::Hit(identity) => return Ok(identity),
+            Begin::Miss(p) => p,
+        };
+        // From memory for a known kid; one rate-limited, single-flight refetch otherwise.
+        let key = self
+            .inner
+            .keys
+            .resolve(pending.decoded.kid())
+            .await
+            .map_err(resolve_error)?;
+        self.finish(pending, &key)
+    }
+
+    /// Verifies a token without waiting for I/O (for synchronous interceptors): keys already
+    /// loaded only. A token whose `kid` is not loaded starts the key store's rate-limited,
+    /// single-flight refetch in the background and fails closed at once with `UNAVAILABLE` /
+    /// `JWK_KID_MISMATCH` ("retry"); once the refetch is done, the same token verifies (key
+    /// found) or is refused with `UNAUTHENTICATED` / `JWK_KID_MISMATCH` (kid negative-cached).
+    /// Needs a tokio runtime to start the refetch; without one it answers `UNAVAILABLE`.
+    pub fn verify_now(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let pending = match self.begin(req)? {
+            Begin::Hit(identity) => return Ok(identity),
+            Begin::Miss(p) => p,
+        };
+        let key = match self.inner.keys.lookup_or_refetch(pending.decoded.kid()) {
+            SyncLookup::Found(k) => k,
+            SyncLookup::Refreshing => {
+                return Err(AuthError::Unavailable(crate::error::Reason::JwkKidMismatch))
+            }
+            SyncLookup::Failed(e) => return Err(resolve_error(e)),
+        };
+        self.finish(pending, &key)
+    }
+
+    /// Bounds, verdict cache, decoding and the type checks: everything before the key.
+    fn begin<'t>(&self, req: &VerifyRequest<'t>) -> Result<Begin<'t>, AuthError> {
         let token = req.token;
         if token.is_empty() {
             return Err(AuthError::InvalidRequest("token is empty"));
@@ -164,58 +202,88 @@ impl TokenVerifier {
             return Err(AuthError::InvalidRequest("token exceeds 16 KiB"));
         }
         let now = now_ms();
-        let cache_key = self.inner.cache.as_ref().map(|cache| {
-            let key = verdict_key(req);
-            (cache, key)
-        });
-        if let Some((cache, key)) = &cache_key {
+        let cache_key = self.inner.cache.as_ref().map(|_| verdict_key(req));
+        if let (Some(cache), Some(key)) = (&self.inner.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
                 if hit.valid_until_ms > now as f64
                     && hit.key_generation == self.inner.keys.generation()
                     && self.inner.keys.is_usable()
                 {
                     self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(hit.identity.clone());
+                    return Ok(Begin::Hit(hit.identity.clone()));
                 }
                 cache.invalidate(key);
             }
         }
-        let opts = VerifyOptions {
-            authorized_parties: req.authorized_parties,
-            accept_pending: req.accept_pending,
-            accepted_types: req.accepted_types,
-        };
         // Taken before the key is resolved: a verdict is cached against the key material it
         // could have been verified with, never a newer one (a withdrawn key voids it).
         let generation = self.inner.keys.generation();
         let decoded = Decoded::parse(token)?;
-        self.inner.core.check_type(&decoded, &opts)?;
-        // From memory for a known kid; one rate-limited, single-flight refetch otherwise.
-        let key = self
-            .inner
-            .keys
-            .resolve(decoded.kid())
-            .await
-            .map_err(|e| match e {
-                ResolveError::UnknownKid => AuthError::Rejected(KID_MISMATCH),
-                ResolveError::Unavailable(r) => AuthError::Unavailable(r),
-            })?;
+        self.inner.core.check_type(&decoded, &options(req))?;
+        Ok(Begin::Miss(Pending {
+            decoded,
+            cache_key,
+            generation,
+            now,
+            authorized_parties: req.authorized_parties,
+            accept_pending: req.accept_pending,
+            accepted_types: req.accepted_types,
+        }))
+    }
+
+    fn finish(&self, p: Pending<'_>, key: &VerifyingKey) -> Result<Arc<Identity>, AuthError> {
         self.inner
             .full_verifications
             .fetch_add(1, Ordering::Relaxed);
-        let identity = Arc::new(self.inner.core.verify_with_key(decoded, &key, &opts, now)?);
-        if let Some((cache, key)) = cache_key {
+        let opts = VerifyOptions {
+            authorized_parties: p.authorized_parties,
+            accept_pending: p.accept_pending,
+            accepted_types: p.accepted_types,
+        };
+        let identity = Arc::new(self.inner.core.verify_with_key(p.decoded, key, &opts, p.now)?);
+        if let (Some(cache), Some(key)) = (&self.inner.cache, p.cache_key) {
             cache.insert(
                 key,
                 Arc::new(CachedVerdict {
                     identity: identity.clone(),
                     valid_until_ms: identity.expires_at_ms()
                         + self.inner.core.validation().clock_skew_ms as f64,
-                    key_generation: generation,
+                    key_generation: p.generation,
                 }),
             );
         }
         Ok(identity)
+    }
+}
+
+enum Begin<'t> {
+    Hit(Arc<Identity>),
+    Miss(Pending<'t>),
+}
+
+/// A decoded token waiting for its key.
+struct Pending<'t> {
+    decoded: Decoded<'t>,
+    cache_key: Option<[u8; 32]>,
+    generation: u64,
+    now: i64,
+    authorized_parties: &'t [String],
+    accept_pending: bool,
+    accepted_types: &'t [TokenType],
+}
+
+fn options<'a>(req: &VerifyRequest<'a>) -> VerifyOptions<'a> {
+    VerifyOptions {
+        authorized_parties: req.authorized_parties,
+        accept_pending: req.accept_pending,
+        accepted_types: req.accepted_types,
+    }
+}
+
+fn resolve_error(e: ResolveError) -> AuthError {
+    match e {
+        ResolveError::UnknownKid => AuthError::Rejected(KID_MISMATCH),
+        ResolveError::Unavailable(r) => AuthError::Unavailable(r),
     }
 }
 
@@ -230,7 +298,7 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 /// SHA-256 over the token and every option that changes the verdict.
-fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
+pub(crate) fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(req.token.as_bytes());
     h.update([0u8, u8::from(req.accept_pending)]);

@@ -1,0 +1,69 @@
+//! A synchronous `tonic::service::Interceptor` for in-process verification.
+
+use std::sync::Arc;
+
+use tonic::{service::Interceptor, Request, Status};
+
+use super::{authorize, request_for, TokenSources, Verified};
+use crate::{policy::Rule, TokenVerifier};
+
+/// Authenticates every call of one service in-process, synchronously:
+/// `OrdersServer::with_interceptor(svc, AuthInterceptor::new(verifier, rule))`.
+///
+/// An interceptor does not see the method path, so it applies **one** [`Rule`] to the whole
+/// service (use [`super::AuthLayer`] for per-method policy). It never waits for I/O:
+///
+/// * known key → verified at once (or answered from the verdict cache);
+/// * unknown `kid` → the key store's rate-limited, single-flight refetch is started in the
+///   background and the call fails closed with `UNAVAILABLE` / `JWK_KID_MISMATCH` (message
+///   "retry shortly"). A retry after the refetch verifies (the key arrived) or gets
+///   `UNAUTHENTICATED` / `JWK_KID_MISMATCH` (the kid is unknown to Clerk and negative-cached);
+/// * no usable key material → `UNAVAILABLE`.
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    verifier: TokenVerifier,
+    rule: Arc<Rule>,
+    sources: Arc<TokenSources>,
+}
+
+impl std::fmt::Debug for AuthInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthInterceptor")
+            .field("rule", &self.rule)
+            .field("sources", &self.sources)
+            .finish()
+    }
+}
+
+impl AuthInterceptor {
+    /// An interceptor applying `rule` to every call.
+    pub fn new(verifier: TokenVerifier, rule: Rule) -> Self {
+        Self {
+            verifier,
+            rule: Arc::new(rule),
+            sources: Arc::new(TokenSources::default()),
+        }
+    }
+
+    /// Where tokens are read from.
+    pub fn token_sources(mut self, sources: TokenSources) -> Self {
+        self.sources = Arc::new(sources);
+        self
+    }
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if self.rule.is_public() {
+            return Ok(req);
+        }
+        let verified = {
+            let token = self.sources.extract(req.metadata().as_ref())?;
+            let identity = self.verifier.verify_now(&request_for(&self.rule, token))?;
+            authorize(&self.rule, &identity)?;
+            Verified::new(identity, token)
+        };
+        req.extensions_mut().insert(verified);
+        Ok(req)
+    }
+}
