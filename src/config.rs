@@ -151,7 +151,28 @@ fn parse_url(var: &'static str, s: &str) -> Result<url::Url, ConfigError> {
     Ok(u)
 }
 
+#[derive(clap::Parser)]
+struct EnvOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
 impl ServeArgs {
+    /// The settings from the environment alone (`CLERK_*`, `CLERK_AUTH_*`), defaults for the
+    /// rest — for programs that embed the verifier (the in-process auth layer) and take no
+    /// `serve` flags.
+    pub fn from_env() -> Self {
+        use clap::Parser as _;
+        match EnvOnly::try_parse_from(["clerk-grpc-auth"]) {
+            Ok(e) => e.args,
+            // Only a malformed enum value (CLERK_AUTH_LOG_FORMAT) can fail here.
+            Err(_) => ServeArgs {
+                listen: DEFAULT_LISTEN.to_owned(),
+                ..ServeArgs::default()
+            },
+        }
+    }
+
     /// Validates everything and builds the server configuration and listen address.
     pub fn to_config(&self) -> Result<(ServerConfig, SocketAddr), ConfigError> {
         let listen: SocketAddr = self.listen.trim().parse().map_err(|_| {

@@ -99,6 +99,29 @@ pub enum Lookup {
     Unavailable(Reason),
 }
 
+/// Owns a running key refresher ([`KeyStore::spawn_refresher`]); dropping it stops the task.
+#[derive(Debug)]
+pub struct RefresherGuard {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RefresherGuard {
+    /// Stops the refresher and waits until it has stopped.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RefresherGuard {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Outcome of [`KeyStore::lookup_or_refetch`].
 #[derive(Debug, Clone)]
 pub enum SyncLookup {
@@ -534,6 +557,18 @@ impl KeyStore {
             *s = usable;
             changed
         });
+    }
+
+    /// Spawns [`KeyStore::run`] on the current tokio runtime. The refresher stops when the
+    /// returned guard is dropped or [`RefresherGuard::shutdown`] is awaited — for embedding
+    /// the key store in a service (the in-process auth layer) without a [`crate::server::Server`].
+    pub fn spawn_refresher(&self) -> RefresherGuard {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(self.clone().run(stop.clone()));
+        RefresherGuard {
+            stop,
+            task: Some(task),
+        }
     }
 
     /// The refresher: loads keys, refreshes them every `refresh_interval`, retries failures

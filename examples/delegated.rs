@@ -1,0 +1,74 @@
+//! The Orders service protected by delegation: each new token is verified by a
+//! `clerk.auth.v1.AuthService` (e.g. `clerk-grpc-auth dev`), verdicts are cached for 10 s.
+//!
+//! With `cargo run --release -- dev` running in another terminal:
+//!
+//! ```sh
+//! cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://127.0.0.1:50051
+//! grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50062 examples.orders.v1.Orders/ListOrders
+//! ```
+//!
+//! `--auth-service` may be repeated: calls are balanced over every endpoint. While no
+//! AuthService answers, protected methods fail closed with `UNAVAILABLE`.
+
+#[path = "common/orders.rs"]
+mod orders;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clerk_grpc_auth::{
+    layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
+    telemetry::{self, LogFormat},
+};
+
+/// The Orders example service, delegating verification to AuthService.
+#[derive(Parser)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50062")]
+    listen: String,
+    /// AuthService endpoint(s), e.g. `http://127.0.0.1:50051`.
+    #[arg(long = "auth-service", required = true)]
+    auth_service: Vec<String>,
+    /// Per-call deadline of VerifyToken, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    deadline_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(LogFormat::Text);
+    let verifier = match DelegatedVerifier::new(DelegatedConfig {
+        endpoints: args.auth_service.clone(),
+        deadline: std::time::Duration::from_millis(args.deadline_ms),
+        ..DelegatedConfig::default()
+    }) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: --auth-service: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: --listen {}: {e}", args.listen);
+            return ExitCode::from(64);
+        }
+    };
+    eprintln!(
+        "orders (delegated auth via {}) listening on {}",
+        args.auth_service.join(", "),
+        listener.local_addr().map_or(args.listen.clone(), |a| a.to_string())
+    );
+    let layer = AuthLayer::delegated(verifier, orders::policy());
+    match orders::serve(listener, layer, clerk_grpc_auth::server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
