@@ -100,6 +100,12 @@ pub trait TokenSource: Send + Sync + 'static {
     fn token(&self) -> BoxFuture<'_, Result<String, Status>>;
 }
 
+impl<T: TokenSource> TokenSource for Arc<T> {
+    fn token(&self) -> BoxFuture<'_, Result<String, Status>> {
+        (**self).token()
+    }
+}
+
 /// A tower layer for a client channel: asks a [`TokenSource`] for a token before each call and
 /// sends it as `authorization: Bearer …` (sensitive).
 ///

@@ -191,15 +191,16 @@ impl DelegatedVerifier {
                         self.call(req).await
                     })
                     .await;
+                let fresh = ran.load(Ordering::Relaxed);
                 match got {
+                    // AuthService's own answer stands (it applies its clock skew).
+                    Ok(identity) if fresh => Ok(identity),
                     Ok(identity) if identity.expires_at > now_secs() => {
-                        if !ran.load(Ordering::Relaxed) {
-                            self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
-                        }
+                        self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
                         Ok(identity)
                     }
                     Ok(_) => {
-                        // Expired between insertion and use: never served stale.
+                        // A cached verdict past the token's exp is never served.
                         cache.invalidate(&key).await;
                         self.call(req).await
                     }
