@@ -61,7 +61,9 @@ async fn main() -> ExitCode {
     eprintln!(
         "orders (delegated auth via {}) listening on {}",
         args.auth_service.join(", "),
-        listener.local_addr().map_or(args.listen.clone(), |a| a.to_string())
+        listener
+            .local_addr()
+            .map_or(args.listen.clone(), |a| a.to_string())
     );
     let layer = AuthLayer::delegated(verifier, orders::policy());
     match orders::serve(listener, layer, clerk_grpc_auth::server::shutdown_signal()).await {

@@ -58,7 +58,9 @@ async fn main() -> ExitCode {
     };
     eprintln!(
         "orders (in-process auth) listening on {}",
-        listener.local_addr().map_or(args.listen.clone(), |a| a.to_string())
+        listener
+            .local_addr()
+            .map_or(args.listen.clone(), |a| a.to_string())
     );
     let layer = AuthLayer::in_process(verifier, orders::policy());
     let result = orders::serve(listener, layer, clerk_grpc_auth::server::shutdown_signal()).await;

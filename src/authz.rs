@@ -185,7 +185,7 @@ impl Check {
         }
         if let Some(asked) = &self.permission {
             let asked = norm(asked);
-            let ok = org.is_some_and(|o| o.permissions.iter().any(|p| *p == asked));
+            let ok = org.is_some_and(|o| o.permissions.contains(&asked));
             if !ok {
                 return (Dim::Fail, Unmet::Permission);
             }
@@ -266,7 +266,11 @@ fn scoped_match(asked: &str, lists: &crate::identity::Entitlements) -> bool {
     let mut parts = asked.split(':');
     let first = parts.next().unwrap_or_default();
     match parts.next() {
-        None => lists.user.iter().chain(&lists.organization).any(|v| v == first),
+        None => lists
+            .user
+            .iter()
+            .chain(&lists.organization)
+            .any(|v| v == first),
         Some(id) => match first {
             "o" | "org" | "organization" => lists.organization.iter().any(|v| v == id),
             "u" | "user" => lists.user.iter().any(|v| v == id),

@@ -186,7 +186,9 @@ where
         Box::pin(async move {
             let token = source.token().await.map_err(BoxError::from)?;
             let value = bearer_value(&token).map_err(|_| {
-                BoxError::from(Status::internal("the token source produced an invalid token"))
+                BoxError::from(Status::internal(
+                    "the token source produced an invalid token",
+                ))
             })?;
             req.headers_mut().insert(AUTHORIZATION, value);
             inner.call(req).await.map_err(Into::into)

@@ -287,7 +287,10 @@ impl Policy {
     /// When `path` is not of that form (a programming error; [`Policy::from_toml`] reports it
     /// as an error instead).
     pub fn method(mut self, path: &str, rule: Rule) -> Self {
-        assert!(is_method_path(path), "not a /pkg.Service/Method path: {path}");
+        assert!(
+            is_method_path(path),
+            "not a /pkg.Service/Method path: {path}"
+        );
         Arc::make_mut(&mut self.inner)
             .methods
             .insert(path.to_owned(), rule);
@@ -299,7 +302,10 @@ impl Policy {
     /// # Panics
     /// When `service` contains `/` or is empty.
     pub fn service(mut self, service: &str, rule: Rule) -> Self {
-        assert!(is_service_name(service), "not a pkg.Service name: {service}");
+        assert!(
+            is_service_name(service),
+            "not a pkg.Service name: {service}"
+        );
         Arc::make_mut(&mut self.inner)
             .services
             .insert(service.to_owned(), rule);
@@ -337,9 +343,7 @@ impl Policy {
             .map_err(|e| err(format!("[default]: {e}")))?;
         for (name, rule) in file.services {
             if !is_service_name(&name) {
-                return Err(err(format!(
-                    "[services.{name:?}]: not a pkg.Service name"
-                )));
+                return Err(err(format!("[services.{name:?}]: not a pkg.Service name")));
             }
             rule.validate()
                 .map_err(|e| err(format!("[services.{name:?}]: {e}")))?;
@@ -457,7 +461,9 @@ mod tests {
             ("[extra]\n", "extra"),
         ];
         for (text, needle) in cases {
-            let e = Policy::from_toml(text, "p.toml").expect_err(text).to_string();
+            let e = Policy::from_toml(text, "p.toml")
+                .expect_err(text)
+                .to_string();
             assert!(e.starts_with("policy p.toml: "), "{e}");
             assert!(e.contains(needle), "{text:?} → {e}");
         }
@@ -465,7 +471,8 @@ mod tests {
 
     #[test]
     fn any_expands_to_every_type() {
-        let p = Policy::from_toml("[default]\ntoken_types = [\"any\", \"api_key\"]\n", "t").unwrap();
+        let p =
+            Policy::from_toml("[default]\ntoken_types = [\"any\", \"api_key\"]\n", "t").unwrap();
         assert_eq!(p.rule_for("/a.B/C").token_types.len(), 4);
     }
 }

@@ -240,7 +240,11 @@ impl TokenVerifier {
             accept_pending: p.accept_pending,
             accepted_types: p.accepted_types,
         };
-        let identity = Arc::new(self.inner.core.verify_with_key(p.decoded, key, &opts, p.now)?);
+        let identity = Arc::new(
+            self.inner
+                .core
+                .verify_with_key(p.decoded, key, &opts, p.now)?,
+        );
         if let (Some(cache), Some(key)) = (&self.inner.cache, p.cache_key) {
             cache.insert(
                 key,
@@ -256,6 +260,8 @@ impl TokenVerifier {
     }
 }
 
+// Moved once per verification, on the stack; boxing `Pending` would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Begin<'t> {
     Hit(Arc<Identity>),
     Miss(Pending<'t>),

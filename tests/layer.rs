@@ -105,7 +105,9 @@ fn delegated(h: &Harness, adjust: impl FnOnce(&mut DelegatedConfig)) -> Delegate
 }
 
 fn sources() -> TokenSources {
-    TokenSources::default().with_metadata_key(CUSTOM_KEY).unwrap()
+    TokenSources::default()
+        .with_metadata_key(CUSTOM_KEY)
+        .unwrap()
 }
 
 fn policy() -> Policy {
@@ -146,7 +148,9 @@ fn with_cred<T>(msg: T, cred: Cred<'_>) -> Request<T> {
         Cred::Cookie(t) => {
             md.insert(
                 "cookie",
-                format!("theme=dark; __session={t}; other=1").parse().unwrap(),
+                format!("theme=dark; __session={t}; other=1")
+                    .parse()
+                    .unwrap(),
             );
         }
         Cred::Custom(t) => {
@@ -179,13 +183,14 @@ async fn call(
             c.ping(with_cred(PingRequest {}, cred)).await?;
             return Ok((String::new(), String::new()));
         }
-        Call::List => c
-            .list_orders(with_cred(ListOrdersRequest {}, cred))
-            .await?
-            .into_inner()
-            .caller,
-        Call::Delete => c
-            .delete_order(with_cred(
+        Call::List => {
+            c.list_orders(with_cred(ListOrdersRequest {}, cred))
+                .await?
+                .into_inner()
+                .caller
+        }
+        Call::Delete => {
+            c.delete_order(with_cred(
                 DeleteOrderRequest {
                     order_id: "ord_1".into(),
                 },
@@ -193,7 +198,8 @@ async fn call(
             ))
             .await?
             .into_inner()
-            .caller,
+            .caller
+        }
         Call::Watch => {
             let mut stream = c
                 .watch_orders(with_cred(WatchOrdersRequest { interval_ms: 5 }, cred))
@@ -244,7 +250,12 @@ async fn table(mode: Mode) {
     use Cred::*;
     let cases: Vec<(&str, Call, Cred<'_>, Want)> = vec![
         ("valid token", List, Bearer(&member), Want::Caller),
-        ("valid token, v2 permission", Delete, Bearer(&deleter), Want::Caller),
+        (
+            "valid token, v2 permission",
+            Delete,
+            Bearer(&deleter),
+            Want::Caller,
+        ),
         ("role check passes", Watch, Bearer(&admin), Want::Caller),
         (
             "expired",
@@ -314,14 +325,21 @@ async fn table(mode: Mode) {
         let got = call(&svc.client, method, cred).await;
         match (want, got) {
             (Want::Caller, Ok((user, org))) => {
-                assert_eq!((user.as_str(), org.as_str()), (USER, ORG), "{mode:?} {name}");
+                assert_eq!(
+                    (user.as_str(), org.as_str()),
+                    (USER, ORG),
+                    "{mode:?} {name}"
+                );
             }
             (Want::Public, Ok(_)) => {}
             (Want::Refused(code, r), Err(status)) => {
                 assert_eq!(status.code(), code, "{mode:?} {name}: {status:?}");
                 assert_eq!(reason(&status), r, "{mode:?} {name}");
                 if let Bearer(t) | Cookie(t) | Custom(t) = cred {
-                    assert!(!status.message().contains(t), "{name}: message echoes the token");
+                    assert!(
+                        !status.message().contains(t),
+                        "{name}: message echoes the token"
+                    );
                 }
             }
             (_, got) => panic!("{mode:?} {name}: unexpected {got:?}"),
@@ -329,7 +347,9 @@ async fn table(mode: Mode) {
     }
 
     // A denial says what was required.
-    let status = call(&svc.client, Delete, Bearer(&member)).await.unwrap_err();
+    let status = call(&svc.client, Delete, Bearer(&member))
+        .await
+        .unwrap_err();
     let info = status.get_details_error_info().unwrap();
     assert_eq!(info.metadata["permission"], orders::DELETE_PERMISSION);
 }
@@ -430,7 +450,11 @@ async fn delegated_concurrent_identical_misses_make_one_rpc() {
     for r in futures::future::join_all(calls).await {
         r.unwrap().unwrap();
     }
-    assert_eq!(served(&h) - before, 1, "50 concurrent misses, one VerifyToken");
+    assert_eq!(
+        served(&h) - before,
+        1,
+        "50 concurrent misses, one VerifyToken"
+    );
     assert_eq!(d.stats().rpcs, 1);
 }
 
@@ -451,7 +475,9 @@ async fn delegated_fails_closed_while_auth_service_is_down_and_recovers() {
         let mut h = h;
         let clerk = std::mem::replace(
             &mut h.clerk,
-            clerk_grpc_auth::emulator::Emulator::start_local().await.unwrap(),
+            clerk_grpc_auth::emulator::Emulator::start_local()
+                .await
+                .unwrap(),
         );
         h.stop().await;
         clerk
@@ -493,7 +519,10 @@ async fn delegated_fails_closed_while_auth_service_is_down_and_recovers() {
             }
         }
     }
-    assert!(recovered, "the layer did not recover after AuthService returned");
+    assert!(
+        recovered,
+        "the layer did not recover after AuthService returned"
+    );
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
@@ -605,7 +634,9 @@ async fn interceptor_verifies_in_process_and_fails_closed_on_an_unknown_kid() {
             .unwrap(),
     );
     let token = h.mint(&spec("member", &[]));
-    let (user, _) = call(&client, Call::List, Cred::Bearer(&token)).await.unwrap();
+    let (user, _) = call(&client, Call::List, Cred::Bearer(&token))
+        .await
+        .unwrap();
     assert_eq!(user, USER);
     let status = call(&client, Call::List, Cred::None).await.unwrap_err();
     assert_eq!(reason(&status), "TOKEN_MISSING");
@@ -637,8 +668,11 @@ async fn interceptor_verifies_in_process_and_fails_closed_on_an_unknown_kid() {
     // allows none right now, so it is suppressed) — is refused as UNAUTHENTICATED.
     let mut header = h.clerk.session_header();
     header["kid"] = "ins_neverIssued".into();
-    let claims = serde_json::Value::Object(spec("member", &[]).claims("https://clerk.test", common::now()));
-    let forged = h.clerk.sign(&header, &claims, clerk_grpc_auth::keys::Alg::RS256);
+    let claims =
+        serde_json::Value::Object(spec("member", &[]).claims("https://clerk.test", common::now()));
+    let forged = h
+        .clerk
+        .sign(&header, &claims, clerk_grpc_auth::keys::Alg::RS256);
     let status = call(&client, Call::List, Cred::Bearer(&forged))
         .await
         .unwrap_err();
@@ -673,7 +707,11 @@ async fn client_credentials_static_async_and_forwarded() {
 
     // Static token interceptor.
     let mut c = OrdersClient::with_interceptor(channel.clone(), BearerToken::new(&token).unwrap());
-    let r = c.list_orders(ListOrdersRequest {}).await.unwrap().into_inner();
+    let r = c
+        .list_orders(ListOrdersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.caller.unwrap().user_id, USER);
 
     // Async token source behind a tower layer.
@@ -686,7 +724,11 @@ async fn client_credentials_static_async_and_forwarded() {
         .service(channel.clone());
     let mut c = OrdersClient::new(svc_with_creds);
     for _ in 0..3 {
-        let r = c.list_orders(ListOrdersRequest {}).await.unwrap().into_inner();
+        let r = c
+            .list_orders(ListOrdersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.caller.unwrap().user_id, USER);
     }
     assert_eq!(src.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
@@ -709,10 +751,8 @@ async fn client_credentials_static_async_and_forwarded() {
 
     // Forwarding: a verified incoming request's token goes onto the outgoing one.
     let mut incoming = Request::new(());
-    let verified = clerk_grpc_auth::layer::AuthInterceptor::new(
-        h.verifier.clone(),
-        Rule::authenticated(),
-    );
+    let verified =
+        clerk_grpc_auth::layer::AuthInterceptor::new(h.verifier.clone(), Rule::authenticated());
     let mut verified = verified;
     incoming
         .metadata_mut()

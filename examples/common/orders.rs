@@ -58,7 +58,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::OrderEvent, Status>> + S
 
 #[tonic::async_trait]
 impl Orders for OrdersService {
-    async fn ping(&self, _: Request<pb::PingRequest>) -> Result<Response<pb::PingResponse>, Status> {
+    async fn ping(
+        &self,
+        _: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
         Ok(Response::new(pb::PingResponse {
             message: "pong".into(),
         }))

@@ -64,7 +64,10 @@ impl<B> std::fmt::Debug for ExpiringBody<B> {
 fn expired_trailers() -> HeaderMap {
     let mut t = HeaderMap::new();
     t.insert("grpc-status", http::HeaderValue::from_static("16"));
-    t.insert("grpc-message", http::HeaderValue::from_static("token expired"));
+    t.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("token expired"),
+    );
     t
 }
 

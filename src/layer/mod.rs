@@ -286,10 +286,7 @@ fn log_refusal(path: &str, token: Option<&str>, err: &AuthError) {
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Auth<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Default + Send + 'static,
@@ -349,7 +346,9 @@ where
 }
 
 fn refusal<B: Default>(e: AuthError) -> http::Response<ExpiringBody<B>> {
-    Status::from(e).into_http::<B>().map(ExpiringBody::unbounded)
+    Status::from(e)
+        .into_http::<B>()
+        .map(ExpiringBody::unbounded)
 }
 
 /// Time left until `exp` (seconds since the epoch); zero when past.

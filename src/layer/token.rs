@@ -159,13 +159,18 @@ mod tests {
 
     #[test]
     fn sources_in_order() {
-        let s = TokenSources::default().with_metadata_key("x-clerk-token").unwrap();
+        let s = TokenSources::default()
+            .with_metadata_key("x-clerk-token")
+            .unwrap();
         let h = headers(&[
             ("authorization", b"Bearer a.b.c"),
             ("cookie", b"theme=dark; __session=c.o.o"),
         ]);
         assert_eq!(s.extract(&h).unwrap(), "a.b.c");
-        let h = headers(&[("x-clerk-token", b"k.e.y"), ("authorization", b"Bearer a.b.c")]);
+        let h = headers(&[
+            ("x-clerk-token", b"k.e.y"),
+            ("authorization", b"Bearer a.b.c"),
+        ]);
         assert_eq!(s.extract(&h).unwrap(), "k.e.y");
         let h = headers(&[("x-clerk-token", b"bearer  k.e.y")]);
         assert_eq!(s.extract(&h).unwrap(), "k.e.y");
@@ -196,9 +201,15 @@ mod tests {
             assert_eq!(reason(s.extract(&h)), "TOKEN_INVALID", "{bad:?}");
         }
         // A malformed authorization is not skipped in favour of the cookie.
-        let h = headers(&[("authorization", b"Basic x"), ("cookie", b"__session=c.o.o")]);
+        let h = headers(&[
+            ("authorization", b"Basic x"),
+            ("cookie", b"__session=c.o.o"),
+        ]);
         assert_eq!(reason(s.extract(&h)), "TOKEN_INVALID");
-        let h = headers(&[("authorization", b"Bearer a"), ("authorization", b"Bearer b")]);
+        let h = headers(&[
+            ("authorization", b"Bearer a"),
+            ("authorization", b"Bearer b"),
+        ]);
         assert_eq!(reason(s.extract(&h)), "TOKEN_INVALID");
         // Cookie disabled: only the header counts.
         let s = s.with_session_cookie(false);

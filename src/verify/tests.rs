@@ -475,3 +475,40 @@ fn has_matches_every_fixture_expectation() {
     both.feature = Some("org:reservations".into());
     assert!(id.has(&both));
 }
+
+#[test]
+fn identity_survives_the_wire_unchanged() {
+    // The delegated layer rebuilds the identity from VerifyToken's answer: the handler must see
+    // the same identity as in-process.
+    let name = "derived_v2_session_jwt";
+    let id = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS)
+        .verify(
+            &token(name),
+            &mock_jwks(),
+            &VerifyOptions::default(),
+            clock(name),
+        )
+        .unwrap();
+    let back = Identity::from_proto(id.to_proto());
+    assert_eq!(back.user_id, id.user_id);
+    assert_eq!(back.session_id, id.session_id);
+    assert_eq!(back.session_status, id.session_status);
+    assert_eq!(back.organization, id.organization);
+    assert_eq!(back.features, id.features);
+    assert_eq!(back.plans, id.plans);
+    assert_eq!(back.actor, id.actor);
+    assert_eq!(back.factor_verification_age, id.factor_verification_age);
+    assert_eq!(
+        back.factor_verification_age_exact(),
+        id.factor_verification_age_exact()
+    );
+    assert_eq!(back.issuer, id.issuer);
+    assert_eq!(back.authorized_party, id.authorized_party);
+    assert_eq!(back.issued_at, id.issued_at);
+    assert_eq!(back.expires_at, id.expires_at);
+    assert_eq!(back.not_before, id.not_before);
+    assert_eq!(back.token_id, id.token_id);
+    assert_eq!(back.claims_version, id.claims_version);
+    assert_eq!(back.claims(), id.claims());
+    assert_eq!(back.token_type, id.token_type);
+}
