@@ -314,6 +314,12 @@ Mint more tokens:
 
 TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
 
+Protect your own service (the Orders example; Ping is public, DeleteOrder needs org:orders:delete):
+
+CLERK_JWKS_URL={emu_url}/.well-known/jwks.json cargo run --release --example in_process -- --listen 127.0.0.1:50061
+cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://{addr}
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.orders.v1.Orders/ListOrders
+
 Ctrl-C stops both.
 "#,
         emu_url = emu.url(),
