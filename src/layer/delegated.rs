@@ -184,6 +184,14 @@ impl DelegatedVerifier {
             None => self.call(req).await,
             Some(cache) => {
                 let key = verdict_key(req);
+                // The common case, without the coalescing machinery.
+                if let Some(identity) = cache.get(&key).await {
+                    if identity.expires_at > now_secs() {
+                        self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(identity);
+                    }
+                    cache.invalidate(&key).await;
+                }
                 let ran = std::sync::atomic::AtomicBool::new(false);
                 let got = cache
                     .try_get_with(key, async {

@@ -58,10 +58,10 @@ impl Interceptor for AuthInterceptor {
             return Ok(req);
         }
         let verified = {
-            let token = self.sources.extract(req.metadata().as_ref())?;
+            let (token, header) = self.sources.extract_with_header(req.metadata().as_ref())?;
             let identity = self.verifier.verify_now(&request_for(&self.rule, token))?;
             authorize(&self.rule, &identity)?;
-            Verified::new(identity, token)
+            Verified::new(identity, header, token)
         };
         req.extensions_mut().insert(verified);
         Ok(req)

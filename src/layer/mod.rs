@@ -78,14 +78,22 @@ impl Authenticate for TokenVerifier {
 #[derive(Clone)]
 pub struct Verified {
     identity: Arc<Identity>,
-    token: Arc<str>,
+    /// The header value that carried the token (shared, not copied) and where the token is.
+    header: http::HeaderValue,
+    token_at: std::ops::Range<usize>,
 }
 
 impl Verified {
-    pub(crate) fn new(identity: Arc<Identity>, token: &str) -> Self {
+    /// `token` must be a slice of `header`'s bytes.
+    pub(crate) fn new(identity: Arc<Identity>, header: &http::HeaderValue, token: &str) -> Self {
+        let base = header.as_bytes().as_ptr() as usize;
+        let start = (token.as_ptr() as usize).saturating_sub(base);
+        let token_at = start..start + token.len();
+        debug_assert_eq!(header.as_bytes().get(token_at.clone()), Some(token.as_bytes()));
         Self {
             identity,
-            token: token.into(),
+            header: header.clone(),
+            token_at,
         }
     }
 
@@ -97,7 +105,11 @@ impl Verified {
     /// The token the call was verified with (to forward it to the next service, see
     /// [`crate::client::forward_token`]). Keep it out of logs.
     pub fn token(&self) -> &str {
-        &self.token
+        self.header
+            .as_bytes()
+            .get(self.token_at.clone())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -105,7 +117,7 @@ impl std::fmt::Debug for Verified {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verified")
             .field("user_id", &self.identity.user_id)
-            .field("token", &token_fingerprint(&self.token))
+            .field("token", &token_fingerprint(self.token()))
             .finish()
     }
 }
@@ -313,7 +325,7 @@ where
                     .await
                     .map(|r| r.map(ExpiringBody::unbounded));
             }
-            let token = match shared.sources.extract(req.headers()) {
+            let (token, header) = match shared.sources.extract_with_header(req.headers()) {
                 Ok(t) => t,
                 Err(e) => {
                     log_refusal(path, None, &e);
@@ -334,7 +346,7 @@ where
             let deadline = shared
                 .end_streams_at_expiry
                 .then(|| until(identity.expires_at));
-            let verified = Verified::new(identity, token);
+            let verified = Verified::new(identity, header, token);
             req.extensions_mut().insert(verified);
             let res = inner.call(req).await?;
             Ok(res.map(|b| match deadline {
