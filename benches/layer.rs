@@ -178,7 +178,9 @@ fn bench_layer(c: &mut Criterion) {
     for (name, layer, distinct) in cases {
         let svc = layer.layer(Echo);
         // Warm: keys, connection, the hot token's verdict.
-        let res = rt.block_on(svc.clone().oneshot(request(&tokens[1]))).unwrap();
+        let res = rt
+            .block_on(svc.clone().oneshot(request(&tokens[1])))
+            .unwrap();
         assert!(
             res.headers().get("grpc-status").is_none(),
             "{name}: warm-up call refused: {:?}",

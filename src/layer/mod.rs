@@ -89,7 +89,10 @@ impl Verified {
         let base = header.as_bytes().as_ptr() as usize;
         let start = (token.as_ptr() as usize).saturating_sub(base);
         let token_at = start..start + token.len();
-        debug_assert_eq!(header.as_bytes().get(token_at.clone()), Some(token.as_bytes()));
+        debug_assert_eq!(
+            header.as_bytes().get(token_at.clone()),
+            Some(token.as_bytes())
+        );
         Self {
             identity,
             header: header.clone(),

@@ -89,7 +89,10 @@ impl TokenSources {
     }
 }
 
-fn single<'h>(headers: &'h HeaderMap, key: &HeaderName) -> Result<Option<&'h HeaderValue>, AuthError> {
+fn single<'h>(
+    headers: &'h HeaderMap,
+    key: &HeaderName,
+) -> Result<Option<&'h HeaderValue>, AuthError> {
     let mut values = headers.get_all(key).iter();
     let Some(first) = values.next() else {
         return Ok(None);
