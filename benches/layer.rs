@@ -204,5 +204,9 @@ fn bench_layer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_layer);
-criterion_main!(benches);
+mod harness {
+    #![allow(missing_docs)]
+    use super::*;
+    criterion_group!(benches, bench_layer);
+}
+criterion_main!(harness::benches);
