@@ -63,7 +63,9 @@ pub(crate) enum Cat {
     Absent,
     /// The session category or the "ignore" marker.
     Session,
-    /// Anything else (JWT template, M2M, unknown, `null`).
+    /// The M2M JWT category.
+    M2m,
+    /// Anything else (JWT template, unknown, `null`).
     Other,
 }
 

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use crate::{
     jwks::{KeySource, KeyStoreConfig, Secret},
     keys::{KeySet, VerifyingKey},
+    machine::MachineConfig,
     server::ServerConfig,
     telemetry::LogFormat,
     verify::Validation,
@@ -30,6 +31,10 @@ pub struct ServeArgs {
     /// Clerk secret key (`sk_…`): loads the JWKS from the Backend API.
     #[arg(long, env = "CLERK_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// Clerk machine secret key (`ak_…`): verifies opaque M2M tokens (else the secret key is
+    /// used) and creates M2M tokens for outgoing calls.
+    #[arg(long, env = "CLERK_MACHINE_SECRET_KEY", hide_env_values = true)]
+    pub machine_secret_key: Option<String>,
     /// Clerk JWT public key (PEM, or the bare base64 body): networkless verification.
     #[arg(long, env = "CLERK_JWT_KEY", hide_env_values = true)]
     pub jwt_key: Option<String>,
@@ -88,6 +93,10 @@ impl std::fmt::Debug for ServeArgs {
         f.debug_struct("ServeArgs")
             .field("listen", &self.listen)
             .field("secret_key", &self.secret_key.as_ref().map(|_| "…"))
+            .field(
+                "machine_secret_key",
+                &self.machine_secret_key.as_ref().map(|_| "…"),
+            )
             .field("jwt_key", &self.jwt_key.as_ref().map(|_| "…"))
             .field("api_url", &self.api_url)
             .field("jwks_url", &self.jwks_url)
@@ -201,6 +210,22 @@ impl ServeArgs {
             }
             Some(s) => Some(Secret::new(s)),
         };
+        let machine_secret = match non_empty(&self.machine_secret_key) {
+            None => None,
+            Some(s) if !s.starts_with("ak_") => {
+                return Err(err(
+                    "CLERK_MACHINE_SECRET_KEY",
+                    "a Clerk machine secret key starts with ak_",
+                ))
+            }
+            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(err(
+                    "CLERK_MACHINE_SECRET_KEY",
+                    "contains whitespace or control characters",
+                ))
+            }
+            Some(s) => Some(Secret::new(s)),
+        };
         let api_url = match non_empty(&self.api_url) {
             None => None,
             Some(s) => Some(parse_url("CLERK_API_URL", s)?),
@@ -209,6 +234,17 @@ impl ServeArgs {
             None => None,
             Some(s) => Some(parse_url("CLERK_JWKS_URL", s)?),
         };
+
+        // Opaque machine tokens go to the Backend API with whichever secret keys are set.
+        let machine = (secret.is_some() || machine_secret.is_some()).then(|| {
+            MachineConfig::new(
+                api_url
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL")),
+                secret.clone(),
+                machine_secret,
+            )
+        });
 
         // Precedence: networkless key, then an explicit JWKS URL, then the Backend API.
         let key_source = if let Some(pem) = non_empty(&self.jwt_key) {
@@ -285,6 +321,7 @@ impl ServeArgs {
                 key_source,
                 key_store,
                 verifier,
+                machine,
                 shutdown_grace,
             },
             listen,

@@ -60,6 +60,14 @@ pub enum Reason {
     TokenMissing,
     /// The AuthService a delegated layer relies on did not answer (down, deadline, error).
     AuthServiceUnavailable,
+    /// The machine token (opaque M2M token, API key, OAuth token) was revoked.
+    TokenRevoked,
+    /// Clerk's Backend API could not verify a machine token (network, 5xx, timeout).
+    BackendApiUnavailable,
+    /// Too many machine-token verifications: our per-source limit, or Clerk's 429.
+    RateLimited,
+    /// Machine tokens need `CLERK_SECRET_KEY` or `CLERK_MACHINE_SECRET_KEY`, and none is set.
+    SecretKeyMissing,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -70,6 +78,10 @@ pub struct VerifyError {
     pub reason: Reason,
     /// A short human-readable explanation. Never contains the token or claim values.
     pub message: &'static str,
+    /// The underlying check, when Clerk reports a coarser reason (a machine JWT that failed
+    /// any claim check is `TOKEN_VERIFICATION_FAILED`, as in Clerk's SDK; `cause` says
+    /// `TOKEN_EXPIRED`). Sent as `ErrorInfo.metadata["cause"]`.
+    pub cause: Option<Reason>,
 }
 
 /// Failures while loading Clerk keys.
@@ -130,6 +142,17 @@ pub enum AuthError {
     /// Authenticated, but the policy does not allow the call: `PERMISSION_DENIED`.
     #[error("permission denied (reason={})", .0.unmet.as_str())]
     Denied(Denial),
+    /// Our own configuration is wrong (Clerk refused our secret key, or none is set for
+    /// machine tokens): `FAILED_PRECONDITION`. Retrying will not help.
+    #[error("misconfigured (reason={})", .0.clerk_reason())]
+    Misconfigured(Reason),
+    /// Machine-token verification is rate limited (our per-source limit, or Clerk's 429):
+    /// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo`.
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        /// When a retry may succeed.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// Why an authenticated caller was refused by policy: the requirement not met and what it
@@ -166,6 +189,10 @@ impl Reason {
             Reason::InvalidRequest => "INVALID_REQUEST",
             Reason::TokenMissing => "TOKEN_MISSING",
             Reason::AuthServiceUnavailable => "AUTH_SERVICE_UNAVAILABLE",
+            Reason::TokenRevoked => "TOKEN_REVOKED",
+            Reason::BackendApiUnavailable => "BACKEND_API_UNAVAILABLE",
+            Reason::RateLimited => "RATE_LIMITED",
+            Reason::SecretKeyMissing => "SECRET_KEY_MISSING",
         }
     }
 
@@ -190,11 +217,15 @@ impl Reason {
             Reason::InvalidRequest => "invalid-request",
             Reason::TokenMissing => "token-missing",
             Reason::AuthServiceUnavailable => "auth-service-unavailable",
+            Reason::TokenRevoked => "token-revoked",
+            Reason::BackendApiUnavailable => "backend-api-unavailable",
+            Reason::RateLimited => "rate-limited",
+            Reason::SecretKeyMissing => "secret-key-missing",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 22] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -213,6 +244,10 @@ impl Reason {
         Reason::InvalidRequest,
         Reason::TokenMissing,
         Reason::AuthServiceUnavailable,
+        Reason::TokenRevoked,
+        Reason::BackendApiUnavailable,
+        Reason::RateLimited,
+        Reason::SecretKeyMissing,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -232,7 +267,20 @@ impl std::fmt::Display for Reason {
 impl VerifyError {
     /// A rejection with a fixed message.
     pub const fn new(reason: Reason, message: &'static str) -> Self {
-        Self { reason, message }
+        Self {
+            reason,
+            message,
+            cause: None,
+        }
+    }
+
+    /// Reports this error as `reason`, keeping its own reason as the cause.
+    pub const fn reported_as(self, reason: Reason) -> Self {
+        Self {
+            reason,
+            message: self.message,
+            cause: Some(self.reason),
+        }
     }
 }
 
@@ -258,6 +306,8 @@ impl AuthError {
             AuthError::Rejected(e) => e.reason.as_str(),
             AuthError::Unavailable(r) => r.as_str(),
             AuthError::Denied(d) => d.unmet.as_str(),
+            AuthError::Misconfigured(r) => r.as_str(),
+            AuthError::RateLimited { .. } => Reason::RateLimited.as_str(),
         }
     }
 
@@ -268,6 +318,8 @@ impl AuthError {
             AuthError::Rejected(_) => Code::Unauthenticated,
             AuthError::Unavailable(_) => Code::Unavailable,
             AuthError::Denied(_) => Code::PermissionDenied,
+            AuthError::Misconfigured(_) => Code::FailedPrecondition,
+            AuthError::RateLimited { .. } => Code::ResourceExhausted,
         }
     }
 
@@ -282,8 +334,18 @@ impl AuthError {
             AuthError::Unavailable(Reason::JwkKidMismatch) => {
                 "the token's signing key is being fetched; retry shortly"
             }
+            AuthError::Unavailable(Reason::BackendApiUnavailable) => {
+                "Clerk's Backend API could not verify the machine token; retry later"
+            }
             AuthError::Unavailable(_) => "authentication is unavailable; retry later",
             AuthError::Denied(_) => "the caller is not allowed to call this method",
+            AuthError::Misconfigured(Reason::SecretKeyMissing) => {
+                "machine tokens need CLERK_SECRET_KEY or CLERK_MACHINE_SECRET_KEY on the server"
+            }
+            AuthError::Misconfigured(_) => {
+                "Clerk refused the server's secret key; the server is misconfigured"
+            }
+            AuthError::RateLimited { .. } => "too many machine-token verifications; retry later",
         }
     }
 }
@@ -296,13 +358,16 @@ impl From<AuthError> for Status {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
+            AuthError::Rejected(VerifyError {
+                cause: Some(cause), ..
+            }) => [("cause".to_owned(), cause.as_str().to_owned())].into(),
             _ => std::collections::HashMap::new(),
         };
-        Status::with_error_details(
-            err.code(),
-            err.message(),
-            ErrorDetails::with_error_info(err.reason_str(), ERROR_DOMAIN, metadata),
-        )
+        let mut details = ErrorDetails::with_error_info(err.reason_str(), ERROR_DOMAIN, metadata);
+        if let AuthError::RateLimited { retry_after } = &err {
+            details.set_retry_info(Some(*retry_after));
+        }
+        Status::with_error_details(err.code(), err.message(), details)
     }
 }
 

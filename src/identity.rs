@@ -49,11 +49,28 @@ pub struct Identity {
     pub token_id: Option<String>,
     /// 2 for v2 session claims (`v: 2`), otherwise 1.
     pub claims_version: u8,
+    /// Set for machine tokens (M2M, API key, OAuth).
+    pub machine: Option<MachineInfo>,
     /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
     fva_exact: Option<[f64; 2]>,
     /// The payload's JSON text, parsed on demand by [`Identity::claims`].
     raw_claims: Vec<u8>,
     claims: OnceLock<Map<String, Value>>,
+}
+
+/// What a machine token says about its bearer (Clerk's machine auth objects, §5.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MachineInfo {
+    /// `mch_…` (M2M: the calling machine), `user_…` (OAuth), `user_…` or `org_…` (API key).
+    pub subject: String,
+    /// Scopes; for M2M tokens the machine ids the token may call.
+    pub scopes: Vec<String>,
+    /// M2M tokens: the calling machine (= subject).
+    pub machine_id: Option<String>,
+    /// OAuth tokens: the client id.
+    pub client_id: Option<String>,
+    /// API keys: the key's name.
+    pub name: Option<String>,
 }
 
 /// The active organization of a session.
@@ -116,6 +133,7 @@ impl PartialEq for Identity {
             && self.not_before == o.not_before
             && self.token_id == o.token_id
             && self.claims_version == o.claims_version
+            && self.machine == o.machine
             && self.raw_claims == o.raw_claims
     }
 }
@@ -178,6 +196,7 @@ impl Identity {
             not_before: c.nbf.as_f64(),
             token_id: c.jti.into_string(),
             claims_version: if v2 { 2 } else { 1 },
+            machine: None,
             fva_exact,
             raw_claims,
             claims: OnceLock::new(),
@@ -193,6 +212,57 @@ impl Identity {
     /// `fva` as Clerk's `has()` reads it: `None` when absent or not two numbers each -1 or ≥ 0.
     pub fn factor_verification_age_exact(&self) -> Option<[f64; 2]> {
         self.fva_exact
+    }
+
+    /// An identity for a machine token (no session fields). `expires_at` is in seconds since
+    /// the epoch (`f64::INFINITY` when the token does not expire); `claims` are the token's
+    /// custom claims.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn for_machine(
+        token_type: TokenType,
+        token_id: String,
+        info: MachineInfo,
+        claims: Map<String, Value>,
+        issuer: Option<String>,
+        issued_at: Option<f64>,
+        expires_at: f64,
+        not_before: Option<f64>,
+    ) -> Self {
+        let subject = info.subject.as_str();
+        // Clerk's auth objects: OAuth → userId = subject; API key → userId / orgId by prefix.
+        let user_id = match token_type {
+            TokenType::OauthToken => subject.to_owned(),
+            TokenType::ApiKey if subject.starts_with("user_") => subject.to_owned(),
+            _ => String::new(),
+        };
+        let organization = (token_type == TokenType::ApiKey && subject.starts_with("org_"))
+            .then(|| Organization {
+                id: subject.to_owned(),
+                ..Organization::default()
+            });
+        let raw_claims = serde_json::to_vec(&claims).unwrap_or_default();
+        Identity {
+            token_type,
+            user_id,
+            session_id: None,
+            session_status: None,
+            organization,
+            features: Entitlements::default(),
+            plans: Entitlements::default(),
+            actor: None,
+            factor_verification_age: None,
+            issuer,
+            authorized_party: None,
+            issued_at,
+            expires_at,
+            not_before,
+            token_id: (!token_id.is_empty()).then_some(token_id),
+            claims_version: 0,
+            machine: Some(info),
+            fva_exact: None,
+            raw_claims,
+            claims: OnceLock::from(claims),
+        }
     }
 
     /// The expiry in milliseconds since the epoch.
@@ -246,10 +316,17 @@ impl Identity {
             issuer: none_if_empty(p.issuer),
             authorized_party: none_if_empty(p.authorized_party),
             issued_at: secs(p.issued_at),
-            expires_at: secs(p.expires_at).unwrap_or(0.0),
+            expires_at: secs(p.expires_at).unwrap_or(f64::INFINITY),
             not_before: secs(p.not_before),
             token_id: none_if_empty(p.token_id),
             claims_version: u8::try_from(p.claims_version).unwrap_or(1),
+            machine: p.machine.map(|m| MachineInfo {
+                subject: m.subject,
+                scopes: m.scopes,
+                machine_id: none_if_empty(m.machine_id),
+                client_id: none_if_empty(m.client_id),
+                name: none_if_empty(m.name),
+            }),
             fva_exact,
             raw_claims,
             claims: OnceLock::from(claims),
@@ -286,11 +363,18 @@ impl Identity {
             issuer: self.issuer.clone().unwrap_or_default(),
             authorized_party: self.authorized_party.clone().unwrap_or_default(),
             issued_at: self.issued_at.map(timestamp),
-            expires_at: Some(timestamp(self.expires_at)),
+            expires_at: self.expires_at.is_finite().then(|| timestamp(self.expires_at)),
             not_before: self.not_before.map(timestamp),
             claims: Some(json_map_to_struct(self.claims())),
             token_id: self.token_id.clone().unwrap_or_default(),
             claims_version: i32::from(self.claims_version),
+            machine: self.machine.as_ref().map(|m| pb::Machine {
+                subject: m.subject.clone(),
+                scopes: m.scopes.clone(),
+                machine_id: m.machine_id.clone().unwrap_or_default(),
+                client_id: m.client_id.clone().unwrap_or_default(),
+                name: m.name.clone().unwrap_or_default(),
+            }),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod jwks;
 pub mod keys;
 pub mod layer;
+pub mod machine;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -22,6 +22,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     jwks::{KeySource, KeyStore, KeyStoreConfig},
+    machine::{MachineConfig, MachineVerifier},
     service::AuthServiceImpl,
     TokenVerifier, TokenVerifierConfig,
 };
@@ -38,6 +39,9 @@ pub struct ServerConfig {
     pub key_store: KeyStoreConfig,
     /// Validation and verdict cache.
     pub verifier: TokenVerifierConfig,
+    /// Opaque machine tokens through the Backend API (`None`: refused with
+    /// `FAILED_PRECONDITION` / `SECRET_KEY_MISSING`).
+    pub machine: Option<MachineConfig>,
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
 }
@@ -72,6 +76,7 @@ impl ServerConfig {
             key_source,
             key_store: KeyStoreConfig::default(),
             verifier: TokenVerifierConfig::default(),
+            machine: None,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -92,8 +97,11 @@ impl Server {
     /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
     pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
         let http = http_client().map_err(ServerError::HttpClient)?;
+        let machine = config
+            .machine
+            .map(|m| MachineVerifier::new(m, http.clone()));
         let keys = KeyStore::new(config.key_source, config.key_store, http);
-        let verifier = TokenVerifier::new(config.verifier, keys);
+        let verifier = TokenVerifier::with_machine(config.verifier, keys, machine);
         Ok(Self {
             verifier,
             shutdown_grace: config.shutdown_grace,

@@ -35,7 +35,9 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
+        let source = req.client_ip.parse().ok().or(peer);
         let span = tracing::info_span!(
             "rpc",
             method = "VerifyToken",
@@ -44,7 +46,7 @@ impl AuthService for AuthServiceImpl {
             reason = tracing::field::Empty,
         );
         async move {
-            let result = self.verify(&req).await;
+            let result = self.verify(&req, source).await;
             let span = tracing::Span::current();
             match &result {
                 Ok(id) => {
@@ -80,7 +82,11 @@ pub const MAX_AUTHORIZED_PARTIES: usize = 64;
 pub const MAX_AUTHORIZED_PARTY_BYTES: usize = 2048;
 
 impl AuthServiceImpl {
-    async fn verify(&self, req: &pb::VerifyTokenRequest) -> Result<pb::Identity, AuthError> {
+    async fn verify(
+        &self,
+        req: &pb::VerifyTokenRequest,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<pb::Identity, AuthError> {
         if req.authorized_parties.len() > MAX_AUTHORIZED_PARTIES {
             return Err(AuthError::InvalidRequest(
                 "authorized_parties holds more than 64 entries",
@@ -117,6 +123,7 @@ impl AuthServiceImpl {
                 authorized_parties: &req.authorized_parties,
                 accept_pending: req.accept_pending_session,
                 accepted_types: &types,
+                source,
             })
             .await?;
         Ok(identity.to_proto())

@@ -16,6 +16,7 @@ use crate::{
     identity::{Identity, TokenType},
     jwks::{KeyStore, ResolveError, SyncLookup},
     keys::VerifyingKey,
+    machine::MachineVerifier,
     verify::{Decoded, Validation, Verifier, VerifyOptions, KID_MISMATCH},
 };
 
@@ -42,6 +43,9 @@ pub struct VerifyRequest<'a> {
     pub accept_pending: bool,
     /// Accepted token types; empty = session tokens only.
     pub accepted_types: &'a [TokenType],
+    /// Who is asking (the peer address), for the per-source limit on machine-token
+    /// verifications through the Backend API. Not part of the verdict.
+    pub source: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug)]
@@ -69,6 +73,7 @@ struct Inner {
     full_verifications: AtomicU64,
     keys: KeyStore,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
+    machine: Option<MachineVerifier>,
 }
 
 /// Verifies Clerk tokens with keys from a [`KeyStore`], caching verdicts. Cheap to clone.
@@ -118,8 +123,20 @@ fn now_ms() -> i64 {
 // === impl TokenVerifier ===
 
 impl TokenVerifier {
-    /// A verifier over `keys`.
+    /// A verifier over `keys`, for session tokens and JWT-format machine tokens. Opaque
+    /// machine tokens are refused with `FAILED_PRECONDITION` / `SECRET_KEY_MISSING` (see
+    /// [`TokenVerifier::with_machine`]).
     pub fn new(config: TokenVerifierConfig, keys: KeyStore) -> Self {
+        Self::with_machine(config, keys, None)
+    }
+
+    /// A verifier that also verifies opaque machine tokens (`mt_`, `oat_`, `ak_`) through the
+    /// Backend API with `machine`.
+    pub fn with_machine(
+        config: TokenVerifierConfig,
+        keys: KeyStore,
+        machine: Option<MachineVerifier>,
+    ) -> Self {
         let cache = (config.cache_capacity > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(config.cache_capacity)
@@ -133,6 +150,7 @@ impl TokenVerifier {
                 full_verifications: AtomicU64::new(0),
                 keys,
                 cache,
+                machine,
             }),
         }
     }
@@ -155,8 +173,21 @@ impl TokenVerifier {
         self.inner.core.validation()
     }
 
+    /// The opaque machine-token verifier, when configured.
+    pub fn machine(&self) -> Option<&MachineVerifier> {
+        self.inner.machine.as_ref()
+    }
+
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        if let Some(token_type) = self.opaque(req)? {
+            let machine = self
+                .inner
+                .machine
+                .as_ref()
+                .ok_or(AuthError::Misconfigured(crate::error::Reason::SecretKeyMissing))?;
+            return machine.verify(req.token, token_type, req.source).await;
+        }
         let pending = match self.begin(req)? {
             Begin::Hit(identity) => return Ok(identity),
             Begin::Miss(p) => p,
@@ -167,8 +198,26 @@ impl TokenVerifier {
             .keys
             .resolve(pending.decoded.kid())
             .await
-            .map_err(resolve_error)?;
+            .map_err(|e| resolve_error(e, pending.decoded.token_type()))?;
         self.finish(pending, &key)
+    }
+
+    /// An opaque machine token (by prefix)? Checks it is accepted (Clerk's `acceptsToken`:
+    /// no network call for a type the caller does not take).
+    fn opaque(&self, req: &VerifyRequest<'_>) -> Result<Option<TokenType>, AuthError> {
+        let Some(t) = crate::machine::opaque_type(req.token) else {
+            return Ok(None);
+        };
+        if req.token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::InvalidRequest("token exceeds 16 KiB"));
+        }
+        if !req.accepted_types.contains(&t) {
+            return Err(AuthError::Rejected(crate::error::VerifyError::new(
+                crate::error::Reason::TokenTypeMismatch,
+                "This machine token type is not accepted here.",
+            )));
+        }
+        Ok(Some(t))
     }
 
     /// Verifies a token without waiting for I/O (for synchronous interceptors): keys already
@@ -177,7 +226,16 @@ impl TokenVerifier {
     /// `JWK_KID_MISMATCH` ("retry"); once the refetch is done, the same token verifies (key
     /// found) or is refused with `UNAUTHENTICATED` / `JWK_KID_MISMATCH` (kid negative-cached).
     /// Needs a tokio runtime to start the refetch; without one it answers `UNAVAILABLE`.
+    ///
+    /// Opaque machine tokens need a Backend API call: they are refused here
+    /// (`UNAUTHENTICATED` / `TOKEN_TYPE_MISMATCH`) — use the async layer for them.
     pub fn verify_now(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        if self.opaque(req)?.is_some() {
+            return Err(AuthError::Rejected(crate::error::VerifyError::new(
+                crate::error::Reason::TokenTypeMismatch,
+                "Opaque machine tokens cannot be verified synchronously; use the auth layer.",
+            )));
+        }
         let pending = match self.begin(req)? {
             Begin::Hit(identity) => return Ok(identity),
             Begin::Miss(p) => p,
@@ -187,7 +245,7 @@ impl TokenVerifier {
             SyncLookup::Refreshing => {
                 return Err(AuthError::Unavailable(crate::error::Reason::JwkKidMismatch))
             }
-            SyncLookup::Failed(e) => return Err(resolve_error(e)),
+            SyncLookup::Failed(e) => return Err(resolve_error(e, pending.decoded.token_type())),
         };
         self.finish(pending, &key)
     }
@@ -286,8 +344,12 @@ fn options<'a>(req: &VerifyRequest<'a>) -> VerifyOptions<'a> {
     }
 }
 
-fn resolve_error(e: ResolveError) -> AuthError {
+fn resolve_error(e: ResolveError, token_type: TokenType) -> AuthError {
     match e {
+        // Clerk reports every machine-JWT failure as token-verification-failed (§4.2).
+        ResolveError::UnknownKid if token_type != TokenType::SessionToken => AuthError::Rejected(
+            KID_MISMATCH.reported_as(crate::error::Reason::TokenVerificationFailed),
+        ),
         ResolveError::UnknownKid => AuthError::Rejected(KID_MISMATCH),
         ResolveError::Unavailable(r) => AuthError::Unavailable(r),
     }

@@ -194,17 +194,40 @@ impl Verifier {
                 }
                 match d.header.cat {
                     Cat::Absent | Cat::Session => Ok(()),
-                    Cat::Other => Err(VerifyError::new(
+                    Cat::M2m | Cat::Other => Err(VerifyError::new(
                         Reason::TokenTypeMismatch,
                         "The token's category is not a session token (JWT template or machine token).",
                     )),
                 }
             }
-            // Machine tokens are verified by the machine-token path, which this server does
-            // not offer yet: refuse them as Clerk does when they are not accepted.
-            _ => Err(VerifyError::new(
+            TokenType::M2mToken => {
+                if !accepts(TokenType::M2mToken) {
+                    return Err(VerifyError::new(
+                        Reason::TokenTypeMismatch,
+                        "M2M tokens are not accepted here.",
+                    ));
+                }
+                match d.header.cat {
+                    Cat::Absent | Cat::M2m => Ok(()),
+                    Cat::Session | Cat::Other => Err(VerifyError::new(
+                        Reason::TokenInvalid,
+                        "Invalid M2M JWT category.",
+                    )),
+                }
+            }
+            TokenType::OauthToken => {
+                if accepts(TokenType::OauthToken) {
+                    Ok(())
+                } else {
+                    Err(VerifyError::new(
+                        Reason::TokenTypeMismatch,
+                        "OAuth access tokens are not accepted here.",
+                    ))
+                }
+            }
+            TokenType::ApiKey | TokenType::Unspecified => Err(VerifyError::new(
                 Reason::TokenTypeMismatch,
-                "Machine tokens are not accepted here.",
+                "This token type is not accepted here.",
             )),
         }
     }
@@ -236,6 +259,22 @@ impl Verifier {
         now_ms: i64,
     ) -> Result<Identity, VerifyError> {
         self.check_type(&d, opts)?;
+        if d.token_type == TokenType::SessionToken {
+            return self.verify_session(d, key, opts, now_ms);
+        }
+        // Machine JWTs (§4.2): any failure past the type check is reported as Clerk does,
+        // `token-verification-failed`, with the underlying reason kept as the cause.
+        self.verify_machine_jwt(d, key, opts, now_ms)
+            .map_err(|e| e.reported_as(Reason::TokenVerificationFailed))
+    }
+
+    fn verify_session(
+        &self,
+        d: Decoded<'_>,
+        key: &VerifyingKey,
+        opts: &VerifyOptions<'_>,
+        now_ms: i64,
+    ) -> Result<Identity, VerifyError> {
         // typ: absent, or exactly "JWT".
         match d.header.typ {
             Typ::Absent | Typ::Jwt => {}
@@ -246,32 +285,14 @@ impl Verifier {
                 ))
             }
         }
-        let alg = d.header.alg.ok_or(VerifyError::new(
-            Reason::TokenInvalidAlgorithm,
-            "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
-        ))?;
-        match key.verify(alg, d.signing_input.as_bytes(), &d.signature) {
-            Ok(()) => {}
-            Err(SigError::Invalid) => {
-                return Err(VerifyError::new(
-                    Reason::TokenInvalidSignature,
-                    "JWT signature is invalid.",
-                ))
-            }
-            Err(SigError::Mismatch) => {
-                return Err(VerifyError::new(
-                    Reason::TokenVerificationFailed,
-                    "Error verifying JWT signature: the key does not accept this algorithm.",
-                ))
-            }
-        }
+        check_signature(&d, key)?;
         let Decoded {
             claims,
             payload_json,
             token_type,
             ..
         } = d;
-        self.check_claims(&claims, opts, now_ms)?;
+        self.check_claims(&claims, opts, now_ms, true)?;
         if claims.sts.as_str() == Some("pending") && !opts.accept_pending {
             return Err(VerifyError::new(
                 Reason::SessionPending,
@@ -286,11 +307,40 @@ impl Verifier {
         })
     }
 
+    fn verify_machine_jwt(
+        &self,
+        d: Decoded<'_>,
+        key: &VerifyingKey,
+        opts: &VerifyOptions<'_>,
+        now_ms: i64,
+    ) -> Result<Identity, VerifyError> {
+        let typ_ok = match d.token_type {
+            // M2M JWTs use the default header type: absent or "JWT".
+            TokenType::M2mToken => matches!(d.header.typ, Typ::Absent | Typ::Jwt),
+            // OAuth JWTs: "at+jwt" or "application/at+jwt" (how they were recognised).
+            _ => d.header.typ == Typ::AccessToken,
+        };
+        if !typ_ok {
+            return Err(VerifyError::new(Reason::TokenInvalid, "Invalid JWT type."));
+        }
+        check_signature(&d, key)?;
+        self.check_claims(&d.claims, opts, now_ms, false)?;
+        Ok(crate::machine::identity_from_jwt(
+            d.token_type,
+            &d.claims,
+            &d.payload_json,
+        ))
+    }
+
+    /// `sub`, `aud`, `azp`, `iss`, `exp`, `nbf`, `iat`. Audience and authorized parties are
+    /// session-token checks (`session`): a machine JWT's `aud` lists machine ids and it has no
+    /// `azp` (see the README on where we differ from Clerk).
     fn check_claims(
         &self,
         c: &RawClaims,
         opts: &VerifyOptions<'_>,
         now_ms: i64,
+        session: bool,
     ) -> Result<(), VerifyError> {
         let failed = |m| VerifyError::new(Reason::TokenVerificationFailed, m);
         let v = &self.validation;
@@ -305,12 +355,14 @@ impl Verifier {
         }
 
         // aud
-        if !audience_ok(c.aud.as_ref(), &v.audience) {
+        if session && !audience_ok(c.aud.as_ref(), &v.audience) {
             return Err(failed("Invalid JWT audience claim (aud)."));
         }
 
         // azp
-        let parties = if opts.authorized_parties.is_empty() {
+        let parties = if !session {
+            &[][..]
+        } else if opts.authorized_parties.is_empty() {
             &v.authorized_parties[..]
         } else {
             opts.authorized_parties
@@ -371,6 +423,24 @@ impl Verifier {
             "Invalid JWT issued at date claim (iat): not a number.",
         )?;
         Ok(())
+    }
+}
+
+fn check_signature(d: &Decoded<'_>, key: &VerifyingKey) -> Result<(), VerifyError> {
+    let alg = d.header.alg.ok_or(VerifyError::new(
+        Reason::TokenInvalidAlgorithm,
+        "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
+    ))?;
+    match key.verify(alg, d.signing_input.as_bytes(), &d.signature) {
+        Ok(()) => Ok(()),
+        Err(SigError::Invalid) => Err(VerifyError::new(
+            Reason::TokenInvalidSignature,
+            "JWT signature is invalid.",
+        )),
+        Err(SigError::Mismatch) => Err(VerifyError::new(
+            Reason::TokenVerificationFailed,
+            "Error verifying JWT signature: the key does not accept this algorithm.",
+        )),
     }
 }
 

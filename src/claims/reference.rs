@@ -10,7 +10,7 @@ use serde::{
 use super::{Cat, Lenient, Payload, RawClaims, RawHeader, RawOrg, Typ};
 use crate::{
     keys::Alg,
-    verify::{CAT_IGNORE, CAT_SESSION},
+    verify::{CAT_IGNORE, CAT_M2M, CAT_SESSION},
 };
 
 /// A header value, borrowed from the decoded header when possible.
@@ -211,6 +211,7 @@ impl FromMembers for RawHeader {
             "cat" => {
                 self.cat = match map.next_value::<HeaderVal<'de>>()? {
                     HeaderVal::Str(c) if c == CAT_SESSION || c == CAT_IGNORE => Cat::Session,
+                    HeaderVal::Str(c) if c == CAT_M2M => Cat::M2m,
                     _ => Cat::Other,
                 }
             }

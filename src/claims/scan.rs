@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use super::{Cat, Lenient, Payload, RawClaims, RawHeader, RawOrg, Typ};
 use crate::{
     keys::Alg,
-    verify::{CAT_IGNORE, CAT_SESSION},
+    verify::{CAT_IGNORE, CAT_M2M, CAT_SESSION},
 };
 
 const MAX_DEPTH: usize = 128;
@@ -102,6 +102,7 @@ pub(crate) fn parse_header(json: &[u8]) -> R<RawHeader> {
             "cat" => {
                 h.cat = match v.as_deref() {
                     Some(c) if c == CAT_SESSION || c == CAT_IGNORE => Cat::Session,
+                    Some(c) if c == CAT_M2M => Cat::M2m,
                     _ => Cat::Other,
                 }
             }

@@ -232,6 +232,7 @@ impl DelegatedVerifier {
             authorized_parties: req.authorized_parties.to_vec(),
             accept_pending_session: req.accept_pending,
             accepted_token_types: req.accepted_types.iter().map(|t| *t as i32).collect(),
+            client_ip: req.source.map(|ip| ip.to_string()).unwrap_or_default(),
         });
         request.set_timeout(self.inner.deadline);
         let mut client = self.inner.client.clone();
@@ -254,11 +255,23 @@ fn from_status(status: &Status) -> AuthError {
         .get_details_error_info()
         .and_then(|i| Reason::from_upper_snake(&i.reason));
     match status.code() {
-        Code::Unauthenticated => AuthError::Rejected(VerifyError::new(
-            reason.unwrap_or(Reason::TokenInvalid),
-            "the token was rejected by AuthService",
-        )),
+        Code::Unauthenticated => AuthError::Rejected(VerifyError {
+            reason: reason.unwrap_or(Reason::TokenInvalid),
+            message: "the token was rejected by AuthService",
+            cause: status
+                .get_details_error_info()
+                .and_then(|i| i.metadata.get("cause").and_then(|c| Reason::from_upper_snake(c))),
+        }),
         Code::InvalidArgument => AuthError::InvalidRequest("the token was refused as malformed"),
+        Code::FailedPrecondition => {
+            AuthError::Misconfigured(reason.unwrap_or(Reason::SecretKeyInvalid))
+        }
+        Code::ResourceExhausted => AuthError::RateLimited {
+            retry_after: status
+                .get_details_retry_info()
+                .and_then(|r| r.retry_delay)
+                .unwrap_or(Duration::from_secs(1)),
+        },
         Code::Unavailable => {
             AuthError::Unavailable(reason.unwrap_or(Reason::AuthServiceUnavailable))
         }

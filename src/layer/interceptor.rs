@@ -59,7 +59,10 @@ impl Interceptor for AuthInterceptor {
         }
         let verified = {
             let (token, header) = self.sources.extract_with_header(req.metadata().as_ref())?;
-            let identity = self.verifier.verify_now(&request_for(&self.rule, token))?;
+            let source = req.remote_addr().map(|a| a.ip());
+            let identity = self
+                .verifier
+                .verify_now(&request_for(&self.rule, token, source))?;
             authorize(&self.rule, &identity)?;
             Verified::new(identity, header, token)
         };

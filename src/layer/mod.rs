@@ -279,13 +279,25 @@ pub(crate) fn authorize(rule: &Rule, identity: &Identity) -> Result<(), AuthErro
     rule.authorize(identity).map_err(AuthError::Denied)
 }
 
-pub(crate) fn request_for<'a>(rule: &'a Rule, token: &'a str) -> VerifyRequest<'a> {
+pub(crate) fn request_for<'a>(
+    rule: &'a Rule,
+    token: &'a str,
+    source: Option<std::net::IpAddr>,
+) -> VerifyRequest<'a> {
     VerifyRequest {
         token,
         authorized_parties: &[],
         accept_pending: rule.accept_pending,
         accepted_types: &rule.token_types,
+        source,
     }
+}
+
+/// The peer's address, as tonic's server records it.
+fn peer_ip(ext: &http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .map(|a| a.ip())
 }
 
 fn log_refusal(path: &str, token: Option<&str>, err: &AuthError) {
@@ -335,7 +347,12 @@ where
                     return Ok(refusal(e));
                 }
             };
-            let verdict = match shared.auth.authenticate(request_for(rule, token)).await {
+            let source = peer_ip(req.extensions());
+            let verdict = match shared
+                .auth
+                .authenticate(request_for(rule, token, source))
+                .await
+            {
                 Ok(identity) => authorize(rule, &identity).map(|()| identity),
                 Err(e) => Err(e),
             };
