@@ -94,6 +94,12 @@ pub enum Unmet {
     Plan,
     /// A more recent factor verification is needed.
     Reverification,
+    /// A scope the rule requires is not among the machine token's scopes.
+    Scope,
+    /// An M2M token that does not list this service's machine id in its scopes.
+    MachineNotAllowed,
+    /// An API key owned by the wrong kind of subject (user vs organization).
+    ApiKeyOwner,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -361,6 +367,9 @@ impl Unmet {
             Unmet::Feature => "FEATURE_REQUIRED",
             Unmet::Plan => "PLAN_REQUIRED",
             Unmet::Reverification => "REVERIFICATION_REQUIRED",
+            Unmet::Scope => "SCOPE_REQUIRED",
+            Unmet::MachineNotAllowed => "MACHINE_NOT_ALLOWED",
+            Unmet::ApiKeyOwner => "API_KEY_OWNER_MISMATCH",
         }
     }
 }

@@ -8,7 +8,14 @@
 //! | `POST /emulator/tokens` | mints a session token from a [`TokenSpec`] (JSON); answers `{"object":"token","jwt":…}` |
 //! | `POST /emulator/keys/rotate` | rotates the signing key (the old key stays in the JWKS); answers `{"kid":…}` |
 //! | `PUT /emulator/faults` | `{"jwks_status": 503}` makes both JWKS endpoints fail; `null` heals |
-//! | `GET /emulator/stats` | `{"jwks_requests": n}` |
+//! | `GET /emulator/stats` | `{"jwks_requests": n, "bapi_requests": n}` |
+//! | `POST /m2m_tokens` | creates an M2M token (Bearer machine secret key; `seconds_until_expiration`, `claims`, `token_format: "jwt"`) |
+//! | `POST /m2m_tokens/verify`, `/api_keys/verify`, `/oauth_applications/access_tokens/verify` | Clerk's verify endpoints (also under `/v1`); unknown → 404, revoked / expired → 400 `token_revoked` / `token_expired` |
+//! | `POST /m2m_tokens/{id}/revoke`, `/api_keys/{id}/revoke` | revoke (Bearer secret or machine secret key) |
+//! | `POST /api_keys` | creates an API key (Bearer secret key; `subject`, `name`, `scopes`, `claims`) |
+//! | `POST /emulator/machines` | creates a machine `{"name", "scopes": [callee ids]}` → id and machine secret key |
+//! | `POST /emulator/machine_tokens` | mints any machine token from a [`MachineTokenSpec`] → `{"token": …}` |
+//! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the machine endpoints fail; `null` heals |
 //!
 //! Tests start it in-process on `127.0.0.1:0`:
 //!
@@ -47,6 +54,10 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{keys::Alg, verify::CAT_SESSION};
+
+mod machines;
+
+pub use machines::{Machine, MachineTokenKind, MachineTokenSpec};
 
 /// An RSA-2048 signing key with a Clerk-like kid (`ins_…`).
 pub struct SigningKey {
@@ -111,6 +122,9 @@ struct Shared {
     keys: Mutex<Vec<Arc<SigningKey>>>,
     jwks_failure: Mutex<Option<u16>>,
     jwks_requests: watch::Sender<u64>,
+    machines: Mutex<machines::MachineState>,
+    bapi_failure: Mutex<Option<machines::BapiFault>>,
+    bapi_requests: watch::Sender<u64>,
 }
 
 /// A running emulator. Dropping it stops the server.
@@ -385,7 +399,16 @@ impl Emulator {
             keys: Mutex::new(vec![Arc::new(key)]),
             jwks_failure: Mutex::new(None),
             jwks_requests: watch::Sender::new(0),
+            machines: Mutex::new(machines::MachineState::default()),
+            bapi_failure: Mutex::new(None),
+            bapi_requests: watch::Sender::new(0),
         });
+        // One machine from the start, so that `token --m2m` works without setup.
+        shared
+            .machines
+            .lock()
+            .expect("lock")
+            .create_machine("default");
         let app = Router::new()
             .route("/v1/jwks", get(bapi_jwks))
             .route("/.well-known/jwks.json", get(public_jwks))
@@ -393,6 +416,7 @@ impl Emulator {
             .route("/emulator/keys/rotate", post(rotate_key))
             .route("/emulator/faults", put(set_faults))
             .route("/emulator/stats", get(stats))
+            .merge(machines::routes())
             .with_state(shared.clone());
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -473,6 +497,72 @@ impl Emulator {
     pub async fn wait_jwks_requests(&self, n: u64) {
         let mut rx = self.shared.jwks_requests.subscribe();
         let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Creates a machine (id `mch_…`, machine secret key `ak_…`).
+    pub fn create_machine(&self, name: &str) -> Machine {
+        self.shared
+            .machines
+            .lock()
+            .expect("lock")
+            .create_machine(name)
+    }
+
+    /// The machine created at start (`token --m2m` uses it by default).
+    pub fn default_machine(&self) -> Machine {
+        self.shared
+            .machines
+            .lock()
+            .expect("lock")
+            .first()
+            .expect("a default machine")
+    }
+
+    /// Lets `caller`'s M2M tokens call `callee` (adds `callee` to `caller`'s scopes). `false`
+    /// when `caller` does not exist.
+    pub fn allow(&self, caller: &str, callee: &str) -> bool {
+        self.shared
+            .machines
+            .lock()
+            .expect("lock")
+            .allow(caller, callee)
+    }
+
+    /// Mints a machine token; returns the token.
+    ///
+    /// # Panics
+    /// When the spec names a machine that does not exist, or asks for a JWT API key.
+    pub fn mint_machine(&self, spec: &MachineTokenSpec) -> String {
+        self.shared
+            .mint_machine_token(spec)
+            .unwrap_or_else(|e| panic!("mint_machine: {e}"))
+            .0
+    }
+
+    /// Revokes an opaque machine token (by token or id).
+    pub fn revoke(&self, token_or_id: &str) -> bool {
+        self.shared
+            .machines
+            .lock()
+            .expect("lock")
+            .revoke(token_or_id, Some("revoked by test".into()))
+            .is_some()
+    }
+
+    /// Makes the machine-token verify endpoints answer `status` (with `Retry-After:
+    /// retry_after` seconds when given), or heal with `None`.
+    pub fn set_bapi_failure(&self, failure: Option<(u16, Option<u64>)>) {
+        *self.shared.bapi_failure.lock().expect("lock") =
+            failure.map(|(status, retry_after)| machines::BapiFault {
+                status,
+                retry_after,
+            });
+    }
+
+    /// Backend API machine-token requests served so far (create, verify, revoke; failed
+    /// ones included).
+    pub fn bapi_requests(&self) -> u64 {
+        *self.shared.bapi_requests.borrow()
     }
 
     /// Stops the server and waits for it.
@@ -634,7 +724,11 @@ async fn set_faults(State(s): State<Arc<Shared>>, Json(f): Json<Faults>) -> Resp
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Response {
-    Json(json!({"jwks_requests": *s.jwks_requests.borrow()})).into_response()
+    Json(json!({
+        "jwks_requests": *s.jwks_requests.borrow(),
+        "bapi_requests": *s.bapi_requests.borrow(),
+    }))
+    .into_response()
 }
 
 #[cfg(test)]

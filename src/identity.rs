@@ -235,10 +235,12 @@ impl Identity {
             TokenType::ApiKey if subject.starts_with("user_") => subject.to_owned(),
             _ => String::new(),
         };
-        let organization = (token_type == TokenType::ApiKey && subject.starts_with("org_"))
-            .then(|| Organization {
-                id: subject.to_owned(),
-                ..Organization::default()
+        let organization =
+            (token_type == TokenType::ApiKey && subject.starts_with("org_")).then(|| {
+                Organization {
+                    id: subject.to_owned(),
+                    ..Organization::default()
+                }
             });
         let raw_claims = serde_json::to_vec(&claims).unwrap_or_default();
         Identity {
@@ -363,7 +365,10 @@ impl Identity {
             issuer: self.issuer.clone().unwrap_or_default(),
             authorized_party: self.authorized_party.clone().unwrap_or_default(),
             issued_at: self.issued_at.map(timestamp),
-            expires_at: self.expires_at.is_finite().then(|| timestamp(self.expires_at)),
+            expires_at: self
+                .expires_at
+                .is_finite()
+                .then(|| timestamp(self.expires_at)),
             not_before: self.not_before.map(timestamp),
             claims: Some(json_map_to_struct(self.claims())),
             token_id: self.token_id.clone().unwrap_or_default(),

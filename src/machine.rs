@@ -3,10 +3,12 @@
 //! through Clerk's Backend API ([`MachineVerifier`], in `machine/bapi.rs`).
 
 mod bapi;
+mod source;
 
 use serde_json::{Map, Value};
 
 pub use bapi::{MachineConfig, MachineStats, MachineVerifier};
+pub use source::{M2mTokenSource, M2mTokenSourceConfig};
 
 use crate::{
     claims::RawClaims,

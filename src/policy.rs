@@ -87,6 +87,23 @@ pub struct Rule {
     /// Whether `pending` sessions pass (default: no, as in Clerk).
     #[serde(default)]
     pub accept_pending: bool,
+    /// Scopes a machine token must carry, all of them (M2M: machine ids; OAuth: OAuth scopes;
+    /// API keys: their scopes). A token without scopes (a session token) fails.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// API keys must be owned by a user (`user`) or an organization (`org`).
+    #[serde(default)]
+    pub api_key_owner: Option<ApiKeyOwner>,
+}
+
+/// Who owns an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiKeyOwner {
+    /// `subject` is `user_…`.
+    User,
+    /// `subject` is `org_…`.
+    Org,
 }
 
 /// The per-method policy. Cheap to clone (the tables are shared).
@@ -97,6 +114,7 @@ pub struct Policy {
 
 #[derive(Debug, Clone)]
 struct Tables {
+    machine_id: Option<String>,
     default: Rule,
     services: HashMap<String, Rule>,
     methods: HashMap<String, Rule>,
@@ -105,6 +123,7 @@ struct Tables {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    machine_id: Option<String>,
     default: Option<Rule>,
     #[serde(default)]
     services: HashMap<String, Rule>,
@@ -167,6 +186,8 @@ impl Rule {
             require: Vec::new(),
             token_types: session_only(),
             accept_pending: false,
+            scopes: Vec::new(),
+            api_key_owner: None,
         }
     }
 
@@ -190,6 +211,18 @@ impl Rule {
         self
     }
 
+    /// Requires a scope on machine tokens.
+    pub fn require_scope(mut self, scope: impl Into<String>) -> Self {
+        self.scopes.push(scope.into());
+        self
+    }
+
+    /// Limits API keys to user- or organization-owned ones.
+    pub fn api_key_owner(mut self, owner: ApiKeyOwner) -> Self {
+        self.api_key_owner = Some(owner);
+        self
+    }
+
     /// Lets `pending` sessions through.
     pub fn accept_pending(mut self, yes: bool) -> Self {
         self.accept_pending = yes;
@@ -202,8 +235,38 @@ impl Rule {
     }
 
     /// Runs the rule's checks against a verified identity (token type and pending status are
-    /// the verifier's business: they are rejections, not denials).
-    pub fn authorize(&self, identity: &Identity) -> Result<(), Denial> {
+    /// the verifier's business: they are rejections, not denials). `machine_id` is this
+    /// service's machine id: an M2M token must list it in its scopes (Clerk's M2M semantics).
+    pub fn authorize(&self, identity: &Identity, machine_id: Option<&str>) -> Result<(), Denial> {
+        let deny = |unmet, required: Vec<(&'static str, String)>| Err(Denial { unmet, required });
+        let scopes = identity
+            .machine
+            .as_ref()
+            .map(|m| &m.scopes[..])
+            .unwrap_or(&[]);
+        if let (Some(own), TokenType::M2mToken) = (machine_id, identity.token_type) {
+            if !scopes.iter().any(|s| s == own) {
+                return deny(
+                    Unmet::MachineNotAllowed,
+                    vec![("machine_id", own.to_owned())],
+                );
+            }
+        }
+        for s in &self.scopes {
+            if !scopes.contains(s) {
+                return deny(Unmet::Scope, vec![("scope", s.clone())]);
+            }
+        }
+        if let (Some(owner), TokenType::ApiKey) = (self.api_key_owner, identity.token_type) {
+            let subject = identity.machine.as_ref().map_or("", |m| m.subject.as_str());
+            let (ok, want) = match owner {
+                ApiKeyOwner::User => (subject.starts_with("user_"), "user"),
+                ApiKeyOwner::Org => (subject.starts_with("org_"), "org"),
+            };
+            if !ok {
+                return deny(Unmet::ApiKeyOwner, vec![("owner", want.to_owned())]);
+            }
+        }
         for check in &self.require {
             if let Err(unmet) = check.evaluate(identity) {
                 return Err(Denial {
@@ -216,7 +279,12 @@ impl Rule {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.is_public() && (!self.require.is_empty() || self.accept_pending) {
+        if self.is_public()
+            && (!self.require.is_empty()
+                || self.accept_pending
+                || !self.scopes.is_empty()
+                || self.api_key_owner.is_some())
+        {
             return Err("a public rule cannot require anything".into());
         }
         if self.token_types.is_empty() {
@@ -224,6 +292,9 @@ impl Rule {
         }
         for (i, c) in self.require.iter().enumerate() {
             c.validate().map_err(|e| format!("require[{i}] {e}"))?;
+        }
+        if self.scopes.iter().any(|s| s.trim().is_empty()) {
+            return Err("scopes holds an empty scope".into());
         }
         Ok(())
     }
@@ -274,11 +345,29 @@ impl Policy {
             .collect();
         Self {
             inner: Arc::new(Tables {
+                machine_id: None,
                 default,
                 services,
                 methods: HashMap::new(),
             }),
         }
+    }
+
+    /// This service's machine id (`mch_…`): every M2M token must list it in its scopes, as
+    /// Clerk's M2M tokens name the machines they may call.
+    pub fn machine_id(mut self, id: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.inner).machine_id = Some(id.into());
+        self
+    }
+
+    /// This service's machine id, when set.
+    pub fn own_machine_id(&self) -> Option<&str> {
+        self.inner.machine_id.as_deref()
+    }
+
+    /// Runs `rule` (looked up with [`Policy::rule_for`]) against `identity`.
+    pub fn authorize(&self, rule: &Rule, identity: &Identity) -> Result<(), Denial> {
+        rule.authorize(identity, self.own_machine_id())
     }
 
     /// Sets the rule of one method, `/pkg.Service/Method`.
@@ -336,6 +425,14 @@ impl Policy {
         };
         let file: PolicyFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         let mut policy = Self::with_default(file.default.unwrap_or_else(Rule::authenticated));
+        if let Some(id) = file.machine_id {
+            if !id.starts_with("mch_") {
+                return Err(err(format!(
+                    "machine_id {id:?}: a machine id starts with mch_"
+                )));
+            }
+            policy = policy.machine_id(id);
+        }
         policy
             .inner
             .default

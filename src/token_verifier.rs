@@ -181,11 +181,9 @@ impl TokenVerifier {
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         if let Some(token_type) = self.opaque(req)? {
-            let machine = self
-                .inner
-                .machine
-                .as_ref()
-                .ok_or(AuthError::Misconfigured(crate::error::Reason::SecretKeyMissing))?;
+            let machine = self.inner.machine.as_ref().ok_or(AuthError::Misconfigured(
+                crate::error::Reason::SecretKeyMissing,
+            ))?;
             return machine.verify(req.token, token_type, req.source).await;
         }
         let pending = match self.begin(req)? {

@@ -258,9 +258,11 @@ fn from_status(status: &Status) -> AuthError {
         Code::Unauthenticated => AuthError::Rejected(VerifyError {
             reason: reason.unwrap_or(Reason::TokenInvalid),
             message: "the token was rejected by AuthService",
-            cause: status
-                .get_details_error_info()
-                .and_then(|i| i.metadata.get("cause").and_then(|c| Reason::from_upper_snake(c))),
+            cause: status.get_details_error_info().and_then(|i| {
+                i.metadata
+                    .get("cause")
+                    .and_then(|c| Reason::from_upper_snake(c))
+            }),
         }),
         Code::InvalidArgument => AuthError::InvalidRequest("the token was refused as malformed"),
         Code::FailedPrecondition => {

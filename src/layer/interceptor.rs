@@ -24,6 +24,7 @@ pub struct AuthInterceptor {
     verifier: TokenVerifier,
     rule: Arc<Rule>,
     sources: Arc<TokenSources>,
+    machine_id: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AuthInterceptor {
@@ -42,7 +43,14 @@ impl AuthInterceptor {
             verifier,
             rule: Arc::new(rule),
             sources: Arc::new(TokenSources::default()),
+            machine_id: None,
         }
+    }
+
+    /// This service's machine id: M2M tokens must list it in their scopes.
+    pub fn machine_id(mut self, id: &str) -> Self {
+        self.machine_id = Some(id.into());
+        self
     }
 
     /// Where tokens are read from.
@@ -63,7 +71,7 @@ impl Interceptor for AuthInterceptor {
             let identity = self
                 .verifier
                 .verify_now(&request_for(&self.rule, token, source))?;
-            authorize(&self.rule, &identity)?;
+            authorize(&self.rule, self.machine_id.as_deref(), &identity)?;
             Verified::new(identity, header, token)
         };
         req.extensions_mut().insert(verified);

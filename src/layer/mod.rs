@@ -273,10 +273,15 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
     }
 }
 
-/// Authenticates and authorizes one call against `rule`: the part shared by the layer and
-/// the interceptor.
-pub(crate) fn authorize(rule: &Rule, identity: &Identity) -> Result<(), AuthError> {
-    rule.authorize(identity).map_err(AuthError::Denied)
+/// Authorizes one verified call against `rule`: the part shared by the layer and the
+/// interceptor.
+pub(crate) fn authorize(
+    rule: &Rule,
+    machine_id: Option<&str>,
+    identity: &Identity,
+) -> Result<(), AuthError> {
+    rule.authorize(identity, machine_id)
+        .map_err(AuthError::Denied)
 }
 
 pub(crate) fn request_for<'a>(
@@ -353,7 +358,9 @@ where
                 .authenticate(request_for(rule, token, source))
                 .await
             {
-                Ok(identity) => authorize(rule, &identity).map(|()| identity),
+                Ok(identity) => {
+                    authorize(rule, shared.policy.own_machine_id(), &identity).map(|()| identity)
+                }
                 Err(e) => Err(e),
             };
             let identity = match verdict {

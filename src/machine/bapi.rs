@@ -191,8 +191,7 @@ struct ApiError {
     code: String,
 }
 
-const NOT_FOUND: VerifyError =
-    VerifyError::new(Reason::TokenInvalid, "Machine token not found.");
+const NOT_FOUND: VerifyError = VerifyError::new(Reason::TokenInvalid, "Machine token not found.");
 const REVOKED: VerifyError =
     VerifyError::new(Reason::TokenRevoked, "The machine token has been revoked.");
 const EXPIRED: VerifyError =
