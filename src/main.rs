@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use clerk_grpc_auth::{
     config::ServeArgs,
-    emulator::{Emulator, EmulatorConfig, OrgSpec, TokenSpec},
+    emulator::{Emulator, EmulatorConfig, MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec},
     jwks::{KeySource, Secret},
+    machine::MachineConfig,
     server::{self, Server, ServerConfig},
     telemetry::{self, LogFormat},
 };
@@ -91,6 +92,34 @@ struct TokenArgs {
     /// Mint v1 claims instead of v2.
     #[arg(long)]
     v1: bool,
+    /// Mint an M2M token instead (opaque `mt_…`; `--jwt` for JWT format). `--machine` picks
+    /// the issuing machine (default: the emulator's first machine).
+    #[arg(long, group = "machine_kind")]
+    m2m: bool,
+    /// Mint an API key instead (`ak_…`); `--subject user_…|org_…` owns it.
+    #[arg(long, group = "machine_kind")]
+    api_key: bool,
+    /// Mint an OAuth access token instead (opaque `oat_…`, or `--jwt`); `--user` is its user.
+    #[arg(long, group = "machine_kind")]
+    oauth: bool,
+    /// Machine tokens in JWT format (M2M and OAuth).
+    #[arg(long)]
+    jwt: bool,
+    /// The issuing machine of an M2M token (`mch_…`).
+    #[arg(long)]
+    machine: Option<String>,
+    /// The owner of an API key (`user_…` or `org_…`).
+    #[arg(long)]
+    subject: Option<String>,
+    /// A scope of the machine token (repeat for more).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// OAuth client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// API key name.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -176,6 +205,9 @@ async fn emulator(listen: String, secret_key: Option<String>) -> ExitCode {
 }
 
 async fn token(args: TokenArgs) -> ExitCode {
+    if args.m2m || args.api_key || args.oauth {
+        return machine_token(args).await;
+    }
     let org = (args.org.is_some() || args.role.is_some() || !args.permissions.is_empty())
         .then_some(OrgSpec {
             id: args.org,
@@ -197,8 +229,42 @@ async fn token(args: TokenArgs) -> ExitCode {
         "{}/emulator/tokens",
         args.emulator_url.trim_end_matches('/')
     );
-    let resp = reqwest::Client::new().post(&url).json(&spec).send().await;
-    let body: serde_json::Value = match resp {
+    print_field(&url, &spec, "jwt").await
+}
+
+async fn machine_token(args: TokenArgs) -> ExitCode {
+    let kind = if args.m2m {
+        MachineTokenKind::M2m
+    } else if args.api_key {
+        MachineTokenKind::ApiKey
+    } else {
+        MachineTokenKind::Oauth
+    };
+    let spec = MachineTokenSpec {
+        kind,
+        jwt: args.jwt,
+        subject: match kind {
+            MachineTokenKind::M2m => args.machine,
+            MachineTokenKind::ApiKey => args.subject,
+            MachineTokenKind::Oauth => args.user,
+        },
+        scopes: args.scopes,
+        expires_in: args.expires_in,
+        client_id: args.client_id,
+        name: args.name,
+        ..MachineTokenSpec::default()
+    };
+    let url = format!(
+        "{}/emulator/machine_tokens",
+        args.emulator_url.trim_end_matches('/')
+    );
+    print_field(&url, &spec, "token").await
+}
+
+/// POSTs `body` to the emulator and prints the string `field` of its answer.
+async fn print_field(url: &str, body: &impl serde::Serialize, field: &str) -> ExitCode {
+    let resp = reqwest::Client::new().post(url).json(body).send().await;
+    let answer: serde_json::Value = match resp {
         Ok(r) if r.status().is_success() => match r.json().await {
             Ok(b) => b,
             Err(e) => {
@@ -207,7 +273,9 @@ async fn token(args: TokenArgs) -> ExitCode {
             }
         },
         Ok(r) => {
-            eprintln!("error: the emulator at {url} answered HTTP {}", r.status());
+            let status = r.status();
+            let detail = r.text().await.unwrap_or_default();
+            eprintln!("error: the emulator at {url} answered HTTP {status}: {detail}");
             return ExitCode::FAILURE;
         }
         Err(e) => {
@@ -215,13 +283,13 @@ async fn token(args: TokenArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match body.get("jwt").and_then(|j| j.as_str()) {
-        Some(jwt) => {
-            println!("{jwt}");
+    match answer.get(field).and_then(|j| j.as_str()) {
+        Some(t) => {
+            println!("{t}");
             ExitCode::SUCCESS
         }
         None => {
-            eprintln!("error: the emulator's answer has no jwt");
+            eprintln!("error: the emulator's answer has no {field}");
             ExitCode::FAILURE
         }
     }
@@ -257,10 +325,26 @@ async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> 
             return ExitCode::FAILURE;
         }
     };
-    let config = ServerConfig::new(KeySource::Remote {
+    let mut config = ServerConfig::new(KeySource::Remote {
         url: jwks_url,
         bearer: Some(Secret::new(emu.secret_key())),
     });
+    let api_url = match emu.url().parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: emulator URL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    config.machine = Some(MachineConfig::new(
+        api_url,
+        Some(Secret::new(emu.secret_key())),
+        None,
+    ));
+    // Two machines for the machine-to-machine example: A may call B.
+    let service_a = emu.create_machine("service-a");
+    let service_b = emu.create_machine("service-b");
+    emu.allow(&service_a.id, &service_b.id);
     let server = match Server::build(config) {
         Ok(s) => s,
         Err(e) => {
@@ -314,6 +398,15 @@ Mint more tokens:
 
 TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
 
+Machine-to-machine: service A (machine {a_id}) calls service B (machine {b_id}),
+which asks this AuthService to verify A's M2M token:
+
+CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example machine_to_machine -- --auth-service http://{addr} --machine-id {b_id}
+
+Machine tokens for grpcurl (VerifyToken needs "acceptedTokenTypes" to take them):
+
+cargo run --release -q -- token --emulator-url {emu_url} --m2m        # or --api-key, --oauth; --jwt
+
 Protect your own service (the Orders example; Ping is public, DeleteOrder needs org:orders:delete):
 
 CLERK_JWKS_URL={emu_url}/.well-known/jwks.json cargo run --release --example in_process -- --listen 127.0.0.1:50061
@@ -323,6 +416,9 @@ grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.or
 Ctrl-C stops both.
 "#,
         emu_url = emu.url(),
+        a_id = service_a.id,
+        a_secret = service_a.secret_key,
+        b_id = service_b.id,
     );
     let result = running.await;
     emu.shutdown().await;

@@ -51,6 +51,12 @@ fn caller(id: &Identity) -> pb::Caller {
         org_id: org.map(|o| o.id.clone()).unwrap_or_default(),
         org_role: org.and_then(|o| o.role.clone()).unwrap_or_default(),
         session_id: id.session_id.clone().unwrap_or_default(),
+        machine_id: id
+            .machine
+            .as_ref()
+            .map(|m| m.machine_id.clone().unwrap_or_else(|| m.subject.clone()))
+            .unwrap_or_default(),
+        token_type: id.token_type.as_str_name().to_owned(),
     }
 }
 

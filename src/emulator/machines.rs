@@ -334,6 +334,7 @@ impl Shared {
 
     /// `Bearer <key>`: `Ok(Some(machine))` for a machine secret key, `Ok(None)` for the
     /// instance secret key, `Err` (a Clerk-shaped 401) otherwise.
+    #[allow(clippy::result_large_err)] // an axum handler's early return; built at most once
     fn bearer_kind(
         &self,
         headers: &HeaderMap,

@@ -40,7 +40,7 @@ pub struct MachineConfig {
     pub machine_secret_key: Option<Secret>,
     /// Timeout of one Backend API call (default 3 s).
     pub timeout: Duration,
-    /// Longest time a positive verdict is reused (default 30 s): a revocation at Clerk is seen
+    /// Longest time a positive verdict is reused (default 10 s): a revocation at Clerk is seen
     /// within it. A verdict never outlives the token's expiration either.
     pub max_age: Duration,
     /// Most verdicts kept (default 10 000).
@@ -67,7 +67,7 @@ impl MachineConfig {
             secret_key,
             machine_secret_key,
             timeout: Duration::from_secs(3),
-            max_age: Duration::from_secs(30),
+            max_age: Duration::from_secs(10),
             cache_capacity: 10_000,
             negative_ttl: Duration::from_secs(10),
             per_source_burst: 20,
@@ -266,10 +266,14 @@ impl MachineVerifier {
             inner.negative_hits.fetch_add(1, Ordering::Relaxed);
             return Err(AuthError::Rejected(e));
         }
-        self.admit(source)?;
+        // Only the call that actually goes to Clerk is admitted by the limits: identical
+        // verifications waiting for it cost nothing.
         let result = inner
             .cache
-            .try_get_with(key, self.call(token, token_type))
+            .try_get_with(key, async {
+                self.admit(source)?;
+                self.call(token, token_type).await
+            })
             .await
             .map_err(|e| (*e).clone());
         match result {

@@ -217,10 +217,10 @@ impl M2mTokenSource {
         self.inner.created.fetch_add(1, Ordering::Relaxed);
         let now = now_secs();
         let expires_at = created.expiration.map_or(f64::INFINITY, |ms| ms / 1000.0);
-        // Replace after 80 % of the lifetime (and at least 30 s before expiry).
+        // Replace it ahead of expiry: 20 % of its lifetime before, at most a minute before.
         let lifetime = (expires_at - now).max(0.0);
         let refresh_at = if expires_at.is_finite() {
-            (now + lifetime * 0.8).min(expires_at - 30.0).max(now)
+            expires_at - (lifetime * 0.2).min(60.0)
         } else {
             f64::INFINITY
         };

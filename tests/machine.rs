@@ -1,0 +1,643 @@
+//! Machine tokens end to end: the real AuthService and the auth layer against the emulator's
+//! machine endpoints over real HTTP — each type valid, expired, revoked, not accepted, unknown;
+//! the Backend API down or rate-limited; caches and coalescing counted at the emulator; the
+//! outgoing M2M token source.
+
+mod common;
+#[path = "../examples/common/orders.rs"]
+mod orders;
+
+use std::{sync::Arc, time::Duration};
+
+use clerk_grpc_auth::{
+    client::CredentialsLayer,
+    emulator::{Emulator, MachineTokenKind, MachineTokenSpec},
+    jwks::Secret,
+    layer::AuthLayer,
+    machine::{M2mTokenSource, M2mTokenSourceConfig, MachineConfig},
+    pb::{Identity, TokenType, VerifyTokenRequest},
+    policy::{ApiKeyOwner, Policy, Rule},
+    server::{http_client, Server, ServerConfig},
+};
+use common::{assert_rejected, reason, Harness};
+use orders::pb::{orders_client::OrdersClient, ListOrdersRequest};
+use tokio::net::TcpListener;
+use tonic::{transport::Channel, Code, Status};
+use tonic_types::StatusExt;
+
+const ALL_MACHINE: [TokenType; 3] = [
+    TokenType::M2mToken,
+    TokenType::ApiKey,
+    TokenType::OauthToken,
+];
+
+fn machine_config(clerk: &Emulator) -> MachineConfig {
+    MachineConfig::new(
+        clerk.url().parse().unwrap(),
+        Some(Secret::new(clerk.secret_key())),
+        None,
+    )
+}
+
+async fn start(adjust: impl FnOnce(&mut MachineConfig)) -> Harness {
+    Harness::start_with(|clerk, config| {
+        let mut m = machine_config(clerk);
+        adjust(&mut m);
+        config.machine = Some(m);
+    })
+    .await
+}
+
+async fn verify_as(
+    h: &Harness,
+    token: &str,
+    types: &[TokenType],
+    client_ip: &str,
+) -> Result<Identity, Status> {
+    h.verify_req(VerifyTokenRequest {
+        token: token.into(),
+        accepted_token_types: types.iter().map(|t| *t as i32).collect(),
+        client_ip: client_ip.into(),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn verify_machine(h: &Harness, token: &str) -> Result<Identity, Status> {
+    verify_as(h, token, &ALL_MACHINE, "").await
+}
+
+fn spec(kind: MachineTokenKind, jwt: bool) -> MachineTokenSpec {
+    MachineTokenSpec {
+        kind,
+        jwt,
+        ..MachineTokenSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn each_type_verifies_into_the_right_identity() {
+    let h = start(|_| {}).await;
+    let a = h.clerk.create_machine("a");
+    let b = h.clerk.create_machine("b");
+    assert!(h.clerk.allow(&a.id, &b.id));
+
+    for jwt in [false, true] {
+        let token = h.clerk.mint_machine(&MachineTokenSpec {
+            subject: Some(a.id.clone()),
+            claims: serde_json::json!({"team": "infra"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ..spec(MachineTokenKind::M2m, jwt)
+        });
+        let id = verify_machine(&h, &token).await.unwrap();
+        assert_eq!(id.token_type(), TokenType::M2mToken, "jwt={jwt}");
+        let m = id.machine.unwrap();
+        assert_eq!(m.subject, a.id);
+        assert_eq!(m.machine_id, a.id);
+        assert_eq!(m.scopes, std::slice::from_ref(&b.id), "jwt={jwt}");
+        assert!(id.user_id.is_empty());
+        assert!(id.token_id.starts_with("mt_"), "{}", id.token_id);
+        let claims = id.claims.unwrap().fields;
+        assert_eq!(
+            claims["team"].kind,
+            Some(prost_types::value::Kind::StringValue("infra".into()))
+        );
+        assert!(!claims.contains_key("sub"), "registered claims are removed");
+    }
+
+    // API keys: user- and org-owned (Clerk: userId / orgId by prefix).
+    let user_key = h.clerk.mint_machine(&MachineTokenSpec {
+        subject: Some("user_owner".into()),
+        name: Some("ci key".into()),
+        scopes: vec!["read".into()],
+        ..spec(MachineTokenKind::ApiKey, false)
+    });
+    let id = verify_machine(&h, &user_key).await.unwrap();
+    assert_eq!(id.token_type(), TokenType::ApiKey);
+    assert_eq!(id.user_id, "user_owner");
+    assert!(id.organization.is_none());
+    let m = id.machine.unwrap();
+    assert_eq!(
+        (m.name.as_str(), &m.scopes[..]),
+        ("ci key", &["read".to_owned()][..])
+    );
+    let org_key = h.clerk.mint_machine(&MachineTokenSpec {
+        subject: Some("org_owner".into()),
+        ..spec(MachineTokenKind::ApiKey, false)
+    });
+    let id = verify_machine(&h, &org_key).await.unwrap();
+    assert!(id.user_id.is_empty());
+    assert_eq!(id.organization.unwrap().id, "org_owner");
+
+    // OAuth access tokens, opaque and JWT.
+    for jwt in [false, true] {
+        let token = h.clerk.mint_machine(&MachineTokenSpec {
+            subject: Some("user_oauth".into()),
+            client_id: Some("client_123".into()),
+            scopes: vec!["profile".into(), "email".into()],
+            ..spec(MachineTokenKind::Oauth, jwt)
+        });
+        let id = verify_machine(&h, &token).await.unwrap();
+        assert_eq!(id.token_type(), TokenType::OauthToken, "jwt={jwt}");
+        assert_eq!(id.user_id, "user_oauth");
+        let m = id.machine.unwrap();
+        assert_eq!(m.client_id, "client_123");
+        assert_eq!(m.scopes, ["profile", "email"]);
+    }
+}
+
+#[tokio::test]
+async fn a_type_not_accepted_is_a_mismatch_without_a_backend_call() {
+    let h = start(|_| {}).await;
+    let tokens = [
+        h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false)),
+        h.clerk.mint_machine(&spec(MachineTokenKind::M2m, true)),
+        h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false)),
+        h.clerk.mint_machine(&spec(MachineTokenKind::Oauth, false)),
+        h.clerk.mint_machine(&spec(MachineTokenKind::Oauth, true)),
+    ];
+    let calls = h.clerk.bapi_requests();
+    for t in &tokens {
+        // Default: session tokens only.
+        assert_rejected(
+            h.verify(t).await,
+            Code::Unauthenticated,
+            "TOKEN_TYPE_MISMATCH",
+            t,
+        );
+        // Another machine type only.
+        let other = if t.starts_with("ak_") {
+            TokenType::M2mToken
+        } else {
+            TokenType::ApiKey
+        };
+        assert_rejected(
+            verify_as(&h, t, &[other], "").await,
+            Code::Unauthenticated,
+            "TOKEN_TYPE_MISMATCH",
+            t,
+        );
+    }
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        calls,
+        "no Backend API call for a refused type"
+    );
+    // A session token where only machine tokens are accepted.
+    let session = h.mint(&Default::default());
+    assert_rejected(
+        verify_as(&h, &session, &ALL_MACHINE, "").await,
+        Code::Unauthenticated,
+        "TOKEN_TYPE_MISMATCH",
+        &session,
+    );
+}
+
+#[tokio::test]
+async fn expired_revoked_unknown_and_malformed() {
+    let h = start(|_| {}).await;
+    let expired = h.clerk.mint_machine(&MachineTokenSpec {
+        expires_in: Some(-10),
+        ..spec(MachineTokenKind::M2m, false)
+    });
+    assert_rejected(
+        verify_machine(&h, &expired).await,
+        Code::Unauthenticated,
+        "TOKEN_EXPIRED",
+        &expired,
+    );
+
+    // JWT machine tokens: Clerk reports every failure as token-verification-failed; the
+    // underlying reason travels as ErrorInfo metadata `cause`.
+    let expired_jwt = h.clerk.mint_machine(&MachineTokenSpec {
+        expires_in: Some(-60),
+        ..spec(MachineTokenKind::M2m, true)
+    });
+    let status = verify_machine(&h, &expired_jwt).await.unwrap_err();
+    assert_eq!(reason(&status), "TOKEN_VERIFICATION_FAILED");
+    assert_eq!(
+        status.get_details_error_info().unwrap().metadata["cause"],
+        "TOKEN_EXPIRED"
+    );
+
+    for kind in [
+        MachineTokenKind::M2m,
+        MachineTokenKind::ApiKey,
+        MachineTokenKind::Oauth,
+    ] {
+        let token = h.clerk.mint_machine(&spec(kind, false));
+        assert!(h.clerk.revoke(&token));
+        assert_rejected(
+            verify_machine(&h, &token).await,
+            Code::Unauthenticated,
+            "TOKEN_REVOKED",
+            &token,
+        );
+    }
+
+    // Unknown opaque token: 404 → TOKEN_INVALID, then remembered (no second call).
+    let unknown = "mt_doesNotExistAtAllxxxxxxxxxxxxxxxxxxxxxx";
+    let calls = h.clerk.bapi_requests();
+    assert_rejected(
+        verify_machine(&h, unknown).await,
+        Code::Unauthenticated,
+        "TOKEN_INVALID",
+        unknown,
+    );
+    assert_rejected(
+        verify_machine(&h, unknown).await,
+        Code::Unauthenticated,
+        "TOKEN_INVALID",
+        unknown,
+    );
+    assert_eq!(h.clerk.bapi_requests(), calls + 1, "negative cache");
+    assert_eq!(h.verifier.machine().unwrap().stats().negative_hits, 1);
+
+    // Unknown prefix: neither machine nor JWT.
+    assert_rejected(
+        verify_machine(&h, "zz_unknownPrefix").await,
+        Code::Unauthenticated,
+        "TOKEN_INVALID",
+        "zz_unknownPrefix",
+    );
+    assert_eq!(h.clerk.bapi_requests(), calls + 1);
+}
+
+#[tokio::test]
+async fn verdicts_are_cached_and_concurrent_misses_coalesce() {
+    let h = start(|m| m.max_age = Duration::from_millis(400)).await;
+    let token = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    let calls = h.clerk.bapi_requests();
+    for _ in 0..10 {
+        verify_machine(&h, &token).await.unwrap();
+    }
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        calls + 1,
+        "10 verifications, one Backend API call"
+    );
+
+    // Revocation is seen once the verdict's max_age has passed.
+    assert!(h.clerk.revoke(&token));
+    verify_machine(&h, &token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_rejected(
+        verify_machine(&h, &token).await,
+        Code::Unauthenticated,
+        "TOKEN_REVOKED",
+        &token,
+    );
+
+    let fresh = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false));
+    let before = h.clerk.bapi_requests();
+    let calls = (0..20).map(|_| {
+        let client = h.client.clone();
+        let token = fresh.clone();
+        tokio::spawn(async move {
+            client
+                .clone()
+                .verify_token(VerifyTokenRequest {
+                    token,
+                    accepted_token_types: vec![TokenType::M2mToken as i32],
+                    ..Default::default()
+                })
+                .await
+        })
+    });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap().unwrap();
+    }
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        before + 1,
+        "20 concurrent misses, one call"
+    );
+}
+
+#[tokio::test]
+async fn backend_api_down_or_rate_limited() {
+    let h = start(|_| {}).await;
+    let t1 = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false));
+    let t2 = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false));
+    let t3 = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false));
+
+    h.clerk.set_bapi_failure(Some((503, None)));
+    assert_rejected(
+        verify_machine(&h, &t1).await,
+        Code::Unavailable,
+        "BACKEND_API_UNAVAILABLE",
+        &t1,
+    );
+
+    // 429 with Retry-After: refused at once, and no call to Clerk until it has passed.
+    h.clerk.set_bapi_failure(Some((429, Some(1))));
+    let status = verify_machine(&h, &t1).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "RATE_LIMITED");
+    let retry = status
+        .get_details_retry_info()
+        .unwrap()
+        .retry_delay
+        .unwrap();
+    assert!(
+        retry <= Duration::from_secs(1) && retry > Duration::ZERO,
+        "{retry:?}"
+    );
+    let calls = h.clerk.bapi_requests();
+    h.clerk.set_bapi_failure(None);
+    let status = verify_machine(&h, &t2).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        calls,
+        "Retry-After honoured: Clerk not called"
+    );
+    tokio::time::sleep(retry + Duration::from_millis(50)).await;
+    verify_machine(&h, &t3).await.unwrap();
+    assert_eq!(h.clerk.bapi_requests(), calls + 1);
+    assert_eq!(h.verifier.machine().unwrap().stats().clerk_429s, 1);
+}
+
+#[tokio::test]
+async fn per_source_limit_protects_the_backend_api() {
+    let h = start(|m| {
+        m.per_source_burst = 3;
+        m.per_source_per_sec = 0.1;
+    })
+    .await;
+    let calls = h.clerk.bapi_requests();
+    for i in 0..3 {
+        let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+        verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+            .await
+            .unwrap_or_else(|e| panic!("{i}: {e:?}"));
+    }
+    let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    let status = verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(h.clerk.bapi_requests(), calls + 3);
+    // Another source has its own bucket.
+    verify_as(&h, &t, &ALL_MACHINE, "203.0.113.8")
+        .await
+        .unwrap();
+    // Cached verdicts cost no bucket tokens.
+    verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn misconfiguration_is_failed_precondition() {
+    // Clerk refuses the secret key used for machine tokens (the JWKS key source is fine).
+    let h = Harness::start_with(|clerk, config| {
+        config.machine = Some(MachineConfig::new(
+            clerk.url().parse().unwrap(),
+            Some(Secret::new("sk_test_wrong")),
+            None,
+        ));
+    })
+    .await;
+    let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    assert_rejected(
+        verify_machine(&h, &t).await,
+        Code::FailedPrecondition,
+        "SECRET_KEY_INVALID",
+        &t,
+    );
+
+    // No secret key at all: opaque tokens cannot be verified; JWT machine tokens still can.
+    let h = Harness::start().await;
+    let t = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, false));
+    assert_rejected(
+        verify_machine(&h, &t).await,
+        Code::FailedPrecondition,
+        "SECRET_KEY_MISSING",
+        &t,
+    );
+    let jwt = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, true));
+    verify_machine(&h, &jwt).await.unwrap();
+}
+
+/// The Orders service behind an in-process layer that verifies machine tokens, with `policy`.
+async fn orders_with(h: &Harness, policy: Policy) -> OrdersClient<Channel> {
+    let mut config = ServerConfig::new(common::config_for(&h.clerk).key_source);
+    config.machine = Some(machine_config(&h.clerk));
+    let server = Server::build(config).unwrap();
+    let verifier = server.verifier().clone();
+    let guard = verifier.keys().spawn_refresher();
+    verifier.keys().ready().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _guard = guard;
+        orders::serve(
+            listener,
+            AuthLayer::in_process(verifier, policy),
+            std::future::pending(),
+        )
+        .await
+    });
+    OrdersClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+
+async fn list_with(
+    client: &OrdersClient<Channel>,
+    token: &str,
+) -> Result<orders::pb::Caller, Status> {
+    let mut req = tonic::Request::new(ListOrdersRequest {});
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client
+        .clone()
+        .list_orders(req)
+        .await
+        .map(|r| r.into_inner().caller.unwrap())
+}
+
+#[tokio::test]
+async fn machine_policy_in_the_layer() {
+    let h = Harness::start().await;
+    let a = h.clerk.create_machine("a");
+    let b = h.clerk.create_machine("b");
+    let stranger = h.clerk.create_machine("stranger");
+    h.clerk.allow(&a.id, &b.id);
+    const LIST: &str = "/examples.orders.v1.Orders/ListOrders";
+    let policy = Policy::authenticated().machine_id(&b.id).method(
+        LIST,
+        Rule::authenticated().token_types([TokenType::M2mToken, TokenType::ApiKey]),
+    );
+    let client = orders_with(&h, policy).await;
+
+    for jwt in [false, true] {
+        let from_a = h.clerk.mint_machine(&MachineTokenSpec {
+            subject: Some(a.id.clone()),
+            ..spec(MachineTokenKind::M2m, jwt)
+        });
+        let caller = list_with(&client, &from_a).await.unwrap();
+        assert_eq!(caller.machine_id, a.id);
+        assert_eq!(caller.token_type, "TOKEN_TYPE_M2M_TOKEN");
+        // A machine whose tokens do not name B is refused by policy.
+        let from_stranger = h.clerk.mint_machine(&MachineTokenSpec {
+            subject: Some(stranger.id.clone()),
+            ..spec(MachineTokenKind::M2m, jwt)
+        });
+        let status = list_with(&client, &from_stranger).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(reason(&status), "MACHINE_NOT_ALLOWED");
+    }
+    // A session token is not accepted by this method.
+    let session = h.mint(&Default::default());
+    let status = list_with(&client, &session).await.unwrap_err();
+    assert_eq!(reason(&status), "TOKEN_TYPE_MISMATCH");
+
+    // Scopes and API-key ownership.
+    let policy = Policy::authenticated().method(
+        LIST,
+        Rule::authenticated()
+            .token_types([TokenType::ApiKey])
+            .require_scope("orders:read")
+            .api_key_owner(ApiKeyOwner::Org),
+    );
+    let client = orders_with(&h, policy).await;
+    let key = |subject: &str, scopes: &[&str]| {
+        h.clerk.mint_machine(&MachineTokenSpec {
+            subject: Some(subject.into()),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ..spec(MachineTokenKind::ApiKey, false)
+        })
+    };
+    let caller = list_with(&client, &key("org_1", &["orders:read"]))
+        .await
+        .unwrap();
+    assert_eq!(caller.org_id, "org_1");
+    let status = list_with(&client, &key("user_1", &["orders:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "API_KEY_OWNER_MISMATCH");
+    let status = list_with(&client, &key("org_1", &["orders:write"]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SCOPE_REQUIRED");
+    assert_eq!(
+        status.get_details_error_info().unwrap().metadata["scope"],
+        "orders:read"
+    );
+}
+
+#[tokio::test]
+async fn m2m_token_source_caches_refreshes_and_survives_a_failed_refresh() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let a = clerk.create_machine("a");
+    let mut config =
+        M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
+    config.lifetime = Some(Duration::from_secs(2));
+    let source = M2mTokenSource::new(config, http_client().unwrap());
+
+    // Concurrent first calls share one creation.
+    let gets = (0..10).map(|_| {
+        let s = source.clone();
+        tokio::spawn(async move { s.get().await })
+    });
+    let tokens: Vec<Arc<str>> = futures::future::join_all(gets)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert!(tokens
+        .iter()
+        .all(|t| *t == tokens[0] && t.starts_with("mt_")));
+    assert_eq!(source.created(), 1);
+    assert_eq!(source.get().await.unwrap(), tokens[0], "cached");
+
+    // Past 80 % of its lifetime, a new token replaces it.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let second = source.get().await.unwrap();
+    assert_ne!(second, tokens[0]);
+    assert_eq!(source.created(), 2);
+
+    // Clerk failing while the current token is still valid: the current token is used.
+    let mut config =
+        M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
+    config.lifetime = Some(Duration::from_secs(10));
+    let source = M2mTokenSource::new(config, http_client().unwrap());
+    let first = source.get().await.unwrap();
+    clerk.set_bapi_failure(Some((503, None)));
+    // Not due yet: no call at all.
+    assert_eq!(source.get().await.unwrap(), first);
+    // A source with no token yet fails with UNAVAILABLE.
+    let mut config =
+        M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
+    config.lifetime = Some(Duration::from_secs(10));
+    let empty = M2mTokenSource::new(config, http_client().unwrap());
+    assert_eq!(empty.get().await.unwrap_err().code(), Code::Unavailable);
+    clerk.set_bapi_failure(None);
+
+    // A wrong machine secret key is FAILED_PRECONDITION.
+    let bad = M2mTokenSource::new(
+        M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new("ak_wrong")),
+        http_client().unwrap(),
+    );
+    assert_eq!(
+        bad.get().await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn service_a_calls_service_b_with_its_m2m_token() {
+    // The machine_to_machine example's wiring, checked: B verifies A's token via AuthService.
+    let h = start(|_| {}).await;
+    let a = h.clerk.create_machine("a");
+    let b = h.clerk.create_machine("b");
+    h.clerk.allow(&a.id, &b.id);
+    let verifier =
+        clerk_grpc_auth::layer::DelegatedVerifier::new(clerk_grpc_auth::layer::DelegatedConfig {
+            endpoints: vec![format!("http://{}", h.addr)],
+            ..Default::default()
+        })
+        .unwrap();
+    let policy = Policy::authenticated().machine_id(&b.id).method(
+        "/examples.orders.v1.Orders/ListOrders",
+        Rule::authenticated().token_types([TokenType::M2mToken]),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(orders::serve(
+        listener,
+        AuthLayer::delegated(verifier, policy),
+        std::future::pending(),
+    ));
+    let source = M2mTokenSource::new(
+        M2mTokenSourceConfig::new(h.clerk.url().parse().unwrap(), Secret::new(&a.secret_key)),
+        http_client().unwrap(),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut client = OrdersClient::new(
+        tower::ServiceBuilder::new()
+            .layer(CredentialsLayer::new(source.clone()))
+            .service(channel),
+    );
+    for _ in 0..3 {
+        let caller = client
+            .list_orders(ListOrdersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .caller
+            .unwrap();
+        assert_eq!(caller.machine_id, a.id);
+    }
+    assert_eq!(source.created(), 1);
+}
