@@ -9,7 +9,7 @@ use std::{
 
 use clerk_grpc_auth::{
     emulator::{Emulator, TokenSpec},
-    pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest},
+    pb::{auth_service_client::AuthServiceClient, TokenType, VerifyTokenRequest},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_clerk-grpc-auth");
@@ -254,4 +254,63 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
         logs.contains(&clerk_grpc_auth::token_fingerprint(&expired)),
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn token_command_mints_machine_tokens_that_verify() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let url = clerk.url();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+    };
+    let cases: [(&[&str], &str, i32); 4] = [
+        (&["--m2m"], "mt_", TokenType::M2mToken as i32),
+        (&["--m2m", "--jwt"], "eyJ", TokenType::M2mToken as i32),
+        (
+            &["--api-key", "--subject", "org_7", "--scope", "read"],
+            "ak_",
+            TokenType::ApiKey as i32,
+        ),
+        (
+            &["--oauth", "--user", "user_9"],
+            "oat_",
+            TokenType::OauthToken as i32,
+        ),
+    ];
+    let mut minted = Vec::new();
+    for (extra, prefix, ty) in cases {
+        let mut args = vec!["token".to_owned(), "--emulator-url".to_owned(), url.clone()];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let out = run(args).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim_end().to_owned();
+        assert!(token.starts_with(prefix), "{extra:?}: {token}");
+        assert_eq!(token.lines().count(), 1);
+        minted.push((token, ty));
+    }
+    // Verify with a server wired to the same emulator (Backend API for opaque tokens).
+    let mut config = common::config_for(&clerk);
+    config.machine = Some(clerk_grpc_auth::machine::MachineConfig::new(
+        clerk.url().parse().unwrap(),
+        Some(clerk_grpc_auth::jwks::Secret::new(clerk.secret_key())),
+        None,
+    ));
+    let h = common::Harness::start_server(clerk, config).await;
+    h.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        .await;
+    for (token, ty) in minted {
+        let id = h
+            .verify_req(VerifyTokenRequest {
+                token: token.clone(),
+                accepted_token_types: vec![ty],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{token}: {e:?}"));
+        assert_eq!(id.token_type, ty);
+    }
 }

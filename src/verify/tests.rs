@@ -512,3 +512,81 @@ fn identity_survives_the_wire_unchanged() {
     assert_eq!(back.claims(), id.claims());
     assert_eq!(back.token_type, id.token_type);
 }
+
+#[test]
+fn machine_jwts_decode_like_the_js_sdk() {
+    // M2MToken.fromJwtPayload / IdPOAuthAccessToken.fromJwtPayload, at the fixtures' clock.
+    let f = fx();
+    let keys = mock_jwks();
+    let v = verifier(&[AZP], DEFAULT_CLOCK_SKEW_MS);
+    let all = [
+        TokenType::M2mToken,
+        TokenType::OauthToken,
+        TokenType::SessionToken,
+    ];
+    let opts = VerifyOptions {
+        accepted_types: &all,
+        ..VerifyOptions::default()
+    };
+    for (name, object_key) in [
+        ("derived_m2m_jwt", "M2MToken.fromJwtPayload"),
+        (
+            "mockSignedOAuthAccessTokenJwt",
+            "IdPOAuthAccessToken.fromJwtPayload",
+        ),
+    ] {
+        let exp = &f["tokens"][name]["expected"][object_key];
+        // Authorized parties apply to session tokens only: a machine JWT has no azp.
+        let id = v.verify(&token(name), &keys, &opts, clock(name)).unwrap();
+        let m = id.machine.as_ref().expect("machine fields");
+        assert_eq!(id.token_id.as_deref(), exp["id"].as_str(), "{name}");
+        assert_eq!(m.subject, exp["subject"].as_str().unwrap(), "{name}");
+        let scopes: Vec<&str> = exp["scopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(m.scopes, scopes, "{name}");
+        assert_eq!(
+            id.expires_at * 1000.0,
+            exp["expiration"].as_f64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            id.issued_at.map(|s| s * 1000.0),
+            exp["createdAt"].as_f64(),
+            "{name}"
+        );
+        if name == "derived_m2m_jwt" {
+            assert_eq!(id.token_type, TokenType::M2mToken);
+            assert_eq!(m.machine_id.as_deref(), Some(m.subject.as_str()));
+            let claims = Value::Object(id.claims().clone());
+            assert_eq!(claims, exp["claims"], "claims = payload minus registered");
+        } else {
+            assert_eq!(id.token_type, TokenType::OauthToken);
+            assert_eq!(m.client_id.as_deref(), exp["clientId"].as_str());
+            assert_eq!(id.user_id, m.subject, "OAuth: userId = subject");
+        }
+        // has() is false for every machine token (§5.2).
+        assert!(!id.has(&crate::authz::Check::role("admin")));
+    }
+    // The application/at+jwt variant is an OAuth token too.
+    let id = v
+        .verify(
+            &token("mockSignedOAuthAccessTokenJwtApplicationTyp"),
+            &keys,
+            &opts,
+            clock("mockSignedOAuthAccessTokenJwtApplicationTyp"),
+        )
+        .unwrap();
+    assert_eq!(id.token_type, TokenType::OauthToken);
+
+    // Past its exp (+ skew): token-verification-failed, cause token-expired (§4.2).
+    let late = clock("derived_m2m_jwt") + 3_600_000;
+    let e = v
+        .verify(&token("derived_m2m_jwt"), &keys, &opts, late)
+        .unwrap_err();
+    assert_eq!(e.reason, Reason::TokenVerificationFailed);
+    assert_eq!(e.cause, Some(Reason::TokenExpired));
+}
