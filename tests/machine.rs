@@ -198,29 +198,37 @@ async fn a_type_not_accepted_is_a_mismatch_without_a_backend_call() {
 #[tokio::test]
 async fn expired_revoked_unknown_and_malformed() {
     let h = start(|_| {}).await;
-    let expired = h.clerk.mint_machine(&MachineTokenSpec {
-        expires_in: Some(-10),
-        ..spec(MachineTokenKind::M2m, false)
-    });
-    assert_rejected(
-        verify_machine(&h, &expired).await,
-        Code::Unauthenticated,
-        "TOKEN_EXPIRED",
-        &expired,
-    );
+    for kind in [
+        MachineTokenKind::M2m,
+        MachineTokenKind::ApiKey,
+        MachineTokenKind::Oauth,
+    ] {
+        let expired = h.clerk.mint_machine(&MachineTokenSpec {
+            expires_in: Some(-10),
+            ..spec(kind, false)
+        });
+        assert_rejected(
+            verify_machine(&h, &expired).await,
+            Code::Unauthenticated,
+            "TOKEN_EXPIRED",
+            &expired,
+        );
+    }
 
     // JWT machine tokens: Clerk reports every failure as token-verification-failed; the
     // underlying reason travels as ErrorInfo metadata `cause`.
-    let expired_jwt = h.clerk.mint_machine(&MachineTokenSpec {
-        expires_in: Some(-60),
-        ..spec(MachineTokenKind::M2m, true)
-    });
-    let status = verify_machine(&h, &expired_jwt).await.unwrap_err();
-    assert_eq!(reason(&status), "TOKEN_VERIFICATION_FAILED");
-    assert_eq!(
-        status.get_details_error_info().unwrap().metadata["cause"],
-        "TOKEN_EXPIRED"
-    );
+    for kind in [MachineTokenKind::M2m, MachineTokenKind::Oauth] {
+        let expired_jwt = h.clerk.mint_machine(&MachineTokenSpec {
+            expires_in: Some(-60),
+            ..spec(kind, true)
+        });
+        let status = verify_machine(&h, &expired_jwt).await.unwrap_err();
+        assert_eq!(reason(&status), "TOKEN_VERIFICATION_FAILED");
+        assert_eq!(
+            status.get_details_error_info().unwrap().metadata["cause"],
+            "TOKEN_EXPIRED"
+        );
+    }
 
     for kind in [
         MachineTokenKind::M2m,
