@@ -100,6 +100,8 @@ pub enum Unmet {
     MachineNotAllowed,
     /// An API key owned by the wrong kind of subject (user vs organization).
     ApiKeyOwner,
+    /// An identity query for someone else, by a caller not on the allowlist.
+    CallerNotAllowed,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -370,6 +372,7 @@ impl Unmet {
             Unmet::Scope => "SCOPE_REQUIRED",
             Unmet::MachineNotAllowed => "MACHINE_NOT_ALLOWED",
             Unmet::ApiKeyOwner => "API_KEY_OWNER_MISMATCH",
+            Unmet::CallerNotAllowed => "CALLER_NOT_ALLOWED",
         }
     }
 }

@@ -9,8 +9,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use crate::{
     jwks::{KeySource, KeyStoreConfig, Secret},
     keys::{KeySet, VerifyingKey},
+    bapi::{is_clerk_id, BackendApiConfig},
+    directory::DirectoryConfig,
     machine::MachineConfig,
-    server::ServerConfig,
+    revocation::RedisConfig,
+    server::{IdentityConfig, ServerConfig, WebhookConfig},
+    webhook::SvixVerifier,
     telemetry::LogFormat,
     verify::Validation,
     TokenVerifierConfig,
@@ -71,6 +75,38 @@ pub struct ServeArgs {
     /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT (default 10).
     #[arg(long, env = "CLERK_AUTH_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<String>,
+    /// HTTP port (Clerk webhooks), e.g. `127.0.0.1:8081`. Off when unset.
+    #[arg(long, env = "CLERK_AUTH_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Clerk webhook signing secret (`whsec_…`): enables `POST /webhooks/clerk` on the HTTP port.
+    #[arg(long, env = "CLERK_WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
+    pub webhook_signing_secret: Option<String>,
+    /// Largest distance in seconds between a webhook's timestamp and now (default 300).
+    #[arg(long, env = "CLERK_AUTH_WEBHOOK_TOLERANCE_SECS")]
+    pub webhook_tolerance_secs: Option<String>,
+    /// Comma-separated machine ids (`mch_…`) whose M2M tokens may read any user and revoke
+    /// sessions (default: none).
+    #[arg(long, env = "CLERK_AUTH_IDENTITY_ALLOWLIST")]
+    pub identity_allowlist: Option<String>,
+    /// Redis URL: share revocations and cache invalidations between replicas.
+    #[arg(long, env = "CLERK_AUTH_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Redis key and channel prefix (default `clerk-auth`).
+    #[arg(long, env = "CLERK_AUTH_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// User-profile and membership cache TTL in seconds (default 60).
+    #[arg(long, env = "CLERK_AUTH_USER_CACHE_TTL_SECS")]
+    pub user_cache_ttl_secs: Option<String>,
+    /// Session-status cache TTL in seconds (default 10).
+    #[arg(long, env = "CLERK_AUTH_SESSION_CACHE_TTL_SECS")]
+    pub session_cache_ttl_secs: Option<String>,
+    /// Serve cached users and memberships this many seconds past their TTL while Clerk fails
+    /// (default 300; 0 = off).
+    #[arg(long, env = "CLERK_AUTH_STALE_IF_ERROR_SECS")]
+    pub stale_if_error_secs: Option<String>,
+    /// How long a revoked session is remembered, in seconds (default 86400).
+    #[arg(long, env = "CLERK_AUTH_REVOCATION_TTL_SECS")]
+    pub revocation_ttl_secs: Option<String>,
     /// Log format.
     #[arg(long, env = "CLERK_AUTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -97,6 +133,11 @@ impl std::fmt::Debug for ServeArgs {
                 "machine_secret_key",
                 &self.machine_secret_key.as_ref().map(|_| "…"),
             )
+            .field(
+                "webhook_signing_secret",
+                &self.webhook_signing_secret.as_ref().map(|_| "…"),
+            )
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "…"))
             .field("jwt_key", &self.jwt_key.as_ref().map(|_| "…"))
             .field("api_url", &self.api_url)
             .field("jwks_url", &self.jwks_url)
@@ -167,6 +208,20 @@ struct EnvOnly {
 }
 
 impl ServeArgs {
+    /// The HTTP port's address (`CLERK_AUTH_HTTP_LISTEN`), when set.
+    pub fn http_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        non_empty(&self.http_listen)
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    err(
+                        "CLERK_AUTH_HTTP_LISTEN",
+                        format!("{a:?} is not an address like 127.0.0.1:8081"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
     /// The settings from the environment alone (`CLERK_*`, `CLERK_AUTH_*`), defaults for the
     /// rest — for programs that embed the verifier (the in-process auth layer) and take no
     /// `serve` flags.
@@ -234,6 +289,98 @@ impl ServeArgs {
             None => None,
             Some(s) => Some(parse_url("CLERK_JWKS_URL", s)?),
         };
+
+        let base_url = api_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"));
+        let allowlist = list(&self.identity_allowlist);
+        if let Some(bad) = allowlist.iter().find(|m| !is_clerk_id(m, "mch_")) {
+            return Err(err(
+                "CLERK_AUTH_IDENTITY_ALLOWLIST",
+                format!("{bad:?} is not a machine id (mch_…)"),
+            ));
+        }
+        let user_ttl = parse_num(
+            "CLERK_AUTH_USER_CACHE_TTL_SECS",
+            &self.user_cache_ttl_secs,
+            60,
+            86_400,
+        )?;
+        let session_ttl = parse_num(
+            "CLERK_AUTH_SESSION_CACHE_TTL_SECS",
+            &self.session_cache_ttl_secs,
+            10,
+            3_600,
+        )?;
+        let stale = parse_num(
+            "CLERK_AUTH_STALE_IF_ERROR_SECS",
+            &self.stale_if_error_secs,
+            300,
+            86_400,
+        )?;
+        let identity = secret.clone().map(|key| IdentityConfig {
+            backend: BackendApiConfig::new(base_url.clone(), key),
+            directory: DirectoryConfig {
+                user_ttl: Duration::from_secs(user_ttl.max(1)),
+                memberships_ttl: Duration::from_secs(user_ttl.max(1)),
+                session_ttl: Duration::from_secs(session_ttl.max(1)),
+                stale_if_error: Duration::from_secs(stale),
+                ..DirectoryConfig::default()
+            },
+            allowlist,
+        });
+        let webhook = match non_empty(&self.webhook_signing_secret) {
+            None => None,
+            Some(s) => {
+                let w = WebhookConfig {
+                    signing_secret: Secret::new(s),
+                    tolerance: Duration::from_secs(parse_num(
+                        "CLERK_AUTH_WEBHOOK_TOLERANCE_SECS",
+                        &self.webhook_tolerance_secs,
+                        300,
+                        86_400,
+                    )?),
+                };
+                SvixVerifier::new(&w.signing_secret, w.tolerance).map_err(|e| {
+                    err(
+                        "CLERK_WEBHOOK_SIGNING_SECRET",
+                        e.to_string()
+                            .trim_start_matches("CLERK_WEBHOOK_SIGNING_SECRET: ")
+                            .to_owned(),
+                    )
+                })?;
+                if non_empty(&self.http_listen).is_none() {
+                    return Err(err(
+                        "CLERK_AUTH_HTTP_LISTEN",
+                        "webhooks need the HTTP port: set an address such as 127.0.0.1:8081",
+                    ));
+                }
+                Some(w)
+            }
+        };
+        let redis = match non_empty(&self.redis_url) {
+            None => None,
+            Some(u) => {
+                redis::Client::open(u).map_err(|_| {
+                    err("CLERK_AUTH_REDIS_URL", "not a redis:// or rediss:// URL")
+                })?;
+                Some(RedisConfig {
+                    url: u.to_owned(),
+                    prefix: non_empty(&self.redis_prefix)
+                        .unwrap_or("clerk-auth")
+                        .to_owned(),
+                })
+            }
+        };
+        let revocation_ttl = Duration::from_secs(
+            parse_num(
+                "CLERK_AUTH_REVOCATION_TTL_SECS",
+                &self.revocation_ttl_secs,
+                86_400,
+                30 * 86_400,
+            )?
+            .max(60),
+        );
 
         // Opaque machine tokens go to the Backend API with whichever secret keys are set.
         let machine = (secret.is_some() || machine_secret.is_some()).then(|| {
@@ -322,6 +469,10 @@ impl ServeArgs {
                 key_store,
                 verifier,
                 machine,
+                identity,
+                webhook,
+                redis,
+                revocation_ttl,
                 shutdown_grace,
             },
             listen,

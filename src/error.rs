@@ -68,6 +68,10 @@ pub enum Reason {
     RateLimited,
     /// Machine tokens need `CLERK_SECRET_KEY` or `CLERK_MACHINE_SECRET_KEY`, and none is set.
     SecretKeyMissing,
+    /// The session was revoked or ended (webhook, `RevokeSession`, or an online check).
+    SessionRevoked,
+    /// The user, session or membership asked for does not exist at Clerk.
+    ResourceNotFound,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -146,6 +150,9 @@ pub enum AuthError {
     /// machine tokens): `FAILED_PRECONDITION`. Retrying will not help.
     #[error("misconfigured (reason={})", .0.clerk_reason())]
     Misconfigured(Reason),
+    /// The user, session or membership does not exist at Clerk: `NOT_FOUND`.
+    #[error("not found")]
+    NotFound,
     /// Machine-token verification is rate limited (our per-source limit, or Clerk's 429):
     /// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo`.
     #[error("rate limited; retry after {retry_after:?}")]
@@ -193,6 +200,8 @@ impl Reason {
             Reason::BackendApiUnavailable => "BACKEND_API_UNAVAILABLE",
             Reason::RateLimited => "RATE_LIMITED",
             Reason::SecretKeyMissing => "SECRET_KEY_MISSING",
+            Reason::SessionRevoked => "SESSION_REVOKED",
+            Reason::ResourceNotFound => "RESOURCE_NOT_FOUND",
         }
     }
 
@@ -221,11 +230,13 @@ impl Reason {
             Reason::BackendApiUnavailable => "backend-api-unavailable",
             Reason::RateLimited => "rate-limited",
             Reason::SecretKeyMissing => "secret-key-missing",
+            Reason::SessionRevoked => "session-revoked",
+            Reason::ResourceNotFound => "resource-not-found",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 24] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -248,6 +259,8 @@ impl Reason {
         Reason::BackendApiUnavailable,
         Reason::RateLimited,
         Reason::SecretKeyMissing,
+        Reason::SessionRevoked,
+        Reason::ResourceNotFound,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -308,6 +321,7 @@ impl AuthError {
             AuthError::Denied(d) => d.unmet.as_str(),
             AuthError::Misconfigured(r) => r.as_str(),
             AuthError::RateLimited { .. } => Reason::RateLimited.as_str(),
+            AuthError::NotFound => Reason::ResourceNotFound.as_str(),
         }
     }
 
@@ -320,6 +334,7 @@ impl AuthError {
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::Misconfigured(_) => Code::FailedPrecondition,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
+            AuthError::NotFound => Code::NotFound,
         }
     }
 
@@ -335,17 +350,18 @@ impl AuthError {
                 "the token's signing key is being fetched; retry shortly"
             }
             AuthError::Unavailable(Reason::BackendApiUnavailable) => {
-                "Clerk's Backend API could not verify the machine token; retry later"
+                "Clerk's Backend API is unavailable; retry later"
             }
             AuthError::Unavailable(_) => "authentication is unavailable; retry later",
             AuthError::Denied(_) => "the caller is not allowed to call this method",
             AuthError::Misconfigured(Reason::SecretKeyMissing) => {
-                "machine tokens need CLERK_SECRET_KEY or CLERK_MACHINE_SECRET_KEY on the server"
+                "the server has no Clerk secret key for this (CLERK_SECRET_KEY, or CLERK_MACHINE_SECRET_KEY for M2M tokens)"
             }
             AuthError::Misconfigured(_) => {
                 "Clerk refused the server's secret key; the server is misconfigured"
             }
-            AuthError::RateLimited { .. } => "too many machine-token verifications; retry later",
+            AuthError::RateLimited { .. } => "rate limited; retry later",
+            AuthError::NotFound => "not found at Clerk",
         }
     }
 }

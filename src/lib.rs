@@ -14,9 +14,11 @@
 //! in one place ([`error`]).
 
 pub mod authz;
+pub mod bapi;
 mod claims;
 pub mod client;
 pub mod config;
+pub mod directory;
 pub mod emulator;
 pub mod error;
 pub mod identity;
@@ -25,11 +27,13 @@ pub mod keys;
 pub mod layer;
 pub mod machine;
 pub mod policy;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod telemetry;
 mod token_verifier;
 pub mod verify;
+pub mod webhook;
 
 /// Generated protobuf types, client and server for `clerk.auth.v1`.
 pub mod pb {

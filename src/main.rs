@@ -164,9 +164,43 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let http = match args.http_addr() {
+        Ok(None) => None,
+        Ok(Some(a)) => match TcpListener::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: CLERK_AUTH_HTTP_LISTEN: cannot listen on {a}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "AuthService listening");
-    match server::serve(config, listener, server::shutdown_signal()).await {
+    if let Some(h) = http.as_ref().and_then(|h| h.local_addr().ok()) {
+        tracing::info!(addr = %h, "HTTP port listening");
+    }
+    let server = match Server::build(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let events = match server.events().await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match server
+        .serve_with_events(listener, http, events, server::shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");

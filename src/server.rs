@@ -20,10 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
+use std::sync::Arc;
+
 use crate::{
-    jwks::{KeySource, KeyStore, KeyStoreConfig},
+    bapi::{BackendApi, BackendApiConfig},
+    directory::{Directory, DirectoryConfig},
+    jwks::{KeySource, KeyStore, KeyStoreConfig, Secret},
     machine::{MachineConfig, MachineVerifier},
-    service::AuthServiceImpl,
+    revocation::{Events, RedisConfig, RedisError, Revocations},
+    service::{AuthServiceImpl, IdentityQueries},
+    webhook::{SvixVerifier, WebhookSecretError},
     TokenVerifier, TokenVerifierConfig,
 };
 
@@ -42,8 +48,38 @@ pub struct ServerConfig {
     /// Opaque machine tokens through the Backend API (`None`: refused with
     /// `FAILED_PRECONDITION` / `SECRET_KEY_MISSING`).
     pub machine: Option<MachineConfig>,
+    /// Identity queries (users, memberships, sessions) through the Backend API (`None`: those
+    /// RPCs answer FAILED_PRECONDITION / `SECRET_KEY_MISSING`).
+    pub identity: Option<IdentityConfig>,
+    /// Clerk webhooks on the HTTP port (`CLERK_WEBHOOK_SIGNING_SECRET`).
+    pub webhook: Option<WebhookConfig>,
+    /// Share revocations and invalidations between replicas (`CLERK_AUTH_REDIS_URL`).
+    pub redis: Option<RedisConfig>,
+    /// How long a revoked session is remembered (the longest session-token lifetime;
+    /// default 24 h).
+    pub revocation_ttl: Duration,
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
+}
+
+/// Identity-query settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The Backend API client.
+    pub backend: BackendApiConfig,
+    /// Caches.
+    pub directory: DirectoryConfig,
+    /// Machine ids (`mch_…`) allowed to read anyone and revoke sessions.
+    pub allowlist: Vec<String>,
+}
+
+/// Webhook settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `whsec_…`.
+    pub signing_secret: Secret,
+    /// Largest distance between a delivery's timestamp and now (default 5 min).
+    pub tolerance: Duration,
 }
 
 /// Errors that stop the server.
@@ -52,6 +88,15 @@ pub enum ServerError {
     /// The HTTP client for Clerk could not be built.
     #[error("building the HTTP client failed")]
     HttpClient(#[source] reqwest::Error),
+    /// Redis could not be reached.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// The webhook signing secret is unusable.
+    #[error(transparent)]
+    Webhook(#[from] WebhookSecretError),
+    /// The HTTP port failed.
+    #[error("HTTP server error")]
+    Http(#[source] std::io::Error),
     /// Reflection could not be built from the descriptor set.
     #[error("building the reflection service failed")]
     Reflection(#[source] tonic_reflection::server::Error),
@@ -64,6 +109,10 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     verifier: TokenVerifier,
+    directory: Option<Directory>,
+    allowlist: Vec<String>,
+    webhook: Option<SvixVerifier>,
+    redis: Option<RedisConfig>,
     shutdown_grace: Duration,
 }
 
@@ -77,6 +126,10 @@ impl ServerConfig {
             key_store: KeyStoreConfig::default(),
             verifier: TokenVerifierConfig::default(),
             machine: None,
+            identity: None,
+            webhook: None,
+            redis: None,
+            revocation_ttl: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -100,12 +153,37 @@ impl Server {
         let machine = config
             .machine
             .map(|m| MachineVerifier::new(m, http.clone()));
+        let directory = config.identity.as_ref().map(|i| {
+            Directory::new(
+                BackendApi::new(i.backend.clone(), http.clone()),
+                i.directory.clone(),
+            )
+        });
+        let webhook = config
+            .webhook
+            .as_ref()
+            .map(|w| SvixVerifier::new(&w.signing_secret, w.tolerance))
+            .transpose()?;
+        let revocations = Revocations::new(config.revocation_ttl, 1_000_000);
         let keys = KeyStore::new(config.key_source, config.key_store, http);
-        let verifier = TokenVerifier::with_machine(config.verifier, keys, machine);
+        let verifier =
+            TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
         Ok(Self {
             verifier,
+            directory,
+            allowlist: config
+                .identity
+                .map(|i| i.allowlist)
+                .unwrap_or_default(),
+            webhook,
+            redis: config.redis,
             shutdown_grace: config.shutdown_grace,
         })
+    }
+
+    /// The identity-query directory, when configured.
+    pub fn directory(&self) -> Option<&Directory> {
+        self.directory.as_ref()
     }
 
     /// The verifier the server uses.
@@ -120,7 +198,52 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.serve_with_http(listener, None, shutdown).await
+    }
+
+    /// Connects what must be connected (Redis) and returns the events hub; part of
+    /// [`Server::serve_with_http`], public so that tests can wait for the subscription.
+    pub async fn events(&self) -> Result<Events, ServerError> {
+        let revocations = self.verifier.revocations().clone();
+        Ok(match &self.redis {
+            Some(r) => Events::with_redis(revocations, self.directory.clone(), r.clone()).await?,
+            None => Events::local(revocations, self.directory.clone()),
+        })
+    }
+
+    /// As [`Server::serve`], plus the HTTP port (webhooks) on `http` when given.
+    pub async fn serve_with_http(
+        self,
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let events = self.events().await?;
+        self.serve_with_events(listener, http, events, shutdown).await
+    }
+
+    /// As [`Server::serve_with_http`] with an events hub made by [`Server::events`].
+    pub async fn serve_with_events(
+        self,
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        events: Events,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let stop = CancellationToken::new();
+        let subscriber = tokio::spawn(events.clone().run(stop.clone()));
+        let http_task = http.map(|l| {
+            let mut app = axum::Router::new();
+            if let Some(v) = self.webhook.clone() {
+                app = app.merge(crate::webhook::router(v, events.clone()));
+            }
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move { stopped.cancelled().await })
+                    .await
+            })
+        });
         let keys = self.verifier.keys().clone();
         let refresher = tokio::spawn(keys.clone().run(stop.clone()));
 
@@ -157,7 +280,7 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AuthServiceImpl::new(self.verifier.clone()).into_server())
+            .add_service(self.auth_service(events).into_server())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
@@ -180,7 +303,27 @@ impl Server {
         stop.cancel();
         let _ = refresher.await;
         let _ = health_task.await;
+        let _ = subscriber.await;
+        if let Some(t) = http_task {
+            if let Ok(Err(e)) = t.await {
+                tracing::error!(error = %e, "HTTP port failed");
+            }
+        }
         result
+    }
+
+    fn auth_service(&self, events: Events) -> AuthServiceImpl {
+        match &self.directory {
+            Some(d) => AuthServiceImpl::with_identity(
+                self.verifier.clone(),
+                IdentityQueries {
+                    directory: d.clone(),
+                    events,
+                    allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
+                },
+            ),
+            None => AuthServiceImpl::new(self.verifier.clone()),
+        }
     }
 }
 

@@ -1,13 +1,20 @@
 //! The `clerk.auth.v1.AuthService` gRPC implementation: translates protobuf ↔ domain and calls
 //! the [`TokenVerifier`]. Errors become [`Status`] through [`crate::error`]'s one mapping.
 
+use std::{collections::HashSet, sync::Arc};
+
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    error::AuthError,
-    identity::TokenType,
+    authz::Unmet,
+    bapi::is_clerk_id,
+    directory::Directory,
+    error::{AuthError, Denial, Reason, VerifyError},
+    identity::{Identity, TokenType},
+    layer::TokenSources,
     pb::{self, auth_service_server::AuthService},
+    revocation::{Event, Events},
     token_fingerprint, TokenVerifier, VerifyRequest,
 };
 
@@ -15,12 +22,94 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AuthServiceImpl {
     verifier: TokenVerifier,
+    identity: Option<IdentityQueries>,
+}
+
+/// What the identity-query RPCs need.
+#[derive(Debug, Clone)]
+pub struct IdentityQueries {
+    /// Cached Backend API access.
+    pub directory: Directory,
+    /// Where revocations go (and come from).
+    pub events: Events,
+    /// Machine ids (`mch_…`) whose M2M tokens may read anyone and revoke sessions.
+    pub allowlist: Arc<HashSet<String>>,
+}
+
+const TOKEN_TYPES: [TokenType; 4] = [
+    TokenType::SessionToken,
+    TokenType::M2mToken,
+    TokenType::OauthToken,
+    TokenType::ApiKey,
+];
+
+fn denied() -> AuthError {
+    AuthError::Denied(Denial {
+        unmet: Unmet::CallerNotAllowed,
+        required: Vec::new(),
+    })
 }
 
 impl AuthServiceImpl {
-    /// A service verifying with `verifier`.
+    /// A service verifying with `verifier` (identity queries answer FAILED_PRECONDITION).
     pub fn new(verifier: TokenVerifier) -> Self {
-        Self { verifier }
+        Self {
+            verifier,
+            identity: None,
+        }
+    }
+
+    /// A service that also answers identity queries.
+    pub fn with_identity(verifier: TokenVerifier, identity: IdentityQueries) -> Self {
+        Self {
+            verifier,
+            identity: Some(identity),
+        }
+    }
+
+    fn queries(&self) -> Result<&IdentityQueries, AuthError> {
+        self.identity
+            .as_ref()
+            .ok_or(AuthError::Misconfigured(Reason::SecretKeyMissing))
+    }
+
+    /// Verifies the call's own token (any type) and classifies the caller.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<(Arc<Identity>, bool), AuthError> {
+        let token = TokenSources::default()
+            .with_session_cookie(false)
+            .extract(request.metadata().as_ref())?;
+        let identity = self
+            .verifier
+            .verify(&VerifyRequest {
+                token,
+                accepted_types: &TOKEN_TYPES,
+                source: request.remote_addr().map(|a| a.ip()),
+                ..VerifyRequest::default()
+            })
+            .await?;
+        let trusted = identity.token_type == TokenType::M2mToken
+            && identity
+                .machine
+                .as_ref()
+                .and_then(|m| m.machine_id.as_ref())
+                .is_some_and(|id| {
+                    self.identity
+                        .as_ref()
+                        .is_some_and(|q| q.allowlist.contains(id))
+                });
+        Ok((identity, trusted))
+    }
+
+    async fn authorize_for_user<T>(
+        &self,
+        request: &Request<T>,
+        user_id: &str,
+    ) -> Result<(), AuthError> {
+        let (identity, trusted) = self.caller(request).await?;
+        if trusted || (!identity.user_id.is_empty() && identity.user_id == user_id) {
+            return Ok(());
+        }
+        Err(denied())
     }
 
     /// The generated tonic server for this service.
@@ -29,8 +118,172 @@ impl AuthServiceImpl {
     }
 }
 
+fn check_id(id: &str, prefix: &str, what: &'static str) -> Result<(), AuthError> {
+    if is_clerk_id(id, prefix) {
+        Ok(())
+    } else {
+        Err(AuthError::InvalidRequest(what))
+    }
+}
+
+/// Runs an RPC body in a span with the method and outcome, mapping errors once.
+async fn traced<T>(
+    method: &'static str,
+    body: impl std::future::Future<Output = Result<T, AuthError>>,
+) -> Result<Response<T>, Status> {
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        outcome = tracing::field::Empty,
+        reason = tracing::field::Empty
+    );
+    async move {
+        let result = body.await;
+        let span = tracing::Span::current();
+        match &result {
+            Ok(_) => {
+                span.record("outcome", "ok");
+            }
+            Err(e) => {
+                span.record("outcome", "refused");
+                span.record("reason", e.reason_str());
+                tracing::info!(code = ?e.code(), "call refused");
+            }
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+    .instrument(span)
+    .await
+}
+
 #[tonic::async_trait]
 impl AuthService for AuthServiceImpl {
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        traced("WhoAmI", async {
+            let (identity, _) = self.caller(&request).await?;
+            let user = if identity.user_id.is_empty() {
+                None
+            } else {
+                let q = self.queries()?;
+                Some(q.directory.user(&identity.user_id).await?.to_proto())
+            };
+            Ok(pb::WhoAmIResponse {
+                identity: Some(identity.to_proto()),
+                user,
+            })
+        })
+        .await
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        traced("GetUser", async {
+            let user_id = request.get_ref().user_id.clone();
+            check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
+            self.authorize_for_user(&request, &user_id).await?;
+            let q = self.queries()?;
+            Ok(q.directory.user(&user_id).await?.to_proto())
+        })
+        .await
+    }
+
+    async fn list_organization_memberships(
+        &self,
+        request: Request<pb::ListOrganizationMembershipsRequest>,
+    ) -> Result<Response<pb::ListOrganizationMembershipsResponse>, Status> {
+        traced("ListOrganizationMemberships", async {
+            let r = request.get_ref();
+            let user_id = r.user_id.clone();
+            check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
+            let size = match r.page_size {
+                0 => 20,
+                n @ 1..=100 => n as usize,
+                _ => return Err(AuthError::InvalidRequest("page_size must be 1..=100")),
+            };
+            let offset: usize = if r.page_token.is_empty() {
+                0
+            } else {
+                r.page_token
+                    .strip_prefix("o")
+                    .and_then(|o| o.parse().ok())
+                    .ok_or(AuthError::InvalidRequest("page_token is not one we issued"))?
+            };
+            self.authorize_for_user(&request, &user_id).await?;
+            let q = self.queries()?;
+            let all = q.directory.memberships(&user_id).await?;
+            let page: Vec<_> = all.iter().skip(offset).take(size).map(|m| m.to_proto()).collect();
+            let next = offset + page.len();
+            Ok(pb::ListOrganizationMembershipsResponse {
+                memberships: page,
+                next_page_token: if next < all.len() {
+                    format!("o{next}")
+                } else {
+                    String::new()
+                },
+                total_count: i32::try_from(all.len()).unwrap_or(i32::MAX),
+            })
+        })
+        .await
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        traced("GetSession", async {
+            let session_id = request.get_ref().session_id.clone();
+            check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
+            let (identity, trusted) = self.caller(&request).await?;
+            let q = self.queries()?;
+            if trusted {
+                return Ok(q.directory.session(&session_id).await?.to_proto());
+            }
+            // A user may read its own sessions. Asking about any other session is refused the
+            // same way whether it exists or not.
+            if identity.user_id.is_empty() {
+                return Err(denied());
+            }
+            if identity.session_id.as_deref() != Some(session_id.as_str()) {
+                match q.directory.session(&session_id).await {
+                    Ok(s) if s.user_id == identity.user_id => return Ok(s.to_proto()),
+                    Ok(_) | Err(crate::bapi::ApiError::NotFound) => return Err(denied()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(q.directory.session(&session_id).await?.to_proto())
+        })
+        .await
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        traced("RevokeSession", async {
+            let session_id = request.get_ref().session_id.clone();
+            check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
+            let (_, trusted) = self.caller(&request).await?;
+            if !trusted {
+                return Err(denied());
+            }
+            let q = self.queries()?;
+            let session = q.directory.revoke_session(&session_id).await?;
+            q.events
+                .publish(Event::SessionRevoked {
+                    id: session_id.clone(),
+                })
+                .await;
+            tracing::info!(session = %session_id, "session revoked");
+            Ok(session.to_proto())
+        })
+        .await
+    }
+
     async fn verify_token(
         &self,
         request: Request<pb::VerifyTokenRequest>,
@@ -126,6 +379,35 @@ impl AuthServiceImpl {
                 source,
             })
             .await?;
+        if req.check_session_online {
+            self.confirm_online(&identity, req.accept_pending_session)
+                .await?;
+        }
         Ok(identity.to_proto())
+    }
+
+    /// Asks Clerk (cached for the session TTL) whether the token's session is still live.
+    async fn confirm_online(&self, identity: &Identity, accept_pending: bool) -> Result<(), AuthError> {
+        let Some(sid) = identity.session_id.as_deref() else {
+            return Ok(());
+        };
+        let q = self.queries()?;
+        let gone = match q.directory.session(sid).await {
+            Ok(s) if s.is_live(accept_pending) => return Ok(()),
+            // Pending (not accepted): refused now, but the session may still become active.
+            Ok(s) if s.status == "pending" => false,
+            Ok(_) | Err(crate::bapi::ApiError::NotFound) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if gone {
+            // Ended, revoked, removed, expired…: its other tokens are refused from now on.
+            q.events
+                .publish(Event::SessionRevoked { id: sid.to_owned() })
+                .await;
+        }
+        Err(AuthError::Rejected(VerifyError::new(
+            Reason::SessionRevoked,
+            "The session is no longer active at Clerk.",
+        )))
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     jwks::{KeyStore, ResolveError, SyncLookup},
     keys::VerifyingKey,
     machine::MachineVerifier,
+    revocation::Revocations,
     verify::{Decoded, Validation, Verifier, VerifyOptions, KID_MISMATCH},
 };
 
@@ -74,6 +75,7 @@ struct Inner {
     keys: KeyStore,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
     machine: Option<MachineVerifier>,
+    revocations: Revocations,
 }
 
 /// Verifies Clerk tokens with keys from a [`KeyStore`], caching verdicts. Cheap to clone.
@@ -137,6 +139,18 @@ impl TokenVerifier {
         keys: KeyStore,
         machine: Option<MachineVerifier>,
     ) -> Self {
+        Self::with_parts(config, keys, machine, Revocations::default())
+    }
+
+    /// A verifier that also refuses the sessions in `revocations` (webhooks, `RevokeSession`,
+    /// other replicas through Redis) with `SESSION_REVOKED` — on every path, verdict-cache
+    /// hits included.
+    pub fn with_parts(
+        config: TokenVerifierConfig,
+        keys: KeyStore,
+        machine: Option<MachineVerifier>,
+        revocations: Revocations,
+    ) -> Self {
         let cache = (config.cache_capacity > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(config.cache_capacity)
@@ -151,6 +165,7 @@ impl TokenVerifier {
                 keys,
                 cache,
                 machine,
+                revocations,
             }),
         }
     }
@@ -178,8 +193,31 @@ impl TokenVerifier {
         self.inner.machine.as_ref()
     }
 
+    /// The revoked-session set this verifier honours.
+    pub fn revocations(&self) -> &Revocations {
+        &self.inner.revocations
+    }
+
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let identity = self.verify_unrevoked(req).await?;
+        self.check_revoked(&identity)?;
+        Ok(identity)
+    }
+
+    fn check_revoked(&self, identity: &Identity) -> Result<(), AuthError> {
+        match &identity.session_id {
+            Some(sid) if self.inner.revocations.is_revoked(sid) => {
+                Err(AuthError::Rejected(crate::error::VerifyError::new(
+                    crate::error::Reason::SessionRevoked,
+                    "The session was revoked.",
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn verify_unrevoked(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         if let Some(token_type) = self.opaque(req)? {
             let machine = self.inner.machine.as_ref().ok_or(AuthError::Misconfigured(
                 crate::error::Reason::SecretKeyMissing,
@@ -228,6 +266,12 @@ impl TokenVerifier {
     /// Opaque machine tokens need a Backend API call: they are refused here
     /// (`UNAUTHENTICATED` / `TOKEN_TYPE_MISMATCH`) — use the async layer for them.
     pub fn verify_now(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let identity = self.verify_now_unrevoked(req)?;
+        self.check_revoked(&identity)?;
+        Ok(identity)
+    }
+
+    fn verify_now_unrevoked(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         if self.opaque(req)?.is_some() {
             return Err(AuthError::Rejected(crate::error::VerifyError::new(
                 crate::error::Reason::TokenTypeMismatch,

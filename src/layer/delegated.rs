@@ -233,6 +233,7 @@ impl DelegatedVerifier {
             accept_pending_session: req.accept_pending,
             accepted_token_types: req.accepted_types.iter().map(|t| *t as i32).collect(),
             client_ip: req.source.map(|ip| ip.to_string()).unwrap_or_default(),
+            check_session_online: false,
         });
         request.set_timeout(self.inner.deadline);
         let mut client = self.inner.client.clone();
