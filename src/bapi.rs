@@ -290,7 +290,14 @@ mod tests {
     #[test]
     fn ids_are_path_safe() {
         assert!(is_clerk_id("user_2abcDEF", "user_"));
-        for bad in ["user_", "user_../x", "user_a/b", "sess_1", "user_a?b", "user_é"] {
+        for bad in [
+            "user_",
+            "user_../x",
+            "user_a/b",
+            "sess_1",
+            "user_a?b",
+            "user_é",
+        ] {
             assert!(!is_clerk_id(bad, "user_"), "{bad}");
         }
         assert!(!is_clerk_id(&format!("user_{}", "a".repeat(200)), "user_"));

@@ -7,16 +7,16 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
-    jwks::{KeySource, KeyStoreConfig, Secret},
-    keys::{KeySet, VerifyingKey},
     bapi::{is_clerk_id, BackendApiConfig},
     directory::DirectoryConfig,
+    jwks::{KeySource, KeyStoreConfig, Secret},
+    keys::{KeySet, VerifyingKey},
     machine::MachineConfig,
     revocation::RedisConfig,
     server::{IdentityConfig, ServerConfig, WebhookConfig},
-    webhook::SvixVerifier,
     telemetry::LogFormat,
     verify::Validation,
+    webhook::SvixVerifier,
     TokenVerifierConfig,
 };
 
@@ -361,9 +361,8 @@ impl ServeArgs {
         let redis = match non_empty(&self.redis_url) {
             None => None,
             Some(u) => {
-                redis::Client::open(u).map_err(|_| {
-                    err("CLERK_AUTH_REDIS_URL", "not a redis:// or rediss:// URL")
-                })?;
+                redis::Client::open(u)
+                    .map_err(|_| err("CLERK_AUTH_REDIS_URL", "not a redis:// or rediss:// URL"))?;
                 Some(RedisConfig {
                     url: u.to_owned(),
                     prefix: non_empty(&self.redis_prefix)

@@ -305,7 +305,9 @@ impl Directory {
         let api = &self.inner.api;
         self.inner
             .users
-            .get(user_id, async { api.get(&format!("users/{user_id}")).await })
+            .get(user_id, async {
+                api.get(&format!("users/{user_id}")).await
+            })
             .await
     }
 
@@ -404,10 +406,7 @@ impl User {
                 .map(|e| pb::EmailAddress {
                     id: e.id.clone(),
                     email_address: e.email_address.clone(),
-                    verified: e
-                        .verification
-                        .as_ref()
-                        .and_then(|v| v.status.as_deref())
+                    verified: e.verification.as_ref().and_then(|v| v.status.as_deref())
                         == Some("verified"),
                 })
                 .collect(),

@@ -55,8 +55,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{keys::Alg, verify::CAT_SESSION};
 
+mod directory;
 mod machines;
 
+pub use directory::{MembershipSpec, UserSpec};
 pub use machines::{Machine, MachineTokenKind, MachineTokenSpec};
 
 /// An RSA-2048 signing key with a Clerk-like kid (`ins_…`).
@@ -125,6 +127,9 @@ struct Shared {
     machines: Mutex<machines::MachineState>,
     bapi_failure: Mutex<Option<machines::BapiFault>>,
     bapi_requests: watch::Sender<u64>,
+    directory: Mutex<directory::DirectoryState>,
+    latency: Mutex<directory::Latency>,
+    http: reqwest::Client,
 }
 
 /// A running emulator. Dropping it stops the server.
@@ -402,6 +407,12 @@ impl Emulator {
             machines: Mutex::new(machines::MachineState::default()),
             bapi_failure: Mutex::new(None),
             bapi_requests: watch::Sender::new(0),
+            directory: Mutex::new(directory::DirectoryState::default()),
+            latency: Mutex::new(directory::Latency::default()),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .map_err(|e| EmulatorError::Io(std::io::Error::other(e)))?,
         });
         // One machine from the start, so that `token --m2m` works without setup.
         shared
@@ -417,6 +428,7 @@ impl Emulator {
             .route("/emulator/faults", put(set_faults))
             .route("/emulator/stats", get(stats))
             .merge(machines::routes())
+            .merge(directory::routes())
             .with_state(shared.clone());
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -565,6 +577,88 @@ impl Emulator {
         *self.shared.bapi_requests.borrow()
     }
 
+    /// Creates a user; returns its id.
+    pub fn create_user(&self, spec: &UserSpec) -> String {
+        self.shared.create_user(spec)["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Adds an organization membership (and sends `organizationMembership.created`).
+    pub async fn add_membership(&self, spec: &MembershipSpec) {
+        let m = self.shared.add_membership(spec);
+        self.shared
+            .send_webhook("organizationMembership.created", m)
+            .await;
+    }
+
+    /// Changes a user's first name (and sends `user.updated`).
+    pub async fn rename_user(&self, user_id: &str, first_name: &str) -> bool {
+        let user = {
+            let mut d = self.shared.directory.lock().expect("lock");
+            match d.user_mut(user_id) {
+                Some(u) => {
+                    u["first_name"] = first_name.into();
+                    u.clone()
+                }
+                None => return false,
+            }
+        };
+        self.shared.send_webhook("user.updated", user).await;
+        true
+    }
+
+    /// Creates an active session for a user; returns its id.
+    pub fn create_session(&self, user_id: &str) -> String {
+        let id = format!("sess_{}", random_id(27));
+        self.shared
+            .directory
+            .lock()
+            .expect("lock")
+            .ensure(user_id, Some(&id));
+        id
+    }
+
+    /// Sets a session's status (`revoked`, `ended`, `removed` send their webhook and wait for
+    /// its delivery). `false` for an unknown session.
+    pub async fn set_session_status(&self, session_id: &str, status: &str) -> bool {
+        self.shared
+            .set_session_status(session_id, status)
+            .await
+            .is_some()
+    }
+
+    /// Sends webhooks to `url`, signed with `secret` (`whsec_…`); `None` stops sending.
+    ///
+    /// # Panics
+    /// When `secret` is not a usable Svix secret.
+    pub fn set_webhook(&self, target: Option<(&str, &str)>) {
+        let target = target.map(|(url, secret)| {
+            let v = crate::webhook::SvixVerifier::new(
+                &crate::jwks::Secret::new(secret),
+                std::time::Duration::from_secs(300),
+            )
+            .expect("a whsec_ secret");
+            (url.to_owned(), v)
+        });
+        self.shared
+            .directory
+            .lock()
+            .expect("lock")
+            .set_webhook(target);
+    }
+
+    /// Sends an arbitrary event to the webhook target; returns the HTTP status it answered.
+    pub async fn send_webhook(&self, kind: &str, data: Value) -> Option<u16> {
+        self.shared.send_webhook(kind, data).await
+    }
+
+    /// Delays every identity endpoint by `latency`.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.shared.latency.lock().expect("lock").0 = latency;
+    }
+
     /// Stops the server and waits for it.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
@@ -621,8 +715,15 @@ impl Shared {
                 header[k] = v.clone();
             }
         }
-        let claims = Value::Object(spec.claims(&self.issuer, now_secs()));
-        key.sign_jwt(&header, &claims, Alg::RS256)
+        let claims = spec.claims(&self.issuer, now_secs());
+        if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
+            // The token's user and session exist at this "Clerk" (GetUser, GetSession work).
+            self.directory
+                .lock()
+                .expect("lock")
+                .ensure(sub, claims.get("sid").and_then(Value::as_str));
+        }
+        key.sign_jwt(&header, &Value::Object(claims), Alg::RS256)
     }
 
     fn jwks(&self) -> Value {

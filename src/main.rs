@@ -5,11 +5,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use clerk_grpc_auth::{
+    bapi::BackendApiConfig,
     config::ServeArgs,
-    emulator::{Emulator, EmulatorConfig, MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec},
+    directory::DirectoryConfig,
+    emulator::{
+        Emulator, EmulatorConfig, MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec, UserSpec,
+    },
     jwks::{KeySource, Secret},
     machine::MachineConfig,
-    server::{self, Server, ServerConfig},
+    server::{self, IdentityConfig, Server, ServerConfig, WebhookConfig},
     telemetry::{self, LogFormat},
 };
 use tokio::net::TcpListener;
@@ -51,6 +55,9 @@ enum Command {
         /// Emulator address.
         #[arg(long, default_value = "127.0.0.1:8787")]
         emulator_listen: String,
+        /// AuthService HTTP port (Clerk webhooks from the emulator).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        http_listen: String,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -142,8 +149,9 @@ fn main() -> ExitCode {
             Command::Dev {
                 listen,
                 emulator_listen,
+                http_listen,
                 log_format,
-            } => dev(listen, emulator_listen, log_format).await,
+            } => dev(listen, emulator_listen, http_listen, log_format).await,
         }
     })
 }
@@ -329,19 +337,29 @@ async fn print_field(url: &str, body: &impl serde::Serialize, field: &str) -> Ex
     }
 }
 
-async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> ExitCode {
+async fn dev(
+    listen: String,
+    emulator_listen: String,
+    http_listen: String,
+    log_format: LogFormat,
+) -> ExitCode {
     telemetry::init(log_format);
-    let (emu_listener, listener) = match (
+    let (emu_listener, listener, http_listener) = match (
         TcpListener::bind(&emulator_listen).await,
         TcpListener::bind(&listen).await,
+        TcpListener::bind(&http_listen).await,
     ) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) => {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(e), _, _) => {
             eprintln!("error: --emulator-listen: cannot listen on {emulator_listen}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-        (_, Err(e)) => {
+        (_, Err(e), _) => {
             eprintln!("error: --listen: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        (_, _, Err(e)) => {
+            eprintln!("error: --http-listen: cannot listen on {http_listen}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -363,7 +381,7 @@ async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> 
         url: jwks_url,
         bearer: Some(Secret::new(emu.secret_key())),
     });
-    let api_url = match emu.url().parse() {
+    let api_url: url::Url = match emu.url().parse() {
         Ok(u) => u,
         Err(e) => {
             eprintln!("error: emulator URL: {e}");
@@ -371,14 +389,50 @@ async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> 
         }
     };
     config.machine = Some(MachineConfig::new(
-        api_url,
+        api_url.clone(),
         Some(Secret::new(emu.secret_key())),
         None,
     ));
-    // Two machines for the machine-to-machine example: A may call B.
+    // Two machines for the machine-to-machine example: A may call B. A may also read any
+    // user and revoke sessions (the identity-query allowlist).
     let service_a = emu.create_machine("service-a");
     let service_b = emu.create_machine("service-b");
     emu.allow(&service_a.id, &service_b.id);
+    config.identity = Some(IdentityConfig {
+        backend: BackendApiConfig::new(api_url, Secret::new(emu.secret_key())),
+        directory: DirectoryConfig::default(),
+        allowlist: vec![service_a.id.clone()],
+    });
+    // Webhooks from the emulator to the HTTP port, signed with a fresh secret.
+    let webhook_secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            rand::random::<[u8; 32]>()
+        )
+    );
+    config.webhook = Some(WebhookConfig {
+        signing_secret: Secret::new(&webhook_secret),
+        tolerance: std::time::Duration::from_secs(300),
+    });
+    let http_addr = match http_listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    emu.set_webhook(Some((
+        &format!("http://{http_addr}/webhooks/clerk"),
+        &webhook_secret,
+    )));
+    let other_user = emu.create_user(&UserSpec {
+        id: Some("user_2otherOTHERotherOTHERother".into()),
+        first_name: Some("Grace".into()),
+        last_name: Some("Hopper".into()),
+        email: Some("grace@example.com".into()),
+        ..UserSpec::default()
+    });
     let server = match Server::build(config) {
         Ok(s) => s,
         Err(e) => {
@@ -394,10 +448,16 @@ async fn dev(listen: String, emulator_listen: String, log_format: LogFormat) -> 
             return ExitCode::FAILURE;
         }
     };
-    let running = tokio::spawn(server.serve(listener, server::shutdown_signal()));
+    let running = tokio::spawn(server.serve_with_http(
+        listener,
+        Some(http_listener),
+        server::shutdown_signal(),
+    ));
     keys.ready().await;
+    let session_id = "sess_2devDEVdevDEVdevDEVdevDEV";
     let token = emu.mint(&TokenSpec {
         user_id: Some("user_2devDEVdevDEVdevDEVdevDEV".into()),
+        session_id: Some(session_id.into()),
         org: Some(OrgSpec {
             id: Some("org_2devACMEacmeACMEacmeACME".into()),
             slug: Some("acme".into()),
@@ -432,6 +492,18 @@ Mint more tokens:
 
 TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
 
+Identity queries (the caller's token in the authorization header; a user may read itself):
+
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" {addr} clerk.auth.v1.AuthService/WhoAmI
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser   # PERMISSION_DENIED
+M2M=$(cargo run --release -q -- token --emulator-url {emu_url} --m2m --machine {a_id})   # machine A is on the allowlist
+grpcurl -plaintext -H "authorization: Bearer $M2M" -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
+
+Revoke the session (the emulator sends a signed session.revoked webhook to http://{http_addr}/webhooks/clerk):
+
+curl -s -X POST {emu_url}/emulator/sessions/{session_id}/status -d '{{"status":"revoked"}}' -H 'content-type: application/json'
+grpcurl -plaintext -d "{{\"token\":\"$TOKEN\"}}" {addr} clerk.auth.v1.AuthService/VerifyToken   # SESSION_REVOKED
+
 Machine-to-machine: service A (machine {a_id}) calls service B (machine {b_id}),
 which asks this AuthService to verify A's M2M token:
 
@@ -453,6 +525,9 @@ Ctrl-C stops both.
         a_id = service_a.id,
         a_secret = service_a.secret_key,
         b_id = service_b.id,
+        http_addr = http_addr,
+        other_user = other_user,
+        session_id = session_id,
     );
     let result = running.await;
     emu.shutdown().await;

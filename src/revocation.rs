@@ -168,7 +168,8 @@ impl Events {
         directory: Option<Directory>,
         config: RedisConfig,
     ) -> Result<Self, RedisError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| RedisError(e.to_string()))?;
+        let client =
+            redis::Client::open(config.url.as_str()).map_err(|e| RedisError(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager())
             .await
             .map_err(|_| RedisError("timed out".into()))?
@@ -270,7 +271,9 @@ impl Events {
                 while let Some(msg) = messages.next().await {
                     match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
                         Ok(event) => self.apply(&event).await,
-                        Err(e) => tracing::warn!(error = %e, "ignoring a malformed event from Redis"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a malformed event from Redis")
+                        }
                     }
                 }
                 Ok::<(), redis::RedisError>(())

@@ -166,15 +166,11 @@ impl Server {
             .transpose()?;
         let revocations = Revocations::new(config.revocation_ttl, 1_000_000);
         let keys = KeyStore::new(config.key_source, config.key_store, http);
-        let verifier =
-            TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
+        let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
         Ok(Self {
             verifier,
             directory,
-            allowlist: config
-                .identity
-                .map(|i| i.allowlist)
-                .unwrap_or_default(),
+            allowlist: config.identity.map(|i| i.allowlist).unwrap_or_default(),
             webhook,
             redis: config.redis,
             shutdown_grace: config.shutdown_grace,
@@ -219,7 +215,8 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let events = self.events().await?;
-        self.serve_with_events(listener, http, events, shutdown).await
+        self.serve_with_events(listener, http, events, shutdown)
+            .await
     }
 
     /// As [`Server::serve_with_http`] with an events hub made by [`Server::events`].

@@ -216,7 +216,12 @@ impl AuthService for AuthServiceImpl {
             self.authorize_for_user(&request, &user_id).await?;
             let q = self.queries()?;
             let all = q.directory.memberships(&user_id).await?;
-            let page: Vec<_> = all.iter().skip(offset).take(size).map(|m| m.to_proto()).collect();
+            let page: Vec<_> = all
+                .iter()
+                .skip(offset)
+                .take(size)
+                .map(|m| m.to_proto())
+                .collect();
             let next = offset + page.len();
             Ok(pb::ListOrganizationMembershipsResponse {
                 memberships: page,
@@ -387,7 +392,11 @@ impl AuthServiceImpl {
     }
 
     /// Asks Clerk (cached for the session TTL) whether the token's session is still live.
-    async fn confirm_online(&self, identity: &Identity, accept_pending: bool) -> Result<(), AuthError> {
+    async fn confirm_online(
+        &self,
+        identity: &Identity,
+        accept_pending: bool,
+    ) -> Result<(), AuthError> {
         let Some(sid) = identity.session_id.as_deref() else {
             return Ok(());
         };

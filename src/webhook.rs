@@ -254,7 +254,10 @@ mod tests {
         let sig = v.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         let h = headers("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, &sig);
-        assert_eq!(v.verify(&h, body, 1614265330 + 10), Ok("msg_p5jXN8AQM9LWM0D4loKWxJek"));
+        assert_eq!(
+            v.verify(&h, body, 1614265330 + 10),
+            Ok("msg_p5jXN8AQM9LWM0D4loKWxJek")
+        );
     }
 
     #[test]
@@ -282,33 +285,55 @@ mod tests {
             Err(WebhookError::Signature)
         );
         assert_eq!(
-            v.verify(&headers("msg_1", now, &good.replace("v1,", "v2,")), body, now),
+            v.verify(
+                &headers("msg_1", now, &good.replace("v1,", "v2,")),
+                body,
+                now
+            ),
             Err(WebhookError::Signature)
         );
         // Outside the tolerance either way.
-        assert_eq!(v.verify(&headers("msg_1", now, &good), body, now + 301), Err(WebhookError::Timestamp));
-        assert_eq!(v.verify(&headers("msg_1", now, &good), body, now - 301), Err(WebhookError::Timestamp));
+        assert_eq!(
+            v.verify(&headers("msg_1", now, &good), body, now + 301),
+            Err(WebhookError::Timestamp)
+        );
+        assert_eq!(
+            v.verify(&headers("msg_1", now, &good), body, now - 301),
+            Err(WebhookError::Timestamp)
+        );
         // Missing headers.
-        assert_eq!(v.verify(&HeaderMap::new(), body, now), Err(WebhookError::Headers));
+        assert_eq!(
+            v.verify(&HeaderMap::new(), body, now),
+            Err(WebhookError::Headers)
+        );
     }
 
     #[test]
     fn event_mapping() {
         let d = json!({"id": "sess_1"});
         for k in ["session.ended", "session.revoked", "session.removed"] {
-            assert_eq!(events_for(k, &d), [Event::SessionRevoked { id: "sess_1".into() }]);
+            assert_eq!(
+                events_for(k, &d),
+                [Event::SessionRevoked {
+                    id: "sess_1".into()
+                }]
+            );
         }
         assert!(events_for("session.created", &d).is_empty());
         assert_eq!(
             events_for("user.deleted", &json!({"id": "user_1", "deleted": true})),
-            [Event::UserChanged { id: "user_1".into() }]
+            [Event::UserChanged {
+                id: "user_1".into()
+            }]
         );
         assert_eq!(
             events_for(
                 "organizationMembership.updated",
                 &json!({"public_user_data": {"user_id": "user_2"}})
             ),
-            [Event::MembershipsChanged { user_id: "user_2".into() }]
+            [Event::MembershipsChanged {
+                user_id: "user_2".into()
+            }]
         );
         assert!(events_for("user.updated", &json!({"id": 5})).is_empty());
     }

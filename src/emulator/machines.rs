@@ -306,11 +306,11 @@ impl Shared {
         Ok((token, id))
     }
 
-    fn count_bapi(&self) {
+    pub(super) fn count_bapi(&self) {
         self.bapi_requests.send_modify(|c| *c += 1);
     }
 
-    fn bapi_fault(&self) -> Option<Response> {
+    pub(super) fn bapi_fault(&self) -> Option<Response> {
         let f = (*self.bapi_failure.lock().expect("lock"))?;
         let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let mut r = clerk_error(

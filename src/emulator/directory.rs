@@ -1,0 +1,534 @@
+//! The emulator's users, organizations, memberships and sessions, with the Backend API's read
+//! endpoints, session revocation, and Svix-signed webhooks sent on every change.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::{clerk_error, now_secs, random_id, Shared};
+use crate::{jwks::Secret, webhook::SvixVerifier};
+
+/// A user to create. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserSpec {
+    /// `user_…` (default random).
+    pub id: Option<String>,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Username.
+    pub username: Option<String>,
+    /// Primary email address (default `<id>@example.com`).
+    pub email: Option<String>,
+    /// Public metadata.
+    pub public_metadata: Map<String, Value>,
+}
+
+/// A membership to add.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MembershipSpec {
+    /// The member.
+    pub user_id: String,
+    /// The organization (created when new).
+    pub org_id: String,
+    /// Organization name (default: the slug or id).
+    pub org_name: Option<String>,
+    /// Organization slug.
+    pub org_slug: Option<String>,
+    /// Role, `org:`-prefixed or not (default `org:member`).
+    pub role: Option<String>,
+    /// Permission keys.
+    pub permissions: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct DirectoryState {
+    users: HashMap<String, Value>,
+    memberships: Vec<(String, Value)>,
+    sessions: HashMap<String, Value>,
+    webhook: Option<(String, SvixVerifier)>,
+}
+
+/// An injected latency for the identity endpoints.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Latency(pub Duration);
+
+fn now_ms() -> i64 {
+    now_secs() * 1000
+}
+
+fn user_json(id: &str, spec: &UserSpec) -> Value {
+    let email_id = format!("idn_{}", random_id(24));
+    let email = spec
+        .email
+        .clone()
+        .unwrap_or_else(|| format!("{}@example.com", id.to_lowercase()));
+    json!({
+        "object": "user",
+        "id": id,
+        "first_name": spec.first_name,
+        "last_name": spec.last_name,
+        "username": spec.username,
+        "image_url": format!("https://img.clerk.com/{id}"),
+        "has_image": false,
+        "primary_email_address_id": email_id,
+        "primary_phone_number_id": null,
+        "email_addresses": [{
+            "id": email_id, "object": "email_address", "email_address": email,
+            "verification": {"status": "verified", "strategy": "email_code"}, "linked_to": []
+        }],
+        "phone_numbers": [],
+        "external_accounts": [],
+        "public_metadata": spec.public_metadata,
+        "private_metadata": {},
+        "unsafe_metadata": {},
+        "external_id": null,
+        "banned": false,
+        "locked": false,
+        "two_factor_enabled": false,
+        "last_sign_in_at": now_ms(),
+        "last_active_at": now_ms(),
+        "created_at": now_ms(),
+        "updated_at": now_ms(),
+    })
+}
+
+fn session_json(id: &str, user_id: &str) -> Value {
+    let now = now_ms();
+    json!({
+        "object": "session",
+        "id": id,
+        "client_id": format!("client_{}", random_id(24)),
+        "user_id": user_id,
+        "status": "active",
+        "last_active_organization_id": null,
+        "actor": null,
+        "last_active_at": now,
+        "expire_at": now + 7 * 86_400_000,
+        "abandon_at": now + 30 * 86_400_000,
+        "created_at": now,
+        "updated_at": now,
+    })
+}
+
+impl DirectoryState {
+    pub(super) fn user_mut(&mut self, id: &str) -> Option<&mut Value> {
+        self.users.get_mut(id)
+    }
+
+    pub(super) fn set_webhook(&mut self, target: Option<(String, SvixVerifier)>) {
+        self.webhook = target;
+    }
+
+    /// Makes sure a minted token's user and session exist.
+    pub(super) fn ensure(&mut self, user_id: &str, session_id: Option<&str>) {
+        if !self.users.contains_key(user_id) {
+            let spec = UserSpec {
+                first_name: Some("Dev".into()),
+                last_name: Some("User".into()),
+                ..UserSpec::default()
+            };
+            self.users
+                .insert(user_id.to_owned(), user_json(user_id, &spec));
+        }
+        if let Some(sid) = session_id {
+            self.sessions
+                .entry(sid.to_owned())
+                .or_insert_with(|| session_json(sid, user_id));
+        }
+    }
+}
+
+impl Shared {
+    /// Sends a Svix-signed webhook to the configured target and waits for its answer
+    /// (`None` when no target is set or it cannot be reached).
+    pub(super) async fn send_webhook(&self, kind: &str, data: Value) -> Option<u16> {
+        let (url, signer) = self.directory.lock().expect("lock").webhook.clone()?;
+        let body = serde_json::to_vec(&json!({
+            "object": "event",
+            "type": kind,
+            "timestamp": now_ms(),
+            "data": data,
+        }))
+        .ok()?;
+        let id = format!("msg_{}", random_id(27));
+        let ts = now_secs();
+        let sig = signer.sign(&id, ts, &body);
+        let resp = self
+            .http
+            .post(&url)
+            .header("svix-id", &id)
+            .header("svix-timestamp", ts.to_string())
+            .header("svix-signature", sig)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        match resp {
+            Ok(r) => Some(r.status().as_u16()),
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "emulator webhook delivery failed");
+                None
+            }
+        }
+    }
+
+    pub(super) fn create_user(&self, spec: &UserSpec) -> Value {
+        let id = spec
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("user_{}", random_id(27)));
+        let user = user_json(&id, spec);
+        self.directory
+            .lock()
+            .expect("lock")
+            .users
+            .insert(id, user.clone());
+        user
+    }
+
+    pub(super) fn add_membership(&self, spec: &MembershipSpec) -> Value {
+        let role = spec
+            .role
+            .clone()
+            .map(|r| {
+                if r.starts_with("org:") {
+                    r
+                } else {
+                    format!("org:{r}")
+                }
+            })
+            .unwrap_or_else(|| "org:member".into());
+        let slug = spec.org_slug.clone().unwrap_or_else(|| spec.org_id.clone());
+        let m = json!({
+            "object": "organization_membership",
+            "id": format!("orgmem_{}", random_id(24)),
+            "role": role,
+            "permissions": spec.permissions,
+            "public_metadata": {},
+            "private_metadata": {},
+            "created_at": now_ms(),
+            "updated_at": now_ms(),
+            "organization": {
+                "object": "organization",
+                "id": spec.org_id,
+                "name": spec.org_name.clone().unwrap_or_else(|| slug.clone()),
+                "slug": slug,
+                "image_url": "",
+                "has_image": false,
+                "public_metadata": {},
+                "created_at": now_ms(),
+                "updated_at": now_ms(),
+            },
+            "public_user_data": {"user_id": spec.user_id, "identifier": format!("{}@example.com", spec.user_id)},
+        });
+        self.directory
+            .lock()
+            .expect("lock")
+            .memberships
+            .push((spec.user_id.clone(), m.clone()));
+        m
+    }
+
+    /// Sets a session's status; sends `session.<event>` for ended / revoked / removed.
+    pub(super) async fn set_session_status(&self, id: &str, status: &str) -> Option<Value> {
+        let session = {
+            let mut d = self.directory.lock().expect("lock");
+            let s = d.sessions.get_mut(id)?;
+            s["status"] = status.into();
+            s["updated_at"] = now_ms().into();
+            s.clone()
+        };
+        let event = match status {
+            "ended" => Some("session.ended"),
+            "revoked" => Some("session.revoked"),
+            "removed" => Some("session.removed"),
+            _ => None,
+        };
+        if let Some(kind) = event {
+            self.send_webhook(kind, session.clone()).await;
+        }
+        Some(session)
+    }
+
+    async fn identity_fault(&self) -> Option<Response> {
+        let latency = self.latency.lock().expect("lock").0;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        self.bapi_fault()
+    }
+
+    fn check_secret(&self, headers: &HeaderMap) -> Option<Response> {
+        let ok = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| a.strip_prefix("Bearer "))
+            == Some(self.secret_key.as_str());
+        (!ok).then(|| {
+            clerk_error(
+                StatusCode::UNAUTHORIZED,
+                "clerk_key_invalid",
+                "Secret Key is invalid",
+                "The provided Clerk Secret Key is invalid.",
+            )
+        })
+    }
+}
+
+fn not_found(what: &str) -> Response {
+    clerk_error(
+        StatusCode::NOT_FOUND,
+        "resource_not_found",
+        "not found",
+        &format!("{what} not found"),
+    )
+}
+
+async fn get_user(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    s.count_bapi();
+    if let Some(r) = s.check_secret(&headers) {
+        return r;
+    }
+    if let Some(r) = s.identity_fault().await {
+        return r;
+    }
+    match s.directory.lock().expect("lock").users.get(&id) {
+        Some(u) => Json(u.clone()).into_response(),
+        None => not_found("user"),
+    }
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn list_memberships(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+    headers: HeaderMap,
+) -> Response {
+    s.count_bapi();
+    if let Some(r) = s.check_secret(&headers) {
+        return r;
+    }
+    if let Some(r) = s.identity_fault().await {
+        return r;
+    }
+    let d = s.directory.lock().expect("lock");
+    if !d.users.contains_key(&id) {
+        return not_found("user");
+    }
+    let all: Vec<&Value> = d
+        .memberships
+        .iter()
+        .filter(|(u, _)| *u == id)
+        .map(|(_, m)| m)
+        .collect();
+    let limit = q.limit.unwrap_or(10).clamp(1, 500);
+    let page: Vec<Value> = all
+        .iter()
+        .skip(q.offset.unwrap_or(0))
+        .take(limit)
+        .map(|m| (*m).clone())
+        .collect();
+    Json(json!({"data": page, "total_count": all.len()})).into_response()
+}
+
+async fn get_session(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    s.count_bapi();
+    if let Some(r) = s.check_secret(&headers) {
+        return r;
+    }
+    if let Some(r) = s.identity_fault().await {
+        return r;
+    }
+    match s.directory.lock().expect("lock").sessions.get(&id) {
+        Some(v) => Json(v.clone()).into_response(),
+        None => not_found("session"),
+    }
+}
+
+async fn revoke_session(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    s.count_bapi();
+    if let Some(r) = s.check_secret(&headers) {
+        return r;
+    }
+    if let Some(r) = s.identity_fault().await {
+        return r;
+    }
+    match s.set_session_status(&id, "revoked").await {
+        Some(v) => Json(v).into_response(),
+        None => not_found("session"),
+    }
+}
+
+async fn emu_create_user(State(s): State<Arc<Shared>>, Json(spec): Json<UserSpec>) -> Response {
+    Json(s.create_user(&spec)).into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct UserPatch {
+    first_name: Option<String>,
+    last_name: Option<String>,
+    username: Option<String>,
+    public_metadata: Option<Map<String, Value>>,
+    banned: Option<bool>,
+}
+
+async fn emu_update_user(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Json(p): Json<UserPatch>,
+) -> Response {
+    let user = {
+        let mut d = s.directory.lock().expect("lock");
+        let Some(u) = d.users.get_mut(&id) else {
+            return not_found("user");
+        };
+        if let Some(v) = p.first_name {
+            u["first_name"] = v.into();
+        }
+        if let Some(v) = p.last_name {
+            u["last_name"] = v.into();
+        }
+        if let Some(v) = p.username {
+            u["username"] = v.into();
+        }
+        if let Some(v) = p.public_metadata {
+            u["public_metadata"] = Value::Object(v);
+        }
+        if let Some(v) = p.banned {
+            u["banned"] = v.into();
+        }
+        u["updated_at"] = now_ms().into();
+        u.clone()
+    };
+    s.send_webhook("user.updated", user.clone()).await;
+    Json(user).into_response()
+}
+
+async fn emu_delete_user(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let removed = s.directory.lock().expect("lock").users.remove(&id);
+    if removed.is_none() {
+        return not_found("user");
+    }
+    let data = json!({"object": "user", "id": id, "deleted": true});
+    s.send_webhook("user.deleted", data.clone()).await;
+    Json(data).into_response()
+}
+
+async fn emu_add_membership(
+    State(s): State<Arc<Shared>>,
+    Json(spec): Json<MembershipSpec>,
+) -> Response {
+    let m = s.add_membership(&spec);
+    s.send_webhook("organizationMembership.created", m.clone())
+        .await;
+    Json(m).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewSession {
+    user_id: String,
+}
+
+async fn emu_create_session(State(s): State<Arc<Shared>>, Json(b): Json<NewSession>) -> Response {
+    let id = format!("sess_{}", random_id(27));
+    let mut d = s.directory.lock().expect("lock");
+    d.ensure(&b.user_id, Some(&id));
+    Json(d.sessions[&id].clone()).into_response()
+}
+
+#[derive(Deserialize)]
+struct StatusBody {
+    status: String,
+}
+
+async fn emu_session_status(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Json(b): Json<StatusBody>,
+) -> Response {
+    match s.set_session_status(&id, &b.status).await {
+        Some(v) => Json(v).into_response(),
+        None => not_found("session"),
+    }
+}
+
+#[derive(Deserialize)]
+struct WebhookTarget {
+    url: Option<String>,
+    secret: Option<String>,
+}
+
+async fn emu_set_webhook(State(s): State<Arc<Shared>>, Json(t): Json<WebhookTarget>) -> Response {
+    match (t.url, t.secret) {
+        (Some(url), Some(secret)) => {
+            match SvixVerifier::new(&Secret::new(secret), Duration::from_secs(300)) {
+                Ok(v) => {
+                    s.directory.lock().expect("lock").webhook = Some((url, v));
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                Err(e) => clerk_error(
+                    StatusCode::BAD_REQUEST,
+                    "form_param_invalid",
+                    &e.to_string(),
+                    &e.to_string(),
+                ),
+            }
+        }
+        _ => {
+            s.directory.lock().expect("lock").webhook = None;
+            StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+/// The identity routes.
+pub(super) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/users/{id}", get(get_user))
+        .route(
+            "/v1/users/{id}/organization_memberships",
+            get(list_memberships),
+        )
+        .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/sessions/{id}/revoke", post(revoke_session))
+        .route("/emulator/users", post(emu_create_user))
+        .route(
+            "/emulator/users/{id}",
+            axum::routing::patch(emu_update_user).delete(emu_delete_user),
+        )
+        .route("/emulator/memberships", post(emu_add_membership))
+        .route("/emulator/sessions", post(emu_create_session))
+        .route("/emulator/sessions/{id}/status", post(emu_session_status))
+        .route("/emulator/webhook", put(emu_set_webhook))
+}
