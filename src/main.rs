@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the AuthService (configuration from flags or Clerk's environment variables).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the Clerk emulator (JWKS, token minting) on its own.
     Emulator {
         /// Address to listen on.
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Emulator { listen, secret_key } => emulator(listen, secret_key).await,
             Command::Token(args) => token(args).await,
             Command::Dev {

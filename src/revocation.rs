@@ -123,7 +123,7 @@ struct EventsInner {
     directory: Option<Directory>,
     redis: Option<Redis>,
     subscribed: watch::Sender<bool>,
-    applied: AtomicU64,
+    applied: watch::Sender<u64>,
 }
 
 /// Applies and shares events. Cheap to clone.
@@ -156,7 +156,7 @@ impl Events {
                 directory,
                 redis: None,
                 subscribed,
-                applied: AtomicU64::new(0),
+                applied: watch::Sender::new(0),
             }),
         }
     }
@@ -185,7 +185,7 @@ impl Events {
                     prefix: config.prefix,
                 }),
                 subscribed,
-                applied: AtomicU64::new(0),
+                applied: watch::Sender::new(0),
             }),
         })
     }
@@ -197,7 +197,13 @@ impl Events {
 
     /// Events applied so far (local and from other replicas).
     pub fn applied(&self) -> u64 {
-        self.inner.applied.load(Ordering::Relaxed)
+        *self.inner.applied.borrow()
+    }
+
+    /// Waits until at least `n` events have been applied.
+    pub async fn wait_applied(&self, n: u64) {
+        let mut rx = self.inner.applied.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
     }
 
     /// Waits until this replica receives other replicas' events (at once without Redis).
@@ -232,7 +238,6 @@ impl Events {
     }
 
     async fn apply(&self, event: &Event) {
-        self.inner.applied.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::SessionRevoked { id } => {
                 self.inner.revocations.mark(id);
@@ -251,6 +256,7 @@ impl Events {
                 }
             }
         }
+        self.inner.applied.send_modify(|c| *c += 1);
     }
 
     /// Receives other replicas' events until `shutdown`: subscribes, then loads every stored

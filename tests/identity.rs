@@ -1,0 +1,738 @@
+//! Identity queries end to end: the real AuthService (gRPC + HTTP port) against the emulator's
+//! Backend API and its Svix-signed webhooks, and two replicas sharing revocations through the
+//! real Redis on 127.0.0.1:6379.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use clerk_grpc_auth::{
+    bapi::BackendApiConfig,
+    directory::DirectoryConfig,
+    emulator::{Emulator, MachineTokenKind, MachineTokenSpec, MembershipSpec, TokenSpec, UserSpec},
+    jwks::Secret,
+    machine::MachineConfig,
+    pb::{
+        auth_service_client::AuthServiceClient, GetSessionRequest, GetUserRequest,
+        ListOrganizationMembershipsRequest, RevokeSessionRequest, VerifyTokenRequest,
+        WhoAmIRequest,
+    },
+    revocation::{Events, RedisConfig},
+    server::{IdentityConfig, Server, ServerConfig, WebhookConfig},
+    webhook::SvixVerifier,
+};
+use common::reason;
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::{transport::Channel, Code, Request, Status};
+use tonic_types::StatusExt;
+
+const SECRET: &str = "whsec_dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdA==";
+
+/// One AuthService replica with identity queries, webhooks on its HTTP port, optional Redis.
+struct Replica {
+    client: AuthServiceClient<Channel>,
+    http: SocketAddr,
+    events: Events,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[derive(Default)]
+struct Setup {
+    allowlist: Vec<String>,
+    redis_prefix: Option<String>,
+    directory: DirectoryConfig,
+}
+
+async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
+    let mut config: ServerConfig = common::config_for(clerk);
+    let api: url::Url = clerk.url().parse().unwrap();
+    config.machine = Some(MachineConfig::new(
+        api.clone(),
+        Some(Secret::new(clerk.secret_key())),
+        None,
+    ));
+    let mut backend = BackendApiConfig::new(api, Secret::new(clerk.secret_key()));
+    backend.retry_budget = Duration::from_secs(3);
+    config.identity = Some(IdentityConfig {
+        backend,
+        directory: setup.directory.clone(),
+        allowlist: setup.allowlist.clone(),
+    });
+    config.webhook = Some(WebhookConfig {
+        signing_secret: Secret::new(SECRET),
+        tolerance: Duration::from_secs(300),
+    });
+    config.redis = setup.redis_prefix.as_ref().map(|p| RedisConfig {
+        url: "redis://127.0.0.1:6379".into(),
+        prefix: p.clone(),
+    });
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let server = Server::build(config).unwrap();
+    let keys = server.verifier().keys().clone();
+    let events = server.events().await.expect("Redis on 127.0.0.1:6379");
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(
+        server.serve_with_events(grpc, Some(http), events.clone(), async move {
+            let _ = rx.await;
+        }),
+    );
+    keys.ready().await;
+    events.subscribed().await;
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Replica {
+        client: AuthServiceClient::new(channel),
+        http: http_addr,
+        events,
+        stop: Some(tx),
+    }
+}
+
+fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn user_token(clerk: &Emulator, user: &str, session: &str) -> String {
+    clerk.mint(&TokenSpec {
+        user_id: Some(user.into()),
+        session_id: Some(session.into()),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    })
+}
+
+async fn get_user(
+    r: &Replica,
+    token: &str,
+    user: &str,
+) -> Result<clerk_grpc_auth::pb::User, Status> {
+    r.client
+        .clone()
+        .get_user(with_token(
+            GetUserRequest {
+                user_id: user.into(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn verify(r: &Replica, token: &str, online: bool) -> Result<(), Status> {
+    r.client
+        .clone()
+        .verify_token(VerifyTokenRequest {
+            token: token.into(),
+            check_session_online: online,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn each_rpc_answers_from_the_emulator() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let admin = clerk.create_machine("admin");
+    let r = replica(
+        &clerk,
+        &Setup {
+            allowlist: vec![admin.id.clone()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let ada = clerk.create_user(&UserSpec {
+        first_name: Some("Ada".into()),
+        last_name: Some("Lovelace".into()),
+        email: Some("ada@example.com".into()),
+        ..UserSpec::default()
+    });
+    for i in 0..25 {
+        clerk
+            .add_membership(&MembershipSpec {
+                user_id: ada.clone(),
+                org_id: format!("org_{i:02}"),
+                role: Some("admin".into()),
+                permissions: vec!["org:orders:read".into()],
+                ..MembershipSpec::default()
+            })
+            .await;
+    }
+    let session = clerk.create_session(&ada);
+    let token = user_token(&clerk, &ada, &session);
+
+    // WhoAmI: the identity and the profile.
+    let me = r
+        .client
+        .clone()
+        .who_am_i(with_token(WhoAmIRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.identity.unwrap().user_id, ada);
+    let user = me.user.unwrap();
+    assert_eq!(
+        (
+            user.first_name.as_str(),
+            user.primary_email_address.as_str()
+        ),
+        ("Ada", "ada@example.com")
+    );
+    assert!(user.email_addresses[0].verified);
+
+    // GetUser on itself.
+    assert_eq!(
+        get_user(&r, &token, &ada).await.unwrap().last_name,
+        "Lovelace"
+    );
+
+    // Memberships, paged 10 at a time.
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = r
+            .client
+            .clone()
+            .list_organization_memberships(with_token(
+                ListOrganizationMembershipsRequest {
+                    user_id: ada.clone(),
+                    page_size: 10,
+                    page_token: page_token.clone(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.total_count, 25);
+        seen.extend(page.memberships.into_iter().map(|m| {
+            assert_eq!(m.role, "org:admin");
+            m.organization.unwrap().id
+        }));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 25);
+    assert_eq!(seen[0], "org_00");
+    assert_eq!(seen[24], "org_24");
+
+    // GetSession on its own session.
+    let s = r
+        .client
+        .clone()
+        .get_session(with_token(
+            GetSessionRequest {
+                session_id: session.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.status.as_str(), s.user_id.as_str()),
+        ("active", ada.as_str())
+    );
+
+    // RevokeSession by the allowlisted machine: Clerk revokes it, its tokens are refused.
+    verify(&r, &token, false).await.unwrap();
+    let m2m = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        subject: Some(admin.id.clone()),
+        ..MachineTokenSpec::default()
+    });
+    let revoked = r
+        .client
+        .clone()
+        .revoke_session(with_token(
+            RevokeSessionRequest {
+                session_id: session.clone(),
+            },
+            &m2m,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.status, "revoked");
+    let status = verify(&r, &token, false).await.unwrap_err();
+    assert_eq!(reason(&status), "SESSION_REVOKED");
+
+    // Unknown ids and malformed ids.
+    let status = get_user(&r, &m2m, "user_doesNotExist").await;
+    // The machine is allowlisted: it learns the user does not exist.
+    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+    let status = get_user(&r, &m2m, "user_../../v1/jwks").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn caches_are_counted_at_the_emulator_and_webhooks_invalidate_them() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let grace = clerk.create_user(&UserSpec {
+        first_name: Some("Grace".into()),
+        ..UserSpec::default()
+    });
+    let token = user_token(&clerk, &grace, &clerk.create_session(&grace));
+
+    let before = clerk.bapi_requests();
+    for _ in 0..10 {
+        assert_eq!(
+            get_user(&r, &token, &grace).await.unwrap().first_name,
+            "Grace"
+        );
+    }
+    assert_eq!(
+        clerk.bapi_requests() - before,
+        1,
+        "ten GetUser, one Backend API request"
+    );
+
+    // user.updated → the next GetUser asks Clerk again and sees the change.
+    assert!(clerk.rename_user(&grace, "Admiral").await);
+    assert_eq!(
+        get_user(&r, &token, &grace).await.unwrap().first_name,
+        "Admiral"
+    );
+    assert_eq!(clerk.bapi_requests() - before, 2);
+
+    // organizationMembership.created → memberships re-read.
+    let list = |r: &Replica| {
+        let mut c = r.client.clone();
+        let req = with_token(
+            ListOrganizationMembershipsRequest {
+                user_id: grace.clone(),
+                ..Default::default()
+            },
+            &token,
+        );
+        async move {
+            c.list_organization_memberships(req)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(list(&r).await.total_count, 0);
+    clerk
+        .add_membership(&MembershipSpec {
+            user_id: grace.clone(),
+            org_id: "org_navy".into(),
+            ..MembershipSpec::default()
+        })
+        .await;
+    assert_eq!(list(&r).await.total_count, 1);
+}
+
+#[tokio::test]
+async fn a_session_revoked_webhook_refuses_the_sessions_unexpired_tokens() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+    let other = user_token(&clerk, &user, &clerk.create_session(&user));
+    // Verified (and cached) before the revocation.
+    verify(&r, &token, false).await.unwrap();
+    assert!(clerk.set_session_status(&session, "revoked").await);
+    let status = verify(&r, &token, false).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(reason(&status), "SESSION_REVOKED");
+    // A freshly minted token of the same session too; other sessions are untouched.
+    let again = user_token(&clerk, &user, &session);
+    assert_eq!(
+        reason(&verify(&r, &again, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    verify(&r, &other, false).await.unwrap();
+
+    // session.ended and session.removed revoke as well.
+    for status in ["ended", "removed"] {
+        let s = clerk.create_session(&user);
+        let t = user_token(&clerk, &user, &s);
+        verify(&r, &t, false).await.unwrap();
+        assert!(clerk.set_session_status(&s, status).await);
+        assert_eq!(
+            reason(&verify(&r, &t, false).await.unwrap_err()),
+            "SESSION_REVOKED",
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn online_session_check_sees_a_revocation_without_a_webhook() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(
+        &clerk,
+        &Setup {
+            directory: DirectoryConfig {
+                session_ttl: Duration::from_millis(100),
+                ..DirectoryConfig::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+    verify(&r, &token, true).await.unwrap();
+    // No webhook target: only the online check can notice.
+    assert!(clerk.set_session_status(&session, "revoked").await);
+    verify(&r, &token, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        reason(&verify(&r, &token, true).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    // Remembered: now refused without the online check too.
+    assert_eq!(
+        reason(&verify(&r, &token, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+}
+
+async fn post_webhook(addr: SocketAddr, id: &str, ts: i64, sig: &str, body: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/webhooks/clerk"))
+        .header("svix-id", id)
+        .header("svix-timestamp", ts.to_string())
+        .header("svix-signature", sig)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn bad_signatures_and_replays_are_rejected() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    let signer = SvixVerifier::new(&Secret::new(SECRET), Duration::from_secs(300)).unwrap();
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+    let body = format!(r#"{{"type":"session.revoked","data":{{"id":"{session}"}}}}"#);
+    let now = common::now();
+    let applied = r.events.applied();
+
+    // Wrong secret, tampered body, stale timestamp: refused, nothing applied.
+    let wrong = SvixVerifier::new(
+        &Secret::new("whsec_b3RoZXJvdGhlcm90aGVyb3RoZXJvdGhlcm90aGVy"),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert_eq!(
+        post_webhook(
+            r.http,
+            "msg_1",
+            now,
+            &wrong.sign("msg_1", now, body.as_bytes()),
+            &body
+        )
+        .await,
+        400
+    );
+    let sig = signer.sign("msg_1", now, body.as_bytes());
+    assert_eq!(
+        post_webhook(
+            r.http,
+            "msg_1",
+            now,
+            &sig,
+            &body.replace("revoked", "created")
+        )
+        .await,
+        400
+    );
+    let old = now - 3600;
+    let old_sig = signer.sign("msg_2", old, body.as_bytes());
+    assert_eq!(
+        post_webhook(r.http, "msg_2", old, &old_sig, &body).await,
+        400
+    );
+    assert_eq!(post_webhook(r.http, "", now, &sig, &body).await, 400);
+    assert_eq!(r.events.applied(), applied);
+    verify(&r, &token, false).await.unwrap();
+
+    // The genuine delivery applies once; a redelivery of the same id is acknowledged only.
+    assert_eq!(post_webhook(r.http, "msg_1", now, &sig, &body).await, 200);
+    assert_eq!(r.events.applied(), applied + 1);
+    assert_eq!(post_webhook(r.http, "msg_1", now, &sig, &body).await, 200);
+    assert_eq!(r.events.applied(), applied + 1);
+    assert_eq!(
+        reason(&verify(&r, &token, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_and_outages_of_the_backend_api() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(
+        &clerk,
+        &Setup {
+            directory: DirectoryConfig {
+                user_ttl: Duration::from_millis(200),
+                ..DirectoryConfig::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
+    let user = clerk.create_user(&UserSpec {
+        first_name: Some("Kay".into()),
+        ..UserSpec::default()
+    });
+    let token = user_token(&clerk, &user, &clerk.create_session(&user));
+    // The token is verified before the faults (its session token needs no Backend API).
+    verify(&r, &token, false).await.unwrap();
+
+    // 429 with a Retry-After beyond the retry budget: RESOURCE_EXHAUSTED at once, one request.
+    clerk.set_bapi_failure(Some((429, Some(30))));
+    let before = clerk.bapi_requests();
+    let status = get_user(&r, &token, &user).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "RATE_LIMITED");
+    assert_eq!(
+        status.get_details_retry_info().unwrap().retry_delay,
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(
+        clerk.bapi_requests() - before,
+        1,
+        "no retry before Retry-After"
+    );
+
+    // 429 with Retry-After: 1, healed 300 ms later: the one retry (after Retry-After) succeeds.
+    clerk.set_bapi_failure(Some((429, Some(1))));
+    let before = clerk.bapi_requests();
+    let healer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        clerk.set_bapi_failure(None);
+    };
+    let (got, ()) = tokio::join!(get_user(&r, &token, &user), healer);
+    assert_eq!(got.unwrap().first_name, "Kay");
+    assert_eq!(
+        clerk.bapi_requests() - before,
+        2,
+        "first 429, then one retry after Retry-After"
+    );
+
+    // 503 past the retries: stale-if-error serves the cached profile…
+    tokio::time::sleep(Duration::from_millis(250)).await; // past the 200 ms TTL
+    clerk.set_bapi_failure(Some((503, None)));
+    let before = clerk.bapi_requests();
+    assert_eq!(get_user(&r, &token, &user).await.unwrap().first_name, "Kay");
+    assert_eq!(
+        clerk.bapi_requests() - before,
+        3,
+        "first attempt and two retries"
+    );
+    // …but a user never fetched is UNAVAILABLE.
+    let other = clerk.create_user(&UserSpec::default());
+    let other_token = user_token(&clerk, &other, &clerk.create_session(&other));
+    let status = get_user(&r, &other_token, &other).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(reason(&status), "BACKEND_API_UNAVAILABLE");
+    clerk.set_bapi_failure(None);
+}
+
+#[tokio::test]
+async fn who_may_ask() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let trusted = clerk.create_machine("trusted");
+    let stranger = clerk.create_machine("stranger");
+    let r = replica(
+        &clerk,
+        &Setup {
+            allowlist: vec![trusted.id.clone()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let alice = clerk.create_user(&UserSpec::default());
+    let bob = clerk.create_user(&UserSpec::default());
+    let alice_session = clerk.create_session(&alice);
+    let bob_session = clerk.create_session(&bob);
+    let alice_token = user_token(&clerk, &alice, &alice_session);
+    let m2m = |m: &str| {
+        clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::M2m,
+            subject: Some(m.into()),
+            ..MachineTokenSpec::default()
+        })
+    };
+    let trusted_token = m2m(&trusted.id);
+    let stranger_token = m2m(&stranger.id);
+    let alice_key = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::ApiKey,
+        subject: Some(alice.clone()),
+        ..MachineTokenSpec::default()
+    });
+
+    // (caller, user asked, expected)
+    let cases: Vec<(&str, &str, &str, Result<(), Code>)> = vec![
+        ("no token", "", &alice, Err(Code::Unauthenticated)),
+        ("garbage token", "nope", &alice, Err(Code::Unauthenticated)),
+        ("user reads itself", &alice_token, &alice, Ok(())),
+        (
+            "user reads another",
+            &alice_token,
+            &bob,
+            Err(Code::PermissionDenied),
+        ),
+        ("allowlisted machine", &trusted_token, &bob, Ok(())),
+        (
+            "machine not allowlisted",
+            &stranger_token,
+            &bob,
+            Err(Code::PermissionDenied),
+        ),
+        ("user-owned API key, itself", &alice_key, &alice, Ok(())),
+        (
+            "user-owned API key, another",
+            &alice_key,
+            &bob,
+            Err(Code::PermissionDenied),
+        ),
+    ];
+    for (name, token, user, want) in cases {
+        let mut req = Request::new(GetUserRequest {
+            user_id: user.to_owned(),
+        });
+        if !token.is_empty() {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let got = r
+            .client
+            .clone()
+            .get_user(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code());
+        assert_eq!(got, want, "{name}");
+    }
+    let denied = get_user(&r, &alice_token, &bob).await.unwrap_err();
+    assert_eq!(reason(&denied), "CALLER_NOT_ALLOWED");
+
+    // Sessions: own yes, someone else's no (whether or not it exists), revoking: machines only.
+    let get_session = |token: &str, id: &str| {
+        let mut c = r.client.clone();
+        let req = with_token(
+            GetSessionRequest {
+                session_id: id.into(),
+            },
+            token,
+        );
+        async move { c.get_session(req).await.map(|_| ()).map_err(|s| s.code()) }
+    };
+    assert_eq!(get_session(&alice_token, &alice_session).await, Ok(()));
+    assert_eq!(
+        get_session(&alice_token, &bob_session).await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(
+        get_session(&alice_token, "sess_doesNotExist").await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(get_session(&trusted_token, &bob_session).await, Ok(()));
+    let revoke = |token: &str, id: &str| {
+        let mut c = r.client.clone();
+        let req = with_token(
+            RevokeSessionRequest {
+                session_id: id.into(),
+            },
+            token,
+        );
+        async move {
+            c.revoke_session(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    assert_eq!(
+        revoke(&alice_token, &alice_session).await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(
+        revoke(&stranger_token, &bob_session).await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(revoke(&trusted_token, &bob_session).await, Ok(()));
+}
+
+#[tokio::test]
+async fn replicas_share_revocations_through_redis() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let prefix = format!("clerk-auth-test-{}", rand::random::<u64>());
+    let setup = Setup {
+        redis_prefix: Some(prefix.clone()),
+        ..Setup::default()
+    };
+    let one = replica(&clerk, &setup).await;
+    let two = replica(&clerk, &setup).await;
+    // The webhook reaches replica one only.
+    clerk.set_webhook(Some((
+        &format!("http://{}/webhooks/clerk", one.http),
+        SECRET,
+    )));
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+    verify(&two, &token, false).await.unwrap();
+    let applied = two.events.applied();
+    assert!(clerk.set_session_status(&session, "revoked").await);
+    // Replica two applies it from the Redis channel.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        two.events.wait_applied(applied + 1),
+    )
+    .await
+    .expect("replica two received the revocation");
+    assert_eq!(
+        reason(&verify(&two, &token, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    // A replica started later learns it from the stored key.
+    let three = replica(&clerk, &setup).await;
+    assert_eq!(
+        reason(&verify(&three, &token, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+
+    // Clean up this test's keys.
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:revoked:{session}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
