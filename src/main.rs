@@ -46,7 +46,7 @@ enum Command {
         secret_key: Option<String>,
     },
     /// Mint a session token from a running emulator; prints only the token.
-    Token(TokenArgs),
+    Token(Box<TokenArgs>),
     /// Run the emulator and the AuthService together and print a ready token.
     Dev {
         /// AuthService address.
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Emulator { listen, secret_key } => emulator(listen, secret_key).await,
-            Command::Token(args) => token(args).await,
+            Command::Token(args) => token(*args).await,
             Command::Dev {
                 listen,
                 emulator_listen,
