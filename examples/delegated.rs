@@ -51,6 +51,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // Sessions revoked at AuthService are refused here at once, cached verdicts included.
+    let _revocations = verifier.watch_revocations();
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {

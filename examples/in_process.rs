@@ -27,6 +27,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50061")]
     listen: String,
+    /// An AuthService to follow for session revocations (webhooks it receives), e.g.
+    /// `http://127.0.0.1:50051`. Optional: verification itself stays in-process.
+    #[arg(long)]
+    revocations_from: Option<String>,
 }
 
 #[tokio::main]
@@ -49,6 +53,20 @@ async fn main() -> ExitCode {
         }
     };
     let refresher = verifier.keys().spawn_refresher();
+    let _revocations =
+        match args.revocations_from.as_deref().map(|u| {
+            tonic::transport::Endpoint::from_shared(u.to_owned()).map(|e| e.connect_lazy())
+        }) {
+            None => None,
+            Some(Ok(channel)) => Some(clerk_grpc_auth::layer::watch_revocations(
+                channel,
+                verifier.revocations().clone(),
+            )),
+            Some(Err(e)) => {
+                eprintln!("error: --revocations-from: {e}");
+                return ExitCode::from(64);
+            }
+        };
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -15,7 +15,7 @@ use std::{
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::Directory;
@@ -89,6 +89,11 @@ impl Revocations {
         self.inner.marked.load(Ordering::Relaxed) != 0 && self.inner.set.contains_key(session_id)
     }
 
+    /// Every session id currently remembered as revoked.
+    pub fn snapshot(&self) -> Vec<Arc<String>> {
+        self.inner.set.iter().map(|(k, ())| k).collect()
+    }
+
     /// Marks a session revoked (locally).
     pub fn mark(&self, session_id: &str) {
         self.inner.set.insert(session_id.to_owned(), ());
@@ -124,6 +129,7 @@ struct EventsInner {
     redis: Option<Redis>,
     subscribed: watch::Sender<bool>,
     applied: watch::Sender<u64>,
+    revoked_feed: broadcast::Sender<Arc<str>>,
 }
 
 /// Applies and shares events. Cheap to clone.
@@ -157,6 +163,7 @@ impl Events {
                 redis: None,
                 subscribed,
                 applied: watch::Sender::new(0),
+                revoked_feed: broadcast::channel(4096).0,
             }),
         }
     }
@@ -186,6 +193,7 @@ impl Events {
                 }),
                 subscribed,
                 applied: watch::Sender::new(0),
+                revoked_feed: broadcast::channel(4096).0,
             }),
         })
     }
@@ -198,6 +206,11 @@ impl Events {
     /// Events applied so far (local and from other replicas).
     pub fn applied(&self) -> u64 {
         *self.inner.applied.borrow()
+    }
+
+    /// New revocations as they are applied (for `WatchRevocations`).
+    pub fn subscribe_revocations(&self) -> broadcast::Receiver<Arc<str>> {
+        self.inner.revoked_feed.subscribe()
     }
 
     /// Waits until at least `n` events have been applied.
@@ -241,6 +254,7 @@ impl Events {
         match event {
             Event::SessionRevoked { id } => {
                 self.inner.revocations.mark(id);
+                let _ = self.inner.revoked_feed.send(id.as_str().into());
                 if let Some(d) = &self.inner.directory {
                     d.invalidate_session(id).await;
                 }
@@ -324,6 +338,7 @@ impl Events {
             for k in keys {
                 if let Some(id) = k.get(skip..) {
                     self.inner.revocations.mark(id);
+                    let _ = self.inner.revoked_feed.send(id.into());
                 }
             }
             if next == 0 {

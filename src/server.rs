@@ -310,17 +310,11 @@ impl Server {
     }
 
     fn auth_service(&self, events: Events) -> AuthServiceImpl {
-        match &self.directory {
-            Some(d) => AuthServiceImpl::with_identity(
-                self.verifier.clone(),
-                IdentityQueries {
-                    directory: d.clone(),
-                    events,
-                    allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
-                },
-            ),
-            None => AuthServiceImpl::new(self.verifier.clone()),
-        }
+        let identity = self.directory.as_ref().map(|d| IdentityQueries {
+            directory: d.clone(),
+            allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
+        });
+        AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
     }
 }
 

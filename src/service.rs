@@ -22,6 +22,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AuthServiceImpl {
     verifier: TokenVerifier,
+    events: Events,
     identity: Option<IdentityQueries>,
 }
 
@@ -30,8 +31,6 @@ pub struct AuthServiceImpl {
 pub struct IdentityQueries {
     /// Cached Backend API access.
     pub directory: Directory,
-    /// Where revocations go (and come from).
-    pub events: Events,
     /// Machine ids (`mch_…`) whose M2M tokens may read anyone and revoke sessions.
     pub allowlist: Arc<HashSet<String>>,
 }
@@ -51,19 +50,28 @@ fn denied() -> AuthError {
 }
 
 impl AuthServiceImpl {
-    /// A service verifying with `verifier` (identity queries answer FAILED_PRECONDITION).
+    /// A service verifying with `verifier` (identity queries answer FAILED_PRECONDITION;
+    /// revocations stay in this process).
     pub fn new(verifier: TokenVerifier) -> Self {
+        let events = Events::local(verifier.revocations().clone(), None);
         Self {
             verifier,
+            events,
             identity: None,
         }
     }
 
-    /// A service that also answers identity queries.
-    pub fn with_identity(verifier: TokenVerifier, identity: IdentityQueries) -> Self {
+    /// A service applying and sharing revocations through `events`, and answering identity
+    /// queries when `identity` is given.
+    pub fn with_events(
+        verifier: TokenVerifier,
+        events: Events,
+        identity: Option<IdentityQueries>,
+    ) -> Self {
         Self {
             verifier,
-            identity: Some(identity),
+            events,
+            identity,
         }
     }
 
@@ -158,6 +166,49 @@ async fn traced<T>(
 
 #[tonic::async_trait]
 impl AuthService for AuthServiceImpl {
+    type WatchRevocationsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::Revocation, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_revocations(
+        &self,
+        _request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        // Subscribe before the snapshot, so nothing falls between the two.
+        let mut live = self.events.subscribe_revocations();
+        let snapshot = self.events.revocations().snapshot();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Revocation, Status>>(64);
+        tokio::spawn(async move {
+            for id in snapshot {
+                let msg = pb::Revocation {
+                    session_id: id.as_str().to_owned(),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let msg = match live.recv().await {
+                    Ok(id) => Ok(pb::Revocation {
+                        session_id: id.to_string(),
+                    }),
+                    Err(RecvError::Lagged(_)) => Err(Status::unavailable(
+                        "revocation subscriber fell behind; resubscribe",
+                    )),
+                    Err(RecvError::Closed) => return,
+                };
+                let stop = msg.is_err();
+                if tx.send(msg).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,
@@ -278,7 +329,7 @@ impl AuthService for AuthServiceImpl {
             }
             let q = self.queries()?;
             let session = q.directory.revoke_session(&session_id).await?;
-            q.events
+            self.events
                 .publish(Event::SessionRevoked {
                     id: session_id.clone(),
                 })
@@ -410,7 +461,7 @@ impl AuthServiceImpl {
         };
         if gone {
             // Ended, revoked, removed, expired…: its other tokens are refused from now on.
-            q.events
+            self.events
                 .publish(Event::SessionRevoked { id: sid.to_owned() })
                 .await;
         }

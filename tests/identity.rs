@@ -31,6 +31,7 @@ const SECRET: &str = "whsec_dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdA==";
 /// One AuthService replica with identity queries, webhooks on its HTTP port, optional Redis.
 struct Replica {
     client: AuthServiceClient<Channel>,
+    grpc: SocketAddr,
     http: SocketAddr,
     events: Events,
     stop: Option<oneshot::Sender<()>>,
@@ -95,6 +96,7 @@ async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
         .unwrap();
     Replica {
         client: AuthServiceClient::new(channel),
+        grpc: grpc_addr,
         http: http_addr,
         events,
         stop: Some(tx),
@@ -735,4 +737,66 @@ async fn replicas_share_revocations_through_redis() {
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn layers_following_revocations_refuse_at_once() {
+    use clerk_grpc_auth::layer::{watch_revocations, DelegatedConfig, DelegatedVerifier};
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+
+    // A delegated verifier (10 s verdict cache) and an in-process one, both following.
+    let delegated = DelegatedVerifier::new(DelegatedConfig {
+        endpoints: vec![format!("http://{}", r.grpc)],
+        ..DelegatedConfig::default()
+    })
+    .unwrap();
+    let delegated_feed = delegated.watch_revocations();
+    let server = Server::build(common::config_for(&clerk)).unwrap();
+    let local = server.verifier().clone();
+    let _refresher = local.keys().spawn_refresher();
+    local.keys().ready().await;
+    let channel = Channel::from_shared(format!("http://{}", r.grpc))
+        .unwrap()
+        .connect_lazy();
+    let local_feed = watch_revocations(channel, local.revocations().clone());
+    delegated_feed.connected().await;
+    local_feed.connected().await;
+
+    let req = clerk_grpc_auth::VerifyRequest {
+        token: &token,
+        ..Default::default()
+    };
+    delegated.verify(&req).await.unwrap();
+    local.verify(&req).await.unwrap();
+    assert!(clerk.set_session_status(&session, "revoked").await);
+    delegated_feed.wait_received(1).await;
+    local_feed.wait_received(1).await;
+    let e = delegated.verify(&req).await.unwrap_err();
+    assert_eq!(
+        e.reason_str(),
+        "SESSION_REVOKED",
+        "delegated: the cached verdict is not served"
+    );
+    assert_eq!(
+        delegated.stats().rpcs,
+        1,
+        "refused without asking AuthService again"
+    );
+    let e = local.verify(&req).await.unwrap_err();
+    assert_eq!(e.reason_str(), "SESSION_REVOKED");
+
+    // A subscriber that connects later gets the revocations AuthService remembers.
+    let late = DelegatedVerifier::new(DelegatedConfig {
+        endpoints: vec![format!("http://{}", r.grpc)],
+        ..DelegatedConfig::default()
+    })
+    .unwrap();
+    let late_feed = late.watch_revocations();
+    late_feed.wait_received(1).await;
+    assert!(late.revocations().is_revoked(&session));
 }

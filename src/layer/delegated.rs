@@ -14,11 +14,12 @@ use futures::future::BoxFuture;
 use tonic::{transport::Channel, Code, Status};
 use tonic_types::StatusExt;
 
-use super::Authenticate;
+use super::{watch_revocations, Authenticate, RevocationFeed};
 use crate::{
     error::{AuthError, Reason, VerifyError},
     identity::Identity,
     pb::{self, auth_service_client::AuthServiceClient},
+    revocation::Revocations,
     token_verifier::verdict_key,
     TokenVerifier, VerifyRequest, MAX_TOKEN_BYTES,
 };
@@ -60,6 +61,8 @@ pub struct DelegatedVerifier {
 
 struct Inner {
     client: AuthServiceClient<Channel>,
+    channel: Channel,
+    revocations: Revocations,
     cache: Option<moka::future::Cache<[u8; 32], Arc<Identity>>>,
     deadline: Duration,
     fallback: Option<TokenVerifier>,
@@ -150,7 +153,9 @@ impl DelegatedVerifier {
         });
         Self {
             inner: Arc::new(Inner {
-                client: AuthServiceClient::new(channel),
+                client: AuthServiceClient::new(channel.clone()),
+                channel,
+                revocations: Revocations::new(Duration::from_secs(86_400), 1_000_000),
                 cache,
                 deadline: config.deadline,
                 fallback: config.fallback,
@@ -170,10 +175,37 @@ impl DelegatedVerifier {
         }
     }
 
+    /// The sessions this verifier refuses whatever its cache says (fed by
+    /// [`DelegatedVerifier::watch_revocations`]).
+    pub fn revocations(&self) -> &Revocations {
+        &self.inner.revocations
+    }
+
+    /// Follows AuthService's `WatchRevocations` on this verifier's channel: a session revoked at
+    /// AuthService (webhook, `RevokeSession`, another replica) is refused here at once, even
+    /// for a verdict still in the cache. Keep the returned feed alive.
+    pub fn watch_revocations(&self) -> RevocationFeed {
+        watch_revocations(self.inner.channel.clone(), self.inner.revocations.clone())
+    }
+
     /// Verifies a token: from the verdict cache, else by one `VerifyToken` call shared by
     /// every concurrent identical request, else (hybrid, AuthService unable to answer) with
-    /// the in-process fallback.
+    /// the in-process fallback. A session in [`DelegatedVerifier::revocations`] is refused
+    /// with `SESSION_REVOKED` on every path.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+        let identity = self.verify_unrevoked(req).await?;
+        if let Some(sid) = &identity.session_id {
+            if self.inner.revocations.is_revoked(sid) {
+                return Err(AuthError::Rejected(VerifyError::new(
+                    Reason::SessionRevoked,
+                    "The session was revoked.",
+                )));
+            }
+        }
+        Ok(identity)
+    }
+
+    async fn verify_unrevoked(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         if req.token.is_empty() {
             return Err(AuthError::InvalidRequest("token is empty"));
         }

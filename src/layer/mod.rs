@@ -25,6 +25,7 @@
 
 mod body;
 mod delegated;
+mod feed;
 mod interceptor;
 mod token;
 
@@ -42,6 +43,7 @@ use tower::{Layer, Service};
 
 pub use body::ExpiringBody;
 pub use delegated::{DelegatedConfig, DelegatedStats, DelegatedVerifier};
+pub use feed::{watch_revocations, RevocationFeed};
 pub use interceptor::AuthInterceptor;
 pub use token::{TokenSources, SESSION_COOKIE};
 
