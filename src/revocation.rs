@@ -107,14 +107,23 @@ impl Default for Revocations {
     }
 }
 
-/// Redis settings.
-#[derive(Debug, Clone)]
+/// Redis settings. `Debug` hides the URL (it may hold a password).
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://…` (`CLERK_AUTH_REDIS_URL`).
     pub url: String,
     /// Key and channel prefix (default `clerk-auth`), so several deployments can share a
     /// Redis.
     pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &"…")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 struct Redis {
