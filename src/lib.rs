@@ -21,6 +21,7 @@ pub mod config;
 pub mod directory;
 pub mod emulator;
 pub mod error;
+pub mod ext_authz;
 pub mod identity;
 pub mod jwks;
 pub mod keys;

@@ -139,6 +139,25 @@ pub struct PolicyError {
     message: String,
 }
 
+impl PolicyError {
+    pub(crate) fn new(source_name: &str, message: impl Into<String>) -> Self {
+        Self {
+            source_name: source_name.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Accepted token types as TOML names them (`session_token`, …, `any`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TokenTypes(pub(crate) Vec<TokenType>);
+
+impl<'de> Deserialize<'de> for TokenTypes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_token_types(d).map(TokenTypes)
+    }
+}
+
 fn session_only() -> Vec<TokenType> {
     vec![TokenType::SessionToken]
 }
@@ -278,7 +297,7 @@ impl Rule {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.is_public()
             && (!self.require.is_empty()
                 || self.accept_pending
