@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use crate::{
     bapi::{is_clerk_id, BackendApiConfig},
     directory::DirectoryConfig,
+    ext_authz::RoutePolicy,
     jwks::{KeySource, KeyStoreConfig, Secret},
     keys::{KeySet, VerifyingKey},
     machine::MachineConfig,
@@ -104,6 +105,10 @@ pub struct ServeArgs {
     /// (default 300; 0 = off).
     #[arg(long, env = "CLERK_AUTH_STALE_IF_ERROR_SECS")]
     pub stale_if_error_secs: Option<String>,
+    /// A TOML file of routes for Envoy's `Check` (host, path prefix, methods → rule). Default:
+    /// a valid session token for every request.
+    #[arg(long, env = "CLERK_AUTH_ROUTE_POLICY")]
+    pub route_policy: Option<String>,
     /// How long a revoked session is remembered, in seconds (default 86400).
     #[arg(long, env = "CLERK_AUTH_REVOCATION_TTL_SECS")]
     pub revocation_ttl_secs: Option<String>,
@@ -381,6 +386,12 @@ impl ServeArgs {
             .max(60),
         );
 
+        let route_policy = match non_empty(&self.route_policy) {
+            None => RoutePolicy::default(),
+            Some(path) => RoutePolicy::from_toml_file(path)
+                .map_err(|e| err("CLERK_AUTH_ROUTE_POLICY", e.to_string()))?,
+        };
+
         // Opaque machine tokens go to the Backend API with whichever secret keys are set.
         let machine = (secret.is_some() || machine_secret.is_some()).then(|| {
             MachineConfig::new(
@@ -472,6 +483,7 @@ impl ServeArgs {
                 webhook,
                 redis,
                 revocation_ttl,
+                route_policy,
                 shutdown_grace,
             },
             listen,

@@ -18,9 +18,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 
 use envoy_types::{
     ext_authz::v3::{
-        pb::{
-            Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
-        },
+        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
         CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
     },
     pb::google::protobuf::{value::Kind, Struct, Value},
@@ -175,13 +173,7 @@ impl RoutePolicy {
                     && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
                     && segment_prefix(&r.path_prefix, path)
             })
-            .max_by_key(|r| {
-                (
-                    r.path_prefix.len(),
-                    r.host.is_some(),
-                    !r.methods.is_empty(),
-                )
-            })
+            .max_by_key(|r| (r.path_prefix.len(), r.host.is_some(), !r.methods.is_empty()))
             .map_or(&self.default, |r| &r.rule)
     }
 
@@ -211,7 +203,9 @@ impl RoutePolicy {
         }
         if let Some(id) = file.machine_id {
             if !id.starts_with("mch_") {
-                return Err(err(format!("machine_id {id:?}: a machine id starts with mch_")));
+                return Err(err(format!(
+                    "machine_id {id:?}: a machine id starts with mch_"
+                )));
             }
             policy.machine_id = Some(id);
         }
@@ -220,7 +214,8 @@ impl RoutePolicy {
                 return Err(err(format!("routes[{i}]: path_prefix must start with /")));
             }
             let rule = r.rule();
-            rule.validate().map_err(|e| err(format!("routes[{i}]: {e}")))?;
+            rule.validate()
+                .map_err(|e| err(format!("routes[{i}]: {e}")))?;
             policy.routes.push(Route {
                 host: r.host.map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.path_prefix,
@@ -317,7 +312,12 @@ fn allowed(identity: Option<&Identity>) -> CheckResponse {
     let mut ok = OkHttpResponseBuilder::new();
     let mut set = |name: &str, value: Option<String>| match value.filter(|v| !v.is_empty()) {
         Some(v) => {
-            ok.add_header(name, v, Some(HeaderAppendAction::OverwriteIfExistsOrAdd), false);
+            ok.add_header(
+                name,
+                v,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                false,
+            );
         }
         None => {
             ok.remove_header(name);
@@ -325,7 +325,10 @@ fn allowed(identity: Option<&Identity>) -> CheckResponse {
     };
     let org = identity.and_then(|i| i.organization.as_ref());
     set(IDENTITY_HEADERS[0], identity.map(|i| i.user_id.clone()));
-    set(IDENTITY_HEADERS[1], identity.and_then(|i| i.session_id.clone()));
+    set(
+        IDENTITY_HEADERS[1],
+        identity.and_then(|i| i.session_id.clone()),
+    );
     set(IDENTITY_HEADERS[2], org.map(|o| o.id.clone()));
     set(IDENTITY_HEADERS[3], org.and_then(|o| o.role.clone()));
     set(IDENTITY_HEADERS[4], org.map(|o| o.permissions.join(",")));
@@ -396,9 +399,7 @@ fn denied(err: &AuthError, grpc: bool) -> CheckResponse {
             d.add_header("www-authenticate", challenge, None, false);
         }
         d.add_header("content-type", "application/json", None, false);
-        d.set_body(
-            serde_json::json!({"error": reason, "message": err.message()}).to_string(),
-        );
+        d.set_body(serde_json::json!({"error": reason, "message": err.message()}).to_string());
     }
     let mut resp = CheckResponse::with_status(Status::new(code, reason));
     resp.set_http_response(d);
@@ -423,12 +424,35 @@ impl Authorization for ExtAuthz {
                 false,
             )));
         };
-        let grpc = http
-            .headers
+        // Envoy sends `headers`, or `header_map` when raw headers are encoded.
+        let raw_headers: HashMap<String, String>;
+        let headers = if http.headers.is_empty() {
+            raw_headers = http
+                .header_map
+                .as_ref()
+                .map(|m| {
+                    m.headers
+                        .iter()
+                        .map(|h| {
+                            let v = if h.value.is_empty() {
+                                String::from_utf8_lossy(&h.raw_value).into_owned()
+                            } else {
+                                h.value.clone()
+                            };
+                            (h.key.to_ascii_lowercase(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            &raw_headers
+        } else {
+            &http.headers
+        };
+        let grpc = headers
             .get("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"));
         let host = if http.host.is_empty() {
-            http.headers.get(":authority").map_or("", String::as_str)
+            headers.get(":authority").map_or("", String::as_str)
         } else {
             http.host.as_str()
         };
@@ -443,7 +467,7 @@ impl Authorization for ExtAuthz {
                 _ => None,
             });
         let rule = self.policy.rule_for(host, &http.path, &http.method);
-        let resp = match self.decide(&http.headers, rule, client_ip).await {
+        let resp = match self.decide(headers, rule, client_ip).await {
             Ok(identity) => allowed(identity.as_deref()),
             Err(e) => denied(&e, grpc),
         };

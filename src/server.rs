@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::{
     bapi::{BackendApi, BackendApiConfig},
     directory::{Directory, DirectoryConfig},
+    ext_authz::{ExtAuthz, RoutePolicy},
     jwks::{KeySource, KeyStore, KeyStoreConfig, Secret},
     machine::{MachineConfig, MachineVerifier},
     revocation::{Events, RedisConfig, RedisError, Revocations},
@@ -58,6 +59,9 @@ pub struct ServerConfig {
     /// How long a revoked session is remembered (the longest session-token lifetime;
     /// default 24 h).
     pub revocation_ttl: Duration,
+    /// Rules for Envoy's `Check` by host, path prefix and method (default: a valid session
+    /// token everywhere).
+    pub route_policy: RoutePolicy,
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
 }
@@ -109,6 +113,7 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     verifier: TokenVerifier,
+    route_policy: RoutePolicy,
     directory: Option<Directory>,
     allowlist: Vec<String>,
     webhook: Option<SvixVerifier>,
@@ -130,6 +135,7 @@ impl ServerConfig {
             webhook: None,
             redis: None,
             revocation_ttl: Duration::from_secs(86_400),
+            route_policy: RoutePolicy::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -169,6 +175,7 @@ impl Server {
         let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
         Ok(Self {
             verifier,
+            route_policy: config.route_policy,
             directory,
             allowlist: config.identity.map(|i| i.allowlist).unwrap_or_default(),
             webhook,
@@ -278,6 +285,9 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(self.auth_service(events).into_server())
+            .add_service(
+                ExtAuthz::new(self.verifier.clone(), self.route_policy.clone()).into_server(),
+            )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))

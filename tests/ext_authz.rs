@@ -1,0 +1,422 @@
+//! Envoy's `Authorization/Check` on the real server, with requests shaped as Envoy sends them
+//! (attributes.request.http: method, path, host, lower-case headers), against the emulator.
+
+mod common;
+
+use std::collections::HashMap;
+
+use clerk_grpc_auth::{
+    emulator::{OrgSpec, TokenSpec},
+    ext_authz::{RoutePolicy, IDENTITY_HEADERS},
+};
+use common::Harness;
+use envoy_types::pb::envoy::{
+    config::core::v3::{address, socket_address, Address, SocketAddress},
+    service::auth::v3::{
+        attribute_context::{HttpRequest, Peer, Request as AttrRequest},
+        authorization_client::AuthorizationClient,
+        check_response::HttpResponse,
+        AttributeContext, CheckRequest, CheckResponse,
+    },
+};
+use tonic::transport::Channel;
+
+const ROUTES: &str = r#"
+[default]
+access = "authenticated"
+
+[[routes]]
+path_prefix = "/public"
+access = "public"
+
+[[routes]]
+path_prefix = "/admin"
+require = [{ role = "admin" }]
+
+[[routes]]
+path_prefix = "/orders"
+methods = ["DELETE"]
+require = [{ permission = "org:orders:delete" }]
+
+[[routes]]
+host = "internal.example.com"
+path_prefix = "/"
+access = "public"
+"#;
+
+async fn start() -> (Harness, AuthorizationClient<Channel>) {
+    let h = Harness::start_with(|_, config| {
+        config.route_policy = RoutePolicy::from_toml(ROUTES, "tests/ext_authz.rs").unwrap();
+    })
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (h, AuthorizationClient::new(channel))
+}
+
+fn envoy_request(method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let mut map: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    map.insert(":method".into(), method.into());
+    map.insert(":path".into(), path.into());
+    map.insert(":authority".into(), host.into());
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "203.0.113.9".into(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(51234)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    id: "req-1".into(),
+                    method: method.into(),
+                    headers: map,
+                    path: path.into(),
+                    host: host.into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/2".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn check(c: &AuthorizationClient<Channel>, req: CheckRequest) -> CheckResponse {
+    c.clone().check(req).await.unwrap().into_inner()
+}
+
+/// (code, headers set, headers removed) of an allowed response.
+fn ok_parts(r: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
+    assert_eq!(r.status.as_ref().unwrap().code, 0, "expected OK: {r:?}");
+    match r.http_response.as_ref().unwrap() {
+        HttpResponse::OkResponse(ok) => (
+            ok.headers
+                .iter()
+                .map(|h| {
+                    let h = h.header.as_ref().unwrap();
+                    (h.key.clone(), h.value.clone())
+                })
+                .collect(),
+            ok.headers_to_remove.clone(),
+        ),
+        other => panic!("expected an OK response, got {other:?}"),
+    }
+}
+
+/// (grpc code, http status, headers, body) of a denial.
+fn denied_parts(r: &CheckResponse) -> (i32, i32, HashMap<String, String>, String) {
+    let code = r.status.as_ref().unwrap().code;
+    assert_ne!(code, 0, "expected a denial");
+    match r.http_response.as_ref().unwrap() {
+        HttpResponse::DeniedResponse(d) => (
+            code,
+            d.status.as_ref().unwrap().code,
+            d.headers
+                .iter()
+                .map(|h| {
+                    let h = h.header.as_ref().unwrap();
+                    (h.key.clone(), h.value.clone())
+                })
+                .collect(),
+            d.body.clone(),
+        ),
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+fn admin_token(h: &Harness, role: &str, permissions: &[&str]) -> String {
+    h.mint(&TokenSpec {
+        user_id: Some("user_envoy".into()),
+        session_id: Some("sess_envoy".into()),
+        org: Some(OrgSpec {
+            id: Some("org_envoy".into()),
+            role: Some(role.into()),
+            permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
+            ..OrgSpec::default()
+        }),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    })
+}
+
+#[tokio::test]
+async fn allow_sets_identity_headers_and_strips_spoofed_ones() {
+    let (h, c) = start().await;
+    let token = admin_token(&h, "admin", &["org:orders:read", "org:orders:delete"]);
+    let bearer = format!("Bearer {token}");
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/orders?page=2",
+            &[
+                ("authorization", &bearer),
+                ("x-clerk-user-id", "user_spoofed"),
+                ("x-clerk-org-role", "org:owner"),
+            ],
+        ),
+    )
+    .await;
+    let (set, _) = ok_parts(&r);
+    assert_eq!(set["x-clerk-user-id"], "user_envoy");
+    assert_eq!(set["x-clerk-session-id"], "sess_envoy");
+    assert_eq!(set["x-clerk-org-id"], "org_envoy");
+    assert_eq!(set["x-clerk-org-role"], "org:admin");
+    assert_eq!(
+        set["x-clerk-org-permissions"],
+        "org:orders:read,org:orders:delete"
+    );
+    // Every identity header is set (overwriting the client's) or removed.
+    let md = r.dynamic_metadata.as_ref().unwrap();
+    assert!(md.fields.contains_key("user_id") && md.fields.contains_key("org_role"));
+
+    // A user without an organization: org headers the client sent are removed.
+    let plain = h.mint(&TokenSpec {
+        user_id: Some("user_plain".into()),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    });
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/orders",
+            &[
+                ("authorization", &format!("Bearer {plain}")),
+                ("x-clerk-org-id", "org_spoofed"),
+            ],
+        ),
+    )
+    .await;
+    let (set, removed) = ok_parts(&r);
+    assert_eq!(set["x-clerk-user-id"], "user_plain");
+    for name in [
+        "x-clerk-org-id",
+        "x-clerk-org-role",
+        "x-clerk-org-permissions",
+    ] {
+        assert!(
+            removed.iter().any(|r| r == name),
+            "{name} not removed: {removed:?}"
+        );
+        assert!(!set.contains_key(name));
+    }
+    // Public routes strip all of them too.
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/public/x",
+            &[("x-clerk-user-id", "user_spoofed")],
+        ),
+    )
+    .await;
+    let (set, removed) = ok_parts(&r);
+    assert!(set.is_empty());
+    assert_eq!(removed.len(), IDENTITY_HEADERS.len());
+}
+
+#[tokio::test]
+async fn denials_are_http_shaped_or_grpc_shaped() {
+    let (h, c) = start().await;
+
+    // Missing token: 401, a bare Bearer challenge, a JSON body with the reason.
+    let r = check(&c, envoy_request("GET", "api.example.com", "/orders", &[])).await;
+    let (code, http, headers, body) = denied_parts(&r);
+    assert_eq!((code, http), (16, 401));
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "TOKEN_MISSING");
+
+    // Expired token: invalid_token challenge.
+    let expired = h.mint(&TokenSpec {
+        expires_in: Some(-60),
+        ..TokenSpec::default()
+    });
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/orders",
+            &[("authorization", &format!("Bearer {expired}"))],
+        ),
+    )
+    .await;
+    let (_, http, headers, body) = denied_parts(&r);
+    assert_eq!(http, 401);
+    assert_eq!(
+        headers["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
+    assert!(body.contains("TOKEN_EXPIRED"));
+    assert!(!body.contains(&expired), "the body never echoes the token");
+
+    // Policy: a member on /admin is 403, no challenge.
+    let member = admin_token(&h, "member", &[]);
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/admin/users",
+            &[("authorization", &format!("Bearer {member}"))],
+        ),
+    )
+    .await;
+    let (code, http, headers, body) = denied_parts(&r);
+    assert_eq!((code, http), (7, 403));
+    assert!(!headers.contains_key("www-authenticate"));
+    assert!(body.contains("ORG_ROLE_REQUIRED"));
+
+    // A gRPC request through Envoy gets a gRPC-shaped denial.
+    let r = check(
+        &c,
+        envoy_request(
+            "POST",
+            "api.example.com",
+            "/examples.orders.v1.Orders/ListOrders",
+            &[("content-type", "application/grpc+proto")],
+        ),
+    )
+    .await;
+    let (code, http, headers, _) = denied_parts(&r);
+    assert_eq!((code, http), (16, 200));
+    assert_eq!(headers["grpc-status"], "16");
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert!(headers.contains_key("grpc-message"));
+}
+
+#[tokio::test]
+async fn cookie_tokens_and_routes_by_path_method_and_host() {
+    let (h, c) = start().await;
+    let member = admin_token(&h, "member", &["org:orders:read"]);
+    let deleter = admin_token(&h, "member", &["org:orders:delete"]);
+    let cookie = format!("theme=dark; __session={member}");
+
+    // Browser request with the __session cookie.
+    let r = check(
+        &c,
+        envoy_request("GET", "api.example.com", "/orders", &[("cookie", &cookie)]),
+    )
+    .await;
+    assert_eq!(ok_parts(&r).0["x-clerk-user-id"], "user_envoy");
+
+    // Method-specific route: GET /orders is fine for a member, DELETE needs the permission.
+    let bearer = |t: &str| format!("Bearer {t}");
+    let r = check(
+        &c,
+        envoy_request(
+            "DELETE",
+            "api.example.com",
+            "/orders/17",
+            &[("authorization", &bearer(&member))],
+        ),
+    )
+    .await;
+    assert_eq!(denied_parts(&r).1, 403);
+    let r = check(
+        &c,
+        envoy_request(
+            "DELETE",
+            "api.example.com",
+            "/orders/17",
+            &[("authorization", &bearer(&deleter))],
+        ),
+    )
+    .await;
+    ok_parts(&r);
+
+    // Whole path segments: /administrator is not under /admin (default rule: authenticated).
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/administrator",
+            &[("authorization", &bearer(&member))],
+        ),
+    )
+    .await;
+    ok_parts(&r);
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/admin",
+            &[("authorization", &bearer(&member))],
+        ),
+    )
+    .await;
+    assert_eq!(denied_parts(&r).1, 403);
+
+    // Host-specific route (port ignored): public on the internal host only.
+    let r = check(
+        &c,
+        envoy_request("GET", "internal.example.com:8443", "/orders", &[]),
+    )
+    .await;
+    ok_parts(&r);
+    let r = check(&c, envoy_request("GET", "api.example.com", "/orders", &[])).await;
+    assert_eq!(denied_parts(&r).1, 401);
+
+    // A malformed Authorization header is refused, never a panic.
+    let r = check(
+        &c,
+        envoy_request(
+            "GET",
+            "api.example.com",
+            "/orders",
+            &[("authorization", "Basic Zm9v")],
+        ),
+    )
+    .await;
+    let (_, http, _, body) = denied_parts(&r);
+    assert_eq!(http, 401);
+    assert!(body.contains("TOKEN_INVALID"));
+    // A CheckRequest without HTTP attributes: 400.
+    let r = check(&c, CheckRequest::default()).await;
+    assert_eq!(denied_parts(&r).1, 400);
+}
+
+#[test]
+fn route_policy_files_are_validated() {
+    for (text, needle) in [
+        ("[[routes]]\npath_prefix = \"admin\"\n", "path_prefix"),
+        ("[[routes]]\npath = \"/x\"\n", "path"),
+        ("[[routes]]\nrequire = [{ rol = \"admin\" }]\n", "rol"),
+        (
+            "[[routes]]\naccess = \"public\"\nrequire = [{ role = \"admin\" }]\n",
+            "public",
+        ),
+    ] {
+        let e = RoutePolicy::from_toml(text, "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{text:?} → {e}");
+    }
+    let p = RoutePolicy::from_toml(ROUTES, "r").unwrap();
+    assert!(p.rule_for("api.example.com", "/public", "GET").is_public());
+    assert!(!p
+        .rule_for("api.example.com", "/publicity", "GET")
+        .is_public());
+    assert!(p.rule_for("INTERNAL.example.com", "/x", "GET").is_public());
+}
