@@ -3,7 +3,13 @@
 //! stale-if-error (users and memberships only: a session's status is never served stale), and
 //! invalidation by webhooks ([`Directory::invalidate_user`], …).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -197,6 +203,17 @@ struct Page<T> {
 struct Kind<V> {
     fresh: moka::future::Cache<String, Arc<V>>,
     stale: Option<moka::future::Cache<String, Arc<V>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Counters kept by a [`Directory`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectoryStats {
+    /// Answered from a cache (coalesced waiters included).
+    pub hits: u64,
+    /// Went to the Backend API.
+    pub misses: u64,
 }
 
 impl<V: Send + Sync + 'static> Kind<V> {
@@ -212,6 +229,8 @@ impl<V: Send + Sync + 'static> Kind<V> {
                     .time_to_live(ttl + stale)
                     .build()
             }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -219,10 +238,19 @@ impl<V: Send + Sync + 'static> Kind<V> {
     where
         F: std::future::Future<Output = Result<V, ApiError>>,
     {
+        let ran = std::sync::atomic::AtomicBool::new(false);
         let got = self
             .fresh
-            .try_get_with(key.to_owned(), async { fetch.await.map(Arc::new) })
+            .try_get_with(key.to_owned(), async {
+                ran.store(true, Ordering::Relaxed);
+                fetch.await.map(Arc::new)
+            })
             .await;
+        if ran.load(Ordering::Relaxed) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         match got {
             Ok(v) => {
                 if let Some(stale) = &self.stale {
@@ -292,6 +320,19 @@ impl Directory {
                 api,
                 config,
             }),
+        }
+    }
+
+    /// Cache counters, all kinds together.
+    pub fn stats(&self) -> DirectoryStats {
+        let i = &self.inner;
+        DirectoryStats {
+            hits: i.users.hits.load(Ordering::Relaxed)
+                + i.memberships.hits.load(Ordering::Relaxed)
+                + i.sessions.hits.load(Ordering::Relaxed),
+            misses: i.users.misses.load(Ordering::Relaxed)
+                + i.memberships.misses.load(Ordering::Relaxed)
+                + i.sessions.misses.load(Ordering::Relaxed),
         }
     }
 

@@ -32,6 +32,7 @@ use crate::{
     error::AuthError,
     identity::Identity,
     layer::TokenSources,
+    metrics::Observer,
     policy::{ApiKeyOwner, PolicyError, Rule},
     token_fingerprint, TokenVerifier, VerifyRequest,
 };
@@ -250,6 +251,7 @@ fn segment_prefix(prefix: &str, path: &str) -> bool {
 pub struct ExtAuthz {
     verifier: TokenVerifier,
     policy: Arc<RoutePolicy>,
+    observer: Observer,
 }
 
 impl ExtAuthz {
@@ -258,7 +260,14 @@ impl ExtAuthz {
         Self {
             verifier,
             policy: Arc::new(policy),
+            observer: Observer::default(),
         }
+    }
+
+    /// Sends every decision to `observer` (metrics and the audit log).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// The tonic server for Envoy.
@@ -275,6 +284,15 @@ impl ExtAuthz {
         if rule.is_public() {
             return Ok(None);
         }
+        self.verify_token(headers, rule, client_ip).await.map(Some)
+    }
+
+    async fn verify_token(
+        &self,
+        headers: &HashMap<String, String>,
+        rule: &Rule,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Identity>, AuthError> {
         // Only the credential headers are copied into a header map for the extractor.
         let mut map = HeaderMap::new();
         for name in ["authorization", "cookie"] {
@@ -304,7 +322,7 @@ impl ExtAuthz {
             })?;
         rule.authorize(&identity, self.policy.machine_id.as_deref())
             .map_err(AuthError::Denied)?;
-        Ok(Some(identity))
+        Ok(identity)
     }
 }
 
@@ -467,7 +485,22 @@ impl Authorization for ExtAuthz {
                 _ => None,
             });
         let rule = self.policy.rule_for(host, &http.path, &http.method);
-        let resp = match self.decide(headers, rule, client_ip).await {
+        let started = std::time::Instant::now();
+        let result = self.decide(headers, rule, client_ip).await;
+        let what = format!(
+            "{} {host}{}",
+            http.method,
+            http.path.split('?').next().unwrap_or("")
+        );
+        self.observer.decision(
+            "Check",
+            &what,
+            result.as_ref().ok().and_then(|i| i.as_deref()),
+            None,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
+        let resp = match result {
             Ok(identity) => allowed(identity.as_deref()),
             Err(e) => denied(&e, grpc),
         };

@@ -291,6 +291,16 @@ impl KeyStore {
         }
     }
 
+    /// Time since the key set was last confirmed by a successful fetch (or loaded, for a static
+    /// source); `None` before the first load.
+    pub fn key_set_age(&self) -> Option<Duration> {
+        self.inner
+            .state
+            .load()
+            .as_ref()
+            .map(|l| l.confirmed_at.elapsed())
+    }
+
     /// A receiver that is `true` while keys are usable (for health reporting).
     pub fn serving(&self) -> watch::Receiver<bool> {
         self.inner.serving.subscribe()

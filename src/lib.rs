@@ -27,6 +27,7 @@ pub mod jwks;
 pub mod keys;
 pub mod layer;
 pub mod machine;
+pub mod metrics;
 pub mod policy;
 pub mod revocation;
 pub mod server;

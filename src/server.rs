@@ -28,6 +28,7 @@ use crate::{
     ext_authz::{ExtAuthz, RoutePolicy},
     jwks::{KeySource, KeyStore, KeyStoreConfig, Secret},
     machine::{MachineConfig, MachineVerifier},
+    metrics::{Metrics, Observer},
     revocation::{Events, RedisConfig, RedisError, Revocations},
     service::{AuthServiceImpl, IdentityQueries},
     webhook::{SvixVerifier, WebhookSecretError},
@@ -236,8 +237,10 @@ impl Server {
     ) -> Result<(), ServerError> {
         let stop = CancellationToken::new();
         let subscriber = tokio::spawn(events.clone().run(stop.clone()));
+        let metrics = Metrics::new(self.verifier.clone(), self.directory.clone());
+        let observer = Observer::new(Some(metrics.clone()));
         let http_task = http.map(|l| {
-            let mut app = axum::Router::new();
+            let mut app = ops_router(metrics.clone(), self.verifier.keys().clone());
             if let Some(v) = self.webhook.clone() {
                 app = app.merge(crate::webhook::router(v, events.clone()));
             }
@@ -284,9 +287,15 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(self.auth_service(events).into_server())
             .add_service(
-                ExtAuthz::new(self.verifier.clone(), self.route_policy.clone()).into_server(),
+                self.auth_service(events)
+                    .with_observer(observer.clone())
+                    .into_server(),
+            )
+            .add_service(
+                ExtAuthz::new(self.verifier.clone(), self.route_policy.clone())
+                    .with_observer(observer)
+                    .into_server(),
             )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener)
@@ -361,6 +370,42 @@ fn spawn_health(
             }
         }
     })
+}
+
+/// `/metrics` (Prometheus text), `/livez` (the process answers) and `/readyz` (keys are usable:
+/// 200, else 503).
+fn ops_router(metrics: Metrics, keys: KeyStore) -> axum::Router {
+    use axum::{http::StatusCode, routing::get};
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let usable = keys.is_usable();
+                async move {
+                    if usable {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "keys unavailable")
+                    }
+                }
+            }),
+        )
 }
 
 /// Resolves on SIGINT or SIGTERM.

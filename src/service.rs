@@ -13,6 +13,7 @@ use crate::{
     error::{AuthError, Denial, Reason, VerifyError},
     identity::{Identity, TokenType},
     layer::TokenSources,
+    metrics::Observer,
     pb::{self, auth_service_server::AuthService},
     revocation::{Event, Events},
     token_fingerprint, TokenVerifier, VerifyRequest,
@@ -24,6 +25,7 @@ pub struct AuthServiceImpl {
     verifier: TokenVerifier,
     events: Events,
     identity: Option<IdentityQueries>,
+    observer: Observer,
 }
 
 /// What the identity-query RPCs need.
@@ -58,6 +60,7 @@ impl AuthServiceImpl {
             verifier,
             events,
             identity: None,
+            observer: Observer::default(),
         }
     }
 
@@ -72,7 +75,14 @@ impl AuthServiceImpl {
             verifier,
             events,
             identity,
+            observer: Observer::default(),
         }
+    }
+
+    /// Sends every decision to `observer` (metrics and the audit log).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
+        self
     }
 
     fn queries(&self) -> Result<&IdentityQueries, AuthError> {
@@ -134,11 +144,15 @@ fn check_id(id: &str, prefix: &str, what: &'static str) -> Result<(), AuthError>
     }
 }
 
-/// Runs an RPC body in a span with the method and outcome, mapping errors once.
+/// Runs an RPC body in a span with the method and outcome, records the decision (metrics,
+/// audit log, with `what` the target asked about), and maps errors once.
 async fn traced<T>(
+    observer: &Observer,
     method: &'static str,
+    what: &str,
     body: impl std::future::Future<Output = Result<T, AuthError>>,
 ) -> Result<Response<T>, Status> {
+    let started = std::time::Instant::now();
     let span = tracing::info_span!(
         "rpc",
         method,
@@ -147,6 +161,14 @@ async fn traced<T>(
     );
     async move {
         let result = body.await;
+        observer.decision(
+            method,
+            what,
+            None,
+            None,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
         let span = tracing::Span::current();
         match &result {
             Ok(_) => {
@@ -213,7 +235,7 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        traced("WhoAmI", async {
+        traced(&self.observer, "WhoAmI", "", async {
             let (identity, _) = self.caller(&request).await?;
             let user = if identity.user_id.is_empty() {
                 None
@@ -233,7 +255,8 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        traced("GetUser", async {
+        let what = request.get_ref().user_id.clone();
+        traced(&self.observer, "GetUser", &what, async {
             let user_id = request.get_ref().user_id.clone();
             check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
             self.authorize_for_user(&request, &user_id).await?;
@@ -247,43 +270,49 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::ListOrganizationMembershipsRequest>,
     ) -> Result<Response<pb::ListOrganizationMembershipsResponse>, Status> {
-        traced("ListOrganizationMemberships", async {
-            let r = request.get_ref();
-            let user_id = r.user_id.clone();
-            check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
-            let size = match r.page_size {
-                0 => 20,
-                n @ 1..=100 => n as usize,
-                _ => return Err(AuthError::InvalidRequest("page_size must be 1..=100")),
-            };
-            let offset: usize = if r.page_token.is_empty() {
-                0
-            } else {
-                r.page_token
-                    .strip_prefix("o")
-                    .and_then(|o| o.parse().ok())
-                    .ok_or(AuthError::InvalidRequest("page_token is not one we issued"))?
-            };
-            self.authorize_for_user(&request, &user_id).await?;
-            let q = self.queries()?;
-            let all = q.directory.memberships(&user_id).await?;
-            let page: Vec<_> = all
-                .iter()
-                .skip(offset)
-                .take(size)
-                .map(|m| m.to_proto())
-                .collect();
-            let next = offset + page.len();
-            Ok(pb::ListOrganizationMembershipsResponse {
-                memberships: page,
-                next_page_token: if next < all.len() {
-                    format!("o{next}")
+        let what = request.get_ref().user_id.clone();
+        traced(
+            &self.observer,
+            "ListOrganizationMemberships",
+            &what,
+            async {
+                let r = request.get_ref();
+                let user_id = r.user_id.clone();
+                check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
+                let size = match r.page_size {
+                    0 => 20,
+                    n @ 1..=100 => n as usize,
+                    _ => return Err(AuthError::InvalidRequest("page_size must be 1..=100")),
+                };
+                let offset: usize = if r.page_token.is_empty() {
+                    0
                 } else {
-                    String::new()
-                },
-                total_count: i32::try_from(all.len()).unwrap_or(i32::MAX),
-            })
-        })
+                    r.page_token
+                        .strip_prefix("o")
+                        .and_then(|o| o.parse().ok())
+                        .ok_or(AuthError::InvalidRequest("page_token is not one we issued"))?
+                };
+                self.authorize_for_user(&request, &user_id).await?;
+                let q = self.queries()?;
+                let all = q.directory.memberships(&user_id).await?;
+                let page: Vec<_> = all
+                    .iter()
+                    .skip(offset)
+                    .take(size)
+                    .map(|m| m.to_proto())
+                    .collect();
+                let next = offset + page.len();
+                Ok(pb::ListOrganizationMembershipsResponse {
+                    memberships: page,
+                    next_page_token: if next < all.len() {
+                        format!("o{next}")
+                    } else {
+                        String::new()
+                    },
+                    total_count: i32::try_from(all.len()).unwrap_or(i32::MAX),
+                })
+            },
+        )
         .await
     }
 
@@ -291,7 +320,8 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        traced("GetSession", async {
+        let what = request.get_ref().session_id.clone();
+        traced(&self.observer, "GetSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
             let (identity, trusted) = self.caller(&request).await?;
@@ -320,7 +350,8 @@ impl AuthService for AuthServiceImpl {
         &self,
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        traced("RevokeSession", async {
+        let what = request.get_ref().session_id.clone();
+        traced(&self.observer, "RevokeSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
             let (_, trusted) = self.caller(&request).await?;
@@ -355,7 +386,17 @@ impl AuthService for AuthServiceImpl {
             reason = tracing::field::Empty,
         );
         async move {
+            let started = std::time::Instant::now();
             let result = self.verify(&req, source).await;
+            self.observer.decision(
+                "VerifyToken",
+                "",
+                result.as_ref().ok().map(|(_, id)| &**id),
+                Some(&req.token),
+                result.as_ref().map(|_| ()),
+                started.elapsed(),
+            );
+            let result = result.map(|(p, _)| p);
             let span = tracing::Span::current();
             match &result {
                 Ok(id) => {
@@ -395,7 +436,7 @@ impl AuthServiceImpl {
         &self,
         req: &pb::VerifyTokenRequest,
         source: Option<std::net::IpAddr>,
-    ) -> Result<pb::Identity, AuthError> {
+    ) -> Result<(pb::Identity, Arc<Identity>), AuthError> {
         if req.authorized_parties.len() > MAX_AUTHORIZED_PARTIES {
             return Err(AuthError::InvalidRequest(
                 "authorized_parties holds more than 64 entries",
@@ -439,7 +480,7 @@ impl AuthServiceImpl {
             self.confirm_online(&identity, req.accept_pending_session)
                 .await?;
         }
-        Ok(identity.to_proto())
+        Ok((identity.to_proto(), identity))
     }
 
     /// Asks Clerk (cached for the session TTL) whether the token's session is still live.

@@ -254,6 +254,21 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
         logs.contains(&clerk_grpc_auth::token_fingerprint(&expired)),
         "{logs}"
     );
+    // One audit line per decision: the expired token's, with its verdict and reason.
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("clerk_grpc_auth::audit"))
+        .collect();
+    assert!(audit.len() >= 5, "{logs}");
+    let fp = clerk_grpc_auth::token_fingerprint(&expired);
+    let line = audit
+        .iter()
+        .find(|l| l.contains(&fp))
+        .unwrap_or_else(|| panic!("no audit line for the expired token: {logs}"));
+    assert!(
+        line.contains("unauthenticated") && line.contains("TOKEN_EXPIRED"),
+        "{line}"
+    );
 }
 
 #[tokio::test]

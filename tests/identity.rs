@@ -800,3 +800,68 @@ async fn layers_following_revocations_refuse_at_once() {
     late_feed.wait_received(1).await;
     assert!(late.revocations().is_revoked(&session));
 }
+
+#[tokio::test]
+async fn metrics_livez_and_readyz_on_the_http_port() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    let user = clerk.create_user(&UserSpec::default());
+    let token = user_token(&clerk, &user, &clerk.create_session(&user));
+    verify(&r, &token, false).await.unwrap();
+    verify(&r, &token, false).await.unwrap();
+    let _ = verify(&r, "garbage", false).await.unwrap_err();
+    get_user(&r, &token, &user).await.unwrap();
+    get_user(&r, &token, &user).await.unwrap();
+
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("http://{}{path}", r.http);
+        let http = http.clone();
+        async move {
+            let resp = http.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/livez").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 200);
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("{needle} missing in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value(r#"clerk_auth_decisions_total{method="VerifyToken",outcome="allowed",reason="OK"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(
+            r#"clerk_auth_decisions_total{method="VerifyToken",outcome="unauthenticated",reason="TOKEN_INVALID"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(r#"clerk_auth_decisions_total{method="GetUser",outcome="allowed",reason="OK"}"#),
+        2.0
+    );
+    // The second VerifyToken and the second GetUser's caller check (other accepted types,
+    // another verdict) come from the verdict cache.
+    assert_eq!(value("clerk_auth_verdict_cache_hits_total"), 2.0);
+    assert_eq!(value("clerk_auth_full_verifications_total"), 2.0);
+    assert_eq!(value("clerk_auth_jwks_fetches_total"), 1.0);
+    assert_eq!(value("clerk_auth_identity_cache_hits_total"), 1.0);
+    assert_eq!(value("clerk_auth_identity_cache_misses_total"), 1.0);
+    assert!(value("clerk_auth_backend_api_requests_total") >= 1.0);
+    assert!(value("clerk_auth_key_set_age_seconds") >= 0.0);
+    assert_eq!(value("clerk_auth_keys_usable"), 1.0);
+    assert!(
+        text.contains("clerk_auth_decision_duration_seconds_bucket{le="),
+        "{text}"
+    );
+}

@@ -1,0 +1,313 @@
+//! Prometheus metrics (`GET /metrics` on the HTTP port): decisions by method, outcome and
+//! reason; decision latency histograms; key-set age, JWKS fetches and failures; verdict,
+//! machine-token and identity cache counters; Backend API calls, errors and 429s.
+//!
+//! Hot-path counters are the components' own atomics, read at scrape time by a collector;
+//! only the decision counter and the latency histogram are updated per call.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+use crate::{directory::Directory, error::AuthError, TokenVerifier};
+
+type DecisionLabels = [(&'static str, &'static str); 3];
+type MethodLabels = [(&'static str, &'static str); 1];
+
+/// The server's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+#[derive(Debug)]
+struct Stats {
+    verifier: TokenVerifier,
+    directory: Option<Directory>,
+}
+
+fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    let m = e.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
+}
+
+fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    let m = e.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
+impl Collector for Stats {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let keys = self.verifier.keys();
+        let k = keys.stats();
+        gauge(
+            &mut e,
+            "clerk_auth_key_set_age_seconds",
+            "Seconds since the key set was last confirmed (-1 before the first load)",
+            keys.key_set_age().map_or(-1.0, |a| a.as_secs_f64()),
+        )?;
+        gauge(
+            &mut e,
+            "clerk_auth_keys_usable",
+            "1 while verification keys are usable",
+            if keys.is_usable() { 1.0 } else { 0.0 },
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_jwks_fetches",
+            "JWKS requests made",
+            k.fetches,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_jwks_fetch_failures",
+            "JWKS requests that failed",
+            k.fetch_failures,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_jwks_unknown_kid_refetches",
+            "JWKS fetches caused by an unknown kid",
+            k.unknown_kid_refetches,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_jwks_unknown_kid_suppressed",
+            "Unknown-kid lookups answered without a fetch (cooldown or negative cache)",
+            k.unknown_kid_suppressed,
+        )?;
+        let v = self.verifier.stats();
+        counter(
+            &mut e,
+            "clerk_auth_verdict_cache_hits",
+            "Verifications answered from the verdict cache",
+            v.cache_hits,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_full_verifications",
+            "Verifications that checked a signature (verdict cache misses)",
+            v.full_verifications,
+        )?;
+        if let Some(m) = self.verifier.machine() {
+            let m = m.stats();
+            counter(
+                &mut e,
+                "clerk_auth_machine_api_calls",
+                "Backend API machine-token verify calls",
+                m.api_calls,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_machine_cache_hits",
+                "Machine-token verdicts from the cache",
+                m.cache_hits,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_machine_negative_hits",
+                "Machine-token refusals from the negative cache",
+                m.negative_hits,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_machine_rate_limited",
+                "Machine-token verifications refused by a rate limit",
+                m.rate_limited,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_machine_clerk_429s",
+                "429 answers from Clerk to machine-token verifications",
+                m.clerk_429s,
+            )?;
+        }
+        if let Some(d) = &self.directory {
+            let b = d.api().stats();
+            counter(
+                &mut e,
+                "clerk_auth_backend_api_requests",
+                "Backend API requests for identity queries (retries included)",
+                b.requests,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_backend_api_errors",
+                "Identity queries that failed at the Backend API",
+                b.errors,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_backend_api_429s",
+                "429 answers from the Backend API to identity queries",
+                b.rate_limited,
+            )?;
+            let c = d.stats();
+            counter(
+                &mut e,
+                "clerk_auth_identity_cache_hits",
+                "Identity queries answered from the cache",
+                c.hits,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_identity_cache_misses",
+                "Identity queries that went to the Backend API",
+                c.misses,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Metrics over `verifier` (and `directory` when identity queries are on).
+    pub fn new(verifier: TokenVerifier, directory: Option<Directory>) -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "clerk_auth_decisions",
+            "Decisions by method, outcome and reason",
+            decisions.clone(),
+        );
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            // 50 µs … ~1.6 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.000_05, 2.0, 16,
+            ))
+        });
+        registry.register(
+            "clerk_auth_decision_duration_seconds",
+            "Time to decide, by method",
+            latency.clone(),
+        );
+        registry.register_collector(Box::new(Stats {
+            verifier,
+            directory,
+        }));
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                decisions,
+                latency,
+            }),
+        }
+    }
+
+    /// Records one decision.
+    pub fn record(&self, method: &'static str, result: Result<(), &AuthError>, elapsed: Duration) {
+        let (outcome, reason) = match result {
+            Ok(()) => ("allowed", "OK"),
+            Err(e) => (outcome_of(e), e.reason_str()),
+        };
+        self.inner
+            .decisions
+            .get_or_create(&[("method", method), ("outcome", outcome), ("reason", reason)])
+            .inc();
+        self.inner
+            .latency
+            .get_or_create(&[("method", method)])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.inner.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn outcome_of(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::Rejected(_) => "unauthenticated",
+        AuthError::Denied(_) => "denied",
+        AuthError::InvalidRequest(_) => "invalid",
+        AuthError::NotFound => "not_found",
+        AuthError::RateLimited { .. } => "rate_limited",
+        AuthError::Misconfigured(_) => "misconfigured",
+        AuthError::Unavailable(_) => "unavailable",
+    }
+}
+
+/// Where every decision goes: the metrics (when enabled) and the audit log — one structured
+/// line per decision on the tracing target `clerk_grpc_auth::audit` with who (user, session,
+/// organization, machine, token fingerprint), what (method and target), the verdict and the
+/// reason. Never the token itself.
+#[derive(Clone, Debug, Default)]
+pub struct Observer {
+    metrics: Option<Metrics>,
+}
+
+/// The audit log's tracing target.
+pub const AUDIT_TARGET: &str = "clerk_grpc_auth::audit";
+
+impl Observer {
+    /// An observer feeding `metrics`.
+    pub fn new(metrics: Option<Metrics>) -> Self {
+        Self { metrics }
+    }
+
+    /// Records one decision.
+    pub fn decision(
+        &self,
+        method: &'static str,
+        what: &str,
+        identity: Option<&crate::Identity>,
+        token: Option<&str>,
+        result: Result<(), &AuthError>,
+        elapsed: Duration,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.record(method, result, elapsed);
+        }
+        let (verdict, reason) = match result {
+            Ok(()) => ("allow", "OK"),
+            Err(e) => (outcome_of(e), e.reason_str()),
+        };
+        let org = identity.and_then(|i| i.organization.as_ref());
+        tracing::info!(
+            target: AUDIT_TARGET,
+            method,
+            what,
+            verdict,
+            reason,
+            user = identity.map_or("", |i| i.user_id.as_str()),
+            session = identity.and_then(|i| i.session_id.as_deref()).unwrap_or(""),
+            org = org.map_or("", |o| o.id.as_str()),
+            machine = identity
+                .and_then(|i| i.machine.as_ref())
+                .and_then(|m| m.machine_id.as_deref())
+                .unwrap_or(""),
+            token = token.map(crate::token_fingerprint).as_deref().unwrap_or(""),
+            elapsed_us = elapsed.as_micros() as u64,
+            "decision"
+        );
+    }
+}
