@@ -1,0 +1,188 @@
+//! The deployment files parse and agree with the service: ports, probes, paths, fail-closed.
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn docs(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn one(path: &str) -> Yaml {
+    docs(path).into_iter().next().unwrap()
+}
+
+#[test]
+fn kubernetes_manifests_name_the_right_ports_and_probes() {
+    let kustomization = one("deploy/kubernetes/kustomization.yaml");
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for r in &resources {
+        assert!(!docs(&format!("deploy/kubernetes/{r}")).is_empty(), "{r}");
+    }
+    for kind in [
+        "deployment.yaml",
+        "service.yaml",
+        "pdb.yaml",
+        "hpa.yaml",
+        "configmap.yaml",
+        "secret.yaml",
+    ] {
+        assert!(resources.contains(&kind), "{kind} not in kustomization");
+    }
+
+    let d = one("deploy/kubernetes/deployment.yaml");
+    assert_eq!(d["kind"].as_str(), Some("Deployment"));
+    let spec = &d["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    let c = &spec["containers"][0];
+    let ports: Vec<(String, i64)> = c["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(ports.contains(&("grpc".into(), 50051)) && ports.contains(&("http".into(), 8081)));
+    // gRPC health probe on the service the server reports; liveness on /livez.
+    assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(50051));
+    assert_eq!(
+        c["readinessProbe"]["grpc"]["service"].as_str(),
+        Some(clerk_grpc_auth::server::SERVICE_NAME)
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/livez")
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"].as_i64(), Some(8081));
+    let env_from: Vec<&str> = c["envFrom"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            e["secretRef"]["name"]
+                .as_str()
+                .or(e["configMapRef"]["name"].as_str())
+        })
+        .collect();
+    assert_eq!(env_from.len(), 2);
+
+    let cm = one("deploy/kubernetes/configmap.yaml");
+    assert_eq!(
+        cm["data"]["CLERK_AUTH_LISTEN"].as_str(),
+        Some("0.0.0.0:50051")
+    );
+    assert_eq!(
+        cm["data"]["CLERK_AUTH_HTTP_LISTEN"].as_str(),
+        Some("0.0.0.0:8081")
+    );
+    let secret = one("deploy/kubernetes/secret.yaml");
+    assert!(secret["stringData"]["CLERK_SECRET_KEY"]
+        .as_str()
+        .unwrap()
+        .starts_with("sk_"));
+
+    let services = docs("deploy/kubernetes/service.yaml");
+    assert_eq!(services.len(), 2);
+    assert_eq!(
+        services[0]["spec"]["ports"][0]["port"].as_i64(),
+        Some(50051)
+    );
+    assert_eq!(services[1]["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(
+        one("deploy/kubernetes/pdb.yaml")["kind"].as_str(),
+        Some("PodDisruptionBudget")
+    );
+    let hpa = one("deploy/kubernetes/hpa.yaml");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"].as_str(),
+        d["metadata"]["name"].as_str()
+    );
+}
+
+#[test]
+fn istio_provider_points_at_the_service_and_fails_closed() {
+    let mesh = one("deploy/istio/mesh-config.yaml");
+    let p = &mesh["spec"]["meshConfig"]["extensionProviders"][0];
+    let grpc = &p["envoyExtAuthzGrpc"];
+    assert_eq!(grpc["port"].as_i64(), Some(50051));
+    assert!(grpc["service"]
+        .as_str()
+        .unwrap()
+        .starts_with("clerk-grpc-auth.clerk-auth.svc"));
+    assert_eq!(grpc["failOpen"].as_bool(), Some(false));
+    let upstream: Vec<&str> = grpc["headersToUpstreamOnAllow"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(upstream, clerk_grpc_auth::ext_authz::IDENTITY_HEADERS);
+    let policy = one("deploy/istio/authorization-policy.yaml");
+    assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
+    assert_eq!(
+        policy["spec"]["provider"]["name"].as_str(),
+        p["name"].as_str()
+    );
+}
+
+#[test]
+fn envoy_ext_authz_filter_is_fail_closed_and_targets_the_grpc_port() {
+    let envoy = one("deploy/envoy/envoy.yaml");
+    let listener = &envoy["static_resources"]["listeners"][0];
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let filters = hcm["http_filters"].as_vec().unwrap();
+    let ext = filters
+        .iter()
+        .find(|f| f["name"].as_str() == Some("envoy.filters.http.ext_authz"))
+        .expect("ext_authz filter");
+    assert_eq!(
+        filters.last().unwrap()["name"].as_str(),
+        Some("envoy.filters.http.router"),
+        "the router comes last"
+    );
+    let cfg = &ext["typed_config"];
+    assert_eq!(cfg["failure_mode_allow"].as_bool(), Some(false));
+    assert_eq!(cfg["transport_api_version"].as_str(), Some("V3"));
+    let cluster_name = cfg["grpc_service"]["envoy_grpc"]["cluster_name"]
+        .as_str()
+        .unwrap();
+    let cluster = envoy["static_resources"]["clusters"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some(cluster_name))
+        .expect("the ext_authz cluster is defined");
+    let addr = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    assert_eq!(addr["port_value"].as_i64(), Some(50051));
+    assert!(
+        !cluster["typed_extension_protocol_options"].is_badvalue(),
+        "the ext_authz cluster speaks HTTP/2"
+    );
+}
+
+#[test]
+fn dockerfile_is_multi_stage_and_non_root() {
+    let text =
+        std::fs::read_to_string(format!("{}/Dockerfile", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    assert_eq!(
+        text.matches("\nFROM ").count() + usize::from(text.starts_with("FROM ")),
+        2
+    );
+    assert!(text.contains("USER nonroot"));
+    assert!(text.contains("CLERK_AUTH_LISTEN=0.0.0.0:50051"));
+    assert!(text.contains("EXPOSE 50051 8081"));
+    assert!(text.contains("CMD [\"serve\"]"));
+}
