@@ -102,6 +102,8 @@ pub enum Unmet {
     ApiKeyOwner,
     /// An identity query for someone else, by a caller not on the allowlist.
     CallerNotAllowed,
+    /// The caller's mTLS identity (SPIFFE ID) is not one the rule names.
+    PeerNotAllowed,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -373,6 +375,7 @@ impl Unmet {
             Unmet::MachineNotAllowed => "MACHINE_NOT_ALLOWED",
             Unmet::ApiKeyOwner => "API_KEY_OWNER_MISMATCH",
             Unmet::CallerNotAllowed => "CALLER_NOT_ALLOWED",
+            Unmet::PeerNotAllowed => "PEER_NOT_ALLOWED",
         }
     }
 }

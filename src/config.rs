@@ -14,7 +14,7 @@ use crate::{
     keys::{KeySet, VerifyingKey},
     machine::MachineConfig,
     revocation::RedisConfig,
-    server::{IdentityConfig, ServerConfig, WebhookConfig},
+    server::{IdentityConfig, ServerConfig, TlsConfig, WebhookConfig},
     telemetry::LogFormat,
     verify::Validation,
     webhook::SvixVerifier,
@@ -105,6 +105,16 @@ pub struct ServeArgs {
     /// (default 300; 0 = off).
     #[arg(long, env = "CLERK_AUTH_STALE_IF_ERROR_SECS")]
     pub stale_if_error_secs: Option<String>,
+    /// TLS certificate chain (PEM file) for the gRPC port; with `CLERK_AUTH_TLS_KEY`.
+    #[arg(long, env = "CLERK_AUTH_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// TLS private key (PEM file).
+    #[arg(long, env = "CLERK_AUTH_TLS_KEY")]
+    pub tls_key: Option<String>,
+    /// mTLS: client certificates must chain to this CA (PEM file); their SPIFFE IDs can be
+    /// allowlisted and required by policy.
+    #[arg(long, env = "CLERK_AUTH_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<String>,
     /// A TOML file of routes for Envoy's `Check` (host, path prefix, methods → rule). Default:
     /// a valid session token for every request.
     #[arg(long, env = "CLERK_AUTH_ROUTE_POLICY")]
@@ -299,10 +309,13 @@ impl ServeArgs {
             .clone()
             .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"));
         let allowlist = list(&self.identity_allowlist);
-        if let Some(bad) = allowlist.iter().find(|m| !is_clerk_id(m, "mch_")) {
+        if let Some(bad) = allowlist
+            .iter()
+            .find(|m| !is_clerk_id(m, "mch_") && !m.starts_with("spiffe://"))
+        {
             return Err(err(
                 "CLERK_AUTH_IDENTITY_ALLOWLIST",
-                format!("{bad:?} is not a machine id (mch_…)"),
+                format!("{bad:?} is neither a machine id (mch_…) nor a SPIFFE ID (spiffe://…)"),
             ));
         }
         let user_ttl = parse_num(
@@ -386,6 +399,49 @@ impl ServeArgs {
             .max(60),
         );
 
+        let read = |var: &'static str, path: &str| {
+            std::fs::read(path).map_err(|e| err(var, format!("cannot read {path}: {e}")))
+        };
+        let tls = match (non_empty(&self.tls_cert), non_empty(&self.tls_key)) {
+            (None, None) => {
+                if non_empty(&self.tls_client_ca).is_some() {
+                    return Err(err(
+                        "CLERK_AUTH_TLS_CLIENT_CA",
+                        "mTLS needs CLERK_AUTH_TLS_CERT and CLERK_AUTH_TLS_KEY too",
+                    ));
+                }
+                None
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "CLERK_AUTH_TLS_KEY",
+                    "set together with CLERK_AUTH_TLS_CERT",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "CLERK_AUTH_TLS_CERT",
+                    "set together with CLERK_AUTH_TLS_KEY",
+                ))
+            }
+            (Some(c), Some(k)) => {
+                let t = TlsConfig {
+                    cert_pem: read("CLERK_AUTH_TLS_CERT", c)?,
+                    key_pem: read("CLERK_AUTH_TLS_KEY", k)?,
+                    client_ca_pem: non_empty(&self.tls_client_ca)
+                        .map(|p| read("CLERK_AUTH_TLS_CLIENT_CA", p))
+                        .transpose()?,
+                    client_auth_optional: false,
+                };
+                // Validates the PEM material now, so a bad file is a startup error.
+                tonic::transport::Server::builder()
+                    .tls_config(t.to_tonic())
+                    .map_err(|e| {
+                        err("CLERK_AUTH_TLS_CERT", format!("unusable TLS material: {e}"))
+                    })?;
+                Some(t)
+            }
+        };
         let route_policy = match non_empty(&self.route_policy) {
             None => RoutePolicy::default(),
             Some(path) => RoutePolicy::from_toml_file(path)
@@ -484,6 +540,7 @@ impl ServeArgs {
                 redis,
                 revocation_ttl,
                 route_policy,
+                tls,
                 shutdown_grace,
             },
             listen,

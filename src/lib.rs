@@ -28,6 +28,7 @@ pub mod keys;
 pub mod layer;
 pub mod machine;
 pub mod metrics;
+pub mod peer;
 pub mod policy;
 pub mod revocation;
 pub mod server;

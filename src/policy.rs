@@ -94,6 +94,10 @@ pub struct Rule {
     /// API keys must be owned by a user (`user`) or an organization (`org`).
     #[serde(default)]
     pub api_key_owner: Option<ApiKeyOwner>,
+    /// mTLS: the caller's client certificate must carry one of these SPIFFE IDs
+    /// (`spiffe://…`), checked before the token (`PERMISSION_DENIED` / `PEER_NOT_ALLOWED`).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// Who owns an API key.
@@ -207,6 +211,7 @@ impl Rule {
             accept_pending: false,
             scopes: Vec::new(),
             api_key_owner: None,
+            peers: Vec::new(),
         }
     }
 
@@ -239,6 +244,12 @@ impl Rule {
     /// Limits API keys to user- or organization-owned ones.
     pub fn api_key_owner(mut self, owner: ApiKeyOwner) -> Self {
         self.api_key_owner = Some(owner);
+        self
+    }
+
+    /// Requires the caller's mTLS SPIFFE ID to be one of `peers`.
+    pub fn peers(mut self, peers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.peers = peers.into_iter().map(Into::into).collect();
         self
     }
 
@@ -302,7 +313,8 @@ impl Rule {
             && (!self.require.is_empty()
                 || self.accept_pending
                 || !self.scopes.is_empty()
-                || self.api_key_owner.is_some())
+                || self.api_key_owner.is_some()
+                || !self.peers.is_empty())
         {
             return Err("a public rule cannot require anything".into());
         }
@@ -314,6 +326,9 @@ impl Rule {
         }
         if self.scopes.iter().any(|s| s.trim().is_empty()) {
             return Err("scopes holds an empty scope".into());
+        }
+        if let Some(p) = self.peers.iter().find(|p| !p.starts_with("spiffe://")) {
+            return Err(format!("peers: {p:?} is not a spiffe:// ID"));
         }
         Ok(())
     }

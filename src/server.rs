@@ -63,8 +63,47 @@ pub struct ServerConfig {
     /// Rules for Envoy's `Check` by host, path prefix and method (default: a valid session
     /// token everywhere).
     pub route_policy: RoutePolicy,
+    /// TLS / mTLS for the gRPC port (`None`: plaintext).
+    pub tls: Option<TlsConfig>,
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
+}
+
+/// TLS for the gRPC port; mTLS when a client CA is given.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// The server's private key (PEM). Never printed.
+    pub key_pem: Vec<u8>,
+    /// Client certificates must chain to this CA (PEM): mTLS.
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// With a client CA: also accept clients without a certificate (default: required).
+    pub client_auth_optional: bool,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .field("client_auth_optional", &self.client_auth_optional)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// The tonic server configuration.
+    pub fn to_tonic(&self) -> tonic::transport::ServerTlsConfig {
+        let mut t = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem),
+        );
+        if let Some(ca) = &self.client_ca_pem {
+            t = t
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(self.client_auth_optional);
+        }
+        t
+    }
 }
 
 /// Identity-query settings.
@@ -115,6 +154,7 @@ pub enum ServerError {
 pub struct Server {
     verifier: TokenVerifier,
     route_policy: RoutePolicy,
+    tls: Option<TlsConfig>,
     directory: Option<Directory>,
     allowlist: Vec<String>,
     webhook: Option<SvixVerifier>,
@@ -137,6 +177,7 @@ impl ServerConfig {
             redis: None,
             revocation_ttl: Duration::from_secs(86_400),
             route_policy: RoutePolicy::default(),
+            tls: None,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -177,6 +218,7 @@ impl Server {
         Ok(Self {
             verifier,
             route_policy: config.route_policy,
+            tls: config.tls,
             directory,
             allowlist: config.identity.map(|i| i.allowlist).unwrap_or_default(),
             webhook,
@@ -283,7 +325,13 @@ impl Server {
             let _ = drain_tx.send(());
         };
         let grace = self.shutdown_grace;
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.to_tonic())
+                .map_err(ServerError::Transport)?;
+        }
+        let server = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -40,6 +40,8 @@ pub struct DelegatedConfig {
     pub connect_timeout: Duration,
     /// Hybrid mode: verify in-process with this verifier when AuthService cannot answer.
     pub fallback: Option<TokenVerifier>,
+    /// TLS (and a client certificate for mTLS) towards AuthService (`https://` endpoints).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Counters kept by a [`DelegatedVerifier`].
@@ -111,6 +113,7 @@ impl Default for DelegatedConfig {
             cache_capacity: 10_000,
             connect_timeout: Duration::from_secs(1),
             fallback: None,
+            tls: None,
         }
     }
 }
@@ -124,12 +127,17 @@ impl DelegatedVerifier {
         }
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
-            let ep = Channel::from_shared(e.clone())
+            let mut ep = Channel::from_shared(e.clone())
                 .map_err(|_| DelegatedError(format!("not a valid endpoint URI: {e:?}")))?
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true);
+            if let Some(tls) = &config.tls {
+                ep = ep
+                    .tls_config(tls.clone())
+                    .map_err(|e| DelegatedError(format!("TLS configuration: {e}")))?;
+            }
             endpoints.push(ep);
         }
         let channel = if endpoints.len() == 1 {

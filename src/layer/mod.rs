@@ -300,12 +300,7 @@ pub(crate) fn request_for<'a>(
     }
 }
 
-/// The peer's address, as tonic's server records it.
-fn peer_ip(ext: &http::Extensions) -> Option<std::net::IpAddr> {
-    ext.get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .map(|a| a.ip())
-}
+use crate::peer::{peer_ip, PeerIdentity};
 
 fn log_refusal(path: &str, token: Option<&str>, err: &AuthError) {
     let fingerprint = token.map(token_fingerprint);
@@ -346,6 +341,17 @@ where
                     .call(req)
                     .await
                     .map(|r| r.map(ExpiringBody::unbounded));
+            }
+            // mTLS: a rule naming peers refuses any other caller before looking at tokens.
+            if !rule.peers.is_empty()
+                && !PeerIdentity::from_extensions(req.extensions()).any_in(&rule.peers)
+            {
+                let e = AuthError::Denied(crate::error::Denial {
+                    unmet: crate::authz::Unmet::PeerNotAllowed,
+                    required: Vec::new(),
+                });
+                log_refusal(path, None, &e);
+                return Ok(refusal(e));
             }
             let (token, header) = match shared.sources.extract_with_header(req.headers()) {
                 Ok(t) => t,

@@ -70,11 +70,10 @@ impl Harness {
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
+        // Lazy: a TLS server (tests/tls.rs) is reached through its own TLS channel instead.
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
-            .connect()
-            .await
-            .expect("connect");
+            .connect_lazy();
         Self {
             clerk,
             addr,

@@ -1,0 +1,280 @@
+//! TLS and mTLS on the gRPC port, with certificates generated here: handshakes, SPIFFE IDs as
+//! the caller's identity for the identity-query allowlist and the layer's policy, and the
+//! delegated layer's TLS client.
+
+mod common;
+
+use std::time::Duration;
+
+use clerk_grpc_auth::{
+    bapi::BackendApiConfig,
+    directory::DirectoryConfig,
+    emulator::{TokenSpec, UserSpec},
+    jwks::Secret,
+    layer::{DelegatedConfig, DelegatedVerifier},
+    pb::{auth_service_client::AuthServiceClient, GetUserRequest, VerifyTokenRequest},
+    server::{IdentityConfig, TlsConfig},
+    VerifyRequest,
+};
+use common::Harness;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Pki {
+    ca_pem: String,
+    server: (String, String),
+    client_a: (String, String),
+    client_b: (String, String),
+}
+
+const SPIFFE_A: &str = "spiffe://cluster.local/ns/apps/sa/billing";
+const SPIFFE_B: &str = "spiffe://cluster.local/ns/apps/sa/stranger";
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |sans: Vec<SanType>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server: leaf(vec![
+            SanType::DnsName("localhost".try_into().unwrap()),
+            SanType::IpAddress("127.0.0.1".parse().unwrap()),
+        ]),
+        client_a: leaf(vec![SanType::URI(SPIFFE_A.try_into().unwrap())]),
+        client_b: leaf(vec![SanType::URI(SPIFFE_B.try_into().unwrap())]),
+    }
+}
+
+async fn start(pki: &Pki, mtls: bool) -> Harness {
+    let tls = TlsConfig {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: mtls.then(|| pki.ca_pem.clone().into_bytes()),
+        client_auth_optional: false,
+    };
+    Harness::start_unready(move |clerk, config| {
+        config.tls = Some(tls);
+        config.identity = Some(IdentityConfig {
+            backend: BackendApiConfig::new(
+                clerk.url().parse().unwrap(),
+                Secret::new(clerk.secret_key()),
+            ),
+            directory: DirectoryConfig::default(),
+            allowlist: vec![SPIFFE_A.to_owned()],
+        });
+    })
+    .await
+}
+
+fn client_tls(pki: &Pki, identity: Option<&(String, String)>) -> ClientTlsConfig {
+    let mut t = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        t = t.identity(Identity::from_pem(cert, key));
+    }
+    t
+}
+
+async fn connect(
+    h: &Harness,
+    tls: ClientTlsConfig,
+) -> Result<AuthServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Channel::from_shared(format!("https://localhost:{}", h.addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(AuthServiceClient::new(channel))
+}
+
+#[tokio::test]
+async fn tls_handshake_and_verify_token() {
+    let pki = pki();
+    let h = start(&pki, false).await;
+    let token = h.mint(&TokenSpec::default());
+    let mut c = connect(&h, client_tls(&pki, None))
+        .await
+        .expect("TLS handshake");
+    h.clerk.wait_jwks_requests(1).await;
+    h.verifier.keys().ready().await;
+    let id = c
+        .verify_token(VerifyTokenRequest {
+            token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identity
+        .unwrap();
+    assert!(id.user_id.starts_with("user_"));
+    // A plaintext client cannot talk to the TLS port.
+    let plain = Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let r = AuthServiceClient::new(ch)
+            .verify_token(VerifyTokenRequest {
+                token,
+                ..Default::default()
+            })
+            .await;
+        assert!(r.is_err(), "plaintext call succeeded against the TLS port");
+    }
+}
+
+#[tokio::test]
+async fn mtls_requires_a_client_certificate_and_spiffe_ids_are_the_peer_identity() {
+    let pki = pki();
+    let h = start(&pki, true).await;
+    h.verifier.keys().ready().await;
+    // No client certificate: the handshake (or the first call) fails.
+    match connect(&h, client_tls(&pki, None)).await {
+        Err(_) => {}
+        Ok(mut c) => {
+            let r = c.verify_token(VerifyTokenRequest::default()).await;
+            assert!(r.is_err(), "a client without a certificate got an answer");
+        }
+    }
+    let user = h.clerk.create_user(&UserSpec {
+        first_name: Some("Lin".into()),
+        ..UserSpec::default()
+    });
+    // The allowlisted SPIFFE ID may read any user without a token.
+    let mut a = connect(&h, client_tls(&pki, Some(&pki.client_a)))
+        .await
+        .unwrap();
+    let got = a
+        .get_user(GetUserRequest {
+            user_id: user.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.first_name, "Lin");
+    // Another workload's certificate is not enough.
+    let mut b = connect(&h, client_tls(&pki, Some(&pki.client_b)))
+        .await
+        .unwrap();
+    let status = b
+        .get_user(GetUserRequest {
+            user_id: user.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unauthenticated,
+        "no token, not allowlisted"
+    );
+}
+
+#[tokio::test]
+async fn delegated_layer_speaks_tls_to_auth_service() {
+    let pki = pki();
+    let h = start(&pki, true).await;
+    h.verifier.keys().ready().await;
+    let token = h.mint(&TokenSpec::default());
+    let verifier = DelegatedVerifier::new(DelegatedConfig {
+        endpoints: vec![format!("https://localhost:{}", h.addr.port())],
+        tls: Some(client_tls(&pki, Some(&pki.client_a))),
+        deadline: Duration::from_secs(5),
+        ..DelegatedConfig::default()
+    })
+    .unwrap();
+    let id = verifier
+        .verify(&VerifyRequest {
+            token: &token,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(id.user_id.starts_with("user_"));
+}
+
+#[test]
+fn spiffe_ids_come_from_uri_sans() {
+    let pki = pki();
+    let der = rustls_pemfile_der(&pki.client_a.0);
+    assert_eq!(clerk_grpc_auth::peer::spiffe_ids(&der), [SPIFFE_A]);
+    assert!(clerk_grpc_auth::peer::spiffe_ids(b"not a certificate").is_empty());
+    let server = rustls_pemfile_der(&pki.server.0);
+    assert!(clerk_grpc_auth::peer::spiffe_ids(&server).is_empty());
+}
+
+fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body).unwrap()
+}
+
+#[path = "../examples/common/orders.rs"]
+mod orders;
+
+#[tokio::test]
+async fn layer_policy_can_require_a_spiffe_peer() {
+    use clerk_grpc_auth::{
+        layer::AuthLayer,
+        policy::{Policy, Rule},
+    };
+    use orders::pb::{orders_client::OrdersClient, orders_server::OrdersServer, ListOrdersRequest};
+    let pki = pki();
+    let h = start(&pki, false).await;
+    h.verifier.keys().ready().await;
+    let policy = Policy::authenticated().method(
+        "/examples.orders.v1.Orders/ListOrders",
+        Rule::authenticated().peers([SPIFFE_A]),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = TlsConfig {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+        client_auth_optional: false,
+    };
+    let verifier = h.verifier.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tls_config(tls.to_tonic())
+            .unwrap()
+            .layer(AuthLayer::in_process(verifier, policy))
+            .add_service(OrdersServer::new(orders::OrdersService))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
+    let token = h.mint(&TokenSpec::default());
+    let call = |identity: &(String, String)| {
+        let tls = client_tls(&pki, Some(identity));
+        let token = token.clone();
+        async move {
+            let channel = Channel::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut req = tonic::Request::new(ListOrdersRequest {});
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            OrdersClient::new(channel).list_orders(req).await
+        }
+    };
+    assert!(call(&pki.client_a).await.is_ok());
+    let status = call(&pki.client_b).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(common::reason(&status), "PEER_NOT_ALLOWED");
+}
