@@ -13,7 +13,7 @@ use clerk_grpc_auth::{
     },
     jwks::{KeySource, Secret},
     machine::MachineConfig,
-    server::{self, IdentityConfig, Server, ServerConfig, WebhookConfig},
+    server::{self, IdentityConfig, Server, ServerConfig, TlsConfig, WebhookConfig},
     telemetry::{self, LogFormat},
 };
 use tokio::net::TcpListener;
@@ -55,9 +55,13 @@ enum Command {
         /// Emulator address.
         #[arg(long, default_value = "127.0.0.1:8787")]
         emulator_listen: String,
-        /// AuthService HTTP port (Clerk webhooks from the emulator).
+        /// AuthService HTTP port (Clerk webhooks from the emulator, /metrics).
         #[arg(long, default_value = "127.0.0.1:8081")]
         http_listen: String,
+        /// Serve gRPC with mTLS: writes a throw-away CA, server and client certificates (the
+        /// client's SPIFFE ID is on the identity-query allowlist) and prints how to use them.
+        #[arg(long)]
+        tls: bool,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -150,8 +154,9 @@ fn main() -> ExitCode {
                 listen,
                 emulator_listen,
                 http_listen,
+                tls,
                 log_format,
-            } => dev(listen, emulator_listen, http_listen, log_format).await,
+            } => dev(listen, emulator_listen, http_listen, tls, log_format).await,
         }
     })
 }
@@ -337,10 +342,45 @@ async fn print_field(url: &str, body: &impl serde::Serialize, field: &str) -> Ex
     }
 }
 
+/// The SPIFFE ID of `dev --tls`'s client certificate.
+const DEV_SPIFFE_ID: &str = "spiffe://dev.local/ns/default/sa/dev-client";
+
+/// A throw-away PKI for `dev --tls`, written to `dir`.
+fn dev_pki(dir: &std::path::Path) -> Result<TlsConfig, Box<dyn std::error::Error>> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |sans: Vec<SanType>| -> Result<(String, String), Box<dyn std::error::Error>> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.subject_alt_names = sans;
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let server = leaf(vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    ])?;
+    let client = leaf(vec![SanType::URI(DEV_SPIFFE_ID.try_into()?)])?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    std::fs::write(dir.join("client.pem"), &client.0)?;
+    std::fs::write(dir.join("client-key.pem"), &client.1)?;
+    Ok(TlsConfig {
+        cert_pem: server.0.into_bytes(),
+        key_pem: server.1.into_bytes(),
+        client_ca_pem: Some(ca_cert.pem().into_bytes()),
+        client_auth_optional: false,
+    })
+}
+
 async fn dev(
     listen: String,
     emulator_listen: String,
     http_listen: String,
+    tls: bool,
     log_format: LogFormat,
 ) -> ExitCode {
     telemetry::init(log_format);
@@ -401,8 +441,19 @@ async fn dev(
     config.identity = Some(IdentityConfig {
         backend: BackendApiConfig::new(api_url, Secret::new(emu.secret_key())),
         directory: DirectoryConfig::default(),
-        allowlist: vec![service_a.id.clone()],
+        allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
     });
+    let pki_dir =
+        std::env::temp_dir().join(format!("clerk-grpc-auth-dev-pki-{}", std::process::id()));
+    if tls {
+        match dev_pki(&pki_dir) {
+            Ok(t) => config.tls = Some(t),
+            Err(e) => {
+                eprintln!("error: --tls: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // Webhooks from the emulator to the HTTP port, signed with a fresh secret.
     let webhook_secret = format!(
         "whsec_{}",
@@ -519,7 +570,7 @@ CLERK_JWKS_URL={emu_url}/.well-known/jwks.json cargo run --release --example in_
 cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://{addr}
 grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.orders.v1.Orders/ListOrders
 
-Ctrl-C stops both.
+{tls_help}Ctrl-C stops both.
 "#,
         emu_url = emu.url(),
         a_id = service_a.id,
@@ -528,9 +579,27 @@ Ctrl-C stops both.
         http_addr = http_addr,
         other_user = other_user,
         session_id = session_id,
+        tls_help = if tls {
+            format!(
+                r#"mTLS is on (--tls): the gRPC port needs a client certificate. Instead of -plaintext, use
+  -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost
+Its SPIFFE ID ({DEV_SPIFFE_ID}) is on the identity-query allowlist, so it may read any user:
+
+grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
+grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certificate: refused
+
+"#,
+                d = pki_dir.display()
+            )
+        } else {
+            String::new()
+        },
     );
     let result = running.await;
     emu.shutdown().await;
+    if tls {
+        let _ = std::fs::remove_dir_all(&pki_dir);
+    }
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
