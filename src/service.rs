@@ -106,6 +106,7 @@ impl AuthServiceImpl {
                 ..VerifyRequest::default()
             })
             .await?;
+        let _ = CALLER.try_with(|c| *c.borrow_mut() = Some(identity.clone()));
         let trusted = identity.token_type == TokenType::M2mToken
             && identity
                 .machine
@@ -156,8 +157,14 @@ fn check_id(id: &str, prefix: &str, what: &'static str) -> Result<(), AuthError>
     }
 }
 
+tokio::task_local! {
+    /// The caller of the identity query being served, once its token is verified (for the
+    /// audit line).
+    static CALLER: std::cell::RefCell<Option<Arc<Identity>>>;
+}
+
 /// Runs an RPC body in a span with the method and outcome, records the decision (metrics,
-/// audit log, with `what` the target asked about), and maps errors once.
+/// audit log with the caller and `what` the target asked about), and maps errors once.
 async fn traced<T>(
     observer: &Observer,
     method: &'static str,
@@ -172,11 +179,16 @@ async fn traced<T>(
         reason = tracing::field::Empty
     );
     async move {
-        let result = body.await;
+        let (result, caller) = CALLER
+            .scope(std::cell::RefCell::new(None), async {
+                let result = body.await;
+                (result, CALLER.with(|c| c.borrow_mut().take()))
+            })
+            .await;
         observer.decision(
             method,
             what,
-            None,
+            caller.as_deref(),
             None,
             result.as_ref().map(|_| ()),
             started.elapsed(),
