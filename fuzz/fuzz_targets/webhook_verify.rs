@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use clerk_grpc_auth::{jwks::Secret, webhook::{events_for, SvixVerifier}};
+use clerk_grpc_auth::{
+    jwks::Secret,
+    webhook::{events_for, SvixVerifier},
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
         parts.next().unwrap_or_default(),
     );
     let mut h = http::HeaderMap::new();
-    for (k, val) in [("svix-id", id), ("svix-timestamp", ts), ("svix-signature", sig)] {
+    for (k, val) in [
+        ("svix-id", id),
+        ("svix-timestamp", ts),
+        ("svix-signature", sig),
+    ] {
         if let Ok(val) = http::HeaderValue::from_bytes(val) {
             h.insert(k, val);
         }
