@@ -215,7 +215,9 @@ impl BackendApi {
                         .map(Duration::from_secs);
                     match status {
                         200..=299 => {
-                            let bytes = read_bounded(resp).await.map_err(ApiError::Unavailable)?;
+                            let bytes = read_bounded(resp, MAX_BODY_BYTES)
+                                .await
+                                .map_err(ApiError::Unavailable)?;
                             return serde_json::from_slice(&bytes).map_err(|e| {
                                 ApiError::Unavailable(format!("unreadable answer: {e}"))
                             });
@@ -266,17 +268,18 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base * jitter) as u64)
 }
 
-async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    if resp
-        .content_length()
-        .is_some_and(|l| l as usize > MAX_BODY_BYTES)
-    {
-        return Err(format!("answer over {MAX_BODY_BYTES} bytes"));
+/// Reads a Backend API answer of at most `max` bytes (shared with machine-token verification).
+pub(crate) async fn read_bounded(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|l| l as usize > max) {
+        return Err(format!("answer over {max} bytes"));
     }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(format!("answer over {MAX_BODY_BYTES} bytes"));
+        if body.len() + chunk.len() > max {
+            return Err(format!("answer over {max} bytes"));
         }
         body.extend_from_slice(&chunk);
     }

@@ -365,7 +365,9 @@ impl MachineVerifier {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = read_bounded(resp).await.map_err(|e| unavailable(&e))?;
+        let body = crate::bapi::read_bounded(resp, MAX_BODY_BYTES)
+            .await
+            .map_err(|e| unavailable(&e))?;
         match status {
             200..=299 => {
                 let obj: MachineObject = serde_json::from_slice(&body)
@@ -444,21 +446,4 @@ fn to_identity(o: MachineObject, token_type: TokenType) -> Result<Identity, Auth
         expires_at,
         None,
     ))
-}
-
-async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    if resp
-        .content_length()
-        .is_some_and(|l| l as usize > MAX_BODY_BYTES)
-    {
-        return Err(format!("answer over {MAX_BODY_BYTES} bytes"));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(format!("answer over {MAX_BODY_BYTES} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
