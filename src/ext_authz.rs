@@ -200,6 +200,13 @@ impl RoutePolicy {
         let mut policy = Self::default();
         if let Some(d) = file.default {
             d.validate().map_err(|e| err(format!("[default]: {e}")))?;
+            if !d.peers.is_empty() {
+                // The TLS peer of Check is Envoy, not the client: such a rule could not be
+                // enforced, so it is refused rather than silently ignored.
+                return Err(err(
+                    "[default]: peers cannot be checked by Check (the TLS peer is Envoy)".into(),
+                ));
+            }
             policy.default = d;
         }
         if let Some(id) = file.machine_id {

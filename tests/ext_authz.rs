@@ -407,6 +407,7 @@ fn route_policy_files_are_validated() {
             "[[routes]]\naccess = \"public\"\nrequire = [{ role = \"admin\" }]\n",
             "public",
         ),
+        ("[default]\npeers = [\"spiffe://x/y\"]\n", "peers"),
     ] {
         let e = RoutePolicy::from_toml(text, "r.toml")
             .unwrap_err()

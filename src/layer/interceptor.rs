@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{service::Interceptor, Request, Status};
 
 use super::{authorize, request_for, TokenSources, Verified};
-use crate::{policy::Rule, TokenVerifier};
+use crate::{error::AuthError, policy::Rule, TokenVerifier};
 
 /// Authenticates every call of one service in-process, synchronously:
 /// `OrdersServer::with_interceptor(svc, AuthInterceptor::new(verifier, rule))`.
@@ -64,6 +64,16 @@ impl Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if self.rule.is_public() {
             return Ok(req);
+        }
+        // mTLS: a rule naming peers refuses any other caller before looking at tokens.
+        if !self.rule.peers.is_empty()
+            && !crate::peer::PeerIdentity::from_request(&req).any_in(&self.rule.peers)
+        {
+            return Err(AuthError::Denied(crate::error::Denial {
+                unmet: crate::authz::Unmet::PeerNotAllowed,
+                required: Vec::new(),
+            })
+            .into());
         }
         let verified = {
             let (token, header) = self.sources.extract_with_header(req.metadata().as_ref())?;
