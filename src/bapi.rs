@@ -91,6 +91,9 @@ pub struct BackendApiStats {
     pub requests: u64,
     /// 429 answers.
     pub rate_limited: u64,
+    /// Calls answered RESOURCE_EXHAUSTED without a request, because an earlier 429's
+    /// Retry-After had not passed.
+    pub suspended: u64,
     /// Errors returned to callers.
     pub errors: u64,
 }
@@ -101,7 +104,27 @@ struct Inner {
     warned_key: AtomicBool,
     requests: AtomicU64,
     rate_limited: AtomicU64,
+    suspended: AtomicU64,
     errors: AtomicU64,
+    /// After a 429, no request leaves before this instant (Clerk's limit is per instance, so
+    /// one caller's 429 speaks for all).
+    suspended_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Inner {
+    /// How long the current 429 suspension still lasts.
+    fn suspension(&self) -> Option<Duration> {
+        let until = (*self.suspended_until.lock().expect("suspension lock"))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    fn suspend(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut s = self.suspended_until.lock().expect("suspension lock");
+        if s.is_none_or(|old| old < until) {
+            *s = Some(until);
+        }
+    }
 }
 
 /// The Backend API client. Cheap to clone.
@@ -137,7 +160,9 @@ impl BackendApi {
                 warned_key: AtomicBool::new(false),
                 requests: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
+                suspended: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
+                suspended_until: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -147,6 +172,7 @@ impl BackendApi {
         BackendApiStats {
             requests: self.inner.requests.load(Ordering::Relaxed),
             rate_limited: self.inner.rate_limited.load(Ordering::Relaxed),
+            suspended: self.inner.suspended.load(Ordering::Relaxed),
             errors: self.inner.errors.load(Ordering::Relaxed),
         }
     }
@@ -193,6 +219,15 @@ impl BackendApi {
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
+            // A 429 is not answered with more requests: wait out its Retry-After when the
+            // budget allows, otherwise refuse without asking Clerk.
+            if let Some(wait) = inner.suspension() {
+                if started.elapsed() + wait > cfg.retry_budget {
+                    inner.suspended.fetch_add(1, Ordering::Relaxed);
+                    return Err(ApiError::RateLimited(wait));
+                }
+                tokio::time::sleep(wait).await;
+            }
             inner.requests.fetch_add(1, Ordering::Relaxed);
             let mut req = inner
                 .http
@@ -236,6 +271,7 @@ impl BackendApi {
                         429 => {
                             inner.rate_limited.fetch_add(1, Ordering::Relaxed);
                             let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                            inner.suspend(wait);
                             Err((ApiError::RateLimited(wait), Some(wait)))
                         }
                         500..=599 => Err((ApiError::Unavailable(format!("HTTP {status}")), None)),

@@ -31,7 +31,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use aws_lc_rs::{
@@ -118,11 +118,49 @@ pub struct EmulatorConfig {
     pub secret_key: String,
 }
 
+/// A fault the JWKS endpoints inject (see [`Emulator::set_jwks_fault`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwksFault {
+    /// Answer this HTTP status with a Clerk error body.
+    pub status: Option<u16>,
+    /// Wait this many milliseconds before answering (a slow Clerk).
+    pub delay_ms: Option<u64>,
+    /// Hold every request until the fault changes (a Clerk that never answers: the
+    /// client's timeout decides).
+    pub hang: bool,
+    /// Answer `200 application/json` with this body instead of the keys (garbage, keys of
+    /// the wrong type or size, a hostile document).
+    pub body: Option<String>,
+}
+
+impl JwksFault {
+    /// The injected answer; `None` when only a delay or hang was injected (the keys follow).
+    fn answer(&self) -> Option<Response> {
+        if let Some(status) = self.status {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Some(clerk_error(
+                status,
+                "internal_clerk_error",
+                "Something went wrong",
+                "Injected failure",
+            ));
+        }
+        self.body.as_ref().map(|body| {
+            (
+                [(http::header::CONTENT_TYPE, "application/json")],
+                body.clone(),
+            )
+                .into_response()
+        })
+    }
+}
+
 struct Shared {
     secret_key: String,
     issuer: String,
     keys: Mutex<Vec<Arc<SigningKey>>>,
-    jwks_failure: Mutex<Option<u16>>,
+    jwks_fault: watch::Sender<Option<JwksFault>>,
     jwks_requests: watch::Sender<u64>,
     machines: Mutex<machines::MachineState>,
     bapi_failure: Mutex<Option<machines::BapiFault>>,
@@ -402,7 +440,7 @@ impl Emulator {
             secret_key: config.secret_key,
             issuer: format!("http://{addr}"),
             keys: Mutex::new(vec![Arc::new(key)]),
-            jwks_failure: Mutex::new(None),
+            jwks_fault: watch::Sender::new(None),
             jwks_requests: watch::Sender::new(0),
             machines: Mutex::new(machines::MachineState::default()),
             bapi_failure: Mutex::new(None),
@@ -497,7 +535,16 @@ impl Emulator {
 
     /// Makes both JWKS endpoints answer `status` (e.g. 503), or heal with `None`.
     pub fn set_jwks_failure(&self, status: Option<u16>) {
-        *self.shared.jwks_failure.lock().expect("lock") = status;
+        self.set_jwks_fault(status.map(|s| JwksFault {
+            status: Some(s),
+            ..JwksFault::default()
+        }));
+    }
+
+    /// Injects a JWKS fault on both endpoints (status, delay, a hang, a substitute body), or
+    /// heals with `None`. Requests held by a hang are released when the fault changes.
+    pub fn set_jwks_fault(&self, fault: Option<JwksFault>) {
+        self.shared.jwks_fault.send_replace(fault);
     }
 
     /// JWKS requests served so far (both endpoints, failed ones included).
@@ -575,6 +622,12 @@ impl Emulator {
     /// ones included).
     pub fn bapi_requests(&self) -> u64 {
         *self.shared.bapi_requests.borrow()
+    }
+
+    /// Waits until at least `n` Backend API requests have arrived.
+    pub async fn wait_bapi_requests(&self, n: u64) {
+        let mut rx = self.shared.bapi_requests.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
     }
 
     /// Creates a user; returns its id.
@@ -741,15 +794,20 @@ impl Shared {
         self.jwks_requests.send_modify(|c| *c += 1);
     }
 
-    fn failure(&self) -> Option<Response> {
-        let status = (*self.jwks_failure.lock().expect("lock"))?;
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        Some(clerk_error(
-            status,
-            "internal_clerk_error",
-            "Something went wrong",
-            "Injected failure",
-        ))
+    /// Applies the injected JWKS fault, if any: waits (delay, hang), then answers with the
+    /// injected status or body. `None`: serve the keys.
+    async fn failure(&self) -> Option<Response> {
+        let mut rx = self.jwks_fault.subscribe();
+        let fault = rx.borrow_and_update().clone()?;
+        if let Some(ms) = fault.delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if fault.hang {
+            // Held until the fault is changed or cleared; then answered as it now stands.
+            let _ = rx.changed().await;
+            return rx.borrow().as_ref().and_then(JwksFault::answer);
+        }
+        fault.answer()
     }
 }
 
@@ -788,7 +846,7 @@ async fn bapi_jwks(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response
         }
         Some(_) => {}
     }
-    if let Some(r) = s.failure() {
+    if let Some(r) = s.failure().await {
         return r;
     }
     Json(s.jwks()).into_response()
@@ -796,7 +854,7 @@ async fn bapi_jwks(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response
 
 async fn public_jwks(State(s): State<Arc<Shared>>) -> Response {
     s.count_jwks();
-    if let Some(r) = s.failure() {
+    if let Some(r) = s.failure().await {
         return r;
     }
     Json(s.jwks()).into_response()
@@ -816,11 +874,17 @@ async fn rotate_key(State(s): State<Arc<Shared>>) -> Response {
 
 #[derive(Deserialize)]
 struct Faults {
+    /// Shorthand for `{"jwks": {"status": …}}`.
     jwks_status: Option<u16>,
+    jwks: Option<JwksFault>,
 }
 
 async fn set_faults(State(s): State<Arc<Shared>>, Json(f): Json<Faults>) -> Response {
-    *s.jwks_failure.lock().expect("lock") = f.jwks_status;
+    let fault = f.jwks.or(f.jwks_status.map(|status| JwksFault {
+        status: Some(status),
+        ..JwksFault::default()
+    }));
+    s.jwks_fault.send_replace(fault);
     StatusCode::NO_CONTENT.into_response()
 }
 

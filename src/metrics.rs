@@ -166,6 +166,12 @@ impl Collector for Stats {
                 "429 answers from the Backend API to identity queries",
                 b.rate_limited,
             )?;
+            counter(
+                &mut e,
+                "clerk_auth_backend_api_suspended",
+                "Identity queries refused without a request while a 429's Retry-After ran",
+                b.suspended,
+            )?;
             let c = d.stats();
             counter(
                 &mut e,
@@ -180,8 +186,46 @@ impl Collector for Stats {
                 c.misses,
             )?;
         }
-        Ok(())
+        process_gauges(&mut e)
     }
+}
+
+/// Process and runtime gauges for leak checks (soak tests, dashboards): resident memory, open
+/// file descriptors, live tokio tasks. Linux `/proc` values are skipped where unavailable.
+fn process_gauges(e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            e,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            rss as f64,
+        )?;
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge(
+            e,
+            "process_open_fds",
+            "Open file descriptors",
+            fds.count() as f64,
+        )?;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        gauge(
+            e,
+            "clerk_auth_runtime_alive_tasks",
+            "Tokio tasks alive in the server's runtime",
+            rt.metrics().num_alive_tasks() as f64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Resident set size: `VmRSS` of `/proc/self/status` (kB).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 impl Metrics {

@@ -529,8 +529,31 @@ async fn rate_limits_and_outages_of_the_backend_api() {
         1,
         "no retry before Retry-After"
     );
+    // Until Retry-After has passed this replica does not ask Clerk, even once it has healed.
+    clerk.set_bapi_failure(None);
+    let status = get_user(&r, &token, &user).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let left = status
+        .get_details_retry_info()
+        .unwrap()
+        .retry_delay
+        .unwrap();
+    assert!(left <= Duration::from_secs(30) && left > Duration::from_secs(20));
+    assert_eq!(clerk.bapi_requests() - before, 1, "asked while suspended");
+    drop(r);
+    let r = replica(
+        &clerk,
+        &Setup {
+            directory: DirectoryConfig {
+                user_ttl: Duration::from_millis(200),
+                ..DirectoryConfig::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
 
-    // 429 with Retry-After: 1, healed 300 ms later: the one retry (after Retry-After) succeeds.
+    // Another replica; 429 with Retry-After: 1, healed 300 ms later: the one retry (after Retry-After) succeeds.
     clerk.set_bapi_failure(Some((429, Some(1))));
     let before = clerk.bapi_requests();
     let healer = async {
