@@ -20,19 +20,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(fds)?;
 
-    // The examples' (and tests') Orders service: generated here, included only by them.
-    let orders = ["proto/examples/orders/v1/orders.proto"];
-    for p in &orders {
-        println!("cargo:rerun-if-changed={p}");
+    // The examples' (and tests') Orders service and the load generator's bare Echo service:
+    // generated here, included only by them.
+    for (proto, descriptor) in [
+        (
+            "proto/examples/orders/v1/orders.proto",
+            "orders_descriptor.bin",
+        ),
+        ("proto/examples/echo/v1/echo.proto", "echo_descriptor.bin"),
+    ] {
+        println!("cargo:rerun-if-changed={proto}");
+        let fds = protox::Compiler::new(["proto"])?
+            .include_imports(true)
+            .open_files([proto])?
+            .file_descriptor_set();
+        fs::write(out.join(descriptor), fds.encode_to_vec())?;
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .compile_fds(fds)?;
     }
-    let fds = protox::Compiler::new(["proto"])?
-        .include_imports(true)
-        .open_files(orders)?
-        .file_descriptor_set();
-    fs::write(out.join("orders_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
     Ok(())
 }

@@ -62,6 +62,10 @@ enum Command {
         /// client's SPIFFE ID is on the identity-query allowlist) and prints how to use them.
         #[arg(long)]
         tls: bool,
+        /// Verdict cache capacity (default 100000; 0 turns it off, e.g. to measure every
+        /// call's signature check).
+        #[arg(long, env = "CLERK_AUTH_VERDICT_CACHE_CAPACITY")]
+        verdict_cache_capacity: Option<u64>,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -155,8 +159,21 @@ fn main() -> ExitCode {
                 emulator_listen,
                 http_listen,
                 tls,
+                verdict_cache_capacity,
                 log_format,
-            } => dev(listen, emulator_listen, http_listen, tls, log_format).await,
+            } => {
+                dev(
+                    DevArgs {
+                        listen,
+                        emulator_listen,
+                        http_listen,
+                        tls,
+                        verdict_cache_capacity,
+                    },
+                    log_format,
+                )
+                .await
+            }
         }
     })
 }
@@ -376,14 +393,24 @@ fn dev_pki(dir: &std::path::Path) -> Result<TlsConfig, Box<dyn std::error::Error
     })
 }
 
-async fn dev(
+/// `dev`'s settings.
+struct DevArgs {
     listen: String,
     emulator_listen: String,
     http_listen: String,
     tls: bool,
-    log_format: LogFormat,
-) -> ExitCode {
+    verdict_cache_capacity: Option<u64>,
+}
+
+async fn dev(args: DevArgs, log_format: LogFormat) -> ExitCode {
     telemetry::init(log_format);
+    let DevArgs {
+        listen,
+        emulator_listen,
+        http_listen,
+        tls,
+        verdict_cache_capacity,
+    } = args;
     let (emu_listener, listener, http_listener) = match (
         TcpListener::bind(&emulator_listen).await,
         TcpListener::bind(&listen).await,
@@ -421,6 +448,9 @@ async fn dev(
         url: jwks_url,
         bearer: Some(Secret::new(emu.secret_key())),
     });
+    if let Some(n) = verdict_cache_capacity {
+        config.verifier.cache_capacity = n;
+    }
     let api_url: url::Url = match emu.url().parse() {
         Ok(u) => u,
         Err(e) => {

@@ -1,0 +1,703 @@
+//! Load generator: drives `VerifyToken`, Envoy's `Check`, the Orders example through the auth
+//! layer, or a bare tonic echo server (the framework's ceiling), closed-loop at a concurrency
+//! or open-loop at a target rate, with repeated, fresh or random-kid tokens. Reports
+//! throughput, latency percentiles (HdrHistogram, µs), outcomes by gRPC code, the server's
+//! memory, file descriptors and tasks, and the JWKS requests Clerk saw. `--soak` turns the
+//! run into a pass/fail check: no errors, flat memory, no leaked tasks or descriptors.
+//!
+//! ```sh
+//! cargo run --release -- dev                                   # AuthService + emulator
+//! cargo run --release --example loadgen -- run --target verify --concurrency 64 --duration 10
+//! cargo run --release --example loadgen -- run --target verify --rate 5000 --duration 10
+//! cargo run --release --example loadgen -- run --target verify --tokens fresh --pool 40000
+//! cargo run --release --example loadgen -- run --target verify --tokens random-kid --pool 10000
+//! cargo run --release --example loadgen -- run --target check
+//! cargo run --release --example loadgen -- serve-echo &        # the ceiling, another process
+//! cargo run --release --example loadgen -- run --target echo --addr http://127.0.0.1:50070 --pid $!
+//! cargo run --release --example loadgen -- run --soak --duration 600 --rate 2000
+//! ```
+//!
+//! The server's memory, descriptors and tasks come from `--metrics` (its Prometheus endpoint,
+//! default `http://127.0.0.1:8081/metrics`) or, for any local process, `--pid`.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use clerk_grpc_auth::pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest};
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Request as AttrRequest},
+    authorization_client::AuthorizationClient,
+    AttributeContext, CheckRequest,
+};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use tonic::{transport::Channel, Code, Request, Response, Status};
+
+#[path = "common/orders.rs"]
+mod orders;
+
+/// Generated code for `examples.echo.v1`.
+mod echo {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("examples.echo.v1");
+}
+
+#[derive(Parser)]
+#[command(about = "Load generator for clerk-grpc-auth")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive a target and report.
+    Run(RunArgs),
+    /// Serve the bare echo service (no auth): the framework's ceiling.
+    ServeEcho {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50070")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Target {
+    /// `clerk.auth.v1.AuthService/VerifyToken`.
+    Verify,
+    /// `envoy.service.auth.v3.Authorization/Check`, shaped as Envoy sends it.
+    Check,
+    /// `examples.orders.v1.Orders/ListOrders` behind the auth layer (the `in_process` or
+    /// `delegated` example).
+    Orders,
+    /// The bare echo service (`serve-echo`).
+    Echo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Tokens {
+    /// `--pool` distinct tokens, used round-robin (verdict-cache hits after the first use).
+    Repeated,
+    /// Every call a token never used before; the run ends when `--pool` is used up.
+    Fresh,
+    /// Valid signatures under random kids no JWKS holds (an unknown-kid flood).
+    RandomKid,
+}
+
+#[derive(Clone, Parser)]
+struct RunArgs {
+    /// What to drive.
+    #[arg(long, value_enum, default_value_t = Target::Verify)]
+    target: Target,
+    /// The target's gRPC address (default: 50051 for verify/check, 50061 for orders, 50070
+    /// for echo).
+    #[arg(long)]
+    addr: Option<String>,
+    /// The emulator that mints the tokens.
+    #[arg(long, default_value = "http://127.0.0.1:8787")]
+    emulator: String,
+    /// Closed loop: calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open loop: calls per second, started on schedule whatever the answers' latency
+    /// (latency counted from the scheduled start, so queueing shows).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured seconds first.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Which tokens.
+    #[arg(long, value_enum, default_value_t = Tokens::Repeated)]
+    tokens: Tokens,
+    /// How many tokens to mint.
+    #[arg(long, default_value_t = 1000)]
+    pool: usize,
+    /// HTTP/2 connections to spread the calls over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// The server's Prometheus endpoint (memory, descriptors, tasks); `none` to skip.
+    #[arg(long, default_value = "http://127.0.0.1:8081/metrics")]
+    metrics: String,
+    /// Read memory and descriptors of this local process instead (e.g. the echo server).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Seconds between server samples.
+    #[arg(long, default_value_t = 10.0)]
+    sample_every: f64,
+    /// Pass/fail soak: zero errors, memory within 10 % of its post-warm-up level, no growth
+    /// in tasks or descriptors. Exit status 1 on failure.
+    #[arg(long)]
+    soak: bool,
+    /// Also print the report as one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::ServeEcho { listen } => serve_echo(listen).await,
+        Command::Run(args) => run(args).await,
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// === echo server ===
+
+#[derive(Default)]
+struct EchoService;
+
+#[tonic::async_trait]
+impl echo::echo_server::Echo for EchoService {
+    async fn echo(
+        &self,
+        request: Request<echo::EchoRequest>,
+    ) -> Result<Response<echo::EchoResponse>, Status> {
+        Ok(Response::new(echo::EchoResponse {
+            token: request.into_inner().token,
+        }))
+    }
+}
+
+async fn serve_echo(listen: SocketAddr) -> Result<bool, BoxError> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!(
+        "echo server on {} (pid {})",
+        listener.local_addr()?,
+        std::process::id()
+    );
+    // The same socket options as AuthService's own listener.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(echo::echo_server::EchoServer::new(EchoService))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(true)
+}
+
+// === tokens ===
+
+async fn mint_pool(args: &RunArgs) -> Result<Vec<String>, BoxError> {
+    let http = reqwest::Client::new();
+    let url = format!("{}/emulator/tokens", args.emulator.trim_end_matches('/'));
+    let started = Instant::now();
+    let tokens: Vec<Result<String, BoxError>> = futures::stream::iter(0..args.pool)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let spec = serde_json::json!({
+                    "user_id": format!("user_load{i:08}"),
+                    "session_id": format!("sess_load{i:08}"),
+                    "expires_in": 7200,
+                });
+                let answer: serde_json::Value = http
+                    .post(&url)
+                    .json(&spec)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                answer["jwt"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| "the emulator answered no jwt".into())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut tokens = tokens.into_iter().collect::<Result<Vec<_>, _>>()?;
+    if args.tokens == Tokens::RandomKid {
+        // Same claims and signature, a kid no JWKS holds: the server must ask Clerk at most
+        // once per cooldown, however many arrive.
+        for t in &mut tokens {
+            let mut parts = t.splitn(2, '.');
+            let (_, rest) = (parts.next(), parts.next().unwrap_or_default().to_owned());
+            let kid: String = (0..16)
+                .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+                .collect();
+            let header =
+                serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": format!("ins_{kid}")});
+            *t = format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header.to_string()));
+        }
+    }
+    eprintln!(
+        "minted {} tokens in {:.1} s",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(tokens)
+}
+
+async fn jwks_requests(args: &RunArgs) -> Option<u64> {
+    let url = format!("{}/emulator/stats", args.emulator.trim_end_matches('/'));
+    let v: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+    v["jwks_requests"].as_u64()
+}
+
+// === the calls ===
+
+#[derive(Clone)]
+enum Client {
+    Verify(AuthServiceClient<Channel>),
+    Check(AuthorizationClient<Channel>),
+    Orders(orders::pb::orders_client::OrdersClient<Channel>),
+    Echo(echo::echo_client::EchoClient<Channel>),
+}
+
+/// The outcome's label: `OK`, a gRPC code, or `DENIED_<http status>` for a `Check` denial.
+type Outcome = String;
+
+impl Client {
+    async fn call(&mut self, token: &str) -> Outcome {
+        let result: Result<Option<Outcome>, Status> = match self {
+            Client::Verify(c) => c
+                .verify_token(VerifyTokenRequest {
+                    token: token.to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| None),
+            Client::Echo(c) => c
+                .echo(echo::EchoRequest {
+                    token: token.to_owned(),
+                })
+                .await
+                .map(|_| None),
+            Client::Orders(c) => {
+                let mut req = Request::new(orders::pb::ListOrdersRequest {});
+                match format!("Bearer {token}").parse() {
+                    Ok(v) => {
+                        req.metadata_mut().insert("authorization", v);
+                    }
+                    Err(_) => return "CLIENT_BAD_TOKEN".into(),
+                }
+                c.list_orders(req).await.map(|_| None)
+            }
+            Client::Check(c) => c.check(check_request(token)).await.map(|r| {
+                let r = r.into_inner();
+                match r.status.map(|s| s.code).unwrap_or_default() {
+                    0 => None,
+                    code => Some(format!("DENIED_{:?}", Code::from(code))),
+                }
+            }),
+        };
+        match result {
+            Ok(None) => "OK".into(),
+            Ok(Some(denied)) => denied,
+            Err(s) => format!("{:?}", s.code()),
+        }
+    }
+}
+
+fn check_request(token: &str) -> CheckRequest {
+    let headers = [
+        (":method", "GET"),
+        (":path", "/orders"),
+        (":authority", "api.example.com"),
+        ("authorization", &format!("Bearer {token}")),
+        ("x-clerk-user-id", "user_spoofed"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    id: "load".into(),
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    host: "api.example.com".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/2".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn connect(args: &RunArgs) -> Result<Vec<Client>, BoxError> {
+    let addr = args.addr.clone().unwrap_or_else(|| {
+        match args.target {
+            Target::Verify | Target::Check => "http://127.0.0.1:50051",
+            Target::Orders => "http://127.0.0.1:50061",
+            Target::Echo => "http://127.0.0.1:50070",
+        }
+        .to_owned()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        // One `connect()` is one HTTP/2 connection.
+        let ch = Channel::from_shared(addr.clone())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        clients.push(match args.target {
+            Target::Verify => Client::Verify(AuthServiceClient::new(ch)),
+            Target::Check => Client::Check(AuthorizationClient::new(ch)),
+            Target::Orders => Client::Orders(orders::pb::orders_client::OrdersClient::new(ch)),
+            Target::Echo => Client::Echo(echo::echo_client::EchoClient::new(ch)),
+        });
+    }
+    Ok(clients)
+}
+
+// === server samples ===
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    at: f64,
+    rss: Option<f64>,
+    fds: Option<f64>,
+    tasks: Option<f64>,
+}
+
+async fn sample(args: &RunArgs, http: &reqwest::Client, at: f64) -> Sample {
+    if let Some(pid) = args.pid {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|kb| kb * 1024.0);
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count() as f64);
+        return Sample {
+            at,
+            rss,
+            fds,
+            tasks: None,
+        };
+    }
+    if args.metrics == "none" {
+        return Sample {
+            at,
+            ..Sample::default()
+        };
+    }
+    let text = match http.get(&args.metrics).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let metric = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    Sample {
+        at,
+        rss: metric("process_resident_memory_bytes"),
+        fds: metric("process_open_fds"),
+        tasks: metric("clerk_auth_runtime_alive_tasks"),
+    }
+}
+
+// === the run ===
+
+#[derive(Default)]
+struct Recorder {
+    latency: Option<Histogram<u64>>,
+    outcomes: BTreeMap<Outcome, u64>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).ok(),
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, started: Instant, outcome: Outcome) {
+        let us = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+        if let Some(h) = &mut self.latency {
+            let _ = h.record(us);
+        }
+        *self.outcomes.entry(outcome).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Recorder) {
+        if let (Some(a), Some(b)) = (&mut self.latency, &other.latency) {
+            let _ = a.add(b);
+        }
+        for (k, v) in other.outcomes {
+            *self.outcomes.entry(k).or_default() += v;
+        }
+    }
+}
+
+struct Shared {
+    tokens: Vec<String>,
+    fresh: bool,
+    next: AtomicUsize,
+    stop: AtomicBool,
+    measuring: AtomicBool,
+    exhausted: AtomicBool,
+}
+
+impl Shared {
+    /// The next token, or `None` once a fresh pool is used up.
+    fn token(&self) -> Option<&str> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.fresh && i >= self.tokens.len() {
+            self.exhausted.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(&self.tokens[i % self.tokens.len()])
+    }
+}
+
+async fn closed_loop(shared: Arc<Shared>, clients: Vec<Client>, concurrency: usize) -> Recorder {
+    let mut workers = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let shared = shared.clone();
+        let mut client = clients[w % clients.len()].clone();
+        workers.push(tokio::spawn(async move {
+            let mut rec = Recorder::new();
+            while !shared.stop.load(Ordering::Relaxed) {
+                let Some(token) = shared.token() else { break };
+                let started = Instant::now();
+                let outcome = client.call(token).await;
+                if shared.measuring.load(Ordering::Relaxed) {
+                    rec.record(started, outcome);
+                }
+            }
+            rec
+        }));
+    }
+    let mut total = Recorder::new();
+    for w in workers {
+        if let Ok(rec) = w.await {
+            total.merge(rec);
+        }
+    }
+    total
+}
+
+async fn open_loop(shared: Arc<Shared>, clients: Vec<Client>, rate: u64) -> Recorder {
+    let total = Arc::new(Mutex::new(Recorder::new()));
+    let start = Instant::now();
+    let mut issued: u64 = 0;
+    let mut inflight = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    'run: while !shared.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while issued < due {
+            // Latency counts from when the call was due, not when it was sent.
+            let scheduled = start + Duration::from_secs_f64(issued as f64 / rate as f64);
+            issued += 1;
+            let Some(token) = shared.token() else {
+                break 'run;
+            };
+            let token = token.to_owned();
+            let mut client = clients[issued as usize % clients.len()].clone();
+            let (shared, total) = (shared.clone(), total.clone());
+            inflight.push(tokio::spawn(async move {
+                let outcome = client.call(&token).await;
+                if shared.measuring.load(Ordering::Relaxed) {
+                    total.lock().expect("recorder").record(scheduled, outcome);
+                }
+            }));
+        }
+        inflight.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+    }
+    for t in inflight {
+        let _ = t.await;
+    }
+    Arc::try_unwrap(total)
+        .ok()
+        .map(|m| m.into_inner().expect("recorder"))
+        .unwrap_or_default()
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map_or("-".into(), |b| format!("{:.1} MiB", b / 1048576.0))
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or("-".into(), |n| format!("{n:.0}"))
+}
+
+async fn run(args: RunArgs) -> Result<bool, BoxError> {
+    if args.pool == 0 {
+        return Err("--pool must be at least 1".into());
+    }
+    let tokens = mint_pool(&args).await?;
+    let clients = connect(&args).await?;
+    let http = reqwest::Client::new();
+    let baseline = sample(&args, &http, 0.0).await;
+    let jwks_before = jwks_requests(&args).await;
+    let shared = Arc::new(Shared {
+        tokens,
+        fresh: args.tokens == Tokens::Fresh,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(args.warmup <= 0.0),
+        exhausted: AtomicBool::new(false),
+    });
+    let load = {
+        let (shared, clients) = (shared.clone(), clients.clone());
+        match args.rate {
+            Some(rate) => tokio::spawn(open_loop(shared, clients, rate.max(1))),
+            None => tokio::spawn(closed_loop(shared, clients, args.concurrency)),
+        }
+    };
+    let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
+    let measured = Duration::from_secs_f64(args.duration.max(0.1));
+    tokio::time::sleep(warmup).await;
+    shared.measuring.store(true, Ordering::Relaxed);
+    let measure_started = Instant::now();
+    let mut samples = vec![sample(&args, &http, 0.0).await];
+    let every = Duration::from_secs_f64(args.sample_every.max(0.5));
+    while measure_started.elapsed() < measured && !load.is_finished() {
+        let left = measured.saturating_sub(measure_started.elapsed());
+        tokio::time::sleep(every.min(left)).await;
+        if measure_started.elapsed() < measured {
+            samples.push(sample(&args, &http, measure_started.elapsed().as_secs_f64()).await);
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let rec = load.await?;
+    let elapsed = measure_started.elapsed().as_secs_f64();
+    samples.push(sample(&args, &http, elapsed).await);
+    let jwks_after = jwks_requests(&args).await;
+    // Idle again, connections still open: tasks and descriptors should be back at baseline.
+    let after = sample(&args, &http, elapsed).await;
+    drop(clients);
+
+    let ok = rec.outcomes.get("OK").copied().unwrap_or(0);
+    let calls: u64 = rec.outcomes.values().sum();
+    let errors = calls - ok;
+    let q = |p: f64| rec.latency.as_ref().map_or(0, |h| h.value_at_quantile(p));
+    let target = format!("{:?}", args.target).to_lowercase();
+    let mode = match args.rate {
+        Some(r) => format!("open loop {r}/s"),
+        None => format!("closed loop, {} in flight", args.concurrency),
+    };
+    println!(
+        "{target}: {mode}, {:?} tokens (pool {}), {} connections, {elapsed:.1} s measured after {:.1} s warm-up{}",
+        args.tokens,
+        args.pool,
+        args.connections,
+        args.warmup,
+        if shared.exhausted.load(Ordering::Relaxed) {
+            " (fresh pool used up)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  calls {calls}  ok {ok}  throughput {:.0}/s (ok {:.0}/s)",
+        calls as f64 / elapsed,
+        ok as f64 / elapsed
+    );
+    println!(
+        "  latency µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        rec.latency.as_ref().map_or(0, |h| h.max())
+    );
+    println!("  outcomes: {:?}", rec.outcomes);
+    if let (Some(a), Some(b)) = (jwks_before, jwks_after) {
+        println!("  JWKS requests during the run: {}", b - a);
+    }
+    let first = samples.first().copied().unwrap_or_default();
+    let max_rss = samples
+        .iter()
+        .filter_map(|s| s.rss)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    println!(
+        "  server: rss {} after warm-up, {} max, {} at end; fds {} → {}; tasks {} → {} (idle before → idle after)",
+        mib(first.rss),
+        mib(max_rss),
+        mib(samples.last().and_then(|s| s.rss)),
+        num(baseline.fds),
+        num(after.fds),
+        num(baseline.tasks),
+        num(after.tasks),
+    );
+    if args.json {
+        let report = serde_json::json!({
+            "target": target, "mode": mode, "tokens": format!("{:?}", args.tokens),
+            "seconds": elapsed, "calls": calls, "ok": ok,
+            "throughput": calls as f64 / elapsed,
+            "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999),
+            "outcomes": rec.outcomes,
+            "jwks_requests": jwks_before.zip(jwks_after).map(|(a, b)| b - a),
+            "rss": samples.iter().map(|s| (s.at, s.rss)).collect::<Vec<_>>(),
+            "fds": [baseline.fds, after.fds], "tasks": [baseline.tasks, after.tasks],
+        });
+        println!("{report}");
+    }
+    if !args.soak {
+        return Ok(true);
+    }
+    let mut failures = Vec::new();
+    if errors > 0 || calls == 0 {
+        failures.push(format!("{errors} errors in {calls} calls"));
+    }
+    match (first.rss, max_rss) {
+        (Some(a), Some(m)) if m > a * 1.10 => failures.push(format!(
+            "memory grew {:.1} % after warm-up ({} → {})",
+            (m / a - 1.0) * 100.0,
+            mib(Some(a)),
+            mib(Some(m))
+        )),
+        (None, _) => failures.push("no memory samples (--metrics or --pid)".into()),
+        _ => {}
+    }
+    // A little slack: the sampler's own connection may or may not be open at a sample.
+    if let (Some(a), Some(b)) = (baseline.fds, after.fds) {
+        if b > a + 2.0 {
+            failures.push(format!("file descriptors {a} → {b}"));
+        }
+    }
+    if let (Some(a), Some(b)) = (baseline.tasks, after.tasks) {
+        if b > a + 2.0 {
+            failures.push(format!("tasks {a} → {b}"));
+        }
+    }
+    if failures.is_empty() {
+        println!("SOAK PASS");
+        Ok(true)
+    } else {
+        println!("SOAK FAIL: {}", failures.join("; "));
+        Ok(false)
+    }
+}
