@@ -87,6 +87,19 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
         cm["data"]["CLERK_AUTH_HTTP_LISTEN"].as_str(),
         Some("0.0.0.0:8081")
     );
+    // A full verdict cache (≈ 2.7 KB per entry; 3 KiB counted) plus a baseline must fit in the
+    // container's memory limit, or a burst of distinct tokens gets the pod OOM-killed.
+    let capacity: u64 = cm["data"]["CLERK_AUTH_VERDICT_CACHE_CAPACITY"]
+        .as_str()
+        .expect("the verdict cache is sized explicitly")
+        .parse()
+        .unwrap();
+    let limit = c["resources"]["limits"]["memory"].as_str().unwrap();
+    let limit_mib: u64 = limit.strip_suffix("Mi").expect("limit in Mi").parse().unwrap();
+    assert!(
+        capacity * 3 * 1024 + 96 * 1024 * 1024 <= limit_mib * 1024 * 1024,
+        "{capacity} cached verdicts do not fit in {limit}"
+    );
     let secret = one("deploy/kubernetes/secret.yaml");
     assert!(secret["stringData"]["CLERK_SECRET_KEY"]
         .as_str()
