@@ -39,7 +39,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(LogFormat::Text);
+    let _log = telemetry::init(LogFormat::Text);
     let verifier = match DelegatedVerifier::new(DelegatedConfig {
         endpoints: args.auth_service.clone(),
         deadline: std::time::Duration::from_millis(args.deadline_ms),

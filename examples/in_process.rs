@@ -37,7 +37,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let settings = ServeArgs::from_env();
-    telemetry::init(settings.log_format);
+    let _log = telemetry::init(settings.log_format);
     let (config, _) = match settings.to_config() {
         Ok(c) => c,
         Err(e) => {

@@ -58,8 +58,14 @@ pub use token_verifier::{
 /// SHA-256. Never log the token itself.
 pub fn token_fingerprint(token: &str) -> String {
     use sha2::{Digest, Sha256};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(token.as_bytes());
-    d[..6].iter().map(|b| format!("{b:02x}")).collect()
+    let mut s = String::with_capacity(12);
+    for b in &d[..6] {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    telemetry::init(args.log_format);
+    let _log = telemetry::init(args.log_format);
     let (config, addr) = match args.to_config() {
         Ok(c) => c,
         Err(e) => {
@@ -240,7 +240,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn emulator(listen: String, secret_key: Option<String>) -> ExitCode {
-    telemetry::init(LogFormat::Text);
+    let _log = telemetry::init(LogFormat::Text);
     let listener = match TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -403,7 +403,7 @@ struct DevArgs {
 }
 
 async fn dev(args: DevArgs, log_format: LogFormat) -> ExitCode {
-    telemetry::init(log_format);
+    let _log = telemetry::init(log_format);
     let DevArgs {
         listen,
         emulator_listen,

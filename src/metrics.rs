@@ -228,6 +228,11 @@ fn resident_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `Some(s)` unless `s` is empty.
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
 impl Metrics {
     /// Metrics over `verifier` (and `directory` when identity queries are on).
     pub fn new(verifier: TokenVerifier, directory: Option<Directory>) -> Self {
@@ -335,21 +340,22 @@ impl Observer {
             Ok(()) => ("allow", "OK"),
             Err(e) => (outcome_of(e), e.reason_str()),
         };
-        let org = identity.and_then(|i| i.organization.as_ref());
+        // Empty fields are left out (an `Option` records nothing when `None`).
         tracing::info!(
             target: AUDIT_TARGET,
             method,
-            what,
+            what = non_empty(what),
             verdict,
             reason,
-            user = identity.map_or("", |i| i.user_id.as_str()),
-            session = identity.and_then(|i| i.session_id.as_deref()).unwrap_or(""),
-            org = org.map_or("", |o| o.id.as_str()),
+            user = identity.and_then(|i| non_empty(&i.user_id)),
+            session = identity.and_then(|i| i.session_id.as_deref()),
+            org = identity
+                .and_then(|i| i.organization.as_ref())
+                .map(|o| o.id.as_str()),
             machine = identity
                 .and_then(|i| i.machine.as_ref())
-                .and_then(|m| m.machine_id.as_deref())
-                .unwrap_or(""),
-            token = token.map(crate::token_fingerprint).as_deref().unwrap_or(""),
+                .and_then(|m| m.machine_id.as_deref()),
+            token = token.map(crate::token_fingerprint).as_deref(),
             elapsed_us = elapsed.as_micros() as u64,
             "decision"
         );

@@ -95,7 +95,11 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
         .parse()
         .unwrap();
     let limit = c["resources"]["limits"]["memory"].as_str().unwrap();
-    let limit_mib: u64 = limit.strip_suffix("Mi").expect("limit in Mi").parse().unwrap();
+    let limit_mib: u64 = limit
+        .strip_suffix("Mi")
+        .expect("limit in Mi")
+        .parse()
+        .unwrap();
     assert!(
         capacity * 3 * 1024 + 96 * 1024 * 1024 <= limit_mib * 1024 * 1024,
         "{capacity} cached verdicts do not fit in {limit}"
