@@ -381,6 +381,20 @@ struct Sample {
     rss: Option<f64>,
     fds: Option<f64>,
     tasks: Option<f64>,
+    /// The server's CPU seconds (user + system).
+    cpu: Option<f64>,
+    /// This load generator's CPU seconds.
+    own_cpu: Option<f64>,
+}
+
+/// User + system CPU seconds of a process (`/proc/<pid>/stat`, 100 ticks per second).
+fn proc_cpu(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: f64 = f.next()?.parse().ok()?;
+    let stime: f64 = f.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 async fn sample(args: &RunArgs, http: &reqwest::Client, at: f64) -> Sample {
@@ -399,11 +413,14 @@ async fn sample(args: &RunArgs, http: &reqwest::Client, at: f64) -> Sample {
             rss,
             fds,
             tasks: None,
+            cpu: proc_cpu(&pid.to_string()),
+            own_cpu: proc_cpu("self"),
         };
     }
     if args.metrics == "none" {
         return Sample {
             at,
+            own_cpu: proc_cpu("self"),
             ..Sample::default()
         };
     }
@@ -421,6 +438,8 @@ async fn sample(args: &RunArgs, http: &reqwest::Client, at: f64) -> Sample {
         rss: metric("process_resident_memory_bytes"),
         fds: metric("process_open_fds"),
         tasks: metric("clerk_auth_runtime_alive_tasks"),
+        cpu: metric("process_cpu_seconds_total"),
+        own_cpu: proc_cpu("self"),
     }
 }
 
@@ -508,33 +527,45 @@ async fn closed_loop(shared: Arc<Shared>, clients: Vec<Client>, concurrency: usi
 
 async fn open_loop(shared: Arc<Shared>, clients: Vec<Client>, rate: u64) -> Recorder {
     let total = Arc::new(Mutex::new(Recorder::new()));
-    let start = Instant::now();
-    let mut issued: u64 = 0;
-    let mut inflight = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    'run: while !shared.stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-        while issued < due {
-            // Latency counts from when the call was due, not when it was sent.
-            let scheduled = start + Duration::from_secs_f64(issued as f64 / rate as f64);
-            issued += 1;
-            let Some(token) = shared.token() else {
-                break 'run;
-            };
-            let token = token.to_owned();
-            let mut client = clients[issued as usize % clients.len()].clone();
-            let (shared, total) = (shared.clone(), total.clone());
-            inflight.push(tokio::spawn(async move {
-                let outcome = client.call(&token).await;
-                if shared.measuring.load(Ordering::Relaxed) {
-                    total.lock().expect("recorder").record(scheduled, outcome);
+    let runtime = tokio::runtime::Handle::current();
+    // The schedule is kept by an OS thread sleeping to each call's due time (tokio's timer
+    // ticks in milliseconds, which would batch calls and add up to a millisecond of our own
+    // lateness to every latency).
+    let scheduler = {
+        let (shared, total) = (shared.clone(), total.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut inflight = Vec::new();
+            for issued in 0u64.. {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
                 }
-            }));
-        }
-        inflight.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
-    }
+                // Latency counts from when the call was due, not when it was sent.
+                let due = start + Duration::from_secs_f64(issued as f64 / rate as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let Some(token) = shared.token() else { break };
+                let token = token.to_owned();
+                let mut client = clients[issued as usize % clients.len()].clone();
+                let (shared, total) = (shared.clone(), total.clone());
+                inflight.push(runtime.spawn(async move {
+                    let outcome = client.call(&token).await;
+                    if shared.measuring.load(Ordering::Relaxed) {
+                        total.lock().expect("recorder").record(due, outcome);
+                    }
+                }));
+                if issued % 1024 == 0 {
+                    inflight.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+                }
+            }
+            inflight
+        })
+    };
+    let inflight = tokio::task::spawn_blocking(move || scheduler.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
     for t in inflight {
         let _ = t.await;
     }
@@ -583,11 +614,14 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let measure_started = Instant::now();
     let mut samples = vec![sample(&args, &http, 0.0).await];
     let every = Duration::from_secs_f64(args.sample_every.max(0.5));
+    let mut next_sample = every;
     while measure_started.elapsed() < measured && !load.is_finished() {
-        let left = measured.saturating_sub(measure_started.elapsed());
-        tokio::time::sleep(every.min(left)).await;
-        if measure_started.elapsed() < measured {
-            samples.push(sample(&args, &http, measure_started.elapsed().as_secs_f64()).await);
+        // Short steps, so that a fresh pool running out ends the run at once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let at = measure_started.elapsed();
+        if at >= next_sample && at < measured {
+            samples.push(sample(&args, &http, at.as_secs_f64()).await);
+            next_sample += every;
         }
     }
     shared.stop.store(true, Ordering::Relaxed);
@@ -634,6 +668,19 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
         rec.latency.as_ref().map_or(0, |h| h.max())
     );
     println!("  outcomes: {:?}", rec.outcomes);
+    let last = samples.last().copied().unwrap_or_default();
+    let per_call = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b)
+            .filter(|_| calls > 0)
+            .map(|(a, b)| (b - a) * 1e6 / calls as f64)
+    };
+    let server_cpu = per_call(samples[0].cpu, last.cpu);
+    let client_cpu = per_call(samples[0].own_cpu, last.own_cpu);
+    println!(
+        "  CPU per call: server {} µs, load generator {} µs",
+        num(server_cpu),
+        num(client_cpu)
+    );
     if let (Some(a), Some(b)) = (jwks_before, jwks_after) {
         println!("  JWKS requests during the run: {}", b - a);
     }
@@ -659,6 +706,7 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
             "throughput": calls as f64 / elapsed,
             "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999),
             "outcomes": rec.outcomes,
+            "server_cpu_us_per_call": server_cpu, "client_cpu_us_per_call": client_cpu,
             "jwks_requests": jwks_before.zip(jwks_after).map(|(a, b)| b - a),
             "rss": samples.iter().map(|s| (s.at, s.rss)).collect::<Vec<_>>(),
             "fds": [baseline.fds, after.fds], "tasks": [baseline.tasks, after.tasks],

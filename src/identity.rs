@@ -273,12 +273,19 @@ impl Identity {
     }
 
     /// Rebuilds an identity from the wire type (what a delegated layer receives from
-    /// AuthService). Claims travel as a `Struct`, whose numbers are doubles: integral values
-    /// come back as integers.
+    /// AuthService). Claims come from `claims_json` (exact); without it, from the `Struct`,
+    /// whose numbers are doubles (integral values come back as integers).
     pub fn from_proto(p: pb::Identity) -> Self {
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
-        let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
-        let raw_claims = serde_json::to_vec(&claims).unwrap_or_default();
+        // `claims_json` is exact; the Struct (older servers, or when asked for) is the fallback.
+        let (claims, raw_claims) = if p.claims_json.is_empty() {
+            let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
+            let raw = serde_json::to_vec(&claims).unwrap_or_default();
+            (claims, raw)
+        } else {
+            let claims = serde_json::from_str(&p.claims_json).unwrap_or_default();
+            (claims, p.claims_json.into_bytes())
+        };
         let fva_exact = fva_from_json(claims.get("fva"));
         let secs = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
@@ -335,7 +342,15 @@ impl Identity {
         }
     }
 
-    /// Converts to the wire type.
+    /// Converts to the wire type, with the claims as a Struct too (`claims`).
+    pub fn to_proto_with_claims_struct(&self) -> pb::Identity {
+        pb::Identity {
+            claims: Some(json_map_to_struct(self.claims())),
+            ..self.to_proto()
+        }
+    }
+
+    /// Converts to the wire type (claims as `claims_json` only).
     pub fn to_proto(&self) -> pb::Identity {
         pb::Identity {
             token_type: self.token_type as i32,
@@ -370,7 +385,8 @@ impl Identity {
                 .is_finite()
                 .then(|| timestamp(self.expires_at)),
             not_before: self.not_before.map(timestamp),
-            claims: Some(json_map_to_struct(self.claims())),
+            claims: None,
+            claims_json: String::from_utf8_lossy(&self.raw_claims).into_owned(),
             token_id: self.token_id.clone().unwrap_or_default(),
             claims_version: i32::from(self.claims_version),
             machine: self.machine.as_ref().map(|m| pb::Machine {

@@ -201,6 +201,16 @@ fn process_gauges(e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
             rss as f64,
         )?;
     }
+    if let Some(cpu) = cpu_seconds() {
+        let c = ConstCounter::new(cpu);
+        let m = e.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            c.metric_type(),
+        )?;
+        c.encode(m)?;
+    }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         gauge(
             e,
@@ -218,6 +228,18 @@ fn process_gauges(e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// User + system CPU seconds from `/proc/self/stat` (fields 14 and 15, in clock ticks of
+/// 1/100 s, the value of `CLK_TCK` on Linux).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields are counted after its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: f64 = f.next()?.parse().ok()?;
+    let stime: f64 = f.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Resident set size: `VmRSS` of `/proc/self/status` (kB).

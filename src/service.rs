@@ -489,7 +489,12 @@ impl AuthServiceImpl {
             self.confirm_online(&identity, req.accept_pending_session)
                 .await?;
         }
-        Ok((identity.to_proto(), identity))
+        let proto = if req.claims_struct {
+            identity.to_proto_with_claims_struct()
+        } else {
+            identity.to_proto()
+        };
+        Ok((proto, identity))
     }
 
     /// Asks Clerk (cached for the session TTL) whether the token's session is still live.

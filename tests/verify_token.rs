@@ -85,14 +85,35 @@ async fn valid_v2_token_decodes_org_role_permissions_and_claims() {
     let iat = id.issued_at.unwrap().seconds;
     assert_eq!(exp - iat, 60);
     assert_eq!(id.not_before.unwrap().seconds, iat - 10);
-    // Every raw claim is there.
-    let claims = id.claims.unwrap();
+    // Every raw claim is there, exactly: `claims_json` is the signed payload's text.
+    let payload = token.split('.').nth(1).unwrap();
+    let payload = URL_SAFE_NO_PAD.decode(payload).unwrap();
+    assert_eq!(id.claims_json.as_bytes(), &payload[..]);
+    let claims: serde_json::Map<String, Value> = serde_json::from_str(&id.claims_json).unwrap();
     for k in [
         "sub", "sid", "iss", "exp", "iat", "nbf", "v", "o", "fea", "pla", "fva", "sts", "azp",
         "jti",
     ] {
-        assert!(claims.fields.contains_key(k), "claim {k} missing");
+        assert!(claims.contains_key(k), "claim {k} missing");
     }
+    // The Struct form only when asked for.
+    assert!(id.claims.is_none(), "a Struct nobody asked for");
+    let with_struct = h
+        .verify_req(VerifyTokenRequest {
+            token: token.clone(),
+            claims_struct: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fields = with_struct.claims.unwrap().fields;
+    assert_eq!(fields.len(), claims.len());
+    assert_eq!(
+        fields["sub"].kind,
+        Some(prost_types::value::Kind::StringValue(
+            claims["sub"].as_str().unwrap().to_owned()
+        ))
+    );
 }
 
 #[tokio::test]
