@@ -54,7 +54,8 @@ pub struct Identity {
     /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
     fva_exact: Option<[f64; 2]>,
     /// The payload's JSON text, parsed on demand by [`Identity::claims`].
-    raw_claims: Vec<u8>,
+    /// The payload's JSON text (valid UTF-8: the verifier refuses anything else).
+    raw_claims: String,
     claims: OnceLock<Map<String, Value>>,
 }
 
@@ -147,6 +148,10 @@ impl Identity {
         c: RawClaims,
         raw_claims: Vec<u8>,
     ) -> Result<Self, MalformedScopes> {
+        // The verifier has already refused payloads that are not UTF-8; lossy only as a
+        // fallback that cannot trigger.
+        let raw_claims = String::from_utf8(raw_claims)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let v2 = c.v.as_f64() == Some(2.0);
         let features = split_lenient(&c.fea)?;
         let plans = split_lenient(&c.pla)?;
@@ -206,7 +211,7 @@ impl Identity {
     /// Every claim of the token, unchanged (parsed from the payload on first use).
     pub fn claims(&self) -> &Map<String, Value> {
         self.claims
-            .get_or_init(|| serde_json::from_slice(&self.raw_claims).unwrap_or_default())
+            .get_or_init(|| serde_json::from_str(&self.raw_claims).unwrap_or_default())
     }
 
     /// `fva` as Clerk's `has()` reads it: `None` when absent or not two numbers each -1 or ≥ 0.
@@ -242,7 +247,7 @@ impl Identity {
                     ..Organization::default()
                 }
             });
-        let raw_claims = serde_json::to_vec(&claims).unwrap_or_default();
+        let raw_claims = serde_json::to_string(&claims).unwrap_or_default();
         Identity {
             token_type,
             user_id,
@@ -280,11 +285,11 @@ impl Identity {
         // `claims_json` is exact; the Struct (older servers, or when asked for) is the fallback.
         let (claims, raw_claims) = if p.claims_json.is_empty() {
             let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
-            let raw = serde_json::to_vec(&claims).unwrap_or_default();
+            let raw = serde_json::to_string(&claims).unwrap_or_default();
             (claims, raw)
         } else {
             let claims = serde_json::from_str(&p.claims_json).unwrap_or_default();
-            (claims, p.claims_json.into_bytes())
+            (claims, p.claims_json)
         };
         let fva_exact = fva_from_json(claims.get("fva"));
         let secs = |t: Option<prost_types::Timestamp>| {
@@ -386,7 +391,7 @@ impl Identity {
                 .then(|| timestamp(self.expires_at)),
             not_before: self.not_before.map(timestamp),
             claims: None,
-            claims_json: String::from_utf8_lossy(&self.raw_claims).into_owned(),
+            claims_json: self.raw_claims.clone(),
             token_id: self.token_id.clone().unwrap_or_default(),
             claims_version: i32::from(self.claims_version),
             machine: self.machine.as_ref().map(|m| pb::Machine {

@@ -2,15 +2,23 @@
 //! (default `info`). Nothing in this crate logs a token or a secret: tokens appear only as
 //! [`crate::token_fingerprint`]s.
 //!
-//! Lines are written by a dedicated thread (`tracing-appender`), so the audit log's line per
-//! decision costs the calling thread its formatting, not a write to stderr under its lock.
-//! Nothing is dropped: when the thread falls behind by [`LOG_BUFFER_LINES`] lines, callers wait.
+//! Lines go to a shared 64 KiB buffer that is written out when full and at least every
+//! [`FLUSH_EVERY`] by a small flusher thread, and when the [`LogGuard`] drops. The audit log's
+//! line per decision thus costs the calling thread its formatting and a copy, not a write
+//! system call nor a wake-up of another thread. The price: a line may reach stderr up to
+//! [`FLUSH_EVERY`] late, and a process killed without unwinding loses at most that much.
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{fmt, EnvFilter};
+use std::{
+    io::{self, BufWriter, Stderr, Write},
+    sync::{mpsc, Arc, Mutex},
+    thread::JoinHandle,
+    time::Duration,
+};
 
-/// Lines buffered between the logging threads and the writer thread.
-pub const LOG_BUFFER_LINES: usize = 65_536;
+use tracing_subscriber::{fmt, fmt::MakeWriter, EnvFilter};
+
+/// Longest time a log line waits in the buffer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -22,34 +30,85 @@ pub enum LogFormat {
     Json,
 }
 
-/// Keeps the log writer thread alive; dropping it flushes the lines still buffered. Hold it
-/// for the life of the process (`let _log = telemetry::init(…)`).
-#[must_use = "dropping the guard stops log output"]
-#[derive(Debug)]
+/// The buffered stderr shared by every thread.
+#[derive(Clone)]
+struct Sink(Arc<Mutex<BufWriter<Stderr>>>);
+
+impl Sink {
+    fn flush_now(&self) {
+        if let Ok(mut w) = self.0.lock() {
+            let _ = w.flush();
+        }
+    }
+}
+
+/// One event's writer: tracing-subscriber formats a whole line, then writes it at once.
+struct SinkWriter<'a>(&'a Sink);
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut w = self
+            .0
+             .0
+            .lock()
+            .map_err(|_| io::Error::other("log buffer poisoned"))?;
+        w.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = SinkWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        SinkWriter(self)
+    }
+}
+
+/// Keeps the flusher thread running; dropping it writes out what is still buffered and stops
+/// the thread. Hold it for the life of the process (`let _log = telemetry::init(…)`).
+#[must_use = "dropping the guard stops flushing log output"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    flusher: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    sink: Option<Sink>,
+}
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogGuard")
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.flusher.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+        if let Some(sink) = &self.sink {
+            sink.flush_now();
+        }
+    }
 }
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing and
 /// return an inert guard).
 pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("clerk-auth-log")
-        // Buffered: the writer thread flushes whenever it has drained the queue, so a burst
-        // of lines costs a few large writes instead of one syscall per line.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let sink = Sink(Arc::new(Mutex::new(BufWriter::with_capacity(
+        64 * 1024,
+        io::stderr(),
+    ))));
     // Colours only for a terminal: escape codes in files and log pipelines are noise.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
     let builder = fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(sink.clone());
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -58,7 +117,24 @@ pub fn init(format: LogFormat) -> LogGuard {
             .with_current_span(true)
             .try_init(),
     };
+    if installed.is_err() {
+        return LogGuard {
+            flusher: None,
+            sink: None,
+        };
+    }
+    let (stop, stopped) = mpsc::channel::<()>();
+    let flushing = sink.clone();
+    let thread = std::thread::Builder::new()
+        .name("clerk-auth-log-flush".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_EVERY) {
+                flushing.flush_now();
+            }
+        })
+        .ok();
     LogGuard {
-        _writer: installed.is_ok().then_some(guard),
+        flusher: thread.map(|t| (stop, t)),
+        sink: Some(sink),
     }
 }
