@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-WORK=$(mktemp -d /tmp/clerk-container.XXXXXX)
+# REUSE=<a previous run's directory> skips the build stage (its binary is reused).
+WORK=${REUSE:-$(mktemp -d /tmp/clerk-container.XXXXXX)}
 # The host-side helpers: the emulator and the load generator (as a gRPC client).
 cargo build --release --quiet --bin clerk-grpc-auth --example loadgen
 PIDS=()
@@ -27,6 +28,10 @@ trap cleanup EXIT
 step() { echo "== $*"; }
 
 # --- build stage -------------------------------------------------------------------------
+BIN=$WORK/src/target/release/clerk-grpc-auth
+if [ -n "${REUSE:-}" ] && [ -x "$BIN" ]; then
+    step "build stage: reusing $BIN"
+else
 step "build stage in $WORK/src"
 mkdir -p "$WORK/src"
 cd "$WORK/src"
@@ -44,11 +49,12 @@ cp -r "$REPO/benches" benches
 cp -r "$REPO/examples" examples
 touch src/main.rs src/lib.rs
 cargo build --release --locked --bin clerk-grpc-auth
-BIN=$WORK/src/target/release/clerk-grpc-auth
+fi
 
 # --- runtime stage -----------------------------------------------------------------------
 step "runtime filesystem from Debian 12 packages (distroless cc-debian12's contents)"
 ROOT=$WORK/rootfs
+rm -rf "$ROOT" "$WORK/debs"
 mkdir -p "$WORK/debs" "$ROOT"
 cd "$WORK/debs"
 apt-get download -qq base-files netbase tzdata ca-certificates libc6 libgcc-s1 libgomp1 \
@@ -131,7 +137,7 @@ SECRET=$(grep -o 'sk_test_[A-Za-z0-9]*' "$WORK/emulator.log" | head -1)
 env -i $IMAGE_ENV \
     CLERK_AUTH_LISTEN=127.0.0.1:15051 CLERK_AUTH_HTTP_LISTEN=127.0.0.1:18081 \
     CLERK_SECRET_KEY="$SECRET" CLERK_API_URL=http://127.0.0.1:18787 \
-    chroot --userspec=65532:65532 "$ROOT" $IMAGE_ARGV >"$WORK/service.log" 2>&1 &
+    "$(command -v chroot)" --userspec=65532:65532 "$ROOT" $IMAGE_ARGV >"$WORK/service.log" 2>&1 &
 SVC=$!
 PIDS+=($SVC)
 ready=0

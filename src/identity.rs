@@ -53,8 +53,8 @@ pub struct Identity {
     pub machine: Option<MachineInfo>,
     /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
     fva_exact: Option<[f64; 2]>,
-    /// The payload's JSON text, parsed on demand by [`Identity::claims`].
-    /// The payload's JSON text (valid UTF-8: the verifier refuses anything else).
+    /// The payload's JSON text (valid UTF-8: the verifier refuses anything else), parsed on
+    /// demand by [`Identity::claims`].
     raw_claims: String,
     claims: OnceLock<Map<String, Value>>,
 }
