@@ -106,21 +106,28 @@ struct Inner {
     rate_limited: AtomicU64,
     suspended: AtomicU64,
     errors: AtomicU64,
-    /// After a 429, no request leaves before this instant (Clerk's limit is per instance, so
-    /// one caller's 429 speaks for all).
-    suspended_until: std::sync::Mutex<Option<Instant>>,
+    gate: RetryAfterGate,
 }
 
-impl Inner {
-    /// How long the current 429 suspension still lasts.
-    fn suspension(&self) -> Option<Duration> {
-        let until = (*self.suspended_until.lock().expect("suspension lock"))?;
-        until.checked_duration_since(Instant::now())
+/// Clerk's `Retry-After`, shared by every caller of one client: after a 429, no request
+/// leaves before it has passed (Clerk's limit is per instance, so one caller's 429 speaks for
+/// all). Used by identity queries and machine-token verification alike.
+#[derive(Debug, Default)]
+pub(crate) struct RetryAfterGate(std::sync::Mutex<Option<Instant>>);
+
+impl RetryAfterGate {
+    /// How long the current suspension still lasts; `None` when requests may leave.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        let until = (*self.0.lock().expect("retry-after lock"))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 
-    fn suspend(&self, wait: Duration) {
+    /// Suspends requests for `wait` from now (never shortening a longer suspension).
+    pub(crate) fn suspend(&self, wait: Duration) {
         let until = Instant::now() + wait;
-        let mut s = self.suspended_until.lock().expect("suspension lock");
+        let mut s = self.0.lock().expect("retry-after lock");
         if s.is_none_or(|old| old < until) {
             *s = Some(until);
         }
@@ -162,7 +169,7 @@ impl BackendApi {
                 rate_limited: AtomicU64::new(0),
                 suspended: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
-                suspended_until: std::sync::Mutex::new(None),
+                gate: RetryAfterGate::default(),
             }),
         }
     }
@@ -221,7 +228,7 @@ impl BackendApi {
         loop {
             // A 429 is not answered with more requests: wait out its Retry-After when the
             // budget allows, otherwise refuse without asking Clerk.
-            if let Some(wait) = inner.suspension() {
+            if let Some(wait) = inner.gate.remaining() {
                 if started.elapsed() + wait > cfg.retry_budget {
                     inner.suspended.fetch_add(1, Ordering::Relaxed);
                     return Err(ApiError::RateLimited(wait));
@@ -271,7 +278,7 @@ impl BackendApi {
                         429 => {
                             inner.rate_limited.fetch_add(1, Ordering::Relaxed);
                             let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                            inner.suspend(wait);
+                            inner.gate.suspend(wait);
                             Err((ApiError::RateLimited(wait), Some(wait)))
                         }
                         500..=599 => Err((ApiError::Unavailable(format!("HTTP {status}")), None)),

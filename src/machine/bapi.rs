@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    bapi::RetryAfterGate,
     error::{AuthError, Reason, VerifyError},
     identity::{Identity, MachineInfo, TokenType},
     jwks::{Secret, CLERK_API_VERSION},
@@ -103,7 +104,7 @@ struct Inner {
     cache: moka::future::Cache<[u8; 32], Arc<Identity>>,
     negative: moka::future::Cache<[u8; 32], VerifyError>,
     buckets: moka::sync::Cache<IpAddr, Arc<Mutex<Bucket>>>,
-    suspended_until: Mutex<Option<Instant>>,
+    gate: RetryAfterGate,
     warned_key: AtomicBool,
     api_calls: AtomicU64,
     cache_hits: AtomicU64,
@@ -223,7 +224,7 @@ impl MachineVerifier {
                 cache,
                 negative,
                 buckets,
-                suspended_until: Mutex::new(None),
+                gate: RetryAfterGate::default(),
                 warned_key: AtomicBool::new(false),
                 api_calls: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
@@ -290,13 +291,9 @@ impl MachineVerifier {
     fn admit(&self, source: Option<IpAddr>) -> Result<(), AuthError> {
         let inner = &self.inner;
         let now = Instant::now();
-        if let Some(until) = *inner.suspended_until.lock().expect("suspension lock") {
-            if until > now {
-                inner.rate_limited.fetch_add(1, Ordering::Relaxed);
-                return Err(AuthError::RateLimited {
-                    retry_after: until - now,
-                });
-            }
+        if let Some(left) = inner.gate.remaining() {
+            inner.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::RateLimited { retry_after: left });
         }
         let cfg = &inner.config;
         let source = source.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -391,8 +388,7 @@ impl MachineVerifier {
                 let wait = retry_after
                     .unwrap_or(Duration::from_secs(1))
                     .min(MAX_RETRY_AFTER);
-                *inner.suspended_until.lock().expect("suspension lock") =
-                    Some(Instant::now() + wait);
+                inner.gate.suspend(wait);
                 tracing::warn!(?wait, "Clerk rate-limited machine-token verification");
                 Err(AuthError::RateLimited { retry_after: wait })
             }
