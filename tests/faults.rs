@@ -676,9 +676,14 @@ async fn auth_service_restarted_under_delegated_load_fails_closed_and_recovers()
                                     tally.other.push(format!("wrong caller {caller:?}"));
                                 }
                             }
+                            // Fail-closed: AuthService unreachable, or — while the restarted
+                            // one is loading its keys — its own UNAVAILABLE passed through.
                             Err(s)
                                 if s.code() == Code::Unavailable
-                                    && reason(&s) == "AUTH_SERVICE_UNAVAILABLE" =>
+                                    && matches!(
+                                        reason(&s).as_str(),
+                                        "AUTH_SERVICE_UNAVAILABLE" | "JWK_REMOTE_FAILED_TO_LOAD"
+                                    ) =>
                             {
                                 tally.unavailable += 1
                             }
