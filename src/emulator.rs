@@ -714,6 +714,7 @@ impl Emulator {
 
     /// Stops the server and waits for it.
     pub async fn shutdown(mut self) {
+        self.release_held();
         self.stop.cancel();
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -721,8 +722,17 @@ impl Emulator {
     }
 }
 
+impl Emulator {
+    /// Lets requests held by a `hang` fault finish, so that a graceful stop does not wait on
+    /// them forever.
+    fn release_held(&self) {
+        self.shared.jwks_fault.send_replace(None);
+    }
+}
+
 impl Drop for Emulator {
     fn drop(&mut self) {
+        self.release_held();
         self.stop.cancel();
     }
 }

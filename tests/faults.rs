@@ -172,6 +172,20 @@ async fn a_jwks_that_never_answers_at_startup_fails_closed_then_recovers() {
 }
 
 #[tokio::test]
+async fn stopping_the_emulator_releases_requests_held_by_a_hang() {
+    let clerk = Emulator::start_local().await.unwrap();
+    clerk.set_jwks_fault(hang());
+    let url = format!("{}/.well-known/jwks.json", clerk.url());
+    let held = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    clerk.wait_jwks_requests(1).await;
+    tokio::time::timeout(Duration::from_secs(10), clerk.shutdown())
+        .await
+        .expect("shutdown waited on a held request");
+    // Released, the held request is answered (with the keys) rather than left hanging.
+    assert_eq!(held.await.unwrap().unwrap(), 200);
+}
+
+#[tokio::test]
 async fn a_slow_jwks_is_asked_once_and_verification_goes_on_meanwhile() {
     let clerk = Emulator::start_local().await.unwrap();
     clerk.set_jwks_fault(Some(JwksFault {
