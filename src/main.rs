@@ -48,28 +48,7 @@ enum Command {
     /// Mint a session token from a running emulator; prints only the token.
     Token(Box<TokenArgs>),
     /// Run the emulator and the AuthService together and print a ready token.
-    Dev {
-        /// AuthService address.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        listen: String,
-        /// Emulator address.
-        #[arg(long, default_value = "127.0.0.1:8787")]
-        emulator_listen: String,
-        /// AuthService HTTP port (Clerk webhooks from the emulator, /metrics).
-        #[arg(long, default_value = "127.0.0.1:8081")]
-        http_listen: String,
-        /// Serve gRPC with mTLS: writes a throw-away CA, server and client certificates (the
-        /// client's SPIFFE ID is on the identity-query allowlist) and prints how to use them.
-        #[arg(long)]
-        tls: bool,
-        /// Verdict cache capacity (default 100000; 0 turns it off, e.g. to measure every
-        /// call's signature check).
-        #[arg(long, env = "CLERK_AUTH_VERDICT_CACHE_CAPACITY")]
-        verdict_cache_capacity: Option<u64>,
-        /// Log format.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
+    Dev(Box<DevArgs>),
 }
 
 #[derive(clap::Args)]
@@ -154,26 +133,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(*args).await,
             Command::Emulator { listen, secret_key } => emulator(listen, secret_key).await,
             Command::Token(args) => token(*args).await,
-            Command::Dev {
-                listen,
-                emulator_listen,
-                http_listen,
-                tls,
-                verdict_cache_capacity,
-                log_format,
-            } => {
-                dev(
-                    DevArgs {
-                        listen,
-                        emulator_listen,
-                        http_listen,
-                        tls,
-                        verdict_cache_capacity,
-                    },
-                    log_format,
-                )
-                .await
-            }
+            Command::Dev(args) => dev(*args).await,
         }
     })
 }
@@ -394,23 +354,40 @@ fn dev_pki(dir: &std::path::Path) -> Result<TlsConfig, Box<dyn std::error::Error
 }
 
 /// `dev`'s settings.
+#[derive(clap::Args)]
 struct DevArgs {
+    /// AuthService address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
+    /// Emulator address.
+    #[arg(long, default_value = "127.0.0.1:8787")]
     emulator_listen: String,
+    /// AuthService HTTP port (Clerk webhooks from the emulator, /metrics).
+    #[arg(long, default_value = "127.0.0.1:8081")]
     http_listen: String,
+    /// Serve gRPC with mTLS: writes a throw-away CA, server and client certificates (the
+    /// client's SPIFFE ID is on the identity-query allowlist) and prints how to use them.
+    #[arg(long)]
     tls: bool,
+    /// Verdict cache capacity (default 100000; 0 turns it off, e.g. to measure every
+    /// call's signature check).
+    #[arg(long, env = "CLERK_AUTH_VERDICT_CACHE_CAPACITY")]
     verdict_cache_capacity: Option<u64>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
-async fn dev(args: DevArgs, log_format: LogFormat) -> ExitCode {
-    let _log = telemetry::init(log_format);
+async fn dev(args: DevArgs) -> ExitCode {
     let DevArgs {
         listen,
         emulator_listen,
         http_listen,
         tls,
         verdict_cache_capacity,
+        log_format,
     } = args;
+    let _log = telemetry::init(log_format);
     let (emu_listener, listener, http_listener) = match (
         TcpListener::bind(&emulator_listen).await,
         TcpListener::bind(&listen).await,

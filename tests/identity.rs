@@ -495,17 +495,14 @@ async fn bad_signatures_and_replays_are_rejected() {
 #[tokio::test]
 async fn rate_limits_and_outages_of_the_backend_api() {
     let clerk = Emulator::start_local().await.unwrap();
-    let r = replica(
-        &clerk,
-        &Setup {
-            directory: DirectoryConfig {
-                user_ttl: Duration::from_millis(200),
-                ..DirectoryConfig::default()
-            },
-            ..Setup::default()
+    let setup = Setup {
+        directory: DirectoryConfig {
+            user_ttl: Duration::from_millis(200),
+            ..DirectoryConfig::default()
         },
-    )
-    .await;
+        ..Setup::default()
+    };
+    let r = replica(&clerk, &setup).await;
     let user = clerk.create_user(&UserSpec {
         first_name: Some("Kay".into()),
         ..UserSpec::default()
@@ -541,17 +538,7 @@ async fn rate_limits_and_outages_of_the_backend_api() {
     assert!(left <= Duration::from_secs(30) && left > Duration::from_secs(20));
     assert_eq!(clerk.bapi_requests() - before, 1, "asked while suspended");
     drop(r);
-    let r = replica(
-        &clerk,
-        &Setup {
-            directory: DirectoryConfig {
-                user_ttl: Duration::from_millis(200),
-                ..DirectoryConfig::default()
-            },
-            ..Setup::default()
-        },
-    )
-    .await;
+    let r = replica(&clerk, &setup).await;
 
     // Another replica; 429 with Retry-After: 1, healed 300 ms later: the one retry (after Retry-After) succeeds.
     clerk.set_bapi_failure(Some((429, Some(1))));
