@@ -15,6 +15,7 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 
 use crate::{
+    budget::{parse_retry_after, ClerkBudget, Spender},
     error::{AuthError, Reason},
     jwks::{Secret, CLERK_API_VERSION},
 };
@@ -106,32 +107,7 @@ struct Inner {
     rate_limited: AtomicU64,
     suspended: AtomicU64,
     errors: AtomicU64,
-    gate: RetryAfterGate,
-}
-
-/// Clerk's `Retry-After`, shared by every caller of one client: after a 429, no request
-/// leaves before it has passed (Clerk's limit is per instance, so one caller's 429 speaks for
-/// all). Used by identity queries and machine-token verification alike.
-#[derive(Debug, Default)]
-pub(crate) struct RetryAfterGate(std::sync::Mutex<Option<Instant>>);
-
-impl RetryAfterGate {
-    /// How long the current suspension still lasts; `None` when requests may leave.
-    pub(crate) fn remaining(&self) -> Option<Duration> {
-        let until = (*self.0.lock().expect("retry-after lock"))?;
-        until
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    }
-
-    /// Suspends requests for `wait` from now (never shortening a longer suspension).
-    pub(crate) fn suspend(&self, wait: Duration) {
-        let until = Instant::now() + wait;
-        let mut s = self.0.lock().expect("retry-after lock");
-        if s.is_none_or(|old| old < until) {
-            *s = Some(until);
-        }
-    }
+    budget: ClerkBudget,
 }
 
 /// The Backend API client. Cheap to clone.
@@ -158,8 +134,19 @@ pub fn is_clerk_id(id: &str, prefix: &str) -> bool {
 }
 
 impl BackendApi {
-    /// A client sharing the service's HTTP client.
+    /// A client sharing the service's HTTP client, with a budget of its own.
     pub fn new(config: BackendApiConfig, http: reqwest::Client) -> Self {
+        Self::with_budget(config, http, ClerkBudget::default())
+    }
+
+    /// A client sharing the service's HTTP client and the replica's Backend API budget
+    /// (Clerk's `Retry-After` and the replica-wide call rate, shared with machine-token
+    /// verification).
+    pub fn with_budget(
+        config: BackendApiConfig,
+        http: reqwest::Client,
+        budget: ClerkBudget,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 http,
@@ -169,9 +156,15 @@ impl BackendApi {
                 rate_limited: AtomicU64::new(0),
                 suspended: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
-                gate: RetryAfterGate::default(),
+                budget,
             }),
         }
+    }
+
+    /// The Backend API budget this client spends (shared with machine-token verification
+    /// when built by the server).
+    pub fn budget(&self) -> &ClerkBudget {
+        &self.inner.budget
     }
 
     /// Counters.
@@ -226,9 +219,10 @@ impl BackendApi {
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
-            // A 429 is not answered with more requests: wait out its Retry-After when the
-            // budget allows, otherwise refuse without asking Clerk.
-            if let Some(wait) = inner.gate.remaining() {
+            // A 429 (on any path) is not answered with more requests, and the replica-wide
+            // budget is respected: wait when the retry budget allows, otherwise refuse
+            // without asking Clerk. Identity queries may spend the reserve.
+            while let Err(wait) = inner.budget.try_spend(Spender::Known) {
                 if started.elapsed() + wait > cfg.retry_budget {
                     inner.suspended.fetch_add(1, Ordering::Relaxed);
                     return Err(ApiError::RateLimited(wait));
@@ -252,9 +246,7 @@ impl BackendApi {
                     let retry_after = resp
                         .headers()
                         .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .and_then(parse_retry_after);
                     match status {
                         200..=299 => {
                             let bytes = read_bounded(resp, MAX_BODY_BYTES)
@@ -278,7 +270,7 @@ impl BackendApi {
                         429 => {
                             inner.rate_limited.fetch_add(1, Ordering::Relaxed);
                             let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                            inner.gate.suspend(wait);
+                            inner.budget.gate().suspend(wait);
                             Err((ApiError::RateLimited(wait), Some(wait)))
                         }
                         500..=599 => Err((ApiError::Unavailable(format!("HTTP {status}")), None)),

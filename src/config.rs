@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
     bapi::{is_clerk_id, BackendApiConfig},
+    budget::BudgetConfig,
     directory::DirectoryConfig,
     ext_authz::RoutePolicy,
     jwks::{KeySource, KeyStoreConfig, Secret},
@@ -122,6 +123,21 @@ pub struct ServeArgs {
     /// How long a revoked session is remembered, in seconds (default 86400).
     #[arg(long, env = "CLERK_AUTH_REVOCATION_TTL_SECS")]
     pub revocation_ttl_secs: Option<String>,
+    /// Backend API calls per second this replica may make, identity queries and machine
+    /// tokens together (default 20; 0 = no replica-wide limit).
+    #[arg(long, env = "CLERK_AUTH_BAPI_CALLS_PER_SEC")]
+    pub bapi_calls_per_sec: Option<String>,
+    /// Backend API calls that may be made at once after a quiet period (default 40).
+    #[arg(long, env = "CLERK_AUTH_BAPI_BURST")]
+    pub bapi_burst: Option<String>,
+    /// Percentage of the Backend API budget that callers never seen with a valid token cannot
+    /// spend (default 50).
+    #[arg(long, env = "CLERK_AUTH_BAPI_RESERVED_PERCENT")]
+    pub bapi_reserved_percent: Option<String>,
+    /// Comma-separated machine ids (`mch_…`) and SPIFFE IDs (`spiffe://…`) allowed to set
+    /// `VerifyTokenRequest.client_ip` (the delegated layers; default: none).
+    #[arg(long, env = "CLERK_AUTH_CLIENT_IP_FORWARDERS")]
+    pub client_ip_forwarders: Option<String>,
     /// Log format.
     #[arg(long, env = "CLERK_AUTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -318,6 +334,37 @@ impl ServeArgs {
                 format!("{bad:?} is neither a machine id (mch_…) nor a SPIFFE ID (spiffe://…)"),
             ));
         }
+        let forwarders = list(&self.client_ip_forwarders);
+        if let Some(bad) = forwarders
+            .iter()
+            .find(|m| !is_clerk_id(m, "mch_") && !m.starts_with("spiffe://"))
+        {
+            return Err(err(
+                "CLERK_AUTH_CLIENT_IP_FORWARDERS",
+                format!("{bad:?} is neither a machine id (mch_…) nor a SPIFFE ID (spiffe://…)"),
+            ));
+        }
+        let burst = parse_num("CLERK_AUTH_BAPI_BURST", &self.bapi_burst, 40, 1_000_000)?;
+        if burst == 0 {
+            return Err(err("CLERK_AUTH_BAPI_BURST", "must be at least 1"));
+        }
+        let budget = BudgetConfig {
+            calls_per_sec: parse_num(
+                "CLERK_AUTH_BAPI_CALLS_PER_SEC",
+                &self.bapi_calls_per_sec,
+                20,
+                1_000_000,
+            )? as f64,
+            burst: u32::try_from(burst).expect("bounded above"),
+            reserved_share: parse_num(
+                "CLERK_AUTH_BAPI_RESERVED_PERCENT",
+                &self.bapi_reserved_percent,
+                50,
+                100,
+            )? as f64
+                / 100.0,
+            ..BudgetConfig::default()
+        };
         let user_ttl = parse_num(
             "CLERK_AUTH_USER_CACHE_TTL_SECS",
             &self.user_cache_ttl_secs,
@@ -542,6 +589,8 @@ impl ServeArgs {
                 route_policy,
                 tls,
                 shutdown_grace,
+                budget,
+                forwarders,
             },
             listen,
         ))
@@ -619,10 +668,76 @@ mod tests {
                 },
                 "CLERK_AUTH_LISTEN",
             ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    client_ip_forwarders: Some("mch_ok, 10.0.0.1".into()),
+                    ..args()
+                },
+                "CLERK_AUTH_CLIENT_IP_FORWARDERS",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    bapi_burst: Some("0".into()),
+                    ..args()
+                },
+                "CLERK_AUTH_BAPI_BURST",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    bapi_reserved_percent: Some("101".into()),
+                    ..args()
+                },
+                "CLERK_AUTH_BAPI_RESERVED_PERCENT",
+            ),
+            (
+                ServeArgs {
+                    secret_key: Some("sk_test_x".into()),
+                    bapi_calls_per_sec: Some("2.5".into()),
+                    ..args()
+                },
+                "CLERK_AUTH_BAPI_CALLS_PER_SEC",
+            ),
         ];
         for (a, var) in cases {
             assert_eq!(a.to_config().unwrap_err().var, var);
         }
+    }
+
+    #[test]
+    fn backend_api_budget_and_forwarders() {
+        let (c, _) = ServeArgs {
+            secret_key: Some("sk_test_x".into()),
+            ..args()
+        }
+        .to_config()
+        .unwrap();
+        assert_eq!(c.budget, BudgetConfig::default());
+        assert!(c.forwarders.is_empty());
+        let (c, _) = ServeArgs {
+            secret_key: Some("sk_test_x".into()),
+            bapi_calls_per_sec: Some("5".into()),
+            bapi_burst: Some("9".into()),
+            bapi_reserved_percent: Some("25".into()),
+            client_ip_forwarders: Some("mch_layer, spiffe://cluster.local/ns/a/sa/b".into()),
+            ..args()
+        }
+        .to_config()
+        .unwrap();
+        assert_eq!(
+            (
+                c.budget.calls_per_sec,
+                c.budget.burst,
+                c.budget.reserved_share
+            ),
+            (5.0, 9, 0.25)
+        );
+        assert_eq!(
+            c.forwarders,
+            ["mch_layer", "spiffe://cluster.local/ns/a/sa/b"]
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod authz;
 pub mod bapi;
+pub mod budget;
 mod claims;
 pub mod client;
 pub mod config;

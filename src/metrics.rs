@@ -114,6 +114,26 @@ impl Collector for Stats {
             v.full_verifications,
         )?;
         if let Some(m) = self.verifier.machine() {
+            // One budget for every Backend API path (the server shares it).
+            let b = m.budget().stats();
+            counter(
+                &mut e,
+                "clerk_auth_bapi_budget_refused_strangers",
+                "Backend API calls for sources never seen with a valid token refused by the replica-wide budget",
+                b.refused_strangers,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_bapi_budget_refused_known",
+                "Backend API calls for identity queries or known sources refused by the replica-wide budget",
+                b.refused_known,
+            )?;
+            counter(
+                &mut e,
+                "clerk_auth_bapi_budget_suspended",
+                "Backend API calls refused without a request while Clerk's Retry-After ran",
+                b.suspended,
+            )?;
             let m = m.stats();
             counter(
                 &mut e,

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::{
     bapi::{BackendApi, BackendApiConfig},
+    budget::{BudgetConfig, ClerkBudget},
     directory::{Directory, DirectoryConfig},
     ext_authz::{ExtAuthz, RoutePolicy},
     jwks::{KeySource, KeyStore, KeyStoreConfig, Secret},
@@ -67,6 +68,14 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
+    /// What this replica may spend at the Backend API, shared by identity queries and
+    /// machine-token verification (replica-wide rate, reserve strangers cannot spend).
+    pub budget: BudgetConfig,
+    /// Callers allowed to set `VerifyTokenRequest.client_ip` (the delegated layers): machine
+    /// ids (`mch_…`, their M2M token in the call's `authorization`) and SPIFFE IDs
+    /// (`spiffe://…`, their mTLS certificate). Anyone else's `client_ip` is ignored and the
+    /// call is counted under its own address.
+    pub forwarders: Vec<String>,
 }
 
 /// TLS for the gRPC port; mTLS when a client CA is given.
@@ -157,6 +166,7 @@ pub struct Server {
     tls: Option<TlsConfig>,
     directory: Option<Directory>,
     allowlist: Vec<String>,
+    forwarders: Vec<String>,
     webhook: Option<SvixVerifier>,
     redis: Option<RedisConfig>,
     shutdown_grace: Duration,
@@ -179,6 +189,8 @@ impl ServerConfig {
             route_policy: RoutePolicy::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
+            budget: BudgetConfig::default(),
+            forwarders: Vec::new(),
         }
     }
 }
@@ -198,12 +210,14 @@ impl Server {
     /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
     pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
         let http = http_client().map_err(ServerError::HttpClient)?;
+        // One budget (and one Retry-After) for every path that calls the Backend API.
+        let budget = ClerkBudget::new(config.budget);
         let machine = config
             .machine
-            .map(|m| MachineVerifier::new(m, http.clone()));
+            .map(|m| MachineVerifier::with_budget(m, http.clone(), budget.clone()));
         let directory = config.identity.as_ref().map(|i| {
             Directory::new(
-                BackendApi::new(i.backend.clone(), http.clone()),
+                BackendApi::with_budget(i.backend.clone(), http.clone(), budget.clone()),
                 i.directory.clone(),
             )
         });
@@ -221,6 +235,7 @@ impl Server {
             tls: config.tls,
             directory,
             allowlist: config.identity.map(|i| i.allowlist).unwrap_or_default(),
+            forwarders: config.forwarders,
             webhook,
             redis: config.redis,
             shutdown_grace: config.shutdown_grace,
@@ -382,6 +397,7 @@ impl Server {
             allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
         });
         AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
+            .with_forwarders(self.forwarders.iter().cloned().collect())
     }
 }
 

@@ -26,6 +26,7 @@ pub struct AuthServiceImpl {
     events: Events,
     identity: Option<IdentityQueries>,
     observer: Observer,
+    forwarders: Arc<HashSet<String>>,
 }
 
 /// What the identity-query RPCs need.
@@ -62,6 +63,7 @@ impl AuthServiceImpl {
             events,
             identity: None,
             observer: Observer::default(),
+            forwarders: Arc::default(),
         }
     }
 
@@ -77,7 +79,18 @@ impl AuthServiceImpl {
             events,
             identity,
             observer: Observer::default(),
+            forwarders: Arc::default(),
         }
+    }
+
+    /// Callers whose `VerifyTokenRequest.client_ip` is honoured: machine ids (`mch_…`, by
+    /// their M2M token in the call's `authorization`) and SPIFFE IDs (`spiffe://…`, by their
+    /// mTLS certificate). Anyone else's `client_ip` is ignored: the call counts under the
+    /// caller's own address, so one caller cannot spread its Backend API cost over invented
+    /// sources.
+    pub fn with_forwarders(mut self, forwarders: HashSet<String>) -> Self {
+        self.forwarders = Arc::new(forwarders);
+        self
     }
 
     /// Sends every decision to `observer` (metrics and the audit log).
@@ -403,12 +416,15 @@ impl AuthService for AuthServiceImpl {
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let peer = request.remote_addr().map(|a| a.ip());
-        let req = request.into_inner();
-        let source = req.client_ip.parse().ok().or(peer);
         // One audit line per decision (the observer) is the log of this call: it carries the
         // token's fingerprint, verdict and reason. No span, no second line on the hot path.
         let started = std::time::Instant::now();
-        let result = self.verify(&req, source).await;
+        let source = self.source_of(&request, peer).await;
+        let req = request.into_inner();
+        let result = match source {
+            Ok(source) => self.verify(&req, source).await,
+            Err(e) => Err(e),
+        };
         self.observer.decision(
             "VerifyToken",
             "",
@@ -441,6 +457,60 @@ pub const MAX_AUTHORIZED_PARTIES: usize = 64;
 pub const MAX_AUTHORIZED_PARTY_BYTES: usize = 2048;
 
 impl AuthServiceImpl {
+    /// Who the verification is for: the request's `client_ip` when the caller is a
+    /// forwarder (a delegated layer), else the caller's own address.
+    async fn source_of(
+        &self,
+        request: &Request<pb::VerifyTokenRequest>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Option<std::net::IpAddr>, AuthError> {
+        let claimed = request.get_ref().client_ip.as_str();
+        if claimed.is_empty() {
+            return Ok(peer);
+        }
+        if !self.is_forwarder(request, peer).await {
+            tracing::debug!("client_ip ignored: the caller is not an allowed forwarder");
+            return Ok(peer);
+        }
+        if claimed.len() > 64 {
+            return Err(AuthError::InvalidRequest("client_ip is not an IP address"));
+        }
+        claimed
+            .parse()
+            .map(Some)
+            .map_err(|_| AuthError::InvalidRequest("client_ip is not an IP address"))
+    }
+
+    /// A caller allowed to set `client_ip`: its mTLS SPIFFE ID or its M2M token's machine is
+    /// a forwarder. A missing or failing caller token just means "not a forwarder".
+    async fn is_forwarder<T>(&self, request: &Request<T>, peer: Option<std::net::IpAddr>) -> bool {
+        if self.forwarders.is_empty() {
+            return false;
+        }
+        if self.forwarders.iter().any(|f| f.starts_with("spiffe://"))
+            && crate::peer::PeerIdentity::from_request(request).any_in(self.forwarders.iter())
+        {
+            return true;
+        }
+        let Ok(token) = TokenSources::default()
+            .with_session_cookie(false)
+            .extract(request.metadata().as_ref())
+        else {
+            return false;
+        };
+        self.verifier
+            .verify(&VerifyRequest {
+                token,
+                accepted_types: &[TokenType::M2mToken],
+                source: peer,
+                ..VerifyRequest::default()
+            })
+            .await
+            .ok()
+            .and_then(|id| id.machine.as_ref()?.machine_id.clone())
+            .is_some_and(|m| self.forwarders.contains(&m))
+    }
+
     async fn verify(
         &self,
         req: &pb::VerifyTokenRequest,

@@ -202,6 +202,10 @@ impl TokenVerifier {
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         let identity = self.verify_unrevoked(req).await?;
         self.check_revoked(&identity)?;
+        // A source seen with a valid token may spend the Backend API budget's reserve.
+        if let (Some(source), Some(machine)) = (req.source, &self.inner.machine) {
+            machine.budget().mark_known(source);
+        }
         Ok(identity)
     }
 

@@ -20,6 +20,7 @@ use clerk_grpc_auth::{
     server::{http_client, Server, ServerConfig},
 };
 use common::{assert_rejected, reason, Harness};
+use futures::StreamExt;
 use orders::pb::{orders_client::OrdersClient, ListOrdersRequest};
 use tokio::net::TcpListener;
 use tonic::{transport::Channel, Code, Status};
@@ -365,9 +366,61 @@ async fn backend_api_down_or_rate_limited() {
     assert_eq!(h.verifier.machine().unwrap().stats().clerk_429s, 1);
 }
 
+/// A server whose `client_ip` forwarders include one machine; returns the harness and that
+/// machine's M2M token (a JWT: verifying it costs no Backend API call).
+async fn start_with_forwarder(
+    adjust: impl FnOnce(&mut clerk_grpc_auth::server::ServerConfig),
+) -> (Harness, String) {
+    let mut forwarder = None;
+    let h = Harness::start_with(|clerk, config| {
+        let m = clerk.create_machine("layer");
+        config.forwarders = vec![m.id.clone()];
+        config.machine = Some(machine_config(clerk));
+        adjust(config);
+        forwarder = Some(m.id);
+    })
+    .await;
+    let token = h.clerk.mint_machine(&MachineTokenSpec {
+        subject: forwarder,
+        ..spec(MachineTokenKind::M2m, true)
+    });
+    (h, token)
+}
+
+/// VerifyToken as a delegated layer sends it: the end user's token and address, the layer's
+/// own token in `authorization` (when given).
+async fn verify_forwarded(
+    h: &Harness,
+    token: &str,
+    client_ip: &str,
+    caller: Option<&str>,
+) -> Result<Identity, Status> {
+    let mut req = tonic::Request::new(VerifyTokenRequest {
+        token: token.into(),
+        accepted_token_types: ALL_MACHINE.iter().map(|t| *t as i32).collect(),
+        client_ip: client_ip.into(),
+        ..Default::default()
+    });
+    if let Some(c) = caller {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {c}").parse().unwrap());
+    }
+    h.client
+        .clone()
+        .verify_token(req)
+        .await
+        .map(|r| r.into_inner().identity.unwrap())
+}
+
+/// A random string shaped like an API key: Clerk does not know it.
+fn random_api_key(i: usize) -> String {
+    format!("ak_{i:04}{:032x}", rand::random::<u128>())
+}
+
 #[tokio::test]
 async fn per_source_limit_protects_the_backend_api() {
-    let h = start(|m| {
+    let (h, fwd) = start_with_forwarder(|c| {
+        let m = c.machine.as_mut().unwrap();
         m.per_source_burst = 3;
         m.per_source_per_sec = 0.1;
     })
@@ -375,24 +428,225 @@ async fn per_source_limit_protects_the_backend_api() {
     let calls = h.clerk.bapi_requests();
     for i in 0..3 {
         let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
-        verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+        verify_forwarded(&h, &t, "203.0.113.7", Some(&fwd))
             .await
             .unwrap_or_else(|e| panic!("{i}: {e:?}"));
     }
     let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
-    let status = verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+    let status = verify_forwarded(&h, &t, "203.0.113.7", Some(&fwd))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(h.clerk.bapi_requests(), calls + 3);
     // Another source has its own bucket.
-    verify_as(&h, &t, &ALL_MACHINE, "203.0.113.8")
+    verify_forwarded(&h, &t, "203.0.113.8", Some(&fwd))
         .await
         .unwrap();
     // Cached verdicts cost no bucket tokens.
-    verify_as(&h, &t, &ALL_MACHINE, "203.0.113.7")
+    verify_forwarded(&h, &t, "203.0.113.7", Some(&fwd))
         .await
         .unwrap();
+
+    // IPv6: one /64 is one source, however many addresses it uses.
+    for i in 0..3 {
+        let t = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+        verify_forwarded(&h, &t, &format!("2001:db8:7:7::{i:x}"), Some(&fwd))
+            .await
+            .unwrap_or_else(|e| panic!("{i}: {e:?}"));
+    }
+    let before = h.clerk.bapi_requests();
+    for i in 0..20u32 {
+        let ip = format!("2001:db8:7:7:{:x}:{:x}::1", i + 1, i * 7);
+        let status = verify_forwarded(&h, &random_api_key(i as usize), &ip, Some(&fwd))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{ip}");
+    }
+    assert_eq!(h.clerk.bapi_requests(), before, "the /64's bucket is empty");
+    // IPv4-mapped IPv6 is the IPv4 address (its bucket is empty too).
+    let status = verify_forwarded(&h, &random_api_key(99), "::ffff:203.0.113.7", Some(&fwd))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // A forwarder's client_ip must be an address.
+    let status = verify_forwarded(&h, &t, "not-an-ip", Some(&fwd))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn client_ip_from_a_caller_that_is_not_a_forwarder_is_ignored() {
+    let (h, _fwd) = start_with_forwarder(|c| {
+        let m = c.machine.as_mut().unwrap();
+        m.per_source_burst = 5;
+        m.per_source_per_sec = 0.01;
+    })
+    .await;
+    // Another machine's valid token does not make its holder a forwarder.
+    let other = h.clerk.create_machine("stranger");
+    let other_token = h.clerk.mint_machine(&MachineTokenSpec {
+        subject: Some(other.id),
+        ..spec(MachineTokenKind::M2m, true)
+    });
+    let before = h.clerk.bapi_requests();
+    let mut exhausted = 0;
+    for i in 0..60 {
+        // Each call names another address; none is believed: all count under 127.0.0.1.
+        let caller = (i % 2 == 0).then_some(other_token.as_str());
+        let ip = format!("198.51.100.{}", i + 1);
+        match verify_forwarded(&h, &random_api_key(i), &ip, caller).await {
+            Err(s) if s.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(s) => assert_eq!(reason(&s), "TOKEN_INVALID", "{s:?}"),
+            Ok(id) => panic!("a random key verified: {id:?}"),
+        }
+    }
+    assert_eq!(
+        h.clerk.bapi_requests() - before,
+        5,
+        "one bucket (the caller's own address): its burst, no more"
+    );
+    assert_eq!(exhausted, 55);
+}
+
+#[tokio::test]
+async fn a_strangers_flood_cannot_starve_callers_with_valid_tokens() {
+    // A replica-wide budget of 20 calls with half reserved, refilled so slowly that the test
+    // sees only the burst; per-source buckets large enough not to matter.
+    let (h, fwd) = start_with_forwarder(|c| {
+        c.budget.calls_per_sec = 0.001;
+        c.budget.burst = 20;
+        c.budget.reserved_share = 0.5;
+        let m = c.machine.as_mut().unwrap();
+        m.per_source_burst = 1_000;
+    })
+    .await;
+    // A known-good end user: presented a valid session token from 192.0.2.10 (no Backend
+    // API call) before the flood.
+    let session = h.mint(&clerk_grpc_auth::emulator::TokenSpec::default());
+    let mut req = tonic::Request::new(VerifyTokenRequest {
+        token: session,
+        client_ip: "192.0.2.10".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {fwd}").parse().unwrap());
+    h.client.clone().verify_token(req).await.unwrap();
+
+    // 600 random API keys through the layer, each from another source (IPv4 addresses and
+    // IPv6 /64s), 32 at a time.
+    let before = h.clerk.bapi_requests();
+    let results: Vec<_> = futures::stream::iter(0..600usize)
+        .map(|i| {
+            let (h, fwd) = (&h, &fwd);
+            async move {
+                let ip = if i % 2 == 0 {
+                    format!("198.18.{}.{}", (i / 256) % 256, i % 256)
+                } else {
+                    format!("2001:db8:{:x}:{:x}::1", i / 65_536, i % 65_536)
+                };
+                verify_forwarded(h, &random_api_key(i), &ip, Some(fwd)).await
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let flood_calls = h.clerk.bapi_requests() - before;
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    assert!(results.iter().all(|r| r.is_err()), "no random key verified");
+    assert!(
+        flood_calls <= 11,
+        "strangers spent more than the unreserved half: {flood_calls} calls"
+    );
+    assert_eq!(exhausted as u64, 600 - flood_calls);
+
+    // The known-good user's fresh API keys still reach Clerk and verify, from the reserve.
+    for i in 0..8 {
+        let key = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+        let id = verify_forwarded(&h, &key, "192.0.2.10", Some(&fwd))
+            .await
+            .unwrap_or_else(|e| panic!("known-good key {i} refused: {e:?}"));
+        assert_eq!(id.token_type(), TokenType::ApiKey);
+    }
+    // Strangers are still refused while the reserve lasts.
+    let status = verify_forwarded(&h, &random_api_key(9_999), "198.19.9.9", Some(&fwd))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let b = h.verifier.machine().unwrap().budget().stats();
+    assert!(b.refused_strangers >= 589, "{b:?}");
+    assert_eq!(b.refused_known, 0, "{b:?}");
+}
+
+/// A fixed token for the delegated layer's own identity.
+struct Fixed(String);
+
+impl clerk_grpc_auth::client::TokenSource for Fixed {
+    fn token(&self) -> futures::future::BoxFuture<'_, Result<String, Status>> {
+        Box::pin(async move { Ok(self.0.clone()) })
+    }
+}
+
+#[tokio::test]
+async fn a_delegated_layer_with_its_own_token_forwards_the_end_users_address() {
+    use clerk_grpc_auth::{
+        layer::{Authenticate, CallerCredentials, DelegatedConfig, DelegatedVerifier},
+        VerifyRequest,
+    };
+    let (h, fwd) = start_with_forwarder(|c| {
+        let m = c.machine.as_mut().unwrap();
+        m.per_source_burst = 2;
+        m.per_source_per_sec = 0.01;
+    })
+    .await;
+    let layer = |credentials| {
+        DelegatedVerifier::new(DelegatedConfig {
+            endpoints: vec![format!("http://{}", h.addr)],
+            deadline: Duration::from_secs(5),
+            cache_capacity: 0,
+            credentials,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let verify = |d: DelegatedVerifier, ip: &'static str, key: String| async move {
+        let types = ALL_MACHINE;
+        d.authenticate(VerifyRequest {
+            token: &key,
+            accepted_types: &types,
+            source: Some(ip.parse().unwrap()),
+            ..VerifyRequest::default()
+        })
+        .await
+        .map(|_| ())
+    };
+    let with_token = layer(Some(CallerCredentials::new(Fixed(fwd))));
+    let key = || h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    // Each end user has its own bucket of 2.
+    for ip in ["192.0.2.1", "192.0.2.2"] {
+        verify(with_token.clone(), ip, key()).await.unwrap();
+        verify(with_token.clone(), ip, key()).await.unwrap();
+        let e = verify(with_token.clone(), ip, key()).await.unwrap_err();
+        assert!(
+            matches!(e, clerk_grpc_auth::AuthError::RateLimited { .. }),
+            "{e:?}"
+        );
+    }
+    // Without the layer's token, the end users' addresses are not believed: one bucket (the
+    // layer's own address) for all.
+    let without = layer(None);
+    verify(without.clone(), "192.0.2.3", key()).await.unwrap();
+    verify(without.clone(), "192.0.2.4", key()).await.unwrap();
+    let e = verify(without.clone(), "192.0.2.5", key())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, clerk_grpc_auth::AuthError::RateLimited { .. }),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -16,6 +16,7 @@ use tonic_types::StatusExt;
 
 use super::{watch_revocations, Authenticate, RevocationFeed};
 use crate::{
+    client::TokenSource,
     error::{AuthError, Reason, VerifyError},
     identity::Identity,
     pb::{self, auth_service_client::AuthServiceClient},
@@ -42,6 +43,29 @@ pub struct DelegatedConfig {
     pub fallback: Option<TokenVerifier>,
     /// TLS (and a client certificate for mTLS) towards AuthService (`https://` endpoints).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// This layer's own token (e.g. an [`M2mTokenSource`](crate::machine::M2mTokenSource)),
+    /// sent as `authorization` on every `VerifyToken` call. With it (or with an mTLS
+    /// certificate) on AuthService's `CLERK_AUTH_CLIENT_IP_FORWARDERS`, the end user's address
+    /// is honoured for AuthService's per-source limits; without, every call counts under this
+    /// layer's own address.
+    pub credentials: Option<CallerCredentials>,
+}
+
+/// The token a delegated layer presents to AuthService as its own identity. Never printed.
+#[derive(Clone)]
+pub struct CallerCredentials(Arc<dyn TokenSource>);
+
+impl CallerCredentials {
+    /// Credentials from a token source (asked before each call; cache inside the source).
+    pub fn new(source: impl TokenSource) -> Self {
+        Self(Arc::new(source))
+    }
+}
+
+impl std::fmt::Debug for CallerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallerCredentials(…)")
+    }
 }
 
 /// Counters kept by a [`DelegatedVerifier`].
@@ -68,6 +92,8 @@ struct Inner {
     cache: Option<moka::future::Cache<[u8; 32], Arc<Identity>>>,
     deadline: Duration,
     fallback: Option<TokenVerifier>,
+    credentials: Option<CallerCredentials>,
+    warned_credentials: AtomicBool,
     rpcs: AtomicU64,
     cache_hits: AtomicU64,
     fallbacks: AtomicU64,
@@ -114,6 +140,7 @@ impl Default for DelegatedConfig {
             connect_timeout: Duration::from_secs(1),
             fallback: None,
             tls: None,
+            credentials: None,
         }
     }
 }
@@ -167,6 +194,8 @@ impl DelegatedVerifier {
                 cache,
                 deadline: config.deadline,
                 fallback: config.fallback,
+                credentials: config.credentials,
+                warned_credentials: AtomicBool::new(false),
                 rpcs: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
@@ -278,6 +307,24 @@ impl DelegatedVerifier {
             claims_struct: false,
         });
         request.set_timeout(self.inner.deadline);
+        if let Some(c) = &self.inner.credentials {
+            // Our own identity only lets AuthService honour `client_ip`: without it the
+            // verification still happens, counted under this layer's address.
+            match c.0.token().await.map(|t| format!("Bearer {t}").parse()) {
+                Ok(Ok(mut v)) => {
+                    tonic::metadata::MetadataValue::set_sensitive(&mut v, true);
+                    request.metadata_mut().insert("authorization", v);
+                }
+                _ => {
+                    if !self.inner.warned_credentials.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "the delegated layer's own token could not be obtained; \
+                             VerifyToken calls go without it"
+                        );
+                    }
+                }
+            }
+        }
         let mut client = self.inner.client.clone();
         let answer = tokio::time::timeout(self.inner.deadline, client.verify_token(request)).await;
         match answer {

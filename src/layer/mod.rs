@@ -42,7 +42,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 pub use body::ExpiringBody;
-pub use delegated::{DelegatedConfig, DelegatedStats, DelegatedVerifier};
+pub use delegated::{CallerCredentials, DelegatedConfig, DelegatedStats, DelegatedVerifier};
 pub use feed::{watch_revocations, RevocationFeed};
 pub use interceptor::AuthInterceptor;
 pub use token::{TokenSources, SESSION_COOKIE};

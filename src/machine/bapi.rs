@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    bapi::RetryAfterGate,
+    budget::{parse_retry_after, source_key, ClerkBudget},
     error::{AuthError, Reason, VerifyError},
     identity::{Identity, MachineInfo, TokenType},
     jwks::{Secret, CLERK_API_VERSION},
@@ -24,8 +24,6 @@ use crate::{
 
 /// Largest Backend API answer read (a verify response is well under 4 KiB).
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Longest `Retry-After` honoured; a larger one is clamped.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Settings of a [`MachineVerifier`].
 #[derive(Debug, Clone)]
@@ -48,7 +46,8 @@ pub struct MachineConfig {
     pub cache_capacity: u64,
     /// How long a refusal (unknown, revoked, expired token) is remembered (default 10 s).
     pub negative_ttl: Duration,
-    /// Per-source token bucket: burst (default 20) …
+    /// Per-source token bucket (a source is an IPv4 address or an IPv6 `/64`): burst
+    /// (default 20) …
     pub per_source_burst: u32,
     /// … and refill per second (default 10), as Clerk's SDK.
     pub per_source_per_sec: f64,
@@ -87,7 +86,8 @@ pub struct MachineStats {
     pub cache_hits: u64,
     /// Answered from the negative cache.
     pub negative_hits: u64,
-    /// Refused by the per-source limit or while Clerk's `Retry-After` runs.
+    /// Refused by the per-source limit, the replica-wide budget, or while Clerk's
+    /// `Retry-After` runs.
     pub rate_limited: u64,
     /// 429 answers from Clerk.
     pub clerk_429s: u64,
@@ -104,7 +104,7 @@ struct Inner {
     cache: moka::future::Cache<[u8; 32], Arc<Identity>>,
     negative: moka::future::Cache<[u8; 32], VerifyError>,
     buckets: moka::sync::Cache<IpAddr, Arc<Mutex<Bucket>>>,
-    gate: RetryAfterGate,
+    budget: ClerkBudget,
     warned_key: AtomicBool,
     api_calls: AtomicU64,
     cache_hits: AtomicU64,
@@ -201,8 +201,14 @@ const REFUSED: VerifyError =
     VerifyError::new(Reason::TokenInvalid, "Clerk refused the machine token.");
 
 impl MachineVerifier {
-    /// A verifier sharing the service's HTTP client.
+    /// A verifier sharing the service's HTTP client, with a Backend API budget of its own.
     pub fn new(config: MachineConfig, http: reqwest::Client) -> Self {
+        Self::with_budget(config, http, ClerkBudget::default())
+    }
+
+    /// A verifier sharing the service's HTTP client and the replica's Backend API budget
+    /// (Clerk's `Retry-After` and the replica-wide call rate, shared with identity queries).
+    pub fn with_budget(config: MachineConfig, http: reqwest::Client, budget: ClerkBudget) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
             .expire_after(VerdictExpiry {
@@ -224,7 +230,7 @@ impl MachineVerifier {
                 cache,
                 negative,
                 buckets,
-                gate: RetryAfterGate::default(),
+                budget,
                 warned_key: AtomicBool::new(false),
                 api_calls: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
@@ -233,6 +239,11 @@ impl MachineVerifier {
                 clerk_429s: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The Backend API budget this verifier spends.
+    pub fn budget(&self) -> &ClerkBudget {
+        &self.inner.budget
     }
 
     /// Counters.
@@ -287,36 +298,46 @@ impl MachineVerifier {
         }
     }
 
-    /// The per-source bucket and Clerk's `Retry-After`: a refusal costs Clerk nothing.
+    /// Clerk's `Retry-After`, the per-source bucket, then the replica-wide budget (strangers
+    /// may not spend its reserve): a refusal costs Clerk nothing.
     fn admit(&self, source: Option<IpAddr>) -> Result<(), AuthError> {
         let inner = &self.inner;
-        let now = Instant::now();
-        if let Some(left) = inner.gate.remaining() {
+        let refuse = |retry_after: Duration| {
             inner.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return Err(AuthError::RateLimited { retry_after: left });
+            Err(AuthError::RateLimited { retry_after })
+        };
+        if let Some(left) = inner.budget.gate().remaining() {
+            return refuse(left);
         }
+        let now = Instant::now();
         let cfg = &inner.config;
-        let source = source.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let bucket = inner.buckets.get_with(source, || {
+        let key = source_key(source.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        let bucket = inner.buckets.get_with(key, || {
             Arc::new(Mutex::new(Bucket {
                 tokens: f64::from(cfg.per_source_burst),
                 at: now,
             }))
         });
-        let mut b = bucket.lock().expect("bucket lock");
-        let refill = now.duration_since(b.at).as_secs_f64() * cfg.per_source_per_sec;
-        b.tokens = (b.tokens + refill).min(f64::from(cfg.per_source_burst));
-        b.at = now;
-        if b.tokens >= 1.0 {
+        {
+            let mut b = bucket.lock().expect("bucket lock");
+            let refill = now.duration_since(b.at).as_secs_f64() * cfg.per_source_per_sec;
+            b.tokens = (b.tokens + refill).min(f64::from(cfg.per_source_burst));
+            b.at = now;
+            if b.tokens < 1.0 {
+                let wait = (1.0 - b.tokens) / cfg.per_source_per_sec.max(f64::MIN_POSITIVE);
+                drop(b);
+                return refuse(Duration::from_secs_f64(wait.min(60.0)));
+            }
             b.tokens -= 1.0;
-            Ok(())
-        } else {
-            inner.rate_limited.fetch_add(1, Ordering::Relaxed);
-            let wait = (1.0 - b.tokens) / cfg.per_source_per_sec.max(f64::MIN_POSITIVE);
-            Err(AuthError::RateLimited {
-                retry_after: Duration::from_secs_f64(wait.min(60.0)),
-            })
         }
+        if let Err(wait) = inner.budget.try_spend(inner.budget.spender_for(source)) {
+            // Not spent at Clerk: the source's token goes back.
+            let mut b = bucket.lock().expect("bucket lock");
+            b.tokens = (b.tokens + 1.0).min(f64::from(cfg.per_source_burst));
+            drop(b);
+            return refuse(wait);
+        }
+        Ok(())
     }
 
     async fn call(&self, token: &str, token_type: TokenType) -> Result<Arc<Identity>, AuthError> {
@@ -359,9 +380,7 @@ impl MachineVerifier {
         let retry_after = resp
             .headers()
             .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(parse_retry_after);
         let body = crate::bapi::read_bounded(resp, MAX_BODY_BYTES)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -385,10 +404,8 @@ impl MachineVerifier {
             404 => Err(AuthError::Rejected(NOT_FOUND)),
             429 => {
                 inner.clerk_429s.fetch_add(1, Ordering::Relaxed);
-                let wait = retry_after
-                    .unwrap_or(Duration::from_secs(1))
-                    .min(MAX_RETRY_AFTER);
-                inner.gate.suspend(wait);
+                let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                inner.budget.gate().suspend(wait);
                 tracing::warn!(?wait, "Clerk rate-limited machine-token verification");
                 Err(AuthError::RateLimited { retry_after: wait })
             }
