@@ -31,7 +31,7 @@ use crate::{
     machine::{MachineConfig, MachineVerifier},
     metrics::{Metrics, Observer},
     revocation::{Events, RedisConfig, RedisError, Revocations},
-    service::{AuthServiceImpl, IdentityQueries},
+    service::{AuthServiceImpl, Forwarders, IdentityQueries},
     webhook::{SvixVerifier, WebhookSecretError},
     TokenVerifier, TokenVerifierConfig,
 };
@@ -397,7 +397,7 @@ impl Server {
             allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
         });
         AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
-            .with_forwarders(self.forwarders.iter().cloned().collect())
+            .with_forwarders(Forwarders::new(self.forwarders.iter().cloned()))
     }
 }
 

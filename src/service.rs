@@ -26,7 +26,55 @@ pub struct AuthServiceImpl {
     events: Events,
     identity: Option<IdentityQueries>,
     observer: Observer,
-    forwarders: Arc<HashSet<String>>,
+    forwarders: Forwarders,
+}
+
+/// The callers allowed to say whom a request is for (`VerifyTokenRequest.client_ip`, the
+/// source address of an Envoy `CheckRequest`): machine ids (`mch_…`, by the M2M token in the
+/// call's own `authorization`) and SPIFFE IDs (`spiffe://…`, by the mTLS certificate). Cheap
+/// to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarders {
+    ids: Arc<HashSet<String>>,
+}
+
+impl Forwarders {
+    /// Forwarders by machine id or SPIFFE ID.
+    pub fn new(ids: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            ids: Arc::new(ids.into_iter().collect()),
+        }
+    }
+
+    /// Whether the caller of `request` is a forwarder: its mTLS SPIFFE ID or its M2M token's
+    /// machine is listed. A missing or failing caller token just means "no".
+    pub async fn admit<T>(&self, request: &Request<T>, verifier: &TokenVerifier) -> bool {
+        if self.ids.is_empty() {
+            return false;
+        }
+        if self.ids.iter().any(|f| f.starts_with("spiffe://"))
+            && crate::peer::PeerIdentity::from_request(request).any_in(self.ids.iter())
+        {
+            return true;
+        }
+        let Ok(token) = TokenSources::default()
+            .with_session_cookie(false)
+            .extract(request.metadata().as_ref())
+        else {
+            return false;
+        };
+        verifier
+            .verify(&VerifyRequest {
+                token,
+                accepted_types: &[TokenType::M2mToken],
+                source: request.remote_addr().map(|a| a.ip()),
+                ..VerifyRequest::default()
+            })
+            .await
+            .ok()
+            .and_then(|id| id.machine.as_ref()?.machine_id.clone())
+            .is_some_and(|m| self.ids.contains(&m))
+    }
 }
 
 /// What the identity-query RPCs need.
@@ -63,7 +111,7 @@ impl AuthServiceImpl {
             events,
             identity: None,
             observer: Observer::default(),
-            forwarders: Arc::default(),
+            forwarders: Forwarders::default(),
         }
     }
 
@@ -79,7 +127,7 @@ impl AuthServiceImpl {
             events,
             identity,
             observer: Observer::default(),
-            forwarders: Arc::default(),
+            forwarders: Forwarders::default(),
         }
     }
 
@@ -88,8 +136,8 @@ impl AuthServiceImpl {
     /// mTLS certificate). Anyone else's `client_ip` is ignored: the call counts under the
     /// caller's own address, so one caller cannot spread its Backend API cost over invented
     /// sources.
-    pub fn with_forwarders(mut self, forwarders: HashSet<String>) -> Self {
-        self.forwarders = Arc::new(forwarders);
+    pub fn with_forwarders(mut self, forwarders: Forwarders) -> Self {
+        self.forwarders = forwarders;
         self
     }
 
@@ -468,7 +516,7 @@ impl AuthServiceImpl {
         if claimed.is_empty() {
             return Ok(peer);
         }
-        if !self.is_forwarder(request, peer).await {
+        if !self.forwarders.admit(request, &self.verifier).await {
             tracing::debug!("client_ip ignored: the caller is not an allowed forwarder");
             return Ok(peer);
         }
@@ -479,36 +527,6 @@ impl AuthServiceImpl {
             .parse()
             .map(Some)
             .map_err(|_| AuthError::InvalidRequest("client_ip is not an IP address"))
-    }
-
-    /// A caller allowed to set `client_ip`: its mTLS SPIFFE ID or its M2M token's machine is
-    /// a forwarder. A missing or failing caller token just means "not a forwarder".
-    async fn is_forwarder<T>(&self, request: &Request<T>, peer: Option<std::net::IpAddr>) -> bool {
-        if self.forwarders.is_empty() {
-            return false;
-        }
-        if self.forwarders.iter().any(|f| f.starts_with("spiffe://"))
-            && crate::peer::PeerIdentity::from_request(request).any_in(self.forwarders.iter())
-        {
-            return true;
-        }
-        let Ok(token) = TokenSources::default()
-            .with_session_cookie(false)
-            .extract(request.metadata().as_ref())
-        else {
-            return false;
-        };
-        self.verifier
-            .verify(&VerifyRequest {
-                token,
-                accepted_types: &[TokenType::M2mToken],
-                source: peer,
-                ..VerifyRequest::default()
-            })
-            .await
-            .ok()
-            .and_then(|id| id.machine.as_ref()?.machine_id.clone())
-            .is_some_and(|m| self.forwarders.contains(&m))
     }
 
     async fn verify(
