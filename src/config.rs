@@ -120,9 +120,14 @@ pub struct ServeArgs {
     /// a valid session token for every request.
     #[arg(long, env = "CLERK_AUTH_ROUTE_POLICY")]
     pub route_policy: Option<String>,
-    /// How long a revoked session is remembered, in seconds (default 86400).
+    /// How long a revoked session is remembered, in seconds: the longest lifetime a token of
+    /// a session can have (default 86400, 60 to 2592000).
     #[arg(long, env = "CLERK_AUTH_REVOCATION_TTL_SECS")]
     pub revocation_ttl_secs: Option<String>,
+    /// The most revoked sessions remembered at once; past it the oldest is evicted (counted
+    /// in `/metrics`, logged). Default 1000000.
+    #[arg(long, env = "CLERK_AUTH_REVOCATION_CAPACITY")]
+    pub revocation_capacity: Option<String>,
     /// Backend API calls per second this replica may make, identity queries and machine
     /// tokens together (default 20; 0 = no replica-wide limit).
     #[arg(long, env = "CLERK_AUTH_BAPI_CALLS_PER_SEC")]
@@ -445,6 +450,18 @@ impl ServeArgs {
             )?
             .max(60),
         );
+        let revocation_capacity = parse_num(
+            "CLERK_AUTH_REVOCATION_CAPACITY",
+            &self.revocation_capacity,
+            1_000_000,
+            100_000_000,
+        )?;
+        if revocation_capacity == 0 {
+            return Err(err(
+                "CLERK_AUTH_REVOCATION_CAPACITY",
+                "must be at least 1 (revocations would be lost)",
+            ));
+        }
 
         let read = |var: &'static str, path: &str| {
             std::fs::read(path).map_err(|e| err(var, format!("cannot read {path}: {e}")))
@@ -586,6 +603,7 @@ impl ServeArgs {
                 webhook,
                 redis,
                 revocation_ttl,
+                revocation_capacity,
                 route_policy,
                 tls,
                 shutdown_grace,
@@ -770,6 +788,35 @@ mod tests {
                 assert_eq!(url.as_str(), "http://127.0.0.1:9/clerk/v1/jwks")
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn revocation_ttl_and_capacity() {
+        let key = || ServeArgs {
+            secret_key: Some("sk_test_abc".into()),
+            ..args()
+        };
+        let (cfg, _) = key().to_config().unwrap();
+        assert_eq!(cfg.revocation_ttl, Duration::from_secs(86_400));
+        assert_eq!(cfg.revocation_capacity, 1_000_000);
+        let (cfg, _) = ServeArgs {
+            revocation_ttl_secs: Some("3600".into()),
+            revocation_capacity: Some("50000".into()),
+            ..key()
+        }
+        .to_config()
+        .unwrap();
+        assert_eq!(cfg.revocation_ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.revocation_capacity, 50_000);
+        for bad in ["0", "-1", "x", "100000001"] {
+            let e = ServeArgs {
+                revocation_capacity: Some(bad.into()),
+                ..key()
+            }
+            .to_config()
+            .unwrap_err();
+            assert_eq!(e.var, "CLERK_AUTH_REVOCATION_CAPACITY", "{bad}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics (`GET /metrics` on the HTTP port): decisions by method, outcome and
 //! reason; decision latency histograms; key-set age, JWKS fetches and failures; verdict,
-//! machine-token and identity cache counters; Backend API calls, errors and 429s.
+//! machine-token and identity cache counters; Backend API calls, errors and 429s; revoked
+//! sessions held, evicted and refused.
 //!
 //! Hot-path counters are the components' own atomics, read at scrape time by a collector;
 //! only the decision counter and the latency histogram are updated per call.
@@ -99,6 +100,25 @@ impl Collector for Stats {
             "clerk_auth_jwks_unknown_kid_suppressed",
             "Unknown-kid lookups answered without a fetch (cooldown or negative cache)",
             k.unknown_kid_suppressed,
+        )?;
+        let r = self.verifier.revocations().stats();
+        gauge(
+            &mut e,
+            "clerk_auth_revocations",
+            "Revoked sessions remembered now",
+            r.entries as f64,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_revocations_evicted",
+            "Revocations evicted (oldest first) because the revoked-session set was full",
+            r.evicted,
+        )?;
+        counter(
+            &mut e,
+            "clerk_auth_revocations_refused",
+            "Revocations refused because the id is not a plausible Clerk session id",
+            r.refused,
         )?;
         let v = self.verifier.stats();
         counter(

@@ -4,21 +4,37 @@
 //! locally at once and, when Redis is configured, stores revocations as keys with a TTL (so a
 //! replica that starts later still knows) and publishes every event on a channel that every
 //! replica applies at once. Without Redis: single-replica behaviour.
+//!
+//! The revoked-session set ([`Revocations`]) never refuses a new revocation: each one is kept
+//! for the TTL (the longest lifetime a token of the session can have, after which no token of
+//! it can still be valid), and only if the hard cap is reached is the **oldest** one evicted
+//! — counted in `/metrics` (`clerk_auth_revocations_evicted`) and logged (at most one warning
+//! a minute, with the number evicted since the last one).
 
 use std::{
+    collections::{BTreeMap, HashMap},
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError, RwLock,
     },
     time::Duration,
 };
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::Directory;
+
+/// The longest session id accepted into the revoked set (Clerk's are `sess_` + 27).
+pub const MAX_SESSION_ID_LEN: usize = 128;
+
+/// At most one eviction warning per this interval (the rest are summed into the next one).
+const EVICTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Something that changed at Clerk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,38 +58,115 @@ pub enum Event {
 }
 
 /// The set of revoked sessions. Cheap to clone; checked on every session-token verification.
+///
+/// - **Always admits** a new revocation; revoking an id again refreshes it (one entry).
+/// - **Expires** each entry [`Revocations::ttl`] after it was (last) revoked.
+/// - **Evicts the oldest** entries first when [`Revocations::capacity`] is reached, counted in
+///   [`RevocationStats::evicted`] and logged (rate-limited).
+/// - **Refuses** ids that are not plausible Clerk session ids ([`is_plausible_session_id`]),
+///   counted in [`RevocationStats::refused`]: no token can carry them as `sid` — Clerk's do
+///   not look like that — and they would only take room.
+///
+/// [`Revocations::is_revoked`] is one atomic load while the set is empty, else a hash lookup
+/// under a read lock (never held across an `.await`). Inserts take the write lock and purge
+/// expired entries from the oldest end; [`Revocations::purge_expired`] (run periodically by
+/// [`Events::run`]) does the same without an insert.
 #[derive(Clone)]
 pub struct Revocations {
     inner: Arc<RevInner>,
 }
 
-struct RevInner {
-    set: moka::sync::Cache<String, ()>,
-    marked: AtomicU64,
-    ttl: Duration,
+/// Where a paged walk over the set ([`Revocations::page`]) goes on from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RevocationCursor(u64);
+
+/// Counters of the revoked-session set.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RevocationStats {
+    /// Revocations held now (expired ones not yet purged included).
+    pub entries: u64,
+    /// Revocations evicted, oldest first, because the cap was reached.
+    pub evicted: u64,
+    /// Revocations dropped because their TTL had passed.
+    pub expired: u64,
+    /// Ids refused because they are not plausible Clerk session ids.
+    pub refused: u64,
 }
+
+struct RevInner {
+    ttl: Duration,
+    capacity: usize,
+    table: RwLock<Table>,
+    /// `table.by_id.len()`, readable without the lock (the empty-set fast path).
+    len: AtomicUsize,
+    evicted: AtomicU64,
+    expired: AtomicU64,
+    refused: AtomicU64,
+    report: Mutex<EvictionReport>,
+}
+
+/// Entries by id and in revocation order. `seq` increases with every (re-)revocation, and the
+/// instants are taken under the write lock, so the first entry of `order` is the oldest.
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<Arc<str>, Stamp>,
+    order: BTreeMap<u64, (Instant, Arc<str>)>,
+    next_seq: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Stamp {
+    seq: u64,
+    at: Instant,
+}
+
+/// Evictions not yet logged, and when the last warning was written.
+#[derive(Default)]
+struct EvictionReport {
+    last_warn: Option<Instant>,
+    unreported: u64,
+}
+
+/// Whether `id` may be a Clerk session id: `sess_` followed by 1 to 123 ASCII letters, digits
+/// or `_` (at most [`MAX_SESSION_ID_LEN`] bytes in all) — the shape `RevokeSession` and the
+/// identity RPCs already require.
+pub fn is_plausible_session_id(id: &str) -> bool {
+    crate::bapi::is_clerk_id(id, "sess_") && id.len() <= MAX_SESSION_ID_LEN
+}
+
+/// How often [`Events::run`] purges expired revocations: a tenth of the TTL, between 1 s and
+/// 60 s (the eviction summary is written on the same beat).
+pub fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_secs(1), EVICTION_LOG_INTERVAL)
+}
+
+// === impl Revocations ===
 
 impl std::fmt::Debug for Revocations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Revocations")
-            .field("entries", &self.inner.set.entry_count())
+            .field("entries", &self.len())
             .field("ttl", &self.inner.ttl)
+            .field("capacity", &self.inner.capacity)
             .finish()
     }
 }
 
 impl Revocations {
-    /// Revocations remembered for `ttl` (the longest lifetime a session token can have;
-    /// default 24 h), at most `capacity` of them.
+    /// Revocations remembered for `ttl` after they are made (the longest lifetime a session
+    /// token can have; default 24 h), at most `capacity` of them (at least 1) — past that the
+    /// oldest is evicted.
     pub fn new(ttl: Duration, capacity: u64) -> Self {
         Self {
             inner: Arc::new(RevInner {
-                set: moka::sync::Cache::builder()
-                    .max_capacity(capacity)
-                    .time_to_live(ttl)
-                    .build(),
-                marked: AtomicU64::new(0),
                 ttl,
+                capacity: usize::try_from(capacity.max(1)).unwrap_or(usize::MAX),
+                table: RwLock::new(Table::default()),
+                len: AtomicUsize::new(0),
+                evicted: AtomicU64::new(0),
+                expired: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                report: Mutex::new(EvictionReport::default()),
             }),
         }
     }
@@ -83,21 +176,223 @@ impl Revocations {
         self.inner.ttl
     }
 
-    /// Whether the session was revoked. One atomic load while nothing was ever revoked.
+    /// The most revocations held at once.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity as u64
+    }
+
+    /// Revocations held now (expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no revocation is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counters (for `/metrics`).
+    pub fn stats(&self) -> RevocationStats {
+        let i = &self.inner;
+        RevocationStats {
+            entries: self.len() as u64,
+            evicted: i.evicted.load(Ordering::Relaxed),
+            expired: i.expired.load(Ordering::Relaxed),
+            refused: i.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the session was revoked (within the TTL). One atomic load while the set is
+    /// empty; otherwise one hash lookup under a read lock.
     #[inline]
     pub fn is_revoked(&self, session_id: &str) -> bool {
-        self.inner.marked.load(Ordering::Relaxed) != 0 && self.inner.set.contains_key(session_id)
+        if self.inner.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.is_revoked_at(session_id, Instant::now())
     }
 
-    /// Every session id currently remembered as revoked.
-    pub fn snapshot(&self) -> Vec<Arc<String>> {
-        self.inner.set.iter().map(|(k, ())| k).collect()
+    fn is_revoked_at(&self, session_id: &str, now: Instant) -> bool {
+        let stamp = self.read().by_id.get(session_id).copied();
+        stamp.is_some_and(|s| !self.is_expired(s.at, now))
     }
 
-    /// Marks a session revoked (locally).
-    pub fn mark(&self, session_id: &str) {
-        self.inner.set.insert(session_id.to_owned(), ());
-        self.inner.marked.fetch_add(1, Ordering::Relaxed);
+    fn is_expired(&self, at: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(at) >= self.inner.ttl
+    }
+
+    /// Marks a session revoked (locally), from now for the TTL; an id already held is
+    /// refreshed. Returns `false` (and counts a refusal) when `session_id` is not a plausible
+    /// Clerk session id ([`is_plausible_session_id`]); a new revocation is otherwise always
+    /// admitted, evicting the oldest if the set is full.
+    pub fn mark(&self, session_id: &str) -> bool {
+        self.mark_at(session_id, Instant::now())
+    }
+
+    fn mark_at(&self, session_id: &str, now: Instant) -> bool {
+        if !is_plausible_session_id(session_id) {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let evicted = {
+            let mut t = self.write();
+            let seq = t.next_seq;
+            t.next_seq += 1;
+            let stamp = Stamp { seq, at: now };
+            let id: Arc<str> = match t.by_id.get_key_value(session_id) {
+                Some((id, old)) => {
+                    let (id, old_seq) = (id.clone(), old.seq);
+                    t.order.remove(&old_seq);
+                    id
+                }
+                None => session_id.into(),
+            };
+            t.by_id.insert(id.clone(), stamp);
+            t.order.insert(seq, (now, id));
+            let expired = self.purge_locked(&mut t, now);
+            let mut evicted = 0u64;
+            while t.by_id.len() > self.inner.capacity {
+                let Some((_, (_, oldest))) = t.order.pop_first() else {
+                    break;
+                };
+                t.by_id.remove(&oldest);
+                evicted += 1;
+            }
+            self.inner.len.store(t.by_id.len(), Ordering::Relaxed);
+            if expired > 0 {
+                self.inner.expired.fetch_add(expired, Ordering::Relaxed);
+            }
+            evicted
+        };
+        if evicted > 0 {
+            self.inner.evicted.fetch_add(evicted, Ordering::Relaxed);
+            self.report_evictions(evicted, now);
+        }
+        true
+    }
+
+    /// Drops the entries whose TTL has passed (oldest first; stops at the first live one).
+    fn purge_locked(&self, t: &mut Table, now: Instant) -> u64 {
+        let mut n = 0;
+        while let Some(entry) = t.order.first_entry() {
+            if !self.is_expired(entry.get().0, now) {
+                break;
+            }
+            let (_, id) = entry.remove();
+            t.by_id.remove(&id);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops every revocation whose TTL has passed; returns how many. Also logs evictions not
+    /// yet reported when the log interval has passed. Run periodically by [`Events::run`].
+    pub fn purge_expired(&self) -> usize {
+        self.purge_expired_at(Instant::now())
+    }
+
+    fn purge_expired_at(&self, now: Instant) -> usize {
+        let expired = {
+            let oldest = self.read().order.first_key_value().map(|(_, (at, _))| *at);
+            if oldest.is_some_and(|at| self.is_expired(at, now)) {
+                let mut t = self.write();
+                let n = self.purge_locked(&mut t, now);
+                self.inner.len.store(t.by_id.len(), Ordering::Relaxed);
+                n
+            } else {
+                0
+            }
+        };
+        if expired > 0 {
+            self.inner.expired.fetch_add(expired, Ordering::Relaxed);
+        }
+        self.report_evictions(0, now);
+        expired as usize
+    }
+
+    /// Adds `n` evictions to the report and writes the warning when one is due: at the first
+    /// eviction, then at most once per [`EVICTION_LOG_INTERVAL`] with the sum since the last.
+    fn report_evictions(&self, n: u64, now: Instant) {
+        let due = {
+            let mut r = self
+                .inner
+                .report
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            r.unreported += n;
+            let due = r.unreported > 0
+                && r.last_warn
+                    .is_none_or(|t| now.saturating_duration_since(t) >= EVICTION_LOG_INTERVAL);
+            if due {
+                r.last_warn = Some(now);
+                Some(std::mem::take(&mut r.unreported))
+            } else {
+                None
+            }
+        };
+        if let Some(evicted) = due {
+            tracing::warn!(
+                evicted,
+                capacity = self.inner.capacity,
+                total = self.inner.evicted.load(Ordering::Relaxed),
+                "the revoked-session set is full: the oldest revocations were evicted and their \
+                 sessions' tokens are accepted again; raise CLERK_AUTH_REVOCATION_CAPACITY"
+            );
+        }
+    }
+
+    /// Every session id currently revoked (within the TTL), oldest first. Copies the set; to
+    /// walk a large set a bounded piece at a time, use [`Revocations::page`].
+    pub fn snapshot(&self) -> Vec<Arc<str>> {
+        let now = Instant::now();
+        self.read()
+            .order
+            .values()
+            .filter(|(at, _)| !self.is_expired(*at, now))
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Up to `limit` revoked ids after `after` (from the oldest when `None`), oldest first,
+    /// with the cursor to go on from (`None` when the walk is done). The read lock is held
+    /// only while one page is copied, so a stream can send the whole set page by page without
+    /// copying it at once; an id revoked again during the walk moves to the end and may be
+    /// seen twice (marking it again is harmless).
+    pub fn page(
+        &self,
+        after: Option<RevocationCursor>,
+        limit: usize,
+    ) -> (Vec<Arc<str>>, Option<RevocationCursor>) {
+        let now = Instant::now();
+        let limit = limit.max(1);
+        let start = after.map_or(0, |c| c.0.saturating_add(1));
+        let t = self.read();
+        let mut out = Vec::with_capacity(limit.min(t.order.len()));
+        let mut last = None;
+        for (seq, (at, id)) in t.order.range(start..) {
+            if out.len() >= limit {
+                return (out, last);
+            }
+            last = Some(RevocationCursor(*seq));
+            if !self.is_expired(*at, now) {
+                out.push(id.clone());
+            }
+        }
+        (out, None)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.inner
+            .table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.inner
+            .table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -236,7 +531,19 @@ impl Events {
 
     /// Applies an event here and shares it with every replica. A Redis failure is logged; the
     /// event is still applied here.
+    /// A revocation of an implausible session id ([`is_plausible_session_id`]) is counted as
+    /// refused and neither applied nor shared.
     pub async fn publish(&self, event: Event) {
+        if let Event::SessionRevoked { id } = &event {
+            if !is_plausible_session_id(id) {
+                self.inner.revocations.mark(id);
+                tracing::debug!(
+                    len = id.len(),
+                    "ignoring a revocation of an implausible session id"
+                );
+                return;
+            }
+        }
         self.apply(&event).await;
         let Some(r) = &self.inner.redis else { return };
         let mut conn = r.conn.clone();
@@ -262,10 +569,11 @@ impl Events {
     async fn apply(&self, event: &Event) {
         match event {
             Event::SessionRevoked { id } => {
-                self.inner.revocations.mark(id);
-                let _ = self.inner.revoked_feed.send(id.as_str().into());
-                if let Some(d) = &self.inner.directory {
-                    d.invalidate_session(id).await;
+                if self.inner.revocations.mark(id) {
+                    let _ = self.inner.revoked_feed.send(id.as_str().into());
+                    if let Some(d) = &self.inner.directory {
+                        d.invalidate_session(id).await;
+                    }
                 }
             }
             Event::UserChanged { id } => {
@@ -282,10 +590,27 @@ impl Events {
         self.inner.applied.send_modify(|c| *c += 1);
     }
 
-    /// Receives other replicas' events until `shutdown`: subscribes, then loads every stored
-    /// revocation (so nothing published before the subscription is missed), then applies
-    /// messages as they come; reconnects with back-off. Returns at once without Redis.
+    /// Until `shutdown`: purges expired revocations periodically (and writes the eviction
+    /// summary when one is due), and, with Redis, receives other replicas' events: subscribes,
+    /// then loads every stored revocation (so nothing published before the subscription is
+    /// missed), then applies messages as they come; reconnects with back-off.
     pub async fn run(self, shutdown: CancellationToken) {
+        tokio::join!(self.sweep(&shutdown), self.follow_redis(&shutdown));
+    }
+
+    /// Purges expired revocations every [`sweep_interval`] of the TTL until `shutdown`.
+    async fn sweep(&self, shutdown: &CancellationToken) {
+        let every = sweep_interval(self.inner.revocations.ttl());
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.inner.revocations.purge_expired();
+        }
+    }
+
+    async fn follow_redis(&self, shutdown: &CancellationToken) {
         let Some(r) = &self.inner.redis else { return };
         let channel = format!("{}:events", r.prefix);
         let mut failures = 0u32;
@@ -346,8 +671,9 @@ impl Events {
                 .await?;
             for k in keys {
                 if let Some(id) = k.get(skip..) {
-                    self.inner.revocations.mark(id);
-                    let _ = self.inner.revoked_feed.send(id.into());
+                    if self.inner.revocations.mark(id) {
+                        let _ = self.inner.revoked_feed.send(id.into());
+                    }
                 }
             }
             if next == 0 {
@@ -355,5 +681,154 @@ impl Events {
             }
             cursor = next;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(100);
+
+    fn sid(i: usize) -> String {
+        format!("sess_{i:027}")
+    }
+
+    #[test]
+    fn at_capacity_every_new_revocation_is_honoured_and_the_oldest_are_evicted() {
+        let r = Revocations::new(TTL, 10);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let now = t0 + Duration::from_millis(i as u64);
+            assert!(r.mark_at(&sid(i), now));
+            assert!(
+                r.is_revoked_at(&sid(i), now),
+                "revocation {i} honoured at once"
+            );
+            assert_eq!(r.len(), (i + 1).min(10));
+        }
+        let now = t0 + Duration::from_secs(1);
+        for i in 0..90 {
+            assert!(!r.is_revoked_at(&sid(i), now), "{i} was among the oldest");
+        }
+        for i in 90..100 {
+            assert!(r.is_revoked_at(&sid(i), now), "{i} is among the newest");
+        }
+        let s = r.stats();
+        assert_eq!((s.entries, s.evicted, s.expired, s.refused), (10, 90, 0, 0));
+    }
+
+    #[test]
+    fn revoking_again_refreshes_without_duplicating() {
+        let r = Revocations::new(TTL, 3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        r.mark_at(&sid(1), at(0));
+        r.mark_at(&sid(2), at(1));
+        r.mark_at(&sid(3), at(2));
+        // sid 1 again: now the newest, one entry.
+        r.mark_at(&sid(1), at(50));
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.read().order.len(), 3);
+        // Full: the next one evicts sid 2 (now the oldest), not sid 1.
+        r.mark_at(&sid(4), at(51));
+        assert!(!r.is_revoked_at(&sid(2), at(51)));
+        for i in [1, 3, 4] {
+            assert!(r.is_revoked_at(&sid(i), at(51)), "{i}");
+        }
+        // Its TTL runs from the second revocation.
+        assert!(r.is_revoked_at(&sid(1), at(149)));
+        assert!(!r.is_revoked_at(&sid(1), at(150)));
+        assert_eq!(r.stats().evicted, 1);
+    }
+
+    #[test]
+    fn entries_expire_after_the_ttl_and_are_purged() {
+        let r = Revocations::new(TTL, 1_000);
+        let t0 = Instant::now();
+        r.mark_at(&sid(1), t0);
+        r.mark_at(&sid(2), t0 + Duration::from_secs(10));
+        assert!(r.is_revoked_at(&sid(1), t0 + TTL - Duration::from_millis(1)));
+        assert!(!r.is_revoked_at(&sid(1), t0 + TTL));
+        assert!(r.is_revoked_at(&sid(2), t0 + TTL));
+        // Still held until purged (an insert or the sweep), but no longer revoked.
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.purge_expired_at(t0 + TTL), 1);
+        assert_eq!(r.len(), 1);
+        // An insert purges lazily too.
+        r.mark_at(&sid(3), t0 + TTL + Duration::from_secs(10));
+        assert_eq!(r.len(), 1);
+        let s = r.stats();
+        assert_eq!((s.expired, s.evicted), (2, 0));
+        assert_eq!(r.purge_expired_at(t0 + TTL * 3), 1);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn implausible_ids_are_refused_and_counted() {
+        let r = Revocations::new(TTL, 10);
+        let long = format!("sess_{}", "a".repeat(MAX_SESSION_ID_LEN));
+        for bad in [
+            "",
+            "sess_",
+            "sess",
+            "user_2abc",
+            "SESS_abc",
+            "sess_a b",
+            "sess_a-b",
+            "sess_é",
+            "sess_a\0",
+            "sess_a\n",
+            long.as_str(),
+        ] {
+            assert!(!r.mark(bad), "{bad:?}");
+            assert!(!r.is_revoked(bad));
+        }
+        assert_eq!(r.stats().refused, 11);
+        assert!(r.is_empty());
+        // What Clerk issues (and the emulator mints) is accepted.
+        for good in ["sess_2abcDEF0123456789abcdefghi", "sess_1", "sess_a_b"] {
+            assert!(r.mark(good), "{good}");
+            assert!(r.is_revoked(good));
+        }
+        assert!(r.mark(&format!("sess_{}", "a".repeat(MAX_SESSION_ID_LEN - 5))));
+    }
+
+    #[test]
+    fn pages_walk_the_whole_set_oldest_first() {
+        let r = Revocations::new(TTL, 100);
+        for i in 0..25 {
+            r.mark(&sid(i));
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = r.page(cursor, 10);
+            assert!(page.len() <= 10);
+            seen.extend(page.iter().map(|s| s.to_string()));
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..25).map(sid).collect::<Vec<_>>());
+        let snap: Vec<String> = r.snapshot().iter().map(|s| s.to_string()).collect();
+        assert_eq!(snap, seen);
+    }
+
+    #[test]
+    fn sweep_interval_is_bounded() {
+        assert_eq!(
+            sweep_interval(Duration::from_secs(86_400)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_secs(100)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_millis(50)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// How long a revoked session is remembered (the longest session-token lifetime;
     /// default 24 h).
     pub revocation_ttl: Duration,
+    /// The most revoked sessions remembered at once; past it the oldest is evicted (default
+    /// 1 000 000).
+    pub revocation_capacity: u64,
     /// Rules for Envoy's `Check` by host, path prefix and method (default: a valid session
     /// token everywhere).
     pub route_policy: RoutePolicy,
@@ -186,6 +189,7 @@ impl ServerConfig {
             webhook: None,
             redis: None,
             revocation_ttl: Duration::from_secs(86_400),
+            revocation_capacity: 1_000_000,
             route_policy: RoutePolicy::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
@@ -226,7 +230,7 @@ impl Server {
             .as_ref()
             .map(|w| SvixVerifier::new(&w.signing_secret, w.tolerance))
             .transpose()?;
-        let revocations = Revocations::new(config.revocation_ttl, 1_000_000);
+        let revocations = Revocations::new(config.revocation_ttl, config.revocation_capacity);
         let keys = KeyStore::new(config.key_source, config.key_store, http);
         let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
         Ok(Self {

@@ -289,7 +289,7 @@ impl AuthService for AuthServiceImpl {
         tokio::spawn(async move {
             for id in snapshot {
                 let msg = pb::Revocation {
-                    session_id: id.as_str().to_owned(),
+                    session_id: id.to_string(),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;

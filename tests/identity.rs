@@ -50,6 +50,8 @@ struct Setup {
     allowlist: Vec<String>,
     redis_prefix: Option<String>,
     directory: DirectoryConfig,
+    /// Revocation TTL and capacity (default: the server's).
+    revocations: Option<(Duration, u64)>,
 }
 
 async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
@@ -75,6 +77,10 @@ async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
         url: "redis://127.0.0.1:6379".into(),
         prefix: p.clone(),
     });
+    if let Some((ttl, capacity)) = setup.revocations {
+        config.revocation_ttl = ttl;
+        config.revocation_capacity = capacity;
+    }
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
@@ -873,5 +879,119 @@ async fn metrics_livez_and_readyz_on_the_http_port() {
     assert!(
         text.contains("clerk_auth_decision_duration_seconds_bucket{le="),
         "{text}"
+    );
+}
+
+/// `/metrics` of `r` as text, and the value of the first line starting with `needle`.
+async fn metric(r: &Replica, needle: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", r.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .unwrap_or_else(|| panic!("{needle} missing in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn at_a_small_capacity_no_new_revocation_is_lost_and_the_oldest_are_evicted() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let setup = Setup {
+        revocations: Some((Duration::from_secs(86_400), 10)),
+        ..Setup::default()
+    };
+    let r = replica(&clerk, &setup).await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let user = clerk.create_user(&UserSpec::default());
+    let mut tokens = Vec::new();
+    // 100 sign-outs (`session.ended`), one after the other, into a set of 10.
+    for i in 0..100 {
+        let session = clerk.create_session(&user);
+        let token = user_token(&clerk, &user, &session);
+        assert!(clerk.set_session_status(&session, "ended").await);
+        assert_eq!(
+            reason(&verify(&r, &token, false).await.unwrap_err()),
+            "SESSION_REVOKED",
+            "revocation {i} is honoured at once"
+        );
+        tokens.push(token);
+    }
+    // The newest ten are still refused; the 90 oldest were evicted, oldest first.
+    for (i, t) in tokens.iter().enumerate() {
+        let v = verify(&r, t, false).await;
+        if i < 90 {
+            v.unwrap_or_else(|e| panic!("revocation {i} should have been evicted: {e:?}"));
+        } else {
+            assert_eq!(reason(&v.unwrap_err()), "SESSION_REVOKED", "{i}");
+        }
+    }
+    assert_eq!(
+        metric(&r, "clerk_auth_revocations_evicted_total").await,
+        90.0
+    );
+    assert_eq!(metric(&r, "clerk_auth_revocations ").await, 10.0);
+    assert_eq!(
+        metric(&r, "clerk_auth_revocations_refused_total").await,
+        0.0
+    );
+
+    // A webhook naming something that cannot be a session id is refused and counted.
+    assert_eq!(
+        clerk
+            .send_webhook("session.ended", serde_json::json!({"id": "sess_../../x"}))
+            .await,
+        Some(200)
+    );
+    assert_eq!(
+        metric(&r, "clerk_auth_revocations_refused_total").await,
+        1.0
+    );
+    assert_eq!(metric(&r, "clerk_auth_revocations ").await, 10.0);
+}
+
+#[tokio::test]
+async fn a_revocation_expires_after_its_ttl() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let setup = Setup {
+        revocations: Some((Duration::from_secs(1), 10)),
+        ..Setup::default()
+    };
+    let r = replica(&clerk, &setup).await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let user = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&user);
+    let token = user_token(&clerk, &user, &session);
+    assert!(clerk.set_session_status(&session, "revoked").await);
+    assert_eq!(
+        reason(&verify(&r, &token, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    // Past the TTL no token of the session can still be valid (here one is, to show the
+    // entry is gone): accepted again. Polled with a deadline; the sweep then drops it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while verify(&r, &token, false).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revocation never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while metric(&r, "clerk_auth_revocations ").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep never purged the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(&r, "clerk_auth_revocations_evicted_total").await,
+        0.0
     );
 }
