@@ -7,7 +7,7 @@
 //! | `GET /.well-known/jwks.json` | the Frontend API JWKS (public) |
 //! | `POST /emulator/tokens` | mints a session token from a [`TokenSpec`] (JSON); answers `{"object":"token","jwt":…}` |
 //! | `POST /emulator/keys/rotate` | rotates the signing key (the old key stays in the JWKS); answers `{"kid":…}` |
-//! | `PUT /emulator/faults` | `{"jwks_status": 503}` makes both JWKS endpoints fail; `null` heals |
+//! | `PUT /emulator/faults` | `{"jwks_status": 503}` makes both JWKS endpoints fail; `{"jwks": {"status": 429, "retry_after": "1", "times": 1}}` only the next request, with a `Retry-After`; `null` heals |
 //! | `GET /emulator/stats` | `{"jwks_requests": n, "bapi_requests": n}` |
 //! | `POST /m2m_tokens` | creates an M2M token (Bearer machine secret key; `seconds_until_expiration`, `claims`, `token_format: "jwt"`) |
 //! | `POST /m2m_tokens/verify`, `/api_keys/verify`, `/oauth_applications/access_tokens/verify` | Clerk's verify endpoints (also under `/v1`); unknown → 404, revoked / expired → 400 `token_revoked` / `token_expired` |
@@ -132,6 +132,10 @@ pub struct JwksFault {
     /// Answer `200 application/json` with this body instead of the keys (garbage, keys of
     /// the wrong type or size, a hostile document).
     pub body: Option<String>,
+    /// With `status`: send this `Retry-After` value verbatim (`"1"`, an HTTP-date, garbage).
+    pub retry_after: Option<String>,
+    /// Apply the fault to the next this many requests only, then heal (`None`: until changed).
+    pub times: Option<u64>,
 }
 
 impl JwksFault {
@@ -139,12 +143,20 @@ impl JwksFault {
     fn answer(&self) -> Option<Response> {
         if let Some(status) = self.status {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return Some(clerk_error(
+            let mut resp = clerk_error(
                 status,
                 "internal_clerk_error",
                 "Something went wrong",
                 "Injected failure",
-            ));
+            );
+            if let Some(v) = self
+                .retry_after
+                .as_deref()
+                .and_then(|v| http::HeaderValue::from_str(v).ok())
+            {
+                resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            return Some(resp);
         }
         self.body.as_ref().map(|body| {
             (
@@ -809,6 +821,25 @@ impl Shared {
     async fn failure(&self) -> Option<Response> {
         let mut rx = self.jwks_fault.subscribe();
         let fault = rx.borrow_and_update().clone()?;
+        if fault.times.is_some() {
+            // Count this request against `times`; the last one heals the fault.
+            let mut applies = false;
+            self.jwks_fault.send_if_modified(|f| match f {
+                Some(JwksFault { times: Some(n), .. }) => {
+                    applies = *n > 0;
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        *f = None;
+                    }
+                    true
+                }
+                _ => false,
+            });
+            if !applies {
+                return None;
+            }
+            rx.borrow_and_update();
+        }
         if let Some(ms) = fault.delay_ms {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }

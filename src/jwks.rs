@@ -13,6 +13,14 @@
 //!   costs Clerk nothing.
 //! - A failed refresh keeps the last good keys for [`KeyStoreConfig::max_stale`]; past that the
 //!   store is unusable (verification answers UNAVAILABLE and health turns NOT_SERVING).
+//! - A `429` (or a `503` with `Retry-After`) is waited out, not turned into a refusal, when its
+//!   `Retry-After` ends within the fetch's budget ([`KeyStoreConfig::fetch_timeout`], from the
+//!   start of the fetch): the one fetch in flight waits and asks once more, and every caller
+//!   waiting on it gets that answer. A longer `Retry-After` fails the fetch at once (an
+//!   unknown kid is refused UNAVAILABLE / `JWK_REMOTE_FAILED_TO_LOAD`), and until it has passed
+//!   no request leaves — neither unknown-kid refetches nor the background refresher. A
+//!   missing or unreadable `Retry-After` on a 429 counts as 1 s; any is capped at
+//!   [`MAX_RETRY_AFTER`].
 //! - A key set always comes whole from one source: a refresh replaces it, never merges.
 
 use std::{
@@ -21,7 +29,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwapOption;
@@ -39,6 +47,12 @@ use crate::{
 
 /// The most bytes a JWKS response may have.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// The longest `Retry-After` honoured from the JWKS endpoint; a larger one is capped.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What a 429 without a usable `Retry-After` counts as.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The Backend API version header Clerk's SDK sends.
 pub const CLERK_API_VERSION: &str = "2026-05-12";
@@ -72,7 +86,9 @@ pub struct KeyStoreConfig {
     pub unknown_kid_cooldown: Duration,
     /// How long the last good keys are used after refreshes start failing. Defaults to 1 h.
     pub max_stale: Duration,
-    /// Timeout of one JWKS request. Defaults to 5 s.
+    /// Timeout of one JWKS fetch, and its whole budget: a `Retry-After` is waited out (and
+    /// the JWKS asked once more) only when it ends within this time from the fetch's start, so
+    /// an unknown-kid lookup never waits longer. Defaults to 5 s.
     pub fetch_timeout: Duration,
     /// First retry delay after a failed load; doubles up to [`Self::retry_max`]. Defaults to
     /// 500 ms.
@@ -150,6 +166,15 @@ struct FetchState {
     last_kid_refetch: Option<Instant>,
     last_kid_refetch_failed: bool,
     last_error_reason: Option<Reason>,
+    /// No JWKS request before this instant (the endpoint's `Retry-After`).
+    retry_after_until: Option<Instant>,
+}
+
+/// A failed JWKS request, with the endpoint's `Retry-After` when it gave one (or a 429).
+#[derive(Debug)]
+struct FetchFailure {
+    error: KeyError,
+    retry_after: Option<Duration>,
 }
 
 /// Counters kept by the key store.
@@ -443,6 +468,15 @@ impl KeyStore {
         if let Some(f) = st.inflight.clone() {
             return Ok(f);
         }
+        if st.retry_after_until.is_some_and(|t| t > Instant::now()) {
+            // The endpoint asked us to wait: refuse now without asking it again.
+            let reason = st
+                .last_error_reason
+                .unwrap_or(Reason::JwkRemoteFailedToLoad);
+            drop(st);
+            self.inner.kid_suppressed.fetch_add(1, Ordering::Relaxed);
+            return Err(ResolveError::Unavailable(reason));
+        }
         let cooled = st
             .last_kid_refetch
             .is_none_or(|t| t.elapsed() >= self.inner.config.unknown_kid_cooldown);
@@ -497,12 +531,34 @@ impl KeyStore {
     fn start_fetch(&self, st: &mut FetchState, for_kid: bool) -> SharedFetch {
         let this = self.clone();
         let fut = async move {
-            let result = this.fetch_and_store().await.map_err(Arc::new);
+            let budget = this.inner.config.fetch_timeout;
+            let started = Instant::now();
+            let mut result = this.fetch_and_store(budget).await;
+            if let Err(FetchFailure {
+                retry_after: Some(wait),
+                ..
+            }) = &result
+            {
+                if let Some(timeout) = retry_within(*wait, started.elapsed(), budget) {
+                    tracing::info!(
+                        ?wait,
+                        "the JWKS endpoint asked to retry later; waiting, then asking once more"
+                    );
+                    tokio::time::sleep(*wait).await;
+                    result = this.fetch_and_store(timeout).await;
+                }
+            }
             let mut st = this.inner.fetch.lock().expect("fetch state lock");
             st.inflight = None;
             if for_kid {
                 st.last_kid_refetch_failed = result.is_err();
             }
+            st.retry_after_until = result
+                .as_ref()
+                .err()
+                .and_then(|f| f.retry_after)
+                .map(|w| Instant::now() + w);
+            let result = result.map_err(|f| Arc::new(f.error));
             st.last_error_reason = result.as_ref().err().map(|e| e.reason());
             drop(st);
             this.publish_status();
@@ -514,18 +570,12 @@ impl KeyStore {
         fut
     }
 
-    async fn fetch_and_store(&self) -> Result<(), KeyError> {
+    async fn fetch_and_store(&self, timeout: Duration) -> Result<(), FetchFailure> {
         let KeySource::Remote { url, bearer } = &self.inner.source else {
             return Ok(());
         };
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let result = fetch_jwks(
-            &self.inner.http,
-            url,
-            bearer.as_ref(),
-            self.inner.config.fetch_timeout,
-        )
-        .await;
+        let result = fetch_jwks(&self.inner.http, url, bearer.as_ref(), timeout).await;
         match result {
             Ok((keys, skipped)) => {
                 for s in &skipped {
@@ -554,10 +604,19 @@ impl KeyStore {
             }
             Err(e) => {
                 self.inner.fetch_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "loading Clerk signing keys failed");
+                tracing::warn!(error = %e.error, retry_after = ?e.retry_after, "loading Clerk signing keys failed");
                 Err(e)
             }
         }
+    }
+
+    /// When the endpoint's last `Retry-After` ends, if it asked for one.
+    fn retry_after_until(&self) -> Option<Instant> {
+        self.inner
+            .fetch
+            .lock()
+            .expect("fetch state lock")
+            .retry_after_until
     }
 
     fn publish_status(&self) {
@@ -602,6 +661,10 @@ impl KeyStore {
                 (Some(l), Some(_)) if failures == 0 => l.confirmed_at + cfg.refresh_interval,
                 (_, Some(t)) => t + retry_delay(failures, cfg.retry_min, cfg.retry_max),
             };
+            // Not before the endpoint's Retry-After.
+            let next_fetch = self
+                .retry_after_until()
+                .map_or(next_fetch, |t| t.max(next_fetch));
             let stale_at = loaded
                 .as_ref()
                 .map(|l| l.confirmed_at + cfg.max_stale + Duration::from_millis(1))
@@ -643,11 +706,17 @@ async fn fetch_jwks(
     url: &url::Url,
     bearer: Option<&Secret>,
     timeout: Duration,
-) -> Result<(KeySet, Vec<String>), KeyError> {
+) -> Result<(KeySet, Vec<String>), FetchFailure> {
     let u = url.to_string();
-    let http_err = |source| KeyError::Http {
-        url: u.clone(),
-        source,
+    let fail = |error| FetchFailure {
+        error,
+        retry_after: None,
+    };
+    let http_err = |source| {
+        fail(KeyError::Http {
+            url: u.clone(),
+            source,
+        })
     };
     let mut req = http
         .get(url.clone())
@@ -657,31 +726,32 @@ async fn fetch_jwks(
     if let Some(b) = bearer {
         let mut v =
             http::HeaderValue::from_str(&format!("Bearer {}", b.expose())).map_err(|_| {
-                KeyError::InvalidJwks {
+                fail(KeyError::InvalidJwks {
                     url: u.clone(),
                     detail: "the secret key is not a valid header value".into(),
-                }
+                })
             })?;
         v.set_sensitive(true);
         req = req.header(http::header::AUTHORIZATION, v);
     }
     let mut resp = req.send().await.map_err(http_err)?;
     let status = resp.status();
+    let retry_after = retry_after_of(status.as_u16(), resp.headers(), SystemTime::now());
     if let Some(len) = resp.content_length() {
         if len as usize > MAX_JWKS_BYTES {
-            return Err(KeyError::InvalidJwks {
+            return Err(fail(KeyError::InvalidJwks {
                 url: u,
                 detail: format!("body of {len} bytes exceeds {MAX_JWKS_BYTES}"),
-            });
+            }));
         }
     }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(http_err)? {
         if body.len() + chunk.len() > MAX_JWKS_BYTES {
-            return Err(KeyError::InvalidJwks {
+            return Err(fail(KeyError::InvalidJwks {
                 url: u,
                 detail: format!("body exceeds {MAX_JWKS_BYTES} bytes"),
-            });
+            }));
         }
         body.extend_from_slice(&chunk);
     }
@@ -693,7 +763,7 @@ async fn fetch_jwks(
                 errs.iter()
                     .any(|e| e.get("code").and_then(|c| c.as_str()) == Some("clerk_key_invalid"))
             });
-        return Err(if key_invalid {
+        let error = if key_invalid {
             KeyError::SecretKeyInvalid {
                 url: u,
                 status: status.as_u16(),
@@ -703,9 +773,111 @@ async fn fetch_jwks(
                 url: u,
                 status: status.as_u16(),
             }
-        });
+        };
+        return Err(FetchFailure { error, retry_after });
     }
-    KeySet::from_jwks_json(&body).map_err(|detail| KeyError::InvalidJwks { url: u, detail })
+    KeySet::from_jwks_json(&body).map_err(|detail| fail(KeyError::InvalidJwks { url: u, detail }))
+}
+
+/// How long the JWKS endpoint asks us to wait: for a 429, its `Retry-After` (1 s when missing
+/// or unreadable); for a 503, its `Retry-After` when it gave a readable one; otherwise none.
+/// Capped at [`MAX_RETRY_AFTER`].
+fn retry_after_of(status: u16, headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let given = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, now));
+    let wait = match status {
+        429 => Some(given.unwrap_or(DEFAULT_RETRY_AFTER)),
+        503 => given,
+        _ => None,
+    };
+    wait.map(|w| w.min(MAX_RETRY_AFTER))
+}
+
+/// Parses a `Retry-After` value (RFC 9110 §10.2.3): delay-seconds (ASCII digits only; a value
+/// too large for `u64` saturates) or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), taken
+/// relative to `now` (a date in the past is zero). Anything else — a sign, a fraction, the
+/// obsolete date forms, garbage — is `None`.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim_matches([' ', '\t']);
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let at = parse_imf_fixdate(v)?;
+    let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(at.saturating_sub(now)))
+}
+
+/// Seconds since the Unix epoch of an IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_imf_fixdate(v: &str) -> Option<u64> {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let b = v.as_bytes();
+    if b.len() != 29 || v.get(3..5) != Some(", ") || v.get(25..) != Some(" GMT") {
+        return None;
+    }
+    if !DAYS.contains(&v.get(..3)?) || b[7] != b' ' || b[11] != b' ' || b[16] != b' ' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u64> {
+        let s = v.get(r)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let day = num(5..7)?;
+    let month = MONTHS.iter().position(|m| Some(*m) == v.get(8..11))? as u64 + 1;
+    let year = num(12..16)?;
+    if b[19] != b':' || b[22] != b':' {
+        return None;
+    }
+    let (h, m, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if year < 1970
+        || day == 0
+        || day > month_days[month as usize - 1]
+        || h > 23
+        || m > 59
+        || sec > 60
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), March-based years.
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y % 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3_600 + m * 60 + sec)
+}
+
+/// The timeout left for asking again after waiting `wait`, when that still fits in `budget`
+/// with `elapsed` already spent; `None` when it does not fit (the fetch fails now).
+pub fn retry_within(wait: Duration, elapsed: Duration, budget: Duration) -> Option<Duration> {
+    let left = budget.checked_sub(elapsed)?.checked_sub(wait)?;
+    (!left.is_zero()).then_some(left)
 }
 
 #[cfg(test)]
@@ -720,6 +892,97 @@ mod tests {
         assert_eq!(retry_delay(4, min, max), Duration::from_secs(4));
         assert_eq!(retry_delay(10, min, max), max);
         assert_eq!(retry_delay(u32::MAX, min, max), max);
+    }
+
+    #[test]
+    fn retry_after_values() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let secs = |s: u64| Some(Duration::from_secs(s));
+        let cases: &[(&str, Option<Duration>)] = &[
+            ("1", secs(1)),
+            ("0", secs(0)),
+            (" 30 ", secs(30)),
+            ("007", secs(7)),
+            ("99999999999999999999999999", secs(u64::MAX)),
+            ("Sun, 06 Nov 1994 08:49:47 GMT", secs(10)),
+            ("Sun, 06 Nov 1994 08:49:37 GMT", secs(0)),
+            ("Sat, 05 Nov 1994 08:49:37 GMT", secs(0)),
+            ("Mon, 07 Nov 1994 08:49:37 GMT", secs(86_400)),
+            (
+                "Thu, 29 Feb 1996 00:00:00 GMT",
+                secs(825_552_000 - 784_111_777),
+            ),
+            ("-1", None),
+            ("+1", None),
+            ("1.5", None),
+            ("1e3", None),
+            ("", None),
+            ("  ", None),
+            ("soon", None),
+            ("1 2", None),
+            ("Sun, 06 Nov 1994 08:49:37 UTC", None),
+            ("Sun, 32 Nov 1994 08:49:37 GMT", None),
+            ("Thu, 29 Feb 1995 00:00:00 GMT", None),
+            ("Sun, 06 Foo 1994 08:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 24:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 08:49:3x GMT", None),
+            ("Sun, 06 Nov 1994 08-49-37 GMT", None),
+            ("Sunday, 06-Nov-94 08:49:37 GMT", None),
+            ("Sun Nov  6 08:49:37 1994", None),
+            ("Sun, 06 Nov 1969 08:49:37 GMT", None),
+            ("Sun, +6 Nov 1994 08:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 08:49:37 GMTé", None),
+            ("Sun, 06 Nov 1994 08:49:é GMT", None),
+            ("Sun,é6 Nov 1994 08:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 08:49:37 GMé", None),
+            ("Sun, 06 Nov 1994 é8:49:37 GMT", None),
+        ];
+        for (v, want) in cases {
+            assert_eq!(parse_retry_after(v, now), *want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_by_status_is_capped() {
+        let now = SystemTime::now();
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            h
+        };
+        let none = http::HeaderMap::new();
+        let s = Duration::from_secs;
+        assert_eq!(retry_after_of(429, &with("2"), now), Some(s(2)));
+        assert_eq!(retry_after_of(429, &none, now), Some(DEFAULT_RETRY_AFTER));
+        assert_eq!(
+            retry_after_of(429, &with("-5"), now),
+            Some(DEFAULT_RETRY_AFTER)
+        );
+        assert_eq!(
+            retry_after_of(429, &with("garbage"), now),
+            Some(DEFAULT_RETRY_AFTER)
+        );
+        assert_eq!(
+            retry_after_of(429, &with("999999999999"), now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after_of(503, &with("3"), now), Some(s(3)));
+        assert_eq!(retry_after_of(503, &none, now), None);
+        assert_eq!(retry_after_of(503, &with("x"), now), None);
+        assert_eq!(retry_after_of(500, &with("3"), now), None);
+        assert_eq!(retry_after_of(200, &with("3"), now), None);
+    }
+
+    #[test]
+    fn a_retry_after_is_waited_only_within_the_budget() {
+        let ms = Duration::from_millis;
+        let budget = ms(5_000);
+        assert_eq!(retry_within(ms(1_000), ms(20), budget), Some(ms(3_980)));
+        assert_eq!(retry_within(ms(0), ms(20), budget), Some(ms(4_980)));
+        assert_eq!(retry_within(ms(4_980), ms(20), budget), None);
+        assert_eq!(retry_within(ms(30_000), ms(20), budget), None);
+        assert_eq!(retry_within(ms(1_000), ms(6_000), budget), None);
+        assert_eq!(retry_within(Duration::MAX, ms(0), budget), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
-    emulator::{Emulator, SigningKey, TokenSpec},
+    emulator::{Emulator, JwksFault, SigningKey, TokenSpec},
     jwks::{KeySource, Secret},
     keys::{Alg, KeySet, VerifyingKey},
     server::ServerConfig,
@@ -250,4 +250,101 @@ async fn graceful_stop_ends_the_refresher() {
     // The refresher is gone: a wait of several refresh intervals adds no fetch.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(keys.stats().fetches, after);
+}
+
+/// The next JWKS request answers 429 with this `Retry-After`; the ones after it succeed.
+fn one_429(retry_after: &str) -> Option<JwksFault> {
+    Some(JwksFault {
+        status: Some(429),
+        retry_after: Some(retry_after.into()),
+        times: Some(1),
+        ..JwksFault::default()
+    })
+}
+
+#[tokio::test]
+async fn a_jwks_429_within_the_budget_is_waited_out_by_one_fetch_for_all_callers() {
+    // No cooldown, so that the second rotation below refetches too (still single-flight).
+    let h = Harness::start_with(|_, c| c.key_store.unknown_kid_cooldown = Duration::ZERO).await;
+    assert_eq!(h.clerk.jwks_requests(), 1, "the startup fetch");
+    h.clerk.rotate().await.unwrap();
+    h.clerk.set_jwks_fault(one_429("1"));
+    let tokens: Vec<String> = (0..20).map(|_| h.mint(&TokenSpec::default())).collect();
+    let results = futures::future::join_all(tokens.iter().map(|t| h.verify(t))).await;
+    for r in results {
+        r.expect("the new kid verifies once the Retry-After has passed");
+    }
+    assert_eq!(
+        h.clerk.jwks_requests(),
+        3,
+        "startup, the 429, and one request after its Retry-After, for all 20 callers"
+    );
+    assert_eq!(h.verifier.keys().stats().unknown_kid_refetches, 1);
+
+    // A Retry-After that cannot be read counts as 1 s: waited out as well.
+    h.clerk.rotate().await.unwrap();
+    h.clerk.set_jwks_fault(one_429("-3"));
+    let t = h.mint(&TokenSpec::default());
+    h.verify(&t).await.expect("verified after the default wait");
+    assert_eq!(h.clerk.jwks_requests(), 5);
+}
+
+#[tokio::test]
+async fn a_jwks_429_beyond_the_budget_is_refused_at_once_and_not_re_asked() {
+    // No cooldown: only the Retry-After keeps an unknown kid from asking again.
+    let h = Harness::start_with(|_, c| c.key_store.unknown_kid_cooldown = Duration::ZERO).await;
+    let old = h.mint(&TokenSpec::default());
+    h.clerk.rotate().await.unwrap();
+    h.clerk.set_jwks_fault(one_429("30"));
+    let tokens: Vec<String> = (0..20).map(|_| h.mint(&TokenSpec::default())).collect();
+    // Far less than the Retry-After: nobody waits it out.
+    let results = tokio::time::timeout(
+        Duration::from_secs(15),
+        futures::future::join_all(tokens.iter().map(|t| h.verify(t))),
+    )
+    .await
+    .expect("refused without waiting 30 s");
+    for (r, t) in results.into_iter().zip(&tokens) {
+        assert_rejected(r, Code::Unavailable, "JWK_REMOTE_FAILED_TO_LOAD", t);
+    }
+    assert_eq!(h.clerk.jwks_requests(), 2, "Clerk was asked once");
+    // The emulator would answer now, but Clerk asked for 30 s: still refused, not re-asked.
+    assert_rejected(
+        h.verify(&tokens[0]).await,
+        Code::Unavailable,
+        "JWK_REMOTE_FAILED_TO_LOAD",
+        &tokens[0],
+    );
+    assert_eq!(h.clerk.jwks_requests(), 2);
+    // Tokens of the loaded key are untouched.
+    h.verify(&old).await.expect("the loaded key still verifies");
+}
+
+#[tokio::test]
+async fn the_refresher_honours_a_jwks_retry_after() {
+    let h = Harness::start_with(|_, c| {
+        c.key_store.refresh_interval = Duration::from_millis(50);
+        c.key_store.retry_min = Duration::from_millis(20);
+        c.key_store.retry_max = Duration::from_millis(50);
+    })
+    .await;
+    let old = h.mint(&TokenSpec::default());
+    // Every request now answers 429 Retry-After: 30.
+    h.clerk.set_jwks_fault(Some(JwksFault {
+        status: Some(429),
+        retry_after: Some("30".into()),
+        ..JwksFault::default()
+    }));
+    let before = h.clerk.jwks_requests();
+    h.clerk.wait_jwks_requests(before + 1).await;
+    // Without the Retry-After the refresher would be back within 50 ms, a dozen times here.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        h.clerk.jwks_requests(),
+        before + 1,
+        "asked once, then waited"
+    );
+    h.verify(&old)
+        .await
+        .expect("the last good keys still verify");
 }
