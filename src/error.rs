@@ -3,6 +3,7 @@
 //! | error | gRPC code |
 //! | --- | --- |
 //! | [`AuthError::InvalidRequest`] (empty or oversized token) | `INVALID_ARGUMENT` |
+//! | [`AuthError::NotCanonical`] (a path, host or method with no single safe reading) | `INVALID_ARGUMENT` |
 //! | [`AuthError::Rejected`] (the token is not valid) | `UNAUTHENTICATED` |
 //! | [`AuthError::Unavailable`] (no usable key material, AuthService unreachable) | `UNAVAILABLE` |
 //! | [`AuthError::Denied`] (authenticated, but the policy does not allow the call) | `PERMISSION_DENIED` |
@@ -72,6 +73,15 @@ pub enum Reason {
     SessionRevoked,
     /// The user, session or membership asked for does not exist at Clerk.
     ResourceNotFound,
+    /// The request path cannot be read one way only (`Check`: encoded `/`, `;`, dot segments
+    /// above the root, readings that select different rules…; the layer: not exactly
+    /// `/pkg.Service/Method`). See [`crate::canonical`].
+    PathNotCanonical,
+    /// The request's host (`Check`: `http.host` / `:authority`) is not a valid host name, IP
+    /// literal or numeric port. See [`crate::canonical::host`].
+    HostInvalid,
+    /// The HTTP method (`Check`) is not a token, or selects a different rule once upper-cased.
+    MethodInvalid,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -153,6 +163,16 @@ pub enum AuthError {
     /// The user, session or membership does not exist at Clerk: `NOT_FOUND`.
     #[error("not found")]
     NotFound,
+    /// The request's target (path, host, HTTP method) has no single safe reading, so no rule
+    /// can be chosen for it (see [`crate::canonical`]): `INVALID_ARGUMENT` (HTTP 400 from
+    /// `Check`), reason `PATH_NOT_CANONICAL`, `HOST_INVALID` or `METHOD_INVALID`.
+    #[error("request target refused: {message} (reason={})", .reason.as_str())]
+    NotCanonical {
+        /// Which part of the target.
+        reason: Reason,
+        /// What is wrong (fixed text, never the target itself).
+        message: &'static str,
+    },
     /// Machine-token verification is rate limited (our per-source limit, or Clerk's 429):
     /// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo`.
     #[error("rate limited; retry after {retry_after:?}")]
@@ -202,6 +222,9 @@ impl Reason {
             Reason::SecretKeyMissing => "SECRET_KEY_MISSING",
             Reason::SessionRevoked => "SESSION_REVOKED",
             Reason::ResourceNotFound => "RESOURCE_NOT_FOUND",
+            Reason::PathNotCanonical => "PATH_NOT_CANONICAL",
+            Reason::HostInvalid => "HOST_INVALID",
+            Reason::MethodInvalid => "METHOD_INVALID",
         }
     }
 
@@ -232,11 +255,14 @@ impl Reason {
             Reason::SecretKeyMissing => "secret-key-missing",
             Reason::SessionRevoked => "session-revoked",
             Reason::ResourceNotFound => "resource-not-found",
+            Reason::PathNotCanonical => "path-not-canonical",
+            Reason::HostInvalid => "host-invalid",
+            Reason::MethodInvalid => "method-invalid",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 27] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -261,6 +287,9 @@ impl Reason {
         Reason::SecretKeyMissing,
         Reason::SessionRevoked,
         Reason::ResourceNotFound,
+        Reason::PathNotCanonical,
+        Reason::HostInvalid,
+        Reason::MethodInvalid,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -322,6 +351,7 @@ impl AuthError {
             AuthError::Misconfigured(r) => r.as_str(),
             AuthError::RateLimited { .. } => Reason::RateLimited.as_str(),
             AuthError::NotFound => Reason::ResourceNotFound.as_str(),
+            AuthError::NotCanonical { reason, .. } => reason.as_str(),
         }
     }
 
@@ -335,6 +365,7 @@ impl AuthError {
             AuthError::Misconfigured(_) => Code::FailedPrecondition,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
             AuthError::NotFound => Code::NotFound,
+            AuthError::NotCanonical { .. } => Code::InvalidArgument,
         }
     }
 
@@ -362,6 +393,7 @@ impl AuthError {
             }
             AuthError::RateLimited { .. } => "rate limited; retry later",
             AuthError::NotFound => "not found at Clerk",
+            AuthError::NotCanonical { message, .. } => message,
         }
     }
 }
@@ -426,6 +458,22 @@ mod tests {
                 }),
                 Code::PermissionDenied,
                 "ORG_PERMISSION_REQUIRED",
+            ),
+            (
+                AuthError::NotCanonical {
+                    reason: Reason::PathNotCanonical,
+                    message: "the path holds a ; (path parameters)",
+                },
+                Code::InvalidArgument,
+                "PATH_NOT_CANONICAL",
+            ),
+            (
+                AuthError::NotCanonical {
+                    reason: Reason::HostInvalid,
+                    message: "the port is not a number from 1 to 65535",
+                },
+                Code::InvalidArgument,
+                "HOST_INVALID",
             ),
         ];
         for (err, code, reason) in cases {

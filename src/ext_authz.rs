@@ -2,15 +2,18 @@
 //! server, so that Envoy or Istio can delegate authentication to AuthService.
 //!
 //! For each request Envoy forwards: the route rule is chosen by host, path prefix and HTTP method
-//! ([`RoutePolicy`], the same [`Rule`] model as the layer's policy); the token comes from
-//! `authorization: Bearer …` or the `__session` cookie; then:
+//! ([`RoutePolicy`], the same [`Rule`] model as the layer's policy) in their canonical forms
+//! ([`crate::canonical`]: a target that cannot be read one way only is refused with 400); the
+//! token comes from `authorization: Bearer …` or the `__session` cookie; then:
 //!
 //! * **allow** — `OkHttpResponse` setting `x-clerk-user-id`, `x-clerk-session-id`,
 //!   `x-clerk-org-id`, `x-clerk-org-role`, `x-clerk-org-permissions` (overwriting anything the
-//!   client sent) and removing those the identity does not have (so none can be spoofed), plus
+//!   client sent) and removing those the identity does not have (so none can be spoofed), and
+//!   every spelling of them with `_` ([`identity_header_spellings`]), plus
 //!   `dynamic_metadata` with the identity;
 //! * **deny** — `DeniedHttpResponse` 401 with `WWW-Authenticate: Bearer error="invalid_token"`
-//!   (403 for policy, 503 when verification is impossible, 429 when rate limited) and a JSON
+//!   (403 for policy, 400 for a non-canonical path, host or method, 503 when verification is
+//!   impossible, 429 when rate limited) and a JSON
 //!   body `{"error": REASON, "message": …}`; for gRPC requests (`content-type:
 //!   application/grpc…`) a gRPC-shaped denial (HTTP 200, `grpc-status`, `grpc-message`).
 
@@ -29,7 +32,8 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     authz::Check,
-    error::AuthError,
+    canonical,
+    error::{AuthError, Reason},
     identity::Identity,
     layer::TokenSources,
     metrics::Observer,
@@ -46,13 +50,39 @@ pub const IDENTITY_HEADERS: [&str; 5] = [
     "x-clerk-org-permissions",
 ];
 
+/// Every other spelling of the [`IDENTITY_HEADERS`] with `_` for any of their `-`
+/// (`x_clerk_user_id`, `x-clerk_user-id`, …): CGI/WSGI upstreams read them as the same header
+/// (`HTTP_X_CLERK_USER_ID`), so allowed responses remove them all. Envoy's
+/// `headers_with_underscores_action: REJECT_REQUEST` refuses such requests outright.
+pub fn identity_header_spellings() -> &'static [String] {
+    static SPELLINGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let mut out = Vec::new();
+        for name in IDENTITY_HEADERS {
+            let dashes: Vec<usize> = name.match_indices('-').map(|(i, _)| i).collect();
+            // Each non-zero mask is a non-empty set of dashes turned into underscores.
+            for mask in 1u32..(1 << dashes.len()) {
+                let mut s = name.as_bytes().to_vec();
+                for (bit, &at) in dashes.iter().enumerate() {
+                    if mask & (1 << bit) != 0 {
+                        s[at] = b'_';
+                    }
+                }
+                out.push(String::from_utf8(s).unwrap_or_default());
+            }
+        }
+        out
+    });
+    &SPELLINGS
+}
+
 /// One route: which requests it covers and the rule for them.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// Exact host (case-insensitive, port ignored); `None` = any host.
+    /// Exact host, canonical ([`canonical::host`]: lower case, no trailing dot, no port);
+    /// `None` = any host.
     pub host: Option<String>,
-    /// Path prefix, matched on whole segments (`/admin` covers `/admin` and `/admin/x`, not
-    /// `/administrator`); `/` covers everything.
+    /// Path prefix, canonical ([`canonical::path`]), matched on whole segments (`/admin` covers
+    /// `/admin` and `/admin/x`, not `/administrator`); `/` covers everything.
     pub path_prefix: String,
     /// HTTP methods (upper case); empty = any.
     pub methods: Vec<String>,
@@ -63,17 +93,23 @@ pub struct Route {
 /// Rules for the HTTP requests Envoy asks about. The matching route with the longest path
 /// prefix wins (then a host-specific over an any-host route, then a method-specific one);
 /// no match → the default rule.
+///
+/// Routes are chosen on the request's canonical host, path and method, and a request whose
+/// readings select different rules is refused ([`canonical`] states the rules).
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {
     routes: Vec<Route>,
     default: Rule,
     machine_id: Option<String>,
+    case_sensitive_paths: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
     machine_id: Option<String>,
+    #[serde(default)]
+    case_sensitive_paths: bool,
     default: Option<Rule>,
     #[serde(default)]
     routes: Vec<RouteEntry>,
@@ -127,8 +163,46 @@ impl Default for RoutePolicy {
             routes: Vec::new(),
             default: Rule::authenticated(),
             machine_id: None,
+            case_sensitive_paths: false,
         }
     }
+}
+
+/// A route's canonical host, path prefix and methods, or what is wrong with them.
+fn canonical_route(
+    host: Option<&str>,
+    path_prefix: &str,
+    methods: &[String],
+) -> Result<(Option<String>, String, Vec<String>), String> {
+    let host = match host {
+        None => None,
+        Some(h) => match canonical::host(h) {
+            Ok(c) if c.is_empty() => return Err("host is empty".into()),
+            Ok(c) => Some(c),
+            Err(e) => return Err(format!("host {h:?}: {}", e.message())),
+        },
+    };
+    if !path_prefix.starts_with('/') {
+        return Err("path_prefix must start with /".into());
+    }
+    match canonical::path(path_prefix) {
+        Ok(c) if c.as_str() == path_prefix => {}
+        Ok(c) => {
+            return Err(format!(
+                "path_prefix {path_prefix:?} is not canonical (write {:?})",
+                c.as_str()
+            ))
+        }
+        Err(e) => return Err(format!("path_prefix {path_prefix:?}: {}", e.message())),
+    }
+    let methods = methods
+        .iter()
+        .map(|m| match canonical::method(m) {
+            Ok(m) => Ok(m.to_ascii_uppercase()),
+            Err(_) => Err(format!("method {m:?} is not an HTTP method token")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((host, path_prefix.to_owned(), methods))
 }
 
 impl RoutePolicy {
@@ -137,9 +211,21 @@ impl RoutePolicy {
         Self::default()
     }
 
-    /// Adds a route.
+    /// Adds a route (its host, prefix and methods are canonicalised as a policy file's are).
+    ///
+    /// # Panics
+    /// When the host, path prefix or a method is invalid or the prefix is not canonical (a
+    /// programming error; [`RoutePolicy::from_toml`] reports it as an error instead).
     pub fn route(mut self, route: Route) -> Self {
-        self.routes.push(route);
+        let (host, path_prefix, methods) =
+            canonical_route(route.host.as_deref(), &route.path_prefix, &route.methods)
+                .unwrap_or_else(|e| panic!("invalid route: {e}"));
+        self.routes.push(Route {
+            host,
+            path_prefix,
+            methods,
+            rule: route.rule,
+        });
         self
     }
 
@@ -155,24 +241,63 @@ impl RoutePolicy {
         self
     }
 
-    /// The rule for a request.
-    pub fn rule_for(&self, host: &str, path: &str, method: &str) -> &Rule {
-        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
+    /// Compare paths case-sensitively only (default `false`: a path that selects a different
+    /// rule when compared without regard to case is refused). Set it only when every upstream
+    /// behind Envoy is known to treat paths case-sensitively.
+    pub fn case_sensitive_paths(mut self, yes: bool) -> Self {
+        self.case_sensitive_paths = yes;
+        self
+    }
+
+    /// The rule for a request, chosen on its canonical host, path and method
+    /// ([`canonical`]); refused (`INVALID_ARGUMENT` with `HOST_INVALID`, `METHOD_INVALID` or
+    /// `PATH_NOT_CANONICAL`) when one cannot be canonicalised, or when readings an upstream
+    /// could make of it (undecoded, unmerged, dot segments kept, case folded, method
+    /// upper-cased) select a different rule than the canonical one.
+    pub fn rule_for(&self, host: &str, path: &str, method: &str) -> Result<&Rule, AuthError> {
+        let host = canonical::host(host)?;
+        let method = canonical::method(method)?;
+        let path = canonical::path(path)?;
+        let rule = self.select(&host, path.as_str(), method, false);
+        let upper = canonical::method_upper(method);
+        if self.select(&host, path.as_str(), &upper, false) != rule {
+            return Err(AuthError::NotCanonical {
+                reason: Reason::MethodInvalid,
+                message: "the HTTP method selects a different rule in upper case",
+            });
+        }
+        let folds: &[bool] = if self.case_sensitive_paths {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        for &fold in folds {
+            for reading in path.readings() {
+                for m in [method, &upper] {
+                    if self.select(&host, reading, m, fold) != rule {
+                        return Err(AuthError::NotCanonical {
+                            reason: Reason::PathNotCanonical,
+                            message: if fold {
+                                "the path selects a different rule when compared without regard to case"
+                            } else {
+                                "the path selects a different rule when read without decoding, slash merging or dot removal"
+                            },
+                        });
+                    }
+                }
             }
-        });
-        let path = path.split(['?', '#']).next().unwrap_or("/");
+        }
+        Ok(rule)
+    }
+
+    /// The rule for one reading of a request (`fold`: paths compared without regard to case).
+    fn select(&self, host: &str, path: &str, method: &str, fold: bool) -> &Rule {
         self.routes
             .iter()
             .filter(|r| {
-                r.host
-                    .as_deref()
-                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                r.host.as_deref().is_none_or(|h| h == host)
                     && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
-                    && segment_prefix(&r.path_prefix, path)
+                    && segment_prefix(&r.path_prefix, path, fold)
             })
             .max_by_key(|r| (r.path_prefix.len(), r.host.is_some(), !r.methods.is_empty()))
             .map_or(&self.default, |r| &r.rule)
@@ -181,6 +306,8 @@ impl RoutePolicy {
     /// Parses a TOML route policy:
     ///
     /// ```toml
+    /// # case_sensitive_paths = false   # true: upstreams are known case-sensitive
+    ///
     /// [default]
     /// access = "authenticated"
     ///
@@ -194,10 +321,18 @@ impl RoutePolicy {
     /// methods = ["DELETE"]
     /// require = [{ permission = "org:orders:delete" }]
     /// ```
+    ///
+    /// Hosts are canonicalised ([`canonical::host`]); a path prefix must already be canonical
+    /// ([`canonical::path`]: no `//`, dot segments, `;`, encoded unreserved characters…);
+    /// methods must be HTTP tokens. With `case_sensitive_paths = false`, two prefixes that
+    /// differ only by case are refused (every request under them would be).
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
         let err = |m: String| PolicyError::new(source_name, m);
         let file: RouteFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
-        let mut policy = Self::default();
+        let mut policy = Self {
+            case_sensitive_paths: file.case_sensitive_paths,
+            ..Self::default()
+        };
         if let Some(d) = file.default {
             d.validate().map_err(|e| err(format!("[default]: {e}")))?;
             if !d.peers.is_empty() {
@@ -218,16 +353,26 @@ impl RoutePolicy {
             policy.machine_id = Some(id);
         }
         for (i, r) in file.routes.into_iter().enumerate() {
-            if !r.path_prefix.starts_with('/') {
-                return Err(err(format!("routes[{i}]: path_prefix must start with /")));
+            let (host, path_prefix, methods) =
+                canonical_route(r.host.as_deref(), &r.path_prefix, &r.methods)
+                    .map_err(|e| err(format!("routes[{i}]: {e}")))?;
+            if !policy.case_sensitive_paths {
+                if let Some(j) = policy.routes.iter().position(|o| {
+                    o.path_prefix != path_prefix && o.path_prefix.eq_ignore_ascii_case(&path_prefix)
+                }) {
+                    return Err(err(format!(
+                        "routes[{i}]: path_prefix {path_prefix:?} differs from routes[{j}]'s only by case \
+                         (with case_sensitive_paths = false every request under them is refused)"
+                    )));
+                }
             }
             let rule = r.rule();
             rule.validate()
                 .map_err(|e| err(format!("routes[{i}]: {e}")))?;
             policy.routes.push(Route {
-                host: r.host.map(|h| h.to_ascii_lowercase()),
-                path_prefix: r.path_prefix,
-                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                host,
+                path_prefix,
+                methods,
                 rule,
             });
         }
@@ -243,14 +388,22 @@ impl RoutePolicy {
     }
 }
 
-fn segment_prefix(prefix: &str, path: &str) -> bool {
+/// Whether `prefix` covers `path` on whole segments (`fold`: without regard to ASCII case).
+fn segment_prefix(prefix: &str, path: &str, fold: bool) -> bool {
     if prefix == "/" || prefix.is_empty() {
         return true;
     }
-    match path.strip_prefix(prefix) {
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
-        None => false,
-    }
+    let (p, x) = (prefix.as_bytes(), path.as_bytes());
+    let Some(head) = x.get(..p.len()) else {
+        return false;
+    };
+    let same = if fold {
+        head.eq_ignore_ascii_case(p)
+    } else {
+        head == p
+    };
+    let rest = &x[p.len()..];
+    same && (prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"))
 }
 
 /// The `Authorization` service.
@@ -357,6 +510,11 @@ fn allowed(identity: Option<&Identity>) -> CheckResponse {
     set(IDENTITY_HEADERS[2], org.map(|o| o.id.clone()));
     set(IDENTITY_HEADERS[3], org.and_then(|o| o.role.clone()));
     set(IDENTITY_HEADERS[4], org.map(|o| o.permissions.join(",")));
+    // CGI/WSGI upstreams read `x_clerk_user_id` (and any mix of `-` and `_`) as the same
+    // header: the client's copies under those spellings are removed too.
+    for name in identity_header_spellings() {
+        ok.remove_header(name);
+    }
     let mut resp = CheckResponse::with_status(Status::ok("allowed"));
     resp.set_http_response(ok);
     if let Some(i) = identity {
@@ -491,14 +649,31 @@ impl Authorization for ExtAuthz {
                 envoy_types::ext_authz::v3::pb::Address::SocketAddress(s) => s.address.parse().ok(),
                 _ => None,
             });
-        let rule = self.policy.rule_for(host, &http.path, &http.method);
         let started = std::time::Instant::now();
-        let result = self.decide(headers, rule, client_ip).await;
-        let what = format!(
-            "{} {host}{}",
-            http.method,
-            http.path.split('?').next().unwrap_or("")
-        );
+        // Only canonical forms from here on: the rule is chosen on them, and the audit log
+        // shows them (a refused target is shown escaped, never raw).
+        let (result, what) = match self.policy.rule_for(host, &http.path, &http.method) {
+            Ok(rule) => (
+                self.decide(headers, rule, client_ip).await,
+                format!(
+                    "{} {}{}",
+                    http.method,
+                    canonical::host(host).unwrap_or_default(),
+                    canonical::path(&http.path)
+                        .map(|p| p.as_str().to_owned())
+                        .unwrap_or_default()
+                ),
+            ),
+            Err(e) => (
+                Err(e),
+                format!(
+                    "{} {}{}",
+                    http.method.escape_debug(),
+                    host.escape_debug(),
+                    http.path.split('?').next().unwrap_or("").escape_debug()
+                ),
+            ),
+        };
         self.observer.decision(
             "Check",
             &what,

@@ -16,6 +16,7 @@
 pub mod authz;
 pub mod bapi;
 pub mod budget;
+pub mod canonical;
 mod claims;
 pub mod client;
 pub mod config;

@@ -359,7 +359,7 @@ fn outcome_of(e: &AuthError) -> &'static str {
     match e {
         AuthError::Rejected(_) => "unauthenticated",
         AuthError::Denied(_) => "denied",
-        AuthError::InvalidRequest(_) => "invalid",
+        AuthError::InvalidRequest(_) | AuthError::NotCanonical { .. } => "invalid",
         AuthError::NotFound => "not_found",
         AuthError::RateLimited { .. } => "rate_limited",
         AuthError::Misconfigured(_) => "misconfigured",

@@ -18,7 +18,9 @@
 //!         "/examples.orders.v1.Orders/DeleteOrder",
 //!         Rule::authenticated().require(Check::permission("org:orders:delete")),
 //!     );
-//! assert!(policy.rule_for("/examples.orders.v1.Orders/Ping").is_public());
+//! assert!(policy.rule_for("/examples.orders.v1.Orders/Ping").unwrap().is_public());
+//! // Not exactly /pkg.Service/Method: refused before any rule is looked up.
+//! assert!(policy.rule_for("examples.orders.v1.Orders/DeleteOrder").is_err());
 //! ```
 //!
 //! or loaded from TOML ([`Policy::from_toml`]):
@@ -49,7 +51,7 @@ use serde::Deserialize;
 
 use crate::{
     authz::{Check, Reverification, Unmet},
-    error::Denial,
+    error::{AuthError, Denial},
     identity::{Identity, TokenType},
 };
 
@@ -122,6 +124,10 @@ struct Tables {
     default: Rule,
     services: HashMap<String, Rule>,
     methods: HashMap<String, Rule>,
+    /// The same tables keyed in lower case: a path whose case-folded lookup selects another
+    /// rule than its exact one is refused.
+    folded_services: HashMap<String, Rule>,
+    folded_methods: HashMap<String, Rule>,
 }
 
 #[derive(Deserialize)]
@@ -373,9 +379,13 @@ impl Policy {
 
     /// A policy with this default rule (health and reflection public).
     pub fn with_default(default: Rule) -> Self {
-        let services = PUBLIC_BY_DEFAULT
+        let services: HashMap<String, Rule> = PUBLIC_BY_DEFAULT
             .iter()
             .map(|s| ((*s).to_owned(), Rule::public()))
+            .collect();
+        let folded_services = services
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect();
         Self {
             inner: Arc::new(Tables {
@@ -383,6 +393,8 @@ impl Policy {
                 default,
                 services,
                 methods: HashMap::new(),
+                folded_services,
+                folded_methods: HashMap::new(),
             }),
         }
     }
@@ -404,7 +416,7 @@ impl Policy {
         rule.authorize(identity, self.own_machine_id())
     }
 
-    /// Sets the rule of one method, `/pkg.Service/Method`.
+    /// Sets the rule of one method, `/pkg.Service/Method` (names of `[A-Za-z0-9_.]`).
     ///
     /// # Panics
     /// When `path` is not of that form (a programming error; [`Policy::from_toml`] reports it
@@ -414,41 +426,54 @@ impl Policy {
             is_method_path(path),
             "not a /pkg.Service/Method path: {path}"
         );
-        Arc::make_mut(&mut self.inner)
-            .methods
-            .insert(path.to_owned(), rule);
+        let t = Arc::make_mut(&mut self.inner);
+        t.folded_methods
+            .insert(path.to_ascii_lowercase(), rule.clone());
+        t.methods.insert(path.to_owned(), rule);
         self
     }
 
-    /// Sets the rule of every method of one service, `pkg.Service`.
+    /// Sets the rule of every method of one service, `pkg.Service` (`[A-Za-z0-9_.]`).
     ///
     /// # Panics
-    /// When `service` contains `/` or is empty.
+    /// When `service` is empty or holds another character.
     pub fn service(mut self, service: &str, rule: Rule) -> Self {
         assert!(
             is_service_name(service),
             "not a pkg.Service name: {service}"
         );
-        Arc::make_mut(&mut self.inner)
-            .services
-            .insert(service.to_owned(), rule);
+        let t = Arc::make_mut(&mut self.inner);
+        t.folded_services
+            .insert(service.to_ascii_lowercase(), rule.clone());
+        t.services.insert(service.to_owned(), rule);
         self
     }
 
-    /// The rule for a request path (`/pkg.Service/Method`): the method's, else the service's,
-    /// else the default.
-    pub fn rule_for(&self, path: &str) -> &Rule {
+    /// The rule for a request path: the method's, else the service's, else the default.
+    ///
+    /// The path must be exactly `/pkg.Service/Method` — a leading `/`, two non-empty segments
+    /// of `[A-Za-z0-9_.]` — or it is refused before any rule is looked up (`INVALID_ARGUMENT`,
+    /// `PATH_NOT_CANONICAL`): grpc-go's CVE-2026-33186 was a `:path` without its leading slash
+    /// falling to a looser rule. A path naming a method or service of the policy with another
+    /// case (`/Examples.orders.v1.Orders/DeleteOrder`) is refused the same way when that would
+    /// select another rule.
+    pub fn rule_for(&self, path: &str) -> Result<&Rule, AuthError> {
+        let path = crate::canonical::grpc_method_path(path)?;
         let t = &*self.inner;
-        if let Some(r) = t.methods.get(path) {
-            return r;
+        let exact = lookup(&t.methods, &t.services, path).unwrap_or(&t.default);
+        let folded = lookup(
+            &t.folded_methods,
+            &t.folded_services,
+            &path.to_ascii_lowercase(),
+        )
+        .unwrap_or(&t.default);
+        if folded != exact {
+            return Err(AuthError::NotCanonical {
+                reason: crate::error::Reason::PathNotCanonical,
+                message: "the :path names a method or service of the policy with another case",
+            });
         }
-        let service = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .map(|(s, _)| s);
-        service
-            .and_then(|s| t.services.get(s))
-            .unwrap_or(&t.default)
+        Ok(exact)
     }
 
     /// Parses a TOML policy (see the module docs). `source_name` names it in errors.
@@ -510,14 +535,25 @@ impl Default for Policy {
     }
 }
 
+/// The method's rule, else its service's (`path` is a checked `/pkg.Service/Method`).
+fn lookup<'a>(
+    methods: &'a HashMap<String, Rule>,
+    services: &'a HashMap<String, Rule>,
+    path: &str,
+) -> Option<&'a Rule> {
+    methods.get(path).or_else(|| {
+        path.strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .and_then(|(s, _)| services.get(s))
+    })
+}
+
 fn is_service_name(s: &str) -> bool {
-    !s.is_empty() && !s.contains('/') && !s.chars().any(char::is_whitespace)
+    crate::canonical::is_grpc_name(s)
 }
 
 fn is_method_path(p: &str) -> bool {
-    p.strip_prefix('/')
-        .and_then(|r| r.split_once('/'))
-        .is_some_and(|(s, m)| is_service_name(s) && is_service_name(m))
+    crate::canonical::is_grpc_method_path(p)
 }
 
 #[cfg(test)]
@@ -542,19 +578,60 @@ mod tests {
     #[test]
     fn most_specific_rule_wins_whole() {
         let p = Policy::from_toml(ORDERS, "test").unwrap();
-        assert!(p.rule_for("/examples.orders.v1.Orders/Ping").is_public());
-        let del = p.rule_for("/examples.orders.v1.Orders/DeleteOrder");
+        let rule = |path| p.rule_for(path).unwrap();
+        assert!(rule("/examples.orders.v1.Orders/Ping").is_public());
+        let del = rule("/examples.orders.v1.Orders/DeleteOrder");
         assert_eq!(del.require.len(), 2);
         assert!(del.accept_pending);
         assert_eq!(del.token_types, [TokenType::SessionToken]);
-        let list = p.rule_for("/examples.orders.v1.Orders/ListOrders");
+        let list = rule("/examples.orders.v1.Orders/ListOrders");
         assert!(!list.is_public() && list.require.is_empty());
-        assert!(!p.rule_for("/other.Svc/M").is_public());
-        assert!(!p.rule_for("garbage").is_public());
-        assert!(p.rule_for("/grpc.health.v1.Health/Check").is_public());
-        assert!(p
-            .rule_for("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        assert!(!rule("/other.Svc/M").is_public());
+        assert!(rule("/grpc.health.v1.Health/Check").is_public());
+        assert!(rule("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").is_public());
+    }
+
+    /// A path that is not exactly `/pkg.Service/Method`, or that names a policy entry with
+    /// another case, is refused before a rule is chosen (on a public default it would
+    /// otherwise fall to the public rule).
+    #[test]
+    fn malformed_and_case_changed_paths_are_refused() {
+        let p = Policy::public().method(
+            "/examples.orders.v1.Orders/DeleteOrder",
+            Rule::authenticated().require(Check::permission("org:orders:delete")),
+        );
+        assert!(!p
+            .rule_for("/examples.orders.v1.Orders/DeleteOrder")
+            .unwrap()
             .is_public());
+        assert!(p
+            .rule_for("/examples.orders.v1.Orders/Ping")
+            .unwrap()
+            .is_public());
+        for path in [
+            "examples.orders.v1.Orders/DeleteOrder",
+            "//examples.orders.v1.Orders/DeleteOrder",
+            "/examples.orders.v1.Orders/DeleteOrder/",
+            "/examples.orders.v1.Orders//DeleteOrder",
+            "/examples.orders.v1.Orders/DeleteOrder/x",
+            "/Examples.orders.v1.Orders/DeleteOrder",
+            "/examples.orders.v1.orders/deleteorder",
+            "/EXAMPLES.ORDERS.V1.ORDERS/DELETEORDER",
+            "/examples.orders.v1.Orders/Delete%4Frder",
+            "garbage",
+            "",
+            "/",
+        ] {
+            let e = p.rule_for(path).expect_err(path);
+            assert_eq!(e.reason_str(), "PATH_NOT_CANONICAL", "{path}");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        }
+        // A service rule read through another case.
+        let p = Policy::public().service("a.B", Rule::authenticated());
+        assert!(p.rule_for("/a.b/C").is_err());
+        assert!(!p.rule_for("/a.B/C").unwrap().is_public());
+        // Case changes that select the same rule pass.
+        assert!(p.rule_for("/x.Y/Z").unwrap().is_public());
     }
 
     #[test]
@@ -564,7 +641,10 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert!(!p.rule_for("/grpc.health.v1.Health/Check").is_public());
+        assert!(!p
+            .rule_for("/grpc.health.v1.Health/Check")
+            .unwrap()
+            .is_public());
     }
 
     #[test]
@@ -574,6 +654,8 @@ mod tests {
             ("[default]\nrequire = [{ permision = \"x\" }]\n", "permision"),
             ("[methods.\"Orders/Ping\"]\naccess = \"public\"\n", "Orders/Ping"),
             ("[services.\"a/b\"]\n", "a/b"),
+            ("[services.\"a-b\"]\n", "a-b"),
+            ("[methods.\"/a.B/C/\"]\n", "/a.B/C/"),
             (
                 "[methods.\"/a.B/C\"]\nrequire = [{ feature = \"team:x\" }]\n",
                 "team",
@@ -604,6 +686,6 @@ mod tests {
     fn any_expands_to_every_type() {
         let p =
             Policy::from_toml("[default]\ntoken_types = [\"any\", \"api_key\"]\n", "t").unwrap();
-        assert_eq!(p.rule_for("/a.B/C").token_types.len(), 4);
+        assert_eq!(p.rule_for("/a.B/C").unwrap().token_types.len(), 4);
     }
 }

@@ -11,7 +11,9 @@ use crate::{error::AuthError, policy::Rule, TokenVerifier};
 /// `OrdersServer::with_interceptor(svc, AuthInterceptor::new(verifier, rule))`.
 ///
 /// An interceptor does not see the method path, so it applies **one** [`Rule`] to the whole
-/// service (use [`super::AuthLayer`] for per-method policy). It never waits for I/O:
+/// service (use [`super::AuthLayer`] for per-method policy): no rule is looked up by path, so
+/// a malformed `:path` cannot select a looser one (and tonic's generated server answers
+/// `UNIMPLEMENTED` for any path that is not exactly one of its methods). It never waits for I/O:
 ///
 /// * known key → verified at once (or answered from the verdict cache);
 /// * unknown `kid` → the key store's rate-limited, single-flight refetch is started in the

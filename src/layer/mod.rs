@@ -14,7 +14,9 @@
 //! # }
 //! ```
 //!
-//! Every call: the [`Rule`] for its path is looked up; a public method goes straight through
+//! Every call: its path must be exactly `/pkg.Service/Method` (else `INVALID_ARGUMENT` /
+//! `PATH_NOT_CANONICAL`, before any rule is looked up — see [`Policy::rule_for`]); the [`Rule`]
+//! for its path is looked up; a public method goes straight through
 //! (no token read); otherwise the token is taken from the request ([`TokenSources`]), verified
 //! by the [`Authenticate`] implementation (in-process [`TokenVerifier`], or
 //! [`DelegatedVerifier`] calling AuthService), the rule's `has()` checks run, and the handler
@@ -335,7 +337,15 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let path = req.uri().path();
-            let rule = shared.policy.rule_for(path);
+            // A path that is not exactly /pkg.Service/Method is refused before any rule is
+            // looked up (it could otherwise fall to a looser one).
+            let rule = match shared.policy.rule_for(path) {
+                Ok(rule) => rule,
+                Err(e) => {
+                    log_refusal(&path.escape_debug().to_string(), None, &e);
+                    return Ok(refusal(e));
+                }
+            };
             if rule.is_public() {
                 return inner
                     .call(req)
