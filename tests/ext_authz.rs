@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use clerk_grpc_auth::{
     emulator::{OrgSpec, TokenSpec},
-    ext_authz::{RoutePolicy, IDENTITY_HEADERS},
+    ext_authz::{identity_header_spellings, RoutePolicy, IDENTITY_HEADERS},
 };
 use common::Harness;
 use envoy_types::pb::envoy::{
@@ -44,9 +44,34 @@ path_prefix = "/"
 access = "public"
 "#;
 
+/// The issue's policy: everything public except `/admin` (role admin), the whole
+/// `ops.example.com` host (role admin) and `DELETE /orders` (a permission).
+const OPEN_ROUTES: &str = r#"
+[default]
+access = "public"
+
+[[routes]]
+path_prefix = "/admin"
+require = [{ role = "admin" }]
+
+[[routes]]
+host = "ops.example.com"
+path_prefix = "/"
+require = [{ role = "admin" }]
+
+[[routes]]
+path_prefix = "/orders"
+methods = ["DELETE"]
+require = [{ permission = "org:orders:delete" }]
+"#;
+
 async fn start() -> (Harness, AuthorizationClient<Channel>) {
+    start_with_routes(ROUTES).await
+}
+
+async fn start_with_routes(routes: &'static str) -> (Harness, AuthorizationClient<Channel>) {
     let h = Harness::start_with(|_, config| {
-        config.route_policy = RoutePolicy::from_toml(ROUTES, "tests/ext_authz.rs").unwrap();
+        config.route_policy = RoutePolicy::from_toml(routes, "tests/ext_authz.rs").unwrap();
     })
     .await;
     let channel = Channel::from_shared(format!("http://{}", h.addr))
@@ -230,7 +255,195 @@ async fn allow_sets_identity_headers_and_strips_spoofed_ones() {
     .await;
     let (set, removed) = ok_parts(&r);
     assert!(set.is_empty());
-    assert_eq!(removed.len(), IDENTITY_HEADERS.len());
+    for name in IDENTITY_HEADERS
+        .iter()
+        .map(|h| (*h).to_owned())
+        .chain(identity_header_spellings().iter().cloned())
+    {
+        assert!(removed.contains(&name), "{name} not removed: {removed:?}");
+    }
+}
+
+/// CGI/WSGI upstreams read `x_clerk_user_id` (any mix of `-` and `_`) as `x-clerk-user-id`:
+/// every such spelling the client sent is removed, on authenticated and public routes.
+#[tokio::test]
+async fn underscore_spellings_of_identity_headers_are_removed() {
+    let (h, c) = start().await;
+    let spellings = identity_header_spellings();
+    for name in [
+        "x_clerk_user_id",
+        "x_clerk_session_id",
+        "x_clerk_org_id",
+        "x_clerk_org_role",
+        "x_clerk_org_permissions",
+        "x-clerk_user-id",
+        "x_clerk-org-role",
+    ] {
+        assert!(spellings.iter().any(|s| s == name), "{name}");
+    }
+    assert!(!spellings
+        .iter()
+        .any(|s| IDENTITY_HEADERS.contains(&s.as_str())));
+    let token = admin_token(&h, "admin", &[]);
+    let bearer = format!("Bearer {token}");
+    for (path, auth) in [("/orders", Some(bearer.as_str())), ("/public/x", None)] {
+        let mut headers = vec![
+            ("x_clerk_user_id", "user_spoofed"),
+            ("x_clerk_org_role", "org:owner"),
+        ];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let r = check(&c, envoy_request("GET", "api.example.com", path, &headers)).await;
+        let (set, removed) = ok_parts(&r);
+        for name in spellings {
+            assert!(removed.contains(name), "{path}: {name} not removed");
+            assert!(!set.contains_key(name));
+        }
+        if auth.is_some() {
+            assert_eq!(set["x-clerk-user-id"], "user_envoy");
+        }
+    }
+}
+
+/// The escapes found by the review, end to end against the server with `default = public`:
+/// each is refused (400 with its reason) or gets the protected rule (401 without a token);
+/// none is ever allowed without a token, and none is allowed by an ordinary token either.
+#[tokio::test]
+async fn non_canonical_targets_never_escape_a_protected_route() {
+    let (h, c) = start_with_routes(OPEN_ROUTES).await;
+    const API: &str = "api.example.com";
+    let refused = |reason: &'static str| Err::<(), _>(reason);
+    let protected = Ok::<(), &str>(());
+    let cases: &[(&str, &str, &str, Result<(), &str>)] = &[
+        // the issue's bypasses
+        ("GET", API, "/Admin/users", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "//admin/users", refused("PATH_NOT_CANONICAL")),
+        (
+            "GET",
+            API,
+            "/x/../admin/users",
+            refused("PATH_NOT_CANONICAL"),
+        ),
+        ("GET", API, "/%61dmin/users", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin;x/users", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin%2Fusers", refused("PATH_NOT_CANONICAL")),
+        ("GET", "ops.example.com.", "/x", protected),
+        ("GET", "ops.example.com:abc", "/x", refused("HOST_INVALID")),
+        // more of the same family
+        ("GET", API, "/ADMIN", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/%2e%2e/admin", refused("PATH_NOT_CANONICAL")),
+        (
+            "GET",
+            API,
+            "/public/../admin",
+            refused("PATH_NOT_CANONICAL"),
+        ),
+        (
+            "GET",
+            API,
+            "/admin/%2E%2E/public",
+            refused("PATH_NOT_CANONICAL"),
+        ),
+        ("GET", API, "/admin%5Cusers", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin\\users", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin%00", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin%zz", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin#/public", refused("PATH_NOT_CANONICAL")),
+        (
+            "GET",
+            API,
+            "/%c0%ae%c0%ae/admin",
+            refused("PATH_NOT_CANONICAL"),
+        ),
+        (
+            "GET",
+            API,
+            "http://api.example.com/admin",
+            refused("PATH_NOT_CANONICAL"),
+        ),
+        ("GET", API, "*", refused("PATH_NOT_CANONICAL")),
+        ("GET", API, "/admin/./users", protected),
+        ("GET", API, "/admin?x=/public", protected),
+        ("GET", "OPS.EXAMPLE.COM:8443", "/x", protected),
+        ("GET", "a@ops.example.com", "/x", refused("HOST_INVALID")),
+        ("GET", "ops..example.com", "/x", refused("HOST_INVALID")),
+        ("DELETE", API, "/orders/1", protected),
+        ("delete", API, "/orders/1", refused("METHOD_INVALID")),
+        (" DELETE", API, "/orders/1", refused("METHOD_INVALID")),
+        ("DELETE", API, "/Orders/1", refused("PATH_NOT_CANONICAL")),
+    ];
+    let member = admin_token(&h, "member", &[]);
+    let member = format!("Bearer {member}");
+    for (method, host, path, want) in cases {
+        let what = format!("{method:?} {host:?} {path:?}");
+        let r = check(&c, envoy_request(method, host, path, &[])).await;
+        let (code, http, _, body) = denied_parts(&r);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        match want {
+            Ok(()) => {
+                assert_eq!((code, http), (16, 401), "{what}");
+                assert_eq!(body["error"], "TOKEN_MISSING", "{what}");
+            }
+            Err(reason) => {
+                assert_eq!((code, http), (3, 400), "{what}: {body}");
+                assert_eq!(body["error"], *reason, "{what}");
+            }
+        }
+        // A valid token without the role is not enough either.
+        let r = check(
+            &c,
+            envoy_request(method, host, path, &[("authorization", &member)]),
+        )
+        .await;
+        let (_, http, _, _) = denied_parts(&r);
+        assert!(http == 400 || http == 403, "{what}: {http}");
+    }
+
+    // A gRPC request with a non-canonical path gets a gRPC-shaped INVALID_ARGUMENT.
+    let r = check(
+        &c,
+        envoy_request(
+            "POST",
+            API,
+            "/Admin/examples.orders.v1.Orders/DeleteOrder",
+            &[("content-type", "application/grpc")],
+        ),
+    )
+    .await;
+    let (code, http, headers, _) = denied_parts(&r);
+    assert_eq!((code, http), (3, 200));
+    assert_eq!(headers["grpc-status"], "3");
+
+    // No over-refusal: ordinary paths pass, and the admin reaches /admin and the ops host.
+    for path in [
+        "/",
+        "/public/a-b_c.~d",
+        "/administrator",
+        "/orders/1",
+        "/a%20b",
+    ] {
+        let r = check(&c, envoy_request("GET", API, path, &[])).await;
+        ok_parts(&r);
+    }
+    let admin = format!("Bearer {}", admin_token(&h, "admin", &[]));
+    for (host, path) in [
+        (API, "/admin/users"),
+        (API, "/admin/"),
+        ("ops.example.com.", "/x"),
+        ("ops.example.com:8443", "/admin"),
+    ] {
+        let r = check(
+            &c,
+            envoy_request("GET", host, path, &[("authorization", &admin)]),
+        )
+        .await;
+        assert_eq!(
+            ok_parts(&r).0["x-clerk-user-id"],
+            "user_envoy",
+            "{host} {path}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -415,9 +628,9 @@ fn route_policy_files_are_validated() {
         assert!(e.contains(needle), "{text:?} → {e}");
     }
     let p = RoutePolicy::from_toml(ROUTES, "r").unwrap();
-    assert!(p.rule_for("api.example.com", "/public", "GET").is_public());
-    assert!(!p
-        .rule_for("api.example.com", "/publicity", "GET")
-        .is_public());
-    assert!(p.rule_for("INTERNAL.example.com", "/x", "GET").is_public());
+    let public = |host, path| p.rule_for(host, path, "GET").unwrap().is_public();
+    assert!(public("api.example.com", "/public"));
+    assert!(!public("api.example.com", "/publicity"));
+    assert!(public("INTERNAL.example.com", "/x"));
+    assert!(public("internal.example.com.", "/x"));
 }
