@@ -772,3 +772,90 @@ async fn client_credentials_static_async_and_forwarded() {
     let err = forward_token(&Request::new(()), &mut Request::new(())).unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }
+
+/// A `:path` that is not exactly `/pkg.Service/Method` is refused before the policy is looked
+/// up (grpc-go's CVE-2026-33186: a `:path` without its leading slash fell to a looser rule).
+/// Sent over real HTTP/2 with the raw path, against a policy whose default is public.
+#[tokio::test]
+async fn malformed_method_paths_are_refused_before_the_policy() {
+    let h = Harness::start().await;
+    let (local, _guard) = local_verifier(&h).await;
+    let policy = Policy::public().method(
+        "/examples.orders.v1.Orders/DeleteOrder",
+        Rule::authenticated().require(clerk_grpc_auth::authz::Check::permission(
+            orders::DELETE_PERMISSION,
+        )),
+    );
+    let server = Orders::start(AuthLayer::in_process(local, policy)).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let raw = |path: &'static str| {
+        let channel = channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            grpc.unary(
+                Request::new(DeleteOrderRequest {
+                    order_id: "ord_1".into(),
+                }),
+                path.parse::<http::uri::PathAndQuery>().expect(path),
+                tonic_prost::ProstCodec::<DeleteOrderRequest, orders::pb::DeleteOrderResponse>::default(),
+            )
+            .await
+        }
+    };
+    // http ≥ 1.4 cannot even represent a path without its leading slash: hyper/h2 reset such
+    // a stream before any service sees it. The layer refuses it anyway (below, `*`).
+    assert!("examples.orders.v1.Orders/DeleteOrder"
+        .parse::<http::uri::PathAndQuery>()
+        .is_err());
+    for path in [
+        "//examples.orders.v1.Orders/DeleteOrder",
+        "/examples.orders.v1.Orders/DeleteOrder/",
+        "/examples.orders.v1.Orders//DeleteOrder",
+        "/Examples.orders.v1.Orders/DeleteOrder",
+        "/examples.orders.v1.Orders/deleteorder",
+        "/examples.orders.v1.Orders/Delete%4Frder",
+    ] {
+        let e = raw(path).await.expect_err(path);
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e:?}");
+        assert_eq!(reason(&e), "PATH_NOT_CANONICAL", "{path}");
+    }
+    // The exact path gets its rule; other methods the public default.
+    let e = raw("/examples.orders.v1.Orders/DeleteOrder")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(reason(&e), "TOKEN_MISSING");
+    let mut client = server.client.clone();
+    client.ping(PingRequest {}).await.unwrap();
+
+    // What http can represent without a leading slash (`*`, the authority form) never
+    // reaches the handler.
+    let (local, _guard2) = local_verifier(&h).await;
+    let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = called.clone();
+    let mut svc = tower::Layer::layer(
+        &AuthLayer::in_process(local, Policy::public()),
+        tower::service_fn(move |_req: http::Request<tonic::body::Body>| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            }
+        }),
+    );
+    for uri in ["*", "http://h"] {
+        let req = http::Request::builder()
+            .uri(uri)
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let res = tower::ServiceExt::oneshot(&mut svc, req).await.unwrap();
+        let status = Status::from_header_map(res.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), Code::InvalidArgument, "{uri}");
+        assert_eq!(reason(&status), "PATH_NOT_CANONICAL");
+    }
+    assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+}
