@@ -146,6 +146,26 @@ fn istio_provider_points_at_the_service_and_fails_closed() {
         .map(|h| h.as_str().unwrap())
         .collect();
     assert_eq!(upstream, clerk_grpc_auth::ext_authz::IDENTITY_HEADERS);
+    // The proxies read the path as clerk-grpc-auth does, and refuse what it would refuse.
+    assert_eq!(
+        mesh["spec"]["meshConfig"]["pathNormalization"]["normalization"].as_str(),
+        Some("MERGE_SLASHES")
+    );
+    let filter = one("deploy/istio/envoy-filter.yaml");
+    assert_eq!(filter["kind"].as_str(), Some("EnvoyFilter"));
+    let patches = filter["spec"]["configPatches"].as_vec().unwrap();
+    let contexts: Vec<&str> = patches
+        .iter()
+        .map(|p| p["match"]["context"].as_str().unwrap())
+        .collect();
+    assert_eq!(contexts, ["SIDECAR_INBOUND", "GATEWAY"]);
+    for p in patches {
+        assert_eq!(
+            p["match"]["listener"]["filterChain"]["filter"]["name"].as_str(),
+            Some("envoy.filters.network.http_connection_manager")
+        );
+        assert_hardened_hcm(&p["patch"]["value"]["typed_config"]);
+    }
     let policy = one("deploy/istio/authorization-policy.yaml");
     assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
     assert_eq!(
@@ -154,11 +174,29 @@ fn istio_provider_points_at_the_service_and_fails_closed() {
     );
 }
 
+/// The HTTP connection manager settings that make Envoy read a request as clerk-grpc-auth's
+/// canonicalisation does (src/canonical.rs) and refuse underscore spellings of its headers.
+fn assert_hardened_hcm(hcm: &Yaml) {
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["path_with_escaped_slashes_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+    assert_eq!(hcm["strip_any_host_port"].as_bool(), Some(true));
+    assert_eq!(hcm["strip_trailing_host_dot"].as_bool(), Some(true));
+    assert_eq!(
+        hcm["common_http_protocol_options"]["headers_with_underscores_action"].as_str(),
+        Some("REJECT_REQUEST")
+    );
+}
+
 #[test]
 fn envoy_ext_authz_filter_is_fail_closed_and_targets_the_grpc_port() {
     let envoy = one("deploy/envoy/envoy.yaml");
     let listener = &envoy["static_resources"]["listeners"][0];
     let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    assert_hardened_hcm(hcm);
     let filters = hcm["http_filters"].as_vec().unwrap();
     let ext = filters
         .iter()
