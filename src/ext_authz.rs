@@ -607,26 +607,30 @@ impl Authorization for ExtAuthz {
                 false,
             )));
         };
-        // Envoy sends `headers`, or `header_map` when raw headers are encoded.
+        // Envoy sends `headers`, or `header_map` when raw headers are encoded. Repeated
+        // headers are joined as Envoy joins them in `headers` (cookies with `; `, others with
+        // `,`), so both forms read the same: a second `authorization` makes the credential
+        // unreadable (refused), never "the last one wins".
         let raw_headers: HashMap<String, String>;
         let headers = if http.headers.is_empty() {
-            raw_headers = http
-                .header_map
-                .as_ref()
-                .map(|m| {
-                    m.headers
-                        .iter()
-                        .map(|h| {
-                            let v = if h.value.is_empty() {
-                                String::from_utf8_lossy(&h.raw_value).into_owned()
-                            } else {
-                                h.value.clone()
-                            };
-                            (h.key.to_ascii_lowercase(), v)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut joined: HashMap<String, String> = HashMap::new();
+            for h in http.header_map.iter().flat_map(|m| &m.headers) {
+                let v = if h.value.is_empty() {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                } else {
+                    h.value.clone()
+                };
+                let key = h.key.to_ascii_lowercase();
+                let sep = if key == "cookie" { "; " } else { "," };
+                joined
+                    .entry(key)
+                    .and_modify(|old| {
+                        old.push_str(sep);
+                        old.push_str(&v);
+                    })
+                    .or_insert(v);
+            }
+            raw_headers = joined;
             &raw_headers
         } else {
             &http.headers

@@ -634,3 +634,76 @@ fn route_policy_files_are_validated() {
     assert!(public("INTERNAL.example.com", "/x"));
     assert!(public("internal.example.com.", "/x"));
 }
+
+/// The request as Envoy sends it with `encode_raw_headers`: `header_map` (repeated entries)
+/// instead of `headers`.
+fn raw_header_request(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    let mut req = envoy_request("GET", "api.example.com", path, &[]);
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.headers.clear();
+    http.header_map = Some(HeaderMap {
+        headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: (*k).into(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    req
+}
+
+#[tokio::test]
+async fn repeated_raw_headers_read_as_envoy_joins_them() {
+    let (h, c) = start().await;
+    let token = admin_token(&h, "member", &[]);
+    let bearer = format!("Bearer {token}");
+    // Two `authorization` entries, the valid one last or first: the credential is ambiguous
+    // and refused either way ("last one wins" would let a front proxy and the upstream read
+    // different tokens).
+    for entries in [
+        [
+            ("authorization", "Bearer garbage"),
+            ("authorization", bearer.as_str()),
+        ],
+        [
+            ("authorization", bearer.as_str()),
+            ("authorization", "Bearer garbage"),
+        ],
+    ] {
+        let r = check(&c, raw_header_request("/orders", &entries)).await;
+        let (_, http, _, _) = denied_parts(&r);
+        assert_eq!(http, 401, "{entries:?}");
+    }
+    // One `authorization` entry: allowed.
+    let r = check(
+        &c,
+        raw_header_request("/orders", &[("authorization", bearer.as_str())]),
+    )
+    .await;
+    ok_parts(&r);
+    // HTTP/2 cookie crumbs arrive as separate `cookie` entries: joined with "; ", the
+    // session cookie in any crumb is found.
+    let session = format!("__session={token}");
+    let r = check(
+        &c,
+        raw_header_request(
+            "/orders",
+            &[("cookie", "theme=dark"), ("Cookie", session.as_str())],
+        ),
+    )
+    .await;
+    let (set, _) = ok_parts(&r);
+    assert_eq!(set["x-clerk-user-id"], "user_envoy");
+}
