@@ -54,6 +54,17 @@ pub use token_verifier::{
     TokenVerifier, TokenVerifierConfig, VerifierStats, VerifyRequest, MAX_TOKEN_BYTES,
 };
 
+/// Crate internals for the fuzz targets (`fuzz/`). Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The one-pass JSON scanner and the JS-faithful reference decoder (Clerk's `TextDecoder`
+    /// then `JSON.parse`) read `segment`, a decoded JWT header or payload, into the same
+    /// header and claims, or both refuse it. `Err` describes the difference.
+    pub fn claims_agree(segment: &[u8]) -> Result<(), String> {
+        crate::claims::scanner_agrees_with_reference(segment)
+    }
+}
+
 /// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
 /// SHA-256. Never log the token itself.
 pub fn token_fingerprint(token: &str) -> String {
