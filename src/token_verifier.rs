@@ -33,8 +33,8 @@ pub struct TokenVerifierConfig {
     pub cache_capacity: u64,
 }
 
-/// One verification request.
-#[derive(Debug, Clone, Copy, Default)]
+/// One verification request. Its `Debug` shows the token's fingerprint, never the token.
+#[derive(Clone, Copy, Default)]
 pub struct VerifyRequest<'a> {
     /// The token, without `Bearer `.
     pub token: &'a str,
@@ -365,6 +365,18 @@ impl TokenVerifier {
 enum Begin<'t> {
     Hit(Arc<Identity>),
     Miss(Pending<'t>),
+}
+
+impl std::fmt::Debug for VerifyRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("token", &crate::token_fingerprint(self.token))
+            .field("authorized_parties", &self.authorized_parties)
+            .field("accept_pending", &self.accept_pending)
+            .field("accepted_types", &self.accepted_types)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// A decoded token waiting for its key.
