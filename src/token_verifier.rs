@@ -419,10 +419,12 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
-/// SHA-256 over the token and every option that changes the verdict.
+/// SHA-256 over the token and every option that changes the verdict. The signature's
+/// padding is not part of it: Clerk accepts any number of trailing `=`, and they are the only
+/// bytes anyone can change without re-signing, so `t`, `t=`, `t==`… share one entry.
 pub(crate) fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(req.token.as_bytes());
+    h.update(req.token.trim_end_matches('=').as_bytes());
     h.update([0u8, u8::from(req.accept_pending)]);
     for p in req.authorized_parties {
         h.update([0x1e]);
@@ -462,6 +464,16 @@ mod tests {
             }),
             verdict_key(&VerifyRequest { token: "u", ..base }),
         ];
+        // Signature padding is not a different token.
+        for padded in ["t=", "t===="] {
+            assert_eq!(
+                verdict_key(&VerifyRequest {
+                    token: padded,
+                    ..base
+                }),
+                keys[0]
+            );
+        }
         for i in 0..keys.len() {
             for j in i + 1..keys.len() {
                 assert_ne!(keys[i], keys[j], "{i} vs {j}");

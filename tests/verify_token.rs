@@ -597,7 +597,10 @@ async fn malformed_tokens() {
     let mut spec = TokenSpec::default();
     spec.extra_claims.insert("fea".into(), json!("o:a,broken"));
     spec.extra_claims.insert("pla".into(), json!("nocolon"));
-    let id = h.verify(&h.mint(&spec)).await.expect("malformed fea without o");
+    let id = h
+        .verify(&h.mint(&spec))
+        .await
+        .expect("malformed fea without o");
     let features = id.features.unwrap_or_default();
     assert!(features.user.is_empty() && features.organization.is_empty());
 }
