@@ -308,7 +308,9 @@ impl<'a> Scanner<'a> {
         text.parse().map_err(|_| Invalid)
     }
 
-    /// Validates and skips one value, iteratively (no recursion, so no nesting limit).
+    /// Validates and skips one value, iteratively (no recursion, so no nesting limit). Kept
+    /// out of line: real tokens skip little, and inlining it bloats the hot member loop.
+    #[inline(never)]
     fn skip_value(&mut self) -> R<()> {
         let mut open = Levels {
             inline: 0,
