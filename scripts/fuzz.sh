@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 # cargo-fuzz needs unstable compiler flags (sanitizers); allow them on the stable toolchain.
 export RUSTC_BOOTSTRAP=1
-targets=(token_decode jwks_parse webhook_verify check_policy check_request)
+targets=(token_decode jwks_parse webhook_verify check_policy check_request claims_agree)
 secs="${2:-60}"
 if [ $# -ge 1 ]; then targets=("$1"); fi
 for t in "${targets[@]}"; do

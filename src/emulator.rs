@@ -236,6 +236,13 @@ impl SigningKey {
         let h = URL_SAFE_NO_PAD.encode(serde_json::to_vec(header).expect("JSON"));
         let p = URL_SAFE_NO_PAD.encode(serde_json::to_vec(payload).expect("JSON"));
         let input = format!("{h}.{p}");
+        let sig = self.sign_raw(&input, alg);
+        format!("{input}.{sig}")
+    }
+
+    /// The base64url (unpadded) signature over exactly `signing_input` (for crafting tokens
+    /// whose segments are not canonical JSON or base64url).
+    pub fn sign_raw(&self, signing_input: &str, alg: Alg) -> String {
         let enc = match alg {
             Alg::RS256 => &RSA_PKCS1_SHA256,
             Alg::RS384 => &RSA_PKCS1_SHA384,
@@ -243,9 +250,14 @@ impl SigningKey {
         };
         let mut sig = vec![0u8; self.pair.public_modulus_len()];
         self.pair
-            .sign(enc, &SystemRandom::new(), input.as_bytes(), &mut sig)
+            .sign(
+                enc,
+                &SystemRandom::new(),
+                signing_input.as_bytes(),
+                &mut sig,
+            )
             .expect("RSA signing");
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+        URL_SAFE_NO_PAD.encode(sig)
     }
 }
 

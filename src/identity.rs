@@ -53,8 +53,8 @@ pub struct Identity {
     pub machine: Option<MachineInfo>,
     /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
     fva_exact: Option<[f64; 2]>,
-    /// The payload's JSON text (valid UTF-8: the verifier refuses anything else), parsed on
-    /// demand by [`Identity::claims`].
+    /// The payload's JSON text as Clerk's `TextDecoder` reads it, parsed on demand by
+    /// [`Identity::claims`].
     raw_claims: String,
     claims: OnceLock<Map<String, Value>>,
 }
@@ -110,7 +110,8 @@ pub struct Actor {
     pub actor_type: Option<String>,
 }
 
-/// A scoped claim had an element without a `:` (Clerk's SDK throws on it; we reject).
+/// A scoped claim had an element without a `:`, or was a truthy non-string (Clerk's
+/// `splitByScope` throws on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MalformedScopes;
 
@@ -143,18 +144,24 @@ impl Identity {
     /// Decodes a session token's payload (already verified) into an identity.
     ///
     /// `sub` and `exp` must already have been checked to be a string and a number.
+    ///
+    /// Fails exactly where Clerk's `__experimental_JWTPayloadToAuthObjectProperties` throws
+    /// (building the auth object): a v2 token (`v: 2`) with a truthy `o` whose `fea` is
+    /// malformed. Anywhere else a malformed `fea` or `pla` decodes as empty, so every
+    /// `has({ feature })` / `has({ plan })` against it fails, as Clerk's (which catches the
+    /// throw and answers false).
     pub(crate) fn from_session_claims(
         token_type: TokenType,
         c: RawClaims,
-        raw_claims: Vec<u8>,
+        raw_claims: String,
     ) -> Result<Self, MalformedScopes> {
-        // The verifier has already refused payloads that are not UTF-8; lossy only as a
-        // fallback that cannot trigger.
-        let raw_claims = String::from_utf8(raw_claims)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let v2 = c.v.as_f64() == Some(2.0);
-        let features = split_lenient(&c.fea)?;
-        let plans = split_lenient(&c.pla)?;
+        let features = split_lenient(&c.fea);
+        if features.is_err() && v2 && c.o_truthy {
+            return Err(MalformedScopes);
+        }
+        let features = features.unwrap_or_default();
+        let plans = split_lenient(&c.pla).unwrap_or_default();
         let organization = if v2 {
             c.o.and_then(|o| decode_v2_org(o, &features.organization))
         } else {
@@ -211,7 +218,7 @@ impl Identity {
     /// Every claim of the token, unchanged (parsed from the payload on first use).
     pub fn claims(&self) -> &Map<String, Value> {
         self.claims
-            .get_or_init(|| serde_json::from_str(&self.raw_claims).unwrap_or_default())
+            .get_or_init(|| crate::claims::payload_map(&self.raw_claims))
     }
 
     /// `fva` as Clerk's `has()` reads it: `None` when absent or not two numbers each -1 or ≥ 0.
@@ -272,9 +279,11 @@ impl Identity {
         }
     }
 
-    /// The expiry in milliseconds since the epoch.
+    /// The expiry in milliseconds since the epoch, as Clerk reads `exp`: truncated to whole
+    /// seconds; infinity when it never expires (no `exp`, or one Clerk reads as an Invalid
+    /// Date, which never compares as expired).
     pub fn expires_at_ms(&self) -> f64 {
-        self.expires_at * 1000.0
+        crate::verify::js_date_ms(self.expires_at).unwrap_or(f64::INFINITY)
     }
 
     /// Rebuilds an identity from the wire type (what a delegated layer receives from
@@ -442,10 +451,12 @@ fn timestamp(secs: f64) -> prost_types::Timestamp {
     }
 }
 
+/// Clerk's `splitByScope(claim)`: a falsy claim is empty; a string is split; any other
+/// truthy value throws (it has no `split`).
 fn split_lenient(claim: &Lenient) -> Result<Entitlements, MalformedScopes> {
     match claim {
-        Lenient::Absent | Lenient::Null => Ok(Entitlements::default()),
         Lenient::Str(s) => split_by_scope(Some(s)),
+        l if !l.truthy() => Ok(Entitlements::default()),
         _ => Err(MalformedScopes),
     }
 }
@@ -659,8 +670,21 @@ mod tests {
         }
         assert_eq!(split_lenient(&Lenient::Num(3.0)), Err(MalformedScopes));
         assert_eq!(split_lenient(&Lenient::Other), Err(MalformedScopes));
+        assert_eq!(split_lenient(&Lenient::Bool(true)), Err(MalformedScopes));
         assert_eq!(split_by_scope(Some("")), Ok(Entitlements::default()));
-        assert_eq!(split_lenient(&Lenient::Null), Ok(Entitlements::default()));
+        for falsy in [
+            Lenient::Null,
+            Lenient::Absent,
+            Lenient::Bool(false),
+            Lenient::Num(0.0),
+            Lenient::Num(-0.0),
+        ] {
+            assert_eq!(
+                split_lenient(&falsy),
+                Ok(Entitlements::default()),
+                "{falsy:?}"
+            );
+        }
     }
 
     #[test]

@@ -425,24 +425,6 @@ pub(crate) fn b64url_lenient(s: &str) -> Option<Vec<u8>> {
         .or_else(|| LENIENT_B64URL.decode(s).ok())
 }
 
-/// As [`b64url_lenient`], decoding into `buf` when the result fits (no allocation).
-#[inline]
-pub(crate) fn b64url_lenient_in<'a>(
-    s: &str,
-    buf: &'a mut [u8],
-) -> Option<std::borrow::Cow<'a, [u8]>> {
-    let simd = base64_simd::URL_SAFE_NO_PAD;
-    if let Ok(n) = simd.decoded_length(s.as_bytes()) {
-        if n <= buf.len() {
-            if let Ok(out) = simd.decode(s.as_bytes(), base64_simd::Out::from_slice(&mut buf[..n]))
-            {
-                return Some(std::borrow::Cow::Borrowed(out));
-            }
-        }
-    }
-    LENIENT_B64URL.decode(s).ok().map(std::borrow::Cow::Owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

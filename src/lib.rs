@@ -48,6 +48,21 @@ pub mod pb {
     /// The encoded `FileDescriptorSet` of `clerk.auth.v1` and its imports (for reflection).
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/clerk_auth_descriptor.bin"));
+
+    /// The token as its fingerprint ([`crate::token_fingerprint`]), never the token.
+    impl std::fmt::Debug for VerifyTokenRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("VerifyTokenRequest")
+                .field("token", &crate::token_fingerprint(&self.token))
+                .field("authorized_parties", &self.authorized_parties)
+                .field("accept_pending_session", &self.accept_pending_session)
+                .field("accepted_token_types", &self.accepted_token_types)
+                .field("client_ip", &self.client_ip)
+                .field("check_session_online", &self.check_session_online)
+                .field("claims_struct", &self.claims_struct)
+                .finish_non_exhaustive()
+        }
+    }
 }
 
 pub use error::{AuthError, Reason, VerifyError};
@@ -55,6 +70,17 @@ pub use identity::Identity;
 pub use token_verifier::{
     TokenVerifier, TokenVerifierConfig, VerifierStats, VerifyRequest, MAX_TOKEN_BYTES,
 };
+
+/// Crate internals for the fuzz targets (`fuzz/`). Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The one-pass JSON scanner and the JS-faithful reference decoder (Clerk's `TextDecoder`
+    /// then `JSON.parse`) read `segment`, a decoded JWT header or payload, into the same
+    /// header and claims, or both refuse it. `Err` describes the difference.
+    pub fn claims_agree(segment: &[u8]) -> Result<(), String> {
+        crate::claims::scanner_agrees_with_reference(segment)
+    }
+}
 
 /// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
 /// SHA-256. Never log the token itself.
@@ -86,6 +112,39 @@ mod tests {
             .file
             .iter()
             .any(|f| f.name() == "google/protobuf/struct.proto"));
+    }
+
+    /// Issue 12, item 7: no type that holds a token prints it.
+    #[test]
+    fn debug_output_holds_fingerprints_never_tokens() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyXzEifQ.c2lnbmF0dXJlLWJ5dGVz";
+        let parties = vec!["https://app.example".to_owned()];
+        let shown = [
+            format!(
+                "{:?}",
+                crate::pb::VerifyTokenRequest {
+                    token: token.into(),
+                    authorized_parties: parties.clone(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::VerifyRequest {
+                    token,
+                    authorized_parties: &parties,
+                    ..Default::default()
+                }
+            ),
+            format!("{:?}", crate::client::BearerToken::new(token).unwrap()),
+        ];
+        for s in &shown {
+            for part in token.split('.') {
+                assert!(!s.contains(part), "{s}");
+            }
+            assert!(s.contains(&super::token_fingerprint(token)), "{s}");
+        }
+        assert!(shown[0].contains("https://app.example"), "{}", shown[0]);
     }
 
     #[test]

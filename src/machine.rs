@@ -55,9 +55,9 @@ fn split_spaces(v: Option<&Value>) -> Option<Vec<String>> {
 pub(crate) fn identity_from_jwt(
     token_type: TokenType,
     c: &RawClaims,
-    payload_json: &[u8],
+    payload_json: &str,
 ) -> Identity {
-    let payload: Map<String, Value> = serde_json::from_slice(payload_json).unwrap_or_default();
+    let payload: Map<String, Value> = crate::claims::payload_map(payload_json);
     let subject = c.sub.as_str().unwrap_or_default().to_owned();
     let mut info = MachineInfo {
         subject: subject.clone(),

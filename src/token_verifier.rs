@@ -33,8 +33,8 @@ pub struct TokenVerifierConfig {
     pub cache_capacity: u64,
 }
 
-/// One verification request.
-#[derive(Debug, Clone, Copy, Default)]
+/// One verification request. Its `Debug` shows the token's fingerprint, never the token.
+#[derive(Clone, Copy, Default)]
 pub struct VerifyRequest<'a> {
     /// The token, without `Bearer `.
     pub token: &'a str,
@@ -371,6 +371,18 @@ enum Begin<'t> {
     Miss(Pending<'t>),
 }
 
+impl std::fmt::Debug for VerifyRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("token", &crate::token_fingerprint(self.token))
+            .field("authorized_parties", &self.authorized_parties)
+            .field("accept_pending", &self.accept_pending)
+            .field("accepted_types", &self.accepted_types)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
 /// A decoded token waiting for its key.
 struct Pending<'t> {
     decoded: Decoded<'t>,
@@ -411,10 +423,12 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
-/// SHA-256 over the token and every option that changes the verdict.
+/// SHA-256 over the token and every option that changes the verdict. The signature's
+/// padding is not part of it: Clerk accepts any number of trailing `=`, and they are the only
+/// bytes anyone can change without re-signing, so `t`, `t=`, `t==`… share one entry.
 pub(crate) fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(req.token.as_bytes());
+    h.update(req.token.trim_end_matches('=').as_bytes());
     h.update([0u8, u8::from(req.accept_pending)]);
     for p in req.authorized_parties {
         h.update([0x1e]);
@@ -454,6 +468,16 @@ mod tests {
             }),
             verdict_key(&VerifyRequest { token: "u", ..base }),
         ];
+        // Signature padding is not a different token.
+        for padded in ["t=", "t===="] {
+            assert_eq!(
+                verdict_key(&VerifyRequest {
+                    token: padded,
+                    ..base
+                }),
+                keys[0]
+            );
+        }
         for i in 0..keys.len() {
             for j in i + 1..keys.len() {
                 assert_ne!(keys[i], keys[j], "{i} vs {j}");

@@ -18,10 +18,13 @@
 use serde_json::Value;
 
 use crate::{
-    claims::{parse_header, parse_payload, Cat, Lenient, Payload, RawClaims, RawHeader, Typ},
+    claims::{
+        parse_header, parse_payload, text_decode, text_decode_slice, Cat, Lenient, Payload,
+        RawClaims, RawHeader, Typ,
+    },
     error::{Reason, VerifyError},
     identity::{Identity, TokenType},
-    keys::{b64url_lenient, b64url_lenient_in, KeySet, SigError, VerifyingKey},
+    keys::{KeySet, SigError, VerifyingKey},
 };
 
 /// Clerk's session-token category (`cat` header).
@@ -47,8 +50,9 @@ pub struct Validation {
     /// Issuer pinning: when set, `iss` must equal it exactly. Defaults to off (Clerk's SDK does
     /// not check `iss`).
     pub issuer: Option<String>,
-    /// Accepted audiences. Defaults to empty: no check. As in Clerk's SDK, a token without
-    /// `aud` passes even when audiences are configured.
+    /// Accepted audiences. Defaults to empty: no check. As in Clerk's SDK, a session token
+    /// without `aud` passes even when audiences are configured; an OAuth JWT access token
+    /// must then carry a non-empty `aud` naming one of them (`assertOAuthAudienceClaim`).
     pub audience: Vec<String>,
 }
 
@@ -63,13 +67,16 @@ pub struct VerifyOptions<'a> {
     pub accepted_types: &'a [TokenType],
 }
 
-/// A decoded, not yet verified, JWT.
-#[derive(Debug)]
+/// A decoded, not yet verified, JWT. Its `Debug` shows the token's fingerprint, never the
+/// token, its signature or its payload.
 pub struct Decoded<'t> {
     header: RawHeader,
     claims: RawClaims,
-    payload_json: Vec<u8>,
-    signing_input: &'t str,
+    /// The payload as Clerk's `TextDecoder` reads it (BOM stripped, invalid UTF-8 replaced).
+    payload_json: String,
+    /// The whole token; the signing input is `token[..signing_len]`.
+    token: &'t str,
+    signing_len: usize,
     signature: Vec<u8>,
     token_type: TokenType,
 }
@@ -115,16 +122,16 @@ impl<'t> Decoded<'t> {
             return Err(INVALID_FORM);
         };
         let (h, p, s) = (&token[..d1], &token[d1 + 1..d2], &token[d2 + 1..]);
-        let signing_input = &token[..d2];
         let bad = |m| VerifyError::new(Reason::TokenInvalid, m);
         let mut header_buf = [0u8; 512];
         let header_bytes =
-            b64url_lenient_in(h, &mut header_buf).ok_or(bad("The JWT header is not base64url."))?;
-        let payload_bytes = b64url_lenient(p).ok_or(bad("The JWT payload is not base64url."))?;
-        let signature = b64url_lenient(s).ok_or(bad("The JWT signature is not base64url."))?;
-        let header =
-            parse_header(&header_bytes).ok_or(bad("The JWT header is not a JSON object."))?;
-        let claims = match parse_payload(&payload_bytes) {
+            b64url_clerk_in(h, &mut header_buf).ok_or(bad("The JWT header is not base64url."))?;
+        let payload_bytes = b64url_clerk(p).ok_or(bad("The JWT payload is not base64url."))?;
+        let signature = b64url_clerk(s).ok_or(bad("The JWT signature is not base64url."))?;
+        let header = parse_header(&text_decode_slice(&header_bytes))
+            .ok_or(bad("The JWT header is not a JSON object."))?;
+        let payload_json = text_decode(payload_bytes);
+        let claims = match parse_payload(&payload_json) {
             Ok(Payload(Some(c))) => c,
             Ok(Payload(None)) => return Err(bad("The JWT payload is null.")),
             Err(_) => return Err(bad("The JWT payload is not JSON.")),
@@ -133,8 +140,9 @@ impl<'t> Decoded<'t> {
         Ok(Self {
             header,
             claims,
-            payload_json: payload_bytes,
-            signing_input,
+            payload_json,
+            token,
+            signing_len: d2,
             signature,
             token_type,
         })
@@ -149,6 +157,85 @@ impl<'t> Decoded<'t> {
     pub fn token_type(&self) -> TokenType {
         self.token_type
     }
+}
+
+impl std::fmt::Debug for Decoded<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoded")
+            .field("token", &crate::token_fingerprint(self.token))
+            .field("token_type", &self.token_type)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The value of a base64url character (`0xFF` for any other byte).
+#[inline]
+const fn b64url_value(c: u8) -> u8 {
+    match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => 0xFF,
+    }
+}
+
+/// What Clerk's `base64url.parse(s, { loose: true })` accepts, checked without decoding:
+/// any number of trailing `=` is dropped (and `=` anywhere else is an invalid character); a
+/// remainder of one character mod 4 is refused, and so are non-zero unused bits in the last
+/// character ("Unexpected end of data"). Returns the unpadded input, which the SIMD decoder
+/// then decodes exactly as Clerk does (it refuses any character outside the alphabet).
+#[inline]
+fn b64url_clerk_body(s: &str) -> Option<&[u8]> {
+    let b = s.as_bytes();
+    let end = b.iter().rposition(|&c| c != b'=').map_or(0, |i| i + 1);
+    let body = &b[..end];
+    let unused = match end % 4 {
+        0 => return Some(body),
+        2 => 0x0F,
+        3 => 0x03,
+        _ => return None,
+    };
+    (b64url_value(body[end - 1]) & unused == 0).then_some(body)
+}
+
+/// Decodes a token segment exactly as Clerk's SDK does (see [`b64url_clerk_body`]).
+#[inline]
+pub(crate) fn b64url_clerk(s: &str) -> Option<Vec<u8>> {
+    base64_simd::URL_SAFE_NO_PAD
+        .decode_to_vec(b64url_clerk_body(s)?)
+        .ok()
+}
+
+/// As [`b64url_clerk`], decoding into `buf` when the result fits (no allocation).
+#[inline]
+fn b64url_clerk_in<'a>(s: &str, buf: &'a mut [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let body = b64url_clerk_body(s)?;
+    let simd = base64_simd::URL_SAFE_NO_PAD;
+    let n = simd.decoded_length(body).ok()?;
+    if n <= buf.len() {
+        let out = simd
+            .decode(body, base64_simd::Out::from_slice(&mut buf[..n]))
+            .ok()?;
+        return Some(std::borrow::Cow::Borrowed(out));
+    }
+    simd.decode_to_vec(body).ok().map(std::borrow::Cow::Owned)
+}
+
+/// A NumericDate (seconds) as Clerk reads it, `new Date(0).setUTCSeconds(secs)`, in
+/// milliseconds: truncated toward zero to whole seconds (ToIntegerOrInfinity), and `None`
+/// for an Invalid Date (not finite, or beyond ±8.64e15 ms after the time clip). Every
+/// comparison with an Invalid Date is false in JS, so Clerk then never finds the token
+/// expired, not yet valid or issued in the future.
+pub(crate) fn js_date_ms(secs: f64) -> Option<f64> {
+    if !secs.is_finite() {
+        return None;
+    }
+    let ms = secs.trunc() * 1000.0;
+    // `+ 0.0` turns -0 into +0, as MakeTime's additions do.
+    (ms.abs() <= 8.64e15).then_some(ms + 0.0)
 }
 
 /// Clerk's `getMachineTokenType` for JWTs: M2M by `sub` prefix `mch_`, then OAuth by `typ`.
@@ -292,7 +379,7 @@ impl Verifier {
             token_type,
             ..
         } = d;
-        self.check_claims(&claims, opts, now_ms, true)?;
+        self.check_claims(&claims, opts, now_ms, token_type)?;
         if claims.sts.as_str() == Some("pending") && !opts.accept_pending {
             return Err(VerifyError::new(
                 Reason::SessionPending,
@@ -324,7 +411,7 @@ impl Verifier {
             return Err(VerifyError::new(Reason::TokenInvalid, "Invalid JWT type."));
         }
         check_signature(&d, key)?;
-        self.check_claims(&d.claims, opts, now_ms, false)?;
+        self.check_claims(&d.claims, opts, now_ms, d.token_type)?;
         Ok(crate::machine::identity_from_jwt(
             d.token_type,
             &d.claims,
@@ -332,16 +419,19 @@ impl Verifier {
         ))
     }
 
-    /// `sub`, `aud`, `azp`, `iss`, `exp`, `nbf`, `iat`. Audience and authorized parties are
-    /// session-token checks (`session`): a machine JWT's `aud` lists machine ids and it has no
-    /// `azp` (see the README on where we differ from Clerk).
+    /// `sub`, `aud`, `azp`, `iss`, `exp`, `nbf`, `iat` for a token of type `ty`. Clerk's
+    /// audience rule and authorized parties are session-token checks: an M2M JWT's `aud` lists
+    /// machine ids and it has no `azp` (see the README on where we differ from Clerk). OAuth
+    /// JWTs get Clerk's stricter OAuth audience rule instead, last.
     fn check_claims(
         &self,
         c: &RawClaims,
         opts: &VerifyOptions<'_>,
         now_ms: i64,
-        session: bool,
+        ty: TokenType,
     ) -> Result<(), VerifyError> {
+        let session = ty == TokenType::SessionToken;
+        let oauth = ty == TokenType::OauthToken;
         let failed = |m| VerifyError::new(Reason::TokenVerificationFailed, m);
         let v = &self.validation;
         let skew = v.clock_skew_ms as f64;
@@ -390,19 +480,20 @@ impl Verifier {
             }
         }
 
-        // exp (a NaN never passes)
+        // exp, nbf, iat: whole seconds, as `Date#setUTCSeconds` makes them (`js_date_ms`); an
+        // Invalid Date (infinite or huge) compares false, so it neither expires nor starts.
         let exp = match c.exp {
             Lenient::Num(n) => n,
             _ => return Err(failed("Invalid JWT expiry date claim (exp): not a number.")),
         };
-        if exp.is_nan() || exp * 1000.0 <= now - skew {
+        if js_date_ms(exp).is_some_and(|ms| ms <= now - skew) {
             return Err(VerifyError::new(Reason::TokenExpired, "JWT is expired."));
         }
 
         // nbf, then iat: optional, numbers, not beyond now + skew.
         let not_future = |l: &Lenient, early: VerifyError, not_number: &'static str| match l {
             Lenient::Absent => Ok(()),
-            Lenient::Num(n) if n * 1000.0 > now + skew => Err(early),
+            Lenient::Num(n) if js_date_ms(*n).is_some_and(|ms| ms > now + skew) => Err(early),
             Lenient::Num(_) => Ok(()),
             _ => Err(failed(not_number)),
         };
@@ -422,6 +513,13 @@ impl Verifier {
             ),
             "Invalid JWT issued at date claim (iat): not a number.",
         )?;
+
+        // OAuth JWTs: `verifyOAuthJwt` → `assertOAuthAudienceClaim`, after the JWT checks.
+        if oauth && !oauth_audience_ok(c.aud.as_ref(), &v.audience) {
+            return Err(failed(
+                "Invalid OAuth audience claim (aud): expected a non-empty string or array of non-empty strings naming a configured audience.",
+            ));
+        }
         Ok(())
     }
 }
@@ -431,7 +529,8 @@ fn check_signature(d: &Decoded<'_>, key: &VerifyingKey) -> Result<(), VerifyErro
         Reason::TokenInvalidAlgorithm,
         "Invalid JWT algorithm. Supported: RS256, RS384, RS512.",
     ))?;
-    match key.verify(alg, d.signing_input.as_bytes(), &d.signature) {
+    let signing_input = &d.token.as_bytes()[..d.signing_len];
+    match key.verify(alg, signing_input, &d.signature) {
         Ok(()) => Ok(()),
         Err(SigError::Invalid) => Err(VerifyError::new(
             Reason::TokenInvalidSignature,
@@ -467,6 +566,31 @@ fn audience_ok(claim: Option<&Value>, allowed: &[String]) -> bool {
             list.is_empty() || list.iter().any(|s| allowed.contains(s))
         }
         _ => true,
+    }
+}
+
+/// Clerk's `assertOAuthAudienceClaim`: with no (non-empty) audience configured, pass.
+/// Otherwise `aud` must be a non-empty string, or a non-empty array whose members are all
+/// non-empty strings, and one of them must be configured. A missing, `null`, empty or
+/// otherwise falsy `aud` fails, and so does any other shape.
+fn oauth_audience_ok(claim: Option<&Value>, allowed: &[String]) -> bool {
+    if allowed.iter().all(String::is_empty) {
+        return true;
+    }
+    let ok = |a: &str| !a.is_empty() && allowed.iter().any(|x| x == a);
+    match claim {
+        Some(Value::String(s)) => ok(s),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            let mut any = false;
+            for m in a {
+                match m.as_str() {
+                    Some(s) if !s.is_empty() => any |= ok(s),
+                    _ => return false,
+                }
+            }
+            any
+        }
+        _ => false,
     }
 }
 

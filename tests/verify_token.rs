@@ -579,8 +579,11 @@ async fn malformed_tokens() {
     h.verify(&h.mint(&spec))
         .await
         .expect("unknown header fields are ignored");
-    // A fea entry without a scope fails closed.
-    let mut spec = TokenSpec::default();
+    // A fea entry without a scope fails where Clerk's auth object throws: a v2 token with `o`.
+    let mut spec = TokenSpec {
+        org: Some(org_spec()),
+        ..TokenSpec::default()
+    };
     spec.extra_claims.insert("fea".into(), json!("o:a,broken"));
     let t = h.mint(&spec);
     assert_rejected(
@@ -589,6 +592,17 @@ async fn malformed_tokens() {
         "TOKEN_INVALID",
         &t,
     );
+    // Without an active organization Clerk does not split `fea`: the token verifies, with no
+    // features (every has({ feature }) is false, as Clerk's).
+    let mut spec = TokenSpec::default();
+    spec.extra_claims.insert("fea".into(), json!("o:a,broken"));
+    spec.extra_claims.insert("pla".into(), json!("nocolon"));
+    let id = h
+        .verify(&h.mint(&spec))
+        .await
+        .expect("malformed fea without o");
+    let features = id.features.unwrap_or_default();
+    assert!(features.user.is_empty() && features.organization.is_empty());
 }
 
 #[tokio::test]
@@ -759,4 +773,147 @@ async fn disabled_cache_verifies_every_time() {
     }
     assert_eq!(h.verifier.stats().full_verifications, 5);
     assert_eq!(h.verifier.stats().cache_hits, 0);
+}
+
+// --- Issue 12: OAuth `aud`, base64url trailing bits, whole-second times (Clerk's verdicts).
+
+/// A token over exactly these (already encoded) segments, signed as given.
+fn sign_segments(h: &Harness, header: &str, payload: &str) -> String {
+    let input = format!("{header}.{payload}");
+    let sig = h.clerk.current_key().sign_raw(&input, Alg::RS256);
+    format!("{input}.{sig}")
+}
+
+fn oauth_jwt(h: &Harness, aud: Option<Value>) -> String {
+    let mut claims = json!({
+        "sub": "user_oauth",
+        "client_id": "client_1",
+        "exp": now() + 600,
+        "iat": now() - 1,
+        "jti": "oat_jwt_1",
+    });
+    if let Some(aud) = aud {
+        claims["aud"] = aud;
+    }
+    let header = json!({"alg": "RS256", "kid": h.clerk.kid(), "typ": "at+jwt"});
+    h.clerk.sign(&header, &claims, Alg::RS256)
+}
+
+async fn verify_oauth(
+    h: &Harness,
+    token: &str,
+) -> Result<clerk_grpc_auth::pb::Identity, tonic::Status> {
+    h.verify_req(VerifyTokenRequest {
+        token: token.into(),
+        accepted_token_types: vec![TokenType::OauthToken as i32],
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn oauth_jwt_audience_is_enforced_when_configured() {
+    let h = Harness::start_with(|_, c| {
+        c.verifier.validation.audience = vec!["api://orders".into()];
+    })
+    .await;
+    for aud in [
+        None,
+        Some(json!("https://other")),
+        Some(json!("")),
+        Some(json!([])),
+        Some(json!(["api://orders", ""])),
+        Some(json!(["api://orders", 1])),
+        Some(json!(null)),
+    ] {
+        let t = oauth_jwt(&h, aud.clone());
+        assert_rejected(
+            verify_oauth(&h, &t).await,
+            Code::Unauthenticated,
+            "TOKEN_VERIFICATION_FAILED",
+            &t,
+        );
+    }
+    for aud in [
+        json!("api://orders"),
+        json!(["https://other", "api://orders"]),
+    ] {
+        let id = verify_oauth(&h, &oauth_jwt(&h, Some(aud.clone())))
+            .await
+            .unwrap_or_else(|s| panic!("{aud}: {s:?}"));
+        assert_eq!(id.token_type(), TokenType::OauthToken);
+        assert_eq!(id.user_id, "user_oauth");
+    }
+    // Without a configured audience, `aud` is not looked at.
+    let open = Harness::start().await;
+    for aud in [None, Some(json!("https://other"))] {
+        verify_oauth(&open, &oauth_jwt(&open, aud))
+            .await
+            .expect("no audience configured");
+    }
+}
+
+#[tokio::test]
+async fn signature_trailing_bits_are_refused_and_padding_accepted() {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let h = Harness::start().await;
+    let good = h.mint(&TokenSpec::default());
+    h.verify(&good).await.expect("the original verifies");
+    let (input, sig) = good.rsplit_once('.').unwrap();
+    assert_eq!(
+        sig.len() % 4,
+        2,
+        "a 2048-bit signature leaves 4 unused bits"
+    );
+    let last = ALPHABET
+        .iter()
+        .position(|&c| c == *sig.as_bytes().last().unwrap())
+        .unwrap();
+    for k in 1..16 {
+        let c = ALPHABET[(last & !0x0F) | k] as char;
+        let t = format!("{input}.{}{c}", &sig[..sig.len() - 1]);
+        assert_rejected(
+            h.verify(&t).await,
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+            &t,
+        );
+    }
+    // Over-padding (Clerk's loose decoder drops every trailing `=`).
+    for pad in ["==", "==="] {
+        h.verify(&format!("{good}{pad}"))
+            .await
+            .unwrap_or_else(|s| panic!("{pad}: {s:?}"));
+    }
+    // Padded header and payload, signed as sent.
+    let (h64, rest) = input.split_once('.').unwrap();
+    let t = sign_segments(&h, &format!("{h64}==="), &format!("{rest}="));
+    h.verify(&t).await.expect("padded segments");
+}
+
+#[tokio::test]
+async fn fractional_times_are_whole_seconds() {
+    let h = Harness::start().await;
+    let n = now() as f64;
+    let session = |claims: Value| h.clerk.sign(&h.clerk.session_header(), &claims, Alg::RS256);
+    // exp = now − 4.1 s: Clerk truncates to now − 5 s, expired with the 5 s skew.
+    let t = session(json!({"sub": "user_1", "exp": n - 4.1, "iat": n - 60.0}));
+    assert_rejected(
+        h.verify(&t).await,
+        Code::Unauthenticated,
+        "TOKEN_EXPIRED",
+        &t,
+    );
+    // nbf = now + 5.9 s: truncated to now + 5 s, active with the skew.
+    let t = session(json!({"sub": "user_1", "exp": n + 60.0, "nbf": n + 5.9}));
+    h.verify(&t).await.expect("nbf within skew once truncated");
+    // iat likewise.
+    let t = session(json!({"sub": "user_1", "exp": n + 60.0, "iat": n + 5.9}));
+    h.verify(&t).await.expect("iat within skew once truncated");
+    // exp = 1e400 is Infinity in JS: an Invalid Date, never expired (Clerk accepts it).
+    let header = URL_SAFE_NO_PAD.encode(h.clerk.session_header().to_string());
+    let payload = URL_SAFE_NO_PAD.encode(r#"{"sub":"user_1","exp":1e400}"#);
+    let t = sign_segments(&h, &header, &payload);
+    let id = h.verify(&t).await.expect("exp 1e400");
+    assert!(id.expires_at.is_none(), "no finite expiry");
 }

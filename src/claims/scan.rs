@@ -1,8 +1,10 @@
 //! A strict JSON (RFC 8259) scanner specialised for JWT payloads: it validates the whole
 //! document and extracts only the members verification needs, in one pass without building a
-//! tree. It accepts exactly what `serde_json` accepts (differential tests below): UTF-8 input,
-//! no trailing commas, no comments, no lone surrogates, numbers within `f64` range, nesting at
-//! most 128 deep.
+//! tree. It accepts exactly what `JSON.parse` accepts (differential tests against the
+//! JS-faithful reference, `reference.rs`): no trailing commas, no comments, no BOM (the
+//! caller strips one, as `TextDecoder`). As in JS, a number beyond `f64` is ±infinity, a lone
+//! surrogate escape is kept (as U+FFFD: a Rust string cannot hold it), and nesting has no
+//! limit (skipping is iterative: one bit per open container).
 
 use std::borrow::Cow;
 
@@ -11,8 +13,6 @@ use crate::{
     keys::Alg,
     verify::{CAT_IGNORE, CAT_M2M, CAT_SESSION},
 };
-
-const MAX_DEPTH: usize = 128;
 
 /// The payload is not valid JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +34,16 @@ fn has_control(seg: &[u8]) -> bool {
     seg.iter().fold(false, |acc, &c| acc | (c < 0x20))
 }
 
+/// The containers a skip is inside: one bit per level (1 = object), 64 levels inline and
+/// the rest spilled (only for absurd nesting).
+struct Levels {
+    inline: u64,
+    spill: Vec<u64>,
+    depth: usize,
+}
+
 /// Parses a payload in one pass.
-pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
-    let text = std::str::from_utf8(json).map_err(|_| Invalid)?;
+pub(crate) fn parse_payload(text: &str) -> R<Payload> {
     let mut sc = Scanner {
         t: text,
         s: text.as_bytes(),
@@ -47,7 +54,7 @@ pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
         Some(b'{') => {
             sc.i += 1;
             let mut c = RawClaims::default();
-            sc.object_members(0, |sc, key| sc.claim(&mut c, key))?;
+            sc.object_members(|sc, key| sc.claim(&mut c, key))?;
             Payload(Some(c))
         }
         Some(b'n') => {
@@ -55,7 +62,7 @@ pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
             Payload(None)
         }
         Some(_) => {
-            sc.skip_value(0)?;
+            sc.skip_value()?;
             Payload(Some(RawClaims::default()))
         }
         None => return Err(Invalid),
@@ -68,8 +75,7 @@ pub(crate) fn parse_payload(json: &[u8]) -> R<Payload> {
 }
 
 /// Parses a JOSE header: it must be a JSON object.
-pub(crate) fn parse_header(json: &[u8]) -> R<RawHeader> {
-    let text = std::str::from_utf8(json).map_err(|_| Invalid)?;
+pub(crate) fn parse_header(text: &str) -> R<RawHeader> {
     let mut sc = Scanner {
         t: text,
         s: text.as_bytes(),
@@ -78,14 +84,14 @@ pub(crate) fn parse_header(json: &[u8]) -> R<RawHeader> {
     sc.ws();
     sc.expect(b'{')?;
     let mut h = RawHeader::default();
-    sc.object_members(0, |sc, key| {
+    sc.object_members(|sc, key| {
         let v = match sc.peek() {
             Some(b'"') => {
                 sc.i += 1;
                 Some(sc.string_body()?)
             }
             _ => {
-                sc.skip_value(1)?;
+                sc.skip_value()?;
                 None
             }
         };
@@ -152,12 +158,8 @@ impl<'a> Scanner<'a> {
     /// whitespace; `member` must consume exactly the value.
     fn object_members(
         &mut self,
-        depth: usize,
         mut member: impl FnMut(&mut Self, Cow<'a, str>) -> R<()>,
     ) -> R<()> {
-        if depth >= MAX_DEPTH {
-            return Err(Invalid);
-        }
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
@@ -239,28 +241,30 @@ impl<'a> Scanner<'a> {
         u16::from_str_radix(h, 16).map_err(|_| Invalid)
     }
 
-    /// After `\u`: one code point, joining surrogate pairs; lone surrogates are invalid.
+    /// After `\u`: one code point, joining surrogate pairs. A lone surrogate (kept by
+    /// `JSON.parse`) becomes U+FFFD; the escape after a lone high surrogate is read anew.
     fn unicode_escape(&mut self) -> R<char> {
         let hi = self.hex4()?;
         match hi {
             0xD800..=0xDBFF => {
-                if self.s.get(self.i..self.i + 2) != Some(b"\\u") {
-                    return Err(Invalid);
+                if self.s.get(self.i..self.i + 2) == Some(b"\\u") {
+                    let at = self.i;
+                    self.i += 2;
+                    if let Ok(lo @ 0xDC00..=0xDFFF) = self.hex4() {
+                        let c =
+                            0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00);
+                        return char::from_u32(c).ok_or(Invalid);
+                    }
+                    self.i = at;
                 }
-                self.i += 2;
-                let lo = self.hex4()?;
-                if !(0xDC00..=0xDFFF).contains(&lo) {
-                    return Err(Invalid);
-                }
-                let c = 0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00);
-                char::from_u32(c).ok_or(Invalid)
+                Ok(char::REPLACEMENT_CHARACTER)
             }
-            0xDC00..=0xDFFF => Err(Invalid),
+            0xDC00..=0xDFFF => Ok(char::REPLACEMENT_CHARACTER),
             c => char::from_u32(u32::from(c)).ok_or(Invalid),
         }
     }
 
-    /// A number per RFC 8259, as `f64`; out of `f64` range is invalid (as serde_json).
+    /// A number per RFC 8259, as `f64`; beyond `f64` range it is ±infinity (as `JSON.parse`).
     fn number(&mut self) -> R<f64> {
         let start = self.i;
         if self.peek() == Some(b'-') {
@@ -301,37 +305,86 @@ impl<'a> Scanner<'a> {
         if text.len() <= 15 && text.bytes().all(|b| b.is_ascii_digit()) {
             return text.parse::<u64>().map(|v| v as f64).map_err(|_| Invalid);
         }
-        let v: f64 = text.parse().map_err(|_| Invalid)?;
-        if v.is_finite() {
-            Ok(v)
-        } else {
-            Err(Invalid)
+        text.parse().map_err(|_| Invalid)
+    }
+
+    /// Validates and skips one value, iteratively (no recursion, so no nesting limit). Kept
+    /// out of line: real tokens skip little, and inlining it bloats the hot member loop.
+    #[inline(never)]
+    fn skip_value(&mut self) -> R<()> {
+        let mut open = Levels {
+            inline: 0,
+            spill: Vec::new(),
+            depth: 0,
+        };
+        'value: loop {
+            match self.peek().ok_or(Invalid)? {
+                b'"' => {
+                    self.i += 1;
+                    self.skip_string()?;
+                }
+                b'{' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek() == Some(b'}') {
+                        self.i += 1;
+                    } else {
+                        open.push(true);
+                        self.member_key()?;
+                        continue 'value;
+                    }
+                }
+                b'[' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek() == Some(b']') {
+                        self.i += 1;
+                    } else {
+                        open.push(false);
+                        continue 'value;
+                    }
+                }
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                _ => {
+                    self.number()?;
+                }
+            }
+            // A value ended: continue or close its containers.
+            loop {
+                let Some(object) = open.top() else {
+                    return Ok(());
+                };
+                self.ws();
+                match self.peek() {
+                    Some(b',') => {
+                        self.i += 1;
+                        if object {
+                            self.member_key()?;
+                        } else {
+                            self.ws();
+                        }
+                        continue 'value;
+                    }
+                    Some(b'}') if object => self.i += 1,
+                    Some(b']') if !object => self.i += 1,
+                    _ => return Err(Invalid),
+                }
+                open.depth -= 1;
+            }
         }
     }
 
-    /// Validates and skips one value.
-    fn skip_value(&mut self, depth: usize) -> R<()> {
-        if depth >= MAX_DEPTH {
-            return Err(Invalid);
-        }
-        match self.peek().ok_or(Invalid)? {
-            b'"' => {
-                self.i += 1;
-                self.skip_string()
-            }
-            b'{' => {
-                self.i += 1;
-                self.object_members(depth + 1, |sc, _| sc.skip_value(depth + 1))
-            }
-            b'[' => {
-                self.i += 1;
-                self.array_items(depth + 1, |sc| sc.skip_value(depth + 1))
-            }
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            b'n' => self.literal(b"null"),
-            _ => self.number().map(|_| ()),
-        }
+    /// Inside an object, at a member: `"key" :` and the whitespace after it.
+    fn member_key(&mut self) -> R<()> {
+        self.ws();
+        self.expect(b'"')?;
+        self.skip_string()?;
+        self.ws();
+        self.expect(b':')?;
+        self.ws();
+        Ok(())
     }
 
     fn skip_string(&mut self) -> R<()> {
@@ -357,33 +410,8 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// After `[`: calls `item` for each element.
-    fn array_items(&mut self, depth: usize, mut item: impl FnMut(&mut Self) -> R<()>) -> R<()> {
-        if depth >= MAX_DEPTH {
-            return Err(Invalid);
-        }
-        self.ws();
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            item(self)?;
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b']') => {
-                    self.i += 1;
-                    return Ok(());
-                }
-                _ => return Err(Invalid),
-            }
-        }
-    }
-
     /// A value as [`Lenient`].
-    fn lenient(&mut self, depth: usize) -> R<Lenient> {
+    fn lenient(&mut self) -> R<Lenient> {
         Ok(match self.peek().ok_or(Invalid)? {
             b'"' => {
                 self.i += 1;
@@ -394,48 +422,60 @@ impl<'a> Scanner<'a> {
                 Lenient::Null
             }
             b'-' | b'0'..=b'9' => Lenient::Num(self.number()?),
+            b't' => {
+                self.literal(b"true")?;
+                Lenient::Bool(true)
+            }
+            b'f' => {
+                self.literal(b"false")?;
+                Lenient::Bool(false)
+            }
             _ => {
-                self.skip_value(depth)?;
+                self.skip_value()?;
                 Lenient::Other
             }
         })
     }
 
-    /// A value kept as a `serde_json::Value` (rare members: `aud`, `act`, `fva`…).
-    fn value(&mut self, depth: usize) -> R<serde_json::Value> {
+    /// A value kept as a `serde_json::Value` (rare members: `aud`, `act`, `fva`…): through
+    /// serde_json when it reads it as `JSON.parse` does, otherwise as [`super::js`] maps it.
+    fn value(&mut self) -> R<serde_json::Value> {
         let start = self.i;
-        self.skip_value(depth)?;
-        serde_json::from_slice(&self.s[start..self.i]).map_err(|_| Invalid)
+        self.skip_value()?;
+        let text = &self.t[start..self.i];
+        serde_json::from_str(text)
+            .ok()
+            .or_else(|| super::js::parse(text).map(|v| super::js::to_serde(&v)))
+            .ok_or(Invalid)
     }
 
     fn claim(&mut self, c: &mut RawClaims, key: Cow<'a, str>) -> R<()> {
-        let d = 1;
         match key.as_ref() {
-            "sub" => c.sub = self.lenient(d)?,
-            "sid" => c.sid = self.lenient(d)?,
-            "iss" => c.iss = self.lenient(d)?,
-            "azp" => c.azp = self.lenient(d)?,
-            "jti" => c.jti = self.lenient(d)?,
-            "sts" => c.sts = self.lenient(d)?,
-            "fea" => c.fea = self.lenient(d)?,
-            "pla" => c.pla = self.lenient(d)?,
-            "exp" => c.exp = self.lenient(d)?,
-            "nbf" => c.nbf = self.lenient(d)?,
-            "iat" => c.iat = self.lenient(d)?,
-            "v" => c.v = self.lenient(d)?,
-            "aud" => c.aud = Some(self.value(d)?),
-            "act" => c.act = Some(self.value(d)?),
-            "fva" => c.fva = Some(self.value(d)?),
-            "org_permissions" => c.org_permissions = Some(self.value(d)?),
-            "org_id" => c.org_id = self.lenient(d)?,
-            "org_slug" => c.org_slug = self.lenient(d)?,
-            "org_role" => c.org_role = self.lenient(d)?,
+            "sub" => c.sub = self.lenient()?,
+            "sid" => c.sid = self.lenient()?,
+            "iss" => c.iss = self.lenient()?,
+            "azp" => c.azp = self.lenient()?,
+            "jti" => c.jti = self.lenient()?,
+            "sts" => c.sts = self.lenient()?,
+            "fea" => c.fea = self.lenient()?,
+            "pla" => c.pla = self.lenient()?,
+            "exp" => c.exp = self.lenient()?,
+            "nbf" => c.nbf = self.lenient()?,
+            "iat" => c.iat = self.lenient()?,
+            "v" => c.v = self.lenient()?,
+            "aud" => c.aud = Some(self.value()?),
+            "act" => c.act = Some(self.value()?),
+            "fva" => c.fva = Some(self.value()?),
+            "org_permissions" => c.org_permissions = Some(self.value()?),
+            "org_id" => c.org_id = self.lenient()?,
+            "org_slug" => c.org_slug = self.lenient()?,
+            "org_role" => c.org_role = self.lenient()?,
             "o" => {
                 if self.peek() == Some(b'{') {
                     self.i += 1;
                     let mut o = RawOrg::default();
-                    self.object_members(d + 1, |sc, k| {
-                        let v = sc.lenient(d + 1)?;
+                    self.object_members(|sc, k| {
+                        let v = sc.lenient()?;
                         match k.as_ref() {
                             "id" => o.id = v,
                             "slg" => o.slg = v,
@@ -447,13 +487,51 @@ impl<'a> Scanner<'a> {
                         Ok(())
                     })?;
                     c.o = Some(o);
+                    c.o_truthy = true;
                 } else {
-                    self.skip_value(d)?;
+                    c.o_truthy = self.lenient()?.truthy();
                     c.o = None;
                 }
             }
-            _ => self.skip_value(d)?,
+            _ => self.skip_value()?,
         }
         Ok(())
+    }
+}
+
+// === impl Levels ===
+
+impl Levels {
+    #[inline]
+    fn push(&mut self, object: bool) {
+        let d = self.depth;
+        let word = if d < 64 {
+            &mut self.inline
+        } else {
+            let w = (d - 64) / 64;
+            if w == self.spill.len() {
+                self.spill.push(0);
+            }
+            &mut self.spill[w]
+        };
+        let bit = 1u64 << (d % 64);
+        if object {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        self.depth += 1;
+    }
+
+    /// Whether the innermost open container is an object; `None` when none is open.
+    #[inline]
+    fn top(&self) -> Option<bool> {
+        let d = self.depth.checked_sub(1)?;
+        let word = if d < 64 {
+            self.inline
+        } else {
+            self.spill[(d - 64) / 64]
+        };
+        Some(word >> (d % 64) & 1 == 1)
     }
 }

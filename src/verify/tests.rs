@@ -590,3 +590,381 @@ fn machine_jwts_decode_like_the_js_sdk() {
     assert_eq!(e.reason, Reason::TokenVerificationFailed);
     assert_eq!(e.cause, Some(Reason::TokenExpired));
 }
+
+// --- Issue 12: Clerk's exact decoding, times and OAuth audience, checked against
+// @clerk/backend 3.25 (`verifyJwt` / `verifyMachineAuthToken` with `Date.now` fixed at NOW).
+
+const NOW: i64 = 1_700_000_000_000;
+const N: f64 = 1_700_000_000.0;
+
+struct Signer {
+    key: crate::emulator::SigningKey,
+    keys: KeySet,
+}
+
+fn signer() -> &'static Signer {
+    static S: std::sync::OnceLock<Signer> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let key = crate::emulator::SigningKey::generate().unwrap();
+        let doc = serde_json::json!({ "keys": [key.jwk()] }).to_string();
+        let keys = KeySet::from_jwks_json(doc.as_bytes()).unwrap().0;
+        Signer { key, keys }
+    })
+}
+
+fn seg(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn header_json(typ: &str) -> String {
+    format!(
+        r#"{{"alg":"RS256","kid":"{}","typ":"{typ}"}}"#,
+        signer().key.kid()
+    )
+}
+
+/// A token over exactly these segments (already encoded), signed over them as given.
+fn signed(h: &str, p: &str) -> String {
+    let input = format!("{h}.{p}");
+    let sig = signer().key.sign_raw(&input, crate::keys::Alg::RS256);
+    format!("{input}.{sig}")
+}
+
+/// A session token with exactly this payload text.
+fn session(payload: &str) -> String {
+    signed(
+        &seg(header_json("JWT").as_bytes()),
+        &seg(payload.as_bytes()),
+    )
+}
+
+fn verdict(token: &str) -> Result<Identity, Reason> {
+    verifier(&[], DEFAULT_CLOCK_SKEW_MS)
+        .verify(token, &signer().keys, &VerifyOptions::default(), NOW)
+        .map_err(|e| e.reason)
+}
+
+#[test]
+fn base64url_decodes_exactly_as_clerk() {
+    // (input, Clerk's base64url.parse(s, { loose: true })), from the SDK.
+    let cases: &[(&str, Option<&[u8]>)] = &[
+        ("", Some(b"")),
+        ("=", Some(b"")),
+        ("====", Some(b"")),
+        ("QQ", Some(b"A")),
+        ("QQ=", Some(b"A")),
+        ("QQ==", Some(b"A")),
+        ("QQ===", Some(b"A")),
+        ("QUI", Some(b"AB")),
+        ("QUJD", Some(b"ABC")),
+        ("QR", None),   // unused bits 0001
+        ("QUJ", None),  // unused bits 01
+        ("Q", None),    // one character mod 4
+        ("Q===", None), // still one once the padding goes
+        ("QUJDR", None),
+        ("Q=Q", None), // `=` inside
+        ("QQ==QQ", None),
+        ("+/", None),
+        ("QQ\n", None),
+        (" QQ", None),
+        ("-_8", Some(&[0xfb, 0xff])),
+    ];
+    for (input, want) in cases {
+        assert_eq!(b64url_clerk(input).as_deref(), *want, "{input:?}");
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            b64url_clerk_in(input, &mut buf).as_deref(),
+            *want,
+            "{input:?} (in place)"
+        );
+    }
+}
+
+#[test]
+fn signature_trailing_bits_are_refused_and_padding_accepted() {
+    let good = session(&format!(r#"{{"sub":"user_1","exp":{}}}"#, N + 60.0));
+    verdict(&good).expect("the original verifies");
+    let (input, sig) = good.rsplit_once('.').unwrap();
+    // 256 bytes: 342 characters, the last carrying 2 bits and 4 unused ones.
+    assert_eq!(sig.len() % 4, 2);
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let last = b64url_value(*sig.as_bytes().last().unwrap());
+    let mut seen = std::collections::HashSet::new();
+    for k in 1..16u8 {
+        let c = ALPHABET[usize::from((last & !0x0F) | k)] as char;
+        let t = format!("{input}.{}{c}", &sig[..sig.len() - 1]);
+        assert!(seen.insert(t.clone()));
+        assert_eq!(
+            Decoded::parse(&t).unwrap_err().reason,
+            Reason::TokenInvalid,
+            "{k}"
+        );
+        assert_eq!(verdict(&t).unwrap_err(), Reason::TokenInvalid, "{k}");
+    }
+    assert_eq!(seen.len(), 15);
+    // Over-padding is stripped, as Clerk's loose decoder does (any number of `=`).
+    for pad in ["=", "==", "===", "====", "====="] {
+        verdict(&format!("{good}{pad}")).unwrap_or_else(|r| panic!("{pad:?}: {r:?}"));
+    }
+    // `=` anywhere else is an invalid character.
+    let inside = format!("{input}.{}={}", &sig[..10], &sig[10..]);
+    assert_eq!(verdict(&inside).unwrap_err(), Reason::TokenInvalid);
+    // Padded header and payload, signed as sent (Clerk signs the raw segments).
+    let h = seg(header_json("JWT").as_bytes());
+    let p = seg(format!(r#"{{"sub":"user_1","exp":{}}}"#, N + 60.0).as_bytes());
+    verdict(&signed(&format!("{h}==="), &format!("{p}="))).expect("padded segments");
+    // Non-zero unused bits in a signed header or payload are refused too.
+    let odd = |s: &str| {
+        let unused = match s.len() % 4 {
+            2 => 0x0F,
+            3 => 0x03,
+            _ => return None,
+        };
+        let last = b64url_value(*s.as_bytes().last().unwrap());
+        let c = ALPHABET[usize::from(last | unused)] as char;
+        Some(format!("{}{c}", &s[..s.len() - 1]))
+    };
+    let pad_to = |extra: &str| format!(r#"{{"sub":"user_1","exp":{},"x":"{extra}"}}"#, N + 60.0);
+    let p = (0..3)
+        .map(|i| seg(pad_to(&"a".repeat(i)).as_bytes()))
+        .find(|p| p.len() % 4 != 0)
+        .unwrap();
+    assert_eq!(
+        verdict(&signed(&h, &odd(&p).unwrap())).unwrap_err(),
+        Reason::TokenInvalid
+    );
+    if let Some(h2) = odd(&h) {
+        assert_eq!(verdict(&signed(&h2, &p)).unwrap_err(), Reason::TokenInvalid);
+    }
+}
+
+#[test]
+fn times_are_whole_seconds_as_set_utc_seconds_makes_them() {
+    let exp = |e: &str| session(&format!(r#"{{"sub":"u","exp":{e}}}"#));
+    let with =
+        |k: &str, v: &str| session(&format!(r#"{{"sub":"u","exp":{},"{k}":{v}}}"#, N + 60.0));
+    let ok = Ok::<(), Reason>(());
+    let cases: Vec<(&str, String, Result<(), Reason>)> = vec![
+        (
+            "exp N-4.1",
+            exp(&format!("{}", N - 4.1)),
+            Err(Reason::TokenExpired),
+        ),
+        ("exp N-4", exp(&format!("{}", N - 4.0)), ok),
+        (
+            "exp N-4.999",
+            exp(&format!("{}", N - 4.999)),
+            Err(Reason::TokenExpired),
+        ),
+        (
+            "exp N-5",
+            exp(&format!("{}", N - 5.0)),
+            Err(Reason::TokenExpired),
+        ),
+        ("exp -0.5", exp("-0.5"), Err(Reason::TokenExpired)),
+        ("exp -1.9", exp("-1.9"), Err(Reason::TokenExpired)),
+        // Invalid Dates never compare as expired.
+        ("exp 1e400", exp("1e400"), ok),
+        ("exp -1e400", exp("-1e400"), ok),
+        ("exp 1e300", exp("1e300"), ok),
+        ("exp 8.64e12", exp("8640000000000"), ok),
+        ("exp 8.64e12+1", exp("8640000000001"), ok),
+        ("exp -8.64e12-1", exp("-8640000000001"), ok),
+        ("nbf N+5.9", with("nbf", &format!("{}", N + 5.9)), ok),
+        (
+            "nbf N+6",
+            with("nbf", &format!("{}", N + 6.0)),
+            Err(Reason::TokenNotActiveYet),
+        ),
+        ("nbf 1e400", with("nbf", "1e400"), ok),
+        (
+            "nbf 8.64e12",
+            with("nbf", "8640000000000"),
+            Err(Reason::TokenNotActiveYet),
+        ),
+        ("nbf 8.64e12+1", with("nbf", "8640000000001"), ok),
+        ("iat N+5.9", with("iat", &format!("{}", N + 5.9)), ok),
+        (
+            "iat N+6",
+            with("iat", &format!("{}", N + 6.0)),
+            Err(Reason::TokenIatInTheFuture),
+        ),
+        ("iat 1e400", with("iat", "1e400"), ok),
+    ];
+    for (name, token, want) in cases {
+        assert_eq!(verdict(&token).map(|_| ()), want, "{name}");
+    }
+    assert_eq!(js_date_ms(-0.5), Some(0.0));
+    assert!(js_date_ms(-0.5).unwrap().is_sign_positive());
+    assert_eq!(js_date_ms(f64::NAN), None);
+    // The verdict cache keeps a token no longer than Clerk would accept it.
+    let id = verdict(&exp(&format!("{}", N + 10.9))).unwrap();
+    assert_eq!(id.expires_at_ms(), (N + 10.0) * 1000.0);
+    let id = verdict(&exp("1e400")).unwrap();
+    assert_eq!(id.expires_at_ms(), f64::INFINITY);
+}
+
+#[test]
+fn oauth_jwt_audience_is_checked_as_assert_oauth_audience_claim() {
+    let token = |aud: Option<&str>| {
+        let aud = aud.map(|a| format!(r#","aud":{a}"#)).unwrap_or_default();
+        signed(
+            &seg(header_json("at+jwt").as_bytes()),
+            &seg(format!(
+                r#"{{"sub":"user_1","client_id":"c","exp":{}{aud}}}"#,
+                N + 60.0
+            )
+            .as_bytes()),
+        )
+    };
+    let all = [TokenType::OauthToken];
+    let opts = VerifyOptions {
+        accepted_types: &all,
+        ..VerifyOptions::default()
+    };
+    let run = |audience: &[&str], t: &str| {
+        Verifier::new(Validation {
+            audience: audience.iter().map(|s| s.to_string()).collect(),
+            ..Validation::default()
+        })
+        .verify(t, &signer().keys, &opts, NOW)
+    };
+    // (aud, with "api://orders" configured), from the SDK.
+    let cases: &[(Option<&str>, bool)] = &[
+        (None, false),
+        (Some(r#""api://orders""#), true),
+        (Some(r#""https://other""#), false),
+        (Some(r#""""#), false),
+        (Some("[]"), false),
+        (Some(r#"["api://orders"]"#), true),
+        (Some(r#"["x","api://orders"]"#), true),
+        (Some(r#"["api://orders",""]"#), false),
+        (Some(r#"["api://orders",1]"#), false),
+        (Some(r#"[["api://orders"]]"#), false),
+        (Some("1"), false),
+        (Some("null"), false),
+        (Some("{}"), false),
+        (Some("true"), false),
+        (Some("1e400"), false),
+    ];
+    for (aud, ok) in cases {
+        let t = token(*aud);
+        for configured in [&["api://orders"][..], &["", "api://orders"]] {
+            match run(configured, &t) {
+                Ok(_) => assert!(ok, "{aud:?} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{aud:?} refused: {e:?}");
+                    assert_eq!(e.reason, Reason::TokenVerificationFailed, "{aud:?}");
+                    assert_eq!(e.cause, Some(Reason::TokenVerificationFailed), "{aud:?}");
+                }
+            }
+        }
+        // Without a configured audience (or only empty ones), `aud` is not checked.
+        run(&[], &t).unwrap_or_else(|e| panic!("{aud:?}: {e:?}"));
+        run(&[""], &t).unwrap_or_else(|e| panic!("{aud:?}: {e:?}"));
+    }
+    // Expiry is checked first (Clerk's verifyJwt runs before the audience assertion).
+    let late = NOW + 3_600_000;
+    let e = Verifier::new(Validation {
+        audience: vec!["api://orders".into()],
+        ..Validation::default()
+    })
+    .verify(&token(None), &signer().keys, &opts, late)
+    .unwrap_err();
+    assert_eq!(e.cause, Some(Reason::TokenExpired));
+}
+
+#[test]
+fn what_clerk_decodes_verifies() {
+    let p = |extra: &str| format!(r#"{{"sub":"user_1","exp":{}{extra}}}"#, N + 60.0);
+    let bom = |s: &str| [&b"\xEF\xBB\xBF"[..], s.as_bytes()].concat();
+    let h = header_json("JWT");
+    // A BOM before the header's and the payload's JSON (TextDecoder strips it).
+    verdict(&signed(&seg(&bom(&h)), &seg(p("").as_bytes()))).expect("BOM in the header");
+    let id = verdict(&signed(&seg(h.as_bytes()), &seg(&bom(&p(""))))).expect("BOM in the payload");
+    assert_eq!(id.user_id, "user_1");
+    assert_eq!(id.claims()["sub"], "user_1");
+    // Two BOMs: JSON.parse refuses the second.
+    assert_eq!(
+        verdict(&signed(
+            &seg(h.as_bytes()),
+            &seg(&bom(&String::from_utf8(bom(&p(""))).unwrap()))
+        ))
+        .unwrap_err(),
+        Reason::TokenInvalid
+    );
+    // 1e400 in a claim nobody reads, lone surrogates, deep nesting, invalid UTF-8 in a string.
+    let deep = format!(r#","x":{}{}"#, "[".repeat(3000), "]".repeat(3000));
+    for extra in [
+        r#","x":1e400,"y":-1e400"#.to_owned(),
+        r#","x":"\ud800","sid":"sess_\udc00""#.to_owned(),
+        deep,
+        format!(r#","x":{}1{}"#, r#"{"a":"#.repeat(200), "}".repeat(200)),
+    ] {
+        let id = verdict(&session(&p(&extra))).unwrap_or_else(|r| panic!("{extra:.40}: {r:?}"));
+        assert_eq!(id.user_id, "user_1");
+        assert!(id.claims().contains_key("x"));
+    }
+    let id = verdict(&session(&p(r#","sid":"sess_\udc00""#))).unwrap();
+    assert_eq!(id.session_id.as_deref(), Some("sess_\u{FFFD}"));
+    let id = verdict(&session(&p(r#","x":1e400"#))).unwrap();
+    assert_eq!(
+        id.claims()["x"],
+        Value::Null,
+        "JSON.stringify(Infinity) is null"
+    );
+    let raw = [&p(r#","x":"a"#).as_bytes()[..p("").len() + 6], b"\xff\"}"].concat();
+    let id = verdict(&signed(&seg(h.as_bytes()), &seg(&raw))).expect("invalid UTF-8 in a string");
+    assert_eq!(id.claims()["x"], "a\u{FFFD}");
+}
+
+#[test]
+fn malformed_fea_fails_only_where_clerks_auth_object_throws() {
+    // (extra claims, Clerk's signedInAuthObject throws), from the SDK.
+    let cases: &[(&str, bool)] = &[
+        (r#","v":2,"o":{"id":"org_1"},"fea":"o:a,b""#, true),
+        (r#","v":2,"fea":"o:a,b""#, false),
+        (r#","fea":"o:a,b""#, false),
+        (r#","v":2,"o":{"id":"org_1"},"pla":"nocolon""#, false),
+        (r#","v":2,"o":"x","fea":"bad""#, true),
+        (r#","v":2,"o":[],"fea":"bad""#, true),
+        (r#","v":2,"o":0,"fea":"bad""#, false),
+        (r#","v":2,"o":{},"fea":5"#, true),
+        (r#","v":2,"o":{},"fea":true"#, true),
+        (r#","v":2,"o":{},"fea":false"#, false),
+        (r#","v":2,"o":{},"fea":[]"#, true),
+        (r#","v":2,"o":{},"fea":0"#, false),
+        (r#","v":"2","o":{},"fea":"bad""#, false),
+    ];
+    for (extra, throws) in cases {
+        let t = session(&format!(r#"{{"sub":"user_1","exp":{}{extra}}}"#, N + 60.0));
+        match verdict(&t) {
+            Ok(id) => {
+                assert!(!throws, "{extra} accepted");
+                // has({ feature }) / has({ plan }) against a malformed claim is false.
+                assert!(!id.has(&crate::authz::Check::feature("a")), "{extra}");
+                assert!(!id.has(&crate::authz::Check::plan("a")), "{extra}");
+            }
+            Err(r) => {
+                assert!(throws, "{extra} refused: {r:?}");
+                assert_eq!(r, Reason::TokenInvalid);
+            }
+        }
+    }
+}
+
+#[test]
+fn debug_output_never_holds_the_token() {
+    let t = session(&format!(
+        r#"{{"sub":"user_1","exp":{},"secret":"do-not-print"}}"#,
+        N + 60.0
+    ));
+    let d = Decoded::parse(&t).unwrap();
+    let shown = format!("{d:?}");
+    for part in t.split('.') {
+        assert!(!shown.contains(part), "{shown}");
+    }
+    assert!(!shown.contains("do-not-print"), "{shown}");
+    assert!(shown.contains(&crate::token_fingerprint(&t)), "{shown}");
+}
