@@ -10,8 +10,10 @@
 //! * **A replica-wide token bucket** ([`ClerkBudget`], default 20 calls/s, burst 40). Part of it
 //!   (default half) is *reserved*: calls for strangers — sources that have not yet presented a
 //!   valid token, such as a flood of random `ak_…` strings from many addresses — may only
-//!   spend the unreserved part, so identity queries and callers already seen with valid tokens
-//!   are still served while strangers are refused (`RESOURCE_EXHAUSTED` / `RATE_LIMITED`).
+//!   spend the unreserved part of its burst **and of its rate**, so identity queries and
+//!   callers already seen with valid tokens are still served while strangers are refused
+//!   (`RESOURCE_EXHAUSTED` / `RATE_LIMITED`), and a stranger flood never costs Clerk more than
+//!   the unreserved rate.
 //!
 //! Sources are counted per IPv4 address and per IPv6 `/64` ([`source_key`]): a client owning
 //! a `/64` (every IPv6 host usually does) is one source, not 2^64.
@@ -95,6 +97,8 @@ struct Inner {
     config: BudgetConfig,
     gate: RetryAfterGate,
     bucket: Mutex<Bucket>,
+    /// The strangers' own share: the unreserved part of the burst and of the rate.
+    strangers: Mutex<Bucket>,
     known: moka::sync::Cache<IpAddr, ()>,
     refused_known: AtomicU64,
     refused_strangers: AtomicU64,
@@ -180,6 +184,10 @@ impl ClerkBudget {
                     tokens: f64::from(config.burst),
                     at: Instant::now(),
                 }),
+                strangers: Mutex::new(Bucket {
+                    tokens: f64::from(config.burst) * (1.0 - config.reserved_share.clamp(0.0, 1.0)),
+                    at: Instant::now(),
+                }),
                 config,
                 gate: RetryAfterGate::default(),
                 known,
@@ -245,29 +253,52 @@ impl ClerkBudget {
         if cfg.calls_per_sec <= 0.0 {
             return Ok(());
         }
-        let floor = match who {
-            Spender::Known => 0.0,
-            Spender::Stranger => f64::from(cfg.burst) * cfg.reserved_share.clamp(0.0, 1.0),
-        };
+        let reserved = cfg.reserved_share.clamp(0.0, 1.0);
         let now = Instant::now();
+        let wait = |missing: f64, rate: f64| {
+            Duration::from_secs_f64((missing / rate.max(f64::MIN_POSITIVE)).min(60.0))
+                .max(Duration::from_millis(1))
+        };
+        // Strangers draw from their own share first (the unreserved part of the rate and of
+        // the burst) and then from the bucket, never below the reserve: whatever they do,
+        // known spenders keep the reserved part of both.
+        let (floor, mut share) = match who {
+            Spender::Known => (0.0, None),
+            Spender::Stranger => {
+                let rate = cfg.calls_per_sec * (1.0 - reserved);
+                let burst = f64::from(cfg.burst) * (1.0 - reserved);
+                let mut sb = i.strangers.lock().expect("budget lock");
+                let refill = now.duration_since(sb.at).as_secs_f64() * rate;
+                sb.tokens = (sb.tokens + refill).min(burst);
+                sb.at = now;
+                if sb.tokens < 1.0 {
+                    let missing = 1.0 - sb.tokens;
+                    drop(sb);
+                    i.refused_strangers.fetch_add(1, Ordering::Relaxed);
+                    return Err(wait(missing, rate));
+                }
+                (f64::from(cfg.burst) * reserved, Some(sb))
+            }
+        };
         let mut b = i.bucket.lock().expect("budget lock");
         let refill = now.duration_since(b.at).as_secs_f64() * cfg.calls_per_sec;
         b.tokens = (b.tokens + refill).min(f64::from(cfg.burst));
         b.at = now;
         if b.tokens - 1.0 >= floor {
             b.tokens -= 1.0;
+            if let Some(sb) = share.as_mut() {
+                sb.tokens -= 1.0;
+            }
             return Ok(());
         }
         let missing = floor + 1.0 - b.tokens;
         drop(b);
+        drop(share);
         match who {
             Spender::Known => i.refused_known.fetch_add(1, Ordering::Relaxed),
             Spender::Stranger => i.refused_strangers.fetch_add(1, Ordering::Relaxed),
         };
-        Err(
-            Duration::from_secs_f64((missing / cfg.calls_per_sec).min(60.0))
-                .max(Duration::from_millis(1)),
-        )
+        Err(wait(missing, cfg.calls_per_sec))
     }
 }
 
@@ -363,5 +394,32 @@ mod tests {
         // A date in the past: no wait; far in the future: clamped.
         assert_eq!(p("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
         assert_eq!(p("Fri, 01 Jan 2100 00:00:00 GMT"), Some(MAX_RETRY_AFTER));
+    }
+
+    /// The reserve is a share of the rate too, not only a level of the bucket: Clerk's limit is
+    /// per instance and shared with every replica, so a stranger flood must never cost Clerk
+    /// more than the unreserved rate, even while known traffic is idle. (An upper bound only:
+    /// a slow machine makes fewer attempts, never more calls.)
+    #[test]
+    fn strangers_get_at_most_the_unreserved_share_of_the_rate() {
+        let b = ClerkBudget::new(BudgetConfig {
+            calls_per_sec: 200.0,
+            burst: 10,
+            reserved_share: 0.5,
+            ..BudgetConfig::default()
+        });
+        let started = std::time::Instant::now();
+        let mut spent = 0u32;
+        while started.elapsed() < std::time::Duration::from_millis(500) {
+            if b.try_spend(Spender::Stranger).is_ok() {
+                spent += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+        // Unreserved share of 0.5 s at 200/s, plus the unreserved half of the burst, plus slack.
+        assert!(
+            spent <= 50 + 5 + 10,
+            "strangers made {spent} calls in 0.5 s at 200/s with half reserved"
+        );
     }
 }

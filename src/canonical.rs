@@ -22,10 +22,14 @@
 //! * a malformed escape (`%`, `%4`, `%zz`);
 //! * an escape of `/` or `\` (`%2F`, `%5C`, any case), of `;`, `?` or `#` (an upstream that
 //!   decodes and parses again reads them as delimiters), of a control byte (`%00`, `%0a`, `%7f`),
-//!   or an escaped `%` starting another escape (`%252e`: double decoding);
+//!   or anything left looking like an escape once every escape is decoded (`%252e`,
+//!   `%25%36%31`: double decoding);
 //! * dot segments that climb above the root (`/../admin`, `/%2e%2e/admin`): no legitimate
 //!   client sends them, and a file-serving upstream could leave its root;
-//! * a path whose **readings** select different rules (see below).
+//! * a path whose **readings** select different rules (see below), including the readings of
+//!   upstreams that trim segments: trailing dots and spaces dropped (Windows/IIS:
+//!   `/admin./x`, `/admin%20/x`) and a last segment's extension dropped (Spring's suffix
+//!   matching: `/admin.json` as `/admin`).
 //!
 //! The canonical path is then: the query (from the first `?`) dropped; escapes of unreserved
 //! characters (`ALPHA DIGIT - . _ ~`, upper- or lower-case hex) decoded, so `%2e%2e` is `..`;
@@ -130,6 +134,9 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
     let target = raw.split('?').next().unwrap_or_default();
     let bytes = target.as_bytes();
     let mut decoded = String::with_capacity(target.len());
+    // Every escape decoded once (what an upstream that decodes everything reads): an escape
+    // left in it means the path was encoded twice (`%25%36%31` → `%61` → `a`).
+    let mut once = Vec::with_capacity(target.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -148,6 +155,7 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
                     return bad_path("the path holds a malformed % escape");
                 };
                 let v = h * 16 + l;
+                once.push(v);
                 match v {
                     0x80..=0xff => return bad_path("the path holds an encoded non-ASCII byte"),
                     0x00..=0x1f | 0x7f => {
@@ -171,9 +179,18 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
                 i += 3;
                 continue;
             }
-            b => decoded.push(char::from(b)),
+            b => {
+                once.push(b);
+                decoded.push(char::from(b));
+            }
         }
         i += 1;
+    }
+    if once
+        .windows(3)
+        .any(|w| w[0] == b'%' && hex(w[1]).is_some() && hex(w[2]).is_some())
+    {
+        return bad_path("the path is encoded twice (an escape left after one decoding)");
     }
     let mut readings: Vec<String> = Vec::with_capacity(10);
     let mut add = |s: String| {
@@ -184,7 +201,8 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
     let Some(dotless) = remove_dot_segments(&decoded) else {
         return bad_path("the path climbs above the root");
     };
-    add(merge_slashes(&dotless));
+    let canonical = merge_slashes(&dotless);
+    add(canonical.clone());
     for base in [decoded.as_str(), target] {
         let merged = merge_slashes(base);
         let (Some(dots), Some(merged_dots)) =
@@ -198,8 +216,37 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
         add(merged);
         add(base.to_owned());
     }
+    // Upstreams that trim segments: Windows/IIS drop trailing dots and spaces
+    // (`/admin./x`, `/admin%20/x`), Spring's suffix matching reads `/admin.json` as `/admin`.
+    let trimmed: Vec<&str> = canonical
+        .split('/')
+        .map(|seg| {
+            let mut t = seg;
+            loop {
+                let next = t.trim_end_matches('.');
+                let next = next.strip_suffix("%20").unwrap_or(next);
+                if next == t {
+                    break;
+                }
+                t = next;
+            }
+            if t.is_empty() {
+                seg
+            } else {
+                t
+            }
+        })
+        .collect();
+    add(trimmed.join("/"));
+    if let Some((dir, last)) = canonical.rsplit_once('/') {
+        if let Some((stem, _ext)) = last.rsplit_once('.') {
+            if !stem.is_empty() && !stem.ends_with('.') {
+                add(format!("{dir}/{stem}"));
+            }
+        }
+    }
     Ok(CanonicalPath {
-        canonical: readings[0].clone(),
+        canonical,
         readings,
     })
 }
@@ -375,6 +422,12 @@ mod tests {
             ("/%61dmin/users", Is("/admin/users")),
             ("/admin;x/users", No("PATH_NOT_CANONICAL")),
             ("/admin%2Fusers", No("PATH_NOT_CANONICAL")),
+            // double encoding hidden in escaped hex digits (security review)
+            ("/%25%361dmin/users", No("PATH_NOT_CANONICAL")),
+            ("/%256%31dmin/users", No("PATH_NOT_CANONICAL")),
+            ("/%25%36%31dmin", No("PATH_NOT_CANONICAL")),
+            ("/100%25", Is("/100%25")),
+            ("/100%25x", Is("/100%25x")),
             // more
             ("/admin/./users", Is("/admin/users")),
             ("/admin/.", Is("/admin/")),
@@ -415,7 +468,6 @@ mod tests {
             ("/admin%3Fx", No("PATH_NOT_CANONICAL")),
             ("/admin%23x", No("PATH_NOT_CANONICAL")),
             ("/%252e%252e/admin", No("PATH_NOT_CANONICAL")),
-            ("/100%25", Is("/100%25")),
             ("/a%3ab", Is("/a%3Ab")),
             ("/a%20b", Is("/a%20b")),
             ("/%7Euser", Is("/~user")),
@@ -621,7 +673,8 @@ mod tests {
     fn readings_cover_what_upstreams_do() {
         let r = |p: &str| path(p).unwrap().readings().to_vec();
         assert_eq!(r("/orders"), ["/orders"]);
-        assert_eq!(r("/public/a-b_c.~d"), ["/public/a-b_c.~d"]);
+        // A last segment with an extension is also read without it (Spring suffix matching).
+        assert_eq!(r("/public/a-b_c.~d"), ["/public/a-b_c.~d", "/public/a-b_c"]);
         for (p, reading) in [
             ("//admin/users", "//admin/users"),
             ("/x/../admin/users", "/x/../admin/users"),
@@ -631,6 +684,11 @@ mod tests {
             // merge then dots, dots then merge
             ("/a//../admin", "/admin"),
             ("/a//../admin", "/a/admin"),
+            // segments trimmed (IIS) and a suffix dropped (Spring)
+            ("/admin./users", "/admin/users"),
+            ("/admin%20%20/users", "/admin/users"),
+            ("/admin.%20./users", "/admin/users"),
+            ("/admin.json", "/admin"),
         ] {
             assert!(r(p).iter().any(|x| x == reading), "{p}: {:?}", r(p));
         }

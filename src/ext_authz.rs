@@ -168,6 +168,56 @@ impl Default for RoutePolicy {
     }
 }
 
+/// The hosts named by `x-forwarded-host` (every comma-separated entry) and `forwarded`
+/// (`host=` of every element, quotes removed).
+fn forwarded_hosts(headers: &HashMap<String, String>) -> Vec<&str> {
+    let mut out = Vec::new();
+    if let Some(v) = headers.get("x-forwarded-host") {
+        out.extend(v.split(',').map(str::trim));
+    }
+    if let Some(v) = headers.get("forwarded") {
+        for pair in v.split([',', ';']) {
+            if let Some((k, val)) = pair.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("host") {
+                    out.push(val.trim().trim_matches('"'));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The methods a method-override middleware could run instead: the override headers' values
+/// and `_method` query parameters (percent-decoded, upper-cased; a value that is not an HTTP
+/// token is kept as given, so that it is refused).
+fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ]
+    .iter()
+    .filter_map(|h| headers.get(*h))
+    .flat_map(|v| v.split(','))
+    .map(|m| m.trim().to_ascii_uppercase())
+    .collect();
+    if let Some((_, query)) = path.split_once('?') {
+        for pair in query.split(['&', ';']) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("k={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            if decode(k).eq_ignore_ascii_case("_method") {
+                out.push(decode(v).trim().to_ascii_uppercase());
+            }
+        }
+    }
+    out
+}
+
 /// A route's canonical host, path prefix and methods, or what is wrong with them.
 fn canonical_route(
     host: Option<&str>,
@@ -195,13 +245,17 @@ fn canonical_route(
         }
         Err(e) => return Err(format!("path_prefix {path_prefix:?}: {}", e.message())),
     }
-    let methods = methods
+    let mut methods: Vec<String> = methods
         .iter()
         .map(|m| match canonical::method(m) {
             Ok(m) => Ok(m.to_ascii_uppercase()),
             Err(_) => Err(format!("method {m:?} is not an HTTP method token")),
         })
         .collect::<Result<_, _>>()?;
+    // Most frameworks answer HEAD with the GET handler: a rule for GET covers HEAD.
+    if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+        methods.push("HEAD".into());
+    }
     Ok((host, path_prefix.to_owned(), methods))
 }
 
@@ -284,6 +338,46 @@ impl RoutePolicy {
                             },
                         });
                     }
+                }
+            }
+        }
+        Ok(rule)
+    }
+
+    /// As [`RoutePolicy::rule_for`], for a request with its headers (lower-case names): the
+    /// other hosts and methods an upstream could act on — `x-forwarded-host` and
+    /// `forwarded: host=` (frameworks behind a proxy serve that host), `x-http-method-override`,
+    /// `x-http-method`, `x-method-override` and a `_method` query parameter (method-override
+    /// middleware) — must select the same rule, or the request is refused (`HOST_INVALID` /
+    /// `METHOD_INVALID`).
+    pub fn rule_for_request(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &HashMap<String, String>,
+    ) -> Result<&Rule, AuthError> {
+        let rule = self.rule_for(host, path, method)?;
+        let refuse = |reason, message| Err(AuthError::NotCanonical { reason, message });
+        for alt in forwarded_hosts(headers) {
+            match self.rule_for(alt, path, method) {
+                Ok(r) if r == rule => {}
+                _ => {
+                    return refuse(
+                        Reason::HostInvalid,
+                        "a forwarded host header selects a different rule",
+                    )
+                }
+            }
+        }
+        for alt in method_overrides(headers, path) {
+            match self.rule_for(host, path, &alt) {
+                Ok(r) if r == rule => {}
+                _ => {
+                    return refuse(
+                        Reason::MethodInvalid,
+                        "a method override selects a different rule",
+                    )
                 }
             }
         }
@@ -656,28 +750,32 @@ impl Authorization for ExtAuthz {
         let started = std::time::Instant::now();
         // Only canonical forms from here on: the rule is chosen on them, and the audit log
         // shows them (a refused target is shown escaped, never raw).
-        let (result, what) = match self.policy.rule_for(host, &http.path, &http.method) {
-            Ok(rule) => (
-                self.decide(headers, rule, client_ip).await,
-                format!(
-                    "{} {}{}",
-                    http.method,
-                    canonical::host(host).unwrap_or_default(),
-                    canonical::path(&http.path)
-                        .map(|p| p.as_str().to_owned())
-                        .unwrap_or_default()
+        let (result, what) =
+            match self
+                .policy
+                .rule_for_request(host, &http.path, &http.method, headers)
+            {
+                Ok(rule) => (
+                    self.decide(headers, rule, client_ip).await,
+                    format!(
+                        "{} {}{}",
+                        http.method,
+                        canonical::host(host).unwrap_or_default(),
+                        canonical::path(&http.path)
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default()
+                    ),
                 ),
-            ),
-            Err(e) => (
-                Err(e),
-                format!(
-                    "{} {}{}",
-                    http.method.escape_debug(),
-                    host.escape_debug(),
-                    http.path.split('?').next().unwrap_or("").escape_debug()
+                Err(e) => (
+                    Err(e),
+                    format!(
+                        "{} {}{}",
+                        http.method.escape_debug(),
+                        host.escape_debug(),
+                        http.path.split('?').next().unwrap_or("").escape_debug()
+                    ),
                 ),
-            ),
-        };
+            };
         self.observer.decision(
             "Check",
             &what,

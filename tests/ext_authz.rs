@@ -707,3 +707,179 @@ async fn repeated_raw_headers_read_as_envoy_joins_them() {
     let (set, _) = ok_parts(&r);
     assert_eq!(set["x-clerk-user-id"], "user_envoy");
 }
+
+// ===== escapes found by the security review of issue 12 (each failed before the fix) =====
+
+/// (grpc code, body["error"]) of a Check answer: code 0 and "" when allowed.
+fn verdict(r: &CheckResponse) -> (i32, String) {
+    let code = r.status.as_ref().unwrap().code;
+    if code == 0 {
+        return (0, String::new());
+    }
+    let (_, _, _, body) = denied_parts(r);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (code, body["error"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Double encoding split over the hex digits: `%25` is followed by an *escaped* hex digit,
+/// so the "`%25` starting an escape" refusal does not see it. An upstream that decodes twice
+/// (a decoding proxy in front of a decoding app) reads `/%25%361dmin` → `/%61dmin` →
+/// `/admin`; Check chose the rule on `/%2561dmin` and allowed with no token.
+#[tokio::test]
+async fn double_encoding_split_over_escaped_hex_digits_is_refused() {
+    let (_h, c) = start_with_routes(OPEN_ROUTES).await;
+    for path in [
+        "/%25%361dmin/users",                 // %25 %36 1  → %61 → a
+        "/%256%31dmin/users",                 // %25 6 %31  → %61 → a
+        "/%25%36%31dmin/users",               // %25 %36 %31
+        "/public/%25%32e%25%32e/admin/users", // → %2e%2e → ..
+    ] {
+        let r = check(&c, envoy_request("GET", "api.example.com", path, &[])).await;
+        assert_eq!(
+            verdict(&r),
+            (3, "PATH_NOT_CANONICAL".to_owned()),
+            "{path}: a double-decoding upstream reads /admin/users"
+        );
+    }
+}
+
+/// Method overrides: Express `method-override` (X-HTTP-Method-Override, POST only),
+/// ASP.NET Core `UseHttpMethodOverride`, Rack::MethodOverride, Symfony/Laravel (`_method`,
+/// header or query) run the DELETE handler for `POST /orders/1` with an override, while Check
+/// chose the rule on `POST` (public under the issue's policy) and allowed with no token.
+#[tokio::test]
+async fn method_override_cannot_escape_a_method_specific_route() {
+    let (_h, c) = start_with_routes(OPEN_ROUTES).await;
+    let api = "api.example.com";
+    let mut cases: Vec<(String, Vec<(&str, &str)>)> = Vec::new();
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        cases.push(("/orders/1".into(), vec![(name, "DELETE")]));
+    }
+    cases.push(("/orders/1?_method=DELETE".into(), vec![]));
+    for (path, headers) in cases {
+        let r = check(&c, envoy_request("POST", api, &path, &headers)).await;
+        let (code, reason) = verdict(&r);
+        assert_ne!(
+            code, 0,
+            "POST {path} {headers:?} is allowed without a token, an upstream honouring the override runs DELETE"
+        );
+        assert!(
+            reason == "TOKEN_MISSING" || reason == "METHOD_INVALID",
+            "{path} {headers:?}: {reason}"
+        );
+    }
+}
+
+const GET_ROUTES: &str = r#"
+[default]
+access = "public"
+
+[[routes]]
+path_prefix = "/reports"
+methods = ["GET"]
+require = [{ role = "admin" }]
+"#;
+
+/// `HEAD` runs the `GET` handler in Go's ServeMux (`GET /x` patterns), Express (`app.get`),
+/// Flask, Rails, Spring: a route protecting `GET /reports` is escaped by `HEAD /reports/1`
+/// (status, headers, Content-Length and the handler's side effects, with no token).
+#[tokio::test]
+async fn head_is_read_as_get_by_method_specific_routes() {
+    let (_h, c) = start_with_routes(GET_ROUTES).await;
+    let r = check(
+        &c,
+        envoy_request("GET", "api.example.com", "/reports/1", &[]),
+    )
+    .await;
+    assert_eq!(verdict(&r).1, "TOKEN_MISSING");
+    let r = check(
+        &c,
+        envoy_request("HEAD", "api.example.com", "/reports/1", &[]),
+    )
+    .await;
+    let (code, reason) = verdict(&r);
+    assert_ne!(code, 0, "HEAD /reports/1 is allowed with no token");
+    assert!(
+        reason == "TOKEN_MISSING" || reason == "METHOD_INVALID",
+        "{reason}"
+    );
+}
+
+/// Segment spellings some upstreams read as `/admin`: a trailing dot or space (Windows/IIS
+/// path normalisation; Spring's AntPathMatcher trimming tokens, CVE-2016-5007) and a suffix
+/// (Spring MVC suffix pattern matching, on by default before 5.3: `/admin.json` → `/admin`).
+/// Check read a segment `admin.`, `admin%20`, `admin.json` — no `/admin` prefix — and allowed.
+#[tokio::test]
+async fn trailing_dot_space_or_suffix_do_not_escape_a_prefix() {
+    let (_h, c) = start_with_routes(OPEN_ROUTES).await;
+    for path in [
+        "/admin./users",
+        "/admin%2e/users",
+        "/admin%20/users",
+        "/admin.json",
+    ] {
+        let r = check(&c, envoy_request("GET", "api.example.com", path, &[])).await;
+        let (code, reason) = verdict(&r);
+        assert_ne!(code, 0, "{path} is allowed with no token");
+        assert!(
+            reason == "TOKEN_MISSING" || reason == "PATH_NOT_CANONICAL",
+            "{path}: {reason}"
+        );
+    }
+}
+
+/// The host rule was chosen on `http.host` only, while upstreams behind a proxy read the host
+/// from `x-forwarded-host` / `Forwarded: host=` (Express `trust proxy` → `req.hostname`,
+/// Django `USE_X_FORWARDED_HOST`, Spring `ForwardedHeaderFilter`, Rails). Envoy passes the
+/// client's copies through by default: a request to a public host naming the protected one
+/// in those headers is allowed with no token.
+#[tokio::test]
+async fn forwarded_host_headers_cannot_select_a_looser_host_rule() {
+    let (_h, c) = start_with_routes(OPEN_ROUTES).await;
+    for headers in [
+        vec![("x-forwarded-host", "ops.example.com")],
+        vec![("forwarded", "host=ops.example.com;proto=https")],
+    ] {
+        let r = check(&c, envoy_request("GET", "api.example.com", "/x", &headers)).await;
+        let (code, reason) = verdict(&r);
+        assert_ne!(code, 0, "{headers:?}: allowed with no token");
+        assert!(
+            reason == "TOKEN_MISSING" || reason == "HOST_INVALID",
+            "{headers:?}: {reason}"
+        );
+    }
+}
+
+/// What the review's fixes must not refuse: overrides and forwarded hosts that select the same
+/// rule, ordinary file names, an encoded `%` that is not an escape.
+#[tokio::test]
+async fn agreeing_overrides_forwarded_hosts_and_file_names_pass() {
+    let (_h, c) = start_with_routes(OPEN_ROUTES).await;
+    for (method, path, headers) in [
+        ("GET", "/x", vec![("x-forwarded-host", "api.example.com")]),
+        (
+            "GET",
+            "/x",
+            vec![("forwarded", "for=192.0.2.1;host=other.example.com")],
+        ),
+        (
+            "POST",
+            "/orders/1",
+            vec![("x-http-method-override", "PATCH")],
+        ),
+        ("GET", "/static/app.js", vec![]),
+        ("GET", "/files/100%25.txt", vec![]),
+        ("GET", "/docs/my%20file.pdf", vec![]),
+    ] {
+        let r = check(&c, envoy_request(method, "api.example.com", path, &headers)).await;
+        assert_eq!(
+            verdict(&r),
+            (0, String::new()),
+            "{method} {path} {headers:?}"
+        );
+    }
+}
