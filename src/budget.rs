@@ -148,19 +148,12 @@ impl RetryAfterGate {
     }
 }
 
-/// Parses a `Retry-After` value: whole seconds or an HTTP date; anything else (negative,
-/// fractional, garbage) is `None`. Clamped to [`MAX_RETRY_AFTER`].
+/// Parses a `Retry-After` header: whole seconds or an IMF-fixdate (the one parser,
+/// [`crate::jwks::parse_retry_after`]); anything else (negative, fractional, garbage) is
+/// `None`. Clamped to [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &http::HeaderValue) -> Option<Duration> {
-    let s = value.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
-    }
-    let at = httpdate::parse_http_date(s).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_RETRY_AFTER),
-    )
+    crate::jwks::parse_retry_after(value.to_str().ok()?, std::time::SystemTime::now())
+        .map(|d| d.min(MAX_RETRY_AFTER))
 }
 
 // === impl ClerkBudget ===
@@ -388,7 +381,7 @@ mod tests {
         assert_eq!(p("3"), Some(Duration::from_secs(3)));
         assert_eq!(p(" 0 "), Some(Duration::ZERO));
         assert_eq!(p("99999999999"), Some(MAX_RETRY_AFTER));
-        for bad in ["-1", "1.5", "soon", "", "1e3", "tomorrow 08:49:37 GMT"] {
+        for bad in ["-1", "1.5", "soon", "", "1e3", "Sunday, 06-Nov-94 08:49:37 GMT"] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
         // A date in the past: no wait; far in the future: clamped.
