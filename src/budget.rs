@@ -381,7 +381,14 @@ mod tests {
         assert_eq!(p("3"), Some(Duration::from_secs(3)));
         assert_eq!(p(" 0 "), Some(Duration::ZERO));
         assert_eq!(p("99999999999"), Some(MAX_RETRY_AFTER));
-        for bad in ["-1", "1.5", "soon", "", "1e3", "Sunday, 06-Nov-94 08:49:37 GMT"] {
+        for bad in [
+            "-1",
+            "1.5",
+            "soon",
+            "",
+            "1e3",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+        ] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
         // A date in the past: no wait; far in the future: clamped.
