@@ -332,7 +332,7 @@ impl ServeArgs {
         let allowlist = list(&self.identity_allowlist);
         if let Some(bad) = allowlist
             .iter()
-            .find(|m| !is_clerk_id(m, "mch_") && !m.starts_with("spiffe://"))
+            .find(|m| !is_clerk_id(m, "mch_") && !crate::peer::is_spiffe_id(m))
         {
             return Err(err(
                 "CLERK_AUTH_IDENTITY_ALLOWLIST",
@@ -342,7 +342,7 @@ impl ServeArgs {
         let forwarders = list(&self.client_ip_forwarders);
         if let Some(bad) = forwarders
             .iter()
-            .find(|m| !is_clerk_id(m, "mch_") && !m.starts_with("spiffe://"))
+            .find(|m| !is_clerk_id(m, "mch_") && !crate::peer::is_spiffe_id(m))
         {
             return Err(err(
                 "CLERK_AUTH_CLIENT_IP_FORWARDERS",

@@ -51,22 +51,57 @@ impl PeerIdentity {
     }
 }
 
-/// The `spiffe://` URI SANs of a DER certificate (none if it does not parse).
+/// The SPIFFE ID of a DER certificate, as an X.509-SVID carries it: **exactly one** URI SAN,
+/// and that URI a well-formed SPIFFE ID ([`is_spiffe_id`]). A certificate with no URI SAN,
+/// several (an attacker's `spiffe://…` beside the allowlisted one), a malformed one, or that
+/// does not parse, has none: its holder is no SPIFFE peer at all.
 pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
         return Vec::new();
     };
+    // Several SAN extensions are an error here (x509-parser refuses duplicates).
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
-            _ => None,
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(u), None) if is_spiffe_id(u) => vec![u.to_owned()],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `id` is a SPIFFE ID as the SPIFFE spec defines it: `spiffe://`, a trust domain of
+/// lower-case letters, digits, `.`, `-` and `_`, then an optional path of non-empty segments of
+/// letters, digits, `.`, `-` and `_` (no `.` or `..` segment, no trailing `/`); no port,
+/// userinfo, query or fragment; at most 2 048 bytes.
+pub fn is_spiffe_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return false;
+    };
+    if id.len() > 2048 {
+        return false;
+    }
+    let (domain, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(d, p)| (d, Some(p)));
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    let path_ok = path.is_none_or(|p| {
+        p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
         })
-        .collect()
+    });
+    domain_ok && path_ok
 }
 
 /// The peer's IP, with or without TLS.
@@ -78,4 +113,74 @@ pub(crate) fn peer_ip(ext: &http::Extensions) -> Option<std::net::IpAddr> {
                 .and_then(|i| i.get_ref().remote_addr())
         })
         .map(|a| a.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert(sans: Vec<SanType>) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(u: &str) -> SanType {
+        SanType::URI(u.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_certificate_speaks_for_exactly_one_spiffe_id() {
+        const A: &str = "spiffe://cluster.local/ns/apps/sa/billing";
+        assert_eq!(spiffe_ids(&cert(vec![uri(A)])), [A]);
+        // With DNS names beside it: still one URI SAN.
+        let dns = SanType::DnsName("billing.apps".try_into().unwrap());
+        assert_eq!(spiffe_ids(&cert(vec![dns.clone(), uri(A)])), [A]);
+        // An attacker's URI beside the allowlisted one (either order): no identity.
+        for sans in [
+            vec![uri("spiffe://evil.example/x"), uri(A)],
+            vec![uri(A), uri("spiffe://evil.example/x")],
+            vec![uri(A), uri("https://example.com/")],
+            vec![uri(A), uri(A)],
+        ] {
+            assert!(spiffe_ids(&cert(sans.clone())).is_empty(), "{sans:?}");
+        }
+        assert!(spiffe_ids(&cert(vec![dns])).is_empty());
+        assert!(spiffe_ids(&cert(vec![])).is_empty());
+        assert!(spiffe_ids(b"not a certificate").is_empty());
+        // One URI, but not a SPIFFE ID.
+        assert!(spiffe_ids(&cert(vec![uri("spiffe://Cluster.local/x")])).is_empty());
+    }
+
+    #[test]
+    fn spiffe_id_shapes() {
+        for ok in [
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/ns/apps/sa/billing",
+            "spiffe://td_1-a.b/a.b-c_d",
+        ] {
+            assert!(is_spiffe_id(ok), "{ok}");
+        }
+        for bad in [
+            "spiffe://",
+            "spiffe:///x",
+            "spiffe://Cluster.local/x",
+            "spiffe://td:8443/x",
+            "spiffe://user@td/x",
+            "spiffe://td/x/",
+            "spiffe://td//x",
+            "spiffe://td/./x",
+            "spiffe://td/../x",
+            "spiffe://td/x?y",
+            "spiffe://td/x#y",
+            "spiffe://td/x%2Fy",
+            "SPIFFE://td/x",
+            "https://td/x",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+        assert!(!is_spiffe_id(&format!("spiffe://td/{}", "a".repeat(2040))));
+    }
 }

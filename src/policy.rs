@@ -333,7 +333,7 @@ impl Rule {
         if self.scopes.iter().any(|s| s.trim().is_empty()) {
             return Err("scopes holds an empty scope".into());
         }
-        if let Some(p) = self.peers.iter().find(|p| !p.starts_with("spiffe://")) {
+        if let Some(p) = self.peers.iter().find(|p| !crate::peer::is_spiffe_id(p)) {
             return Err(format!("peers: {p:?} is not a spiffe:// ID"));
         }
         Ok(())

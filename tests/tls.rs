@@ -25,6 +25,8 @@ struct Pki {
     server: (String, String),
     client_a: (String, String),
     client_b: (String, String),
+    /// An attacker's SPIFFE ID beside the allowlisted one.
+    client_two: (String, String),
 }
 
 const SPIFFE_A: &str = "spiffe://cluster.local/ns/apps/sa/billing";
@@ -51,6 +53,10 @@ fn pki() -> Pki {
         ]),
         client_a: leaf(vec![SanType::URI(SPIFFE_A.try_into().unwrap())]),
         client_b: leaf(vec![SanType::URI(SPIFFE_B.try_into().unwrap())]),
+        client_two: leaf(vec![
+            SanType::URI(SPIFFE_B.try_into().unwrap()),
+            SanType::URI(SPIFFE_A.try_into().unwrap()),
+        ]),
     }
 }
 
@@ -179,6 +185,21 @@ async fn mtls_requires_a_client_certificate_and_spiffe_ids_are_the_peer_identity
         status.code(),
         tonic::Code::Unauthenticated,
         "no token, not allowlisted"
+    );
+    // A certificate carrying the allowlisted SPIFFE ID *and* another is no SVID: refused.
+    let mut two = connect(&h, client_tls(&pki, Some(&pki.client_two)))
+        .await
+        .unwrap();
+    let status = two
+        .get_user(GetUserRequest {
+            user_id: user.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unauthenticated,
+        "two URI SANs: no peer identity"
     );
 }
 
