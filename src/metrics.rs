@@ -376,6 +376,21 @@ pub struct Observer {
     metrics: Option<Metrics>,
 }
 
+/// Longest request field written to an audit line, in bytes; a longer one is cut (at a
+/// character boundary) and says how many bytes were left out.
+pub const MAX_AUDIT_FIELD: usize = 256;
+
+fn bounded(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.len() <= MAX_AUDIT_FIELD {
+        return field.into();
+    }
+    let mut end = MAX_AUDIT_FIELD;
+    while !field.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…(+{} bytes)", &field[..end], field.len() - end).into()
+}
+
 /// The audit log's tracing target.
 pub const AUDIT_TARGET: &str = "clerk_grpc_auth::audit";
 
@@ -402,11 +417,13 @@ impl Observer {
             Ok(()) => ("allow", "OK"),
             Err(e) => (outcome_of(e), e.reason_str()),
         };
-        // Empty fields are left out (an `Option` records nothing when `None`).
+        // Empty fields are left out (an `Option` records nothing when `None`). `what` is the
+        // caller's request field: bounded, so one request cannot write a megabyte line.
+        let what = bounded(what);
         tracing::info!(
             target: AUDIT_TARGET,
             method,
-            what = non_empty(what),
+            what = non_empty(&what),
             verdict,
             reason,
             user = identity.and_then(|i| non_empty(&i.user_id)),
@@ -420,6 +437,25 @@ impl Observer {
             token = token.map(crate::token_fingerprint).as_deref(),
             elapsed_us = elapsed.as_micros() as u64,
             "decision"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_fields_are_bounded_at_a_character_boundary() {
+        assert_eq!(bounded("user_1"), "user_1");
+        let exact = "a".repeat(MAX_AUDIT_FIELD);
+        assert_eq!(bounded(&exact), exact);
+        // 255 ASCII bytes then a 3-byte character across the limit: cut before it.
+        let s = format!("{}€{}", "a".repeat(MAX_AUDIT_FIELD - 1), "b".repeat(10));
+        let b = bounded(&s);
+        assert_eq!(
+            b,
+            format!("{}…(+13 bytes)", "a".repeat(MAX_AUDIT_FIELD - 1))
         );
     }
 }

@@ -218,6 +218,13 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
             })
             .await;
     }
+    // A 2 MB request field (no token): refused, and its audit line stays short.
+    let huge = format!("user_{}", "x".repeat(2_000_000));
+    let status = client
+        .get_user(clerk_grpc_auth::pb::GetUserRequest { user_id: huge })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
     // SIGTERM: graceful shutdown, exit 0.
     let pid = child.id().to_string();
     assert!(Command::new("kill")
@@ -269,6 +276,14 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
         line.contains("unauthenticated") && line.contains("TOKEN_EXPIRED"),
         "{line}"
     );
+    // Bounded lines: the 2 MB user_id was cut, and says by how much.
+    let longest = logs.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4096, "a log line of {longest} bytes");
+    let get_user = audit
+        .iter()
+        .find(|l| l.contains("GetUser"))
+        .unwrap_or_else(|| panic!("no audit line for GetUser: {logs}"));
+    assert!(get_user.contains("(+1999749 bytes)"), "{get_user}");
 }
 
 #[tokio::test]
