@@ -70,6 +70,9 @@ pub enum ApiError {
     /// Any other 4xx (a request Clerk considers malformed).
     #[error("Backend API refused the request (HTTP {0})")]
     Refused(u16),
+    /// An id that is not a Clerk id, or a path that is not plain segments: never sent.
+    #[error("not a Clerk id: refused before any request")]
+    InvalidId,
 }
 
 impl From<ApiError> for AuthError {
@@ -81,6 +84,7 @@ impl From<ApiError> for AuthError {
             ApiError::Unavailable(_) | ApiError::Refused(_) => {
                 AuthError::Unavailable(Reason::BackendApiUnavailable)
             }
+            ApiError::InvalidId => AuthError::InvalidRequest("not a Clerk id"),
         }
     }
 }
@@ -123,6 +127,19 @@ impl std::fmt::Debug for BackendApi {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// Whether a Backend API path is plain: segments of ASCII letters, digits and `_` (no empty,
+/// `.` or `..` segment, no escape), then an optional query of `name=value` pairs of the same
+/// characters. Every path the client sends is checked here, whatever built it, so that an id
+/// can never climb to another resource (`user_x/../../sessions/…`).
+fn is_plain_path(path: &str) -> bool {
+    let (p, q) = path.split_once('?').unwrap_or((path, ""));
+    let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    p.split('/').all(word)
+        && (q.is_empty()
+            || q.split('&')
+                .all(|kv| kv.split_once('=').is_some_and(|(k, v)| word(k) && word(v))))
 }
 
 /// Whether `id` is safe in a URL path: Clerk ids are `prefix_` + alphanumerics.
@@ -212,6 +229,9 @@ impl BackendApi {
     ) -> Result<T, ApiError> {
         let inner = &self.inner;
         let cfg = &inner.config;
+        if !is_plain_path(path) {
+            return Err(ApiError::InvalidId);
+        }
         let url = format!("{}/v1/{path}", cfg.api_url.as_str().trim_end_matches('/'));
         let mut auth = http::HeaderValue::from_str(&format!("Bearer {}", cfg.secret_key.expose()))
             .map_err(|_| ApiError::KeyRefused)?;
@@ -339,6 +359,30 @@ mod tests {
             assert!(!is_clerk_id(bad, "user_"), "{bad}");
         }
         assert!(!is_clerk_id(&format!("user_{}", "a".repeat(200)), "user_"));
+    }
+
+    #[test]
+    fn only_plain_paths_are_sent() {
+        for ok in [
+            "users/user_1",
+            "sessions/sess_1/revoke",
+            "users/user_1/organization_memberships?limit=100&offset=0",
+        ] {
+            assert!(is_plain_path(ok), "{ok}");
+        }
+        for bad in [
+            "users/user_x/../../sessions/sess_1",
+            "users/user_x%2F..",
+            "users//x",
+            "users/./x",
+            "users/",
+            "users/user_é",
+            "users/x?limit=1&offset=../",
+            "users/x?limit",
+            "users/x y",
+        ] {
+            assert!(!is_plain_path(bad), "{bad}");
+        }
     }
 
     #[test]

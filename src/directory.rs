@@ -343,6 +343,9 @@ impl Directory {
 
     /// A user (`GET /v1/users/{id}`), cached.
     pub async fn user(&self, user_id: &str) -> Result<Arc<User>, ApiError> {
+        if !crate::bapi::is_clerk_id(user_id, "user_") {
+            return Err(ApiError::InvalidId);
+        }
         let api = &self.inner.api;
         self.inner
             .users
@@ -355,6 +358,9 @@ impl Directory {
     /// Every membership of a user (`GET /v1/users/{id}/organization_memberships`, pages of
     /// 100 up to `max_memberships`), cached as one list.
     pub async fn memberships(&self, user_id: &str) -> Result<Arc<Vec<Membership>>, ApiError> {
+        if !crate::bapi::is_clerk_id(user_id, "user_") {
+            return Err(ApiError::InvalidId);
+        }
         let api = &self.inner.api;
         let max = self.inner.config.max_memberships;
         self.inner
@@ -382,6 +388,9 @@ impl Directory {
 
     /// A session (`GET /v1/sessions/{id}`), cached for `session_ttl`.
     pub async fn session(&self, session_id: &str) -> Result<Arc<Session>, ApiError> {
+        if !crate::bapi::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
         let api = &self.inner.api;
         self.inner
             .sessions
@@ -393,6 +402,9 @@ impl Directory {
 
     /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`); drops the cached entry.
     pub async fn revoke_session(&self, session_id: &str) -> Result<Session, ApiError> {
+        if !crate::bapi::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
         let s: Session = self
             .inner
             .api

@@ -995,3 +995,30 @@ async fn a_revocation_expires_after_its_ttl() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn a_hostile_subject_never_reaches_a_backend_api_url() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    let victim = clerk.create_user(&UserSpec::default());
+    let session = clerk.create_session(&victim);
+    // An API key whose subject climbs from /v1/users/… to the victim's session.
+    let key = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::ApiKey,
+        subject: Some(format!("user_x/../../sessions/{session}")),
+        ..MachineTokenSpec::default()
+    });
+    let before = clerk.bapi_requests();
+    let status = r
+        .client
+        .clone()
+        .who_am_i(with_token(WhoAmIRequest {}, &key))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        clerk.bapi_requests(),
+        before + 1,
+        "only the key's own verification reached Clerk; no user or session was fetched"
+    );
+}
