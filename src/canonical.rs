@@ -203,7 +203,13 @@ pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
     };
     let canonical = merge_slashes(&dotless);
     add(canonical.clone());
-    for base in [decoded.as_str(), target] {
+    // Without escapes the raw target is the decoded one: its readings are the same.
+    let bases: &[&str] = if decoded == target {
+        &[decoded.as_str()]
+    } else {
+        &[decoded.as_str(), target]
+    };
+    for &base in bases {
         let merged = merge_slashes(base);
         let (Some(dots), Some(merged_dots)) =
             (remove_dot_segments(base), remove_dot_segments(&merged))

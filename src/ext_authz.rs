@@ -325,9 +325,14 @@ impl RoutePolicy {
         } else {
             &[false, true]
         };
+        let methods: &[&str] = if upper == method {
+            &[method]
+        } else {
+            &[method, &upper]
+        };
         for &fold in folds {
             for reading in path.readings() {
-                for m in [method, &upper] {
+                for &m in methods {
                     if self.select(&host, reading, m, fold) != rule {
                         return Err(AuthError::NotCanonical {
                             reason: Reason::PathNotCanonical,

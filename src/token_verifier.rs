@@ -202,10 +202,6 @@ impl TokenVerifier {
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
         let identity = self.verify_unrevoked(req).await?;
         self.check_revoked(&identity)?;
-        // A source seen with a valid token may spend the Backend API budget's reserve.
-        if let (Some(source), Some(machine)) = (req.source, &self.inner.machine) {
-            machine.budget().mark_known(source);
-        }
         Ok(identity)
     }
 
@@ -239,7 +235,14 @@ impl TokenVerifier {
             .resolve(pending.decoded.kid())
             .await
             .map_err(|e| resolve_error(e, pending.decoded.token_type()))?;
-        self.finish(pending, &key)
+        let identity = self.finish(pending, &key)?;
+        // A source seen with a valid token may spend the Backend API budget's reserve. Marked
+        // on full verifications only (a verdict-cache hit stays a lookup): a session token is
+        // re-verified within its minute, well inside the mark's 10 minutes.
+        if let (Some(source), Some(machine)) = (req.source, &self.inner.machine) {
+            machine.budget().mark_known(source);
+        }
+        Ok(identity)
     }
 
     /// An opaque machine token (by prefix)? Checks it is accepted (Clerk's `acceptsToken`:

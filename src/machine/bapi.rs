@@ -289,7 +289,13 @@ impl MachineVerifier {
             .await
             .map_err(|e| (*e).clone());
         match result {
-            Ok(id) => Ok(id),
+            Ok(id) => {
+                // Verified by Clerk (not a cache hit): the source may spend the reserve.
+                if let Some(source) = source {
+                    inner.budget.mark_known(source);
+                }
+                Ok(id)
+            }
             Err(AuthError::Rejected(e)) => {
                 inner.negative.insert(key, e.clone()).await;
                 Err(AuthError::Rejected(e))
