@@ -45,6 +45,12 @@ pub struct BudgetConfig {
     pub known_ttl: Duration,
     /// Most known sources remembered (default 100 000).
     pub max_known: u64,
+    /// Backend API calls per second one identity-query caller (a user, a machine, an mTLS
+    /// peer) may cause, refilled continuously (default 5; `0` = no per-caller limit). Only
+    /// cache misses count: answers from the caches are free.
+    pub caller_calls_per_sec: f64,
+    /// Backend API calls one identity-query caller may cause at once (default 20).
+    pub caller_burst: u32,
 }
 
 impl Default for BudgetConfig {
@@ -55,6 +61,8 @@ impl Default for BudgetConfig {
             reserved_share: 0.5,
             known_ttl: Duration::from_secs(600),
             max_known: 100_000,
+            caller_calls_per_sec: 5.0,
+            caller_burst: 20,
         }
     }
 }
@@ -79,6 +87,8 @@ pub struct BudgetStats {
     pub refused_strangers: u64,
     /// Calls refused because Clerk's `Retry-After` had not passed.
     pub suspended: u64,
+    /// Identity-query calls refused because their caller had spent its own budget.
+    pub refused_callers: u64,
 }
 
 /// Clerk's `Retry-After`, shared by every path of one replica: after a 429, no request leaves
@@ -100,7 +110,10 @@ struct Inner {
     /// The strangers' own share: the unreserved part of the burst and of the rate.
     strangers: Mutex<Bucket>,
     known: moka::sync::Cache<IpAddr, ()>,
+    /// Per-caller buckets of identity queries, by caller (`user_…`, `mch_…`, `spiffe://…`).
+    callers: moka::sync::Cache<String, Arc<Mutex<Bucket>>>,
     refused_known: AtomicU64,
+    refused_callers: AtomicU64,
     refused_strangers: AtomicU64,
     suspended: AtomicU64,
 }
@@ -171,6 +184,18 @@ impl ClerkBudget {
             .max_capacity(config.max_known)
             .time_to_live(config.known_ttl)
             .build();
+        // A bucket idle long enough to have refilled is the same as a new one: forget it.
+        let refill = if config.caller_calls_per_sec > 0.0 {
+            Duration::from_secs_f64(
+                (f64::from(config.caller_burst) / config.caller_calls_per_sec).clamp(1.0, 3600.0),
+            )
+        } else {
+            Duration::from_secs(1)
+        };
+        let callers = moka::sync::Cache::builder()
+            .max_capacity(config.max_known)
+            .time_to_idle(refill)
+            .build();
         Self {
             inner: Arc::new(Inner {
                 bucket: Mutex::new(Bucket {
@@ -184,7 +209,9 @@ impl ClerkBudget {
                 config,
                 gate: RetryAfterGate::default(),
                 known,
+                callers,
                 refused_known: AtomicU64::new(0),
+                refused_callers: AtomicU64::new(0),
                 refused_strangers: AtomicU64::new(0),
                 suspended: AtomicU64::new(0),
             }),
@@ -208,7 +235,43 @@ impl ClerkBudget {
             refused_known: i.refused_known.load(Ordering::Relaxed),
             refused_strangers: i.refused_strangers.load(Ordering::Relaxed),
             suspended: i.suspended.load(Ordering::Relaxed),
+            refused_callers: i.refused_callers.load(Ordering::Relaxed),
         }
+    }
+
+    /// Takes one Backend API call from `caller`'s own identity-query budget (the replica-wide
+    /// bucket is charged separately, by the Backend API client), or says how long to wait.
+    /// `caller` is who asks — a user id, a machine id, a SPIFFE ID — so that one caller
+    /// cannot spend the replica's budget for everyone.
+    pub fn try_spend_for_caller(&self, caller: &str) -> Result<(), Duration> {
+        let i = &self.inner;
+        let cfg = &i.config;
+        if cfg.caller_calls_per_sec <= 0.0 {
+            return Ok(());
+        }
+        let burst = f64::from(cfg.caller_burst.max(1));
+        let bucket = i.callers.get_with_by_ref(caller, || {
+            Arc::new(Mutex::new(Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            }))
+        });
+        let mut b = bucket.lock().expect("budget lock");
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cfg.caller_calls_per_sec)
+            .min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        let missing = 1.0 - b.tokens;
+        drop(b);
+        i.refused_callers.fetch_add(1, Ordering::Relaxed);
+        Err(
+            Duration::from_secs_f64((missing / cfg.caller_calls_per_sec).min(60.0))
+                .max(Duration::from_millis(1)),
+        )
     }
 
     /// Records that `source` presented a valid token (any type): its later cache misses may
@@ -336,6 +399,30 @@ mod tests {
         assert!(wait > Duration::ZERO);
         let s = b.stats();
         assert_eq!((s.refused_strangers, s.refused_known), (95, 96));
+    }
+
+    #[test]
+    fn each_caller_has_its_own_identity_budget() {
+        let b = ClerkBudget::new(BudgetConfig {
+            caller_calls_per_sec: 0.001,
+            caller_burst: 3,
+            ..BudgetConfig::default()
+        });
+        let spent = |who: &str| {
+            (0..10)
+                .filter(|_| b.try_spend_for_caller(who).is_ok())
+                .count()
+        };
+        assert_eq!(spent("user_a"), 3);
+        // Another caller is not held back by the first one's flood.
+        assert_eq!(spent("user_b"), 3);
+        assert!(b.try_spend_for_caller("user_a").unwrap_err() > Duration::ZERO);
+        assert_eq!(b.stats().refused_callers, 7 + 7 + 1);
+        let off = ClerkBudget::new(BudgetConfig {
+            caller_calls_per_sec: 0.0,
+            ..BudgetConfig::default()
+        });
+        assert!((0..100).all(|_| off.try_spend_for_caller("user_a").is_ok()));
     }
 
     #[test]

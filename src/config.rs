@@ -7,6 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
+    access::AccessConfig,
     bapi::{is_clerk_id, BackendApiConfig},
     budget::BudgetConfig,
     directory::DirectoryConfig,
@@ -86,10 +87,38 @@ pub struct ServeArgs {
     /// Largest distance in seconds between a webhook's timestamp and now (default 300).
     #[arg(long, env = "CLERK_AUTH_WEBHOOK_TOLERANCE_SECS")]
     pub webhook_tolerance_secs: Option<String>,
-    /// Comma-separated machine ids (`mch_…`) whose M2M tokens may read any user and revoke
-    /// sessions (default: none).
+    /// Comma-separated trusted callers of identity queries and the revocation feed (read any
+    /// user, revoke sessions): machine ids (`mch_…`, whose M2M tokens must also be scoped to
+    /// `CLERK_AUTH_MACHINE_ID`) and SPIFFE IDs (`spiffe://…`, by mTLS). Default: none.
     #[arg(long, env = "CLERK_AUTH_IDENTITY_ALLOWLIST")]
     pub identity_allowlist: Option<String>,
+    /// AuthService's own machine id (`mch_…`): an allowlisted machine's M2M token is trusted
+    /// only when its scopes name it. Unset: no M2M caller is trusted.
+    #[arg(long, env = "CLERK_AUTH_MACHINE_ID")]
+    pub machine_id: Option<String>,
+    /// Comma-separated user token types that may call identity queries for their own user,
+    /// besides session tokens: `oauth_token`, `api_key` (default: none).
+    #[arg(long, env = "CLERK_AUTH_IDENTITY_CALLER_TYPES")]
+    pub identity_caller_types: Option<String>,
+    /// OAuth scopes each identity RPC needs, `Rpc=scope scope;Rpc=scope` (e.g.
+    /// `WhoAmI=profile email;GetUser=profile email`). An RPC not named refuses OAuth tokens.
+    #[arg(long, env = "CLERK_AUTH_IDENTITY_OAUTH_SCOPES")]
+    pub identity_oauth_scopes: Option<String>,
+    /// `true`: `RevokeSession` needs an allowlisted mTLS certificate *and* a trusted M2M token
+    /// (default `false`: either).
+    #[arg(long, env = "CLERK_AUTH_REVOKE_REQUIRES_MTLS")]
+    pub revoke_requires_mtls: Option<String>,
+    /// Backend API calls per second one identity-query caller (user, machine, mTLS peer) may
+    /// cause (default 5; 0 = no per-caller limit).
+    #[arg(long, env = "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC")]
+    pub identity_caller_calls_per_sec: Option<String>,
+    /// Backend API calls one identity-query caller may cause at once (default 20).
+    #[arg(long, env = "CLERK_AUTH_IDENTITY_CALLER_BURST")]
+    pub identity_caller_burst: Option<String>,
+    /// How long Clerk's "not found" for a user or session is remembered, in seconds (default
+    /// 30; 0 = off).
+    #[arg(long, env = "CLERK_AUTH_NOT_FOUND_CACHE_TTL_SECS")]
+    pub not_found_cache_ttl_secs: Option<String>,
     /// Redis URL: share revocations and cache invalidations between replicas.
     #[arg(long, env = "CLERK_AUTH_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -339,6 +368,43 @@ impl ServeArgs {
                 format!("{bad:?} is neither a machine id (mch_…) nor a SPIFFE ID (spiffe://…)"),
             ));
         }
+        let machine_id = match non_empty(&self.machine_id) {
+            None => None,
+            Some(m) if is_clerk_id(m, "mch_") => Some(m.to_owned()),
+            Some(m) => {
+                return Err(err(
+                    "CLERK_AUTH_MACHINE_ID",
+                    format!("{m:?} is not a machine id (mch_…)"),
+                ))
+            }
+        };
+        let access = AccessConfig {
+            machine_id,
+            allowlist,
+            caller_types: match non_empty(&self.identity_caller_types) {
+                None => Vec::new(),
+                Some(s) => crate::access::parse_caller_types(s)
+                    .map_err(|e| err("CLERK_AUTH_IDENTITY_CALLER_TYPES", e))?,
+            },
+            oauth_scopes: match non_empty(&self.identity_oauth_scopes) {
+                None => Default::default(),
+                Some(s) => crate::access::parse_oauth_scopes(s)
+                    .map_err(|e| err("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", e))?,
+            },
+            revoke_requires_mtls: match non_empty(&self.revoke_requires_mtls) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    return Err(err(
+                        "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
+                        format!("{other:?} is not true or false"),
+                    ))
+                }
+            },
+        };
+        // The whole rule set must hold together (e.g. OAuth scopes for a trusted-only RPC).
+        crate::access::Access::new(access.clone())
+            .map_err(|e| err("CLERK_AUTH_IDENTITY_ALLOWLIST", e))?;
         let forwarders = list(&self.client_ip_forwarders);
         if let Some(bad) = forwarders
             .iter()
@@ -361,6 +427,20 @@ impl ServeArgs {
                 1_000_000,
             )? as f64,
             burst: u32::try_from(burst).expect("bounded above"),
+            caller_calls_per_sec: parse_num(
+                "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC",
+                &self.identity_caller_calls_per_sec,
+                5,
+                1_000_000,
+            )? as f64,
+            caller_burst: u32::try_from(parse_num(
+                "CLERK_AUTH_IDENTITY_CALLER_BURST",
+                &self.identity_caller_burst,
+                20,
+                1_000_000,
+            )?)
+            .expect("bounded above")
+            .max(1),
             reserved_share: parse_num(
                 "CLERK_AUTH_BAPI_RESERVED_PERCENT",
                 &self.bapi_reserved_percent,
@@ -388,6 +468,12 @@ impl ServeArgs {
             300,
             86_400,
         )?;
+        let not_found = parse_num(
+            "CLERK_AUTH_NOT_FOUND_CACHE_TTL_SECS",
+            &self.not_found_cache_ttl_secs,
+            30,
+            3_600,
+        )?;
         let identity = secret.clone().map(|key| IdentityConfig {
             backend: BackendApiConfig::new(base_url.clone(), key),
             directory: DirectoryConfig {
@@ -395,9 +481,9 @@ impl ServeArgs {
                 memberships_ttl: Duration::from_secs(user_ttl.max(1)),
                 session_ttl: Duration::from_secs(session_ttl.max(1)),
                 stale_if_error: Duration::from_secs(stale),
+                not_found_ttl: Duration::from_secs(not_found),
                 ..DirectoryConfig::default()
             },
-            allowlist,
         });
         let webhook = match non_empty(&self.webhook_signing_secret) {
             None => None,
@@ -600,6 +686,7 @@ impl ServeArgs {
                 verifier,
                 machine,
                 identity,
+                access,
                 webhook,
                 redis,
                 revocation_ttl,

@@ -36,6 +36,14 @@ pub struct DirectoryConfig {
     pub stale_if_error: Duration,
     /// Most memberships read per user (default 500, in pages of 100).
     pub max_memberships: usize,
+    /// How long Clerk's "not found" for a user or session is remembered (default 30 s; zero
+    /// turns it off): the same missing id asked again costs no Backend API call. A webhook
+    /// for the id (`user.created`, …) forgets it at once.
+    pub not_found_ttl: Duration,
+    /// How long the owner (`user_id`) of a session once fetched is remembered (default
+    /// 10 min): a user asking again about someone else's session is refused without a Backend
+    /// API call. A session never changes owner.
+    pub session_owner_ttl: Duration,
 }
 
 impl Default for DirectoryConfig {
@@ -47,6 +55,8 @@ impl Default for DirectoryConfig {
             capacity: 10_000,
             stale_if_error: Duration::from_secs(300),
             max_memberships: 500,
+            not_found_ttl: Duration::from_secs(30),
+            session_owner_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -199,10 +209,12 @@ struct Page<T> {
     total_count: Option<usize>,
 }
 
-/// One kind of cached object: a fresh cache (coalescing misses) and a stale backup.
+/// One kind of cached object: a fresh cache (coalescing misses), a stale backup and the ids
+/// Clerk said it does not have.
 struct Kind<V> {
     fresh: moka::future::Cache<String, Arc<V>>,
     stale: Option<moka::future::Cache<String, Arc<V>>>,
+    missing: Option<moka::sync::Cache<String, ()>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -217,7 +229,7 @@ pub struct DirectoryStats {
 }
 
 impl<V: Send + Sync + 'static> Kind<V> {
-    fn new(ttl: Duration, stale: Duration, capacity: u64) -> Self {
+    fn new(ttl: Duration, stale: Duration, missing: Duration, capacity: u64) -> Self {
         Self {
             fresh: moka::future::Cache::builder()
                 .max_capacity(capacity)
@@ -229,15 +241,30 @@ impl<V: Send + Sync + 'static> Kind<V> {
                     .time_to_live(ttl + stale)
                     .build()
             }),
+            missing: (!missing.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(missing)
+                    .build()
+            }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
+    }
+
+    /// Whether Clerk said recently that it has no `key`.
+    fn is_missing(&self, key: &str) -> bool {
+        self.missing.as_ref().is_some_and(|m| m.contains_key(key))
     }
 
     async fn get<F>(&self, key: &str, fetch: F) -> Result<Arc<V>, ApiError>
     where
         F: std::future::Future<Output = Result<V, ApiError>>,
     {
+        if self.is_missing(key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::NotFound);
+        }
         let ran = std::sync::atomic::AtomicBool::new(false);
         let got = self
             .fresh
@@ -260,6 +287,11 @@ impl<V: Send + Sync + 'static> Kind<V> {
             }
             Err(e) => {
                 let e = (*e).clone();
+                if e == ApiError::NotFound {
+                    if let Some(m) = &self.missing {
+                        m.insert(key.to_owned(), ());
+                    }
+                }
                 // Stale-if-error: not for "not found" or a refused key.
                 if matches!(e, ApiError::Unavailable(_) | ApiError::RateLimited(_)) {
                     if let Some(stale) = &self.stale {
@@ -275,6 +307,9 @@ impl<V: Send + Sync + 'static> Kind<V> {
     }
 
     async fn invalidate(&self, key: &str) {
+        if let Some(m) = &self.missing {
+            m.invalidate(key);
+        }
         self.fresh.invalidate(key).await;
         if let Some(stale) = &self.stale {
             stale.invalidate(key).await;
@@ -288,6 +323,8 @@ struct Inner {
     users: Kind<User>,
     memberships: Kind<Vec<Membership>>,
     sessions: Kind<Session>,
+    /// Session id → its user, for sessions once fetched.
+    owners: moka::sync::Cache<String, Arc<str>>,
 }
 
 /// Users, memberships and sessions from the Backend API, cached. Cheap to clone.
@@ -310,13 +347,28 @@ impl Directory {
     pub fn new(api: BackendApi, config: DirectoryConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                users: Kind::new(config.user_ttl, config.stale_if_error, config.capacity),
+                users: Kind::new(
+                    config.user_ttl,
+                    config.stale_if_error,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
                 memberships: Kind::new(
                     config.memberships_ttl,
                     config.stale_if_error,
+                    config.not_found_ttl,
                     config.capacity,
                 ),
-                sessions: Kind::new(config.session_ttl, Duration::ZERO, config.capacity),
+                sessions: Kind::new(
+                    config.session_ttl,
+                    Duration::ZERO,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
+                owners: moka::sync::Cache::builder()
+                    .max_capacity(config.capacity)
+                    .time_to_live(config.session_owner_ttl.max(Duration::from_secs(1)))
+                    .build(),
                 api,
                 config,
             }),
@@ -341,8 +393,25 @@ impl Directory {
         &self.inner.api
     }
 
-    /// A user (`GET /v1/users/{id}`), cached.
-    pub async fn user(&self, user_id: &str) -> Result<Arc<User>, ApiError> {
+    /// Charges a cache miss to `caller`'s own budget ([`ClerkBudget::try_spend_for_caller`]);
+    /// `None` is the service itself (webhooks, online session checks).
+    ///
+    /// [`ClerkBudget::try_spend_for_caller`]: crate::budget::ClerkBudget::try_spend_for_caller
+    fn charge(&self, caller: Option<&str>) -> Result<(), ApiError> {
+        match caller {
+            Some(c) => self
+                .inner
+                .api
+                .budget()
+                .try_spend_for_caller(c)
+                .map_err(ApiError::RateLimited),
+            None => Ok(()),
+        }
+    }
+
+    /// A user (`GET /v1/users/{id}`), cached; a miss is charged to `caller` (who asks: a
+    /// user, machine or SPIFFE ID; `None` for the service itself).
+    pub async fn user(&self, user_id: &str, caller: Option<&str>) -> Result<Arc<User>, ApiError> {
         if !crate::bapi::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
@@ -350,14 +419,20 @@ impl Directory {
         self.inner
             .users
             .get(user_id, async {
+                self.charge(caller)?;
                 api.get(&format!("users/{user_id}")).await
             })
             .await
     }
 
     /// Every membership of a user (`GET /v1/users/{id}/organization_memberships`, pages of
-    /// 100 up to `max_memberships`), cached as one list.
-    pub async fn memberships(&self, user_id: &str) -> Result<Arc<Vec<Membership>>, ApiError> {
+    /// 100 up to `max_memberships`), cached as one list; each page of a miss is charged to
+    /// `caller`.
+    pub async fn memberships(
+        &self,
+        user_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Arc<Vec<Membership>>, ApiError> {
         if !crate::bapi::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
@@ -368,6 +443,7 @@ impl Directory {
             .get(user_id, async {
                 let mut all = Vec::new();
                 loop {
+                    self.charge(caller)?;
                     let page: Page<Membership> = api
                         .get(&format!(
                             "users/{user_id}/organization_memberships?limit=100&offset={}",
@@ -386,18 +462,57 @@ impl Directory {
             .await
     }
 
-    /// A session (`GET /v1/sessions/{id}`), cached for `session_ttl`.
-    pub async fn session(&self, session_id: &str) -> Result<Arc<Session>, ApiError> {
+    /// A session (`GET /v1/sessions/{id}`), cached for `session_ttl`; a miss is charged to
+    /// `caller`.
+    pub async fn session(
+        &self,
+        session_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Arc<Session>, ApiError> {
         if !crate::bapi::is_clerk_id(session_id, "sess_") {
             return Err(ApiError::InvalidId);
         }
         let api = &self.inner.api;
-        self.inner
+        let s = self
+            .inner
             .sessions
             .get(session_id, async {
-                api.get(&format!("sessions/{session_id}")).await
+                self.charge(caller)?;
+                api.get::<Session>(&format!("sessions/{session_id}")).await
             })
-            .await
+            .await?;
+        if !s.user_id.is_empty() {
+            self.inner
+                .owners
+                .insert(session_id.to_owned(), Arc::from(s.user_id.as_str()));
+        }
+        Ok(s)
+    }
+
+    /// A session if it belongs to `user_id`, else `None` — the same whether it belongs to
+    /// someone else or does not exist. Known answers cost nothing: a session once fetched is
+    /// remembered with its owner (`session_owner_ttl`), a missing one for `not_found_ttl`, so
+    /// asking again about someone else's session or a made-up id sends no request. A miss is
+    /// charged to `user_id`.
+    pub async fn session_of_user(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Arc<Session>>, ApiError> {
+        if !crate::bapi::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
+        if let Some(owner) = self.inner.owners.get(session_id) {
+            if &*owner != user_id {
+                self.inner.sessions.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+        }
+        match self.session(session_id, Some(user_id)).await {
+            Ok(s) if s.user_id == user_id => Ok(Some(s)),
+            Ok(_) | Err(ApiError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`); drops the cached entry.
@@ -414,7 +529,7 @@ impl Directory {
         Ok(s)
     }
 
-    /// Drops a user's cached profile and memberships.
+    /// Drops a user's cached profile and memberships (and a remembered "not found").
     pub async fn invalidate_user(&self, user_id: &str) {
         self.inner.users.invalidate(user_id).await;
         self.inner.memberships.invalidate(user_id).await;

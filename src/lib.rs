@@ -13,6 +13,7 @@
 //! Verification errors carry Clerk's reasons ([`error::Reason`]) and map to gRPC status codes
 //! in one place ([`error`]).
 
+pub mod access;
 pub mod authz;
 pub mod bapi;
 pub mod budget;

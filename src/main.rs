@@ -441,15 +441,22 @@ async fn dev(args: DevArgs) -> ExitCode {
         None,
     ));
     // Two machines for the machine-to-machine example: A may call B. A may also read any
-    // user and revoke sessions (the identity-query allowlist).
+    // user and revoke sessions: it is on the identity-query allowlist and its tokens are
+    // scoped to AuthService's own machine (a token of B's, or one A made only for B, is not).
     let service_a = emu.create_machine("service-a");
     let service_b = emu.create_machine("service-b");
+    let auth_service = emu.create_machine("auth-service");
     emu.allow(&service_a.id, &service_b.id);
+    emu.allow(&service_a.id, &auth_service.id);
     config.identity = Some(IdentityConfig {
         backend: BackendApiConfig::new(api_url, Secret::new(emu.secret_key())),
         directory: DirectoryConfig::default(),
-        allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
     });
+    config.access = clerk_grpc_auth::access::AccessConfig {
+        machine_id: Some(auth_service.id.clone()),
+        allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
+        ..Default::default()
+    };
     let pki_dir =
         std::env::temp_dir().join(format!("clerk-grpc-auth-dev-pki-{}", std::process::id()));
     if tls {

@@ -20,9 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-use std::sync::Arc;
-
 use crate::{
+    access::{Access, AccessConfig},
     bapi::{BackendApi, BackendApiConfig},
     budget::{BudgetConfig, ClerkBudget},
     directory::{Directory, DirectoryConfig},
@@ -54,6 +53,10 @@ pub struct ServerConfig {
     /// Identity queries (users, memberships, sessions) through the Backend API (`None`: those
     /// RPCs answer FAILED_PRECONDITION / `SECRET_KEY_MISSING`).
     pub identity: Option<IdentityConfig>,
+    /// Who may ask what: the identity-query allowlist, AuthService's own machine id, which
+    /// user tokens may call identity queries and with which OAuth scopes
+    /// ([`crate::access`]). Default: session tokens speak for their user, nobody is trusted.
+    pub access: AccessConfig,
     /// Clerk webhooks on the HTTP port (`CLERK_WEBHOOK_SIGNING_SECRET`).
     pub webhook: Option<WebhookConfig>,
     /// Share revocations and invalidations between replicas (`CLERK_AUTH_REDIS_URL`).
@@ -125,8 +128,6 @@ pub struct IdentityConfig {
     pub backend: BackendApiConfig,
     /// Caches.
     pub directory: DirectoryConfig,
-    /// Machine ids (`mch_…`) allowed to read anyone and revoke sessions.
-    pub allowlist: Vec<String>,
 }
 
 /// Webhook settings.
@@ -153,6 +154,9 @@ pub enum ServerError {
     /// The HTTP port failed.
     #[error("HTTP server error")]
     Http(#[source] std::io::Error),
+    /// The access rules are inconsistent (see [`crate::access::Access::new`]).
+    #[error("access configuration: {0}")]
+    Access(String),
     /// Reflection could not be built from the descriptor set.
     #[error("building the reflection service failed")]
     Reflection(#[source] tonic_reflection::server::Error),
@@ -168,7 +172,7 @@ pub struct Server {
     route_policy: RoutePolicy,
     tls: Option<TlsConfig>,
     directory: Option<Directory>,
-    allowlist: Vec<String>,
+    access: Access,
     forwarders: Vec<String>,
     webhook: Option<SvixVerifier>,
     redis: Option<RedisConfig>,
@@ -186,6 +190,7 @@ impl ServerConfig {
             verifier: TokenVerifierConfig::default(),
             machine: None,
             identity: None,
+            access: AccessConfig::default(),
             webhook: None,
             redis: None,
             revocation_ttl: Duration::from_secs(86_400),
@@ -213,6 +218,7 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 impl Server {
     /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
     pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
+        let access = Access::new(config.access).map_err(ServerError::Access)?;
         let http = http_client().map_err(ServerError::HttpClient)?;
         // One budget (and one Retry-After) for every path that calls the Backend API.
         let budget = ClerkBudget::new(config.budget);
@@ -238,7 +244,7 @@ impl Server {
             route_policy: config.route_policy,
             tls: config.tls,
             directory,
-            allowlist: config.identity.map(|i| i.allowlist).unwrap_or_default(),
+            access,
             forwarders: config.forwarders,
             webhook,
             redis: config.redis,
@@ -398,9 +404,9 @@ impl Server {
     fn auth_service(&self, events: Events) -> AuthServiceImpl {
         let identity = self.directory.as_ref().map(|d| IdentityQueries {
             directory: d.clone(),
-            allowlist: Arc::new(self.allowlist.iter().cloned().collect()),
         });
         AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
+            .with_access(self.access.clone())
             .with_forwarders(Forwarders::new(self.forwarders.iter().cloned()))
     }
 }

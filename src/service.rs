@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
+    access::{Access, Caller, Rpc},
     authz::Unmet,
     bapi::is_clerk_id,
     directory::Directory,
@@ -25,6 +26,7 @@ pub struct AuthServiceImpl {
     verifier: TokenVerifier,
     events: Events,
     identity: Option<IdentityQueries>,
+    access: Access,
     observer: Observer,
     forwarders: Forwarders,
 }
@@ -46,9 +48,16 @@ impl Forwarders {
         }
     }
 
-    /// Whether the caller of `request` is a forwarder: its mTLS SPIFFE ID or its M2M token's
-    /// machine is listed. A missing or failing caller token just means "no".
-    pub async fn admit<T>(&self, request: &Request<T>, verifier: &TokenVerifier) -> bool {
+    /// Whether the caller of `request` is a forwarder: its mTLS SPIFFE ID is listed, or its
+    /// M2M token's machine is listed *and* the token is scoped to AuthService's machine id
+    /// (see [`Access::scoped_to_us`]: a token issued to call another service is not replayed
+    /// here). A missing or failing caller token just means "no".
+    pub async fn admit<T>(
+        &self,
+        request: &Request<T>,
+        verifier: &TokenVerifier,
+        access: &Access,
+    ) -> bool {
         if self.ids.is_empty() {
             return false;
         }
@@ -72,6 +81,7 @@ impl Forwarders {
             })
             .await
             .ok()
+            .filter(|id| access.scoped_to_us(id).is_ok())
             .and_then(|id| id.machine.as_ref()?.machine_id.clone())
             .is_some_and(|m| self.ids.contains(&m))
     }
@@ -82,17 +92,7 @@ impl Forwarders {
 pub struct IdentityQueries {
     /// Cached Backend API access.
     pub directory: Directory,
-    /// Machine ids (`mch_…`) whose M2M tokens, and SPIFFE IDs (`spiffe://…`) whose mTLS
-    /// client certificates, may read anyone and revoke sessions.
-    pub allowlist: Arc<HashSet<String>>,
 }
-
-const TOKEN_TYPES: [TokenType; 4] = [
-    TokenType::SessionToken,
-    TokenType::M2mToken,
-    TokenType::OauthToken,
-    TokenType::ApiKey,
-];
 
 fn denied() -> AuthError {
     AuthError::Denied(Denial {
@@ -110,6 +110,7 @@ impl AuthServiceImpl {
             verifier,
             events,
             identity: None,
+            access: Access::default(),
             observer: Observer::default(),
             forwarders: Forwarders::default(),
         }
@@ -126,6 +127,7 @@ impl AuthServiceImpl {
             verifier,
             events,
             identity,
+            access: Access::default(),
             observer: Observer::default(),
             forwarders: Forwarders::default(),
         }
@@ -141,6 +143,16 @@ impl AuthServiceImpl {
         self
     }
 
+    /// Who may ask what (identity queries, the revocation feed); default: session tokens
+    /// speak for their user, nobody is trusted. Warnings about the rules are logged once here.
+    pub fn with_access(mut self, access: Access) -> Self {
+        for w in access.warnings() {
+            tracing::warn!("{w}");
+        }
+        self.access = access;
+        self
+    }
+
     /// Sends every decision to `observer` (metrics and the audit log).
     pub fn with_observer(mut self, observer: Observer) -> Self {
         self.observer = observer;
@@ -153,8 +165,23 @@ impl AuthServiceImpl {
             .ok_or(AuthError::Misconfigured(Reason::SecretKeyMissing))
     }
 
-    /// Verifies the call's own token (any type) and classifies the caller.
-    async fn caller<T>(&self, request: &Request<T>) -> Result<(Arc<Identity>, bool), AuthError> {
+    /// Lets the caller of `rpc` in, or refuses it ([`crate::access`]): an allowlisted mTLS
+    /// peer where a certificate suffices, else the call's own token, verified as one of the
+    /// types let in and judged by the rules. Records the caller for the audit line. Returns
+    /// the verified token's identity too (`None` when the certificate sufficed).
+    async fn caller<T>(
+        &self,
+        rpc: Rpc,
+        request: &Request<T>,
+    ) -> Result<(Caller, Option<Arc<Identity>>), AuthError> {
+        let peer = self
+            .access
+            .trusted_peer(&crate::peer::PeerIdentity::from_request(request));
+        if let Some(id) = &peer {
+            if self.access.peer_suffices(rpc) {
+                return Ok((Caller::Trusted { id: id.clone() }, None));
+            }
+        }
         let token = TokenSources::default()
             .with_session_cookie(false)
             .extract(request.metadata().as_ref())?;
@@ -162,46 +189,33 @@ impl AuthServiceImpl {
             .verifier
             .verify(&VerifyRequest {
                 token,
-                accepted_types: &TOKEN_TYPES,
+                accepted_types: self.access.accepted_types(),
                 source: request.remote_addr().map(|a| a.ip()),
                 ..VerifyRequest::default()
             })
             .await?;
         let _ = CALLER.try_with(|c| *c.borrow_mut() = Some(identity.clone()));
-        let trusted = identity.token_type == TokenType::M2mToken
-            && identity
-                .machine
-                .as_ref()
-                .and_then(|m| m.machine_id.as_ref())
-                .is_some_and(|id| {
-                    self.identity
-                        .as_ref()
-                        .is_some_and(|q| q.allowlist.contains(id))
-                });
-        Ok((identity, trusted))
+        let caller = self
+            .access
+            .decide(rpc, &identity, peer.as_deref())
+            .map_err(AuthError::Denied)?;
+        Ok((caller, Some(identity)))
     }
 
-    /// An mTLS caller whose SPIFFE ID is on the allowlist: trusted without a token.
-    fn trusted_peer<T>(&self, request: &Request<T>) -> bool {
-        self.identity.as_ref().is_some_and(|q| {
-            q.allowlist.iter().any(|a| a.starts_with("spiffe://"))
-                && crate::peer::PeerIdentity::from_request(request).any_in(q.allowlist.iter())
-        })
-    }
-
-    async fn authorize_for_user<T>(
+    /// The caller of `rpc`, which must be allowed to read `user_id`. Refused before anything
+    /// is fetched.
+    async fn caller_for_user<T>(
         &self,
+        rpc: Rpc,
         request: &Request<T>,
         user_id: &str,
-    ) -> Result<(), AuthError> {
-        if self.trusted_peer(request) {
-            return Ok(());
+    ) -> Result<Caller, AuthError> {
+        let (caller, _) = self.caller(rpc, request).await?;
+        if caller.may_read_user(user_id) {
+            Ok(caller)
+        } else {
+            Err(denied())
         }
-        let (identity, trusted) = self.caller(request).await?;
-        if trusted || (!identity.user_id.is_empty() && identity.user_id == user_id) {
-            return Ok(());
-        }
-        Err(denied())
     }
 
     /// The generated tonic server for this service.
@@ -321,12 +335,14 @@ impl AuthService for AuthServiceImpl {
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         traced(&self.observer, "WhoAmI", "", async {
-            let (identity, _) = self.caller(&request).await?;
-            let user = if identity.user_id.is_empty() {
-                None
-            } else {
-                let q = self.queries()?;
-                Some(q.directory.user(&identity.user_id).await?.to_proto())
+            let (caller, identity) = self.caller(Rpc::WhoAmI, &request).await?;
+            let identity = identity.ok_or(AuthError::InvalidRequest("WhoAmI needs a token"))?;
+            let user = match &caller {
+                Caller::Trusted { .. } => None,
+                Caller::User { user_id, .. } => {
+                    let q = self.queries()?;
+                    Some(q.directory.user(user_id, Some(user_id)).await?.to_proto())
+                }
             };
             Ok(pb::WhoAmIResponse {
                 identity: Some(identity.to_proto()),
@@ -344,9 +360,14 @@ impl AuthService for AuthServiceImpl {
         traced(&self.observer, "GetUser", &what, async {
             let user_id = request.get_ref().user_id.clone();
             check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
-            self.authorize_for_user(&request, &user_id).await?;
+            let caller = self
+                .caller_for_user(Rpc::GetUser, &request, &user_id)
+                .await?;
             let q = self.queries()?;
-            Ok(q.directory.user(&user_id).await?.to_proto())
+            Ok(q.directory
+                .user(&user_id, Some(caller.budget_key()))
+                .await?
+                .to_proto())
         })
         .await
     }
@@ -377,9 +398,14 @@ impl AuthService for AuthServiceImpl {
                         .and_then(|o| o.parse().ok())
                         .ok_or(AuthError::InvalidRequest("page_token is not one we issued"))?
                 };
-                self.authorize_for_user(&request, &user_id).await?;
+                let caller = self
+                    .caller_for_user(Rpc::ListOrganizationMemberships, &request, &user_id)
+                    .await?;
                 let q = self.queries()?;
-                let all = q.directory.memberships(&user_id).await?;
+                let all = q
+                    .directory
+                    .memberships(&user_id, Some(caller.budget_key()))
+                    .await?;
                 let page: Vec<_> = all
                     .iter()
                     .skip(offset)
@@ -409,27 +435,22 @@ impl AuthService for AuthServiceImpl {
         traced(&self.observer, "GetSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
+            let (caller, _) = self.caller(Rpc::GetSession, &request).await?;
             let q = self.queries()?;
-            if self.trusted_peer(&request) {
-                return Ok(q.directory.session(&session_id).await?.to_proto());
-            }
-            let (identity, trusted) = self.caller(&request).await?;
-            if trusted {
-                return Ok(q.directory.session(&session_id).await?.to_proto());
-            }
-            // A user may read its own sessions. Asking about any other session is refused the
-            // same way whether it exists or not.
-            if identity.user_id.is_empty() {
-                return Err(denied());
-            }
-            if identity.session_id.as_deref() != Some(session_id.as_str()) {
-                match q.directory.session(&session_id).await {
-                    Ok(s) if s.user_id == identity.user_id => return Ok(s.to_proto()),
-                    Ok(_) | Err(crate::bapi::ApiError::NotFound) => return Err(denied()),
-                    Err(e) => return Err(e.into()),
+            match &caller {
+                Caller::Trusted { id } => {
+                    Ok(q.directory.session(&session_id, Some(id)).await?.to_proto())
+                }
+                // A user may read its own sessions. Any other session is refused the same way
+                // whether it exists or not, and a refusal once known (its owner, or Clerk's
+                // "not found") is answered again without asking Clerk.
+                Caller::User { user_id, .. } => {
+                    match q.directory.session_of_user(&session_id, user_id).await? {
+                        Some(s) => Ok(s.to_proto()),
+                        None => Err(denied()),
+                    }
                 }
             }
-            Ok(q.directory.session(&session_id).await?.to_proto())
         })
         .await
     }
@@ -442,10 +463,7 @@ impl AuthService for AuthServiceImpl {
         traced(&self.observer, "RevokeSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
-            let trusted = self.trusted_peer(&request) || self.caller(&request).await?.1;
-            if !trusted {
-                return Err(denied());
-            }
+            self.caller(Rpc::RevokeSession, &request).await?;
             let q = self.queries()?;
             let session = q.directory.revoke_session(&session_id).await?;
             self.events
@@ -516,7 +534,11 @@ impl AuthServiceImpl {
         if claimed.is_empty() {
             return Ok(peer);
         }
-        if !self.forwarders.admit(request, &self.verifier).await {
+        if !self
+            .forwarders
+            .admit(request, &self.verifier, &self.access)
+            .await
+        {
             tracing::debug!("client_ip ignored: the caller is not an allowed forwarder");
             return Ok(peer);
         }
@@ -595,7 +617,9 @@ impl AuthServiceImpl {
             return Ok(());
         };
         let q = self.queries()?;
-        let gone = match q.directory.session(sid).await {
+        // Charged to the token's user: a flood of online checks is that user's cost.
+        let charge = Some(identity.user_id.as_str()).filter(|u| !u.is_empty());
+        let gone = match q.directory.session(sid, charge).await {
             Ok(s) if s.is_live(accept_pending) => return Ok(()),
             // Pending (not accepted): refused now, but the session may still become active.
             Ok(s) if s.status == "pending" => false,

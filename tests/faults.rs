@@ -427,7 +427,6 @@ async fn with_backend_api(retry_budget: Duration) -> Harness {
         c.identity = Some(IdentityConfig {
             backend,
             directory: DirectoryConfig::default(),
-            allowlist: Vec::new(),
         });
     })
     .await

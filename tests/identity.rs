@@ -7,9 +7,12 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use clerk_grpc_auth::{
+    access::{parse_oauth_scopes, AccessConfig},
     bapi::BackendApiConfig,
+    budget::BudgetConfig,
     directory::DirectoryConfig,
     emulator::{Emulator, MachineTokenKind, MachineTokenSpec, MembershipSpec, TokenSpec, UserSpec},
+    identity::TokenType,
     jwks::Secret,
     machine::MachineConfig,
     pb::{
@@ -47,11 +50,18 @@ impl Drop for Replica {
 
 #[derive(Default)]
 struct Setup {
+    /// Trusted machines: allowlisted, and their tokens scoped to AuthService's machine id.
     allowlist: Vec<String>,
+    /// Further access settings (allowlist entries added here are not scoped).
+    access: AccessConfig,
+    /// Give AuthService no machine id.
+    no_machine_id: bool,
     redis_prefix: Option<String>,
     directory: DirectoryConfig,
     /// Revocation TTL and capacity (default: the server's).
     revocations: Option<(Duration, u64)>,
+    /// The Backend API budget (default: the server's).
+    budget: Option<BudgetConfig>,
 }
 
 async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
@@ -67,8 +77,18 @@ async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
     config.identity = Some(IdentityConfig {
         backend,
         directory: setup.directory.clone(),
-        allowlist: setup.allowlist.clone(),
     });
+    let auth_service = clerk.create_machine("auth-service");
+    config.access = setup.access.clone();
+    if !setup.no_machine_id {
+        config.access.machine_id = Some(auth_service.id.clone());
+    }
+    for m in &setup.allowlist {
+        if m.starts_with("mch_") {
+            assert!(clerk.allow(m, &auth_service.id));
+        }
+        config.access.allowlist.push(m.clone());
+    }
     config.webhook = Some(WebhookConfig {
         signing_secret: Secret::new(SECRET),
         tolerance: Duration::from_secs(300),
@@ -77,6 +97,9 @@ async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
         url: "redis://127.0.0.1:6379".into(),
         prefix: p.clone(),
     });
+    if let Some(b) = &setup.budget {
+        config.budget = b.clone();
+    }
     if let Some((ttl, capacity)) = setup.revocations {
         config.revocation_ttl = ttl;
         config.revocation_capacity = capacity;
@@ -580,15 +603,91 @@ async fn rate_limits_and_outages_of_the_backend_api() {
     clerk.set_bapi_failure(None);
 }
 
+/// One identity query by `token` (empty: none): `Ok`, or the code and reason.
+async fn ask(r: &Replica, rpc: &str, token: &str, target: &str) -> Result<(), (Code, String)> {
+    fn req<T>(msg: T, token: &str) -> Request<T> {
+        if token.is_empty() {
+            Request::new(msg)
+        } else {
+            with_token(msg, token)
+        }
+    }
+    let mut c = r.client.clone();
+    let got = match rpc {
+        "WhoAmI" => c.who_am_i(req(WhoAmIRequest {}, token)).await.map(|_| ()),
+        "GetUser" => c
+            .get_user(req(
+                GetUserRequest {
+                    user_id: target.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        "ListOrganizationMemberships" => c
+            .list_organization_memberships(req(
+                ListOrganizationMembershipsRequest {
+                    user_id: target.into(),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        "GetSession" => c
+            .get_session(req(
+                GetSessionRequest {
+                    session_id: target.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        "RevokeSession" => c
+            .revoke_session(req(
+                RevokeSessionRequest {
+                    session_id: target.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        other => panic!("no RPC {other}"),
+    };
+    got.map_err(|s| (s.code(), reason(&s)))
+}
+
+type Want = Result<(), (Code, &'static str)>;
+const OK: Want = Ok(());
+const fn no(code: Code, reason: &'static str) -> Want {
+    Err((code, reason))
+}
+
+async fn check_cases(r: &Replica, cases: &[(&str, &str, &str, &str, Want)]) {
+    for (name, rpc, token, target, want) in cases {
+        let got = ask(r, rpc, token, target).await;
+        let want = want.map_err(|(c, r)| (c, r.to_owned()));
+        assert_eq!(got, want, "{name}: {rpc}");
+    }
+}
+
 #[tokio::test]
 async fn who_may_ask() {
     let clerk = Emulator::start_local().await.unwrap();
     let trusted = clerk.create_machine("trusted");
     let stranger = clerk.create_machine("stranger");
+    // Allowlisted, but its tokens are made to call service B only (never scoped to us).
+    let replayer = clerk.create_machine("machine-a");
+    let service_b = clerk.create_machine("service-b");
+    assert!(clerk.allow(&replayer.id, &service_b.id));
     let r = replica(
         &clerk,
         &Setup {
             allowlist: vec![trusted.id.clone()],
+            access: AccessConfig {
+                allowlist: vec![replayer.id.clone()],
+                ..AccessConfig::default()
+            },
             ..Setup::default()
         },
     )
@@ -598,112 +697,399 @@ async fn who_may_ask() {
     let alice_session = clerk.create_session(&alice);
     let bob_session = clerk.create_session(&bob);
     let alice_token = user_token(&clerk, &alice, &alice_session);
-    let m2m = |m: &str| {
+    let m2m = |m: &str, jwt: bool| {
         clerk.mint_machine(&MachineTokenSpec {
             kind: MachineTokenKind::M2m,
             subject: Some(m.into()),
+            jwt,
             ..MachineTokenSpec::default()
         })
     };
-    let trusted_token = m2m(&trusted.id);
-    let stranger_token = m2m(&stranger.id);
+    let trusted_token = m2m(&trusted.id, false);
+    let trusted_jwt = m2m(&trusted.id, true);
+    let stranger_token = m2m(&stranger.id, false);
+    // The token machine A made to call B, replayed by B against AuthService.
+    let replayed = m2m(&replayer.id, false);
+    let replayed_jwt = m2m(&replayer.id, true);
     let alice_key = clerk.mint_machine(&MachineTokenSpec {
         kind: MachineTokenKind::ApiKey,
         subject: Some(alice.clone()),
         ..MachineTokenSpec::default()
     });
-
-    // (caller, user asked, expected)
-    let cases: Vec<(&str, &str, &str, Result<(), Code>)> = vec![
-        ("no token", "", &alice, Err(Code::Unauthenticated)),
-        ("garbage token", "nope", &alice, Err(Code::Unauthenticated)),
-        ("user reads itself", &alice_token, &alice, Ok(())),
+    let alice_oauth = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::Oauth,
+        subject: Some(alice.clone()),
+        scopes: vec!["email".into()],
+        ..MachineTokenSpec::default()
+    });
+    use Code::{PermissionDenied as Denied, Unauthenticated as Unauth};
+    let cases: Vec<(&str, &str, &str, &str, Want)> = vec![
+        (
+            "no token",
+            "GetUser",
+            "",
+            &alice,
+            no(Unauth, "TOKEN_MISSING"),
+        ),
+        (
+            "garbage token",
+            "GetUser",
+            "nope",
+            &alice,
+            no(Unauth, "TOKEN_INVALID"),
+        ),
+        ("user reads itself", "GetUser", &alice_token, &alice, OK),
+        (
+            "user, own memberships",
+            "ListOrganizationMemberships",
+            &alice_token,
+            &alice,
+            OK,
+        ),
+        ("user, WhoAmI", "WhoAmI", &alice_token, "", OK),
         (
             "user reads another",
+            "GetUser",
             &alice_token,
             &bob,
-            Err(Code::PermissionDenied),
+            no(Denied, "CALLER_NOT_ALLOWED"),
         ),
-        ("allowlisted machine", &trusted_token, &bob, Ok(())),
+        (
+            "user, another's memberships",
+            "ListOrganizationMemberships",
+            &alice_token,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        ("trusted machine", "GetUser", &trusted_token, &bob, OK),
+        ("trusted machine (JWT)", "GetUser", &trusted_jwt, &bob, OK),
+        ("trusted machine, WhoAmI", "WhoAmI", &trusted_token, "", OK),
         (
             "machine not allowlisted",
+            "GetUser",
             &stranger_token,
             &bob,
-            Err(Code::PermissionDenied),
+            no(Denied, "CALLER_NOT_ALLOWED"),
         ),
-        ("user-owned API key, itself", &alice_key, &alice, Ok(())),
         (
-            "user-owned API key, another",
-            &alice_key,
+            "B replays A's token",
+            "GetUser",
+            &replayed,
             &bob,
-            Err(Code::PermissionDenied),
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        (
+            "B replays A's JWT",
+            "GetUser",
+            &replayed_jwt,
+            &bob,
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        (
+            "B replays A's token, WhoAmI",
+            "WhoAmI",
+            &replayed,
+            "",
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        (
+            "B replays A's token, revoke",
+            "RevokeSession",
+            &replayed,
+            &bob_session,
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        (
+            "B replays A's token, session",
+            "GetSession",
+            &replayed,
+            &bob_session,
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        // By default neither API keys nor OAuth tokens speak for their user, and they are not
+        // even verified (no Backend API call).
+        (
+            "user-owned API key, itself",
+            "GetUser",
+            &alice_key,
+            &alice,
+            no(Unauth, "TOKEN_TYPE_MISMATCH"),
+        ),
+        (
+            "OAuth token, WhoAmI",
+            "WhoAmI",
+            &alice_oauth,
+            "",
+            no(Unauth, "TOKEN_TYPE_MISMATCH"),
+        ),
+        (
+            "OAuth token, own session",
+            "GetSession",
+            &alice_oauth,
+            &alice_session,
+            no(Unauth, "TOKEN_TYPE_MISMATCH"),
+        ),
+        // Sessions: own yes, someone else's no (whether or not it exists).
+        (
+            "own session",
+            "GetSession",
+            &alice_token,
+            &alice_session,
+            OK,
+        ),
+        (
+            "another's session",
+            "GetSession",
+            &alice_token,
+            &bob_session,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "made-up session",
+            "GetSession",
+            &alice_token,
+            "sess_doesNotExist",
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "trusted reads a session",
+            "GetSession",
+            &trusted_token,
+            &bob_session,
+            OK,
+        ),
+        // Revoking: trusted machines only.
+        (
+            "user revokes",
+            "RevokeSession",
+            &alice_token,
+            &alice_session,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "stranger revokes",
+            "RevokeSession",
+            &stranger_token,
+            &bob_session,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "trusted revokes",
+            "RevokeSession",
+            &trusted_token,
+            &bob_session,
+            OK,
         ),
     ];
-    for (name, token, user, want) in cases {
-        let mut req = Request::new(GetUserRequest {
-            user_id: user.to_owned(),
-        });
-        if !token.is_empty() {
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        let got = r
-            .client
-            .clone()
-            .get_user(req)
-            .await
-            .map(|_| ())
-            .map_err(|s| s.code());
-        assert_eq!(got, want, "{name}");
-    }
-    let denied = get_user(&r, &alice_token, &bob).await.unwrap_err();
-    assert_eq!(reason(&denied), "CALLER_NOT_ALLOWED");
+    let before = clerk.bapi_requests();
+    check_cases(&r, &cases[16..19]).await;
+    assert_eq!(
+        clerk.bapi_requests(),
+        before,
+        "token types not let in cost no Backend API call"
+    );
+    check_cases(&r, &cases).await;
+}
 
-    // Sessions: own yes, someone else's no (whether or not it exists), revoking: machines only.
-    let get_session = |token: &str, id: &str| {
-        let mut c = r.client.clone();
-        let req = with_token(
-            GetSessionRequest {
-                session_id: id.into(),
+#[tokio::test]
+async fn without_a_machine_id_no_machine_is_trusted() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let trusted = clerk.create_machine("trusted");
+    let r = replica(
+        &clerk,
+        &Setup {
+            allowlist: vec![trusted.id.clone()],
+            no_machine_id: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let bob = clerk.create_user(&UserSpec::default());
+    let token = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        subject: Some(trusted.id.clone()),
+        ..MachineTokenSpec::default()
+    });
+    let got = ask(&r, "GetUser", &token, &bob).await.unwrap_err();
+    assert_eq!(got, (Code::PermissionDenied, "MACHINE_NOT_ALLOWED".into()));
+}
+
+#[tokio::test]
+async fn oauth_tokens_and_api_keys_get_what_they_were_granted() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(
+        &clerk,
+        &Setup {
+            access: AccessConfig {
+                caller_types: vec![TokenType::OauthToken, TokenType::ApiKey],
+                oauth_scopes: parse_oauth_scopes("WhoAmI=profile;GetUser=profile email").unwrap(),
+                ..AccessConfig::default()
             },
-            token,
-        );
-        async move { c.get_session(req).await.map(|_| ()).map_err(|s| s.code()) }
+            ..Setup::default()
+        },
+    )
+    .await;
+    let alice = clerk.create_user(&UserSpec::default());
+    let bob = clerk.create_user(&UserSpec::default());
+    let alice_session = clerk.create_session(&alice);
+    let oauth = |scopes: &[&str], jwt: bool| {
+        clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::Oauth,
+            subject: Some(alice.clone()),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            jwt,
+            ..MachineTokenSpec::default()
+        })
     };
-    assert_eq!(get_session(&alice_token, &alice_session).await, Ok(()));
-    assert_eq!(
-        get_session(&alice_token, &bob_session).await,
-        Err(Code::PermissionDenied)
-    );
-    assert_eq!(
-        get_session(&alice_token, "sess_doesNotExist").await,
-        Err(Code::PermissionDenied)
-    );
-    assert_eq!(get_session(&trusted_token, &bob_session).await, Ok(()));
-    let revoke = |token: &str, id: &str| {
-        let mut c = r.client.clone();
-        let req = with_token(
-            RevokeSessionRequest {
-                session_id: id.into(),
-            },
-            token,
-        );
-        async move {
-            c.revoke_session(req)
-                .await
-                .map(|_| ())
-                .map_err(|s| s.code())
+    let email = oauth(&["email"], false);
+    let profile = oauth(&["profile"], false);
+    let both = oauth(&["profile", "email"], false);
+    let both_jwt = oauth(&["profile", "email"], true);
+    let key = |owner: &str| {
+        clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::ApiKey,
+            subject: Some(owner.into()),
+            ..MachineTokenSpec::default()
+        })
+    };
+    let alice_key = key(&alice);
+    let org_key = key("org_2acmeACMEacmeACMEacmeACME");
+    use Code::PermissionDenied as Denied;
+    let cases: Vec<(&str, &str, &str, &str, Want)> = vec![
+        (
+            "email only, WhoAmI",
+            "WhoAmI",
+            &email,
+            "",
+            no(Denied, "SCOPE_REQUIRED"),
+        ),
+        ("profile, WhoAmI", "WhoAmI", &profile, "", OK),
+        (
+            "profile, GetUser (needs email too)",
+            "GetUser",
+            &profile,
+            &alice,
+            no(Denied, "SCOPE_REQUIRED"),
+        ),
+        ("profile+email, GetUser", "GetUser", &both, &alice, OK),
+        (
+            "profile+email JWT, GetUser",
+            "GetUser",
+            &both_jwt,
+            &alice,
+            OK,
+        ),
+        (
+            "profile+email, another user",
+            "GetUser",
+            &both,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        // No scopes configured for these: OAuth tokens may not use them.
+        (
+            "OAuth, a session of its user",
+            "GetSession",
+            &both,
+            &alice_session,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "OAuth, memberships",
+            "ListOrganizationMemberships",
+            &both,
+            &alice,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "OAuth, revoke",
+            "RevokeSession",
+            &both,
+            &alice_session,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        ("user API key, itself", "GetUser", &alice_key, &alice, OK),
+        ("user API key, WhoAmI", "WhoAmI", &alice_key, "", OK),
+        (
+            "user API key, own session",
+            "GetSession",
+            &alice_key,
+            &alice_session,
+            OK,
+        ),
+        (
+            "user API key, another",
+            "GetUser",
+            &alice_key,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "organization API key",
+            "WhoAmI",
+            &org_key,
+            "",
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+    ];
+    check_cases(&r, &cases).await;
+}
+
+#[tokio::test]
+async fn a_get_session_flood_costs_clerk_the_callers_burst_and_no_more() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(
+        &clerk,
+        &Setup {
+            budget: Some(BudgetConfig {
+                caller_calls_per_sec: 0.001,
+                caller_burst: 20,
+                ..BudgetConfig::default()
+            }),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let alice = clerk.create_user(&UserSpec::default());
+    let bob = clerk.create_user(&UserSpec::default());
+    let alice_session = clerk.create_session(&alice);
+    let bob_session = clerk.create_session(&bob);
+    let alice_token = user_token(&clerk, &alice, &alice_session);
+    let bob_token = user_token(&clerk, &bob, &bob_session);
+
+    // The same missing id ten times, and someone else's session ten times: one request each.
+    let before = clerk.bapi_requests();
+    for _ in 0..10 {
+        for id in ["sess_doesNotExist", bob_session.as_str()] {
+            let got = ask(&r, "GetSession", &alice_token, id).await.unwrap_err();
+            assert_eq!(got, (Code::PermissionDenied, "CALLER_NOT_ALLOWED".into()));
         }
-    };
-    assert_eq!(
-        revoke(&alice_token, &alice_session).await,
-        Err(Code::PermissionDenied)
+    }
+    assert_eq!(clerk.bapi_requests() - before, 2, "refusals are remembered");
+
+    // 3 000 random ids: Clerk sees at most what is left of alice's burst; the rest are refused
+    // with RESOURCE_EXHAUSTED without a request.
+    let before = clerk.bapi_requests();
+    let mut exhausted = 0;
+    for i in 0..3000 {
+        match ask(&r, "GetSession", &alice_token, &format!("sess_random{i}")).await {
+            Err((Code::ResourceExhausted, _)) => exhausted += 1,
+            Err((Code::PermissionDenied, _)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let spent = clerk.bapi_requests() - before;
+    assert!(
+        spent <= 18,
+        "{spent} Backend API requests for one caller's flood"
     );
+    assert!(exhausted >= 2982, "{exhausted} refused as exhausted");
+    // … and bob, another caller, is still served.
     assert_eq!(
-        revoke(&stranger_token, &bob_session).await,
-        Err(Code::PermissionDenied)
+        ask(&r, "GetSession", &bob_token, &bob_session).await,
+        Ok(())
     );
-    assert_eq!(revoke(&trusted_token, &bob_session).await, Ok(()));
+    assert_eq!(ask(&r, "GetUser", &bob_token, &bob).await, Ok(()));
 }
 
 #[tokio::test]
@@ -999,7 +1385,18 @@ async fn a_revocation_expires_after_its_ttl() {
 #[tokio::test]
 async fn a_hostile_subject_never_reaches_a_backend_api_url() {
     let clerk = Emulator::start_local().await.unwrap();
-    let r = replica(&clerk, &Setup::default()).await;
+    // API keys let in as callers, so that the key is verified and its subject judged.
+    let r = replica(
+        &clerk,
+        &Setup {
+            access: AccessConfig {
+                caller_types: vec![TokenType::ApiKey],
+                ..AccessConfig::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
     let victim = clerk.create_user(&UserSpec::default());
     let session = clerk.create_session(&victim);
     // An API key whose subject climbs from /v1/users/… to the victim's session.
@@ -1015,7 +1412,9 @@ async fn a_hostile_subject_never_reaches_a_backend_api_url() {
         .who_am_i(with_token(WhoAmIRequest {}, &key))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Not a user id: the key speaks for nobody.
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "CALLER_NOT_ALLOWED");
     assert_eq!(
         clerk.bapi_requests(),
         before + 1,

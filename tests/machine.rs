@@ -367,13 +367,30 @@ async fn backend_api_down_or_rate_limited() {
 }
 
 /// A server whose `client_ip` forwarders include one machine; returns the harness and that
-/// machine's M2M token (a JWT: verifying it costs no Backend API call).
+/// machine's M2M token (a JWT: verifying it costs no Backend API call), scoped to AuthService's
+/// machine id.
 async fn start_with_forwarder(
+    adjust: impl FnOnce(&mut clerk_grpc_auth::server::ServerConfig),
+) -> (Harness, String) {
+    start_with_forwarder_scoped(true, adjust).await
+}
+
+/// As [`start_with_forwarder`]; with `scoped == false` the forwarder's tokens are made to
+/// call another service only.
+async fn start_with_forwarder_scoped(
+    scoped: bool,
     adjust: impl FnOnce(&mut clerk_grpc_auth::server::ServerConfig),
 ) -> (Harness, String) {
     let mut forwarder = None;
     let h = Harness::start_with(|clerk, config| {
         let m = clerk.create_machine("layer");
+        let auth_service = clerk.create_machine("auth-service");
+        let other = clerk.create_machine("service-b");
+        assert!(clerk.allow(&m.id, &other.id));
+        if scoped {
+            assert!(clerk.allow(&m.id, &auth_service.id));
+        }
+        config.access.machine_id = Some(auth_service.id.clone());
         config.forwarders = vec![m.id.clone()];
         config.machine = Some(machine_config(clerk));
         adjust(config);
@@ -415,6 +432,34 @@ async fn verify_forwarded(
 /// A random string shaped like an API key: Clerk does not know it.
 fn random_api_key(i: usize) -> String {
     format!("ak_{i:04}{:032x}", rand::random::<u128>())
+}
+
+/// A forwarder's token made to call another service, replayed by that service: its
+/// `client_ip` is not believed, the calls count under the caller's own address.
+#[tokio::test]
+async fn a_forwarders_token_for_another_service_forwards_nothing() {
+    for scoped in [true, false] {
+        let (h, fwd) = start_with_forwarder_scoped(scoped, |c| {
+            let m = c.machine.as_mut().unwrap();
+            m.per_source_burst = 1;
+            m.per_source_per_sec = 0.001;
+        })
+        .await;
+        let key = || h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+        verify_forwarded(&h, &key(), "203.0.113.7", Some(&fwd))
+            .await
+            .unwrap();
+        let second = verify_forwarded(&h, &key(), "203.0.113.8", Some(&fwd)).await;
+        if scoped {
+            second.expect("another end user's address has its own bucket");
+        } else {
+            assert_eq!(
+                second.unwrap_err().code(),
+                Code::ResourceExhausted,
+                "an unscoped forwarder token's client_ip must be ignored"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -12,8 +12,11 @@ use clerk_grpc_auth::{
     emulator::{TokenSpec, UserSpec},
     jwks::Secret,
     layer::{DelegatedConfig, DelegatedVerifier},
-    pb::{auth_service_client::AuthServiceClient, GetUserRequest, VerifyTokenRequest},
-    server::{IdentityConfig, TlsConfig},
+    pb::{
+        auth_service_client::AuthServiceClient, GetUserRequest, RevokeSessionRequest,
+        VerifyTokenRequest,
+    },
+    server::{IdentityConfig, ServerConfig, TlsConfig},
     VerifyRequest,
 };
 use common::Harness;
@@ -61,6 +64,14 @@ fn pki() -> Pki {
 }
 
 async fn start(pki: &Pki, mtls: bool) -> Harness {
+    start_adjusted(pki, mtls, |_, _| {}).await
+}
+
+async fn start_adjusted(
+    pki: &Pki,
+    mtls: bool,
+    adjust: impl FnOnce(&clerk_grpc_auth::emulator::Emulator, &mut ServerConfig) + Send + 'static,
+) -> Harness {
     let tls = TlsConfig {
         cert_pem: pki.server.0.clone().into_bytes(),
         key_pem: pki.server.1.clone().into_bytes(),
@@ -75,8 +86,9 @@ async fn start(pki: &Pki, mtls: bool) -> Harness {
                 Secret::new(clerk.secret_key()),
             ),
             directory: DirectoryConfig::default(),
-            allowlist: vec![SPIFFE_A.to_owned()],
         });
+        config.access.allowlist = vec![SPIFFE_A.to_owned()];
+        adjust(clerk, config);
     })
     .await
 }
@@ -201,6 +213,69 @@ async fn mtls_requires_a_client_certificate_and_spiffe_ids_are_the_peer_identity
         tonic::Code::Unauthenticated,
         "two URI SANs: no peer identity"
     );
+}
+
+/// `CLERK_AUTH_REVOKE_REQUIRES_MTLS`: revoking needs the allowlisted certificate *and* a
+/// trusted machine's token; either alone is refused, while reads still take either.
+#[tokio::test]
+async fn revoke_session_may_require_mtls_and_an_m2m_token() {
+    let pki = pki();
+    let machine = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let m = machine.clone();
+    let h = start_adjusted(&pki, true, move |clerk, config| {
+        let ops = clerk.create_machine("ops");
+        let auth_service = clerk.create_machine("auth-service");
+        assert!(clerk.allow(&ops.id, &auth_service.id));
+        config.access.machine_id = Some(auth_service.id);
+        config.access.allowlist.push(ops.id.clone());
+        config.access.revoke_requires_mtls = true;
+        *m.lock().unwrap() = ops.id;
+    })
+    .await;
+    h.verifier.keys().ready().await;
+    let ops = machine.lock().unwrap().clone();
+    let token = h
+        .clerk
+        .mint_machine(&clerk_grpc_auth::emulator::MachineTokenSpec {
+            kind: clerk_grpc_auth::emulator::MachineTokenKind::M2m,
+            subject: Some(ops),
+            jwt: true,
+            ..Default::default()
+        });
+    let user = h.clerk.create_user(&UserSpec::default());
+    let session = h.clerk.create_session(&user);
+    let revoke = |token: Option<&str>| {
+        let mut r = tonic::Request::new(RevokeSessionRequest {
+            session_id: session.clone(),
+        });
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    };
+    let mut a = connect(&h, client_tls(&pki, Some(&pki.client_a)))
+        .await
+        .unwrap();
+    let mut b = connect(&h, client_tls(&pki, Some(&pki.client_b)))
+        .await
+        .unwrap();
+    // The certificate alone: a token is needed.
+    let s = a.revoke_session(revoke(None)).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    // The token from a workload without the allowlisted certificate.
+    let s = b.revoke_session(revoke(Some(&token))).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert_eq!(common::reason(&s), "PEER_NOT_ALLOWED");
+    // Both: revoked.
+    let revoked = a
+        .revoke_session(revoke(Some(&token)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.id, session);
+    // Reads still take the certificate alone.
+    a.get_user(GetUserRequest { user_id: user }).await.unwrap();
 }
 
 #[tokio::test]
