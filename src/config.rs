@@ -705,6 +705,7 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::TokenType;
 
     fn args() -> ServeArgs {
         ServeArgs {
@@ -843,6 +844,82 @@ mod tests {
             c.forwarders,
             ["mch_layer", "spiffe://cluster.local/ns/a/sa/b"]
         );
+    }
+
+    #[test]
+    fn identity_access_settings() {
+        let keyed = || ServeArgs {
+            secret_key: Some("sk_test_x".into()),
+            ..args()
+        };
+        let (c, _) = keyed().to_config().unwrap();
+        assert_eq!(c.access, AccessConfig::default());
+        let (c, _) = ServeArgs {
+            identity_allowlist: Some("mch_ops, spiffe://cluster.local/ns/a/sa/b".into()),
+            machine_id: Some(" mch_authsvc ".into()),
+            identity_caller_types: Some("oauth_token,api_key".into()),
+            identity_oauth_scopes: Some("WhoAmI=profile email; GetUser=profile".into()),
+            revoke_requires_mtls: Some("true".into()),
+            identity_caller_calls_per_sec: Some("2".into()),
+            identity_caller_burst: Some("7".into()),
+            ..keyed()
+        }
+        .to_config()
+        .unwrap();
+        assert_eq!(c.access.machine_id.as_deref(), Some("mch_authsvc"));
+        assert_eq!(c.access.allowlist.len(), 2);
+        assert_eq!(
+            c.access.caller_types,
+            [TokenType::OauthToken, TokenType::ApiKey]
+        );
+        assert_eq!(
+            c.access.oauth_scopes[&crate::access::Rpc::WhoAmI],
+            ["profile", "email"]
+        );
+        assert!(c.access.revoke_requires_mtls);
+        assert_eq!(
+            (c.budget.caller_calls_per_sec, c.budget.caller_burst),
+            (2.0, 7)
+        );
+        for (bad, var) in [
+            (
+                ServeArgs {
+                    machine_id: Some("service-b".into()),
+                    ..keyed()
+                },
+                "CLERK_AUTH_MACHINE_ID",
+            ),
+            (
+                ServeArgs {
+                    identity_caller_types: Some("m2m_token".into()),
+                    ..keyed()
+                },
+                "CLERK_AUTH_IDENTITY_CALLER_TYPES",
+            ),
+            (
+                ServeArgs {
+                    identity_oauth_scopes: Some("Getuser=profile".into()),
+                    ..keyed()
+                },
+                "CLERK_AUTH_IDENTITY_OAUTH_SCOPES",
+            ),
+            (
+                ServeArgs {
+                    identity_oauth_scopes: Some("RevokeSession=admin".into()),
+                    ..keyed()
+                },
+                "CLERK_AUTH_IDENTITY_ALLOWLIST",
+            ),
+            (
+                ServeArgs {
+                    revoke_requires_mtls: Some("yes".into()),
+                    ..keyed()
+                },
+                "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
+            ),
+        ] {
+            assert_eq!(bad.to_config().unwrap_err().var, var);
+        }
     }
 
     #[test]
