@@ -154,7 +154,8 @@ struct Envelope {
 pub fn events_for(kind: &str, data: &Value) -> Vec<Event> {
     let s = |v: &Value| v.as_str().map(str::to_owned);
     match kind {
-        "user.updated" | "user.deleted" => s(&data["id"])
+        // `user.created` too: a "not found" remembered for the id is forgotten.
+        "user.created" | "user.updated" | "user.deleted" => s(&data["id"])
             .map(|id| vec![Event::UserChanged { id }])
             .unwrap_or_default(),
         k if k.starts_with("organizationMembership.") => s(&data["public_user_data"]["user_id"])
@@ -320,6 +321,12 @@ mod tests {
             );
         }
         assert!(events_for("session.created", &d).is_empty());
+        assert_eq!(
+            events_for("user.created", &json!({"id": "user_1"})),
+            [Event::UserChanged {
+                id: "user_1".into()
+            }]
+        );
         assert_eq!(
             events_for("user.deleted", &json!({"id": "user_1", "deleted": true})),
             [Event::UserChanged {
