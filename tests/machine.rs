@@ -271,6 +271,36 @@ async fn expired_revoked_unknown_and_malformed() {
     assert_eq!(h.clerk.bapi_requests(), calls + 1);
 }
 
+/// A 4xx that says nothing about the token (408, 409, 422) is Clerk being unusable for now:
+/// `UNAVAILABLE`, and not remembered — the same token verifies once Clerk answers again. A
+/// real refusal (404, revoked) is still remembered.
+#[tokio::test]
+async fn only_real_refusals_are_remembered() {
+    let h = start(|_| {}).await;
+    for status in [408u16, 409, 422, 400] {
+        let token = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+        h.clerk.set_bapi_failure(Some((status, None)));
+        let e = verify_machine(&h, &token).await.unwrap_err();
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::Unavailable, "BACKEND_API_UNAVAILABLE"),
+            "HTTP {status}"
+        );
+        h.clerk.set_bapi_failure(None);
+        let calls = h.clerk.bapi_requests();
+        verify_machine(&h, &token)
+            .await
+            .unwrap_or_else(|e| panic!("after HTTP {status}, the token was locked out: {e:?}"));
+        assert_eq!(h.clerk.bapi_requests(), calls + 1);
+    }
+    // Unknown to Clerk (404): refused, and the refusal is remembered.
+    let unknown = format!("ak_{:032x}", 7u128);
+    verify_machine(&h, &unknown).await.unwrap_err();
+    let calls = h.clerk.bapi_requests();
+    verify_machine(&h, &unknown).await.unwrap_err();
+    assert_eq!(h.clerk.bapi_requests(), calls, "a 404 is remembered");
+}
+
 #[tokio::test]
 async fn verdicts_are_cached_and_concurrent_misses_coalesce() {
     let h = start(|m| m.max_age = Duration::from_millis(400)).await;

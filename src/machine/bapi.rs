@@ -415,19 +415,24 @@ impl MachineVerifier {
                 tracing::warn!(?wait, "Clerk rate-limited machine-token verification");
                 Err(AuthError::RateLimited { retry_after: wait })
             }
+            // Only Clerk's explicit word is a refusal (and remembered): a revoked or expired
+            // token, or one it does not know. Any other 4xx (408, 409, 422 …) says nothing
+            // about the token — it is Clerk being unusable for now, never cached.
             400..=499 => {
                 let code = serde_json::from_slice::<ErrorBody>(&body)
                     .ok()
                     .and_then(|b| b.errors.into_iter().next())
                     .map(|e| e.code)
                     .unwrap_or_default();
-                Err(AuthError::Rejected(if code.contains("revoked") {
-                    REVOKED
+                if code.contains("revoked") {
+                    Err(AuthError::Rejected(REVOKED))
                 } else if code.contains("expired") {
-                    EXPIRED
+                    Err(AuthError::Rejected(EXPIRED))
+                } else if code.contains("not_found") {
+                    Err(AuthError::Rejected(NOT_FOUND))
                 } else {
-                    REFUSED
-                }))
+                    Err(unavailable(&format!("HTTP {status}")))
+                }
             }
             _ => Err(unavailable(&format!("HTTP {status}"))),
         }
