@@ -565,13 +565,15 @@ impl ExtAuthz {
                 map.insert(HeaderName::from_static(name), v);
             }
         }
-        let token = TokenSources::default().extract(&map)?;
+        let (token, origin) = TokenSources::default().extract_with_origin(&map)?;
         let identity = self
             .verifier
             .verify(&VerifyRequest {
                 token,
                 accept_pending: rule.accept_pending,
-                accepted_types: &rule.token_types,
+                // From the `__session` cookie: session tokens only (Clerk reads machine
+                // tokens from `Authorization` only).
+                accepted_types: origin.accepted(&rule.token_types)?,
                 source: client_ip,
                 ..VerifyRequest::default()
             })

@@ -798,6 +798,54 @@ async fn list_with(
         .map(|r| r.into_inner().caller.unwrap())
 }
 
+/// Clerk reads machine tokens from `Authorization` only: in the `__session` cookie, an API
+/// key or an M2M JWT is refused even on a method that takes them from the header, while a
+/// session token in the cookie still works beside a neighbour cookie holding non-ASCII bytes.
+#[tokio::test]
+async fn machine_tokens_are_never_taken_from_the_session_cookie() {
+    let h = Harness::start().await;
+    const LIST: &str = "/examples.orders.v1.Orders/ListOrders";
+    let policy = Policy::authenticated().method(
+        LIST,
+        Rule::authenticated().token_types([
+            TokenType::SessionToken,
+            TokenType::M2mToken,
+            TokenType::ApiKey,
+        ]),
+    );
+    let client = orders_with(&h, policy).await;
+    let list_cookie = |cookie: Vec<u8>| {
+        let mut req = tonic::Request::new(ListOrdersRequest {});
+        req.metadata_mut().insert(
+            "cookie",
+            tonic::metadata::MetadataValue::try_from(cookie.as_slice()).unwrap(),
+        );
+        let mut c = client.clone();
+        async move { c.list_orders(req).await.map(|_| ()) }
+    };
+    let key = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    let m2m_jwt = h.clerk.mint_machine(&spec(MachineTokenKind::M2m, true));
+    for t in [&key, &m2m_jwt] {
+        // Accepted from the header …
+        list_with(&client, t).await.unwrap();
+        // … refused from the cookie, also as the first of two (Clerk's parser: first wins).
+        for cookie in [
+            format!("__session={t}"),
+            format!("__session={t}; __session={}", h.mint(&Default::default())),
+        ] {
+            let status = list_cookie(cookie.into_bytes()).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert_eq!(reason(&status), "TOKEN_TYPE_MISMATCH");
+        }
+    }
+    let session = h.mint(&Default::default());
+    let mut cookie = b"theme=caf\xc3\xa9; lang=\xff; __session=".to_vec();
+    cookie.extend_from_slice(session.as_bytes());
+    list_cookie(cookie)
+        .await
+        .expect("a non-ASCII neighbour cookie is tolerated");
+}
+
 #[tokio::test]
 async fn machine_policy_in_the_layer() {
     let h = Harness::start().await;

@@ -78,11 +78,12 @@ impl Interceptor for AuthInterceptor {
             .into());
         }
         let verified = {
-            let (token, header) = self.sources.extract_with_header(req.metadata().as_ref())?;
+            let (token, header, origin) =
+                self.sources.extract_with_header(req.metadata().as_ref())?;
             let source = req.remote_addr().map(|a| a.ip());
             let identity = self
                 .verifier
-                .verify_now(&request_for(&self.rule, token, source))?;
+                .verify_now(&request_for(&self.rule, token, origin, source)?)?;
             authorize(&self.rule, self.machine_id.as_deref(), &identity)?;
             Verified::new(identity, header, token)
         };

@@ -47,7 +47,7 @@ pub use body::ExpiringBody;
 pub use delegated::{CallerCredentials, DelegatedConfig, DelegatedStats, DelegatedVerifier};
 pub use feed::{watch_revocations, RevocationFeed};
 pub use interceptor::AuthInterceptor;
-pub use token::{TokenSources, SESSION_COOKIE};
+pub use token::{Origin, TokenSources, SESSION_COOKIE};
 
 use crate::{
     error::{AuthError, Reason, VerifyError},
@@ -291,15 +291,17 @@ pub(crate) fn authorize(
 pub(crate) fn request_for<'a>(
     rule: &'a Rule,
     token: &'a str,
+    origin: Origin,
     source: Option<std::net::IpAddr>,
-) -> VerifyRequest<'a> {
-    VerifyRequest {
+) -> Result<VerifyRequest<'a>, AuthError> {
+    Ok(VerifyRequest {
         token,
         authorized_parties: &[],
         accept_pending: rule.accept_pending,
-        accepted_types: &rule.token_types,
+        // From the `__session` cookie: session tokens only.
+        accepted_types: origin.accepted(&rule.token_types)?,
         source,
-    }
+    })
 }
 
 use crate::peer::{peer_ip, PeerIdentity};
@@ -363,7 +365,7 @@ where
                 log_refusal(path, None, &e);
                 return Ok(refusal(e));
             }
-            let (token, header) = match shared.sources.extract_with_header(req.headers()) {
+            let (token, header, origin) = match shared.sources.extract_with_header(req.headers()) {
                 Ok(t) => t,
                 Err(e) => {
                     log_refusal(path, None, &e);
@@ -371,11 +373,11 @@ where
                 }
             };
             let source = peer_ip(req.extensions());
-            let verdict = match shared
-                .auth
-                .authenticate(request_for(rule, token, source))
-                .await
-            {
+            let verdict = match request_for(rule, token, origin, source) {
+                Ok(r) => shared.auth.authenticate(r).await,
+                Err(e) => Err(e),
+            };
+            let verdict = match verdict {
                 Ok(identity) => {
                     authorize(rule, shared.policy.own_machine_id(), &identity).map(|()| identity)
                 }

@@ -3,7 +3,42 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
-use crate::error::{AuthError, Reason, VerifyError};
+use crate::{
+    error::{AuthError, Reason, VerifyError},
+    identity::TokenType,
+};
+
+/// Where a token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `authorization` or the configured metadata key.
+    Header,
+    /// The `__session` cookie: only session tokens are taken from it.
+    Cookie,
+}
+
+impl Origin {
+    /// The token types a token from here may be: the caller's `accepted` as they are from a
+    /// header; from the cookie only session tokens, as Clerk's `authenticateRequest` reads
+    /// machine tokens from `Authorization` only (a cookie set on a parent domain must not turn
+    /// a victim's browser into the bearer of someone's API key). A rule that takes no
+    /// session tokens refuses a cookie outright.
+    pub fn accepted<'a>(self, accepted: &'a [TokenType]) -> Result<&'a [TokenType], AuthError> {
+        const SESSION_ONLY: &[TokenType] = &[TokenType::SessionToken];
+        match self {
+            Origin::Header => Ok(accepted),
+            Origin::Cookie
+                if accepted.is_empty() || accepted.contains(&TokenType::SessionToken) =>
+            {
+                Ok(SESSION_ONLY)
+            }
+            Origin::Cookie => Err(AuthError::Rejected(VerifyError::new(
+                Reason::TokenTypeMismatch,
+                "Machine tokens are read from the authorization header only.",
+            ))),
+        }
+    }
+}
 
 /// Where to look for the caller's token, in this order: the configured metadata key (if any),
 /// `authorization: Bearer …`, then the `__session` cookie (if enabled).
@@ -60,29 +95,40 @@ impl TokenSources {
         self
     }
 
-    /// Finds the token. `Err` when none is present or a present value is malformed.
+    /// Finds the token. `Err` when none is present or a present value is malformed. Callers
+    /// that verify what a cookie carried must narrow the accepted types with
+    /// [`TokenSources::extract_with_origin`] / [`Origin::accepted`].
     pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, AuthError> {
-        self.extract_with_header(headers).map(|(t, _)| t)
+        self.extract_with_header(headers).map(|(t, _, _)| t)
     }
 
-    /// Finds the token and the header value holding it (kept, without a copy, for forwarding).
+    /// Finds the token and where it was found.
+    pub fn extract_with_origin<'h>(
+        &self,
+        headers: &'h HeaderMap,
+    ) -> Result<(&'h str, Origin), AuthError> {
+        self.extract_with_header(headers).map(|(t, _, o)| (t, o))
+    }
+
+    /// Finds the token, the header value holding it (kept, without a copy, for forwarding)
+    /// and where it was found.
     pub(crate) fn extract_with_header<'h>(
         &self,
         headers: &'h HeaderMap,
-    ) -> Result<(&'h str, &'h HeaderValue), AuthError> {
+    ) -> Result<(&'h str, &'h HeaderValue, Origin), AuthError> {
         if let Some(key) = &self.metadata_key {
             if let Some(v) = single(headers, key)? {
-                return bearer_or_raw(v.as_bytes()).map(|t| (t, v));
+                return bearer_or_raw(v.as_bytes()).map(|t| (t, v, Origin::Header));
             }
         }
         if self.authorization {
             if let Some(v) = single(headers, &header::AUTHORIZATION)? {
-                return bearer(v.as_bytes()).map(|t| (t, v));
+                return bearer(v.as_bytes()).map(|t| (t, v, Origin::Header));
             }
         }
         if self.session_cookie {
-            if let Some(found) = session_cookie(headers)? {
-                return Ok(found);
+            if let Some((t, v)) = session_cookie(headers)? {
+                return Ok((t, v, Origin::Cookie));
             }
         }
         Err(MISSING.into())
@@ -134,23 +180,28 @@ fn token_value(t: &[u8]) -> Result<&str, AuthError> {
     std::str::from_utf8(t).map_err(|_| MALFORMED.into())
 }
 
-/// The first `__session` cookie across every `cookie` header (HTTP/2 may split them).
+/// The first `__session` cookie across every `cookie` header (HTTP/2 may split them), the
+/// first one winning as in Clerk's cookie parser. Read pair by pair as bytes: another cookie's
+/// value may hold anything (`theme=café`) without affecting this one; the `__session` value
+/// itself must be a visible-ASCII token (optionally in double quotes).
 fn session_cookie(headers: &HeaderMap) -> Result<Option<(&str, &HeaderValue)>, AuthError> {
     for value in headers.get_all(header::COOKIE) {
-        let Ok(text) = value.to_str() else {
-            return Err(MALFORMED.into());
-        };
-        for pair in text.split(';') {
-            let Some((name, v)) = pair.trim().split_once('=') else {
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            let Some(eq) = memchr::memchr(b'=', pair) else {
                 continue;
             };
-            if name == SESSION_COOKIE {
-                let v = v.trim_matches('"');
-                if v.is_empty() {
-                    return Ok(None);
-                }
-                return token_value(v.as_bytes()).map(|t| Some((t, value)));
+            if pair[..eq].trim_ascii() != SESSION_COOKIE.as_bytes() {
+                continue;
             }
+            let mut v = pair[eq + 1..].trim_ascii();
+            if v.len() >= 2 && v[0] == b'"' && v[v.len() - 1] == b'"' {
+                v = &v[1..v.len() - 1];
+            }
+            if v.is_empty() {
+                return Ok(None);
+            }
+            return token_value(v).map(|t| Some((t, value)));
         }
     }
     Ok(None)
@@ -196,6 +247,58 @@ mod tests {
         assert_eq!(s.extract(&h).unwrap(), "c.o.o");
         let h = headers(&[("authorization", b"bEaReR a.b.c")]);
         assert_eq!(s.extract(&h).unwrap(), "a.b.c");
+    }
+
+    #[test]
+    fn cookies_are_read_pair_by_pair_and_carry_session_tokens_only() {
+        let s = TokenSources::default();
+        let found = |cookie: &[u8]| {
+            s.extract_with_origin(&headers(&[("cookie", cookie)]))
+                .map(|(t, o)| (t.to_owned(), o))
+        };
+        // A neighbour cookie with non-ASCII bytes does not break the session cookie.
+        for c in [
+            "theme=caf\u{e9}; __session=c.o.o".as_bytes(),
+            b"theme=caf\xc3\xa9; __session=c.o.o",
+            b"x=\xff\xfe;__session=c.o.o;y=\x80",
+            b"__session=\"c.o.o\"",
+            b" __session = c.o.o ",
+        ] {
+            assert_eq!(found(c).unwrap(), ("c.o.o".into(), Origin::Cookie), "{c:?}");
+        }
+        // The first __session wins (Clerk's parser); a non-ASCII session value is refused.
+        assert_eq!(
+            found(b"__session=first.a.b; __session=second.a.b")
+                .unwrap()
+                .0,
+            "first.a.b"
+        );
+        assert_eq!(
+            found(b"__session=c.o.o\xff").unwrap_err().reason_str(),
+            "TOKEN_INVALID"
+        );
+        assert_eq!(
+            found(b"__session_x=c.o.o").unwrap_err().reason_str(),
+            "TOKEN_MISSING"
+        );
+        // From a cookie, only session tokens.
+        let all = [TokenType::SessionToken, TokenType::ApiKey];
+        assert_eq!(
+            Origin::Cookie.accepted(&all).unwrap(),
+            [TokenType::SessionToken]
+        );
+        assert_eq!(
+            Origin::Cookie.accepted(&[]).unwrap(),
+            [TokenType::SessionToken]
+        );
+        assert_eq!(
+            Origin::Cookie
+                .accepted(&[TokenType::ApiKey, TokenType::M2mToken])
+                .unwrap_err()
+                .reason_str(),
+            "TOKEN_TYPE_MISMATCH"
+        );
+        assert_eq!(Origin::Header.accepted(&all).unwrap(), all);
     }
 
     #[test]
