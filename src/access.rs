@@ -8,9 +8,12 @@
 //!   * an mTLS client whose certificate's one SPIFFE ID is on the allowlist, or
 //!   * an M2M token whose machine is on the allowlist **and whose `scopes` name AuthService's
 //!     own machine id** ([`AccessConfig::machine_id`]). Clerk's M2M `scopes` are the machines
-//!     the token was issued to call: a token machine A made to call service B does not list
-//!     AuthService, so B cannot replay it here. Without a configured machine id no M2M token
-//!     is trusted at all.
+//!     the issuing machine may call: the tokens of a machine A that is not scoped to
+//!     AuthService — say one that only calls service B — are refused here, so B cannot replay
+//!     them. Without a configured machine id no M2M token is trusted at all. A machine
+//!     scoped to AuthService *and* to B hands B replayable tokens (they are bearer tokens):
+//!     [`AccessConfig::exclusive_scope`] refuses such machines, mTLS binds callers to their
+//!     workload.
 //! * **a user speaking for itself** — a session token (always), an OAuth access token or a
 //!   user-owned API key when [`AccessConfig::caller_types`] lets them in. It may read its own
 //!   profile, memberships and sessions; an OAuth token only for the RPCs whose scopes
@@ -107,6 +110,10 @@ pub struct AccessConfig {
     /// `RevokeSession` needs both an allowlisted mTLS certificate and a trusted M2M token
     /// (`CLERK_AUTH_REVOKE_REQUIRES_MTLS`). Default: either.
     pub revoke_requires_mtls: bool,
+    /// An M2M token counts only when AuthService's machine id is its *only* scope
+    /// (`CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE`): a machine that may also call other services
+    /// (whose tokens those services could replay here) is not trusted. Default: off.
+    pub exclusive_scope: bool,
 }
 
 /// Who is asking, once [`Access`] has let the call in.
@@ -152,6 +159,7 @@ struct Inner {
     accepted: Vec<TokenType>,
     oauth_scopes: HashMap<Rpc, Vec<String>>,
     revoke_requires_mtls: bool,
+    exclusive_scope: bool,
 }
 
 /// The caller rules (see the module docs). Cheap to clone.
@@ -223,9 +231,10 @@ impl Access {
                 ));
             }
         }
-        // M2M tokens are verified only when a machine could be trusted: otherwise they are
-        // refused as a token type, like any type not let in.
-        if !machines.is_empty() {
+        // M2M tokens are verified only when a machine could be trusted (allowlisted machines
+        // and a machine id): otherwise they are refused as a token type, like any type not let
+        // in, and an opaque one costs no Backend API call.
+        if !machines.is_empty() && config.machine_id.is_some() {
             accepted.push(TokenType::M2mToken);
         }
         Ok(Self {
@@ -236,6 +245,7 @@ impl Access {
                 accepted,
                 oauth_scopes: config.oauth_scopes,
                 revoke_requires_mtls: config.revoke_requires_mtls,
+                exclusive_scope: config.exclusive_scope,
             }),
         })
     }
@@ -248,8 +258,8 @@ impl Access {
         if !i.machines.is_empty() && i.machine_id.is_none() {
             out.push(
                 "CLERK_AUTH_IDENTITY_ALLOWLIST names machines but CLERK_AUTH_MACHINE_ID is not \
-                 set: M2M callers are refused for identity queries and the revocation feed \
-                 (give AuthService a machine id and scope the callers' tokens to it)"
+                 set: M2M tokens are refused for identity queries and the revocation feed \
+                 (TOKEN_TYPE_MISMATCH; give AuthService a machine id and scope the callers to it)"
                     .to_owned(),
             );
         }
@@ -273,6 +283,11 @@ impl Access {
     /// The token types a caller's token is verified as (anything else is refused unverified).
     pub fn accepted_types(&self) -> &[TokenType] {
         &self.inner.accepted
+    }
+
+    /// Whether `RevokeSession` needs an allowlisted certificate and a trusted M2M token.
+    pub fn revoke_requires_mtls(&self) -> bool {
+        self.inner.revoke_requires_mtls
     }
 
     /// AuthService's own machine id, when configured.
@@ -307,8 +322,14 @@ impl Access {
     /// forwarders alike.
     pub fn scoped_to_us(&self, identity: &Identity) -> Result<(), Denial> {
         let scopes = identity.machine.as_ref().map_or(&[][..], |m| &m.scopes[..]);
+        let exclusive = self.inner.exclusive_scope;
         match &self.inner.machine_id {
-            Some(own) if scopes.iter().any(|s| s == own) => Ok(()),
+            Some(own)
+                if scopes.iter().any(|s| s == own)
+                    && (!exclusive || scopes.iter().all(|s| s == own)) =>
+            {
+                Ok(())
+            }
             own => Err(Denial {
                 unmet: Unmet::MachineNotAllowed,
                 required: vec![(
@@ -487,6 +508,7 @@ mod tests {
             caller_types: vec![TokenType::OauthToken],
             oauth_scopes: parse_oauth_scopes("WhoAmI=profile;GetUser=profile email").unwrap(),
             revoke_requires_mtls: false,
+            exclusive_scope: false,
         })
         .unwrap()
     }
@@ -518,13 +540,29 @@ mod tests {
             unmet(a.decide(Rpc::GetUser, &m2m("mch_other", &[US]), None)),
             Unmet::CallerNotAllowed
         );
-        // No machine id configured: no M2M caller, however scoped.
+        // No machine id configured: no M2M caller, however scoped; M2M tokens are not even
+        // verified.
         let none = access(None);
         assert_eq!(
             unmet(none.decide(Rpc::GetUser, &ok, None)),
             Unmet::MachineNotAllowed
         );
+        assert!(!none.accepted_types().contains(&TokenType::M2mToken));
+        assert!(a.accepted_types().contains(&TokenType::M2mToken));
         assert_eq!(none.warnings().len(), 1, "{:?}", none.warnings());
+        // Exclusive scope: a machine that may call other services too is not trusted.
+        let exclusive = Access::new(AccessConfig {
+            machine_id: Some(US.into()),
+            allowlist: vec![A.into()],
+            exclusive_scope: true,
+            ..AccessConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            unmet(exclusive.decide(Rpc::GetUser, &ok, None)),
+            Unmet::MachineNotAllowed
+        );
+        assert!(exclusive.decide(Rpc::GetUser, &m2m(A, &[US]), None).is_ok());
         assert!(a.warnings().is_empty(), "{:?}", a.warnings());
     }
 

@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// (default `false`: either).
     #[arg(long, env = "CLERK_AUTH_REVOKE_REQUIRES_MTLS")]
     pub revoke_requires_mtls: Option<String>,
+    /// `true`: an M2M caller counts only when `CLERK_AUTH_MACHINE_ID` is its token's *only*
+    /// scope (a machine that may also call other services is not trusted). Default `false`.
+    #[arg(long, env = "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE")]
+    pub machine_scope_exclusive: Option<String>,
     /// Backend API calls per second one identity-query caller (user, machine, mTLS peer) may
     /// cause (default 5; 0 = no per-caller limit).
     #[arg(long, env = "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC")]
@@ -233,6 +237,15 @@ fn list(v: &Option<String>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// `true` / `false` (unset: `false`).
+fn parse_bool(var: &'static str, v: &Option<String>) -> Result<bool, ConfigError> {
+    match non_empty(v) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(err(var, format!("{other:?} is not true or false"))),
+    }
 }
 
 fn parse_num(
@@ -391,16 +404,14 @@ impl ServeArgs {
                 Some(s) => crate::access::parse_oauth_scopes(s)
                     .map_err(|e| err("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", e))?,
             },
-            revoke_requires_mtls: match non_empty(&self.revoke_requires_mtls) {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(other) => {
-                    return Err(err(
-                        "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
-                        format!("{other:?} is not true or false"),
-                    ))
-                }
-            },
+            revoke_requires_mtls: parse_bool(
+                "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
+                &self.revoke_requires_mtls,
+            )?,
+            exclusive_scope: parse_bool(
+                "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE",
+                &self.machine_scope_exclusive,
+            )?,
         };
         // The whole rule set must hold together (e.g. OAuth scopes for a trusted-only RPC).
         crate::access::Access::new(access.clone())
@@ -860,6 +871,7 @@ mod tests {
             identity_caller_types: Some("oauth_token,api_key".into()),
             identity_oauth_scopes: Some("WhoAmI=profile email; GetUser=profile".into()),
             revoke_requires_mtls: Some("true".into()),
+            machine_scope_exclusive: Some("true".into()),
             identity_caller_calls_per_sec: Some("2".into()),
             identity_caller_burst: Some("7".into()),
             ..keyed()
@@ -876,7 +888,7 @@ mod tests {
             c.access.oauth_scopes[&crate::access::Rpc::WhoAmI],
             ["profile", "email"]
         );
-        assert!(c.access.revoke_requires_mtls);
+        assert!(c.access.revoke_requires_mtls && c.access.exclusive_scope);
         assert_eq!(
             (c.budget.caller_calls_per_sec, c.budget.caller_burst),
             (2.0, 7)

@@ -393,8 +393,11 @@ impl Directory {
         &self.inner.api
     }
 
-    /// Charges a cache miss to `caller`'s own budget ([`ClerkBudget::try_spend_for_caller`]);
-    /// `None` is the service itself (webhooks, online session checks).
+    /// Charges one call to `caller`'s own budget ([`ClerkBudget::try_spend_for_caller`]);
+    /// `None` is the service itself (webhooks, online session checks). Charged *before* the
+    /// shared cache lookup, so that a caller whose budget is spent is refused alone: it never
+    /// starts a fetch whose failure other callers waiting on the same key would share, and
+    /// its refusal is never mistaken for Clerk failing (no stale answer, no warning).
     ///
     /// [`ClerkBudget::try_spend_for_caller`]: crate::budget::ClerkBudget::try_spend_for_caller
     fn charge(&self, caller: Option<&str>) -> Result<(), ApiError> {
@@ -409,25 +412,37 @@ impl Directory {
         }
     }
 
+    /// Charges `caller` when `key` is neither cached nor known missing (a likely miss).
+    fn charge_miss<V: Send + Sync + 'static>(
+        &self,
+        kind: &Kind<V>,
+        key: &str,
+        caller: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if caller.is_none() || kind.is_missing(key) || kind.fresh.contains_key(key) {
+            return Ok(());
+        }
+        self.charge(caller)
+    }
+
     /// A user (`GET /v1/users/{id}`), cached; a miss is charged to `caller` (who asks: a
     /// user, machine or SPIFFE ID; `None` for the service itself).
     pub async fn user(&self, user_id: &str, caller: Option<&str>) -> Result<Arc<User>, ApiError> {
         if !crate::bapi::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
+        self.charge_miss(&self.inner.users, user_id, caller)?;
         let api = &self.inner.api;
         self.inner
             .users
             .get(user_id, async {
-                self.charge(caller)?;
                 api.get(&format!("users/{user_id}")).await
             })
             .await
     }
 
     /// Every membership of a user (`GET /v1/users/{id}/organization_memberships`, pages of
-    /// 100 up to `max_memberships`), cached as one list; each page of a miss is charged to
-    /// `caller`.
+    /// 100 up to `max_memberships`), cached as one list; a miss is charged to `caller` once.
     pub async fn memberships(
         &self,
         user_id: &str,
@@ -436,6 +451,7 @@ impl Directory {
         if !crate::bapi::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
+        self.charge_miss(&self.inner.memberships, user_id, caller)?;
         let api = &self.inner.api;
         let max = self.inner.config.max_memberships;
         self.inner
@@ -443,7 +459,6 @@ impl Directory {
             .get(user_id, async {
                 let mut all = Vec::new();
                 loop {
-                    self.charge(caller)?;
                     let page: Page<Membership> = api
                         .get(&format!(
                             "users/{user_id}/organization_memberships?limit=100&offset={}",
@@ -472,12 +487,12 @@ impl Directory {
         if !crate::bapi::is_clerk_id(session_id, "sess_") {
             return Err(ApiError::InvalidId);
         }
+        self.charge_miss(&self.inner.sessions, session_id, caller)?;
         let api = &self.inner.api;
         let s = self
             .inner
             .sessions
             .get(session_id, async {
-                self.charge(caller)?;
                 api.get::<Session>(&format!("sessions/{session_id}")).await
             })
             .await?;
@@ -490,10 +505,11 @@ impl Directory {
     }
 
     /// A session if it belongs to `user_id`, else `None` — the same whether it belongs to
-    /// someone else or does not exist. Known answers cost nothing: a session once fetched is
-    /// remembered with its owner (`session_owner_ttl`), a missing one for `not_found_ttl`, so
-    /// asking again about someone else's session or a made-up id sends no request. A miss is
-    /// charged to `user_id`.
+    /// someone else or does not exist. Known answers cost Clerk nothing: a session once
+    /// fetched is remembered with its owner (`session_owner_ttl`), a missing one for
+    /// `not_found_ttl`, so asking again about someone else's session or a made-up id sends no
+    /// request. Every call is charged to `user_id`, cached or not: what the caller's budget
+    /// shows (and when it runs out) is the same whether a session exists or not.
     pub async fn session_of_user(
         &self,
         session_id: &str,
@@ -502,24 +518,31 @@ impl Directory {
         if !crate::bapi::is_clerk_id(session_id, "sess_") {
             return Err(ApiError::InvalidId);
         }
+        self.charge(Some(user_id))?;
         if let Some(owner) = self.inner.owners.get(session_id) {
             if &*owner != user_id {
                 self.inner.sessions.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
         }
-        match self.session(session_id, Some(user_id)).await {
+        match self.session(session_id, None).await {
             Ok(s) if s.user_id == user_id => Ok(Some(s)),
             Ok(_) | Err(ApiError::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`); drops the cached entry.
-    pub async fn revoke_session(&self, session_id: &str) -> Result<Session, ApiError> {
+    /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`), charged to `caller`;
+    /// drops the cached entry.
+    pub async fn revoke_session(
+        &self,
+        session_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Session, ApiError> {
         if !crate::bapi::is_clerk_id(session_id, "sess_") {
             return Err(ApiError::InvalidId);
         }
+        self.charge(caller)?;
         let s: Session = self
             .inner
             .api

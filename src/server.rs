@@ -219,6 +219,24 @@ impl Server {
     /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
     pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
         let access = Access::new(config.access).map_err(ServerError::Access)?;
+        if access.machine_id().is_none() && config.forwarders.iter().any(|f| f.starts_with("mch_"))
+        {
+            tracing::warn!(
+                "CLERK_AUTH_CLIENT_IP_FORWARDERS names machines but CLERK_AUTH_MACHINE_ID is not \
+                 set: their client_ip is never believed"
+            );
+        }
+        if access.revoke_requires_mtls()
+            && config
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.client_ca_pem.is_none())
+        {
+            tracing::warn!(
+                "CLERK_AUTH_REVOKE_REQUIRES_MTLS is set but mTLS is off (CLERK_AUTH_TLS_CLIENT_CA): \
+                 RevokeSession is refused to everyone"
+            );
+        }
         let http = http_client().map_err(ServerError::HttpClient)?;
         // One budget (and one Retry-After) for every path that calls the Backend API.
         let budget = ClerkBudget::new(config.budget);

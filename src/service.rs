@@ -444,6 +444,14 @@ impl AuthService for AuthServiceImpl {
                 // A user may read its own sessions. Any other session is refused the same way
                 // whether it exists or not, and a refusal once known (its owner, or Clerk's
                 // "not found") is answered again without asking Clerk.
+                Caller::User {
+                    user_id,
+                    session_id: Some(own),
+                } if *own == session_id => Ok(q
+                    .directory
+                    .session(&session_id, Some(user_id))
+                    .await?
+                    .to_proto()),
                 Caller::User { user_id, .. } => {
                     match q.directory.session_of_user(&session_id, user_id).await? {
                         Some(s) => Ok(s.to_proto()),
@@ -463,9 +471,12 @@ impl AuthService for AuthServiceImpl {
         traced(&self.observer, "RevokeSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
-            self.caller(Rpc::RevokeSession, &request).await?;
+            let (caller, _) = self.caller(Rpc::RevokeSession, &request).await?;
             let q = self.queries()?;
-            let session = q.directory.revoke_session(&session_id).await?;
+            let session = q
+                .directory
+                .revoke_session(&session_id, Some(caller.budget_key()))
+                .await?;
             self.events
                 .publish(Event::SessionRevoked {
                     id: session_id.clone(),
@@ -617,9 +628,9 @@ impl AuthServiceImpl {
             return Ok(());
         };
         let q = self.queries()?;
-        // Charged to the token's user: a flood of online checks is that user's cost.
-        let charge = Some(identity.user_id.as_str()).filter(|u| !u.is_empty());
-        let gone = match q.directory.session(sid, charge).await {
+        // The service's own cost (bounded by the replica-wide budget), not the token's user's:
+        // someone else emptying that user's budget must not fail the user's online checks.
+        let gone = match q.directory.session(sid, None).await {
             Ok(s) if s.is_live(accept_pending) => return Ok(()),
             // Pending (not accepted): refused now, but the session may still become active.
             Ok(s) if s.status == "pending" => false,

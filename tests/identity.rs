@@ -910,8 +910,11 @@ async fn without_a_machine_id_no_machine_is_trusted() {
         subject: Some(trusted.id.clone()),
         ..MachineTokenSpec::default()
     });
+    // Refused as a token type, before any verification (an opaque M2M token costs nothing).
+    let before = clerk.bapi_requests();
     let got = ask(&r, "GetUser", &token, &bob).await.unwrap_err();
-    assert_eq!(got, (Code::PermissionDenied, "MACHINE_NOT_ALLOWED".into()));
+    assert_eq!(got, (Code::Unauthenticated, "TOKEN_TYPE_MISMATCH".into()));
+    assert_eq!(clerk.bapi_requests(), before);
 }
 
 #[tokio::test]
@@ -1057,9 +1060,10 @@ async fn a_get_session_flood_costs_clerk_the_callers_burst_and_no_more() {
     let alice_token = user_token(&clerk, &alice, &alice_session);
     let bob_token = user_token(&clerk, &bob, &bob_session);
 
-    // The same missing id ten times, and someone else's session ten times: one request each.
+    // The same missing id five times, and someone else's session five times: Clerk is asked
+    // once for each; every ask is charged to alice (10 of her 20).
     let before = clerk.bapi_requests();
-    for _ in 0..10 {
+    for _ in 0..5 {
         for id in ["sess_doesNotExist", bob_session.as_str()] {
             let got = ask(&r, "GetSession", &alice_token, id).await.unwrap_err();
             assert_eq!(got, (Code::PermissionDenied, "CALLER_NOT_ALLOWED".into()));
@@ -1080,10 +1084,29 @@ async fn a_get_session_flood_costs_clerk_the_callers_burst_and_no_more() {
     }
     let spent = clerk.bapi_requests() - before;
     assert!(
-        spent <= 18,
+        spent <= 10,
         "{spent} Backend API requests for one caller's flood"
     );
-    assert!(exhausted >= 2982, "{exhausted} refused as exhausted");
+    assert!(exhausted >= 2990, "{exhausted} refused as exhausted");
+    // Out of budget, a known refusal and an unknown id look the same: no existence oracle.
+    for id in [bob_session.as_str(), "sess_doesNotExist", "sess_neverAsked"] {
+        assert_eq!(
+            ask(&r, "GetSession", &alice_token, id).await.unwrap_err().0,
+            Code::ResourceExhausted,
+            "{id}"
+        );
+    }
+    // Alice's spent budget does not fail the online checks of her own tokens (those are the
+    // service's cost, not hers).
+    r.client
+        .clone()
+        .verify_token(VerifyTokenRequest {
+            token: alice_token.clone(),
+            check_session_online: true,
+            ..Default::default()
+        })
+        .await
+        .expect("an online check is not charged to the token's user");
     // … and bob, another caller, is still served.
     assert_eq!(
         ask(&r, "GetSession", &bob_token, &bob_session).await,
