@@ -23,7 +23,7 @@ impl Origin {
     /// machine tokens from `Authorization` only (a cookie set on a parent domain must not turn
     /// a victim's browser into the bearer of someone's API key). A rule that takes no
     /// session tokens refuses a cookie outright.
-    pub fn accepted<'a>(self, accepted: &'a [TokenType]) -> Result<&'a [TokenType], AuthError> {
+    pub fn accepted(self, accepted: &[TokenType]) -> Result<&[TokenType], AuthError> {
         const SESSION_ONLY: &[TokenType] = &[TokenType::SessionToken];
         match self {
             Origin::Header => Ok(accepted),
