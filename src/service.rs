@@ -1,6 +1,8 @@
 //! The `clerk.auth.v1.AuthService` gRPC implementation: translates protobuf ↔ domain and calls
 //! the [`TokenVerifier`]. Errors become [`Status`] through [`crate::error`]'s one mapping.
 
+pub mod watch;
+
 use std::{collections::HashSet, sync::Arc};
 
 use tonic::{Request, Response, Status};
@@ -27,6 +29,7 @@ pub struct AuthServiceImpl {
     identity: Option<IdentityQueries>,
     observer: Observer,
     forwarders: Forwarders,
+    watch: watch::WatchHub,
 }
 
 /// The callers allowed to say whom a request is for (`VerifyTokenRequest.client_ip`, the
@@ -112,6 +115,7 @@ impl AuthServiceImpl {
             identity: None,
             observer: Observer::default(),
             forwarders: Forwarders::default(),
+            watch: watch::WatchHub::default(),
         }
     }
 
@@ -128,6 +132,7 @@ impl AuthServiceImpl {
             identity,
             observer: Observer::default(),
             forwarders: Forwarders::default(),
+            watch: watch::WatchHub::default(),
         }
     }
 
@@ -138,6 +143,12 @@ impl AuthServiceImpl {
     /// sources.
     pub fn with_forwarders(mut self, forwarders: Forwarders) -> Self {
         self.forwarders = forwarders;
+        self
+    }
+
+    /// Serves `WatchRevocations` within `hub`'s limits (default: [`watch::WatchConfig`]'s).
+    pub fn with_watch(mut self, hub: watch::WatchHub) -> Self {
+        self.watch = hub;
         self
     }
 
@@ -273,47 +284,29 @@ async fn traced<T>(
 
 #[tonic::async_trait]
 impl AuthService for AuthServiceImpl {
-    type WatchRevocationsStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::Revocation, Status>> + Send + 'static>,
-    >;
+    type WatchRevocationsStream = watch::RevocationStream;
 
     async fn watch_revocations(
         &self,
-        _request: Request<pb::WatchRevocationsRequest>,
+        request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        use tokio::sync::broadcast::error::RecvError;
-        // Subscribe before the snapshot, so nothing falls between the two.
-        let mut live = self.events.subscribe_revocations();
-        let snapshot = self.events.revocations().snapshot();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Revocation, Status>>(64);
-        tokio::spawn(async move {
-            for id in snapshot {
-                let msg = pb::Revocation {
-                    session_id: id.to_string(),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
+        traced(&self.observer, "WatchRevocations", "", async {
+            // RevokeSession's rule: an allowlisted SPIFFE ID (mTLS), or an M2M token of an
+            // allowlisted machine. A token's expiry ends the stream: it never outlives the
+            // credentials that opened it.
+            let expires_at = if self.trusted_peer(&request) {
+                None
+            } else {
+                let (identity, trusted) = self.caller(&request).await?;
+                if !trusted {
+                    return Err(denied());
                 }
-            }
-            loop {
-                let msg = match live.recv().await {
-                    Ok(id) => Ok(pb::Revocation {
-                        session_id: id.to_string(),
-                    }),
-                    Err(RecvError::Lagged(_)) => Err(Status::unavailable(
-                        "revocation subscriber fell behind; resubscribe",
-                    )),
-                    Err(RecvError::Closed) => return,
-                };
-                let stop = msg.is_err();
-                if tx.send(msg).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+                Some(identity.expires_at)
+            };
+            self.watch
+                .open(&self.events, request.remote_addr(), expires_at)
+        })
+        .await
     }
 
     async fn who_am_i(
