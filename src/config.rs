@@ -891,6 +891,95 @@ mod tests {
     }
 
     #[test]
+    fn ports_reflection_and_watch_limits() {
+        let key = || ServeArgs {
+            secret_key: Some("sk_test_abc".into()),
+            ..args()
+        };
+        let (cfg, _) = key().to_config().unwrap();
+        assert!(cfg.reflection);
+        assert_eq!(cfg.watch, WatchConfig::default());
+        assert_eq!(key().metrics_addr().unwrap(), None);
+        let a = ServeArgs {
+            http_listen: Some("127.0.0.1:8081".into()),
+            metrics_listen: Some(" 127.0.0.1:9090 ".into()),
+            reflection: Some("FALSE".into()),
+            watch_max_streams: Some("64".into()),
+            watch_max_streams_per_connection: Some("2".into()),
+            watch_write_timeout_secs: Some("5".into()),
+            ..key()
+        };
+        let (cfg, _) = a.to_config().unwrap();
+        assert!(!cfg.reflection);
+        assert_eq!(
+            cfg.watch,
+            WatchConfig {
+                max_streams: 64,
+                max_streams_per_connection: 2,
+                write_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(
+            a.metrics_addr().unwrap(),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        for (bad, var) in [
+            (
+                ServeArgs {
+                    metrics_listen: Some("nowhere".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    http_listen: Some("127.0.0.1:8081".into()),
+                    metrics_listen: Some("127.0.0.1:8081".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    metrics_listen: Some(DEFAULT_LISTEN.into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    reflection: Some("maybe".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_REFLECTION",
+            ),
+            (
+                ServeArgs {
+                    watch_write_timeout_secs: Some("0".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS",
+            ),
+            (
+                ServeArgs {
+                    watch_max_streams: Some("-1".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_MAX_STREAMS",
+            ),
+            (
+                ServeArgs {
+                    watch_max_streams_per_connection: Some("x".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_MAX_STREAMS_PER_CONNECTION",
+            ),
+        ] {
+            assert_eq!(bad.to_config().unwrap_err().var, var);
+        }
+    }
+
+    #[test]
     fn revocation_ttl_and_capacity() {
         let key = || ServeArgs {
             secret_key: Some("sk_test_abc".into()),

@@ -259,8 +259,7 @@ impl Revocations {
         let evicted = {
             let mut t = self.write();
             if !refresh
-                && t
-                    .by_id
+                && t.by_id
                     .get(session_id)
                     .is_some_and(|s| !self.is_expired(s.at, now))
             {
@@ -899,6 +898,30 @@ mod tests {
         assert_eq!(seen, (0..25).map(sid).collect::<Vec<_>>());
         let snap: Vec<String> = r.snapshot().iter().map(|s| s.to_string()).collect();
         assert_eq!(snap, seen);
+    }
+
+    #[test]
+    fn a_replay_adds_only_new_ids_and_a_walk_from_the_tail_finds_them() {
+        let r = Revocations::new(TTL, 100);
+        assert_eq!(r.tail(), None);
+        for i in 0..5 {
+            r.mark(&sid(i));
+        }
+        let tail = r.tail();
+        // Known ids keep their place; new ones are added after the tail.
+        for i in 3..8 {
+            assert_eq!(r.mark_new(&sid(i)), i >= 5, "{i}");
+        }
+        assert!(!r.mark_new("not a session"));
+        assert_eq!(r.len(), 8);
+        let (page, next) = r.page(tail, 100);
+        assert_eq!(next, None);
+        let page: Vec<String> = page.iter().map(|s| s.to_string()).collect();
+        assert_eq!(page, [sid(5), sid(6), sid(7)]);
+        // From the start: every id once, in order.
+        let (all, _) = r.page(None, 100);
+        assert_eq!(all.len(), 8);
+        assert_eq!(&*all[0], sid(0));
     }
 
     #[test]

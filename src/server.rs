@@ -378,11 +378,7 @@ impl Server {
             http_tasks.push(serve_http(l, ops.clone()));
         }
         if let Some(l) = http {
-            let mut app = if split {
-                axum::Router::new()
-            } else {
-                ops
-            };
+            let mut app = if split { axum::Router::new() } else { ops };
             if let Some(w) = webhooks {
                 if !split {
                     tracing::warn!(

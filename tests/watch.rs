@@ -235,7 +235,10 @@ async fn watch_revocations_is_for_allowlisted_callers_only() {
 
     // No token: UNAUTHENTICATED, as every identity query.
     let e = open(&client, None).await.unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::Unauthenticated, "TOKEN_MISSING"));
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Unauthenticated, "TOKEN_MISSING")
+    );
 
     // A session token, a machine not on the allowlist, a garbage token: refused.
     let user = feed.clerk.create_user(&UserSpec::default());
@@ -273,7 +276,10 @@ async fn watch_revocations_is_for_allowlisted_callers_only() {
     assert_eq!(read(&mut stream, 1).await, [live]);
     let metrics = feed.metrics().await;
     assert_eq!(sample(&metrics, "clerk_auth_watch_streams"), 1.0);
-    assert_eq!(sample(&metrics, "clerk_auth_watch_streams_opened_total"), 1.0);
+    assert_eq!(
+        sample(&metrics, "clerk_auth_watch_streams_opened_total"),
+        1.0
+    );
     assert!(metrics.contains(
         r#"clerk_auth_decisions_total{method="WatchRevocations",outcome="denied",reason="CALLER_NOT_ALLOWED"} 2"#
     ));
@@ -305,14 +311,20 @@ async fn streams_over_the_caps_are_refused() {
         (e.code(), reason(&e).as_str()),
         (Code::ResourceExhausted, "STREAM_LIMIT_REACHED")
     );
-    assert_eq!(e.get_details_error_info().unwrap().metadata["limit"], "per_connection");
+    assert_eq!(
+        e.get_details_error_info().unwrap().metadata["limit"],
+        "per_connection"
+    );
     let _c = open(&two, Some(&token)).await.unwrap();
     let e = open(&three, Some(&token)).await.unwrap_err();
     assert_eq!(
         (e.code(), reason(&e).as_str()),
         (Code::ResourceExhausted, "STREAM_LIMIT_REACHED")
     );
-    assert_eq!(e.get_details_error_info().unwrap().metadata["limit"], "total");
+    assert_eq!(
+        e.get_details_error_info().unwrap().metadata["limit"],
+        "total"
+    );
     assert_eq!(feed.hub.stats().active, 3);
 
     // A closed stream gives its slot back.
@@ -320,7 +332,10 @@ async fn streams_over_the_caps_are_refused() {
     guard(feed.hub.wait_for(|s| s.active == 2)).await;
     let _d = open(&three, Some(&token)).await.unwrap();
     let metrics = feed.metrics().await;
-    assert_eq!(sample(&metrics, "clerk_auth_watch_refused_limit_total"), 2.0);
+    assert_eq!(
+        sample(&metrics, "clerk_auth_watch_refused_limit_total"),
+        2.0
+    );
     assert_eq!(sample(&metrics, "clerk_auth_watch_streams"), 3.0);
 }
 
@@ -346,7 +361,11 @@ async fn slow_subscribers_of_a_large_set_hold_bounded_memory() {
     // One subscriber that reads gets the whole set, in order, meanwhile.
     let mut fast = open(&feed.client().await, Some(&token)).await.unwrap();
     let got = read(&mut fast, SET).await;
-    assert!(got.iter().map(String::as_str).eq((0..SET).map(sid).collect::<Vec<_>>().iter().map(String::as_str)));
+    assert!(got.iter().map(String::as_str).eq((0..SET)
+        .map(sid)
+        .collect::<Vec<_>>()
+        .iter()
+        .map(String::as_str)));
 
     let streams = SLOW + 1;
     let bound = (streams * (PAGE_SIZE + STREAM_BUFFER)) as f64;
@@ -357,8 +376,14 @@ async fn slow_subscribers_of_a_large_set_hold_bounded_memory() {
     // Before: every stream copied the set (32 × 150 000 ids). Now: a page and a small buffer
     // each, at any time.
     assert!(buffered <= bound, "{buffered} ids buffered, bound {bound}");
-    assert!(peak <= bound, "{peak} ids buffered at the peak, bound {bound}");
-    assert!(peak >= STREAM_BUFFER as f64, "the streams did buffer: {peak}");
+    assert!(
+        peak <= bound,
+        "{peak} ids buffered at the peak, bound {bound}"
+    );
+    assert!(
+        peak >= STREAM_BUFFER as f64,
+        "the streams did buffer: {peak}"
+    );
     assert_eq!(feed.hub.stats().dropped_write_timeout, 0);
 
     // Dropping the subscribers gives everything back.
@@ -427,7 +452,10 @@ async fn a_subscriber_that_falls_behind_the_live_feed_is_dropped() {
     assert!(n >= 150_000, "the snapshot came first: {n}");
     assert_eq!(feed.hub.stats().dropped_lagged, 1);
     let metrics = feed.metrics().await;
-    assert_eq!(sample(&metrics, "clerk_auth_watch_dropped_lagged_total"), 1.0);
+    assert_eq!(
+        sample(&metrics, "clerk_auth_watch_dropped_lagged_total"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -589,8 +617,7 @@ impl Relay {
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let relay = tokio::spawn(async move {
-                    if let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
-                    {
+                    if let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut redis).await;
                     }
                 });
@@ -663,7 +690,9 @@ async fn a_redis_replay_larger_than_the_feed_lags_no_subscriber() {
     // subscribers read nothing.
     relay.cut();
     guard(feed.events.wait_reloaded(reloads + 1)).await;
-    assert!(ids.iter().all(|id| feed.events.revocations().is_revoked(id)));
+    assert!(ids
+        .iter()
+        .all(|id| feed.events.revocations().is_revoked(id)));
 
     // Every subscriber gets every replayed id, and none lagged.
     let want: HashSet<&str> = ids.iter().map(String::as_str).collect();

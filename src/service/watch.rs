@@ -510,7 +510,9 @@ impl Feeder {
                     cause = ?end,
                     "revocation subscriber too slow; dropped"
                 ),
-                _ => tracing::debug!(remote = ?self.remote, cause = ?end, "revocation stream ended"),
+                _ => {
+                    tracing::debug!(remote = ?self.remote, cause = ?end, "revocation stream ended")
+                }
             }
         }
         end
