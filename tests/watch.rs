@@ -710,7 +710,7 @@ async fn a_redis_replay_larger_than_the_feed_lags_no_subscriber() {
         .publish(Event::SessionRevoked { id: live.clone() })
         .await;
     for s in &mut streams {
-        assert_eq!(read(s, 1).await, [live.clone()]);
+        assert_eq!(read(s, 1).await, std::slice::from_ref(&live));
     }
 
     // Clean up this test's keys.
