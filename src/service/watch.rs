@@ -421,6 +421,8 @@ impl Feeder {
         let mut pending: VecDeque<Arc<str>> = VecDeque::new();
         // `Some(after)` while walking the set.
         let mut walk: Option<Option<RevocationCursor>> = Some(None);
+        // Every entry up to here has been walked (a replay's ids before it need no new walk).
+        let mut covered: Option<RevocationCursor> = None;
         let hub = self.hub.clone();
         let deadline = self.deadline;
         let expiry = async move {
@@ -439,10 +441,15 @@ impl Feeder {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break Some(End::TokenExpired);
                     }
+                    // Taken before the page: no entry up to it can appear after the read.
+                    let tail = self.revocations.tail();
                     let (ids, next) = self.revocations.page(after, PAGE_SIZE);
                     self.meter.add(ids.len());
                     pending.extend(ids);
                     walk = next.map(Some);
+                    if walk.is_none() {
+                        covered = covered.max(tail);
+                    }
                     continue;
                 }
             }
@@ -460,7 +467,7 @@ impl Feeder {
                         }
                         Ok(FeedEvent::Resync { after }) => {
                             hub.resyncs.fetch_add(1, Ordering::Relaxed);
-                            walk = Some(after);
+                            walk = Some(after.max(covered));
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => break Some(End::Lagged),
                         Err(broadcast::error::RecvError::Closed) => break Some(End::Draining),
