@@ -3,7 +3,10 @@
 //! A webhook (or `RevokeSession`) reaches one replica. [`Events::publish`] applies the event
 //! locally at once and, when Redis is configured, stores revocations as keys with a TTL (so a
 //! replica that starts later still knows) and publishes every event on a channel that every
-//! replica applies at once. Without Redis: single-replica behaviour.
+//! replica applies at once. Without Redis: single-replica behaviour. After a reconnection the
+//! stored revocations are loaded again: the ids not yet known are added to the set directly and
+//! `WatchRevocations` subscribers are told once to walk them ([`FeedEvent::Resync`]), so a
+//! replay larger than the feed ([`FEED_CAPACITY`]) lags no one.
 //!
 //! The revoked-session set ([`Revocations`]) never refuses a new revocation: each one is kept
 //! for the TTL (the longest lifetime a token of the session can have, after which no token of
