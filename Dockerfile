@@ -1,6 +1,7 @@
 # clerk-grpc-auth: multi-stage build, minimal non-root runtime.
 #   docker build -t clerk-grpc-auth .
-#   docker run --rm -p 50051:50051 -p 8081:8081 -e CLERK_SECRET_KEY=sk_live_… clerk-grpc-auth
+#   docker run --rm -p 50051:50051 -p 8081:8081 -p 9090:9090 -e CLERK_SECRET_KEY=sk_live_… clerk-grpc-auth
+# gRPC on 50051, Clerk webhooks on 8081, /metrics /livez /readyz on 9090.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -23,7 +24,8 @@ USER nonroot:nonroot
 # In a container the service must listen on every interface.
 ENV CLERK_AUTH_LISTEN=0.0.0.0:50051 \
     CLERK_AUTH_HTTP_LISTEN=0.0.0.0:8081 \
+    CLERK_AUTH_METRICS_LISTEN=0.0.0.0:9090 \
     CLERK_AUTH_LOG_FORMAT=json
-EXPOSE 50051 8081
+EXPOSE 50051 8081 9090
 ENTRYPOINT ["/usr/local/bin/clerk-grpc-auth"]
 CMD ["serve"]

@@ -10,6 +10,11 @@
 //!
 //! `--auth-service` may be repeated: calls are balanced over every endpoint. While no
 //! AuthService answers, protected methods fail closed with `UNAVAILABLE`.
+//!
+//! Sessions revoked at AuthService are refused here at once through `WatchRevocations`, which
+//! AuthService streams to allowlisted machines only: with `CLERK_MACHINE_SECRET_KEY` (and
+//! `CLERK_API_URL`) this service presents its own M2M token (`dev` prints the line for its
+//! allowlisted machine A); without, it verifies every call but does not follow revocations.
 
 #[path = "common/orders.rs"]
 mod orders;
@@ -18,7 +23,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clerk_grpc_auth::{
-    layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
+    jwks::Secret,
+    layer::{AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier},
+    machine::{M2mTokenSource, M2mTokenSourceConfig},
+    server::http_client,
     telemetry::{self, LogFormat},
 };
 
@@ -34,15 +42,44 @@ struct Args {
     /// Per-call deadline of VerifyToken, in milliseconds.
     #[arg(long, default_value_t = 200)]
     deadline_ms: u64,
+    /// This service's machine secret key (`ak_…`): its M2M token is presented to AuthService
+    /// (revocation feed, `client_ip` forwarding).
+    #[arg(long, env = "CLERK_MACHINE_SECRET_KEY", hide_env_values = true)]
+    machine_secret_key: Option<String>,
+    /// Clerk Backend API URL (where the M2M token is created).
+    #[arg(long, env = "CLERK_API_URL", default_value = "https://api.clerk.com")]
+    api_url: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let _log = telemetry::init(LogFormat::Text);
+    let credentials = match args.machine_secret_key.as_deref().map(|key| {
+        let api_url = args.api_url.parse()?;
+        let source = M2mTokenSource::new(
+            M2mTokenSourceConfig::new(api_url, Secret::new(key)),
+            http_client()?,
+        );
+        Ok::<_, Box<dyn std::error::Error>>(CallerCredentials::new(source))
+    }) {
+        None => {
+            eprintln!(
+                "no CLERK_MACHINE_SECRET_KEY: revocations are not followed (AuthService streams \
+                 them to allowlisted machines only)"
+            );
+            None
+        }
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("error: --api-url: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let verifier = match DelegatedVerifier::new(DelegatedConfig {
         endpoints: args.auth_service.clone(),
         deadline: std::time::Duration::from_millis(args.deadline_ms),
+        credentials,
         ..DelegatedConfig::default()
     }) {
         Ok(v) => v,
@@ -52,7 +89,10 @@ async fn main() -> ExitCode {
         }
     };
     // Sessions revoked at AuthService are refused here at once, cached verdicts included.
-    let _revocations = verifier.watch_revocations();
+    let _revocations = args
+        .machine_secret_key
+        .is_some()
+        .then(|| verifier.watch_revocations());
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -7,7 +7,7 @@
 //! ```sh
 //! cargo run --example envoy_check -- --path /orders                 # allowed, x-clerk-* headers
 //! cargo run --example envoy_check -- --path /orders --no-token      # denied 401
-//! curl -s 127.0.0.1:8081/metrics | grep 'method="Check"'            # the two decisions
+//! curl -s 127.0.0.1:9090/metrics | grep 'method="Check"'            # the two decisions
 //! ```
 
 use std::collections::HashMap;

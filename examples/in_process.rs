@@ -28,9 +28,17 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:50061")]
     listen: String,
     /// An AuthService to follow for session revocations (webhooks it receives), e.g.
-    /// `http://127.0.0.1:50051`. Optional: verification itself stays in-process.
-    #[arg(long)]
+    /// `http://127.0.0.1:50051`. Optional: verification itself stays in-process. AuthService
+    /// streams revocations to allowlisted machines only: this service presents an M2M token
+    /// made with `CLERK_MACHINE_SECRET_KEY` (at `CLERK_API_URL`).
+    #[arg(long, requires = "machine_secret_key")]
     revocations_from: Option<String>,
+    /// This service's machine secret key (`ak_…`), for `--revocations-from`.
+    #[arg(long, env = "CLERK_MACHINE_SECRET_KEY", hide_env_values = true)]
+    machine_secret_key: Option<String>,
+    /// Clerk Backend API URL (where the M2M token is created).
+    #[arg(long, env = "CLERK_API_URL", default_value = "https://api.clerk.com")]
+    api_url: String,
 }
 
 #[tokio::main]
@@ -53,20 +61,13 @@ async fn main() -> ExitCode {
         }
     };
     let refresher = verifier.keys().spawn_refresher();
-    let _revocations =
-        match args.revocations_from.as_deref().map(|u| {
-            tonic::transport::Endpoint::from_shared(u.to_owned()).map(|e| e.connect_lazy())
-        }) {
-            None => None,
-            Some(Ok(channel)) => Some(clerk_grpc_auth::layer::watch_revocations(
-                channel,
-                verifier.revocations().clone(),
-            )),
-            Some(Err(e)) => {
-                eprintln!("error: --revocations-from: {e}");
-                return ExitCode::from(64);
-            }
-        };
+    let _revocations = match follow_revocations(&args, &verifier) {
+        Ok(feed) => feed,
+        Err(e) => {
+            eprintln!("error: --revocations-from: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -90,4 +91,29 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Follows `--revocations-from` as this service's machine (an M2M token from its machine
+/// secret key), when given.
+fn follow_revocations(
+    args: &Args,
+    verifier: &clerk_grpc_auth::TokenVerifier,
+) -> Result<Option<clerk_grpc_auth::layer::RevocationFeed>, Box<dyn std::error::Error>> {
+    use clerk_grpc_auth::{
+        jwks::Secret,
+        machine::{M2mTokenSource, M2mTokenSourceConfig},
+    };
+    let (Some(url), Some(key)) = (&args.revocations_from, &args.machine_secret_key) else {
+        return Ok(None);
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy();
+    let source = M2mTokenSource::new(
+        M2mTokenSourceConfig::new(args.api_url.parse()?, Secret::new(key)),
+        clerk_grpc_auth::server::http_client()?,
+    );
+    Ok(Some(clerk_grpc_auth::layer::watch_revocations_with(
+        channel,
+        verifier.revocations().clone(),
+        source,
+    )))
 }

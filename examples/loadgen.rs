@@ -18,7 +18,7 @@
 //! ```
 //!
 //! The server's memory, descriptors and tasks come from `--metrics` (its Prometheus endpoint,
-//! default `http://127.0.0.1:8081/metrics`) or, for any local process, `--pid`.
+//! default `http://127.0.0.1:9090/metrics`, `dev`'s metrics port) or, for any local process, `--pid`.
 
 use std::{
     collections::BTreeMap,
@@ -128,7 +128,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// The server's Prometheus endpoint (memory, descriptors, tasks); `none` to skip.
-    #[arg(long, default_value = "http://127.0.0.1:8081/metrics")]
+    #[arg(long, default_value = "http://127.0.0.1:9090/metrics")]
     metrics: String,
     /// Read memory and descriptors of this local process instead (e.g. the echo server).
     #[arg(long)]

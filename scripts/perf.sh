@@ -5,8 +5,8 @@
 #   and with the cache off, measured in alternating rounds (median of ROUNDS);
 #   VerifyToken with fresh tokens, Check, the Orders example through the in-process layer;
 #   p99 at half of each maximum (open loop); a 10 000-token random-kid flood.
-# Everything runs on 127.0.0.1: two `dev` instances (cache on: 50051/8787/8081; cache off:
-# 50052/8788/8082), the echo server (50070) and the in_process example (50061).
+# Everything runs on 127.0.0.1: two `dev` instances (cache on: 50051/8787/8081/9090; cache off:
+# 50052/8788/8082/9092), the echo server (50070) and the in_process example (50061).
 #
 #   scripts/perf.sh                 # DUR=5 WARM=1 ROUNDS=3 CONCURRENCY=64 by default
 set -euo pipefail
@@ -41,7 +41,7 @@ wait_port() {
 "$BIN" dev >"$OUT/dev-cache.log" 2>&1 &
 PIDS+=($!)
 "$BIN" dev --listen 127.0.0.1:50052 --emulator-listen 127.0.0.1:8788 \
-    --http-listen 127.0.0.1:8082 --verdict-cache-capacity 0 >"$OUT/dev-nocache.log" 2>&1 &
+    --http-listen 127.0.0.1:8082 --metrics-listen 127.0.0.1:9092 --verdict-cache-capacity 0 >"$OUT/dev-nocache.log" 2>&1 &
 PIDS+=($!)
 "$LG" serve-echo >"$OUT/echo.log" 2>&1 &
 ECHO_PID=$!
@@ -67,7 +67,7 @@ lg() {
 
 ECHO_ARGS=(--target echo --pid "$ECHO_PID")
 NOCACHE_ARGS=(--addr http://127.0.0.1:50052 --emulator http://127.0.0.1:8788
-    --metrics http://127.0.0.1:8082/metrics)
+    --metrics http://127.0.0.1:9092/metrics)
 for r in $(seq 1 "$ROUNDS"); do
     lg "echo-$r" "${ECHO_ARGS[@]}" --concurrency "$CONCURRENCY"
     lg "repeated-$r" --concurrency "$CONCURRENCY"

@@ -17,6 +17,7 @@ use crate::{
     machine::MachineConfig,
     revocation::RedisConfig,
     server::{IdentityConfig, ServerConfig, TlsConfig, WebhookConfig},
+    service::watch::WatchConfig,
     telemetry::LogFormat,
     verify::Validation,
     webhook::SvixVerifier,
@@ -78,7 +79,8 @@ pub struct ServeArgs {
     /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT (default 10).
     #[arg(long, env = "CLERK_AUTH_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<String>,
-    /// HTTP port (Clerk webhooks), e.g. `127.0.0.1:8081`. Off when unset.
+    /// HTTP port (Clerk webhooks), e.g. `127.0.0.1:8081`. Off when unset. Without a metrics
+    /// port (`CLERK_AUTH_METRICS_LISTEN`) it also serves `/metrics`, `/livez` and `/readyz`.
     #[arg(long, env = "CLERK_AUTH_HTTP_LISTEN")]
     pub http_listen: Option<String>,
     /// Clerk webhook signing secret (`whsec_…`): enables `POST /webhooks/clerk` on the HTTP port.
@@ -176,6 +178,24 @@ pub struct ServeArgs {
     /// `VerifyTokenRequest.client_ip` (the delegated layers; default: none).
     #[arg(long, env = "CLERK_AUTH_CLIENT_IP_FORWARDERS")]
     pub client_ip_forwarders: Option<String>,
+    /// Metrics port (`/metrics`, `/livez`, `/readyz`), e.g. `127.0.0.1:9090`. When set, the
+    /// HTTP port serves webhooks only.
+    #[arg(long, env = "CLERK_AUTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// gRPC server reflection: `true` (default) or `false` (reflection calls are
+    /// UNIMPLEMENTED; turn it off in production).
+    #[arg(long, env = "CLERK_AUTH_REFLECTION")]
+    pub reflection: Option<String>,
+    /// Most `WatchRevocations` streams open at once on this replica (default 1024).
+    #[arg(long, env = "CLERK_AUTH_WATCH_MAX_STREAMS")]
+    pub watch_max_streams: Option<String>,
+    /// Most `WatchRevocations` streams open at once on one connection (default 8).
+    #[arg(long, env = "CLERK_AUTH_WATCH_MAX_STREAMS_PER_CONNECTION")]
+    pub watch_max_streams_per_connection: Option<String>,
+    /// Seconds a `WatchRevocations` subscriber may go without reading before it is dropped
+    /// (default 30).
+    #[arg(long, env = "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS")]
+    pub watch_write_timeout_secs: Option<String>,
     /// Log format.
     #[arg(long, env = "CLERK_AUTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -298,6 +318,82 @@ impl ServeArgs {
                 })
             })
             .transpose()
+    }
+
+    /// The metrics port's address (`CLERK_AUTH_METRICS_LISTEN`), when set.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        non_empty(&self.metrics_listen)
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    err(
+                        "CLERK_AUTH_METRICS_LISTEN",
+                        format!("{a:?} is not an address like 127.0.0.1:9090"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// The ports (metrics, reflection) and `WatchRevocations` limits.
+    fn serving(&self, listen: SocketAddr) -> Result<(WatchConfig, bool), ConfigError> {
+        let http = self.http_addr()?;
+        if let Some(m) = self.metrics_addr()? {
+            // Port 0 (any free port) may appear twice; a fixed address may not.
+            if m.port() != 0 && m == listen {
+                return Err(err(
+                    "CLERK_AUTH_METRICS_LISTEN",
+                    "must differ from CLERK_AUTH_LISTEN",
+                ));
+            }
+            if m.port() != 0 && http == Some(m) {
+                return Err(err(
+                    "CLERK_AUTH_METRICS_LISTEN",
+                    "must differ from CLERK_AUTH_HTTP_LISTEN: the point is to keep metrics off \
+                     the webhook port",
+                ));
+            }
+        }
+        let reflection = match non_empty(&self.reflection).map(str::to_ascii_lowercase) {
+            None => true,
+            Some(v) if v == "true" || v == "1" => true,
+            Some(v) if v == "false" || v == "0" => false,
+            Some(v) => {
+                return Err(err(
+                    "CLERK_AUTH_REFLECTION",
+                    format!("{v:?} is neither true nor false"),
+                ))
+            }
+        };
+        let max_streams = parse_num(
+            "CLERK_AUTH_WATCH_MAX_STREAMS",
+            &self.watch_max_streams,
+            1024,
+            1_000_000,
+        )?;
+        let per_connection = parse_num(
+            "CLERK_AUTH_WATCH_MAX_STREAMS_PER_CONNECTION",
+            &self.watch_max_streams_per_connection,
+            8,
+            1_000_000,
+        )?;
+        let write_timeout = parse_num(
+            "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS",
+            &self.watch_write_timeout_secs,
+            30,
+            3_600,
+        )?;
+        if write_timeout == 0 {
+            return Err(err(
+                "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
+        let watch = WatchConfig {
+            max_streams: usize::try_from(max_streams).expect("bounded above"),
+            max_streams_per_connection: usize::try_from(per_connection).expect("bounded above"),
+            write_timeout: Duration::from_secs(write_timeout),
+        };
+        Ok((watch, reflection))
     }
 
     /// The settings from the environment alone (`CLERK_*`, `CLERK_AUTH_*`), defaults for the
@@ -684,6 +780,7 @@ impl ServeArgs {
                 100_000_000,
             )?,
         };
+        let (watch, reflection) = self.serving(listen)?;
         let shutdown_grace = Duration::from_secs(parse_num(
             "CLERK_AUTH_SHUTDOWN_GRACE_SECS",
             &self.shutdown_grace_secs,
@@ -707,6 +804,8 @@ impl ServeArgs {
                 shutdown_grace,
                 budget,
                 forwarders,
+                watch,
+                reflection,
             },
             listen,
         ))
@@ -964,6 +1063,95 @@ mod tests {
                 assert_eq!(url.as_str(), "http://127.0.0.1:9/clerk/v1/jwks")
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ports_reflection_and_watch_limits() {
+        let key = || ServeArgs {
+            secret_key: Some("sk_test_abc".into()),
+            ..args()
+        };
+        let (cfg, _) = key().to_config().unwrap();
+        assert!(cfg.reflection);
+        assert_eq!(cfg.watch, WatchConfig::default());
+        assert_eq!(key().metrics_addr().unwrap(), None);
+        let a = ServeArgs {
+            http_listen: Some("127.0.0.1:8081".into()),
+            metrics_listen: Some(" 127.0.0.1:9090 ".into()),
+            reflection: Some("FALSE".into()),
+            watch_max_streams: Some("64".into()),
+            watch_max_streams_per_connection: Some("2".into()),
+            watch_write_timeout_secs: Some("5".into()),
+            ..key()
+        };
+        let (cfg, _) = a.to_config().unwrap();
+        assert!(!cfg.reflection);
+        assert_eq!(
+            cfg.watch,
+            WatchConfig {
+                max_streams: 64,
+                max_streams_per_connection: 2,
+                write_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(
+            a.metrics_addr().unwrap(),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        for (bad, var) in [
+            (
+                ServeArgs {
+                    metrics_listen: Some("nowhere".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    http_listen: Some("127.0.0.1:8081".into()),
+                    metrics_listen: Some("127.0.0.1:8081".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    metrics_listen: Some(DEFAULT_LISTEN.into()),
+                    ..key()
+                },
+                "CLERK_AUTH_METRICS_LISTEN",
+            ),
+            (
+                ServeArgs {
+                    reflection: Some("maybe".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_REFLECTION",
+            ),
+            (
+                ServeArgs {
+                    watch_write_timeout_secs: Some("0".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS",
+            ),
+            (
+                ServeArgs {
+                    watch_max_streams: Some("-1".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_MAX_STREAMS",
+            ),
+            (
+                ServeArgs {
+                    watch_max_streams_per_connection: Some("x".into()),
+                    ..key()
+                },
+                "CLERK_AUTH_WATCH_MAX_STREAMS_PER_CONNECTION",
+            ),
+        ] {
+            assert_eq!(bad.to_config().unwrap_err().var, var);
         }
     }
 

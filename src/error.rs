@@ -7,6 +7,7 @@
 //! | [`AuthError::Rejected`] (the token is not valid) | `UNAUTHENTICATED` |
 //! | [`AuthError::Unavailable`] (no usable key material, AuthService unreachable) | `UNAVAILABLE` |
 //! | [`AuthError::Denied`] (authenticated, but the policy does not allow the call) | `PERMISSION_DENIED` |
+//! | [`AuthError::RateLimited`], [`AuthError::LimitReached`] (too many calls or streams) | `RESOURCE_EXHAUSTED` |
 //!
 //! Every status carries a `google.rpc.ErrorInfo` detail with domain [`ERROR_DOMAIN`] and the
 //! [`Reason`] in `UPPER_SNAKE_CASE`. Messages are fixed texts: they never echo the token.
@@ -82,6 +83,12 @@ pub enum Reason {
     HostInvalid,
     /// The HTTP method (`Check`) is not a token, or selects a different rule once upper-cased.
     MethodInvalid,
+    /// Too many `WatchRevocations` streams are open (in all, or on the caller's connection).
+    StreamLimitReached,
+    /// A `WatchRevocations` subscriber did not keep up (it lagged behind the live revocations,
+    /// or nothing could be written to it for the write timeout): it was dropped and should
+    /// resubscribe (the snapshot is sent again).
+    SubscriberTooSlow,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -180,6 +187,16 @@ pub enum AuthError {
         /// When a retry may succeed.
         retry_after: std::time::Duration,
     },
+    /// A server-side limit on what one caller may hold open is reached (`WatchRevocations`
+    /// streams: [`Reason::StreamLimitReached`]): `RESOURCE_EXHAUSTED`, with
+    /// `ErrorInfo.metadata["limit"]` naming the limit (`total`, `per_connection`).
+    #[error("limit reached: {limit} (reason={})", .reason.as_str())]
+    LimitReached {
+        /// Why.
+        reason: Reason,
+        /// Which limit.
+        limit: &'static str,
+    },
 }
 
 /// Why an authenticated caller was refused by policy: the requirement not met and what it
@@ -225,6 +242,8 @@ impl Reason {
             Reason::PathNotCanonical => "PATH_NOT_CANONICAL",
             Reason::HostInvalid => "HOST_INVALID",
             Reason::MethodInvalid => "METHOD_INVALID",
+            Reason::StreamLimitReached => "STREAM_LIMIT_REACHED",
+            Reason::SubscriberTooSlow => "SUBSCRIBER_TOO_SLOW",
         }
     }
 
@@ -258,11 +277,13 @@ impl Reason {
             Reason::PathNotCanonical => "path-not-canonical",
             Reason::HostInvalid => "host-invalid",
             Reason::MethodInvalid => "method-invalid",
+            Reason::StreamLimitReached => "stream-limit-reached",
+            Reason::SubscriberTooSlow => "subscriber-too-slow",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -290,6 +311,8 @@ impl Reason {
         Reason::PathNotCanonical,
         Reason::HostInvalid,
         Reason::MethodInvalid,
+        Reason::StreamLimitReached,
+        Reason::SubscriberTooSlow,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -350,6 +373,7 @@ impl AuthError {
             AuthError::Denied(d) => d.unmet.as_str(),
             AuthError::Misconfigured(r) => r.as_str(),
             AuthError::RateLimited { .. } => Reason::RateLimited.as_str(),
+            AuthError::LimitReached { reason, .. } => reason.as_str(),
             AuthError::NotFound => Reason::ResourceNotFound.as_str(),
             AuthError::NotCanonical { reason, .. } => reason.as_str(),
         }
@@ -363,7 +387,9 @@ impl AuthError {
             AuthError::Unavailable(_) => Code::Unavailable,
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::Misconfigured(_) => Code::FailedPrecondition,
-            AuthError::RateLimited { .. } => Code::ResourceExhausted,
+            AuthError::RateLimited { .. } | AuthError::LimitReached { .. } => {
+                Code::ResourceExhausted
+            }
             AuthError::NotFound => Code::NotFound,
             AuthError::NotCanonical { .. } => Code::InvalidArgument,
         }
@@ -383,6 +409,9 @@ impl AuthError {
             AuthError::Unavailable(Reason::BackendApiUnavailable) => {
                 "Clerk's Backend API is unavailable; retry later"
             }
+            AuthError::Unavailable(Reason::SubscriberTooSlow) => {
+                "the subscriber fell behind and was dropped; resubscribe"
+            }
             AuthError::Unavailable(_) => "authentication is unavailable; retry later",
             AuthError::Denied(_) => "the caller is not allowed to call this method",
             AuthError::Misconfigured(Reason::SecretKeyMissing) => {
@@ -392,6 +421,7 @@ impl AuthError {
                 "Clerk refused the server's secret key; the server is misconfigured"
             }
             AuthError::RateLimited { .. } => "rate limited; retry later",
+            AuthError::LimitReached { .. } => "too many streams are open; retry later",
             AuthError::NotFound => "not found at Clerk",
             AuthError::NotCanonical { message, .. } => message,
         }
@@ -409,6 +439,9 @@ impl From<AuthError> for Status {
             AuthError::Rejected(VerifyError {
                 cause: Some(cause), ..
             }) => [("cause".to_owned(), cause.as_str().to_owned())].into(),
+            AuthError::LimitReached { limit, .. } => {
+                [("limit".to_owned(), (*limit).to_owned())].into()
+            }
             _ => std::collections::HashMap::new(),
         };
         let mut details = ErrorDetails::with_error_info(err.reason_str(), ERROR_DOMAIN, metadata);
@@ -468,6 +501,19 @@ mod tests {
                 "PATH_NOT_CANONICAL",
             ),
             (
+                AuthError::LimitReached {
+                    reason: Reason::StreamLimitReached,
+                    limit: "per_connection",
+                },
+                Code::ResourceExhausted,
+                "STREAM_LIMIT_REACHED",
+            ),
+            (
+                AuthError::Unavailable(Reason::SubscriberTooSlow),
+                Code::Unavailable,
+                "SUBSCRIBER_TOO_SLOW",
+            ),
+            (
                 AuthError::NotCanonical {
                     reason: Reason::HostInvalid,
                     message: "the port is not a number from 1 to 65535",
@@ -484,6 +530,9 @@ mod tests {
             assert_eq!(info.domain, ERROR_DOMAIN);
             if code == Code::PermissionDenied {
                 assert_eq!(info.metadata["permission"], "org:orders:delete");
+            }
+            if code == Code::ResourceExhausted {
+                assert_eq!(info.metadata["limit"], "per_connection");
             }
         }
         for r in Reason::ALL {

@@ -168,10 +168,27 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let metrics = match args.metrics_addr() {
+        Ok(None) => None,
+        Ok(Some(a)) => match TcpListener::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: CLERK_AUTH_METRICS_LISTEN: cannot listen on {a}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "AuthService listening");
     if let Some(h) = http.as_ref().and_then(|h| h.local_addr().ok()) {
         tracing::info!(addr = %h, "HTTP port listening");
+    }
+    if let Some(m) = metrics.as_ref().and_then(|m| m.local_addr().ok()) {
+        tracing::info!(addr = %m, "metrics port listening");
     }
     let server = match Server::build(config) {
         Ok(s) => s,
@@ -187,8 +204,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let listeners = server::Listeners {
+        grpc: listener,
+        http,
+        metrics,
+    };
     match server
-        .serve_with_events(listener, http, events, server::shutdown_signal())
+        .serve_on(listeners, events, server::shutdown_signal())
         .await
     {
         Ok(()) => ExitCode::SUCCESS,
@@ -362,9 +384,12 @@ struct DevArgs {
     /// Emulator address.
     #[arg(long, default_value = "127.0.0.1:8787")]
     emulator_listen: String,
-    /// AuthService HTTP port (Clerk webhooks from the emulator, /metrics).
+    /// AuthService HTTP port (Clerk webhooks from the emulator).
     #[arg(long, default_value = "127.0.0.1:8081")]
     http_listen: String,
+    /// AuthService metrics port (/metrics, /livez, /readyz).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    metrics_listen: String,
     /// Serve gRPC with mTLS: writes a throw-away CA, server and client certificates (the
     /// client's SPIFFE ID is on the identity-query allowlist) and prints how to use them.
     #[arg(long)]
@@ -383,27 +408,33 @@ async fn dev(args: DevArgs) -> ExitCode {
         listen,
         emulator_listen,
         http_listen,
+        metrics_listen,
         tls,
         verdict_cache_capacity,
         log_format,
     } = args;
     let _log = telemetry::init(log_format);
-    let (emu_listener, listener, http_listener) = match (
+    let (emu_listener, listener, http_listener, metrics_listener) = match (
         TcpListener::bind(&emulator_listen).await,
         TcpListener::bind(&listen).await,
         TcpListener::bind(&http_listen).await,
+        TcpListener::bind(&metrics_listen).await,
     ) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (Err(e), _, _) => {
+        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+        (Err(e), _, _, _) => {
             eprintln!("error: --emulator-listen: cannot listen on {emulator_listen}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-        (_, Err(e), _) => {
+        (_, Err(e), _, _) => {
             eprintln!("error: --listen: cannot listen on {listen}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-        (_, _, Err(e)) => {
+        (_, _, Err(e), _) => {
             eprintln!("error: --http-listen: cannot listen on {http_listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        (_, _, _, Err(e)) => {
+            eprintln!("error: --metrics-listen: cannot listen on {metrics_listen}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -513,9 +544,28 @@ async fn dev(args: DevArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let running = tokio::spawn(server.serve_with_http(
-        listener,
-        Some(http_listener),
+    let metrics_addr = match metrics_listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let events = match server.events().await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // `dev` keeps reflection on (the default): the grpcurl lines below need no proto files.
+    let running = tokio::spawn(server.serve_on(
+        server::Listeners {
+            grpc: listener,
+            http: Some(http_listener),
+            metrics: Some(metrics_listener),
+        },
+        events,
         server::shutdown_signal(),
     ));
     keys.ready().await;
@@ -541,6 +591,8 @@ async fn dev(args: DevArgs) -> ExitCode {
 clerk-grpc-auth dev: a Clerk emulator and the AuthService, wired together.
 
   AuthService     {addr}   (gRPC, plaintext; health and reflection on)
+                  http://{http_addr}/webhooks/clerk   (Clerk webhooks)
+                  http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)
   Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)
 
 A session token (v2 claims, org admin of "acme", valid for 1 hour):
@@ -578,10 +630,11 @@ Machine tokens for grpcurl (VerifyToken needs "acceptedTokenTypes" to take them)
 
 cargo run --release -q -- token --emulator-url {emu_url} --m2m        # or --api-key, --oauth; --jwt
 
-Protect your own service (the Orders example; Ping is public, DeleteOrder needs org:orders:delete):
+Protect your own service (the Orders example; Ping is public, DeleteOrder needs org:orders:delete).
+Both follow this AuthService's revocations as machine A (WatchRevocations is for allowlisted callers):
 
-CLERK_JWKS_URL={emu_url}/.well-known/jwks.json cargo run --release --example in_process -- --listen 127.0.0.1:50061
-cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://{addr}
+CLERK_JWKS_URL={emu_url}/.well-known/jwks.json CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example in_process -- --listen 127.0.0.1:50061 --revocations-from http://{addr}
+CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://{addr}
 grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.orders.v1.Orders/ListOrders
 
 {tls_help}Ctrl-C stops both.
@@ -591,6 +644,7 @@ grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.or
         a_secret = service_a.secret_key,
         b_id = service_b.id,
         http_addr = http_addr,
+        metrics_addr = metrics_addr,
         other_user = other_user,
         session_id = session_id,
         tls_help = if tls {

@@ -1,7 +1,8 @@
 //! Prometheus metrics (`GET /metrics` on the HTTP port): decisions by method, outcome and
 //! reason; decision latency histograms; key-set age, JWKS fetches and failures; verdict,
 //! machine-token and identity cache counters; Backend API calls, errors and 429s; revoked
-//! sessions held, evicted and refused.
+//! sessions held, evicted and refused; `WatchRevocations` streams, their buffers and the
+//! subscribers dropped.
 //!
 //! Hot-path counters are the components' own atomics, read at scrape time by a collector;
 //! only the decision counter and the latency histogram are updated per call.
@@ -20,7 +21,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{directory::Directory, error::AuthError, TokenVerifier};
+use crate::{directory::Directory, error::AuthError, service::watch::WatchHub, TokenVerifier};
 
 type DecisionLabels = [(&'static str, &'static str); 3];
 type MethodLabels = [(&'static str, &'static str); 1];
@@ -47,6 +48,7 @@ impl std::fmt::Debug for Metrics {
 struct Stats {
     verifier: TokenVerifier,
     directory: Option<Directory>,
+    watch: Option<WatchHub>,
 }
 
 fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -226,8 +228,72 @@ impl Collector for Stats {
                 c.misses,
             )?;
         }
+        if let Some(w) = &self.watch {
+            watch_metrics(&mut e, &w.stats())?;
+        }
         process_gauges(&mut e)
     }
+}
+
+/// `WatchRevocations`: streams, what they buffer, and the subscribers dropped.
+fn watch_metrics(
+    e: &mut DescriptorEncoder<'_>,
+    w: &crate::service::watch::WatchStats,
+) -> std::fmt::Result {
+    gauge(
+        e,
+        "clerk_auth_watch_streams",
+        "WatchRevocations streams open now",
+        w.active as f64,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_streams_opened",
+        "WatchRevocations streams opened",
+        w.opened,
+    )?;
+    gauge(
+        e,
+        "clerk_auth_watch_buffered_revocations",
+        "Revoked ids held in WatchRevocations stream buffers now (pages and encoded messages)",
+        w.buffered as f64,
+    )?;
+    gauge(
+        e,
+        "clerk_auth_watch_buffered_revocations_peak",
+        "The most revoked ids ever held in WatchRevocations stream buffers at once",
+        w.buffered_peak as f64,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_refused_limit",
+        "WatchRevocations streams refused because a stream limit was reached",
+        w.refused_limit,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_dropped_lagged",
+        "WatchRevocations subscribers dropped for lagging behind the live revocations",
+        w.dropped_lagged,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_dropped_write_timeout",
+        "WatchRevocations subscribers dropped because nothing could be written for the write timeout",
+        w.dropped_write_timeout,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_ended_token_expired",
+        "WatchRevocations streams ended because the caller's token expired",
+        w.ended_token_expired,
+    )?;
+    counter(
+        e,
+        "clerk_auth_watch_resyncs",
+        "Replays of stored revocations walked by WatchRevocations subscribers",
+        w.resyncs,
+    )
 }
 
 /// Process and runtime gauges for leak checks (soak tests, dashboards): resident memory, open
@@ -298,6 +364,15 @@ fn non_empty(s: &str) -> Option<&str> {
 impl Metrics {
     /// Metrics over `verifier` (and `directory` when identity queries are on).
     pub fn new(verifier: TokenVerifier, directory: Option<Directory>) -> Self {
+        Self::with_watch(verifier, directory, None)
+    }
+
+    /// As [`Metrics::new`], plus the `WatchRevocations` streams of `watch`.
+    pub fn with_watch(
+        verifier: TokenVerifier,
+        directory: Option<Directory>,
+        watch: Option<WatchHub>,
+    ) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -319,6 +394,7 @@ impl Metrics {
         registry.register_collector(Box::new(Stats {
             verifier,
             directory,
+            watch,
         }));
         Self {
             inner: Arc::new(Inner {
@@ -361,7 +437,7 @@ fn outcome_of(e: &AuthError) -> &'static str {
         AuthError::Denied(_) => "denied",
         AuthError::InvalidRequest(_) | AuthError::NotCanonical { .. } => "invalid",
         AuthError::NotFound => "not_found",
-        AuthError::RateLimited { .. } => "rate_limited",
+        AuthError::RateLimited { .. } | AuthError::LimitReached { .. } => "rate_limited",
         AuthError::Misconfigured(_) => "misconfigured",
         AuthError::Unavailable(_) => "unavailable",
     }

@@ -3,7 +3,10 @@
 //! A webhook (or `RevokeSession`) reaches one replica. [`Events::publish`] applies the event
 //! locally at once and, when Redis is configured, stores revocations as keys with a TTL (so a
 //! replica that starts later still knows) and publishes every event on a channel that every
-//! replica applies at once. Without Redis: single-replica behaviour.
+//! replica applies at once. Without Redis: single-replica behaviour. After a reconnection the
+//! stored revocations are loaded again: the ids not yet known are added to the set directly and
+//! `WatchRevocations` subscribers are told once to walk them ([`FeedEvent::Resync`]), so a
+//! replay larger than the feed ([`FEED_CAPACITY`]) lags no one.
 //!
 //! The revoked-session set ([`Revocations`]) never refuses a new revocation: each one is kept
 //! for the TTL (the longest lifetime a token of the session can have, after which no token of
@@ -230,12 +233,41 @@ impl Revocations {
     }
 
     fn mark_at(&self, session_id: &str, now: Instant) -> bool {
+        self.mark_with(session_id, now, true)
+    }
+
+    /// Marks a session revoked only if it is not already (a live entry is left as it is, its
+    /// place in the order and its TTL unchanged). Returns whether it was added. For replays of
+    /// stored revocations ([`Events`] reloading Redis): ids already known keep their place, so
+    /// a walk from [`Revocations::tail`] taken before the replay yields the new ones only.
+    pub fn mark_new(&self, session_id: &str) -> bool {
+        self.mark_with(session_id, Instant::now(), false)
+    }
+
+    /// The cursor of the newest entry ever added (`None` before the first): every id marked
+    /// after this call is found by a walk ([`Revocations::page`]) from it.
+    pub fn tail(&self) -> Option<RevocationCursor> {
+        let next = self.read().next_seq;
+        next.checked_sub(1).map(RevocationCursor)
+    }
+
+    fn mark_with(&self, session_id: &str, now: Instant, refresh: bool) -> bool {
         if !is_plausible_session_id(session_id) {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        if !refresh && self.is_revoked_at(session_id, now) {
+            return false;
+        }
         let evicted = {
             let mut t = self.write();
+            if !refresh
+                && t.by_id
+                    .get(session_id)
+                    .is_some_and(|s| !self.is_expired(s.at, now))
+            {
+                return false;
+            }
             let seq = t.next_seq;
             t.next_seq += 1;
             let stamp = Stamp { seq, at: now };
@@ -433,7 +465,26 @@ struct EventsInner {
     redis: Option<Redis>,
     subscribed: watch::Sender<bool>,
     applied: watch::Sender<u64>,
-    revoked_feed: broadcast::Sender<Arc<str>>,
+    reloads: watch::Sender<u64>,
+    revoked_feed: broadcast::Sender<FeedEvent>,
+}
+
+/// How many feed events ([`Events::subscribe_revocations`]) a subscriber may be behind before
+/// it is told it lagged. A replay of stored revocations takes one event whatever its size.
+pub const FEED_CAPACITY: usize = 4096;
+
+/// What a revocation subscriber (`WatchRevocations`) is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// This session was revoked.
+    Revoked(Arc<str>),
+    /// Revocations were added to the set without an event each (a replay of the ids stored in
+    /// Redis after a reconnection): walk the set ([`Revocations::page`]) from `after` to the
+    /// end to see them.
+    Resync {
+        /// Where the added ids start (exclusive; `None`: from the oldest).
+        after: Option<RevocationCursor>,
+    },
 }
 
 /// Applies and shares events. Cheap to clone.
@@ -467,7 +518,8 @@ impl Events {
                 redis: None,
                 subscribed,
                 applied: watch::Sender::new(0),
-                revoked_feed: broadcast::channel(4096).0,
+                reloads: watch::Sender::new(0),
+                revoked_feed: broadcast::channel(FEED_CAPACITY).0,
             }),
         }
     }
@@ -497,7 +549,8 @@ impl Events {
                 }),
                 subscribed,
                 applied: watch::Sender::new(0),
-                revoked_feed: broadcast::channel(4096).0,
+                reloads: watch::Sender::new(0),
+                revoked_feed: broadcast::channel(FEED_CAPACITY).0,
             }),
         })
     }
@@ -512,9 +565,21 @@ impl Events {
         *self.inner.applied.borrow()
     }
 
-    /// New revocations as they are applied (for `WatchRevocations`).
-    pub fn subscribe_revocations(&self) -> broadcast::Receiver<Arc<str>> {
+    /// New revocations as they are applied, and replays to walk (for `WatchRevocations`).
+    /// Subscribe **before** walking the set, so nothing falls between the walk and the feed.
+    pub fn subscribe_revocations(&self) -> broadcast::Receiver<FeedEvent> {
         self.inner.revoked_feed.subscribe()
+    }
+
+    /// How many times the stored revocations were loaded from Redis (at each (re)connection).
+    pub fn reloads(&self) -> u64 {
+        *self.inner.reloads.borrow()
+    }
+
+    /// Waits until the stored revocations have been loaded from Redis at least `n` times.
+    pub async fn wait_reloaded(&self, n: u64) {
+        let mut rx = self.inner.reloads.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
     }
 
     /// Waits until at least `n` events have been applied.
@@ -570,7 +635,10 @@ impl Events {
         match event {
             Event::SessionRevoked { id } => {
                 if self.inner.revocations.mark(id) {
-                    let _ = self.inner.revoked_feed.send(id.as_str().into());
+                    let _ = self
+                        .inner
+                        .revoked_feed
+                        .send(FeedEvent::Revoked(id.as_str().into()));
                     if let Some(d) = &self.inner.directory {
                         d.invalidate_session(id).await;
                     }
@@ -655,7 +723,26 @@ impl Events {
         }
     }
 
+    /// Loads every stored revocation. The ids are added to the set directly — one that is
+    /// already held keeps its place — and subscribers get one [`FeedEvent::Resync`] from the
+    /// set's tail before the load, whatever the number of ids: a replay larger than
+    /// [`FEED_CAPACITY`] lags no one.
     async fn load_revoked(&self, r: &Redis) -> Result<(), redis::RedisError> {
+        let revocations = &self.inner.revocations;
+        let after = revocations.tail();
+        let mut added = 0u64;
+        let result = self.scan_revoked(r, &mut added).await;
+        if added > 0 {
+            let _ = self.inner.revoked_feed.send(FeedEvent::Resync { after });
+            tracing::info!(added, "revocations stored in Redis replayed");
+        }
+        if result.is_ok() {
+            self.inner.reloads.send_modify(|n| *n += 1);
+        }
+        result
+    }
+
+    async fn scan_revoked(&self, r: &Redis, added: &mut u64) -> Result<(), redis::RedisError> {
         let mut conn = r.conn.clone();
         let pattern = format!("{}:revoked:*", r.prefix);
         let skip = format!("{}:revoked:", r.prefix).len();
@@ -671,8 +758,8 @@ impl Events {
                 .await?;
             for k in keys {
                 if let Some(id) = k.get(skip..) {
-                    if self.inner.revocations.mark(id) {
-                        let _ = self.inner.revoked_feed.send(id.into());
+                    if self.inner.revocations.mark_new(id) {
+                        *added += 1;
                     }
                 }
             }
@@ -814,6 +901,30 @@ mod tests {
         assert_eq!(seen, (0..25).map(sid).collect::<Vec<_>>());
         let snap: Vec<String> = r.snapshot().iter().map(|s| s.to_string()).collect();
         assert_eq!(snap, seen);
+    }
+
+    #[test]
+    fn a_replay_adds_only_new_ids_and_a_walk_from_the_tail_finds_them() {
+        let r = Revocations::new(TTL, 100);
+        assert_eq!(r.tail(), None);
+        for i in 0..5 {
+            r.mark(&sid(i));
+        }
+        let tail = r.tail();
+        // Known ids keep their place; new ones are added after the tail.
+        for i in 3..8 {
+            assert_eq!(r.mark_new(&sid(i)), i >= 5, "{i}");
+        }
+        assert!(!r.mark_new("not a session"));
+        assert_eq!(r.len(), 8);
+        let (page, next) = r.page(tail, 100);
+        assert_eq!(next, None);
+        let page: Vec<String> = page.iter().map(|s| s.to_string()).collect();
+        assert_eq!(page, [sid(5), sid(6), sid(7)]);
+        // From the start: every id once, in order.
+        let (all, _) = r.page(None, 100);
+        assert_eq!(all.len(), 8);
+        assert_eq!(&*all[0], sid(0));
     }
 
     #[test]

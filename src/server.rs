@@ -30,7 +30,10 @@ use crate::{
     machine::{MachineConfig, MachineVerifier},
     metrics::{Metrics, Observer},
     revocation::{Events, RedisConfig, RedisError, Revocations},
-    service::{AuthServiceImpl, Forwarders, IdentityQueries},
+    service::{
+        watch::{WatchConfig, WatchHub},
+        AuthServiceImpl, Forwarders, IdentityQueries,
+    },
     webhook::{SvixVerifier, WebhookSecretError},
     TokenVerifier, TokenVerifierConfig,
 };
@@ -82,6 +85,24 @@ pub struct ServerConfig {
     /// (`spiffe://…`, their mTLS certificate). Anyone else's `client_ip` is ignored and the
     /// call is counted under its own address.
     pub forwarders: Vec<String>,
+    /// Limits of `WatchRevocations` streams (numbers, write timeout).
+    pub watch: WatchConfig,
+    /// Serve gRPC server reflection v1 and v1alpha (`CLERK_AUTH_REFLECTION`; default on). Off:
+    /// reflection calls are `UNIMPLEMENTED`; health and the services are unaffected.
+    pub reflection: bool,
+}
+
+/// The ports a [`Server`] serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (AuthService, Envoy `Check`, health, reflection).
+    pub grpc: TcpListener,
+    /// The HTTP port (`CLERK_AUTH_HTTP_LISTEN`): Clerk webhooks; also `/metrics`, `/livez` and
+    /// `/readyz` when there is no metrics port.
+    pub http: Option<TcpListener>,
+    /// The metrics port (`CLERK_AUTH_METRICS_LISTEN`): `/metrics`, `/livez`, `/readyz` only.
+    /// With it, the HTTP port serves webhooks only.
+    pub metrics: Option<TcpListener>,
 }
 
 /// TLS for the gRPC port; mTLS when a client CA is given.
@@ -177,6 +198,8 @@ pub struct Server {
     webhook: Option<SvixVerifier>,
     redis: Option<RedisConfig>,
     shutdown_grace: Duration,
+    watch: WatchHub,
+    reflection: bool,
 }
 
 // === impl ServerConfig ===
@@ -200,6 +223,8 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             budget: BudgetConfig::default(),
             forwarders: Vec::new(),
+            watch: WatchConfig::default(),
+            reflection: true,
         }
     }
 }
@@ -267,6 +292,8 @@ impl Server {
             webhook,
             redis: config.redis,
             shutdown_grace: config.shutdown_grace,
+            watch: WatchHub::new(config.watch),
+            reflection: config.reflection,
         })
     }
 
@@ -278,6 +305,11 @@ impl Server {
     /// The verifier the server uses.
     pub fn verifier(&self) -> &TokenVerifier {
         &self.verifier
+    }
+
+    /// The `WatchRevocations` streams (limits and counters).
+    pub fn watch(&self) -> &WatchHub {
+        &self.watch
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains in-flight calls for at most
@@ -320,22 +352,69 @@ impl Server {
         events: Events,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        let listeners = Listeners {
+            grpc: listener,
+            http,
+            metrics: None,
+        };
+        self.serve_on(listeners, events, shutdown).await
+    }
+
+    /// Serves on every port of `listeners` with an events hub made by [`Server::events`]:
+    /// gRPC; the HTTP port (webhooks); the metrics port (`/metrics`, `/livez`, `/readyz`).
+    /// Without a metrics port the HTTP port serves both, as before (with a warning when
+    /// webhooks are on: opening it to Clerk opens the metrics too).
+    pub async fn serve_on(
+        self,
+        listeners: Listeners,
+        events: Events,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Listeners {
+            grpc: listener,
+            http,
+            metrics: metrics_listener,
+        } = listeners;
         let stop = CancellationToken::new();
         let subscriber = tokio::spawn(events.clone().run(stop.clone()));
-        let metrics = Metrics::new(self.verifier.clone(), self.directory.clone());
+        let metrics = Metrics::with_watch(
+            self.verifier.clone(),
+            self.directory.clone(),
+            Some(self.watch.clone()),
+        );
         let observer = Observer::new(Some(metrics.clone()));
-        let http_task = http.map(|l| {
-            let mut app = ops_router(metrics.clone(), self.verifier.keys().clone());
-            if let Some(v) = self.webhook.clone() {
-                app = app.merge(crate::webhook::router(v, events.clone()));
-            }
+        let ops = ops_router(metrics.clone(), self.verifier.keys().clone());
+        let webhooks = self
+            .webhook
+            .clone()
+            .map(|v| crate::webhook::router(v, events.clone()));
+        let serve_http = |l: TcpListener, app: axum::Router| {
             let stopped = stop.clone();
             tokio::spawn(async move {
                 axum::serve(l, app)
                     .with_graceful_shutdown(async move { stopped.cancelled().await })
                     .await
             })
-        });
+        };
+        let mut http_tasks = Vec::new();
+        let split = metrics_listener.is_some();
+        if let Some(l) = metrics_listener {
+            http_tasks.push(serve_http(l, ops.clone()));
+        }
+        if let Some(l) = http {
+            let mut app = if split { axum::Router::new() } else { ops };
+            if let Some(w) = webhooks {
+                if !split {
+                    tracing::warn!(
+                        "/metrics, /livez and /readyz are served on the webhook port \
+                         (CLERK_AUTH_HTTP_LISTEN): whoever may reach the webhooks may read them; \
+                         set CLERK_AUTH_METRICS_LISTEN to serve them on a port of their own"
+                    );
+                }
+                app = app.merge(w);
+            }
+            http_tasks.push(serve_http(l, app));
+        }
         let keys = self.verifier.keys().clone();
         let refresher = tokio::spawn(keys.clone().run(stop.clone()));
 
@@ -348,27 +427,40 @@ impl Server {
             .await;
         let health_task = spawn_health(keys, reporter, stop.clone());
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(ServerError::Reflection)?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(ServerError::Reflection)?;
+        let (reflection_v1, reflection_v1alpha) = if self.reflection {
+            let v1 = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(ServerError::Reflection)?;
+            let v1alpha = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .build_v1alpha()
+                .map_err(ServerError::Reflection)?;
+            (Some(v1), Some(v1alpha))
+        } else {
+            (None, None)
+        };
 
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let watch = self.watch.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutdown signal received; draining in-flight calls");
+            // Revocation streams never end by themselves: end them now (their subscribers
+            // resubscribe elsewhere) so that the drain does not wait for the grace period.
+            watch.shutdown();
             let _ = drain_tx.send(());
         };
         let grace = self.shutdown_grace;
-        let mut builder = tonic::transport::Server::builder();
+        // HTTP/2 keepalive: a peer that stops answering (a frozen client holding revocation
+        // streams) loses its connection, and with it what the server buffered for it.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         if let Some(tls) = &self.tls {
             builder = builder
                 .tls_config(tls.to_tonic())
@@ -376,8 +468,8 @@ impl Server {
         }
         let server = builder
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
             .add_service(
                 self.auth_service(events)
                     .with_observer(observer.clone())
@@ -411,7 +503,7 @@ impl Server {
         let _ = refresher.await;
         let _ = health_task.await;
         let _ = subscriber.await;
-        if let Some(t) = http_task {
+        for t in http_tasks {
             if let Ok(Err(e)) = t.await {
                 tracing::error!(error = %e, "HTTP port failed");
             }
@@ -426,6 +518,7 @@ impl Server {
         AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
             .with_access(self.access.clone())
             .with_forwarders(Forwarders::new(self.forwarders.iter().cloned()))
+            .with_watch(self.watch.clone())
     }
 }
 

@@ -1,6 +1,8 @@
 //! The `clerk.auth.v1.AuthService` gRPC implementation: translates protobuf ↔ domain and calls
 //! the [`TokenVerifier`]. Errors become [`Status`] through [`crate::error`]'s one mapping.
 
+pub mod watch;
+
 use std::{collections::HashSet, sync::Arc};
 
 use tonic::{Request, Response, Status};
@@ -29,6 +31,7 @@ pub struct AuthServiceImpl {
     access: Access,
     observer: Observer,
     forwarders: Forwarders,
+    watch: watch::WatchHub,
 }
 
 /// The callers allowed to say whom a request is for (`VerifyTokenRequest.client_ip`, the
@@ -113,6 +116,7 @@ impl AuthServiceImpl {
             access: Access::default(),
             observer: Observer::default(),
             forwarders: Forwarders::default(),
+            watch: watch::WatchHub::default(),
         }
     }
 
@@ -130,6 +134,7 @@ impl AuthServiceImpl {
             access: Access::default(),
             observer: Observer::default(),
             forwarders: Forwarders::default(),
+            watch: watch::WatchHub::default(),
         }
     }
 
@@ -150,6 +155,12 @@ impl AuthServiceImpl {
             tracing::warn!("{w}");
         }
         self.access = access;
+        self
+    }
+
+    /// Serves `WatchRevocations` within `hub`'s limits (default: [`watch::WatchConfig`]'s).
+    pub fn with_watch(mut self, hub: watch::WatchHub) -> Self {
+        self.watch = hub;
         self
     }
 
@@ -287,47 +298,22 @@ async fn traced<T>(
 
 #[tonic::async_trait]
 impl AuthService for AuthServiceImpl {
-    type WatchRevocationsStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::Revocation, Status>> + Send + 'static>,
-    >;
+    type WatchRevocationsStream = watch::RevocationStream;
 
     async fn watch_revocations(
         &self,
-        _request: Request<pb::WatchRevocationsRequest>,
+        request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        use tokio::sync::broadcast::error::RecvError;
-        // Subscribe before the snapshot, so nothing falls between the two.
-        let mut live = self.events.subscribe_revocations();
-        let snapshot = self.events.revocations().snapshot();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Revocation, Status>>(64);
-        tokio::spawn(async move {
-            for id in snapshot {
-                let msg = pb::Revocation {
-                    session_id: id.to_string(),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                let msg = match live.recv().await {
-                    Ok(id) => Ok(pb::Revocation {
-                        session_id: id.to_string(),
-                    }),
-                    Err(RecvError::Lagged(_)) => Err(Status::unavailable(
-                        "revocation subscriber fell behind; resubscribe",
-                    )),
-                    Err(RecvError::Closed) => return,
-                };
-                let stop = msg.is_err();
-                if tx.send(msg).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        traced(&self.observer, "WatchRevocations", "", async {
+            // Trusted callers only ([`crate::access`]): an allowlisted SPIFFE ID (mTLS), or an
+            // M2M token of an allowlisted machine scoped to AuthService. A token's expiry ends
+            // the stream: it never outlives the credentials that opened it.
+            let (_, identity) = self.caller(Rpc::WatchRevocations, &request).await?;
+            let expires_at = identity.map(|i| i.expires_at);
+            self.watch
+                .open(&self.events, request.remote_addr(), expires_at)
+        })
+        .await
     }
 
     async fn who_am_i(

@@ -54,7 +54,16 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
             )
         })
         .collect();
-    assert!(ports.contains(&("grpc".into(), 50051)) && ports.contains(&("http".into(), 8081)));
+    for port in [("grpc", 50051), ("webhooks", 8081), ("metrics", 9090)] {
+        assert!(
+            ports.contains(&(port.0.into(), port.1)),
+            "{port:?} in {ports:?}"
+        );
+    }
+    // Metrics are scraped from the metrics port, never the webhook port.
+    let annotations = &d["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"].as_str(), Some("9090"));
+    assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
     // gRPC health probe on the service the server reports; liveness on /livez.
     assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(50051));
     assert_eq!(
@@ -65,7 +74,11 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
         c["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/livez")
     );
-    assert_eq!(c["livenessProbe"]["httpGet"]["port"].as_i64(), Some(8081));
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["port"].as_str(),
+        Some("metrics"),
+        "liveness on the metrics port"
+    );
     let env_from: Vec<&str> = c["envFrom"]
         .as_vec()
         .unwrap()
@@ -87,6 +100,12 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
         cm["data"]["CLERK_AUTH_HTTP_LISTEN"].as_str(),
         Some("0.0.0.0:8081")
     );
+    // With a metrics port the HTTP port serves webhooks only; no reflection in production.
+    assert_eq!(
+        cm["data"]["CLERK_AUTH_METRICS_LISTEN"].as_str(),
+        Some("0.0.0.0:9090")
+    );
+    assert_eq!(cm["data"]["CLERK_AUTH_REFLECTION"].as_str(), Some("false"));
     // A full verdict cache (≈ 2.7 KB per entry; 3 KiB counted) plus a baseline must fit in the
     // container's memory limit, or a burst of distinct tokens gets the pod OOM-killed.
     let capacity: u64 = cm["data"]["CLERK_AUTH_VERDICT_CACHE_CAPACITY"]
@@ -111,12 +130,55 @@ fn kubernetes_manifests_name_the_right_ports_and_probes() {
         .starts_with("sk_"));
 
     let services = docs("deploy/kubernetes/service.yaml");
-    assert_eq!(services.len(), 2);
+    let service = |name: &str| {
+        services
+            .iter()
+            .find(|s| s["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("Service {name}"))
+    };
+    let service_ports = |name: &str| -> Vec<(i64, String)> {
+        service(name)["spec"]["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["port"].as_i64().unwrap(),
+                    p["targetPort"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(services.len(), 4);
+    // Each Service exposes one port, and says which.
+    assert_eq!(service_ports("clerk-grpc-auth"), [(50051, "grpc".into())]);
     assert_eq!(
-        services[0]["spec"]["ports"][0]["port"].as_i64(),
-        Some(50051)
+        service("clerk-grpc-auth-headless")["spec"]["clusterIP"].as_str(),
+        Some("None")
     );
-    assert_eq!(services[1]["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(
+        service_ports("clerk-grpc-auth-headless"),
+        [(50051, "grpc".into())]
+    );
+    assert_eq!(
+        service_ports("clerk-grpc-auth-webhooks"),
+        [(8081, "webhooks".into())]
+    );
+    assert_eq!(
+        service_ports("clerk-grpc-auth-metrics"),
+        [(9090, "metrics".into())]
+    );
+    let metrics = &service("clerk-grpc-auth-metrics")["metadata"]["annotations"];
+    assert_eq!(metrics["prometheus.io/scrape"].as_str(), Some("true"));
+    assert_eq!(metrics["prometheus.io/port"].as_str(), Some("9090"));
+    assert!(service("clerk-grpc-auth-webhooks")["metadata"]["annotations"].is_badvalue());
+    // Every targetPort names a container port.
+    for s in &services {
+        for p in s["spec"]["ports"].as_vec().unwrap() {
+            let target = p["targetPort"].as_str().unwrap();
+            assert!(ports.iter().any(|(n, _)| n == target), "{target}");
+        }
+    }
     assert_eq!(
         one("deploy/kubernetes/pdb.yaml")["kind"].as_str(),
         Some("PodDisruptionBudget")
@@ -238,6 +300,8 @@ fn dockerfile_is_multi_stage_and_non_root() {
     );
     assert!(text.contains("USER nonroot"));
     assert!(text.contains("CLERK_AUTH_LISTEN=0.0.0.0:50051"));
-    assert!(text.contains("EXPOSE 50051 8081"));
+    assert!(text.contains("CLERK_AUTH_HTTP_LISTEN=0.0.0.0:8081"));
+    assert!(text.contains("CLERK_AUTH_METRICS_LISTEN=0.0.0.0:9090"));
+    assert!(text.contains("EXPOSE 50051 8081 9090"));
     assert!(text.contains("CMD [\"serve\"]"));
 }

@@ -1164,11 +1164,37 @@ async fn replicas_share_revocations_through_redis() {
         .unwrap();
 }
 
+/// A fixed token for outgoing calls.
+#[derive(Clone)]
+struct Static(String);
+
+impl clerk_grpc_auth::client::TokenSource for Static {
+    fn token(&self) -> futures::future::BoxFuture<'_, Result<String, Status>> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
+}
+
 #[tokio::test]
 async fn layers_following_revocations_refuse_at_once() {
-    use clerk_grpc_auth::layer::{watch_revocations, DelegatedConfig, DelegatedVerifier};
+    use clerk_grpc_auth::layer::{
+        watch_revocations_with, CallerCredentials, DelegatedConfig, DelegatedVerifier,
+    };
     let clerk = Emulator::start_local().await.unwrap();
-    let r = replica(&clerk, &Setup::default()).await;
+    // WatchRevocations is for allowlisted callers: the layers follow as this machine.
+    let follower = clerk.create_machine("follower");
+    let r = replica(
+        &clerk,
+        &Setup {
+            allowlist: vec![follower.id.clone()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let credentials = Static(clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        subject: Some(follower.id.clone()),
+        ..MachineTokenSpec::default()
+    }));
     clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
     let user = clerk.create_user(&UserSpec::default());
     let session = clerk.create_session(&user);
@@ -1177,6 +1203,7 @@ async fn layers_following_revocations_refuse_at_once() {
     // A delegated verifier (10 s verdict cache) and an in-process one, both following.
     let delegated = DelegatedVerifier::new(DelegatedConfig {
         endpoints: vec![format!("http://{}", r.grpc)],
+        credentials: Some(CallerCredentials::new(credentials.clone())),
         ..DelegatedConfig::default()
     })
     .unwrap();
@@ -1188,7 +1215,8 @@ async fn layers_following_revocations_refuse_at_once() {
     let channel = Channel::from_shared(format!("http://{}", r.grpc))
         .unwrap()
         .connect_lazy();
-    let local_feed = watch_revocations(channel, local.revocations().clone());
+    let local_feed =
+        watch_revocations_with(channel, local.revocations().clone(), credentials.clone());
     delegated_feed.connected().await;
     local_feed.connected().await;
 
@@ -1218,6 +1246,7 @@ async fn layers_following_revocations_refuse_at_once() {
     // A subscriber that connects later gets the revocations AuthService remembers.
     let late = DelegatedVerifier::new(DelegatedConfig {
         endpoints: vec![format!("http://{}", r.grpc)],
+        credentials: Some(CallerCredentials::new(credentials)),
         ..DelegatedConfig::default()
     })
     .unwrap();

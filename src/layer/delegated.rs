@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use tonic::{transport::Channel, Code, Status};
 use tonic_types::StatusExt;
 
-use super::{watch_revocations, Authenticate, RevocationFeed};
+use super::{Authenticate, RevocationFeed};
 use crate::{
     client::TokenSource,
     error::{AuthError, Reason, VerifyError},
@@ -220,9 +220,15 @@ impl DelegatedVerifier {
 
     /// Follows AuthService's `WatchRevocations` on this verifier's channel: a session revoked at
     /// AuthService (webhook, `RevokeSession`, another replica) is refused here at once, even
-    /// for a verdict still in the cache. Keep the returned feed alive.
+    /// for a verdict still in the cache. Keep the returned feed alive. The feed presents
+    /// [`DelegatedConfig::credentials`] (or the channel's mTLS certificate): AuthService
+    /// streams revocations to allowlisted callers only.
     pub fn watch_revocations(&self) -> RevocationFeed {
-        watch_revocations(self.inner.channel.clone(), self.inner.revocations.clone())
+        super::feed::follow(
+            self.inner.channel.clone(),
+            self.inner.revocations.clone(),
+            self.inner.credentials.as_ref().map(|c| c.0.clone()),
+        )
     }
 
     /// Verifies a token: from the verdict cache, else by one `VerifyToken` call shared by

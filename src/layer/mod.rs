@@ -45,7 +45,7 @@ use tower::{Layer, Service};
 
 pub use body::ExpiringBody;
 pub use delegated::{CallerCredentials, DelegatedConfig, DelegatedStats, DelegatedVerifier};
-pub use feed::{watch_revocations, RevocationFeed};
+pub use feed::{watch_revocations, watch_revocations_with, RevocationFeed};
 pub use interceptor::AuthInterceptor;
 pub use token::{Origin, TokenSources, SESSION_COOKIE};
 
