@@ -654,6 +654,13 @@ Its SPIFFE ID ({DEV_SPIFFE_ID}) is on the identity-query allowlist, so it may re
 grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
 grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certificate: refused
 
+The delegated example over mTLS (instead of its plaintext line above):
+
+cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service https://{addr} --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client-key.pem
+
+These files are private to you (directory 0700, files 0600), valid for a day, and removed when
+dev stops.
+
 "#,
                 d = dir.path().display()
             )
