@@ -36,7 +36,7 @@ use tonic::{transport::Channel, Code, Request, Response, Status};
 #[derive(Clone)]
 enum Answer {
     /// "valid", with this identity.
-    Valid(pb::Identity),
+    Valid(Box<pb::Identity>),
     /// A response without an identity.
     NoIdentity,
     /// An error status.
@@ -86,7 +86,7 @@ impl AuthService for Fake {
         let answer = self.answers.lock().unwrap().get(&token).cloned();
         match answer {
             Some(Answer::Valid(identity)) => Ok(Response::new(pb::VerifyTokenResponse {
-                identity: Some(identity),
+                identity: Some(*identity),
             })),
             Some(Answer::NoIdentity) => Ok(Response::new(pb::VerifyTokenResponse::default())),
             Some(Answer::Error(code)) => Err(Status::new(code, "fake")),
@@ -238,7 +238,7 @@ async fn malformed_answers_are_refused_and_never_cached() {
     let (mut client, _stop) = start_orders(verifier.clone()).await;
 
     // Control: a well-formed answer passes, to the handler.
-    fake.set("good", Answer::Valid(session("user_good")));
+    fake.set("good", Answer::Valid(Box::new(session("user_good"))));
     let res = list_orders(&mut client, "good").await.unwrap();
     assert_eq!(res.caller.unwrap().user_id, "user_good");
 
@@ -256,7 +256,7 @@ async fn malformed_answers_are_refused_and_never_cached() {
     let cases: Vec<(&str, Answer, Code, &str)> = vec![
         (
             "empty",
-            Answer::Valid(pb::Identity::default()),
+            Answer::Valid(Box::default()),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
@@ -268,52 +268,52 @@ async fn malformed_answers_are_refused_and_never_cached() {
         ),
         (
             "no-expiry",
-            Answer::Valid(pb::Identity {
+            Answer::Valid(Box::new(pb::Identity {
                 expires_at: None,
                 ..session("user_a")
-            }),
+            })),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
         (
             "expired",
-            Answer::Valid(pb::Identity {
+            Answer::Valid(Box::new(pb::Identity {
                 expires_at: ts(now() - 3600.0),
                 ..session("user_a")
-            }),
+            })),
             Code::Unauthenticated,
             "TOKEN_EXPIRED",
         ),
         (
             "m2m-on-session-rule",
-            Answer::Valid(m2m),
+            Answer::Valid(Box::new(m2m)),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
         (
             "no-user-id",
-            Answer::Valid(pb::Identity {
+            Answer::Valid(Box::new(pb::Identity {
                 user_id: String::new(),
                 ..session("user_a")
-            }),
+            })),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
         (
             "unknown-type",
-            Answer::Valid(pb::Identity {
+            Answer::Valid(Box::new(pb::Identity {
                 token_type: 42,
                 ..session("user_a")
-            }),
+            })),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
         (
             "pending",
-            Answer::Valid(pb::Identity {
+            Answer::Valid(Box::new(pb::Identity {
                 session_status: pb::SessionStatus::Pending as i32,
                 ..session("user_a")
-            }),
+            })),
             Code::Unavailable,
             "AUTH_SERVICE_UNAVAILABLE",
         ),
@@ -328,7 +328,7 @@ async fn malformed_answers_are_refused_and_never_cached() {
             malformed += 1;
         }
         // Not cached: the same token asks again, and a sound answer now passes.
-        fake.set(token, Answer::Valid(session("user_fixed")));
+        fake.set(token, Answer::Valid(Box::new(session("user_fixed"))));
         let res = list_orders(&mut client, token)
             .await
             .unwrap_or_else(|e| panic!("{token}: {e:?}"));
@@ -347,7 +347,7 @@ async fn coalesced_waiters_share_the_refusal_not_a_pass() {
         gate: Some(Arc::new(gate)),
         ..Fake::default()
     };
-    fake.set("shared", Answer::Valid(pb::Identity::default()));
+    fake.set("shared", Answer::Valid(Box::default()));
     let (fake_addr, _fake_stop) = start_fake(fake.clone()).await;
     let verifier = verifier(fake_addr, |c| {
         c.deadline = std::time::Duration::from_secs(30)
@@ -371,7 +371,7 @@ async fn coalesced_waiters_share_the_refusal_not_a_pass() {
     }
     // Nothing stuck: the next call asks again and a sound answer passes.
     let before = fake.calls("shared");
-    fake.set("shared", Answer::Valid(session("user_after")));
+    fake.set("shared", Answer::Valid(Box::new(session("user_after"))));
     let mut client = client.clone();
     let res = list_orders(&mut client, "shared").await.unwrap();
     assert_eq!(res.caller.unwrap().user_id, "user_after");
@@ -409,10 +409,10 @@ async fn a_malformed_answer_does_not_fall_back_in_process() {
     // A malformed answer: refused, the fallback not asked.
     fake.set(
         &token,
-        Answer::Valid(pb::Identity {
+        Answer::Valid(Box::new(pb::Identity {
             user_id: String::new(),
             ..session("user_real")
-        }),
+        })),
     );
     let status = list_orders(&mut client, &token).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
