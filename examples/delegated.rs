@@ -1,12 +1,21 @@
 //! The Orders service protected by delegation: each new token is verified by a
 //! `clerk.auth.v1.AuthService` (e.g. `clerk-grpc-auth dev`), verdicts are cached for 10 s.
 //!
-//! With `cargo run --release -- dev` running in another terminal:
+//! With `cargo run --release -- dev --tls` running in another terminal (it prints this line
+//! with its PKI directory filled in):
 //!
 //! ```sh
-//! cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://127.0.0.1:50051
+//! cargo run --release --example delegated -- --listen 127.0.0.1:50062 \
+//!   --auth-service https://127.0.0.1:50051 \
+//!   --tls-ca $PKI/ca.pem --tls-cert $PKI/client.pem --tls-key $PKI/client-key.pem
 //! grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50062 examples.orders.v1.Orders/ListOrders
 //! ```
+//!
+//! Every verdict comes from AuthService, so whoever can change its answers on the way can make
+//! any token valid: use `https://` (TLS, `--tls-ca`; mTLS with `--tls-cert` / `--tls-key`)
+//! whenever AuthService is not on this machine. Plain `dev` serves plaintext, for loopback:
+//! `--auth-service http://127.0.0.1:50051`; a plaintext endpoint that is not loopback is
+//! warned about at startup.
 //!
 //! `--auth-service` may be repeated: calls are balanced over every endpoint. While no
 //! AuthService answers, protected methods fail closed with `UNAVAILABLE`.
@@ -18,6 +27,8 @@
 
 #[path = "common/orders.rs"]
 mod orders;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::process::ExitCode;
 
@@ -36,9 +47,12 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50062")]
     listen: String,
-    /// AuthService endpoint(s), e.g. `http://127.0.0.1:50051`.
+    /// AuthService endpoint(s): `https://auth.internal:50051` (with `--tls-ca`), or
+    /// `http://127.0.0.1:50051` on loopback.
     #[arg(long = "auth-service", required = true)]
     auth_service: Vec<String>,
+    #[command(flatten)]
+    tls: tls::AuthServiceTls,
     /// Per-call deadline of VerifyToken, in milliseconds.
     #[arg(long, default_value_t = 200)]
     deadline_ms: u64,
@@ -76,10 +90,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let tls = match args.tls.client_config() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let verifier = match DelegatedVerifier::new(DelegatedConfig {
         endpoints: args.auth_service.clone(),
         deadline: std::time::Duration::from_millis(args.deadline_ms),
         credentials,
+        tls,
         ..DelegatedConfig::default()
     }) {
         Ok(v) => v,

@@ -15,9 +15,14 @@
 //!   cargo run --release --example machine_to_machine -- \
 //!   --auth-service http://127.0.0.1:50051 --machine-id mch_…B
 //! ```
+//!
+//! Plaintext is for AuthService on loopback; elsewhere use `--auth-service https://…` with
+//! `--tls-ca` (and `--tls-cert` / `--tls-key` for mTLS), as in the `delegated` example.
 
 #[path = "common/orders.rs"]
 mod orders;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -46,9 +51,12 @@ struct Args {
     /// B's machine id (`mch_…`): A's tokens must list it.
     #[arg(long)]
     machine_id: String,
-    /// The AuthService B delegates verification to.
+    /// The AuthService B delegates verification to: `https://…` with `--tls-ca`, or
+    /// `http://127.0.0.1:50051` on loopback.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     auth_service: String,
+    #[command(flatten)]
+    tls: tls::AuthServiceTls,
     /// Where B listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
@@ -77,6 +85,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let verifier = DelegatedVerifier::new(DelegatedConfig {
         endpoints: vec![args.auth_service.clone()],
+        tls: args.tls.client_config()?,
         ..DelegatedConfig::default()
     })?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;

@@ -6,6 +6,7 @@
 //! | [`AuthError::NotCanonical`] (a path, host or method with no single safe reading) | `INVALID_ARGUMENT` |
 //! | [`AuthError::Rejected`] (the token is not valid) | `UNAUTHENTICATED` |
 //! | [`AuthError::Unavailable`] (no usable key material, AuthService unreachable) | `UNAVAILABLE` |
+//! | [`MalformedAnswer`] (a delegated layer got a "valid" it cannot use) | `UNAVAILABLE` (`AUTH_SERVICE_UNAVAILABLE`) |
 //! | [`AuthError::Denied`] (authenticated, but the policy does not allow the call) | `PERMISSION_DENIED` |
 //! | [`AuthError::RateLimited`], [`AuthError::LimitReached`] (too many calls or streams) | `RESOURCE_EXHAUSTED` |
 //!
@@ -60,7 +61,8 @@ pub enum Reason {
     InvalidRequest,
     /// The call carries no token (no `authorization`, `__session` cookie or configured key).
     TokenMissing,
-    /// The AuthService a delegated layer relies on did not answer (down, deadline, error).
+    /// The AuthService a delegated layer relies on did not answer (down, deadline, error), or
+    /// answered with an identity that cannot be used ([`MalformedAnswer`]).
     AuthServiceUnavailable,
     /// The machine token (opaque M2M token, API key, OAuth token) was revoked.
     TokenRevoked,
@@ -197,6 +199,52 @@ pub enum AuthError {
         /// Which limit.
         limit: &'static str,
     },
+}
+
+/// AuthService answered `VerifyToken` with "valid", but the answer cannot be used: it is
+/// incomplete, or contradicts the request it answers (checked by
+/// [`DelegatedVerifier`](crate::layer::DelegatedVerifier) before anything is cached or handed
+/// to a handler).
+///
+/// It says nothing about the token and everything about AuthService (or whatever sits between
+/// it and the layer): it is not doing its job. So it becomes [`AuthError::Unavailable`] /
+/// `AUTH_SERVICE_UNAVAILABLE` — retry later, alert the operator — rather than `UNAUTHENTICATED`,
+/// which would tell a caller with a good token to get a new one. Never a pass, never cached.
+/// A token that an otherwise sound answer shows to be expired (or not yet valid) by the layer's
+/// own clock is a plain rejection instead (`TOKEN_EXPIRED` / `TOKEN_NOT_ACTIVE_YET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MalformedAnswer {
+    /// The response holds no identity.
+    #[error("the answer holds no identity")]
+    NoIdentity,
+    /// The token type is unspecified, or a value this build does not know.
+    #[error("the token type is unspecified or unknown")]
+    UnknownTokenType,
+    /// The token type is not one the request accepts (e.g. an M2M token for a rule taking
+    /// session tokens only).
+    #[error("the token type is not one the request accepts")]
+    TokenTypeNotAccepted,
+    /// No subject: a session token without `user_id`, a machine token without
+    /// `machine.subject`.
+    #[error("the identity has no subject")]
+    NoSubject,
+    /// Fields that contradict the token type: machine details on a session token; on a machine
+    /// token, session fields, or a `user_id` / organization its subject does not give.
+    #[error("the identity's fields contradict its token type")]
+    Inconsistent,
+    /// The session status is a value this build does not know.
+    #[error("the session status is unknown")]
+    UnknownSessionStatus,
+    /// A `pending` session, for a request that does not accept pending sessions.
+    #[error("a pending session, which the request does not accept")]
+    PendingSession,
+    /// The `azp` is not one of the request's authorized parties.
+    #[error("the authorized party is not one the request names")]
+    AuthorizedParty,
+    /// No `expires_at`, for a token type that always expires (session and OAuth tokens).
+    #[error("the identity has no expiry")]
+    NoExpiry,
 }
 
 /// Why an authenticated caller was refused by policy: the requirement not met and what it
@@ -428,6 +476,14 @@ impl AuthError {
     }
 }
 
+// === impl MalformedAnswer ===
+
+impl From<MalformedAnswer> for AuthError {
+    fn from(_: MalformedAnswer) -> Self {
+        AuthError::Unavailable(Reason::AuthServiceUnavailable)
+    }
+}
+
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Status {
         let metadata: std::collections::HashMap<String, String> = match &err {
@@ -535,6 +591,12 @@ mod tests {
                 assert_eq!(info.metadata["limit"], "per_connection");
             }
         }
+        let status = Status::from(AuthError::from(MalformedAnswer::NoSubject));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "AUTH_SERVICE_UNAVAILABLE"
+        );
         for r in Reason::ALL {
             assert_eq!(Reason::from_upper_snake(r.as_str()), Some(r));
         }

@@ -344,18 +344,55 @@ async fn print_field(url: &str, body: &impl serde::Serialize, field: &str) -> Ex
 /// The SPIFFE ID of `dev --tls`'s client certificate.
 const DEV_SPIFFE_ID: &str = "spiffe://dev.local/ns/default/sa/dev-client";
 
-/// A throw-away PKI for `dev --tls`, written to `dir`.
-fn dev_pki(dir: &std::path::Path) -> Result<TlsConfig, Box<dyn std::error::Error>> {
+/// How long `dev --tls`'s certificates are valid: a day of development, no longer.
+const DEV_PKI_VALIDITY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// How far back they start, for a clock (this machine's or a client's) a little behind.
+const DEV_PKI_BACKDATE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The throw-away PKI of `dev --tls`: a fresh private directory (0700, random name, removed
+/// when this is dropped) holding `ca.pem`, `client.pem` and `client-key.pem` (0600 each), and
+/// the server's TLS settings (its key stays in memory).
+struct DevPki {
+    dir: tempfile::TempDir,
+    tls: TlsConfig,
+}
+
+/// Makes the PKI: a CA, a server certificate (`localhost`, `127.0.0.1`) and a client
+/// certificate (SPIFFE ID [`DEV_SPIFFE_ID`]), valid from [`DEV_PKI_BACKDATE`] ago for
+/// [`DEV_PKI_VALIDITY`].
+///
+/// The directory is made under the system temp directory by `tempfile` with an unpredictable
+/// name (`mkdir` fails rather than reuse an existing path, and is retried with another name),
+/// so no other local user can have planted it — or a symlink in its place — in advance; the
+/// files are created exclusively ([`write_private`]).
+fn dev_pki() -> Result<DevPki, Box<dyn std::error::Error>> {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    std::fs::create_dir_all(dir)?;
+    let mut dir = tempfile::Builder::new();
+    dir.prefix("clerk-grpc-auth-dev-pki-").rand_bytes(16);
+    #[cfg(unix)]
+    let owner_only = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o700)
+    };
+    #[cfg(unix)]
+    dir.permissions(owner_only);
+    let dir = dir.tempdir()?;
+    let now = std::time::SystemTime::now();
+    let params = || -> Result<CertificateParams, rcgen::Error> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.not_before = (now - DEV_PKI_BACKDATE).into();
+        p.not_after = (now + DEV_PKI_VALIDITY).into();
+        Ok(p)
+    };
     let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    let mut ca = params()?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
     let leaf = |sans: Vec<SanType>| -> Result<(String, String), Box<dyn std::error::Error>> {
         let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        let mut p = params()?;
         p.subject_alt_names = sans;
         Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
     };
@@ -364,15 +401,33 @@ fn dev_pki(dir: &std::path::Path) -> Result<TlsConfig, Box<dyn std::error::Error
         SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
     ])?;
     let client = leaf(vec![SanType::URI(DEV_SPIFFE_ID.try_into()?)])?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    std::fs::write(dir.join("client.pem"), &client.0)?;
-    std::fs::write(dir.join("client-key.pem"), &client.1)?;
-    Ok(TlsConfig {
-        cert_pem: server.0.into_bytes(),
-        key_pem: server.1.into_bytes(),
-        client_ca_pem: Some(ca_cert.pem().into_bytes()),
-        client_auth_optional: false,
+    write_private(&dir.path().join("ca.pem"), ca_cert.pem().as_bytes())?;
+    write_private(&dir.path().join("client.pem"), client.0.as_bytes())?;
+    write_private(&dir.path().join("client-key.pem"), client.1.as_bytes())?;
+    Ok(DevPki {
+        dir,
+        tls: TlsConfig {
+            cert_pem: server.0.into_bytes(),
+            key_pem: server.1.into_bytes(),
+            client_ca_pem: Some(ca_cert.pem().into_bytes()),
+            client_auth_optional: false,
+        },
     })
+}
+
+/// Writes `contents` to a new file that only its owner can read (0600). Refuses any existing
+/// path, a symlink included: `O_CREAT | O_EXCL` (`create_new`) never follows one, so a link
+/// planted by someone else cannot redirect the write.
+fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+    })?;
+    file.write_all(contents)
 }
 
 /// `dev`'s settings.
@@ -488,17 +543,21 @@ async fn dev(args: DevArgs) -> ExitCode {
         allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
         ..Default::default()
     };
-    let pki_dir =
-        std::env::temp_dir().join(format!("clerk-grpc-auth-dev-pki-{}", std::process::id()));
-    if tls {
-        match dev_pki(&pki_dir) {
-            Ok(t) => config.tls = Some(t),
+    // Removed when `dev` returns (on Ctrl-C / SIGTERM, or any error).
+    let pki_dir = if tls {
+        match dev_pki() {
+            Ok(DevPki { dir, tls }) => {
+                config.tls = Some(tls);
+                Some(dir)
+            }
             Err(e) => {
                 eprintln!("error: --tls: {e}");
                 return ExitCode::FAILURE;
             }
         }
-    }
+    } else {
+        None
+    };
     // Webhooks from the emulator to the HTTP port, signed with a fresh secret.
     let webhook_secret = format!(
         "whsec_{}",
@@ -647,7 +706,7 @@ grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.or
         metrics_addr = metrics_addr,
         other_user = other_user,
         session_id = session_id,
-        tls_help = if tls {
+        tls_help = if let Some(dir) = &pki_dir {
             format!(
                 r#"mTLS is on (--tls): the gRPC port needs a client certificate. Instead of -plaintext, use
   -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost
@@ -656,8 +715,15 @@ Its SPIFFE ID ({DEV_SPIFFE_ID}) is on the identity-query allowlist, so it may re
 grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
 grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certificate: refused
 
+The delegated example over mTLS (instead of its plaintext line above):
+
+cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service https://{addr} --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client-key.pem
+
+These files are private to you (directory 0700, files 0600), valid for a day, and removed when
+dev stops.
+
 "#,
-                d = pki_dir.display()
+                d = dir.path().display()
             )
         } else {
             String::new()
@@ -665,9 +731,8 @@ grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certif
     );
     let result = running.await;
     emu.shutdown().await;
-    if tls {
-        let _ = std::fs::remove_dir_all(&pki_dir);
-    }
+    // The PKI directory goes with it.
+    drop(pki_dir);
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
@@ -678,5 +743,57 @@ grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certif
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn private_files_are_new_and_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // An existing file is refused, and left as it was.
+        let err = write_private(&path, b"other").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn a_planted_symlink_cannot_redirect_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        // A link to a file that does not exist yet (the attacker's choice of target) …
+        let target = dir.path().join("chosen-by-the-attacker");
+        let link = dir.path().join("client-key.pem");
+        symlink(&target, &link).unwrap();
+        let err = write_private(&link, b"private key").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(!target.exists(), "the write followed the symlink");
+        // … and to one that does.
+        std::fs::write(&target, b"theirs").unwrap();
+        assert!(write_private(&link, b"private key").is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"theirs");
+    }
+
+    #[test]
+    fn each_pki_gets_its_own_private_directory() {
+        let a = dev_pki().unwrap();
+        let b = dev_pki().unwrap();
+        assert_ne!(a.dir.path(), b.dir.path());
+        let mode = std::fs::metadata(a.dir.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let path = a.dir.path().to_owned();
+        drop(a);
+        assert!(!path.exists(), "removed when dropped");
     }
 }

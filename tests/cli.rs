@@ -344,3 +344,130 @@ async fn token_command_mints_machine_tokens_that_verify() {
         assert_eq!(id.token_type, ty);
     }
 }
+
+/// A child process killed (and reaped) if the test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Seconds since the epoch.
+fn epoch_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[cfg(unix)]
+#[test]
+fn dev_tls_pki_is_private_short_lived_and_removed_on_exit() {
+    use std::os::unix::fs::PermissionsExt;
+
+    // A temp directory of the test's own, so that what `dev` leaves behind can be seen.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "dev",
+                "--tls",
+                "--listen",
+                "127.0.0.1:0",
+                "--emulator-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+    // Ready once the instructions are printed; they name the PKI directory.
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut dir = None;
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            panic!("dev exited before it was ready: {seen}");
+        }
+        seen.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("-cacert ") {
+            let ca = rest.split_whitespace().next().unwrap();
+            dir = Some(std::path::PathBuf::from(
+                ca.strip_suffix("/ca.pem").unwrap(),
+            ));
+        }
+        if line.contains("Ctrl-C stops both.") {
+            break;
+        }
+    }
+    let dir = dir.unwrap_or_else(|| panic!("no PKI directory printed: {seen}"));
+
+    // A fresh directory under the temp directory, its name not derived from the pid.
+    assert_eq!(dir.parent(), Some(tmp.path()), "{}", dir.display());
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("clerk-grpc-auth-dev-pki-"), "{name}");
+    assert_ne!(name, format!("clerk-grpc-auth-dev-pki-{pid}"));
+    assert!(!name.ends_with(&pid), "{name}");
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    assert!(meta.is_dir(), "not a plain directory");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+
+    // Owner-only files, certificates valid for about a day (starting a little in the past).
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["ca.pem", "client-key.pem", "client.pem"]);
+    let now = epoch_secs();
+    for f in &files {
+        let path = dir.join(f);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file(), "{f}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+        if f.ends_with("key.pem") {
+            continue;
+        }
+        let pem = std::fs::read(&path).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let validity = cert.validity();
+        let (from, until) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        assert!(
+            from <= now && from >= now - 3600,
+            "{f}: notBefore {from}, now {now}"
+        );
+        assert!(
+            until > now + 3600 && until <= now + 86_400 + 60,
+            "{f}: notAfter {until}, now {now}"
+        );
+    }
+
+    // SIGTERM: dev stops and takes its PKI with it.
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!dir.exists(), "the PKI directory outlived dev");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
