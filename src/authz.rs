@@ -35,8 +35,11 @@ pub struct Check {
 }
 
 /// How recently the user must have verified a factor (Clerk's `reverification`).
+///
+/// Deserializes from a preset name or `{ level = "…", after_minutes = N }`; any other key in
+/// the custom form is an error (a typo never loosens the check).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[serde(from = "ReverificationRepr")]
 pub enum Reverification {
     /// One of Clerk's presets.
     Preset(ReverificationPreset),
@@ -45,9 +48,35 @@ pub enum Reverification {
         /// Which factors must be fresh.
         level: ReverificationLevel,
         /// The verification must be younger than this many minutes (strictly).
-        #[serde(alias = "afterMinutes")]
         after_minutes: f64,
     },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReverificationRepr {
+    Preset(ReverificationPreset),
+    Custom(CustomReverification),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomReverification {
+    level: ReverificationLevel,
+    #[serde(alias = "afterMinutes")]
+    after_minutes: f64,
+}
+
+impl From<ReverificationRepr> for Reverification {
+    fn from(r: ReverificationRepr) -> Self {
+        match r {
+            ReverificationRepr::Preset(p) => Reverification::Preset(p),
+            ReverificationRepr::Custom(c) => Reverification::Custom {
+                level: c.level,
+                after_minutes: c.after_minutes,
+            },
+        }
+    }
 }
 
 /// Clerk's reverification presets.

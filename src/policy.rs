@@ -518,6 +518,90 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Checks every service and method the policy names against what the server serves —
+    /// the encoded `FileDescriptorSet`s tonic-build writes (`FILE_DESCRIPTOR_SET`) — so that a
+    /// rule for `/…Orders/DeleteOrders` when the method is `DeleteOrder` is an error naming the
+    /// rule, not a rule that never applies while the real method falls to the default. The
+    /// services public by default (health, reflection) need not be served.
+    ///
+    /// ```
+    /// # use clerk_grpc_auth::policy::{Policy, Rule};
+    /// let policy = Policy::authenticated()
+    ///     .method("/clerk.auth.v1.AuthService/VerifyTokn", Rule::public());
+    /// let err = policy.check_against(&[clerk_grpc_auth::pb::FILE_DESCRIPTOR_SET]).unwrap_err();
+    /// assert!(err.to_string().contains("VerifyTokn"));
+    /// ```
+    pub fn check_against(&self, descriptor_sets: &[&[u8]]) -> Result<(), PolicyError> {
+        use prost::Message;
+        let err = |m: String| PolicyError::new("policy", m);
+        let mut served: HashMap<String, Vec<String>> = HashMap::new();
+        for set in descriptor_sets {
+            let set = prost_types::FileDescriptorSet::decode(*set)
+                .map_err(|e| err(format!("a descriptor set does not decode: {e}")))?;
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for svc in file.service {
+                    let name = match (package.as_str(), svc.name) {
+                        (_, None) => continue,
+                        ("", Some(n)) => n,
+                        (p, Some(n)) => format!("{p}.{n}"),
+                    };
+                    served
+                        .entry(name)
+                        .or_default()
+                        .extend(svc.method.into_iter().filter_map(|m| m.name));
+                }
+            }
+        }
+        let hint = |name: &str, candidates: &mut dyn Iterator<Item = &str>| {
+            let lower = name.to_ascii_lowercase();
+            let close: Vec<&str> = candidates
+                .filter(|c| {
+                    let c = c.to_ascii_lowercase();
+                    c == lower || c.starts_with(&lower) || lower.starts_with(&c)
+                })
+                .collect();
+            if close.is_empty() {
+                String::new()
+            } else {
+                format!(" (did you mean {}?)", close.join(" or "))
+            }
+        };
+        let t = &*self.inner;
+        let mut services: Vec<&String> = t.services.keys().collect();
+        services.sort();
+        for name in services {
+            if PUBLIC_BY_DEFAULT.contains(&name.as_str()) || served.contains_key(name) {
+                continue;
+            }
+            return Err(err(format!(
+                "[services.{name:?}]: the server serves no such service{}",
+                hint(name, &mut served.keys().map(String::as_str))
+            )));
+        }
+        let mut methods: Vec<&String> = t.methods.keys().collect();
+        methods.sort();
+        for path in methods {
+            let (svc, method) = path[1..].split_once('/').expect("a checked method path");
+            if PUBLIC_BY_DEFAULT.contains(&svc) {
+                continue;
+            }
+            let Some(known) = served.get(svc) else {
+                return Err(err(format!(
+                    "[methods.{path:?}]: the server serves no service {svc:?}{}",
+                    hint(svc, &mut served.keys().map(String::as_str))
+                )));
+            };
+            if !known.iter().any(|m| m == method) {
+                return Err(err(format!(
+                    "[methods.{path:?}]: {svc} has no method {method:?}{}",
+                    hint(method, &mut known.iter().map(String::as_str))
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and parses a TOML policy file.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
         let path = path.as_ref();
@@ -559,6 +643,75 @@ fn is_method_path(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_typo_cannot_open_a_method() {
+        let served = [crate::pb::FILE_DESCRIPTOR_SET];
+        let check = |p: Policy| p.check_against(&served).map_err(|e| e.to_string());
+        let ok = Policy::authenticated()
+            .method(
+                "/clerk.auth.v1.AuthService/RevokeSession",
+                Rule::authenticated(),
+            )
+            .service("clerk.auth.v1.AuthService", Rule::authenticated());
+        assert_eq!(check(ok), Ok(()));
+        for (p, named) in [
+            (
+                Policy::authenticated()
+                    .method("/clerk.auth.v1.AuthService/RevokeSessions", Rule::public()),
+                "RevokeSessions",
+            ),
+            (
+                Policy::authenticated()
+                    .method("/clerk.auth.v1.AuthServic/RevokeSession", Rule::public()),
+                "AuthServic",
+            ),
+            (
+                Policy::authenticated().service("clerk.auth.v1.Auth", Rule::public()),
+                "clerk.auth.v1.Auth",
+            ),
+        ] {
+            let e = check(p).unwrap_err();
+            assert!(e.contains(named), "{e}");
+            assert!(e.contains("did you mean"), "{e}");
+        }
+        // Health and reflection need not be served to be named.
+        let p = Policy::authenticated().service("grpc.health.v1.Health", Rule::authenticated());
+        assert_eq!(check(p), Ok(()));
+        // Invisible and non-name characters never load.
+        for bad in [
+            "/pkg.S/Delete\u{200b}Order",
+            "/pkg.S/Delete-Order",
+            "/pkg.S/Delete Order",
+        ] {
+            let toml = format!("[methods.{bad:?}]\naccess = \"public\"\n");
+            assert!(Policy::from_toml(&toml, "t").is_err(), "{bad:?}");
+        }
+        // Garbage is not a descriptor set.
+        assert!(Policy::authenticated()
+            .check_against(&[b"\xff\xff"])
+            .is_err());
+    }
+
+    #[test]
+    fn custom_reverification_refuses_unknown_keys() {
+        let load = |r: &str| {
+            Policy::from_toml(
+                &format!("[methods.\"/pkg.S/M\"]\nrequire = [{{ reverification = {r} }}]\n"),
+                "t",
+            )
+        };
+        assert!(load("{ level = \"first_factor\", after_minutes = 5 }").is_ok());
+        assert!(load("{ level = \"first_factor\", afterMinutes = 5 }").is_ok());
+        assert!(load("\"strict\"").is_ok());
+        for bad in [
+            "{ level = \"first_factor\", after_minutes = 5, typo_extra = true }",
+            "{ level = \"first_factor\", after_minute = 5 }",
+            "\"strictest\"",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+    }
 
     const ORDERS: &str = r#"
         [default]

@@ -32,12 +32,18 @@ pub const DELETE_PERMISSION: &str = "org:orders:delete";
 /// `Ping` public, `ListOrders` and `WatchOrders` for any signed-in user, `DeleteOrder` with
 /// the `org:orders:delete` permission. Everything else (unknown methods) authenticated.
 pub fn policy() -> Policy {
-    Policy::authenticated()
+    let policy = Policy::authenticated()
         .method("/examples.orders.v1.Orders/Ping", Rule::public())
         .method(
             "/examples.orders.v1.Orders/DeleteOrder",
             Rule::authenticated().require(Check::permission(DELETE_PERMISSION)),
-        )
+        );
+    // Every rule names a method the server serves: a typo is an error here, not a rule
+    // that never applies.
+    if let Err(e) = policy.check_against(&[pb::FILE_DESCRIPTOR_SET]) {
+        panic!("{e}");
+    }
+    policy
 }
 
 /// The handlers.
