@@ -883,3 +883,48 @@ async fn agreeing_overrides_forwarded_hosts_and_file_names_pass() {
         );
     }
 }
+
+/// `Check` reads machine tokens from `authorization` only: in the `__session` cookie an M2M
+/// JWT is refused on a route that takes it from the header; a session token in the cookie
+/// still works beside a cookie holding non-ASCII bytes.
+#[tokio::test]
+async fn machine_tokens_are_never_taken_from_the_session_cookie() {
+    const MACHINE_ROUTES: &str = r#"
+[default]
+access = "authenticated"
+token_types = ["session_token", "m2m_token"]
+"#;
+    let (h, c) = start_with_routes(MACHINE_ROUTES).await;
+    let m2m = h
+        .clerk
+        .mint_machine(&clerk_grpc_auth::emulator::MachineTokenSpec {
+            kind: clerk_grpc_auth::emulator::MachineTokenKind::M2m,
+            jwt: true,
+            ..Default::default()
+        });
+    let get = |headers: Vec<(&'static str, String)>| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        envoy_request("GET", "api.example.com", "/orders", &headers)
+    };
+    let r = check(&c, get(vec![("authorization", format!("Bearer {m2m}"))])).await;
+    ok_parts(&r);
+    let session = admin_token(&h, "member", &[]);
+    for cookie in [
+        format!("__session={m2m}"),
+        format!("__session={m2m}; __session={session}"),
+    ] {
+        let r = check(&c, get(vec![("cookie", cookie)])).await;
+        let (_, http, _, body) = denied_parts(&r);
+        assert_eq!(http, 401);
+        assert!(body.contains("TOKEN_TYPE_MISMATCH"), "{body}");
+    }
+    let r = check(
+        &c,
+        get(vec![(
+            "cookie",
+            format!("theme=café; lang=日本; __session={session}"),
+        )]),
+    )
+    .await;
+    assert_eq!(ok_parts(&r).0["x-clerk-user-id"], "user_envoy");
+}
