@@ -98,11 +98,19 @@ pub fn forward_token<T, U>(incoming: &Request<T>, outgoing: &mut Request<U>) -> 
 pub trait TokenSource: Send + Sync + 'static {
     /// The token to send now. An error fails the call with that status, unsent.
     fn token(&self) -> BoxFuture<'_, Result<String, Status>>;
+
+    /// The callee answered `UNAUTHENTICATED` to a call carrying `token`: a source that caches
+    /// may replace it (once) for the next call. Default: nothing.
+    fn rejected(&self, _token: &str) {}
 }
 
 impl<T: TokenSource> TokenSource for Arc<T> {
     fn token(&self) -> BoxFuture<'_, Result<String, Status>> {
         (**self).token()
+    }
+
+    fn rejected(&self, token: &str) {
+        (**self).rejected(token)
     }
 }
 
@@ -164,9 +172,9 @@ impl<S> std::fmt::Debug for Credentials<S> {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl<S, B> Service<http::Request<B>> for Credentials<S>
+impl<S, B, RB> Service<http::Request<B>> for Credentials<S>
 where
-    S: Service<http::Request<B>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Send + 'static,
@@ -191,7 +199,13 @@ where
                 ))
             })?;
             req.headers_mut().insert(AUTHORIZATION, value);
-            inner.call(req).await.map_err(Into::into)
+            let resp = inner.call(req).await.map_err(Into::into)?;
+            // A trailers-only UNAUTHENTICATED (how a refused call is answered): let the source
+            // replace its token for the next call.
+            if resp.headers().get("grpc-status").map(HeaderValue::as_bytes) == Some(b"16") {
+                source.rejected(&token);
+            }
+            Ok(resp)
         })
     }
 }

@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use futures::{
@@ -49,13 +49,29 @@ impl M2mTokenSourceConfig {
     }
 }
 
+/// The cached token. Its times are on this process's monotonic clock, anchored when Clerk's
+/// answer arrived, from the lifetime Clerk reports (`expiration − created_at`): the local wall
+/// clock being off by an hour changes nothing.
 #[derive(Clone)]
 struct Current {
     token: Arc<str>,
-    /// Seconds since the epoch; infinite when the token does not expire.
-    expires_at: f64,
-    /// When to start replacing it (seconds since the epoch).
-    refresh_at: f64,
+    /// `None`: the token does not expire.
+    expires_at: Option<Instant>,
+    /// When to start replacing it.
+    refresh_at: Option<Instant>,
+    /// Already replaced once because a callee refused its predecessor: a refusal of this one
+    /// waits for the normal refresh (no creation storm when the callee refuses every token).
+    after_rejection: bool,
+}
+
+impl Current {
+    fn due(&self, now: Instant) -> bool {
+        self.refresh_at.is_some_and(|r| now >= r)
+    }
+
+    fn valid(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|e| now < e)
+    }
 }
 
 type Creation = Shared<BoxFuture<'static, Result<Current, Status>>>;
@@ -89,13 +105,24 @@ struct Created {
     /// Milliseconds since the epoch, or null.
     #[serde(default)]
     expiration: Option<f64>,
+    /// Milliseconds since the epoch (Clerk's clock, like `expiration`).
+    #[serde(default)]
+    created_at: Option<f64>,
 }
 
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+/// The token's lifetime as Clerk states it, both ends on Clerk's clock: `expiration −
+/// created_at`, else the lifetime asked for. `None`: it does not expire. Never longer than
+/// asked for (or 30 days when none was), never negative.
+fn lifetime(c: &Created, asked: Option<Duration>) -> Option<Duration> {
+    let expiration = c.expiration?;
+    let cap = asked.unwrap_or(Duration::from_secs(30 * 86_400));
+    let secs = match c.created_at {
+        Some(created) if created.is_finite() && expiration.is_finite() => {
+            (expiration - created) / 1000.0
+        }
+        _ => cap.as_secs_f64(),
+    };
+    Some(Duration::from_secs_f64(secs.clamp(0.0, cap.as_secs_f64())))
 }
 
 impl M2mTokenSource {
@@ -121,22 +148,34 @@ impl M2mTokenSource {
     /// one (one creation at a time, shared by every caller). If creating fails while the
     /// cached token is still valid, the cached token is used.
     pub async fn get(&self) -> Result<Arc<str>, Status> {
-        let now = now_secs();
         let cached = self.inner.current.lock().expect("token lock").clone();
         if let Some(c) = &cached {
-            if now < c.refresh_at {
+            if !c.due(Instant::now()) {
                 return Ok(c.token.clone());
             }
         }
         match self.creation().await {
             Ok(c) => Ok(c.token),
             Err(e) => match cached {
-                Some(c) if now_secs() < c.expires_at => {
+                Some(c) if c.valid(Instant::now()) => {
                     tracing::warn!(error = %e.message(), "M2M token refresh failed; using the current token");
                     Ok(c.token)
                 }
                 _ => Err(e),
             },
+        }
+    }
+
+    /// A callee refused `token`: the next [`M2mTokenSource::get`] creates a new one — once;
+    /// if the new one is refused too, it is kept until its normal refresh.
+    pub fn rejected(&self, token: &str) {
+        let mut current = self.inner.current.lock().expect("token lock");
+        if let Some(c) = current.as_mut() {
+            if &*c.token == token && !c.after_rejection {
+                tracing::info!("a callee refused the M2M token; creating a new one");
+                c.refresh_at = Some(Instant::now());
+                c.after_rejection = true;
+            }
         }
     }
 
@@ -146,9 +185,17 @@ impl M2mTokenSource {
             return f;
         }
         let this = self.clone();
+        let after_rejection = self
+            .inner
+            .current
+            .lock()
+            .expect("token lock")
+            .as_ref()
+            .is_some_and(|c| c.after_rejection);
         let fut = async move {
-            let result = this.create().await;
-            if let Ok(c) = &result {
+            let mut result = this.create().await;
+            if let Ok(c) = &mut result {
+                c.after_rejection = after_rejection;
                 *this.inner.current.lock().expect("token lock") = Some(c.clone());
             }
             *this.inner.inflight.lock().expect("inflight lock") = None;
@@ -177,6 +224,7 @@ impl M2mTokenSource {
         if cfg.jwt {
             body["token_format"] = "jwt".into();
         }
+        let sent = Instant::now();
         let resp = self
             .inner
             .http
@@ -215,19 +263,17 @@ impl M2mTokenSource {
             return Err(Status::unavailable("Clerk's answer holds no token"));
         }
         self.inner.created.fetch_add(1, Ordering::Relaxed);
-        let now = now_secs();
-        let expires_at = created.expiration.map_or(f64::INFINITY, |ms| ms / 1000.0);
-        // Replace it ahead of expiry: 20 % of its lifetime before, at most a minute before.
-        let lifetime = (expires_at - now).max(0.0);
-        let refresh_at = if expires_at.is_finite() {
-            expires_at - (lifetime * 0.2).min(60.0)
-        } else {
-            f64::INFINITY
-        };
+        // Anchored when the request was sent (the earliest the token can have been created),
+        // on the monotonic clock; replaced ahead of expiry: 20 % of its lifetime before, at
+        // most a minute before.
+        let lifetime = lifetime(&created, cfg.lifetime);
+        let expires_at = lifetime.map(|l| sent + l);
+        let refresh_at = lifetime.map(|l| sent + l - (l / 5).min(Duration::from_secs(60)));
         Ok(Current {
             token: created.token.into(),
             expires_at,
             refresh_at,
+            after_rejection: false,
         })
     }
 }
@@ -235,5 +281,41 @@ impl M2mTokenSource {
 impl TokenSource for M2mTokenSource {
     fn token(&self) -> BoxFuture<'_, Result<String, Status>> {
         Box::pin(async move { self.get().await.map(|t| t.to_string()) })
+    }
+
+    fn rejected(&self, token: &str) {
+        M2mTokenSource::rejected(self, token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(expiration: Option<f64>, created_at: Option<f64>) -> Created {
+        Created {
+            token: "mt_x".into(),
+            expiration,
+            created_at,
+        }
+    }
+
+    #[test]
+    fn the_lifetime_is_clerks_difference_not_the_local_clock() {
+        let hour = Some(Duration::from_secs(3600));
+        // Clerk's clock anywhere (here: 1970 + a bit): only the difference counts.
+        let c = created(Some(3_600_000.0 + 5_000.0), Some(5_000.0));
+        assert_eq!(lifetime(&c, hour), Some(Duration::from_secs(3600)));
+        // No created_at: the lifetime asked for.
+        assert_eq!(lifetime(&created(Some(1.0), None), hour), hour);
+        // Never longer than asked, never negative; no expiration: never expires.
+        let long = created(Some(1e15), Some(0.0));
+        assert_eq!(lifetime(&long, hour), hour);
+        assert_eq!(
+            lifetime(&created(Some(0.0), Some(10_000.0)), hour),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(lifetime(&created(None, Some(0.0)), hour), None);
+        assert_eq!(lifetime(&created(Some(f64::NAN), Some(0.0)), hour), hour);
     }
 }
