@@ -383,6 +383,8 @@ fn dev_tls_pki_is_private_short_lived_and_removed_on_exit() {
                 "127.0.0.1:0",
                 "--http-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
             ])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
