@@ -519,11 +519,7 @@ struct EventsInner {
 }
 
 impl EventsInner {
-    fn new(
-        revocations: Revocations,
-        directory: Option<Directory>,
-        redis: Option<Redis>,
-    ) -> Self {
+    fn new(revocations: Revocations, directory: Option<Directory>, redis: Option<Redis>) -> Self {
         Self {
             revocations,
             directory,

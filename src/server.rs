@@ -384,7 +384,11 @@ impl Server {
             Some(events.clone()),
         );
         let observer = Observer::new(Some(metrics.clone()));
-        let ops = ops_router(metrics.clone(), self.verifier.keys().clone(), events.clone());
+        let ops = ops_router(
+            metrics.clone(),
+            self.verifier.keys().clone(),
+            events.clone(),
+        );
         let webhooks = self
             .webhook
             .clone()

@@ -52,11 +52,7 @@ async fn replica(url: &str, prefix: &str) -> (Events, CancellationToken) {
 }
 
 async fn del(conn: &mut redis::aio::MultiplexedConnection, keys: &[Vec<u8>]) {
-    let _: () = redis::cmd("DEL")
-        .arg(keys)
-        .query_async(conn)
-        .await
-        .unwrap();
+    let _: () = redis::cmd("DEL").arg(keys).query_async(conn).await.unwrap();
 }
 
 #[tokio::test]
@@ -113,7 +109,12 @@ async fn oversized_and_malformed_messages_are_refused_and_counted() {
     let bad_user = r#"{"kind":"user_changed","id":"user_a b"}"#;
     let not_utf8: &[u8] = b"{\"kind\":\"session_revoked\",\"id\":\"sess_\xff\"}";
     let good = r#"{"kind":"session_revoked","id":"sess_2goodGOODgoodGOODgood"}"#;
-    for payload in [huge.as_bytes(), bad_user.as_bytes(), not_utf8, good.as_bytes()] {
+    for payload in [
+        huge.as_bytes(),
+        bad_user.as_bytes(),
+        not_utf8,
+        good.as_bytes(),
+    ] {
         let _: i64 = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg(payload)
