@@ -1,7 +1,10 @@
 //! Revocation sharing through the real Redis on 127.0.0.1:6379 survives bad data and outages:
 //! malformed stored keys and oversized channel messages are skipped and counted, and a
 //! revocation made while Redis is unreachable (a TCP relay the test cuts) reaches the other
-//! replicas once it is back. Each test uses its own key prefix.
+//! replicas once it is back; `/readyz` and `/metrics` tell when sharing is down. Each test
+//! uses its own key prefix.
+
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -229,4 +232,61 @@ async fn a_revocation_made_while_redis_is_down_reaches_the_others_later() {
     }
     let mut conn = redis().await;
     del(&mut conn, &[format!("{prefix}:revoked:{id}").into_bytes()]).await;
+}
+
+#[tokio::test]
+async fn readyz_and_metrics_report_the_subscription() {
+    use clerk_grpc_auth::server::{Listeners, Server};
+    let prefix = prefix();
+    let relay = Relay::start().await;
+    let clerk = clerk_grpc_auth::emulator::Emulator::start_local()
+        .await
+        .unwrap();
+    let mut config = common::config_for(&clerk);
+    config.redis = Some(RedisConfig {
+        url: format!("redis://{}", relay.addr),
+        prefix: prefix.clone(),
+    });
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = metrics.local_addr().unwrap();
+    let server = Server::build(config).unwrap();
+    let keys = server.verifier().keys().clone();
+    let events = server.events().await.unwrap();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(server.serve_on(
+        Listeners {
+            grpc,
+            http: None,
+            metrics: Some(metrics),
+        },
+        events.clone(),
+        async move { stopped.cancelled().await },
+    ));
+    keys.ready().await;
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{ops}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    guard(events.subscribed()).await;
+    assert_eq!(get("/readyz").await, (200, "ready".to_owned()));
+    let (_, text) = get("/metrics").await;
+    assert!(text.contains("clerk_auth_redis_subscribed 1"), "{text}");
+    assert!(
+        text.contains("clerk_auth_redis_malformed_total 0"),
+        "{text}"
+    );
+
+    relay.cut();
+    guard(events.unsubscribed()).await;
+    let (status, body) = get("/readyz").await;
+    assert_eq!(
+        status, 200,
+        "verification still works: not taken out of rotation"
+    );
+    assert!(body.starts_with("ready (degraded"), "{body}");
+    let (_, text) = get("/metrics").await;
+    assert!(text.contains("clerk_auth_redis_subscribed 0"), "{text}");
+    stop.cancel();
 }
