@@ -21,7 +21,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{directory::Directory, error::AuthError, service::watch::WatchHub, TokenVerifier};
+use crate::{
+    directory::Directory, error::AuthError, revocation::Events, service::watch::WatchHub,
+    TokenVerifier,
+};
 
 type DecisionLabels = [(&'static str, &'static str); 3];
 type MethodLabels = [(&'static str, &'static str); 1];
@@ -49,6 +52,7 @@ struct Stats {
     verifier: TokenVerifier,
     directory: Option<Directory>,
     watch: Option<WatchHub>,
+    events: Option<Events>,
 }
 
 fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -231,8 +235,45 @@ impl Collector for Stats {
         if let Some(w) = &self.watch {
             watch_metrics(&mut e, &w.stats())?;
         }
+        if let Some(ev) = &self.events {
+            sharing_metrics(&mut e, &ev.sharing())?;
+        }
         process_gauges(&mut e)
     }
+}
+
+/// Revocation sharing through Redis (only when Redis is configured).
+fn sharing_metrics(
+    e: &mut DescriptorEncoder<'_>,
+    s: &crate::revocation::SharingStatus,
+) -> std::fmt::Result {
+    if !s.configured {
+        return Ok(());
+    }
+    gauge(
+        e,
+        "clerk_auth_redis_subscribed",
+        "1 while this replica receives other replicas' revocations through Redis",
+        if s.subscribed { 1.0 } else { 0.0 },
+    )?;
+    counter(
+        e,
+        "clerk_auth_redis_malformed",
+        "Redis messages and stored keys skipped as malformed (too large, not UTF-8 or JSON, not a Clerk id)",
+        s.malformed,
+    )?;
+    gauge(
+        e,
+        "clerk_auth_redis_pending_events",
+        "Events made here that wait for Redis to be shared",
+        s.pending as f64,
+    )?;
+    counter(
+        e,
+        "clerk_auth_redis_pending_dropped",
+        "Events dropped (oldest first) because too many waited for Redis",
+        s.pending_dropped,
+    )
 }
 
 /// `WatchRevocations`: streams, what they buffer, and the subscribers dropped.
@@ -373,6 +414,17 @@ impl Metrics {
         directory: Option<Directory>,
         watch: Option<WatchHub>,
     ) -> Self {
+        Self::with_events(verifier, directory, watch, None)
+    }
+
+    /// As [`Metrics::with_watch`], plus how `events` shares revocations through Redis
+    /// (`clerk_auth_redis_*`, when Redis is configured).
+    pub fn with_events(
+        verifier: TokenVerifier,
+        directory: Option<Directory>,
+        watch: Option<WatchHub>,
+        events: Option<Events>,
+    ) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -395,6 +447,7 @@ impl Metrics {
             verifier,
             directory,
             watch,
+            events,
         }));
         Self {
             inner: Arc::new(Inner {

@@ -8,6 +8,13 @@
 //! `WatchRevocations` subscribers are told once to walk them ([`FeedEvent::Resync`]), so a
 //! replay larger than the feed ([`FEED_CAPACITY`]) lags no one.
 //!
+//! What comes from Redis is hostile input: channel messages larger than [`MAX_EVENT_BYTES`]
+//! are refused before parsing, stored keys are read as bytes, and anything not UTF-8, not
+//! JSON or carrying an id Clerk would not issue ([`Event::is_well_formed`]) is skipped and
+//! counted ([`SharingStatus::malformed`]) — never a reason to drop the subscription. An event
+//! made while Redis is down waits (bounded, [`MAX_PENDING_EVENTS`]) and is stored and
+//! published when Redis answers again.
+//!
 //! The revoked-session set ([`Revocations`]) never refuses a new revocation: each one is kept
 //! for the TTL (the longest lifetime a token of the session can have, after which no token of
 //! it can still be valid), and only if the hard cap is reached is the **oldest** one evicted
@@ -15,7 +22,7 @@
 //! a minute, with the number evicted since the last one).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, PoisonError, RwLock,
@@ -35,6 +42,17 @@ use crate::directory::Directory;
 
 /// The longest session id accepted into the revoked set (Clerk's are `sess_` + 27).
 pub const MAX_SESSION_ID_LEN: usize = 128;
+
+/// The largest event accepted from the Redis channel, checked before it is parsed (an event
+/// with the longest plausible id is under 200 bytes).
+pub const MAX_EVENT_BYTES: usize = 512;
+
+/// The most events kept for re-publishing while Redis cannot be reached; past that the oldest
+/// is dropped (counted in [`SharingStatus::pending_dropped`]).
+pub const MAX_PENDING_EVENTS: usize = 10_000;
+
+/// How often events waiting for Redis are retried while the subscription is up.
+const PENDING_RETRY: Duration = Duration::from_secs(1);
 
 /// At most one eviction warning per this interval (the rest are summed into the next one).
 const EVICTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -58,6 +76,31 @@ pub enum Event {
         /// `user_…`.
         user_id: String,
     },
+}
+
+impl Event {
+    /// Whether every id of the event has the shape Clerk gives it: a plausible session id
+    /// ([`is_plausible_session_id`]) or a `user_…` id of at most [`MAX_SESSION_ID_LEN`] bytes.
+    /// Events from Redis that are not are skipped and counted.
+    pub fn is_well_formed(&self) -> bool {
+        match self {
+            Event::SessionRevoked { id } => is_plausible_session_id(id),
+            Event::UserChanged { id } | Event::MembershipsChanged { user_id: id } => {
+                crate::bapi::is_clerk_id(id, "user_") && id.len() <= MAX_SESSION_ID_LEN
+            }
+        }
+    }
+
+    /// Decodes an event from the Redis channel: at most [`MAX_EVENT_BYTES`], JSON, well
+    /// formed ([`Event::is_well_formed`]); `None` otherwise.
+    pub fn decode(payload: &[u8]) -> Option<Event> {
+        if payload.len() > MAX_EVENT_BYTES {
+            return None;
+        }
+        serde_json::from_slice::<Event>(payload)
+            .ok()
+            .filter(Event::is_well_formed)
+    }
 }
 
 /// The set of revoked sessions. Cheap to clone; checked on every session-token verification.
@@ -467,6 +510,50 @@ struct EventsInner {
     applied: watch::Sender<u64>,
     reloads: watch::Sender<u64>,
     revoked_feed: broadcast::Sender<FeedEvent>,
+    /// Messages and stored keys from Redis skipped as malformed.
+    malformed: AtomicU64,
+    /// Events that could not be shared yet (Redis down), oldest first; re-published when
+    /// Redis answers again.
+    pending: Mutex<VecDeque<Event>>,
+    pending_dropped: AtomicU64,
+}
+
+impl EventsInner {
+    fn new(revocations: Revocations, directory: Option<Directory>, redis: Option<Redis>) -> Self {
+        Self {
+            revocations,
+            directory,
+            subscribed: watch::Sender::new(redis.is_none()),
+            redis,
+            applied: watch::Sender::new(0),
+            reloads: watch::Sender::new(0),
+            revoked_feed: broadcast::channel(FEED_CAPACITY).0,
+            malformed: AtomicU64::new(0),
+            pending: Mutex::new(VecDeque::new()),
+            pending_dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How revocation sharing through Redis is doing (for `/readyz` and `/metrics`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SharingStatus {
+    /// Whether Redis is configured at all (without it, each replica knows what reached it).
+    pub configured: bool,
+    /// Whether this replica is subscribed now (receives other replicas' events); always
+    /// `true` without Redis.
+    pub subscribed: bool,
+    /// Messages and stored keys from Redis skipped as malformed (not UTF-8, too large, not
+    /// JSON, or an id Clerk would not issue).
+    pub malformed: u64,
+    /// Events made here that wait for Redis to be shared.
+    pub pending: u64,
+    /// Waiting events dropped (oldest first) because [`MAX_PENDING_EVENTS`] were waiting.
+    pub pending_dropped: u64,
 }
 
 /// How many feed events ([`Events::subscribe_revocations`]) a subscriber may be behind before
@@ -510,17 +597,8 @@ pub struct RedisError(String);
 impl Events {
     /// Events applied to this replica only.
     pub fn local(revocations: Revocations, directory: Option<Directory>) -> Self {
-        let (subscribed, _) = watch::channel(true);
         Self {
-            inner: Arc::new(EventsInner {
-                revocations,
-                directory,
-                redis: None,
-                subscribed,
-                applied: watch::Sender::new(0),
-                reloads: watch::Sender::new(0),
-                revoked_feed: broadcast::channel(FEED_CAPACITY).0,
-            }),
+            inner: Arc::new(EventsInner::new(revocations, directory, None)),
         }
     }
 
@@ -537,22 +615,35 @@ impl Events {
             .await
             .map_err(|_| RedisError("timed out".into()))?
             .map_err(|e| RedisError(e.to_string()))?;
-        let (subscribed, _) = watch::channel(false);
         Ok(Self {
-            inner: Arc::new(EventsInner {
+            inner: Arc::new(EventsInner::new(
                 revocations,
                 directory,
-                redis: Some(Redis {
+                Some(Redis {
                     client,
                     conn,
                     prefix: config.prefix,
                 }),
-                subscribed,
-                applied: watch::Sender::new(0),
-                reloads: watch::Sender::new(0),
-                revoked_feed: broadcast::channel(FEED_CAPACITY).0,
-            }),
+            )),
         })
+    }
+
+    /// How sharing through Redis is doing.
+    pub fn sharing(&self) -> SharingStatus {
+        let i = &self.inner;
+        SharingStatus {
+            configured: i.redis.is_some(),
+            subscribed: *i.subscribed.borrow(),
+            malformed: i.malformed.load(Ordering::Relaxed),
+            pending: i.pending().len() as u64,
+            pending_dropped: i.pending_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until this replica is not subscribed to Redis (tests, health probes).
+    pub async fn unsubscribed(&self) {
+        let mut rx = self.inner.subscribed.subscribe();
+        let _ = rx.wait_for(|s| !*s).await;
     }
 
     /// The revoked-session set.
@@ -594,8 +685,9 @@ impl Events {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Applies an event here and shares it with every replica. A Redis failure is logged; the
-    /// event is still applied here.
+    /// Applies an event here and shares it with every replica. When Redis cannot take it, the
+    /// event is still applied here and waits (at most [`MAX_PENDING_EVENTS`], oldest dropped
+    /// first) to be stored and published when Redis answers again.
     /// A revocation of an implausible session id ([`is_plausible_session_id`]) is counted as
     /// refused and neither applied nor shared.
     pub async fn publish(&self, event: Event) {
@@ -611,23 +703,90 @@ impl Events {
         }
         self.apply(&event).await;
         let Some(r) = &self.inner.redis else { return };
+        let earlier = !self.inner.pending().is_empty();
+        if earlier {
+            // Keep the order: this one goes after those still waiting.
+            self.queue(vec![event]);
+            self.flush_pending(r).await;
+            return;
+        }
+        if let Err(e) = self.share(r, std::slice::from_ref(&event)).await {
+            tracing::error!(error = %e, "could not share an event through Redis; it is kept and re-published when Redis answers");
+            self.queue(vec![event]);
+        }
+    }
+
+    /// Stores (revocations) and publishes `events` in one pipeline.
+    async fn share(&self, r: &Redis, events: &[Event]) -> Result<(), redis::RedisError> {
         let mut conn = r.conn.clone();
         let mut pipe = redis::pipe();
-        if let Event::SessionRevoked { id } = &event {
-            pipe.cmd("SET")
-                .arg(format!("{}:revoked:{id}", r.prefix))
-                .arg(1)
-                .arg("EX")
-                .arg(self.inner.revocations.ttl().as_secs().max(1))
+        for event in events {
+            if let Event::SessionRevoked { id } = event {
+                pipe.cmd("SET")
+                    .arg(format!("{}:revoked:{id}", r.prefix))
+                    .arg(1)
+                    .arg("EX")
+                    .arg(self.inner.revocations.ttl().as_secs().max(1))
+                    .ignore();
+            }
+            let payload = serde_json::to_string(event).unwrap_or_default();
+            pipe.cmd("PUBLISH")
+                .arg(format!("{}:events", r.prefix))
+                .arg(payload)
                 .ignore();
         }
-        let payload = serde_json::to_string(&event).unwrap_or_default();
-        pipe.cmd("PUBLISH")
-            .arg(format!("{}:events", r.prefix))
-            .arg(payload)
-            .ignore();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            tracing::error!(error = %e, "could not share an event through Redis; other replicas will not see it");
+        pipe.query_async::<()>(&mut conn).await
+    }
+
+    /// Appends to the events waiting for Redis, dropping the oldest past
+    /// [`MAX_PENDING_EVENTS`].
+    fn queue(&self, events: Vec<Event>) {
+        let mut q = self.inner.pending();
+        q.extend(events);
+        let over = q.len().saturating_sub(MAX_PENDING_EVENTS);
+        if over > 0 {
+            q.drain(..over);
+            drop(q);
+            self.inner
+                .pending_dropped
+                .fetch_add(over as u64, Ordering::Relaxed);
+            tracing::warn!(
+                dropped = over,
+                "too many events wait for Redis: the oldest were dropped (their stored keys \
+                 are not written; other replicas will not see them)"
+            );
+        }
+    }
+
+    /// Re-publishes the events waiting for Redis, a bounded batch at a time; on failure they
+    /// wait again (in front). The lock is not held across the `.await`.
+    async fn flush_pending(&self, r: &Redis) {
+        loop {
+            let batch: Vec<Event> = {
+                let mut q = self.inner.pending();
+                let n = q.len().min(500);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let n = batch.len();
+            if let Err(e) = self.share(r, &batch).await {
+                tracing::warn!(error = %e, waiting = n, "Redis still cannot take the waiting events");
+                let mut q = self.inner.pending();
+                for event in batch.into_iter().rev() {
+                    q.push_front(event);
+                }
+                let over = q.len().saturating_sub(MAX_PENDING_EVENTS);
+                if over > 0 {
+                    q.drain(..over);
+                    self.inner
+                        .pending_dropped
+                        .fetch_add(over as u64, Ordering::Relaxed);
+                }
+                return;
+            }
+            tracing::info!(events = n, "events that waited for Redis were shared");
         }
     }
 
@@ -690,11 +849,25 @@ impl Events {
                 self.inner.subscribed.send_replace(true);
                 failures = 0;
                 let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
-                        Ok(event) => self.apply(&event).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring a malformed event from Redis")
+                // Events made here while Redis was down go out now, then are retried.
+                let mut retry = tokio::time::interval(PENDING_RETRY);
+                retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => {
+                            let Some(msg) = msg else { break };
+                            match Event::decode(msg.get_payload_bytes()) {
+                                Some(event) => self.apply(&event).await,
+                                None => self.skip_malformed(
+                                    "message",
+                                    msg.get_payload_bytes().len(),
+                                ),
+                            }
+                        }
+                        _ = retry.tick() => {
+                            if !self.inner.pending().is_empty() {
+                                self.flush_pending(r).await;
+                            }
                         }
                     }
                 }
@@ -742,13 +915,29 @@ impl Events {
         result
     }
 
+    /// Counts something malformed from Redis and logs it (rate-limited; only its length).
+    fn skip_malformed(&self, what: &'static str, len: usize) {
+        let total = self.inner.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+        // The 1st, 2nd, 4th, 8th… are warned about; the count is in `/metrics`.
+        if total.is_power_of_two() {
+            tracing::warn!(
+                what,
+                len,
+                total,
+                "skipped something malformed from Redis (too large, not UTF-8 or JSON, or not \
+                 a Clerk id)"
+            );
+        }
+    }
+
     async fn scan_revoked(&self, r: &Redis, added: &mut u64) -> Result<(), redis::RedisError> {
         let mut conn = r.conn.clone();
         let pattern = format!("{}:revoked:*", r.prefix);
         let skip = format!("{}:revoked:", r.prefix).len();
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            // Keys as bytes: one that is not UTF-8 is skipped, not a failure of the whole load.
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
@@ -757,10 +946,18 @@ impl Events {
                 .query_async(&mut conn)
                 .await?;
             for k in keys {
-                if let Some(id) = k.get(skip..) {
-                    if self.inner.revocations.mark_new(id) {
-                        *added += 1;
+                let id = k
+                    .get(skip..)
+                    .filter(|id| id.len() <= MAX_SESSION_ID_LEN)
+                    .and_then(|id| std::str::from_utf8(id).ok())
+                    .filter(|id| is_plausible_session_id(id));
+                match id {
+                    Some(id) => {
+                        if self.inner.revocations.mark_new(id) {
+                            *added += 1;
+                        }
                     }
+                    None => self.skip_malformed("stored key", k.len()),
                 }
             }
             if next == 0 {

@@ -377,13 +377,18 @@ impl Server {
         } = listeners;
         let stop = CancellationToken::new();
         let subscriber = tokio::spawn(events.clone().run(stop.clone()));
-        let metrics = Metrics::with_watch(
+        let metrics = Metrics::with_events(
             self.verifier.clone(),
             self.directory.clone(),
             Some(self.watch.clone()),
+            Some(events.clone()),
         );
         let observer = Observer::new(Some(metrics.clone()));
-        let ops = ops_router(metrics.clone(), self.verifier.keys().clone());
+        let ops = ops_router(
+            metrics.clone(),
+            self.verifier.keys().clone(),
+            events.clone(),
+        );
         let webhooks = self
             .webhook
             .clone()
@@ -557,9 +562,11 @@ fn spawn_health(
     })
 }
 
-/// `/metrics` (Prometheus text), `/livez` (the process answers) and `/readyz` (keys are usable:
-/// 200, else 503).
-fn ops_router(metrics: Metrics, keys: KeyStore) -> axum::Router {
+/// `/metrics` (Prometheus text), `/livez` (the process answers) and `/readyz`: 503 while no
+/// keys are usable; else 200 — `ready`, or, while revocation sharing through Redis is down,
+/// `ready (degraded: …)` (verification still works here, so the replica is not taken out of
+/// rotation; alert on `clerk_auth_redis_subscribed` instead).
+fn ops_router(metrics: Metrics, keys: KeyStore, events: Events) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
     axum::Router::new()
         .route(
@@ -582,11 +589,16 @@ fn ops_router(metrics: Metrics, keys: KeyStore) -> axum::Router {
             "/readyz",
             get(move || {
                 let usable = keys.is_usable();
+                let shared = events.sharing().subscribed;
                 async move {
-                    if usable {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "keys unavailable")
+                    match (usable, shared) {
+                        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "keys unavailable"),
+                        (true, true) => (StatusCode::OK, "ready"),
+                        (true, false) => (
+                            StatusCode::OK,
+                            "ready (degraded: not subscribed to Redis; revocations made on \
+                             other replicas are not received)",
+                        ),
                     }
                 }
             }),

@@ -499,6 +499,7 @@ impl AuthService for AuthServiceImpl {
         match result {
             Ok((identity, _)) => Ok(Response::new(pb::VerifyTokenResponse {
                 identity: Some(identity),
+                cache_for: self.cache_for(&req.token).await,
             })),
             Err(e) => {
                 if matches!(e, AuthError::Unavailable(_)) {
@@ -520,6 +521,19 @@ pub const MAX_AUTHORIZED_PARTIES: usize = 64;
 pub const MAX_AUTHORIZED_PARTY_BYTES: usize = 2048;
 
 impl AuthServiceImpl {
+    /// How long a caller may keep a verdict on `token`: for an opaque machine token, what is
+    /// left of the machine verifier's cache entry (its `max_age` if the entry is already
+    /// gone), so caches in front of AuthService do not add to it; `None` for JWTs.
+    async fn cache_for(&self, token: &str) -> Option<prost_types::Duration> {
+        crate::machine::opaque_type(token)?;
+        let machine = self.verifier.machine()?;
+        let left = machine
+            .cache_left(token)
+            .await
+            .unwrap_or_else(|| machine.max_age());
+        prost_types::Duration::try_from(left).ok()
+    }
+
     /// Who the verification is for: the request's `client_ip` when the caller is a
     /// forwarder (a delegated layer), else the caller's own address.
     async fn source_of(

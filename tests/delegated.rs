@@ -87,6 +87,7 @@ impl AuthService for Fake {
         match answer {
             Some(Answer::Valid(identity)) => Ok(Response::new(pb::VerifyTokenResponse {
                 identity: Some(*identity),
+                cache_for: None,
             })),
             Some(Answer::NoIdentity) => Ok(Response::new(pb::VerifyTokenResponse::default())),
             Some(Answer::Error(code)) => Err(Status::new(code, "fake")),

@@ -1023,3 +1023,71 @@ async fn service_a_calls_service_b_with_its_m2m_token() {
     }
     assert_eq!(source.created(), 1);
 }
+
+#[tokio::test]
+async fn a_delegated_layer_keeps_a_machine_verdict_no_longer_than_auth_service() {
+    use clerk_grpc_auth::{
+        layer::{Authenticate, DelegatedConfig, DelegatedVerifier},
+        VerifyRequest,
+    };
+    let h = start(|m| m.max_age = Duration::from_secs(1)).await;
+    // The layer's own bound is long: before, a verdict cached at both ends lasted both.
+    let layer = DelegatedVerifier::new(DelegatedConfig {
+        endpoints: vec![format!("http://{}", h.addr)],
+        deadline: Duration::from_secs(5),
+        max_age: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .unwrap();
+    let key = h.clerk.mint_machine(&spec(MachineTokenKind::ApiKey, false));
+    let verify = || {
+        layer.authenticate(VerifyRequest {
+            token: &key,
+            accepted_types: &ALL_MACHINE,
+            ..VerifyRequest::default()
+        })
+    };
+    verify().await.unwrap();
+    // AuthService says how long its verdict may be kept: what is left of its own entry.
+    let answer = h
+        .client
+        .clone()
+        .verify_token(VerifyTokenRequest {
+            token: key.clone(),
+            accepted_token_types: ALL_MACHINE.iter().map(|t| *t as i32).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cache_for = Duration::try_from(answer.cache_for.expect("cache_for")).unwrap();
+    assert!(cache_for <= Duration::from_secs(1), "{cache_for:?}");
+    // A session JWT carries no bound of AuthService's.
+    let jwt = h.mint(&clerk_grpc_auth::emulator::TokenSpec::default());
+    let answer = h
+        .client
+        .clone()
+        .verify_token(VerifyTokenRequest {
+            token: jwt,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.identity.is_some() && answer.cache_for.is_none());
+
+    // Revoked at Clerk: the layer refuses it once AuthService's 1 s has passed, long before
+    // its own 30 s.
+    assert!(h.clerk.revoke(&key));
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match verify().await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the layer refused the revoked key within AuthService's max_age");
+    assert_eq!(refused.reason_str(), "TOKEN_REVOKED", "{refused:?}");
+}

@@ -119,7 +119,7 @@ struct Inner {
     client: AuthServiceClient<Channel>,
     channel: Channel,
     revocations: Revocations,
-    cache: Option<moka::future::Cache<[u8; 32], Arc<Identity>>>,
+    cache: Option<moka::future::Cache<[u8; 32], Verdict>>,
     deadline: Duration,
     clock_skew: f64,
     fallback: Option<TokenVerifier>,
@@ -146,18 +146,28 @@ enum Failure {
 #[error("delegated auth: {0}")]
 pub struct DelegatedError(String);
 
+/// A verdict of AuthService and how long AuthService says it may be kept
+/// (`VerifyTokenResponse.cache_for`: what is left of its own cache entry for an opaque machine
+/// token, so the two caches do not add up).
+#[derive(Clone)]
+struct Verdict {
+    identity: Arc<Identity>,
+    cache_for: Option<Duration>,
+}
+
 struct VerdictExpiry {
     max_age: Duration,
 }
 
-impl moka::Expiry<[u8; 32], Arc<Identity>> for VerdictExpiry {
+impl moka::Expiry<[u8; 32], Verdict> for VerdictExpiry {
     fn expire_after_create(
         &self,
         _key: &[u8; 32],
-        identity: &Arc<Identity>,
+        v: &Verdict,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(self.max_age.min(until(identity.expires_at)))
+        let age = self.max_age.min(until(v.identity.expires_at));
+        Some(v.cache_for.map_or(age, |c| age.min(c)))
     }
 }
 
@@ -315,14 +325,14 @@ impl DelegatedVerifier {
             return Err(AuthError::InvalidRequest("token exceeds 16 KiB"));
         }
         let result = match &self.inner.cache {
-            None => self.call(req).await,
+            None => self.call(req).await.map(|v| v.identity),
             Some(cache) => {
                 let key = verdict_key(req);
                 // The common case, without the coalescing machinery.
-                if let Some(identity) = cache.get(&key).await {
-                    if identity.expires_at > now_secs() {
+                if let Some(v) = cache.get(&key).await {
+                    if v.identity.expires_at > now_secs() {
                         self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
-                        return Ok(identity);
+                        return Ok(v.identity);
                     }
                     cache.invalidate(&key).await;
                 }
@@ -332,7 +342,8 @@ impl DelegatedVerifier {
                         ran.store(true, Ordering::Relaxed);
                         self.call(req).await
                     })
-                    .await;
+                    .await
+                    .map(|v| v.identity);
                 let fresh = ran.load(Ordering::Relaxed);
                 match got {
                     // AuthService's own answer, checked by `check_answer` (clock skew included).
@@ -344,7 +355,7 @@ impl DelegatedVerifier {
                     Ok(_) => {
                         // A cached verdict past the token's exp is never served.
                         cache.invalidate(&key).await;
-                        self.call(req).await
+                        self.call(req).await.map(|v| v.identity)
                     }
                     Err(e) => Err((*e).clone()),
                 }
@@ -363,14 +374,19 @@ impl DelegatedVerifier {
     }
 
     /// One `VerifyToken` call, its answer checked ([`check_answer`]).
-    async fn call(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, Failure> {
-        let answer = self.rpc(req).await.map_err(Failure::Auth)?;
+    async fn call(&self, req: &VerifyRequest<'_>) -> Result<Verdict, Failure> {
+        let (answer, cache_for) = self.rpc(req).await.map_err(Failure::Auth)?;
+        // A negative or out-of-range duration keeps nothing (fail closed: call again).
+        let cache_for = cache_for.map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO));
         let checked = match answer {
             None => Err(Failure::Malformed(MalformedAnswer::NoIdentity)),
             Some(p) => check_answer(&p, req, now_secs(), self.inner.clock_skew).map(|()| p),
         };
         match checked {
-            Ok(p) => Ok(Arc::new(Identity::from_proto(p))),
+            Ok(p) => Ok(Verdict {
+                identity: Arc::new(Identity::from_proto(p)),
+                cache_for,
+            }),
             Err(Failure::Malformed(m)) => {
                 self.inner.malformed_answers.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
@@ -385,8 +401,13 @@ impl DelegatedVerifier {
         }
     }
 
-    /// The `VerifyToken` RPC: AuthService's identity (if its answer has one), or its error.
-    async fn rpc(&self, req: &VerifyRequest<'_>) -> Result<Option<pb::Identity>, AuthError> {
+    /// The `VerifyToken` RPC: AuthService's identity (if its answer has one) and how long it
+    /// may be kept (if AuthService says), or its error.
+    #[allow(clippy::type_complexity)]
+    async fn rpc(
+        &self,
+        req: &VerifyRequest<'_>,
+    ) -> Result<(Option<pb::Identity>, Option<prost_types::Duration>), AuthError> {
         self.inner.rpcs.fetch_add(1, Ordering::Relaxed);
         let mut request = tonic::Request::new(pb::VerifyTokenRequest {
             token: req.token.to_owned(),
@@ -422,7 +443,10 @@ impl DelegatedVerifier {
         match answer {
             Err(_elapsed) => Err(AuthError::Unavailable(Reason::AuthServiceUnavailable)),
             Ok(Err(status)) => Err(from_status(&status)),
-            Ok(Ok(res)) => Ok(res.into_inner().identity),
+            Ok(Ok(res)) => {
+                let res = res.into_inner();
+                Ok((res.identity, res.cache_for))
+            }
         }
     }
 }

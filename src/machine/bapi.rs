@@ -101,7 +101,7 @@ struct Bucket {
 struct Inner {
     http: reqwest::Client,
     config: MachineConfig,
-    cache: moka::future::Cache<[u8; 32], Arc<Identity>>,
+    cache: moka::future::Cache<[u8; 32], Cached>,
     negative: moka::future::Cache<[u8; 32], VerifyError>,
     buckets: moka::sync::Cache<IpAddr, Arc<Mutex<Bucket>>>,
     budget: ClerkBudget,
@@ -128,19 +128,30 @@ impl std::fmt::Debug for MachineVerifier {
     }
 }
 
-struct VerdictExpiry {
-    max_age: Duration,
+/// A verdict and when its cache entry ends (so what is left of it can be told to a delegated
+/// layer: `VerifyTokenResponse.cache_for`).
+#[derive(Clone)]
+struct Cached {
+    identity: Arc<Identity>,
+    until: Instant,
 }
 
-impl moka::Expiry<[u8; 32], Arc<Identity>> for VerdictExpiry {
-    fn expire_after_create(
-        &self,
-        _: &[u8; 32],
-        identity: &Arc<Identity>,
-        _: Instant,
-    ) -> Option<Duration> {
+impl Cached {
+    /// The verdict, kept for `max_age` but never past the token's `exp`.
+    fn new(identity: Arc<Identity>, max_age: Duration) -> Self {
         let left = (identity.expires_at - now_secs()).clamp(0.0, 86_400.0);
-        Some(self.max_age.min(Duration::from_secs_f64(left)))
+        Self {
+            until: Instant::now() + max_age.min(Duration::from_secs_f64(left)),
+            identity,
+        }
+    }
+}
+
+struct VerdictExpiry;
+
+impl moka::Expiry<[u8; 32], Cached> for VerdictExpiry {
+    fn expire_after_create(&self, _: &[u8; 32], c: &Cached, now: Instant) -> Option<Duration> {
+        Some(c.until.saturating_duration_since(now))
     }
 }
 
@@ -211,9 +222,7 @@ impl MachineVerifier {
     pub fn with_budget(config: MachineConfig, http: reqwest::Client, budget: ClerkBudget) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
-            .expire_after(VerdictExpiry {
-                max_age: config.max_age,
-            })
+            .expire_after(VerdictExpiry)
             .build();
         let negative = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
@@ -258,6 +267,20 @@ impl MachineVerifier {
         }
     }
 
+    /// How much longer the verdict for `token` stays in this verifier's cache (`None`: not
+    /// cached). A delegated layer is told to keep it no longer (`VerifyTokenResponse.cache_for`),
+    /// so a revoked machine token is refused within this verifier's `max_age`.
+    pub async fn cache_left(&self, token: &str) -> Option<Duration> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let c = self.inner.cache.get(&key).await?;
+        Some(c.until.saturating_duration_since(Instant::now()))
+    }
+
+    /// The longest a verdict is cached (`max_age`).
+    pub fn max_age(&self) -> Duration {
+        self.inner.config.max_age
+    }
+
     /// Verifies an opaque token of `token_type` (from its prefix) for a caller at `source`.
     pub async fn verify(
         &self,
@@ -267,10 +290,10 @@ impl MachineVerifier {
     ) -> Result<Arc<Identity>, AuthError> {
         let inner = &self.inner;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(id) = inner.cache.get(&key).await {
-            if id.expires_at > now_secs() {
+        if let Some(c) = inner.cache.get(&key).await {
+            if c.identity.expires_at > now_secs() {
                 inner.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(id);
+                return Ok(c.identity);
             }
             inner.cache.invalidate(&key).await;
         }
@@ -284,9 +307,11 @@ impl MachineVerifier {
             .cache
             .try_get_with(key, async {
                 self.admit(source)?;
-                self.call(token, token_type).await
+                let identity = self.call(token, token_type).await?;
+                Ok::<_, AuthError>(Cached::new(identity, inner.config.max_age))
             })
             .await
+            .map(|c| c.identity)
             .map_err(|e| (*e).clone());
         match result {
             Ok(id) => {
