@@ -453,9 +453,8 @@ where
             }
             let life = Arc::new(life_of(&shared, &verified, path, origin, source));
             let method: Box<str> = path.into();
-            let mut req = req.map(|b| {
-                tonic::body::Body::new(RequestBody::new(b, Box::pin(life.ending())))
-            });
+            let mut req =
+                req.map(|b| tonic::body::Body::new(RequestBody::new(b, Box::pin(life.ending()))));
             req.extensions_mut().insert(verified.clone());
             let mut ending = Box::pin(life.ending());
             drop(life);
