@@ -1053,6 +1053,32 @@ mod tests {
     }
 
     #[test]
+    fn watches_fire_on_revocation_and_are_forgotten_with_their_last_holder() {
+        let r = Revocations::new(TTL, 10);
+        let a = r.watch(&sid(1));
+        let a2 = a.clone();
+        let b = r.watch(&sid(2));
+        assert_eq!(r.watched(), 2);
+        assert!(!a.is_revoked() && !b.is_revoked());
+        let child = a.child_token();
+        assert!(r.mark(&sid(1)));
+        assert!(a.is_revoked() && a2.is_revoked() && child.is_cancelled());
+        assert!(!b.is_revoked(), "only that session's watches fire");
+        // Revoked before the watch: fires at once (replays too).
+        assert!(r.watch(&sid(1)).is_revoked());
+        assert!(r.mark_new(&sid(3)));
+        assert!(r.watch(&sid(3)).is_revoked());
+        drop(b);
+        drop((a, a2));
+        assert_eq!(r.watched(), 0, "entries live only while watched");
+        // An id no token can carry is never revoked, and takes no entry.
+        let bogus = r.watch("not a session");
+        assert!(!r.mark("not a session"));
+        assert!(!bogus.is_revoked());
+        assert_eq!(r.watched(), 0);
+    }
+
+    #[test]
     fn sweep_interval_is_bounded() {
         assert_eq!(
             sweep_interval(Duration::from_secs(86_400)),
