@@ -149,6 +149,8 @@ struct RevInner {
     expired: AtomicU64,
     refused: AtomicU64,
     report: Mutex<EvictionReport>,
+    /// Sessions with open streams ([`Revocations::watch`]): told at once when revoked.
+    watchers: Arc<WatchMap>,
 }
 
 /// Entries by id and in revocation order. `seq` increases with every (re-)revocation, and the
@@ -213,6 +215,7 @@ impl Revocations {
                 expired: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 report: Mutex::new(EvictionReport::default()),
+                watchers: Arc::default(),
             }),
         }
     }
@@ -343,6 +346,7 @@ impl Revocations {
             self.inner.evicted.fetch_add(evicted, Ordering::Relaxed);
             self.report_evictions(evicted, now);
         }
+        self.inner.watchers.revoked(session_id);
         true
     }
 
@@ -468,6 +472,127 @@ impl Revocations {
             .table
             .write()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The sessions that open streams follow, by id (entries live while a [`SessionWatch`] does).
+#[derive(Default)]
+struct WatchMap {
+    by_id: Mutex<HashMap<Arc<str>, std::sync::Weak<WatchEntry>>>,
+}
+
+impl WatchMap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, std::sync::Weak<WatchEntry>>> {
+        self.by_id.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the watchers of `session_id`, if any, and forgets them (a later watch starts anew).
+    fn revoked(&self, session_id: &str) {
+        let entry = self.lock().remove(session_id);
+        if let Some(e) = entry.and_then(|w| w.upgrade()) {
+            e.token.cancel();
+        }
+    }
+}
+
+/// One watched session: its token is cancelled when the session is revoked.
+struct WatchEntry {
+    id: Arc<str>,
+    token: CancellationToken,
+    map: std::sync::Weak<WatchMap>,
+}
+
+impl Drop for WatchEntry {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.upgrade() {
+            let mut m = map.lock();
+            // Only a dead entry is removed (a newer watch of the same id may have replaced it).
+            if m.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
+                m.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Follows one session's revocation (see [`Revocations::watch`]). Cheap to clone; the session
+/// is followed while a clone lives.
+#[derive(Clone)]
+pub struct SessionWatch {
+    _entry: Option<Arc<WatchEntry>>,
+    token: CancellationToken,
+}
+
+impl std::fmt::Debug for SessionWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionWatch")
+            .field("revoked", &self.is_revoked())
+            .finish()
+    }
+}
+
+impl SessionWatch {
+    /// Whether the session was revoked since the watch began (or before).
+    pub fn is_revoked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes when the session is revoked.
+    pub async fn revoked(&self) {
+        self.token.cancelled().await
+    }
+
+    /// A token cancelled when the session is revoked (a child: cancelling it touches no one
+    /// else). It does not keep the watch alive: hold the [`SessionWatch`] too.
+    pub fn child_token(&self) -> CancellationToken {
+        self.token.child_token()
+    }
+}
+
+impl Revocations {
+    /// Follows `session_id`: the returned watch fires as soon as the session is marked revoked
+    /// ([`Revocations::mark`], [`Revocations::mark_new`] — webhooks, `RevokeSession`, Redis,
+    /// a `WatchRevocations` feed), or at once if it already is. No task and no lock held
+    /// while waiting: one map entry per watched session, dropped with its last watch. An id
+    /// that cannot be a session id ([`is_plausible_session_id`]) is never revoked, and its
+    /// watch never fires.
+    pub fn watch(&self, session_id: &str) -> SessionWatch {
+        if !is_plausible_session_id(session_id) {
+            return SessionWatch {
+                _entry: None,
+                token: CancellationToken::new(),
+            };
+        }
+        let map = &self.inner.watchers;
+        let entry = {
+            let mut m = map.lock();
+            match m.get(session_id).and_then(std::sync::Weak::upgrade) {
+                Some(e) => e,
+                None => {
+                    let id: Arc<str> = session_id.into();
+                    let e = Arc::new(WatchEntry {
+                        id: id.clone(),
+                        token: CancellationToken::new(),
+                        map: Arc::downgrade(map),
+                    });
+                    m.insert(id, Arc::downgrade(&e));
+                    e
+                }
+            }
+        };
+        // Registered first, checked second: a revocation marked before the registration is
+        // seen here, one marked after it cancels the entry.
+        if self.is_revoked(session_id) {
+            entry.token.cancel();
+        }
+        SessionWatch {
+            token: entry.token.clone(),
+            _entry: Some(entry),
+        }
+    }
+
+    /// Sessions followed now by at least one [`SessionWatch`].
+    pub fn watched(&self) -> usize {
+        self.inner.watchers.lock().len()
     }
 }
 
@@ -1122,6 +1247,32 @@ mod tests {
         let (all, _) = r.page(None, 100);
         assert_eq!(all.len(), 8);
         assert_eq!(&*all[0], sid(0));
+    }
+
+    #[test]
+    fn watches_fire_on_revocation_and_are_forgotten_with_their_last_holder() {
+        let r = Revocations::new(TTL, 10);
+        let a = r.watch(&sid(1));
+        let a2 = a.clone();
+        let b = r.watch(&sid(2));
+        assert_eq!(r.watched(), 2);
+        assert!(!a.is_revoked() && !b.is_revoked());
+        let child = a.child_token();
+        assert!(r.mark(&sid(1)));
+        assert!(a.is_revoked() && a2.is_revoked() && child.is_cancelled());
+        assert!(!b.is_revoked(), "only that session's watches fire");
+        // Revoked before the watch: fires at once (replays too).
+        assert!(r.watch(&sid(1)).is_revoked());
+        assert!(r.mark_new(&sid(3)));
+        assert!(r.watch(&sid(3)).is_revoked());
+        drop(b);
+        drop((a, a2));
+        assert_eq!(r.watched(), 0, "entries live only while watched");
+        // An id no token can carry is never revoked, and takes no entry.
+        let bogus = r.watch("not a session");
+        assert!(!r.mark("not a session"));
+        assert!(!bogus.is_revoked());
+        assert_eq!(r.watched(), 0);
     }
 
     #[test]

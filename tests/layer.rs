@@ -9,8 +9,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
     client::{forward_token, BearerToken, CredentialsLayer, TokenSource},
-    emulator::{OrgSpec, TokenSpec},
-    layer::{AuthInterceptor, AuthLayer, DelegatedConfig, DelegatedVerifier, TokenSources},
+    emulator::{MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec, UserSpec},
+    layer::{
+        AuthInterceptor, AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier,
+        TokenSources,
+    },
     policy::{Policy, Rule},
     server::Server,
     TokenVerifier,
@@ -202,7 +205,13 @@ async fn call(
         }
         Call::Watch => {
             let mut stream = c
-                .watch_orders(with_cred(WatchOrdersRequest { interval_ms: 5 }, cred))
+                .watch_orders(with_cred(
+                    WatchOrdersRequest {
+                        interval_ms: 5,
+                        ..Default::default()
+                    },
+                    cred,
+                ))
                 .await?
                 .into_inner();
             stream.message().await?.expect("one event").caller
@@ -585,7 +594,10 @@ async fn streams_end_with_unauthenticated_when_the_token_expires() {
         .client
         .clone()
         .watch_orders(with_cred(
-            WatchOrdersRequest { interval_ms: 50 },
+            WatchOrdersRequest {
+                interval_ms: 50,
+                ..Default::default()
+            },
             Cred::Bearer(&token),
         ))
         .await
@@ -858,4 +870,352 @@ async fn malformed_method_paths_are_refused_before_the_policy() {
         assert_eq!(reason(&status), "PATH_NOT_CANONICAL");
     }
     assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+// === Streams end when their token does ===
+
+/// A policy for the stream tests: every method for any session token or API key.
+fn stream_policy() -> Policy {
+    use clerk_grpc_auth::identity::TokenType;
+    Policy::with_default(
+        Rule::authenticated().token_types([TokenType::SessionToken, TokenType::ApiKey]),
+    )
+}
+
+/// Seconds since the epoch, with a fraction.
+fn now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The `exp` AuthService reads in `token`.
+async fn exp_of(h: &Harness, token: &str) -> f64 {
+    h.verify(token).await.unwrap().expires_at.unwrap().seconds as f64
+}
+
+/// Opens `WatchOrders` and reads until the stream ends — failing (instead of hanging) if it
+/// has not within `bound`. Returns the events read, the final status and when it came.
+async fn watch_until_end(
+    client: &OrdersClient<Channel>,
+    req: WatchOrdersRequest,
+    token: &str,
+    bound: Duration,
+) -> (u64, Status, f64) {
+    let read = async {
+        let mut stream = match client
+            .clone()
+            .watch_orders(with_cred(req, Cred::Bearer(token)))
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(status) => return (0, status),
+        };
+        let mut events = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => events += 1,
+                Ok(None) => panic!("the stream ended without a status after {events} events"),
+                Err(status) => return (events, status),
+            }
+        }
+    };
+    let (events, status) = tokio::time::timeout(bound, read)
+        .await
+        .unwrap_or_else(|_| panic!("the stream was still open after {bound:?}"));
+    (events, status, now_f64())
+}
+
+#[tokio::test]
+async fn an_always_ready_stream_ends_at_the_tokens_exp() {
+    let h = Harness::start().await;
+    let (local, _guard) = local_verifier(&h).await;
+    let layer = AuthLayer::in_process(local, stream_policy()).end_streams_at_expiry(true);
+    let svc = Orders::start(layer).await;
+    let token = h.mint(&TokenSpec {
+        expires_in: Some(2),
+        ..spec("admin", &[])
+    });
+    let exp = exp_of(&h, &token).await;
+    let burst = WatchOrdersRequest {
+        burst: true,
+        ..Default::default()
+    };
+    let (events, end, at) =
+        watch_until_end(&svc.client, burst, &token, Duration::from_secs(10)).await;
+    assert!(events > 0, "events flowed before expiry");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert_eq!(reason(&end), "TOKEN_EXPIRED");
+    assert!(at >= exp, "ended before the token expired");
+    assert!(at < exp + 3.0, "ended {}s after exp", at - exp);
+}
+
+#[tokio::test]
+async fn a_slow_handler_still_ends_at_the_tokens_exp() {
+    let h = Harness::start().await;
+    let (local, _guard) = local_verifier(&h).await;
+    let layer = AuthLayer::in_process(local, stream_policy()).end_streams_at_expiry(true);
+    let svc = Orders::start(layer).await;
+    let slow = |answer_after_ms| WatchOrdersRequest {
+        interval_ms: 50,
+        answer_after_ms,
+        ..Default::default()
+    };
+    // Answers 3 s into a 4 s token: the stream gets the last second, not 4 s more.
+    let late = h.mint(&TokenSpec {
+        expires_in: Some(4),
+        ..spec("admin", &[])
+    });
+    // Answers after the token expired: the call ends at exp without waiting for it.
+    let later = h.mint(&TokenSpec {
+        expires_in: Some(2),
+        ..spec("admin", &[])
+    });
+    let (late_exp, later_exp) = (exp_of(&h, &late).await, exp_of(&h, &later).await);
+    let bound = Duration::from_secs(15);
+    let (late_end, later_end) = tokio::join!(
+        watch_until_end(&svc.client, slow(3000), &late, bound),
+        watch_until_end(&svc.client, slow(5000), &later, bound),
+    );
+    for ((_, end, at), exp) in [(late_end, late_exp), (later_end, later_exp)] {
+        assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+        assert!(at >= exp, "ended before the token expired");
+        assert!(
+            at < exp + 2.0,
+            "ended {}s after exp: the handler's delay was added",
+            at - exp
+        );
+        assert_eq!(reason(&end), "TOKEN_EXPIRED");
+    }
+}
+
+#[tokio::test]
+async fn a_client_stream_is_cut_at_the_tokens_exp() {
+    let h = Harness::start().await;
+    let (local, _guard) = local_verifier(&h).await;
+    let layer = AuthLayer::in_process(local, stream_policy()).end_streams_at_expiry(true);
+    let svc = Orders::start(layer).await;
+    let token = h.mint(&TokenSpec {
+        expires_in: Some(2),
+        ..spec("admin", &[])
+    });
+    let exp = exp_of(&h, &token).await;
+    // The client never stops sending.
+    let orders = tokio_stream::StreamExt::throttle(
+        tokio_stream::iter((0u64..).map(|i| orders::pb::Order {
+            id: format!("ord_{i}"),
+            description: String::new(),
+        })),
+        Duration::from_millis(20),
+    );
+    let mut client = svc.client.clone();
+    let placed = client.place_orders(with_cred(orders, Cred::Bearer(&token)));
+    let end = tokio::time::timeout(Duration::from_secs(10), placed)
+        .await
+        .expect("the client stream still fed the handler 10 s later")
+        .expect_err("the call ended with a status");
+    let at = now_f64();
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert_eq!(reason(&end), "TOKEN_EXPIRED");
+    assert!(at >= exp, "ended before the token expired");
+    assert!(at < exp + 3.0, "ended {}s after exp", at - exp);
+}
+
+/// An AuthService whose allowlisted machine may follow `WatchRevocations` and call
+/// `RevokeSession` (its tokens scoped to AuthService's machine id), with identity queries and
+/// machine tokens (verdicts reused for 200 ms). Returns the harness and that machine's token.
+async fn trusted_harness() -> (Harness, String) {
+    use clerk_grpc_auth::{
+        bapi::BackendApiConfig, directory::DirectoryConfig, jwks::Secret, machine::MachineConfig,
+        server::IdentityConfig,
+    };
+    let mut follower = None;
+    let h = Harness::start_with(|clerk, config| {
+        let machine = clerk.create_machine("layer-follower").id;
+        let auth_service = clerk.create_machine("auth-service").id;
+        assert!(clerk.allow(&machine, &auth_service));
+        config.access.machine_id = Some(auth_service);
+        config.access.allowlist = vec![machine.clone()];
+        let api: url::Url = clerk.url().parse().unwrap();
+        let mut m = MachineConfig::new(api.clone(), Some(Secret::new(clerk.secret_key())), None);
+        m.max_age = Duration::from_millis(200);
+        config.machine = Some(m);
+        config.identity = Some(IdentityConfig {
+            backend: BackendApiConfig::new(api, Secret::new(clerk.secret_key())),
+            directory: DirectoryConfig::default(),
+        });
+        follower = Some(machine);
+    })
+    .await;
+    let m2m = h.clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        subject: follower,
+        ..MachineTokenSpec::default()
+    });
+    (h, m2m)
+}
+
+async fn a_revoked_session_ends_its_streams_at_once(mode: Mode) {
+    let (h, m2m) = trusted_harness().await;
+    let (local, _guard) = local_verifier(&h).await;
+    let (layer, feed) = match mode {
+        Mode::InProcess => {
+            let channel = Channel::from_shared(format!("http://{}", h.addr))
+                .unwrap()
+                .connect_lazy();
+            let feed = clerk_grpc_auth::layer::watch_revocations_with(
+                channel,
+                local.revocations().clone(),
+                BearerSource(m2m.clone()),
+            );
+            (AuthLayer::in_process(local, stream_policy()), feed)
+        }
+        Mode::Delegated => {
+            let d = delegated(&h, |c| {
+                c.credentials = Some(CallerCredentials::new(BearerSource(m2m.clone())));
+            });
+            let feed = d.watch_revocations();
+            (AuthLayer::delegated(d, stream_policy()), feed)
+        }
+    };
+    feed.connected().await;
+    let svc = Orders::start(layer.end_streams_at_expiry(true)).await;
+    let user = h.clerk.create_user(&UserSpec::default());
+    let session = h.clerk.create_session(&user);
+    let token = h.mint(&TokenSpec {
+        user_id: Some(user.clone()),
+        session_id: Some(session.clone()),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    });
+    let mut stream = svc
+        .client
+        .clone()
+        .watch_orders(with_cred(
+            WatchOrdersRequest {
+                interval_ms: 20,
+                ..Default::default()
+            },
+            Cred::Bearer(&token),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "events flow");
+    let mut revoke = Request::new(clerk_grpc_auth::pb::RevokeSessionRequest {
+        session_id: session.clone(),
+    });
+    revoke
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {m2m}").parse().unwrap());
+    h.client.clone().revoke_session(revoke).await.unwrap();
+    // Within a bound far below the token's 600 s: the feed's notification ends it.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{mode:?}: the revoked session's stream is still open"));
+    assert_eq!(end.code(), Code::Unauthenticated, "{mode:?}: {end:?}");
+    assert_eq!(reason(&end), "SESSION_REVOKED", "{mode:?}");
+    // A new call is refused the same way.
+    let status = call(&svc.client, Call::List, Cred::Bearer(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SESSION_REVOKED", "{mode:?}");
+}
+
+#[tokio::test]
+async fn a_revoked_session_ends_its_streams_at_once_in_process() {
+    a_revoked_session_ends_its_streams_at_once(Mode::InProcess).await;
+}
+
+#[tokio::test]
+async fn a_revoked_session_ends_its_streams_at_once_delegated() {
+    a_revoked_session_ends_its_streams_at_once(Mode::Delegated).await;
+}
+
+#[tokio::test]
+async fn a_revoked_api_key_ends_its_streams_within_the_reverification_interval() {
+    let h = Harness::start().await;
+    // The in-process verifier with the same machine settings (200 ms verdicts).
+    let server = Server::build(h_config(&h)).unwrap();
+    let local = server.verifier().clone();
+    let _guard = local.keys().spawn_refresher();
+    local.keys().ready().await;
+    let layer = AuthLayer::in_process(local, stream_policy())
+        .end_streams_at_expiry(true)
+        .reverify_streams_every(Duration::from_millis(300));
+    let svc = Orders::start(layer).await;
+    let key = h.clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::ApiKey,
+        subject: Some(USER.into()),
+        ..MachineTokenSpec::default()
+    });
+    let mut stream = svc
+        .client
+        .clone()
+        .watch_orders(with_cred(
+            WatchOrdersRequest {
+                interval_ms: 20,
+                ..Default::default()
+            },
+            Cred::Bearer(&key),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Streams past several re-verifications while the key is good.
+    let mut events = 0;
+    while events < 40 {
+        stream.message().await.unwrap().expect("an event");
+        events += 1;
+    }
+    assert!(h.clerk.revoke(&key));
+    // Interval (300 ms) + verdict age (200 ms), with room to spare; the old ten-year deadline
+    // never ends it.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the revoked key's stream is still open");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert_eq!(reason(&end), "TOKEN_REVOKED");
+    let status = call(&svc.client, Call::List, Cred::Bearer(&key))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "TOKEN_REVOKED");
+}
+
+/// The harness's configuration for its emulator, with its machine settings (200 ms verdicts).
+fn h_config(h: &Harness) -> clerk_grpc_auth::server::ServerConfig {
+    use clerk_grpc_auth::{jwks::Secret, machine::MachineConfig};
+    let mut config = config_for(&h.clerk);
+    let api: url::Url = h.clerk.url().parse().unwrap();
+    let mut m = MachineConfig::new(api, Some(Secret::new(h.clerk.secret_key())), None);
+    m.max_age = Duration::from_millis(200);
+    config.machine = Some(m);
+    config
+}
+
+/// A fixed token (the trusted machine's).
+#[derive(Clone)]
+struct BearerSource(String);
+
+impl TokenSource for BearerSource {
+    fn token(&self) -> futures::future::BoxFuture<'_, Result<String, Status>> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
 }

@@ -120,11 +120,29 @@ impl Orders for OrdersService {
         request: Request<pb::WatchOrdersRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let caller = caller(request.identity()?);
-        let interval = match request.into_inner().interval_ms {
+        let req = request.into_inner();
+        let interval = match req.interval_ms {
             0 => 1000,
             ms @ 1..=60_000 => ms,
             _ => return Err(Status::invalid_argument("interval_ms must be 1..=60000")),
         };
+        if req.answer_after_ms > 60_000 {
+            return Err(Status::invalid_argument(
+                "answer_after_ms must be 0..=60000",
+            ));
+        }
+        // A slow handler: it answers late, the stream still ends when the token does.
+        tokio::time::sleep(Duration::from_millis(u64::from(req.answer_after_ms))).await;
+        if req.burst {
+            // Always ready: the next event never waits.
+            let events = tokio_stream::iter((1..).map(move |seq| {
+                Ok(pb::OrderEvent {
+                    caller: Some(caller.clone()),
+                    seq,
+                })
+            }));
+            return Ok(Response::new(Box::pin(events)));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(u64::from(interval)));
@@ -142,6 +160,23 @@ impl Orders for OrdersService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn place_orders(
+        &self,
+        request: Request<tonic::Streaming<pb::Order>>,
+    ) -> Result<Response<pb::PlaceOrdersResponse>, Status> {
+        let caller = caller(request.identity()?);
+        let mut orders = request.into_inner();
+        let mut received = 0;
+        // Until the client ends the stream — or the layer does (its status is returned).
+        while orders.message().await?.is_some() {
+            received += 1;
+        }
+        Ok(Response::new(pb::PlaceOrdersResponse {
+            caller: Some(caller),
+            received,
+        }))
     }
 }
 

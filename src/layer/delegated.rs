@@ -606,6 +606,10 @@ impl Authenticate for DelegatedVerifier {
     ) -> BoxFuture<'a, Result<Arc<Identity>, AuthError>> {
         Box::pin(async move { self.verify(&req).await })
     }
+
+    fn revocations(&self) -> Option<&Revocations> {
+        Some(&self.inner.revocations)
+    }
 }
 
 impl std::fmt::Debug for DelegatedVerifier {

@@ -21,6 +21,9 @@ use crate::{error::AuthError, policy::Rule, TokenVerifier};
 ///   "retry shortly"). A retry after the refetch verifies (the key arrived) or gets
 ///   `UNAUTHENTICATED` / `JWK_KID_MISMATCH` (the kid is unknown to Clerk and negative-cached);
 /// * no usable key material → `UNAVAILABLE`.
+///
+/// An interceptor sees only the request's metadata, never the bodies: it cannot end a stream
+/// when its token expires or is revoked ([`super::AuthLayer::end_streams_at_expiry`] does).
 #[derive(Clone)]
 pub struct AuthInterceptor {
     verifier: TokenVerifier,

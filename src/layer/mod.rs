@@ -53,8 +53,18 @@ use crate::{
     error::{AuthError, Reason, VerifyError},
     identity::Identity,
     policy::{Policy, Rule},
+    revocation::Revocations,
     token_fingerprint, TokenVerifier, VerifyRequest,
 };
+
+use body::{CallLife, RequestBody};
+
+/// How often, by default, a stream whose token has no session to follow (API keys, M2M and
+/// OAuth tokens) is re-verified ([`AuthLayer::reverify_streams_every`]).
+pub const DEFAULT_REVERIFY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The shortest re-verification interval accepted.
+const MIN_REVERIFY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Verifies a token into an [`Identity`]: the one trait behind both modes.
 ///
@@ -66,6 +76,13 @@ pub trait Authenticate: Send + Sync + 'static {
         &'a self,
         req: VerifyRequest<'a>,
     ) -> BoxFuture<'a, Result<Arc<Identity>, AuthError>>;
+
+    /// The revoked sessions this implementation refuses, if it follows any: with
+    /// [`AuthLayer::end_streams_at_expiry`], the open streams of a session marked there end at
+    /// once (`SESSION_REVOKED`). Default: none.
+    fn revocations(&self) -> Option<&Revocations> {
+        None
+    }
 }
 
 impl Authenticate for TokenVerifier {
@@ -74,6 +91,10 @@ impl Authenticate for TokenVerifier {
         req: VerifyRequest<'a>,
     ) -> BoxFuture<'a, Result<Arc<Identity>, AuthError>> {
         Box::pin(async move { self.verify(&req).await })
+    }
+
+    fn revocations(&self) -> Option<&Revocations> {
+        Some(TokenVerifier::revocations(self))
     }
 }
 
@@ -173,6 +194,7 @@ struct Shared {
     policy: Policy,
     sources: TokenSources,
     end_streams_at_expiry: bool,
+    reverify_every: Duration,
 }
 
 /// A tower layer that authenticates and authorizes every call of the services it wraps.
@@ -190,6 +212,7 @@ impl std::fmt::Debug for AuthLayer {
             .field("policy", &self.shared.policy)
             .field("sources", &self.shared.sources)
             .field("end_streams_at_expiry", &self.shared.end_streams_at_expiry)
+            .field("reverify_every", &self.shared.reverify_every)
             .finish()
     }
 }
@@ -207,6 +230,7 @@ impl AuthLayer {
                 policy,
                 sources: TokenSources::default(),
                 end_streams_at_expiry: false,
+                reverify_every: DEFAULT_REVERIFY_INTERVAL,
             }),
         }
     }
@@ -229,6 +253,7 @@ impl AuthLayer {
                 policy: old.policy.clone(),
                 sources: old.sources.clone(),
                 end_streams_at_expiry: old.end_streams_at_expiry,
+                reverify_every: old.reverify_every,
             });
         }
         f(Arc::get_mut(&mut self.shared).expect("unique after the copy"));
@@ -240,11 +265,34 @@ impl AuthLayer {
         self.modify(|s| s.sources = sources)
     }
 
-    /// End a response stream with `UNAUTHENTICATED` / `TOKEN_EXPIRED` when the token that
-    /// opened it expires (default: off). Applies to server-streaming and bidirectional
-    /// responses; a unary or client-streaming response is produced once, at its end.
+    /// End every call — streams of either direction included — when the token that opened it
+    /// ends (default: off), with `UNAUTHENTICATED` and reason:
+    ///
+    /// * `TOKEN_EXPIRED` at the token's `exp`: an absolute deadline fixed at verification
+    ///   (however long the handler takes to answer), checked before every frame of the
+    ///   request and the response, and by a timer while the stream is idle;
+    /// * `SESSION_REVOKED` as soon as the session is marked in the verifier's
+    ///   [`Revocations`] (webhook, `RevokeSession`, Redis, or a [`RevocationFeed`]);
+    /// * the re-verification's refusal (e.g. `TOKEN_REVOKED`) for a token without a session
+    ///   (API keys, M2M and OAuth tokens), re-verified through the same verifier every
+    ///   [`AuthLayer::reverify_streams_every`] while the call is open (only when it outlives
+    ///   that interval). A verdict cache may answer a re-verification: a revoked machine token
+    ///   is seen within the interval plus that cache's age (in-process:
+    ///   `MachineConfig::max_age`; delegated: [`DelegatedConfig::max_age`] plus AuthService's).
+    ///   A re-verification that cannot be made (Clerk or AuthService down) ends the call too,
+    ///   with its `UNAVAILABLE` status: fail closed.
+    ///
+    /// A response not yet produced is answered with the status; the request body ends with it,
+    /// so a client stream stops feeding the handler.
     pub fn end_streams_at_expiry(self, yes: bool) -> Self {
         self.modify(|s| s.end_streams_at_expiry = yes)
+    }
+
+    /// How often a call whose token has no session (API keys, M2M and OAuth tokens) is
+    /// re-verified while it is open, with [`AuthLayer::end_streams_at_expiry`] (default
+    /// [`DEFAULT_REVERIFY_INTERVAL`], 60 s; at least 100 ms).
+    pub fn reverify_streams_every(self, every: Duration) -> Self {
+        self.modify(|s| s.reverify_every = every.max(MIN_REVERIFY_INTERVAL))
     }
 
     /// The policy.
@@ -319,9 +367,13 @@ fn log_refusal(path: &str, token: Option<&str>, err: &AuthError) {
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Auth<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ReqBody::Error: Into<tonic::codegen::StdError>,
     ResBody: Default + Send + 'static,
 {
     type Response = http::Response<ExpiringBody<ResBody>>;
@@ -332,7 +384,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         // The ready service handles this call; a fresh clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -350,7 +402,7 @@ where
             };
             if rule.is_public() {
                 return inner
-                    .call(req)
+                    .call(req.map(tonic::body::Body::new))
                     .await
                     .map(|r| r.map(ExpiringBody::unbounded));
             }
@@ -390,18 +442,96 @@ where
                     return Ok(refusal(e));
                 }
             };
-            let deadline = shared
-                .end_streams_at_expiry
-                .then(|| until(identity.expires_at));
             let verified = Verified::new(identity, header, token);
-            req.extensions_mut().insert(verified);
-            let res = inner.call(req).await?;
-            Ok(res.map(|b| match deadline {
-                Some(d) => ExpiringBody::until(b, d),
-                None => ExpiringBody::unbounded(b),
-            }))
+            if !shared.end_streams_at_expiry {
+                let mut req = req.map(tonic::body::Body::new);
+                req.extensions_mut().insert(verified);
+                return inner
+                    .call(req)
+                    .await
+                    .map(|r| r.map(ExpiringBody::unbounded));
+            }
+            let life = Arc::new(life_of(&shared, &verified, path, origin, source));
+            let method: Box<str> = path.into();
+            let mut req =
+                req.map(|b| tonic::body::Body::new(RequestBody::new(b, Box::pin(life.ending()))));
+            req.extensions_mut().insert(verified.clone());
+            let mut ending = Box::pin(life.ending());
+            drop(life);
+            let res = tokio::select! {
+                biased;
+                // The end first: a handler answering after it is not waited for.
+                err = &mut ending => {
+                    log_end(&method, &verified, &err);
+                    return Ok(refusal(err));
+                }
+                res = inner.call(req) => res?,
+            };
+            Ok(res.map(|b| ExpiringBody::ending(b, ending)))
         })
     }
+}
+
+/// What ends a call authorized for `verified`: the token's expiry, its session's revocation,
+/// and, for a token without a session that outlives the interval, a re-verification task
+/// (owned by the call: it stops when the call's bodies are dropped).
+fn life_of(
+    shared: &Arc<Shared>,
+    verified: &Verified,
+    path: &str,
+    origin: Origin,
+    source: Option<std::net::IpAddr>,
+) -> CallLife {
+    let identity = verified.identity();
+    let deadline = deadline_of(identity.expires_at);
+    let session = identity
+        .session_id
+        .as_deref()
+        .and_then(|sid| shared.auth.revocations().map(|r| r.watch(sid)));
+    let every = shared.reverify_every;
+    let recheck = identity.session_id.is_none()
+        && deadline.is_none_or(|d| d > tokio::time::Instant::now() + every);
+    let life = CallLife::new(deadline, session, recheck);
+    if let Some((signal, failure)) = life.rechecks() {
+        let shared = shared.clone();
+        let verified = verified.clone();
+        let path: Box<str> = path.into();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = signal.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let again = async {
+                    let rule = shared.policy.rule_for(&path)?;
+                    let req = request_for(rule, verified.token(), origin, source)?;
+                    let identity = shared.auth.authenticate(req).await?;
+                    authorize(rule, shared.policy.own_machine_id(), &identity)
+                };
+                let result = tokio::select! {
+                    _ = signal.cancelled() => return,
+                    r = again => r,
+                };
+                if let Err(e) = result {
+                    log_end(&path, &verified, &e);
+                    let _ = failure.set(e);
+                    signal.cancel();
+                    return;
+                }
+            }
+        });
+    }
+    life
+}
+
+fn log_end(path: &str, verified: &Verified, err: &AuthError) {
+    tracing::debug!(
+        method = path,
+        token = token_fingerprint(verified.token()),
+        code = ?err.code(),
+        reason = err.reason_str(),
+        "call ended: its token ended"
+    );
 }
 
 fn refusal<B: Default>(e: AuthError) -> http::Response<ExpiringBody<B>> {
@@ -410,11 +540,17 @@ fn refusal<B: Default>(e: AuthError) -> http::Response<ExpiringBody<B>> {
         .map(ExpiringBody::unbounded)
 }
 
-/// Time left until `exp` (seconds since the epoch); zero when past.
-fn until(exp: f64) -> Duration {
+/// The instant a token expiring at `exp` (seconds since the epoch) expires, fixed now; `None`
+/// when it never does (no `exp`: infinity, or more than ten years away). A NaN is already past.
+fn deadline_of(exp: f64) -> Option<tokio::time::Instant> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    Duration::from_secs_f64((exp - now).clamp(0.0, 10.0 * 365.0 * 86_400.0))
+    let left = exp - now;
+    if left > 10.0 * 365.0 * 86_400.0 {
+        return None;
+    }
+    let left = if left.is_nan() { 0.0 } else { left.max(0.0) };
+    Some(tokio::time::Instant::now() + Duration::from_secs_f64(left))
 }
