@@ -6,17 +6,10 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use clerk_grpc_auth::revocation::{Event, Events, RedisConfig, Revocations};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 async fn guard<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -139,67 +132,10 @@ async fn oversized_and_malformed_messages_are_refused_and_counted() {
     stop.cancel();
 }
 
-/// A TCP relay to the local Redis whose connections the test can cut and refuse.
-struct Relay {
-    addr: SocketAddr,
-    down: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let down = Arc::new(AtomicBool::new(false));
-        let (held, refuse) = (connections.clone(), down.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if refuse.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let relay = tokio::spawn(async move {
-                    if let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut redis).await;
-                    }
-                });
-                held.lock().unwrap().push(relay.abort_handle());
-            }
-        });
-        Self {
-            addr,
-            down,
-            connections,
-            accept,
-        }
-    }
-
-    /// Closes every connection and refuses new ones until [`Relay::restore`].
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 #[tokio::test]
 async fn a_revocation_made_while_redis_is_down_reaches_the_others_later() {
     let prefix = prefix();
-    let relay = Relay::start().await;
+    let relay = common::RedisRelay::start().await;
     let (one, stop_one) = replica(&format!("redis://{}", relay.addr), &prefix).await;
     let (two, stop_two) = replica("redis://127.0.0.1:6379", &prefix).await;
     guard(one.subscribed()).await;
@@ -238,7 +174,7 @@ async fn a_revocation_made_while_redis_is_down_reaches_the_others_later() {
 async fn readyz_and_metrics_report_the_subscription() {
     use clerk_grpc_auth::server::{Listeners, Server};
     let prefix = prefix();
-    let relay = Relay::start().await;
+    let relay = common::RedisRelay::start().await;
     let clerk = clerk_grpc_auth::emulator::Emulator::start_local()
         .await
         .unwrap();

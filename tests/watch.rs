@@ -605,54 +605,9 @@ async fn layers_follow_with_credentials_and_resubscribe() {
     .await;
 }
 
-/// A TCP relay to the local Redis whose connections the test can cut.
-struct Relay {
-    addr: SocketAddr,
-    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let held = connections.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let relay = tokio::spawn(async move {
-                    if let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut redis).await;
-                    }
-                });
-                held.lock().unwrap().push(relay.abort_handle());
-            }
-        });
-        Self {
-            addr,
-            connections,
-            accept,
-        }
-    }
-
-    /// Closes every connection made so far (new ones are relayed again).
-    fn cut(&self) {
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 #[tokio::test]
 async fn a_redis_replay_larger_than_the_feed_lags_no_subscriber() {
-    let relay = Relay::start().await;
+    let relay = common::RedisRelay::start().await;
     let prefix = format!("clerk-auth-watch-test-{}", rand::random::<u64>());
     // Subscribers stalled in a large snapshot (HTTP/2 flow control exhausted) are not reading
     // the live feed when the replay happens: before, each replayed id went through the feed
@@ -697,7 +652,7 @@ async fn a_redis_replay_larger_than_the_feed_lags_no_subscriber() {
 
     // The connection drops; the replica reconnects and replays the stored ids, while the
     // subscribers read nothing.
-    relay.cut();
+    relay.drop_connections();
     guard(feed.events.wait_reloaded(reloads + 1)).await;
     assert!(ids
         .iter()
