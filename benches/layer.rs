@@ -14,12 +14,12 @@
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
+    authz::policy::Policy,
     emulator::{OrgSpec, SigningKey, TokenSpec},
-    jwks::{KeySource, KeyStore, KeyStoreConfig},
-    keys::{Alg, KeySet},
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
-    policy::Policy,
     server::{Server, ServerConfig},
+    token::keys::{Alg, KeySet},
+    verify::jwks::{KeySource, KeyStore, KeyStoreConfig},
     TokenVerifier, TokenVerifierConfig,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -9,11 +9,13 @@ use std::{sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
     emulator::{SigningKey, TokenSpec},
-    jwks::{KeySource, KeyStore, KeyStoreConfig},
-    keys::{Alg, KeySet},
     pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest},
     server::{Server, ServerConfig},
-    verify::{Validation, Verifier, VerifyOptions},
+    token::{
+        check::{Validation, Verifier, VerifyOptions},
+        keys::{Alg, KeySet},
+    },
+    verify::jwks::{KeySource, KeyStore, KeyStoreConfig},
     TokenVerifier, TokenVerifierConfig, VerifyRequest,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -106,7 +108,7 @@ fn bench_verify(c: &mut Criterion) {
     g.bench_function("decode_only", |b| {
         b.iter(|| {
             k = (k + 1) % DISTINCT;
-            clerk_grpc_auth::verify::Decoded::parse(&f.tokens[k]).unwrap()
+            clerk_grpc_auth::token::check::Decoded::parse(&f.tokens[k]).unwrap()
         })
     });
 

@@ -12,8 +12,10 @@ use std::{hint::black_box, process::Command, time::Instant};
 use base64::Engine as _;
 use clerk_grpc_auth::{
     emulator::{OrgSpec, SigningKey, TokenSpec},
-    keys::{Alg, KeySet},
-    verify::{Validation, Verifier, VerifyOptions},
+    token::{
+        check::{Validation, Verifier, VerifyOptions},
+        keys::{Alg, KeySet},
+    },
 };
 use serde_json::{json, Value};
 

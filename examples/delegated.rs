@@ -34,11 +34,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clerk_grpc_auth::{
-    jwks::Secret,
+    credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
     layer::{AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier},
-    machine::{M2mTokenSource, M2mTokenSourceConfig},
-    server::http_client,
-    telemetry::{self, LogFormat},
+    secret::Secret,
+    server::{
+        http_client,
+        telemetry::{self, LogFormat},
+    },
 };
 
 /// The Orders example service, delegating verification to AuthService.

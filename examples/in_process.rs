@@ -19,7 +19,10 @@ mod orders;
 use std::process::ExitCode;
 
 use clap::Parser;
-use clerk_grpc_auth::{config::ServeArgs, layer::AuthLayer, server::Server, telemetry};
+use clerk_grpc_auth::{
+    layer::AuthLayer,
+    server::{config::ServeArgs, telemetry, Server},
+};
 
 /// The Orders example service, verifying tokens in-process.
 #[derive(Parser)]
@@ -100,8 +103,8 @@ fn follow_revocations(
     verifier: &clerk_grpc_auth::TokenVerifier,
 ) -> Result<Option<clerk_grpc_auth::layer::RevocationFeed>, Box<dyn std::error::Error>> {
     use clerk_grpc_auth::{
-        jwks::Secret,
-        machine::{M2mTokenSource, M2mTokenSourceConfig},
+        credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
+        secret::Secret,
     };
     let (Some(url), Some(key)) = (&args.revocations_from, &args.machine_secret_key) else {
         return Ok(None);

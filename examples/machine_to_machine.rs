@@ -28,12 +28,14 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use clerk_grpc_auth::{
-    client::CredentialsLayer,
-    jwks::Secret,
+    authz::policy::{Policy, Rule},
+    credentials::{
+        m2m::{M2mTokenSource, M2mTokenSourceConfig},
+        CredentialsLayer,
+    },
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
-    machine::{M2mTokenSource, M2mTokenSourceConfig},
     pb::TokenType,
-    policy::{Policy, Rule},
+    secret::Secret,
     server::http_client,
 };
 use orders::pb::{orders_client::OrdersClient, ListOrdersRequest};

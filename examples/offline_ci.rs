@@ -8,9 +8,10 @@
 
 use clerk_grpc_auth::{
     emulator::{Emulator, OrgSpec, TokenSpec},
-    jwks::{KeySource, Secret},
     pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest},
+    secret::Secret,
     server::{Server, ServerConfig},
+    verify::jwks::KeySource,
 };
 
 #[tokio::main]

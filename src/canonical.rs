@@ -516,7 +516,7 @@ mod tests {
 
     /// The rule a request gets through the route policy, by name, or the refusal's reason.
     fn which(
-        p: &crate::ext_authz::RoutePolicy,
+        p: &crate::server::ext_authz::RoutePolicy,
         method: &str,
         host: &str,
         path: &str,
@@ -547,7 +547,7 @@ mod tests {
         const PATH: &str = "PATH_NOT_CANONICAL";
         const HOST: &str = "HOST_INVALID";
         const METHOD: &str = "METHOD_INVALID";
-        let p = crate::ext_authz::RoutePolicy::from_toml(ROUTES, "t").unwrap();
+        let p = crate::server::ext_authz::RoutePolicy::from_toml(ROUTES, "t").unwrap();
         let cases: &[(&str, &str, &str, Result<&str, &str>)] = &[
             // legitimate requests
             ("GET", API, "/", Is("public")),
@@ -623,7 +623,7 @@ mod tests {
             );
         }
         // Upstreams known to be case-sensitive: only the exact spelling is read.
-        let p = crate::ext_authz::RoutePolicy::from_toml(
+        let p = crate::server::ext_authz::RoutePolicy::from_toml(
             &format!("case_sensitive_paths = true\n{ROUTES}"),
             "t",
         )
@@ -635,7 +635,7 @@ mod tests {
 
     #[test]
     fn route_files_are_canonical() {
-        use crate::ext_authz::RoutePolicy;
+        use crate::server::ext_authz::RoutePolicy;
         for (text, needle) in [
             ("[[routes]]\npath_prefix = \"/a//b\"\n", "not canonical"),
             ("[[routes]]\npath_prefix = \"/a/../b\"\n", "not canonical"),

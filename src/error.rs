@@ -252,7 +252,7 @@ pub enum MalformedAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     /// The requirement not met.
-    pub unmet: crate::authz::Unmet,
+    pub unmet: Unmet,
     /// What was required, as `ErrorInfo` metadata pairs. Never holds token contents.
     pub required: Vec<(&'static str, String)>,
 }
@@ -508,6 +508,36 @@ impl From<AuthError> for Status {
     }
 }
 
+/// Which requirement of a [`Check`](crate::authz::Check) was not met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unmet {
+    /// The caller is not a user (machine token, or no user id), or nothing was asked.
+    NotAUser,
+    /// Nothing was asked: Clerk's `has({})` is `false`.
+    NothingAsked,
+    /// The organization role.
+    Role,
+    /// The organization permission.
+    Permission,
+    /// The feature.
+    Feature,
+    /// The plan.
+    Plan,
+    /// A more recent factor verification is needed.
+    Reverification,
+    /// A scope the rule requires is not among the machine token's scopes.
+    Scope,
+    /// An M2M token that does not list this service's machine id in its scopes.
+    MachineNotAllowed,
+    /// An API key owned by the wrong kind of subject (user vs organization).
+    ApiKeyOwner,
+    /// An identity query for someone else, by a caller not on the allowlist.
+    CallerNotAllowed,
+    /// The caller's mTLS identity (SPIFFE ID) is not one the rule names.
+    PeerNotAllowed,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,7 +572,7 @@ mod tests {
             ),
             (
                 AuthError::Denied(Denial {
-                    unmet: crate::authz::Unmet::Permission,
+                    unmet: Unmet::Permission,
                     required: vec![("permission", "org:orders:delete".into())],
                 }),
                 Code::PermissionDenied,

@@ -13,33 +13,18 @@
 //! Verification errors carry Clerk's reasons ([`error::Reason`]) and map to gRPC status codes
 //! in one place ([`error`]).
 
-pub mod access;
 pub mod authz;
-pub mod bapi;
-pub mod budget;
 pub mod canonical;
-mod claims;
-pub mod client;
-pub mod config;
-pub mod directory;
+pub mod clerk;
+pub mod credentials;
 pub mod emulator;
 pub mod error;
-pub mod ext_authz;
-pub mod identity;
-pub mod jwks;
-pub mod keys;
 pub mod layer;
-pub mod machine;
-pub mod metrics;
-pub mod peer;
-pub mod policy;
-pub mod revocation;
+pub mod retry;
+pub mod secret;
 pub mod server;
-pub mod service;
-pub mod telemetry;
-mod token_verifier;
+pub mod token;
 pub mod verify;
-pub mod webhook;
 
 /// Generated protobuf types, client and server for `clerk.auth.v1`.
 pub mod pb {
@@ -50,11 +35,11 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/clerk_auth_descriptor.bin"));
 
-    /// The token as its fingerprint ([`crate::token_fingerprint`]), never the token.
+    /// The token as its fingerprint ([`crate::secret::token_fingerprint`]), never the token.
     impl std::fmt::Debug for VerifyTokenRequest {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("VerifyTokenRequest")
-                .field("token", &crate::token_fingerprint(&self.token))
+                .field("token", &crate::secret::token_fingerprint(&self.token))
                 .field("authorized_parties", &self.authorized_parties)
                 .field("accept_pending_session", &self.accept_pending_session)
                 .field("accepted_token_types", &self.accepted_token_types)
@@ -67,8 +52,9 @@ pub mod pb {
 }
 
 pub use error::{AuthError, Reason, VerifyError};
-pub use identity::Identity;
-pub use token_verifier::{
+pub use secret::token_fingerprint;
+pub use token::identity::Identity;
+pub use verify::{
     TokenVerifier, TokenVerifierConfig, VerifierStats, VerifyRequest, MAX_TOKEN_BYTES,
 };
 
@@ -79,22 +65,8 @@ pub mod fuzzing {
     /// then `JSON.parse`) read `segment`, a decoded JWT header or payload, into the same
     /// header and claims, or both refuse it. `Err` describes the difference.
     pub fn claims_agree(segment: &[u8]) -> Result<(), String> {
-        crate::claims::scanner_agrees_with_reference(segment)
+        crate::token::claims::scanner_agrees_with_reference(segment)
     }
-}
-
-/// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
-/// SHA-256. Never log the token itself.
-pub fn token_fingerprint(token: &str) -> String {
-    use sha2::{Digest, Sha256};
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let d = Sha256::digest(token.as_bytes());
-    let mut s = String::with_capacity(12);
-    for b in &d[..6] {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    s
 }
 
 #[cfg(test)]
@@ -137,7 +109,7 @@ mod tests {
                     ..Default::default()
                 }
             ),
-            format!("{:?}", crate::client::BearerToken::new(token).unwrap()),
+            format!("{:?}", crate::credentials::BearerToken::new(token).unwrap()),
         ];
         for s in &shown {
             for part in token.split('.') {
@@ -146,11 +118,5 @@ mod tests {
             assert!(s.contains(&super::token_fingerprint(token)), "{s}");
         }
         assert!(shown[0].contains("https://app.example"), "{}", shown[0]);
-    }
-
-    #[test]
-    fn fingerprint_is_short_and_stable() {
-        let f = super::token_fingerprint("abc");
-        assert_eq!(f, "ba7816bf8f01");
     }
 }

@@ -5,16 +5,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use clerk_grpc_auth::{
-    bapi::BackendApiConfig,
-    config::ServeArgs,
-    directory::DirectoryConfig,
+    clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
     emulator::{
         Emulator, EmulatorConfig, MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec, UserSpec,
     },
-    jwks::{KeySource, Secret},
-    machine::MachineConfig,
-    server::{self, IdentityConfig, Server, ServerConfig, TlsConfig, WebhookConfig},
-    telemetry::{self, LogFormat},
+    secret::Secret,
+    server::{
+        self,
+        config::ServeArgs,
+        telemetry::{self, LogFormat},
+        IdentityConfig, Server, ServerConfig, TlsConfig, WebhookConfig,
+    },
+    verify::jwks::KeySource,
 };
 use tokio::net::TcpListener;
 
@@ -538,7 +540,7 @@ async fn dev(args: DevArgs) -> ExitCode {
         backend: BackendApiConfig::new(api_url, Secret::new(emu.secret_key())),
         directory: DirectoryConfig::default(),
     });
-    config.access = clerk_grpc_auth::access::AccessConfig {
+    config.access = clerk_grpc_auth::server::access::AccessConfig {
         machine_id: Some(auth_service.id.clone()),
         allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
         ..Default::default()

@@ -258,7 +258,7 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
     // The rejection is logged with its reason and the token's fingerprint.
     assert!(logs.contains("TOKEN_EXPIRED"), "{logs}");
     assert!(
-        logs.contains(&clerk_grpc_auth::token_fingerprint(&expired)),
+        logs.contains(&clerk_grpc_auth::secret::token_fingerprint(&expired)),
         "{logs}"
     );
     // One audit line per decision: the expired token's, with its verdict and reason.
@@ -267,7 +267,7 @@ async fn logs_never_contain_tokens_or_secrets_and_sigterm_drains() {
         .filter(|l| l.contains("clerk_grpc_auth::audit"))
         .collect();
     assert!(audit.len() >= 5, "{logs}");
-    let fp = clerk_grpc_auth::token_fingerprint(&expired);
+    let fp = clerk_grpc_auth::secret::token_fingerprint(&expired);
     let line = audit
         .iter()
         .find(|l| l.contains(&fp))
@@ -324,9 +324,9 @@ async fn token_command_mints_machine_tokens_that_verify() {
     }
     // Verify with a server wired to the same emulator (Backend API for opaque tokens).
     let mut config = common::config_for(&clerk);
-    config.machine = Some(clerk_grpc_auth::machine::MachineConfig::new(
+    config.machine = Some(clerk_grpc_auth::clerk::machines::MachineConfig::new(
         clerk.url().parse().unwrap(),
-        Some(clerk_grpc_auth::jwks::Secret::new(clerk.secret_key())),
+        Some(clerk_grpc_auth::secret::Secret::new(clerk.secret_key())),
         None,
     ));
     let h = common::Harness::start_server(clerk, config).await;

@@ -207,7 +207,10 @@ fn istio_provider_points_at_the_service_and_fails_closed() {
         .iter()
         .map(|h| h.as_str().unwrap())
         .collect();
-    assert_eq!(upstream, clerk_grpc_auth::ext_authz::IDENTITY_HEADERS);
+    assert_eq!(
+        upstream,
+        clerk_grpc_auth::server::ext_authz::IDENTITY_HEADERS
+    );
     // The proxies read the path as clerk-grpc-auth does, and refuse what it would refuse.
     assert_eq!(
         mesh["spec"]["meshConfig"]["pathNormalization"]["normalization"].as_str(),

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use clerk_grpc_auth::{
     emulator::{OrgSpec, TokenSpec},
-    ext_authz::{identity_header_spellings, RoutePolicy, IDENTITY_HEADERS},
+    server::ext_authz::{identity_header_spellings, RoutePolicy, IDENTITY_HEADERS},
 };
 use common::Harness;
 use envoy_types::pb::envoy::{

@@ -21,15 +21,18 @@ use std::{
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clerk_grpc_auth::{
-    bapi::{BackendApi, BackendApiConfig},
-    directory::DirectoryConfig,
+    clerk::{
+        api::{BackendApi, BackendApiConfig},
+        directory::DirectoryConfig,
+        machines::MachineConfig,
+    },
     emulator::{Emulator, JwksFault, MachineTokenKind, MachineTokenSpec, TokenSpec, UserSpec},
-    jwks::{Secret, MAX_JWKS_BYTES},
-    keys::{Alg, MAX_JWKS_KEYS},
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
-    machine::MachineConfig,
     pb::{GetUserRequest, TokenType, VerifyTokenRequest},
+    secret::Secret,
     server::{IdentityConfig, Server},
+    token::keys::{Alg, MAX_JWKS_KEYS},
+    verify::jwks::MAX_JWKS_BYTES,
 };
 use common::{assert_rejected, config_for, now, reason, Harness};
 use futures::{stream, StreamExt};
@@ -641,7 +644,7 @@ fn start_auth(
 ) -> (
     oneshot::Sender<()>,
     JoinHandle<Result<(), clerk_grpc_auth::server::ServerError>>,
-    clerk_grpc_auth::jwks::KeyStore,
+    clerk_grpc_auth::verify::jwks::KeyStore,
 ) {
     let server = Server::build(config_for(clerk)).unwrap();
     let keys = server.verifier().keys().clone();

@@ -7,22 +7,23 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use clerk_grpc_auth::{
-    access::{parse_oauth_scopes, AccessConfig},
-    bapi::BackendApiConfig,
-    budget::BudgetConfig,
-    directory::DirectoryConfig,
+    clerk::{
+        api::BackendApiConfig, budget::BudgetConfig, directory::DirectoryConfig,
+        machines::MachineConfig, svix::SvixVerifier,
+    },
     emulator::{Emulator, MachineTokenKind, MachineTokenSpec, MembershipSpec, TokenSpec, UserSpec},
-    identity::TokenType,
-    jwks::Secret,
-    machine::MachineConfig,
     pb::{
         auth_service_client::AuthServiceClient, GetSessionRequest, GetUserRequest,
         ListOrganizationMembershipsRequest, RevokeSessionRequest, VerifyTokenRequest,
         WhoAmIRequest,
     },
-    revocation::{Events, RedisConfig},
-    server::{IdentityConfig, Server, ServerConfig, WebhookConfig},
-    webhook::SvixVerifier,
+    secret::Secret,
+    server::{
+        access::{parse_oauth_scopes, AccessConfig},
+        events::{Events, RedisConfig},
+        IdentityConfig, Server, ServerConfig, WebhookConfig,
+    },
+    token::identity::TokenType,
 };
 use common::reason;
 use tokio::{net::TcpListener, sync::oneshot};
@@ -1168,7 +1169,7 @@ async fn replicas_share_revocations_through_redis() {
 #[derive(Clone)]
 struct Static(String);
 
-impl clerk_grpc_auth::client::TokenSource for Static {
+impl clerk_grpc_auth::credentials::TokenSource for Static {
     fn token(&self) -> futures::future::BoxFuture<'_, Result<String, Status>> {
         Box::pin(std::future::ready(Ok(self.0.clone())))
     }

@@ -6,9 +6,10 @@ use std::{sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
     emulator::{Emulator, JwksFault, SigningKey, TokenSpec},
-    jwks::{KeySource, Secret},
-    keys::{Alg, KeySet, VerifyingKey},
+    secret::Secret,
     server::ServerConfig,
+    token::keys::{Alg, KeySet, VerifyingKey},
+    verify::jwks::KeySource,
 };
 use common::{assert_rejected, now, Harness};
 use futures::{stream, StreamExt};

@@ -8,13 +8,14 @@ mod orders;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
-    client::{forward_token, BearerToken, CredentialsLayer, TokenSource},
+    authz::policy::{Policy, Rule},
+    credentials::{BearerToken, CredentialsLayer, TokenSource},
     emulator::{MachineTokenKind, MachineTokenSpec, OrgSpec, TokenSpec, UserSpec},
+    layer::forward_token,
     layer::{
         AuthInterceptor, AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier,
         TokenSources,
     },
-    policy::{Policy, Rule},
     server::Server,
     TokenVerifier,
 };
@@ -90,7 +91,9 @@ impl Drop for Orders {
 }
 
 /// An in-process verifier of its own (key store loaded from the emulator).
-async fn local_verifier(h: &Harness) -> (TokenVerifier, clerk_grpc_auth::jwks::RefresherGuard) {
+async fn local_verifier(
+    h: &Harness,
+) -> (TokenVerifier, clerk_grpc_auth::verify::jwks::RefresherGuard) {
     let server = Server::build(config_for(&h.clerk)).unwrap();
     let verifier = server.verifier().clone();
     let guard = verifier.keys().spawn_refresher();
@@ -684,7 +687,7 @@ async fn interceptor_verifies_in_process_and_fails_closed_on_an_unknown_kid() {
         serde_json::Value::Object(spec("member", &[]).claims("https://clerk.test", common::now()));
     let forged = h
         .clerk
-        .sign(&header, &claims, clerk_grpc_auth::keys::Alg::RS256);
+        .sign(&header, &claims, clerk_grpc_auth::token::keys::Alg::RS256);
     let status = call(&client, Call::List, Cred::Bearer(&forged))
         .await
         .unwrap_err();
@@ -876,7 +879,7 @@ async fn malformed_method_paths_are_refused_before_the_policy() {
 
 /// A policy for the stream tests: every method for any session token or API key.
 fn stream_policy() -> Policy {
-    use clerk_grpc_auth::identity::TokenType;
+    use clerk_grpc_auth::token::identity::TokenType;
     Policy::with_default(
         Rule::authenticated().token_types([TokenType::SessionToken, TokenType::ApiKey]),
     )
@@ -1027,7 +1030,8 @@ async fn a_client_stream_is_cut_at_the_tokens_exp() {
 /// machine tokens (verdicts reused for 200 ms). Returns the harness and that machine's token.
 async fn trusted_harness() -> (Harness, String) {
     use clerk_grpc_auth::{
-        bapi::BackendApiConfig, directory::DirectoryConfig, jwks::Secret, machine::MachineConfig,
+        clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
+        secret::Secret,
         server::IdentityConfig,
     };
     let mut follower = None;
@@ -1201,7 +1205,7 @@ async fn a_revoked_api_key_ends_its_streams_within_the_reverification_interval()
 
 /// The harness's configuration for its emulator, with its machine settings (200 ms verdicts).
 fn h_config(h: &Harness) -> clerk_grpc_auth::server::ServerConfig {
-    use clerk_grpc_auth::{jwks::Secret, machine::MachineConfig};
+    use clerk_grpc_auth::{clerk::machines::MachineConfig, secret::Secret};
     let mut config = config_for(&h.clerk);
     let api: url::Url = h.clerk.url().parse().unwrap();
     let mut m = MachineConfig::new(api, Some(Secret::new(h.clerk.secret_key())), None);

@@ -12,8 +12,8 @@ use std::{
 
 use axum::{routing::post, Json, Router};
 use clerk_grpc_auth::{
-    jwks::Secret,
-    machine::{M2mTokenSource, M2mTokenSourceConfig},
+    credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
+    secret::Secret,
     server::http_client,
 };
 use serde_json::{json, Value};

@@ -10,13 +10,16 @@ mod orders;
 use std::{sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
-    client::CredentialsLayer,
+    authz::policy::{ApiKeyOwner, Policy, Rule},
+    clerk::machines::MachineConfig,
+    credentials::{
+        m2m::{M2mTokenSource, M2mTokenSourceConfig},
+        CredentialsLayer,
+    },
     emulator::{Emulator, MachineTokenKind, MachineTokenSpec},
-    jwks::Secret,
     layer::AuthLayer,
-    machine::{M2mTokenSource, M2mTokenSourceConfig, MachineConfig},
     pb::{Identity, TokenType, VerifyTokenRequest},
-    policy::{ApiKeyOwner, Policy, Rule},
+    secret::Secret,
     server::{http_client, Server, ServerConfig},
 };
 use common::{assert_rejected, reason, Harness};
@@ -659,7 +662,7 @@ async fn a_strangers_flood_cannot_starve_callers_with_valid_tokens() {
 /// A fixed token for the delegated layer's own identity.
 struct Fixed(String);
 
-impl clerk_grpc_auth::client::TokenSource for Fixed {
+impl clerk_grpc_auth::credentials::TokenSource for Fixed {
     fn token(&self) -> futures::future::BoxFuture<'_, Result<String, Status>> {
         Box::pin(async move { Ok(self.0.clone()) })
     }

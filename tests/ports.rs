@@ -7,7 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use clerk_grpc_auth::{
-    jwks::Secret,
+    secret::Secret,
     server::{Listeners, Server, ServerConfig, WebhookConfig},
 };
 use tokio::{net::TcpListener, sync::oneshot};

@@ -8,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use clerk_grpc_auth::revocation::{Event, Events, RedisConfig, Revocations};
+use clerk_grpc_auth::{
+    server::events::{Event, Events, RedisConfig},
+    verify::revocations::Revocations,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

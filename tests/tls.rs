@@ -7,15 +7,14 @@ mod common;
 use std::time::Duration;
 
 use clerk_grpc_auth::{
-    bapi::BackendApiConfig,
-    directory::DirectoryConfig,
+    clerk::{api::BackendApiConfig, directory::DirectoryConfig},
     emulator::{TokenSpec, UserSpec},
-    jwks::Secret,
     layer::{DelegatedConfig, DelegatedVerifier},
     pb::{
         auth_service_client::AuthServiceClient, GetUserRequest, RevokeSessionRequest,
         VerifyTokenRequest,
     },
+    secret::Secret,
     server::{IdentityConfig, ServerConfig, TlsConfig},
     VerifyRequest,
 };
@@ -305,10 +304,10 @@ async fn delegated_layer_speaks_tls_to_auth_service() {
 fn spiffe_ids_come_from_uri_sans() {
     let pki = pki();
     let der = rustls_pemfile_der(&pki.client_a.0);
-    assert_eq!(clerk_grpc_auth::peer::spiffe_ids(&der), [SPIFFE_A]);
-    assert!(clerk_grpc_auth::peer::spiffe_ids(b"not a certificate").is_empty());
+    assert_eq!(clerk_grpc_auth::authz::peer::spiffe_ids(&der), [SPIFFE_A]);
+    assert!(clerk_grpc_auth::authz::peer::spiffe_ids(b"not a certificate").is_empty());
     let server = rustls_pemfile_der(&pki.server.0);
-    assert!(clerk_grpc_auth::peer::spiffe_ids(&server).is_empty());
+    assert!(clerk_grpc_auth::authz::peer::spiffe_ids(&server).is_empty());
 }
 
 fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
@@ -322,8 +321,8 @@ mod orders;
 #[tokio::test]
 async fn layer_policy_can_require_a_spiffe_peer() {
     use clerk_grpc_auth::{
+        authz::policy::{Policy, Rule},
         layer::AuthLayer,
-        policy::{Policy, Rule},
     };
     use orders::pb::{orders_client::OrdersClient, orders_server::OrdersServer, ListOrdersRequest};
     let pki = pki();

@@ -9,9 +9,11 @@ use aws_lc_rs::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clerk_grpc_auth::{
     emulator::{OrgSpec, SigningKey, TokenSpec},
-    keys::Alg,
     pb::{SessionStatus, TokenType, VerifyTokenRequest},
-    verify::{CAT_IGNORE, CAT_M2M, CAT_TEMPLATE},
+    token::{
+        check::{CAT_IGNORE, CAT_M2M, CAT_TEMPLATE},
+        keys::Alg,
+    },
 };
 use common::{assert_rejected, now, Harness};
 use serde_json::{json, Value};

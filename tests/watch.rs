@@ -12,17 +12,17 @@ use std::{
 };
 
 use clerk_grpc_auth::{
-    bapi::BackendApiConfig,
-    client::TokenSource,
-    directory::DirectoryConfig,
+    clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
+    credentials::TokenSource,
     emulator::{Emulator, MachineTokenKind, MachineTokenSpec, TokenSpec, UserSpec},
-    jwks::Secret,
     layer::{watch_revocations_with, CallerCredentials, DelegatedConfig, DelegatedVerifier},
-    machine::MachineConfig,
     pb::{auth_service_client::AuthServiceClient, Revocation, WatchRevocationsRequest},
-    revocation::{Event, Events, RedisConfig, FEED_CAPACITY},
-    server::{IdentityConfig, Listeners, Server, ServerError},
-    service::watch::{WatchConfig, WatchHub, PAGE_SIZE, STREAM_BUFFER},
+    secret::Secret,
+    server::{
+        events::{Event, Events, RedisConfig, FEED_CAPACITY},
+        service::watch::{WatchConfig, WatchHub, PAGE_SIZE, STREAM_BUFFER},
+        IdentityConfig, Listeners, Server, ServerError,
+    },
 };
 use common::reason;
 use futures::future::BoxFuture;
@@ -576,7 +576,7 @@ async fn layers_follow_with_credentials_and_resubscribe() {
 
     // The in-process layer's feed, with tokens that expire in 2 s: the stream ends with
     // TOKEN_EXPIRED, and the feed resubscribes with a fresh token and reads the set again.
-    let local = clerk_grpc_auth::revocation::Revocations::default();
+    let local = clerk_grpc_auth::verify::revocations::Revocations::default();
     let channel = Channel::from_shared(endpoint).unwrap().connect_lazy();
     let local_feed = watch_revocations_with(channel, local.clone(), source(2));
     guard(local_feed.wait_received(5)).await;

@@ -6,9 +6,11 @@
 use std::{pin::Pin, time::Duration};
 
 use clerk_grpc_auth::{
-    authz::Check,
+    authz::{
+        policy::{Policy, Rule},
+        Check,
+    },
     layer::{AuthLayer, RequestIdentity},
-    policy::{Policy, Rule},
     Identity,
 };
 use tokio_stream::Stream;

@@ -2,7 +2,7 @@
 //! hosts, paths and methods.
 #![no_main]
 
-use clerk_grpc_auth::ext_authz::RoutePolicy;
+use clerk_grpc_auth::server::ext_authz::RoutePolicy;
 use libfuzzer_sys::fuzz_target;
 
 const ROUTES: &str = r#"

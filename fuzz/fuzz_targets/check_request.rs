@@ -17,13 +17,7 @@
 
 use std::{collections::HashMap, sync::Arc, sync::OnceLock};
 
-use clerk_grpc_auth::{
-    emulator::{SigningKey, TokenSpec},
-    ext_authz::{ExtAuthz, RoutePolicy},
-    jwks::KeySource,
-    keys::{Alg, KeySet, VerifyingKey},
-    server::{Server, ServerConfig},
-};
+use clerk_grpc_auth::{emulator::{SigningKey, TokenSpec}, server::{ext_authz::{ExtAuthz, RoutePolicy}, Server, ServerConfig}, verify::jwks::KeySource, token::keys::{Alg, KeySet, VerifyingKey}};
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Request as AttrRequest},
     authorization_server::Authorization,

@@ -4,11 +4,7 @@
 
 use std::sync::OnceLock;
 
-use clerk_grpc_auth::{
-    emulator::SigningKey,
-    keys::KeySet,
-    verify::{Decoded, Validation, Verifier, VerifyOptions},
-};
+use clerk_grpc_auth::{emulator::SigningKey, token::{keys::KeySet, check::{Decoded, Validation, Verifier, VerifyOptions}}};
 use libfuzzer_sys::fuzz_target;
 
 fn keys() -> &'static KeySet {

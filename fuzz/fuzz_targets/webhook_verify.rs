@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use clerk_grpc_auth::{
-    jwks::Secret,
-    webhook::{events_for, SvixVerifier},
-};
+use clerk_grpc_auth::{secret::Secret, server::webhook::events_for, clerk::svix::SvixVerifier};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{clerk_error, now_secs, random_id, Shared};
-use crate::{jwks::Secret, webhook::SvixVerifier};
+use crate::{clerk::svix::SvixVerifier, secret::Secret};
 
 /// A user to create. Every field is optional.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

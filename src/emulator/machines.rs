@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{clerk_error, now_secs, random_id, Shared};
-use crate::{keys::Alg, verify::CAT_M2M};
+use crate::token::{check::CAT_M2M, keys::Alg};
 
 /// A machine: what M2M tokens are issued to.
 #[derive(Debug, Clone, Serialize)]

@@ -20,7 +20,7 @@ use tonic::Status;
 
 use crate::{
     error::{AuthError, Reason, VerifyError},
-    revocation::SessionWatch,
+    verify::revocations::SessionWatch,
 };
 
 /// What ends one call: shared (behind an `Arc`) by its request body, response future and

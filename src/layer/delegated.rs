@@ -36,13 +36,12 @@ use tonic_types::StatusExt;
 
 use super::{Authenticate, RevocationFeed};
 use crate::{
-    client::TokenSource,
+    credentials::TokenSource,
     error::{AuthError, MalformedAnswer, Reason, VerifyError},
-    identity::{Identity, SessionStatus, TokenType},
     pb::{self, auth_service_client::AuthServiceClient},
-    revocation::Revocations,
-    token_fingerprint,
-    token_verifier::verdict_key,
+    secret::token_fingerprint,
+    token::identity::{Identity, SessionStatus, TokenType},
+    verify::{revocations::Revocations, verdict_key},
     TokenVerifier, VerifyRequest, MAX_TOKEN_BYTES,
 };
 
@@ -71,7 +70,7 @@ pub struct DelegatedConfig {
     pub fallback: Option<TokenVerifier>,
     /// TLS (and a client certificate for mTLS) towards AuthService (`https://` endpoints).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
-    /// This layer's own token (e.g. an [`M2mTokenSource`](crate::machine::M2mTokenSource)),
+    /// This layer's own token (e.g. an [`M2mTokenSource`](crate::credentials::m2m::M2mTokenSource)),
     /// sent as `authorization` on every `VerifyToken` call. With it (or with an mTLS
     /// certificate) on AuthService's `CLERK_AUTH_CLIENT_IP_FORWARDERS`, the end user's address
     /// is honoured for AuthService's per-source limits; without, every call counts under this
@@ -190,7 +189,7 @@ impl Default for DelegatedConfig {
             max_age: Duration::from_secs(10),
             cache_capacity: 10_000,
             connect_timeout: Duration::from_secs(1),
-            clock_skew: Duration::from_millis(crate::verify::DEFAULT_CLOCK_SKEW_MS),
+            clock_skew: Duration::from_millis(crate::token::check::DEFAULT_CLOCK_SKEW_MS),
             fallback: None,
             tls: None,
             credentials: None,

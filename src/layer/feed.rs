@@ -3,7 +3,7 @@
 //!
 //! AuthService streams revocations to known callers only: an M2M token of a machine on its
 //! `CLERK_AUTH_IDENTITY_ALLOWLIST` ([`watch_revocations_with`] and a [`TokenSource`] such as
-//! [`M2mTokenSource`](crate::machine::M2mTokenSource)), or an mTLS client certificate whose
+//! [`M2mTokenSource`](crate::credentials::m2m::M2mTokenSource)), or an mTLS client certificate whose
 //! SPIFFE ID is on it (a TLS `channel` and [`watch_revocations`]).
 
 use std::{sync::Arc, time::Duration};
@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{transport::Channel, Code};
 
 use crate::{
-    client::TokenSource,
-    jwks::retry_delay,
+    credentials::TokenSource,
     pb::{auth_service_client::AuthServiceClient, WatchRevocationsRequest},
-    revocation::Revocations,
+    retry::retry_delay,
+    verify::revocations::Revocations,
 };
 
 /// A running subscription (see [`watch_revocations`]). Dropping it stops the task.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{service::Interceptor, Request, Status};
 
 use super::{authorize, request_for, TokenSources, Verified};
-use crate::{error::AuthError, policy::Rule, TokenVerifier};
+use crate::{authz::policy::Rule, error::AuthError, TokenVerifier};
 
 /// Authenticates every call of one service in-process, synchronously:
 /// `OrdersServer::with_interceptor(svc, AuthInterceptor::new(verifier, rule))`.
@@ -72,7 +72,7 @@ impl Interceptor for AuthInterceptor {
         }
         // mTLS: a rule naming peers refuses any other caller before looking at tokens.
         if !self.rule.peers.is_empty()
-            && !crate::peer::PeerIdentity::from_request(&req).any_in(&self.rule.peers)
+            && !crate::authz::peer::PeerIdentity::from_request(&req).any_in(&self.rule.peers)
         {
             return Err(AuthError::Denied(crate::error::Denial {
                 unmet: crate::authz::Unmet::PeerNotAllowed,

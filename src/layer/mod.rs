@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # async fn run(verifier: clerk_grpc_auth::TokenVerifier) {
-//! use clerk_grpc_auth::{authz::Check, layer::AuthLayer, policy::{Policy, Rule}};
+//! use clerk_grpc_auth::{authz::{policy::{Policy, Rule}, Check}, layer::AuthLayer};
 //!
 //! let policy = Policy::authenticated().method(
 //!     "/examples.orders.v1.Orders/DeleteOrder",
@@ -27,9 +27,9 @@
 
 mod body;
 mod delegated;
+mod extract;
 mod feed;
 mod interceptor;
-mod token;
 
 use std::{
     future::Future,
@@ -45,16 +45,17 @@ use tower::{Layer, Service};
 
 pub use body::ExpiringBody;
 pub use delegated::{CallerCredentials, DelegatedConfig, DelegatedStats, DelegatedVerifier};
+pub use extract::{Origin, TokenSources, SESSION_COOKIE};
 pub use feed::{watch_revocations, watch_revocations_with, RevocationFeed};
 pub use interceptor::AuthInterceptor;
-pub use token::{Origin, TokenSources, SESSION_COOKIE};
 
 use crate::{
+    authz::policy::{Policy, Rule},
     error::{AuthError, Reason, VerifyError},
-    identity::Identity,
-    policy::{Policy, Rule},
-    revocation::Revocations,
-    token_fingerprint, TokenVerifier, VerifyRequest,
+    secret::token_fingerprint,
+    token::identity::Identity,
+    verify::revocations::Revocations,
+    TokenVerifier, VerifyRequest,
 };
 
 use body::{CallLife, RequestBody};
@@ -131,7 +132,7 @@ impl Verified {
     }
 
     /// The token the call was verified with (to forward it to the next service, see
-    /// [`crate::client::forward_token`]). Keep it out of logs.
+    /// [`forward_token`]). Keep it out of logs.
     pub fn token(&self) -> &str {
         self.header
             .as_bytes()
@@ -352,7 +353,7 @@ pub(crate) fn request_for<'a>(
     })
 }
 
-use crate::peer::{peer_ip, PeerIdentity};
+use crate::authz::peer::{peer_ip, PeerIdentity};
 
 fn log_refusal(path: &str, token: Option<&str>, err: &AuthError) {
     let fingerprint = token.map(token_fingerprint);
@@ -553,4 +554,25 @@ fn deadline_of(exp: f64) -> Option<tokio::time::Instant> {
     }
     let left = if left.is_nan() { 0.0 } else { left.max(0.0) };
     Some(tokio::time::Instant::now() + Duration::from_secs_f64(left))
+}
+
+/// Copies the token the incoming call was verified with onto an outgoing request, so the next
+/// service sees the same caller. `UNAUTHENTICATED` / `TOKEN_MISSING` when the incoming call
+/// carries no verified identity (a public method, or no auth layer).
+pub fn forward_token<T, U>(
+    incoming: &tonic::Request<T>,
+    outgoing: &mut tonic::Request<U>,
+) -> Result<(), Status> {
+    let verified = incoming.verified().ok_or_else(|| {
+        Status::from(AuthError::Rejected(VerifyError::new(
+            Reason::TokenMissing,
+            "the incoming call carries no verified token to forward",
+        )))
+    })?;
+    let value = crate::credentials::bearer_metadata(verified.token())
+        .map_err(|_| Status::internal("the incoming token cannot be forwarded"))?;
+    outgoing
+        .metadata_mut()
+        .insert(http::header::AUTHORIZATION.as_str(), value);
+    Ok(())
 }

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 
 use clerk_grpc_auth::{
     emulator::{Emulator, TokenSpec},
-    jwks::{KeySource, Secret},
     pb::{auth_service_client::AuthServiceClient, Identity, VerifyTokenRequest},
+    secret::Secret,
     server::{Server, ServerConfig, ServerError, SERVICE_NAME},
+    verify::jwks::KeySource,
     TokenVerifier,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};

@@ -1,0 +1,684 @@
+//! Identity queries through the Backend API, cached: users, organization memberships and
+//! sessions. Per-kind TTL and capacity, concurrent misses coalesced into one request, optional
+//! stale-if-error (users and memberships only: a session's status is never served stale), and
+//! invalidation by webhooks ([`Directory::invalidate_user`], …).
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::{
+    clerk::api::{ApiError, BackendApi},
+    pb,
+    token::identity::json_map_to_struct,
+};
+
+/// Settings of a [`Directory`].
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    /// How long a user profile is reused (default 60 s).
+    pub user_ttl: Duration,
+    /// How long a user's memberships are reused (default 60 s).
+    pub memberships_ttl: Duration,
+    /// How long a session's status is reused (default 10 s).
+    pub session_ttl: Duration,
+    /// Entries per kind (default 10 000).
+    pub capacity: u64,
+    /// Serve a user or memberships entry up to this long past its TTL when Clerk fails
+    /// (default 300 s; zero turns it off). Sessions are never served stale.
+    pub stale_if_error: Duration,
+    /// Most memberships read per user (default 500, in pages of 100).
+    pub max_memberships: usize,
+    /// How long Clerk's "not found" for a user or session is remembered (default 30 s; zero
+    /// turns it off): the same missing id asked again costs no Backend API call. A webhook
+    /// for the id (`user.created`, …) forgets it at once.
+    pub not_found_ttl: Duration,
+    /// How long the owner (`user_id`) of a session once fetched is remembered (default
+    /// 10 min): a user asking again about someone else's session is refused without a Backend
+    /// API call. A session never changes owner.
+    pub session_owner_ttl: Duration,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self {
+            user_ttl: Duration::from_secs(60),
+            memberships_ttl: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(10),
+            capacity: 10_000,
+            stale_if_error: Duration::from_secs(300),
+            max_memberships: 500,
+            not_found_ttl: Duration::from_secs(30),
+            session_owner_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Clerk's `User` (the fields we expose; unknown fields are ignored).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct User {
+    /// `user_…`.
+    pub id: String,
+    /// First name.
+    #[serde(default)]
+    pub first_name: Option<String>,
+    /// Last name.
+    #[serde(default)]
+    pub last_name: Option<String>,
+    /// Username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The primary email address's id.
+    #[serde(default)]
+    pub primary_email_address_id: Option<String>,
+    /// Every email address.
+    #[serde(default)]
+    pub email_addresses: Vec<EmailAddress>,
+    /// Profile image.
+    #[serde(default)]
+    pub image_url: Option<String>,
+    /// Public metadata.
+    #[serde(default)]
+    pub public_metadata: Option<Map<String, Value>>,
+    /// External id.
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Banned.
+    #[serde(default)]
+    pub banned: bool,
+    /// Locked.
+    #[serde(default)]
+    pub locked: bool,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub last_sign_in_at: Option<i64>,
+}
+
+/// Clerk's `EmailAddress`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct EmailAddress {
+    /// `idn_…`.
+    pub id: String,
+    /// The address.
+    pub email_address: String,
+    /// Verification state.
+    #[serde(default)]
+    pub verification: Option<Verification>,
+}
+
+/// Clerk's verification object.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Verification {
+    /// `verified`, `unverified`, …
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// Clerk's `OrganizationMembership`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Membership {
+    /// `orgmem_…`.
+    pub id: String,
+    /// `org:admin`, …
+    #[serde(default)]
+    pub role: String,
+    /// Permission keys.
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    /// The organization.
+    pub organization: MembershipOrganization,
+    /// Public metadata of the membership.
+    #[serde(default)]
+    pub public_metadata: Option<Map<String, Value>>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at: Option<i64>,
+}
+
+/// The organization inside a membership.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MembershipOrganization {
+    /// `org_…`.
+    pub id: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Slug.
+    #[serde(default)]
+    pub slug: Option<String>,
+    /// Image.
+    #[serde(default)]
+    pub image_url: Option<String>,
+}
+
+/// Clerk's `Session`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Session {
+    /// `sess_…`.
+    pub id: String,
+    /// `user_…`.
+    #[serde(default)]
+    pub user_id: String,
+    /// `client_…`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// `active`, `pending`, `ended`, `expired`, `removed`, `replaced`, `revoked`, `abandoned`.
+    #[serde(default)]
+    pub status: String,
+    /// The last active organization.
+    #[serde(default)]
+    pub last_active_organization_id: Option<String>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub last_active_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub expire_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub abandon_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub updated_at: Option<i64>,
+}
+
+impl Session {
+    /// Whether Clerk still considers the session live (`active`, or `pending` when accepted).
+    pub fn is_live(&self, accept_pending: bool) -> bool {
+        self.status == "active" || (accept_pending && self.status == "pending")
+    }
+}
+
+#[derive(Deserialize)]
+struct Page<T> {
+    data: Vec<T>,
+    #[serde(default)]
+    total_count: Option<usize>,
+}
+
+/// One kind of cached object: a fresh cache (coalescing misses), a stale backup and the ids
+/// Clerk said it does not have.
+struct Kind<V> {
+    fresh: moka::future::Cache<String, Arc<V>>,
+    stale: Option<moka::future::Cache<String, Arc<V>>>,
+    missing: Option<moka::sync::Cache<String, ()>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Counters kept by a [`Directory`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectoryStats {
+    /// Answered from a cache (coalesced waiters included).
+    pub hits: u64,
+    /// Went to the Backend API.
+    pub misses: u64,
+}
+
+impl<V: Send + Sync + 'static> Kind<V> {
+    fn new(ttl: Duration, stale: Duration, missing: Duration, capacity: u64) -> Self {
+        Self {
+            fresh: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            stale: (!stale.is_zero()).then(|| {
+                moka::future::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(ttl + stale)
+                    .build()
+            }),
+            missing: (!missing.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(missing)
+                    .build()
+            }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether Clerk said recently that it has no `key`.
+    fn is_missing(&self, key: &str) -> bool {
+        self.missing.as_ref().is_some_and(|m| m.contains_key(key))
+    }
+
+    async fn get<F>(&self, key: &str, fetch: F) -> Result<Arc<V>, ApiError>
+    where
+        F: std::future::Future<Output = Result<V, ApiError>>,
+    {
+        if self.is_missing(key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::NotFound);
+        }
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let got = self
+            .fresh
+            .try_get_with(key.to_owned(), async {
+                ran.store(true, Ordering::Relaxed);
+                fetch.await.map(Arc::new)
+            })
+            .await;
+        if ran.load(Ordering::Relaxed) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        match got {
+            Ok(v) => {
+                if let Some(stale) = &self.stale {
+                    stale.insert(key.to_owned(), v.clone()).await;
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                let e = (*e).clone();
+                if e == ApiError::NotFound {
+                    if let Some(m) = &self.missing {
+                        m.insert(key.to_owned(), ());
+                    }
+                }
+                // Stale-if-error: not for "not found" or a refused key.
+                if matches!(e, ApiError::Unavailable(_) | ApiError::RateLimited(_)) {
+                    if let Some(stale) = &self.stale {
+                        if let Some(v) = stale.get(key).await {
+                            tracing::warn!(error = %e, "Backend API failing; serving a stale entry");
+                            return Ok(v);
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn invalidate(&self, key: &str) {
+        if let Some(m) = &self.missing {
+            m.invalidate(key);
+        }
+        self.fresh.invalidate(key).await;
+        if let Some(stale) = &self.stale {
+            stale.invalidate(key).await;
+        }
+    }
+}
+
+struct Inner {
+    api: BackendApi,
+    config: DirectoryConfig,
+    users: Kind<User>,
+    memberships: Kind<Vec<Membership>>,
+    sessions: Kind<Session>,
+    /// Session id → its user, for sessions once fetched.
+    owners: moka::sync::Cache<String, Arc<str>>,
+}
+
+/// Users, memberships and sessions from the Backend API, cached. Cheap to clone.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("api", &self.inner.api)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl Directory {
+    /// A directory over `api`.
+    pub fn new(api: BackendApi, config: DirectoryConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                users: Kind::new(
+                    config.user_ttl,
+                    config.stale_if_error,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
+                memberships: Kind::new(
+                    config.memberships_ttl,
+                    config.stale_if_error,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
+                sessions: Kind::new(
+                    config.session_ttl,
+                    Duration::ZERO,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
+                owners: moka::sync::Cache::builder()
+                    .max_capacity(config.capacity)
+                    .time_to_live(config.session_owner_ttl.max(Duration::from_secs(1)))
+                    .build(),
+                api,
+                config,
+            }),
+        }
+    }
+
+    /// Cache counters, all kinds together.
+    pub fn stats(&self) -> DirectoryStats {
+        let i = &self.inner;
+        DirectoryStats {
+            hits: i.users.hits.load(Ordering::Relaxed)
+                + i.memberships.hits.load(Ordering::Relaxed)
+                + i.sessions.hits.load(Ordering::Relaxed),
+            misses: i.users.misses.load(Ordering::Relaxed)
+                + i.memberships.misses.load(Ordering::Relaxed)
+                + i.sessions.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Backend API client.
+    pub fn api(&self) -> &BackendApi {
+        &self.inner.api
+    }
+
+    /// Charges one call to `caller`'s own budget ([`ClerkBudget::try_spend_for_caller`]);
+    /// `None` is the service itself (webhooks, online session checks). Charged *before* the
+    /// shared cache lookup, so that a caller whose budget is spent is refused alone: it never
+    /// starts a fetch whose failure other callers waiting on the same key would share, and
+    /// its refusal is never mistaken for Clerk failing (no stale answer, no warning).
+    ///
+    /// [`ClerkBudget::try_spend_for_caller`]: crate::clerk::budget::ClerkBudget::try_spend_for_caller
+    fn charge(&self, caller: Option<&str>) -> Result<(), ApiError> {
+        match caller {
+            Some(c) => self
+                .inner
+                .api
+                .budget()
+                .try_spend_for_caller(c)
+                .map_err(ApiError::RateLimited),
+            None => Ok(()),
+        }
+    }
+
+    /// Charges `caller` when `key` is neither cached nor known missing (a likely miss).
+    fn charge_miss<V: Send + Sync + 'static>(
+        &self,
+        kind: &Kind<V>,
+        key: &str,
+        caller: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if caller.is_none() || kind.is_missing(key) || kind.fresh.contains_key(key) {
+            return Ok(());
+        }
+        self.charge(caller)
+    }
+
+    /// A user (`GET /v1/users/{id}`), cached; a miss is charged to `caller` (who asks: a
+    /// user, machine or SPIFFE ID; `None` for the service itself).
+    pub async fn user(&self, user_id: &str, caller: Option<&str>) -> Result<Arc<User>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(user_id, "user_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge_miss(&self.inner.users, user_id, caller)?;
+        let api = &self.inner.api;
+        self.inner
+            .users
+            .get(user_id, async {
+                api.get(&format!("users/{user_id}")).await
+            })
+            .await
+    }
+
+    /// Every membership of a user (`GET /v1/users/{id}/organization_memberships`, pages of
+    /// 100 up to `max_memberships`), cached as one list; a miss is charged to `caller` once.
+    pub async fn memberships(
+        &self,
+        user_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Arc<Vec<Membership>>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(user_id, "user_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge_miss(&self.inner.memberships, user_id, caller)?;
+        let api = &self.inner.api;
+        let max = self.inner.config.max_memberships;
+        self.inner
+            .memberships
+            .get(user_id, async {
+                let mut all = Vec::new();
+                loop {
+                    let page: Page<Membership> = api
+                        .get(&format!(
+                            "users/{user_id}/organization_memberships?limit=100&offset={}",
+                            all.len()
+                        ))
+                        .await?;
+                    let got = page.data.len();
+                    all.extend(page.data);
+                    let total = page.total_count.unwrap_or(all.len());
+                    if got == 0 || all.len() >= total || all.len() >= max {
+                        all.truncate(max);
+                        return Ok(all);
+                    }
+                }
+            })
+            .await
+    }
+
+    /// A session (`GET /v1/sessions/{id}`), cached for `session_ttl`; a miss is charged to
+    /// `caller`.
+    pub async fn session(
+        &self,
+        session_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Arc<Session>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge_miss(&self.inner.sessions, session_id, caller)?;
+        let api = &self.inner.api;
+        let s = self
+            .inner
+            .sessions
+            .get(session_id, async {
+                api.get::<Session>(&format!("sessions/{session_id}")).await
+            })
+            .await?;
+        if !s.user_id.is_empty() {
+            self.inner
+                .owners
+                .insert(session_id.to_owned(), Arc::from(s.user_id.as_str()));
+        }
+        Ok(s)
+    }
+
+    /// A session if it belongs to `user_id`, else `None` — the same whether it belongs to
+    /// someone else or does not exist. Known answers cost Clerk nothing: a session once
+    /// fetched is remembered with its owner (`session_owner_ttl`), a missing one for
+    /// `not_found_ttl`, so asking again about someone else's session or a made-up id sends no
+    /// request. Every call is charged to `user_id`, cached or not: what the caller's budget
+    /// shows (and when it runs out) is the same whether a session exists or not.
+    pub async fn session_of_user(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Arc<Session>>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge(Some(user_id))?;
+        if let Some(owner) = self.inner.owners.get(session_id) {
+            if &*owner != user_id {
+                self.inner.sessions.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+        }
+        match self.session(session_id, None).await {
+            Ok(s) if s.user_id == user_id => Ok(Some(s)),
+            Ok(_) | Err(ApiError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`), charged to `caller`;
+    /// drops the cached entry.
+    pub async fn revoke_session(
+        &self,
+        session_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Session, ApiError> {
+        if !crate::clerk::api::is_clerk_id(session_id, "sess_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge(caller)?;
+        let s: Session = self
+            .inner
+            .api
+            .post(&format!("sessions/{session_id}/revoke"), Value::Null)
+            .await?;
+        self.invalidate_session(session_id).await;
+        Ok(s)
+    }
+
+    /// Drops a user's cached profile and memberships (and a remembered "not found").
+    pub async fn invalidate_user(&self, user_id: &str) {
+        self.inner.users.invalidate(user_id).await;
+        self.inner.memberships.invalidate(user_id).await;
+    }
+
+    /// Drops a user's cached memberships.
+    pub async fn invalidate_memberships(&self, user_id: &str) {
+        self.inner.memberships.invalidate(user_id).await;
+    }
+
+    /// Drops a cached session.
+    pub async fn invalidate_session(&self, session_id: &str) {
+        self.inner.sessions.invalidate(session_id).await;
+    }
+}
+
+fn ts(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+    ms.map(|ms| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+impl User {
+    /// The wire type.
+    pub fn to_proto(&self) -> pb::User {
+        let primary = self
+            .email_addresses
+            .iter()
+            .find(|e| Some(&e.id) == self.primary_email_address_id.as_ref())
+            .map(|e| e.email_address.clone())
+            .unwrap_or_default();
+        pb::User {
+            id: self.id.clone(),
+            first_name: self.first_name.clone().unwrap_or_default(),
+            last_name: self.last_name.clone().unwrap_or_default(),
+            username: self.username.clone().unwrap_or_default(),
+            primary_email_address: primary,
+            email_addresses: self
+                .email_addresses
+                .iter()
+                .map(|e| pb::EmailAddress {
+                    id: e.id.clone(),
+                    email_address: e.email_address.clone(),
+                    verified: e.verification.as_ref().and_then(|v| v.status.as_deref())
+                        == Some("verified"),
+                })
+                .collect(),
+            image_url: self.image_url.clone().unwrap_or_default(),
+            public_metadata: Some(json_map_to_struct(
+                self.public_metadata.as_ref().unwrap_or(&Map::new()),
+            )),
+            created_at: ts(self.created_at),
+            last_sign_in_at: ts(self.last_sign_in_at),
+            banned: self.banned,
+            locked: self.locked,
+            external_id: self.external_id.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Membership {
+    /// The wire type.
+    pub fn to_proto(&self) -> pb::OrganizationMembership {
+        pb::OrganizationMembership {
+            id: self.id.clone(),
+            role: self.role.clone(),
+            permissions: self.permissions.clone(),
+            organization: Some(pb::MembershipOrganization {
+                id: self.organization.id.clone(),
+                name: self.organization.name.clone(),
+                slug: self.organization.slug.clone().unwrap_or_default(),
+                image_url: self.organization.image_url.clone().unwrap_or_default(),
+            }),
+            public_metadata: Some(json_map_to_struct(
+                self.public_metadata.as_ref().unwrap_or(&Map::new()),
+            )),
+            created_at: ts(self.created_at),
+        }
+    }
+}
+
+impl Session {
+    /// The wire type.
+    pub fn to_proto(&self) -> pb::Session {
+        pb::Session {
+            id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            client_id: self.client_id.clone().unwrap_or_default(),
+            status: self.status.clone(),
+            last_active_organization_id: self
+                .last_active_organization_id
+                .clone()
+                .unwrap_or_default(),
+            last_active_at: ts(self.last_active_at),
+            expire_at: ts(self.expire_at),
+            abandon_at: ts(self.abandon_at),
+            created_at: ts(self.created_at),
+            updated_at: ts(self.updated_at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clerk_objects_parse_and_tolerate_new_fields() {
+        let user: User = serde_json::from_value(serde_json::json!({
+            "id": "user_1", "object": "user", "first_name": "Ada", "last_name": null,
+            "primary_email_address_id": "idn_2",
+            "email_addresses": [
+                {"id": "idn_1", "email_address": "old@example.com", "verification": null},
+                {"id": "idn_2", "email_address": "ada@example.com",
+                 "verification": {"status": "verified", "strategy": "email_code"}, "linked_to": []}
+            ],
+            "public_metadata": {"plan": "pro"}, "banned": false, "locked": true,
+            "created_at": 1700000000123_i64, "some_future_field": {"x": 1}
+        }))
+        .unwrap();
+        let p = user.to_proto();
+        assert_eq!(p.primary_email_address, "ada@example.com");
+        assert!(p.email_addresses[1].verified && !p.email_addresses[0].verified);
+        assert!(p.locked);
+        assert_eq!(p.created_at.unwrap().nanos, 123_000_000);
+        assert!(p.public_metadata.unwrap().fields.contains_key("plan"));
+    }
+}

@@ -1,0 +1,803 @@
+//! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`) on the same
+//! server, so that Envoy or Istio can delegate authentication to AuthService.
+//!
+//! For each request Envoy forwards: the route rule is chosen by host, path prefix and HTTP method
+//! ([`RoutePolicy`], the same [`Rule`] model as the layer's policy) in their canonical forms
+//! ([`crate::canonical`]: a target that cannot be read one way only is refused with 400); the
+//! token comes from `authorization: Bearer …` or the `__session` cookie; then:
+//!
+//! * **allow** — `OkHttpResponse` setting `x-clerk-user-id`, `x-clerk-session-id`,
+//!   `x-clerk-org-id`, `x-clerk-org-role`, `x-clerk-org-permissions` (overwriting anything the
+//!   client sent) and removing those the identity does not have (so none can be spoofed), and
+//!   every spelling of them with `_` ([`identity_header_spellings`]), plus
+//!   `dynamic_metadata` with the identity;
+//! * **deny** — `DeniedHttpResponse` 401 with `WWW-Authenticate: Bearer error="invalid_token"`
+//!   (403 for policy, 400 for a non-canonical path, host or method, 503 when verification is
+//!   impossible, 429 when rate limited) and a JSON
+//!   body `{"error": REASON, "message": …}`; for gRPC requests (`content-type:
+//!   application/grpc…`) a gRPC-shaped denial (HTTP 200, `grpc-status`, `grpc-message`).
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use envoy_types::{
+    ext_authz::v3::{
+        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+        CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+    },
+    pb::google::protobuf::{value::Kind, Struct, Value},
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    authz::{
+        policy::{ApiKeyOwner, PolicyError, Rule},
+        Check,
+    },
+    canonical,
+    error::{AuthError, Reason},
+    layer::TokenSources,
+    secret::token_fingerprint,
+    server::metrics::Observer,
+    token::identity::Identity,
+    TokenVerifier, VerifyRequest,
+};
+
+/// The identity headers set on allowed requests (and stripped from the client's request).
+pub const IDENTITY_HEADERS: [&str; 5] = [
+    "x-clerk-user-id",
+    "x-clerk-session-id",
+    "x-clerk-org-id",
+    "x-clerk-org-role",
+    "x-clerk-org-permissions",
+];
+
+/// Every other spelling of the [`IDENTITY_HEADERS`] with `_` for any of their `-`
+/// (`x_clerk_user_id`, `x-clerk_user-id`, …): CGI/WSGI upstreams read them as the same header
+/// (`HTTP_X_CLERK_USER_ID`), so allowed responses remove them all. Envoy's
+/// `headers_with_underscores_action: REJECT_REQUEST` refuses such requests outright.
+pub fn identity_header_spellings() -> &'static [String] {
+    static SPELLINGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let mut out = Vec::new();
+        for name in IDENTITY_HEADERS {
+            let dashes: Vec<usize> = name.match_indices('-').map(|(i, _)| i).collect();
+            // Each non-zero mask is a non-empty set of dashes turned into underscores.
+            for mask in 1u32..(1 << dashes.len()) {
+                let mut s = name.as_bytes().to_vec();
+                for (bit, &at) in dashes.iter().enumerate() {
+                    if mask & (1 << bit) != 0 {
+                        s[at] = b'_';
+                    }
+                }
+                out.push(String::from_utf8(s).unwrap_or_default());
+            }
+        }
+        out
+    });
+    &SPELLINGS
+}
+
+/// One route: which requests it covers and the rule for them.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Exact host, canonical ([`canonical::host`]: lower case, no trailing dot, no port);
+    /// `None` = any host.
+    pub host: Option<String>,
+    /// Path prefix, canonical ([`canonical::path`]), matched on whole segments (`/admin` covers
+    /// `/admin` and `/admin/x`, not `/administrator`); `/` covers everything.
+    pub path_prefix: String,
+    /// HTTP methods (upper case); empty = any.
+    pub methods: Vec<String>,
+    /// What the route requires.
+    pub rule: Rule,
+}
+
+/// Rules for the HTTP requests Envoy asks about. The matching route with the longest path
+/// prefix wins (then a host-specific over an any-host route, then a method-specific one);
+/// no match → the default rule.
+///
+/// Routes are chosen on the request's canonical host, path and method, and a request whose
+/// readings select different rules is refused ([`canonical`] states the rules).
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    routes: Vec<Route>,
+    default: Rule,
+    machine_id: Option<String>,
+    case_sensitive_paths: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    machine_id: Option<String>,
+    #[serde(default)]
+    case_sensitive_paths: bool,
+    default: Option<Rule>,
+    #[serde(default)]
+    routes: Vec<RouteEntry>,
+}
+
+/// A `[[routes]]` entry: what it matches, then the same fields as a policy rule.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    host: Option<String>,
+    #[serde(default = "root")]
+    path_prefix: String,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    access: crate::authz::policy::Access,
+    #[serde(default)]
+    require: Vec<Check>,
+    #[serde(default)]
+    token_types: Option<crate::authz::policy::TokenTypes>,
+    #[serde(default)]
+    accept_pending: bool,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    api_key_owner: Option<ApiKeyOwner>,
+}
+
+impl RouteEntry {
+    fn rule(&self) -> Rule {
+        let mut rule = Rule::authenticated();
+        rule.access = self.access;
+        rule.require = self.require.clone();
+        if let Some(t) = &self.token_types {
+            rule.token_types = t.0.clone();
+        }
+        rule.accept_pending = self.accept_pending;
+        rule.scopes = self.scopes.clone();
+        rule.api_key_owner = self.api_key_owner;
+        rule
+    }
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            default: Rule::authenticated(),
+            machine_id: None,
+            case_sensitive_paths: false,
+        }
+    }
+}
+
+/// The hosts named by `x-forwarded-host` (every comma-separated entry) and `forwarded`
+/// (`host=` of every element, quotes removed).
+fn forwarded_hosts(headers: &HashMap<String, String>) -> Vec<&str> {
+    let mut out = Vec::new();
+    if let Some(v) = headers.get("x-forwarded-host") {
+        out.extend(v.split(',').map(str::trim));
+    }
+    if let Some(v) = headers.get("forwarded") {
+        for pair in v.split([',', ';']) {
+            if let Some((k, val)) = pair.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("host") {
+                    out.push(val.trim().trim_matches('"'));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The methods a method-override middleware could run instead: the override headers' values
+/// and `_method` query parameters (percent-decoded, upper-cased; a value that is not an HTTP
+/// token is kept as given, so that it is refused).
+fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ]
+    .iter()
+    .filter_map(|h| headers.get(*h))
+    .flat_map(|v| v.split(','))
+    .map(|m| m.trim().to_ascii_uppercase())
+    .collect();
+    if let Some((_, query)) = path.split_once('?') {
+        for pair in query.split(['&', ';']) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("k={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            if decode(k).eq_ignore_ascii_case("_method") {
+                out.push(decode(v).trim().to_ascii_uppercase());
+            }
+        }
+    }
+    out
+}
+
+/// A route's canonical host, path prefix and methods, or what is wrong with them.
+fn canonical_route(
+    host: Option<&str>,
+    path_prefix: &str,
+    methods: &[String],
+) -> Result<(Option<String>, String, Vec<String>), String> {
+    let host = match host {
+        None => None,
+        Some(h) => match canonical::host(h) {
+            Ok(c) if c.is_empty() => return Err("host is empty".into()),
+            Ok(c) => Some(c),
+            Err(e) => return Err(format!("host {h:?}: {}", e.message())),
+        },
+    };
+    if !path_prefix.starts_with('/') {
+        return Err("path_prefix must start with /".into());
+    }
+    match canonical::path(path_prefix) {
+        Ok(c) if c.as_str() == path_prefix => {}
+        Ok(c) => {
+            return Err(format!(
+                "path_prefix {path_prefix:?} is not canonical (write {:?})",
+                c.as_str()
+            ))
+        }
+        Err(e) => return Err(format!("path_prefix {path_prefix:?}: {}", e.message())),
+    }
+    let mut methods: Vec<String> = methods
+        .iter()
+        .map(|m| match canonical::method(m) {
+            Ok(m) => Ok(m.to_ascii_uppercase()),
+            Err(_) => Err(format!("method {m:?} is not an HTTP method token")),
+        })
+        .collect::<Result<_, _>>()?;
+    // Most frameworks answer HEAD with the GET handler: a rule for GET covers HEAD.
+    if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+        methods.push("HEAD".into());
+    }
+    Ok((host, path_prefix.to_owned(), methods))
+}
+
+impl RoutePolicy {
+    /// Every request needs a valid session token unless a route says otherwise.
+    pub fn authenticated() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route (its host, prefix and methods are canonicalised as a policy file's are).
+    ///
+    /// # Panics
+    /// When the host, path prefix or a method is invalid or the prefix is not canonical (a
+    /// programming error; [`RoutePolicy::from_toml`] reports it as an error instead).
+    pub fn route(mut self, route: Route) -> Self {
+        let (host, path_prefix, methods) =
+            canonical_route(route.host.as_deref(), &route.path_prefix, &route.methods)
+                .unwrap_or_else(|e| panic!("invalid route: {e}"));
+        self.routes.push(Route {
+            host,
+            path_prefix,
+            methods,
+            rule: route.rule,
+        });
+        self
+    }
+
+    /// Sets the default rule.
+    pub fn default_rule(mut self, rule: Rule) -> Self {
+        self.default = rule;
+        self
+    }
+
+    /// This service's machine id (M2M tokens must list it in their scopes).
+    pub fn machine_id(mut self, id: impl Into<String>) -> Self {
+        self.machine_id = Some(id.into());
+        self
+    }
+
+    /// Compare paths case-sensitively only (default `false`: a path that selects a different
+    /// rule when compared without regard to case is refused). Set it only when every upstream
+    /// behind Envoy is known to treat paths case-sensitively.
+    pub fn case_sensitive_paths(mut self, yes: bool) -> Self {
+        self.case_sensitive_paths = yes;
+        self
+    }
+
+    /// The rule for a request, chosen on its canonical host, path and method
+    /// ([`canonical`]); refused (`INVALID_ARGUMENT` with `HOST_INVALID`, `METHOD_INVALID` or
+    /// `PATH_NOT_CANONICAL`) when one cannot be canonicalised, or when readings an upstream
+    /// could make of it (undecoded, unmerged, dot segments kept, case folded, method
+    /// upper-cased) select a different rule than the canonical one.
+    pub fn rule_for(&self, host: &str, path: &str, method: &str) -> Result<&Rule, AuthError> {
+        let host = canonical::host(host)?;
+        let method = canonical::method(method)?;
+        let path = canonical::path(path)?;
+        let rule = self.select(&host, path.as_str(), method, false);
+        let upper = canonical::method_upper(method);
+        if self.select(&host, path.as_str(), &upper, false) != rule {
+            return Err(AuthError::NotCanonical {
+                reason: Reason::MethodInvalid,
+                message: "the HTTP method selects a different rule in upper case",
+            });
+        }
+        let folds: &[bool] = if self.case_sensitive_paths {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        let methods: &[&str] = if upper == method {
+            &[method]
+        } else {
+            &[method, &upper]
+        };
+        for &fold in folds {
+            for reading in path.readings() {
+                for &m in methods {
+                    if self.select(&host, reading, m, fold) != rule {
+                        return Err(AuthError::NotCanonical {
+                            reason: Reason::PathNotCanonical,
+                            message: if fold {
+                                "the path selects a different rule when compared without regard to case"
+                            } else {
+                                "the path selects a different rule when read without decoding, slash merging or dot removal"
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        Ok(rule)
+    }
+
+    /// As [`RoutePolicy::rule_for`], for a request with its headers (lower-case names): the
+    /// other hosts and methods an upstream could act on — `x-forwarded-host` and
+    /// `forwarded: host=` (frameworks behind a proxy serve that host), `x-http-method-override`,
+    /// `x-http-method`, `x-method-override` and a `_method` query parameter (method-override
+    /// middleware) — must select the same rule, or the request is refused (`HOST_INVALID` /
+    /// `METHOD_INVALID`).
+    pub fn rule_for_request(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &HashMap<String, String>,
+    ) -> Result<&Rule, AuthError> {
+        let rule = self.rule_for(host, path, method)?;
+        let refuse = |reason, message| Err(AuthError::NotCanonical { reason, message });
+        for alt in forwarded_hosts(headers) {
+            match self.rule_for(alt, path, method) {
+                Ok(r) if r == rule => {}
+                _ => {
+                    return refuse(
+                        Reason::HostInvalid,
+                        "a forwarded host header selects a different rule",
+                    )
+                }
+            }
+        }
+        for alt in method_overrides(headers, path) {
+            match self.rule_for(host, path, &alt) {
+                Ok(r) if r == rule => {}
+                _ => {
+                    return refuse(
+                        Reason::MethodInvalid,
+                        "a method override selects a different rule",
+                    )
+                }
+            }
+        }
+        Ok(rule)
+    }
+
+    /// The rule for one reading of a request (`fold`: paths compared without regard to case).
+    fn select(&self, host: &str, path: &str, method: &str, fold: bool) -> &Rule {
+        self.routes
+            .iter()
+            .filter(|r| {
+                r.host.as_deref().is_none_or(|h| h == host)
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                    && segment_prefix(&r.path_prefix, path, fold)
+            })
+            .max_by_key(|r| (r.path_prefix.len(), r.host.is_some(), !r.methods.is_empty()))
+            .map_or(&self.default, |r| &r.rule)
+    }
+
+    /// Parses a TOML route policy:
+    ///
+    /// ```toml
+    /// # case_sensitive_paths = false   # true: upstreams are known case-sensitive
+    ///
+    /// [default]
+    /// access = "authenticated"
+    ///
+    /// [[routes]]
+    /// path_prefix = "/public"
+    /// access = "public"
+    ///
+    /// [[routes]]
+    /// host = "admin.example.com"
+    /// path_prefix = "/orders"
+    /// methods = ["DELETE"]
+    /// require = [{ permission = "org:orders:delete" }]
+    /// ```
+    ///
+    /// Hosts are canonicalised ([`canonical::host`]); a path prefix must already be canonical
+    /// ([`canonical::path`]: no `//`, dot segments, `;`, encoded unreserved characters…);
+    /// methods must be HTTP tokens. With `case_sensitive_paths = false`, two prefixes that
+    /// differ only by case are refused (every request under them would be).
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let err = |m: String| PolicyError::new(source_name, m);
+        let file: RouteFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut policy = Self {
+            case_sensitive_paths: file.case_sensitive_paths,
+            ..Self::default()
+        };
+        if let Some(d) = file.default {
+            d.validate().map_err(|e| err(format!("[default]: {e}")))?;
+            if !d.peers.is_empty() {
+                // The TLS peer of Check is Envoy, not the client: such a rule could not be
+                // enforced, so it is refused rather than silently ignored.
+                return Err(err(
+                    "[default]: peers cannot be checked by Check (the TLS peer is Envoy)".into(),
+                ));
+            }
+            policy.default = d;
+        }
+        if let Some(id) = file.machine_id {
+            if !id.starts_with("mch_") {
+                return Err(err(format!(
+                    "machine_id {id:?}: a machine id starts with mch_"
+                )));
+            }
+            policy.machine_id = Some(id);
+        }
+        for (i, r) in file.routes.into_iter().enumerate() {
+            let (host, path_prefix, methods) =
+                canonical_route(r.host.as_deref(), &r.path_prefix, &r.methods)
+                    .map_err(|e| err(format!("routes[{i}]: {e}")))?;
+            if !policy.case_sensitive_paths {
+                if let Some(j) = policy.routes.iter().position(|o| {
+                    o.path_prefix != path_prefix && o.path_prefix.eq_ignore_ascii_case(&path_prefix)
+                }) {
+                    return Err(err(format!(
+                        "routes[{i}]: path_prefix {path_prefix:?} differs from routes[{j}]'s only by case \
+                         (with case_sensitive_paths = false every request under them is refused)"
+                    )));
+                }
+            }
+            let rule = r.rule();
+            rule.validate()
+                .map_err(|e| err(format!("routes[{i}]: {e}")))?;
+            policy.routes.push(Route {
+                host,
+                path_prefix,
+                methods,
+                rule,
+            });
+        }
+        Ok(policy)
+    }
+
+    /// Reads and parses a TOML route policy file.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::new(&path.display().to_string(), e.to_string()))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+}
+
+/// Whether `prefix` covers `path` on whole segments (`fold`: without regard to ASCII case).
+fn segment_prefix(prefix: &str, path: &str, fold: bool) -> bool {
+    if prefix == "/" || prefix.is_empty() {
+        return true;
+    }
+    let (p, x) = (prefix.as_bytes(), path.as_bytes());
+    let Some(head) = x.get(..p.len()) else {
+        return false;
+    };
+    let same = if fold {
+        head.eq_ignore_ascii_case(p)
+    } else {
+        head == p
+    };
+    let rest = &x[p.len()..];
+    same && (prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"))
+}
+
+/// The `Authorization` service.
+#[derive(Debug, Clone)]
+pub struct ExtAuthz {
+    verifier: TokenVerifier,
+    policy: Arc<RoutePolicy>,
+    observer: Observer,
+}
+
+impl ExtAuthz {
+    /// Checks requests with `verifier` against `policy`.
+    pub fn new(verifier: TokenVerifier, policy: RoutePolicy) -> Self {
+        Self {
+            verifier,
+            policy: Arc::new(policy),
+            observer: Observer::default(),
+        }
+    }
+
+    /// Sends every decision to `observer` (metrics and the audit log).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// The tonic server for Envoy.
+    pub fn into_server(self) -> envoy_types::ext_authz::v3::pb::AuthorizationServer<Self> {
+        envoy_types::ext_authz::v3::pb::AuthorizationServer::new(self)
+    }
+
+    async fn decide(
+        &self,
+        headers: &HashMap<String, String>,
+        rule: &Rule,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
+        if rule.is_public() {
+            return Ok(None);
+        }
+        self.verify_token(headers, rule, client_ip).await.map(Some)
+    }
+
+    async fn verify_token(
+        &self,
+        headers: &HashMap<String, String>,
+        rule: &Rule,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Identity>, AuthError> {
+        // Only the credential headers are copied into a header map for the extractor.
+        let mut map = HeaderMap::new();
+        for name in ["authorization", "cookie"] {
+            if let Some(v) = headers.get(name) {
+                let v = HeaderValue::from_str(v).map_err(|_| {
+                    AuthError::Rejected(crate::error::VerifyError::new(
+                        crate::error::Reason::TokenInvalid,
+                        "the credentials header is malformed",
+                    ))
+                })?;
+                map.insert(HeaderName::from_static(name), v);
+            }
+        }
+        let (token, origin) = TokenSources::default().extract_with_origin(&map)?;
+        let identity = self
+            .verifier
+            .verify(&VerifyRequest {
+                token,
+                accept_pending: rule.accept_pending,
+                // From the `__session` cookie: session tokens only (Clerk reads machine
+                // tokens from `Authorization` only).
+                accepted_types: origin.accepted(&rule.token_types)?,
+                source: client_ip,
+                ..VerifyRequest::default()
+            })
+            .await
+            .inspect_err(|e| {
+                tracing::debug!(token = %token_fingerprint(token), reason = e.reason_str(), "Check refused");
+            })?;
+        rule.authorize(&identity, self.policy.machine_id.as_deref())
+            .map_err(AuthError::Denied)?;
+        Ok(identity)
+    }
+}
+
+fn allowed(identity: Option<&Identity>) -> CheckResponse {
+    let mut ok = OkHttpResponseBuilder::new();
+    let mut set = |name: &str, value: Option<String>| match value.filter(|v| !v.is_empty()) {
+        Some(v) => {
+            ok.add_header(
+                name,
+                v,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                false,
+            );
+        }
+        None => {
+            ok.remove_header(name);
+        }
+    };
+    let org = identity.and_then(|i| i.organization.as_ref());
+    set(IDENTITY_HEADERS[0], identity.map(|i| i.user_id.clone()));
+    set(
+        IDENTITY_HEADERS[1],
+        identity.and_then(|i| i.session_id.clone()),
+    );
+    set(IDENTITY_HEADERS[2], org.map(|o| o.id.clone()));
+    set(IDENTITY_HEADERS[3], org.and_then(|o| o.role.clone()));
+    set(IDENTITY_HEADERS[4], org.map(|o| o.permissions.join(",")));
+    // CGI/WSGI upstreams read `x_clerk_user_id` (and any mix of `-` and `_`) as the same
+    // header: the client's copies under those spellings are removed too.
+    for name in identity_header_spellings() {
+        ok.remove_header(name);
+    }
+    let mut resp = CheckResponse::with_status(Status::ok("allowed"));
+    resp.set_http_response(ok);
+    if let Some(i) = identity {
+        resp.set_dynamic_metadata(Some(metadata(i)));
+    }
+    resp
+}
+
+fn string_value(s: impl Into<String>) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+
+fn metadata(i: &Identity) -> Struct {
+    let mut fields = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v.filter(|v| !v.is_empty()) {
+            fields.insert(k.to_owned(), string_value(v));
+        }
+    };
+    put("token_type", Some(i.token_type.as_str_name().to_owned()));
+    put("user_id", Some(i.user_id.clone()));
+    put("session_id", i.session_id.clone());
+    let org = i.organization.as_ref();
+    put("org_id", org.map(|o| o.id.clone()));
+    put("org_role", org.and_then(|o| o.role.clone()));
+    put("org_permissions", org.map(|o| o.permissions.join(",")));
+    put(
+        "machine_id",
+        i.machine.as_ref().and_then(|m| m.machine_id.clone()),
+    );
+    put("issuer", i.issuer.clone());
+    Struct {
+        fields: fields.into_iter().collect(),
+    }
+}
+
+fn denied(err: &AuthError, grpc: bool) -> CheckResponse {
+    let code = err.code();
+    let reason = err.reason_str();
+    let mut d = DeniedHttpResponseBuilder::new();
+    if grpc {
+        // A trailers-only gRPC answer the client's stub understands.
+        d.set_http_status(HttpStatusCode::Ok);
+        d.add_header("content-type", "application/grpc", None, false);
+        d.add_header("grpc-status", (code as i32).to_string(), None, false);
+        d.add_header("grpc-message", err.message(), None, false);
+    } else {
+        let status = match code {
+            Code::Unauthenticated => HttpStatusCode::Unauthorized,
+            Code::PermissionDenied => HttpStatusCode::Forbidden,
+            Code::InvalidArgument => HttpStatusCode::BadRequest,
+            Code::ResourceExhausted => HttpStatusCode::TooManyRequests,
+            Code::NotFound => HttpStatusCode::NotFound,
+            _ => HttpStatusCode::ServiceUnavailable,
+        };
+        d.set_http_status(status);
+        if code == Code::Unauthenticated {
+            let challenge = if reason == "TOKEN_MISSING" {
+                "Bearer".to_owned()
+            } else {
+                "Bearer error=\"invalid_token\"".to_owned()
+            };
+            d.add_header("www-authenticate", challenge, None, false);
+        }
+        d.add_header("content-type", "application/json", None, false);
+        d.set_body(serde_json::json!({"error": reason, "message": err.message()}).to_string());
+    }
+    let mut resp = CheckResponse::with_status(Status::new(code, reason));
+    resp.set_http_response(d);
+    resp
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let Some(http) = http else {
+            return Ok(Response::new(denied(
+                &AuthError::InvalidRequest("the CheckRequest has no HTTP request attributes"),
+                false,
+            )));
+        };
+        // Envoy sends `headers`, or `header_map` when raw headers are encoded. Repeated
+        // headers are joined as Envoy joins them in `headers` (cookies with `; `, others with
+        // `,`), so both forms read the same: a second `authorization` makes the credential
+        // unreadable (refused), never "the last one wins".
+        let raw_headers: HashMap<String, String>;
+        let headers = if http.headers.is_empty() {
+            let mut joined: HashMap<String, String> = HashMap::new();
+            for h in http.header_map.iter().flat_map(|m| &m.headers) {
+                let v = if h.value.is_empty() {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                } else {
+                    h.value.clone()
+                };
+                let key = h.key.to_ascii_lowercase();
+                let sep = if key == "cookie" { "; " } else { "," };
+                joined
+                    .entry(key)
+                    .and_modify(|old| {
+                        old.push_str(sep);
+                        old.push_str(&v);
+                    })
+                    .or_insert(v);
+            }
+            raw_headers = joined;
+            &raw_headers
+        } else {
+            &http.headers
+        };
+        let grpc = headers
+            .get("content-type")
+            .is_some_and(|c| c.starts_with("application/grpc"));
+        let host = if http.host.is_empty() {
+            headers.get(":authority").map_or("", String::as_str)
+        } else {
+            http.host.as_str()
+        };
+        let client_ip = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.source.as_ref())
+            .and_then(|p| p.address.as_ref())
+            .and_then(|a| a.address.as_ref())
+            .and_then(|a| match a {
+                envoy_types::ext_authz::v3::pb::Address::SocketAddress(s) => s.address.parse().ok(),
+                _ => None,
+            });
+        let started = std::time::Instant::now();
+        // Only canonical forms from here on: the rule is chosen on them, and the audit log
+        // shows them (a refused target is shown escaped, never raw).
+        let (result, what) =
+            match self
+                .policy
+                .rule_for_request(host, &http.path, &http.method, headers)
+            {
+                Ok(rule) => (
+                    self.decide(headers, rule, client_ip).await,
+                    format!(
+                        "{} {}{}",
+                        http.method,
+                        canonical::host(host).unwrap_or_default(),
+                        canonical::path(&http.path)
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default()
+                    ),
+                ),
+                Err(e) => (
+                    Err(e),
+                    format!(
+                        "{} {}{}",
+                        http.method.escape_debug(),
+                        host.escape_debug(),
+                        http.path.split('?').next().unwrap_or("").escape_debug()
+                    ),
+                ),
+            };
+        self.observer.decision(
+            "Check",
+            &what,
+            result.as_ref().ok().and_then(|i| i.as_deref()),
+            None,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
+        let resp = match result {
+            Ok(identity) => allowed(identity.as_deref()),
+            Err(e) => denied(&e, grpc),
+        };
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,645 @@
+//! Wiring of the AuthService server: key store and its refresher, verifier, health (tied to key
+//! availability), reflection (v1 and v1alpha), graceful shutdown with a drain deadline.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use clerk_grpc_auth::{verify::jwks::KeySource, secret::Secret, server::{serve, ServerConfig}};
+//! let config = ServerConfig::new(KeySource::Remote {
+//!     url: "https://api.clerk.com/v1/jwks".parse()?,
+//!     bearer: Some(Secret::new(std::env::var("CLERK_SECRET_KEY")?)),
+//! });
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! serve(config, listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod access;
+pub mod config;
+pub mod events;
+pub mod ext_authz;
+pub mod metrics;
+pub mod service;
+pub mod telemetry;
+pub mod webhook;
+
+use std::{future::Future, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    clerk::{
+        api::{BackendApi, BackendApiConfig},
+        budget::{BudgetConfig, ClerkBudget},
+        directory::{Directory, DirectoryConfig},
+        machines::{MachineConfig, MachineVerifier},
+        svix::{SvixVerifier, WebhookSecretError},
+    },
+    secret::Secret,
+    server::{
+        access::{Access, AccessConfig},
+        events::{Events, RedisConfig, RedisError},
+        ext_authz::{ExtAuthz, RoutePolicy},
+        metrics::{Metrics, Observer},
+        service::{
+            watch::{WatchConfig, WatchHub},
+            AuthServiceImpl, Forwarders, IdentityQueries,
+        },
+    },
+    verify::{
+        jwks::{KeySource, KeyStore, KeyStoreConfig},
+        revocations::Revocations,
+    },
+    TokenVerifier, TokenVerifierConfig,
+};
+
+/// The fully-qualified service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "clerk.auth.v1.AuthService";
+
+/// Everything the server needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where keys come from.
+    pub key_source: KeySource,
+    /// Key refresh timing and limits.
+    pub key_store: KeyStoreConfig,
+    /// Validation and verdict cache.
+    pub verifier: TokenVerifierConfig,
+    /// Opaque machine tokens through the Backend API (`None`: refused with
+    /// `FAILED_PRECONDITION` / `SECRET_KEY_MISSING`).
+    pub machine: Option<MachineConfig>,
+    /// Identity queries (users, memberships, sessions) through the Backend API (`None`: those
+    /// RPCs answer FAILED_PRECONDITION / `SECRET_KEY_MISSING`).
+    pub identity: Option<IdentityConfig>,
+    /// Who may ask what: the identity-query allowlist, AuthService's own machine id, which
+    /// user tokens may call identity queries and with which OAuth scopes
+    /// ([`crate::server::access`]). Default: session tokens speak for their user, nobody is trusted.
+    pub access: AccessConfig,
+    /// Clerk webhooks on the HTTP port (`CLERK_WEBHOOK_SIGNING_SECRET`).
+    pub webhook: Option<WebhookConfig>,
+    /// Share revocations and invalidations between replicas (`CLERK_AUTH_REDIS_URL`).
+    pub redis: Option<RedisConfig>,
+    /// How long a revoked session is remembered (the longest session-token lifetime;
+    /// default 24 h).
+    pub revocation_ttl: Duration,
+    /// The most revoked sessions remembered at once; past it the oldest is evicted (default
+    /// 1 000 000).
+    pub revocation_capacity: u64,
+    /// Rules for Envoy's `Check` by host, path prefix and method (default: a valid session
+    /// token everywhere).
+    pub route_policy: RoutePolicy,
+    /// TLS / mTLS for the gRPC port (`None`: plaintext).
+    pub tls: Option<TlsConfig>,
+    /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
+    pub shutdown_grace: Duration,
+    /// What this replica may spend at the Backend API, shared by identity queries and
+    /// machine-token verification (replica-wide rate, reserve strangers cannot spend).
+    pub budget: BudgetConfig,
+    /// Callers allowed to set `VerifyTokenRequest.client_ip` (the delegated layers): machine
+    /// ids (`mch_…`, their M2M token in the call's `authorization`) and SPIFFE IDs
+    /// (`spiffe://…`, their mTLS certificate). Anyone else's `client_ip` is ignored and the
+    /// call is counted under its own address.
+    pub forwarders: Vec<String>,
+    /// Limits of `WatchRevocations` streams (numbers, write timeout).
+    pub watch: WatchConfig,
+    /// Serve gRPC server reflection v1 and v1alpha (`CLERK_AUTH_REFLECTION`; default on). Off:
+    /// reflection calls are `UNIMPLEMENTED`; health and the services are unaffected.
+    pub reflection: bool,
+}
+
+/// The ports a [`Server`] serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (AuthService, Envoy `Check`, health, reflection).
+    pub grpc: TcpListener,
+    /// The HTTP port (`CLERK_AUTH_HTTP_LISTEN`): Clerk webhooks; also `/metrics`, `/livez` and
+    /// `/readyz` when there is no metrics port.
+    pub http: Option<TcpListener>,
+    /// The metrics port (`CLERK_AUTH_METRICS_LISTEN`): `/metrics`, `/livez`, `/readyz` only.
+    /// With it, the HTTP port serves webhooks only.
+    pub metrics: Option<TcpListener>,
+}
+
+/// TLS for the gRPC port; mTLS when a client CA is given.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// The server's private key (PEM). Never printed.
+    pub key_pem: Vec<u8>,
+    /// Client certificates must chain to this CA (PEM): mTLS.
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// With a client CA: also accept clients without a certificate (default: required).
+    pub client_auth_optional: bool,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .field("client_auth_optional", &self.client_auth_optional)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// The tonic server configuration.
+    pub fn to_tonic(&self) -> tonic::transport::ServerTlsConfig {
+        let mut t = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem),
+        );
+        if let Some(ca) = &self.client_ca_pem {
+            t = t
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(self.client_auth_optional);
+        }
+        t
+    }
+}
+
+/// Identity-query settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The Backend API client.
+    pub backend: BackendApiConfig,
+    /// Caches.
+    pub directory: DirectoryConfig,
+}
+
+/// Webhook settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `whsec_…`.
+    pub signing_secret: Secret,
+    /// Largest distance between a delivery's timestamp and now (default 5 min).
+    pub tolerance: Duration,
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The HTTP client for Clerk could not be built.
+    #[error("building the HTTP client failed")]
+    HttpClient(#[source] reqwest::Error),
+    /// Redis could not be reached.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// The webhook signing secret is unusable.
+    #[error(transparent)]
+    Webhook(#[from] WebhookSecretError),
+    /// The HTTP port failed.
+    #[error("HTTP server error")]
+    Http(#[source] std::io::Error),
+    /// The access rules are inconsistent (see [`crate::server::access::Access::new`]).
+    #[error("access configuration: {0}")]
+    Access(String),
+    /// Reflection could not be built from the descriptor set.
+    #[error("building the reflection service failed")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC transport error")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// A built server: its verifier and key store (for embedding and tests), ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    verifier: TokenVerifier,
+    route_policy: RoutePolicy,
+    tls: Option<TlsConfig>,
+    directory: Option<Directory>,
+    access: Access,
+    forwarders: Vec<String>,
+    webhook: Option<SvixVerifier>,
+    redis: Option<RedisConfig>,
+    shutdown_grace: Duration,
+    watch: WatchHub,
+    reflection: bool,
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but the key source.
+    pub fn new(key_source: KeySource) -> Self {
+        Self {
+            key_source,
+            key_store: KeyStoreConfig::default(),
+            verifier: TokenVerifierConfig::default(),
+            machine: None,
+            identity: None,
+            access: AccessConfig::default(),
+            webhook: None,
+            redis: None,
+            revocation_ttl: Duration::from_secs(86_400),
+            revocation_capacity: 1_000_000,
+            route_policy: RoutePolicy::default(),
+            tls: None,
+            shutdown_grace: Duration::from_secs(10),
+            budget: BudgetConfig::default(),
+            forwarders: Vec::new(),
+            watch: WatchConfig::default(),
+            reflection: true,
+        }
+    }
+}
+
+/// Builds the shared HTTP client used for every call to Clerk.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("clerk-grpc-auth/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
+    pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
+        let access = Access::new(config.access).map_err(ServerError::Access)?;
+        if access.machine_id().is_none() && config.forwarders.iter().any(|f| f.starts_with("mch_"))
+        {
+            tracing::warn!(
+                "CLERK_AUTH_CLIENT_IP_FORWARDERS names machines but CLERK_AUTH_MACHINE_ID is not \
+                 set: their client_ip is never believed"
+            );
+        }
+        if access.revoke_requires_mtls()
+            && config
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.client_ca_pem.is_none())
+        {
+            tracing::warn!(
+                "CLERK_AUTH_REVOKE_REQUIRES_MTLS is set but mTLS is off (CLERK_AUTH_TLS_CLIENT_CA): \
+                 RevokeSession is refused to everyone"
+            );
+        }
+        let http = http_client().map_err(ServerError::HttpClient)?;
+        // One budget (and one Retry-After) for every path that calls the Backend API.
+        let budget = ClerkBudget::new(config.budget);
+        let machine = config
+            .machine
+            .map(|m| MachineVerifier::with_budget(m, http.clone(), budget.clone()));
+        let directory = config.identity.as_ref().map(|i| {
+            Directory::new(
+                BackendApi::with_budget(i.backend.clone(), http.clone(), budget.clone()),
+                i.directory.clone(),
+            )
+        });
+        let webhook = config
+            .webhook
+            .as_ref()
+            .map(|w| SvixVerifier::new(&w.signing_secret, w.tolerance))
+            .transpose()?;
+        let revocations = Revocations::new(config.revocation_ttl, config.revocation_capacity);
+        let keys = KeyStore::new(config.key_source, config.key_store, http);
+        let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
+        Ok(Self {
+            verifier,
+            route_policy: config.route_policy,
+            tls: config.tls,
+            directory,
+            access,
+            forwarders: config.forwarders,
+            webhook,
+            redis: config.redis,
+            shutdown_grace: config.shutdown_grace,
+            watch: WatchHub::new(config.watch),
+            reflection: config.reflection,
+        })
+    }
+
+    /// The identity-query directory, when configured.
+    pub fn directory(&self) -> Option<&Directory> {
+        self.directory.as_ref()
+    }
+
+    /// The verifier the server uses.
+    pub fn verifier(&self) -> &TokenVerifier {
+        &self.verifier
+    }
+
+    /// The `WatchRevocations` streams (limits and counters).
+    pub fn watch(&self) -> &WatchHub {
+        &self.watch
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight calls for at most
+    /// the grace period. The key refresher runs for exactly as long.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        self.serve_with_http(listener, None, shutdown).await
+    }
+
+    /// Connects what must be connected (Redis) and returns the events hub; part of
+    /// [`Server::serve_with_http`], public so that tests can wait for the subscription.
+    pub async fn events(&self) -> Result<Events, ServerError> {
+        let revocations = self.verifier.revocations().clone();
+        Ok(match &self.redis {
+            Some(r) => Events::with_redis(revocations, self.directory.clone(), r.clone()).await?,
+            None => Events::local(revocations, self.directory.clone()),
+        })
+    }
+
+    /// As [`Server::serve`], plus the HTTP port (webhooks) on `http` when given.
+    pub async fn serve_with_http(
+        self,
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let events = self.events().await?;
+        self.serve_with_events(listener, http, events, shutdown)
+            .await
+    }
+
+    /// As [`Server::serve_with_http`] with an events hub made by [`Server::events`].
+    pub async fn serve_with_events(
+        self,
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        events: Events,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let listeners = Listeners {
+            grpc: listener,
+            http,
+            metrics: None,
+        };
+        self.serve_on(listeners, events, shutdown).await
+    }
+
+    /// Serves on every port of `listeners` with an events hub made by [`Server::events`]:
+    /// gRPC; the HTTP port (webhooks); the metrics port (`/metrics`, `/livez`, `/readyz`).
+    /// Without a metrics port the HTTP port serves both, as before (with a warning when
+    /// webhooks are on: opening it to Clerk opens the metrics too).
+    pub async fn serve_on(
+        self,
+        listeners: Listeners,
+        events: Events,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Listeners {
+            grpc: listener,
+            http,
+            metrics: metrics_listener,
+        } = listeners;
+        let stop = CancellationToken::new();
+        let subscriber = tokio::spawn(events.clone().run(stop.clone()));
+        let metrics = Metrics::with_events(
+            self.verifier.clone(),
+            self.directory.clone(),
+            Some(self.watch.clone()),
+            Some(events.clone()),
+        );
+        let observer = Observer::new(Some(metrics.clone()));
+        let ops = ops_router(
+            metrics.clone(),
+            self.verifier.keys().clone(),
+            events.clone(),
+        );
+        let webhooks = self
+            .webhook
+            .clone()
+            .map(|v| crate::server::webhook::router(v, events.clone()));
+        let serve_http = |l: TcpListener, app: axum::Router| {
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move { stopped.cancelled().await })
+                    .await
+            })
+        };
+        let mut http_tasks = Vec::new();
+        let split = metrics_listener.is_some();
+        if let Some(l) = metrics_listener {
+            http_tasks.push(serve_http(l, ops.clone()));
+        }
+        if let Some(l) = http {
+            let mut app = if split { axum::Router::new() } else { ops };
+            if let Some(w) = webhooks {
+                if !split {
+                    tracing::warn!(
+                        "/metrics, /livez and /readyz are served on the webhook port \
+                         (CLERK_AUTH_HTTP_LISTEN): whoever may reach the webhooks may read them; \
+                         set CLERK_AUTH_METRICS_LISTEN to serve them on a port of their own"
+                    );
+                }
+                app = app.merge(w);
+            }
+            http_tasks.push(serve_http(l, app));
+        }
+        let keys = self.verifier.keys().clone();
+        let refresher = tokio::spawn(keys.clone().run(stop.clone()));
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let health_task = spawn_health(keys, reporter, stop.clone());
+
+        let (reflection_v1, reflection_v1alpha) = if self.reflection {
+            let v1 = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(ServerError::Reflection)?;
+            let v1alpha = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .build_v1alpha()
+                .map_err(ServerError::Reflection)?;
+            (Some(v1), Some(v1alpha))
+        } else {
+            (None, None)
+        };
+
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let watch = self.watch.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown signal received; draining in-flight calls");
+            // Revocation streams never end by themselves: end them now (their subscribers
+            // resubscribe elsewhere) so that the drain does not wait for the grace period.
+            watch.shutdown();
+            let _ = drain_tx.send(());
+        };
+        let grace = self.shutdown_grace;
+        // HTTP/2 keepalive: a peer that stops answering (a frozen client holding revocation
+        // streams) loses its connection, and with it what the server buffered for it.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.to_tonic())
+                .map_err(ServerError::Transport)?;
+        }
+        let server = builder
+            .add_service(health_service)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
+            .add_service(
+                self.auth_service(events)
+                    .with_observer(observer.clone())
+                    .into_server(),
+            )
+            .add_service(
+                ExtAuthz::new(self.verifier.clone(), self.route_policy.clone())
+                    .with_observer(observer)
+                    .into_server(),
+            )
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60))),
+                signal,
+            );
+        let deadline = async move {
+            if drain_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            r = server => r.map_err(ServerError::Transport),
+            () = deadline => {
+                tracing::warn!(?grace, "drain deadline passed; dropping remaining calls");
+                Ok(())
+            }
+        };
+        stop.cancel();
+        let _ = refresher.await;
+        let _ = health_task.await;
+        let _ = subscriber.await;
+        for t in http_tasks {
+            if let Ok(Err(e)) = t.await {
+                tracing::error!(error = %e, "HTTP port failed");
+            }
+        }
+        result
+    }
+
+    fn auth_service(&self, events: Events) -> AuthServiceImpl {
+        let identity = self.directory.as_ref().map(|d| IdentityQueries {
+            directory: d.clone(),
+        });
+        AuthServiceImpl::with_events(self.verifier.clone(), events, identity)
+            .with_access(self.access.clone())
+            .with_forwarders(Forwarders::new(self.forwarders.iter().cloned()))
+            .with_watch(self.watch.clone())
+    }
+}
+
+/// Builds and serves; see [`Server::serve`].
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    Server::build(config)?.serve(listener, shutdown).await
+}
+
+fn spawn_health(
+    keys: KeyStore,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let mut rx = keys.serving();
+    tokio::spawn(async move {
+        loop {
+            let serving = *rx.borrow_and_update();
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(SERVICE_NAME, status).await;
+            reporter.set_service_status("", status).await;
+            tracing::info!(serving, "health status");
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    })
+}
+
+/// `/metrics` (Prometheus text), `/livez` (the process answers) and `/readyz`: 503 while no
+/// keys are usable; else 200 — `ready`, or, while revocation sharing through Redis is down,
+/// `ready (degraded: …)` (verification still works here, so the replica is not taken out of
+/// rotation; alert on `clerk_auth_redis_subscribed` instead).
+fn ops_router(metrics: Metrics, keys: KeyStore, events: Events) -> axum::Router {
+    use axum::{http::StatusCode, routing::get};
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let usable = keys.is_usable();
+                let shared = events.sharing().subscribed;
+                async move {
+                    match (usable, shared) {
+                        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "keys unavailable"),
+                        (true, true) => (StatusCode::OK, "ready"),
+                        (true, false) => (
+                            StatusCode::OK,
+                            "ready (degraded: not subscribed to Redis; revocations made on \
+                             other replicas are not received)",
+                        ),
+                    }
+                }
+            }),
+        )
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
