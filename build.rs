@@ -23,7 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
 
     // The examples' (and tests') Orders service and the load generator's bare Echo service:
-    // generated here, included only by them.
+    // generated only with the `demo` feature, included only by them.
+    if env::var_os("CARGO_FEATURE_DEMO").is_none() {
+        return Ok(());
+    }
     for (proto, descriptor) in [
         (
             "proto/examples/orders/v1/orders.proto",

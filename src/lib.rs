@@ -17,11 +17,14 @@ pub mod authz;
 pub mod canonical;
 pub mod clerk;
 pub mod credentials;
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;
+#[cfg(feature = "layer")]
 pub mod layer;
 pub mod retry;
 pub mod secret;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod token;
 pub mod verify;

@@ -1,6 +1,6 @@
 //! Authorization checks in Clerk's `has()` terms (org role, org permission, feature, plan,
 //! reverification), with exactly the rules of Clerk's `createCheckAuthorization`
-//! (`../shared/docs/clerk-tokens.md` §5.3):
+//! (Clerk's `has()` in `@clerk/backend`, "authorization" rules):
 //!
 //! * a token without a user id (and every machine token) has nothing: `false`;
 //! * each asked dimension — organization (role / permission), billing (feature / plan),

@@ -4,7 +4,6 @@
 //! allowlist (entries starting with `spiffe://`).
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 /// The SPIFFE IDs of the verified client certificate (empty without mTLS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,7 +54,12 @@ impl PeerIdentity {
 /// and that URI a well-formed SPIFFE ID ([`is_spiffe_id`]). A certificate with no URI SAN,
 /// several (an attacker's `spiffe://…` beside the allowlisted one), a malformed one, or that
 /// does not parse, has none: its holder is no SPIFFE peer at all.
+///
+/// Without the `mtls` feature no certificate is read and this is always empty: a rule naming
+/// peers is then refused when its policy is built ([`crate::authz::policy`]).
+#[cfg(feature = "mtls")]
 pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
     let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
         return Vec::new();
     };
@@ -71,6 +75,12 @@ pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
         (Some(u), None) if is_spiffe_id(u) => vec![u.to_owned()],
         _ => Vec::new(),
     }
+}
+
+/// Without the `mtls` feature no certificate is read: no caller has a SPIFFE ID.
+#[cfg(not(feature = "mtls"))]
+pub fn spiffe_ids(_der: &[u8]) -> Vec<String> {
+    Vec::new()
 }
 
 /// Whether `id` is a SPIFFE ID as the SPIFFE spec defines it: `spiffe://`, a trust domain of
@@ -105,6 +115,7 @@ pub fn is_spiffe_id(id: &str) -> bool {
 }
 
 /// The peer's IP, with or without TLS.
+#[cfg_attr(not(feature = "layer"), allow(dead_code))]
 pub(crate) fn peer_ip(ext: &http::Extensions) -> Option<std::net::IpAddr> {
     ext.get::<TcpConnectInfo>()
         .and_then(|i| i.remote_addr())

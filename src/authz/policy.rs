@@ -158,8 +158,10 @@ impl PolicyError {
     }
 }
 
-/// Accepted token types as TOML names them (`session_token`, …, `any`).
+/// Accepted token types as TOML names them (`session_token`, …, `any`); ext_authz's route
+/// table reads them too.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) struct TokenTypes(pub(crate) Vec<TokenType>);
 
 impl<'de> Deserialize<'de> for TokenTypes {
@@ -339,6 +341,11 @@ impl Rule {
             .find(|p| !crate::authz::peer::is_spiffe_id(p))
         {
             return Err(format!("peers: {p:?} is not a spiffe:// ID"));
+        }
+        if cfg!(not(feature = "mtls")) && !self.peers.is_empty() {
+            return Err(
+                "peers: this build reads no client certificates (enable the `mtls` feature)".into(),
+            );
         }
         Ok(())
     }

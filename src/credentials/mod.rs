@@ -75,6 +75,7 @@ impl Interceptor for BearerToken {
 }
 
 /// The `authorization` metadata value for `token` (`Bearer …`, marked sensitive).
+#[cfg_attr(not(feature = "layer"), allow(dead_code))]
 pub(crate) fn bearer_metadata(
     token: &str,
 ) -> Result<MetadataValue<tonic::metadata::Ascii>, InvalidToken> {

@@ -596,5 +596,6 @@ fn oauth_audience_ok(claim: Option<&Value>, allowed: &[String]) -> bool {
     }
 }
 
-#[cfg(test)]
+// The conformance tests sign tokens with the emulator's keys.
+#[cfg(all(test, feature = "emulator"))]
 mod tests;

@@ -1,4 +1,4 @@
-//! Machine tokens (../shared/docs/clerk-tokens.md §4): recognition by prefix, JWT-format M2M
+//! Machine tokens (as `@clerk/backend` verifies them): recognition by prefix, JWT-format M2M
 //! and OAuth tokens decoded into identities, and opaque tokens (`mt_`, `oat_`, `ak_`) verified
 //! through Clerk's Backend API
 //! ([`MachineVerifier`](crate::clerk::machines::MachineVerifier)).
