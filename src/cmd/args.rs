@@ -414,7 +414,10 @@ mod tests {
         assert_eq!(args.get("CLERK_SECRET_KEY").as_deref(), Some("sk_test_x"));
         assert_eq!(args.get("CLERK_AUTH_LOG_FORMAT").as_deref(), Some("json"));
         // Defaults are the library's.
-        assert_eq!(args.get("CLERK_AUTH_LISTEN").as_deref(), Some(DEFAULT_LISTEN));
+        assert_eq!(
+            args.get("CLERK_AUTH_LISTEN").as_deref(),
+            Some(DEFAULT_LISTEN)
+        );
         assert!(Cli::try_parse_from(["clerk-grpc-auth", "serve", "--log-format", "xml"]).is_err());
     }
 }

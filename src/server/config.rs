@@ -388,11 +388,7 @@ impl<'a> Env<'a> {
     }
 
     /// A socket address such as `example` (unset: `None`).
-    fn addr(
-        &self,
-        var: &'static str,
-        example: &str,
-    ) -> Result<Option<SocketAddr>, ConfigError> {
+    fn addr(&self, var: &'static str, example: &str) -> Result<Option<SocketAddr>, ConfigError> {
         self.text(var)?
             .map(|a| {
                 a.parse()
@@ -418,7 +414,9 @@ fn parse_url(var: &'static str, s: &str) -> Result<url::Url, ConfigError> {
 // === The sections ===
 
 /// The gRPC, HTTP and metrics addresses.
-fn ports(env: &Env<'_>) -> Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>), ConfigError> {
+fn ports(
+    env: &Env<'_>,
+) -> Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>), ConfigError> {
     let listen = env
         .addr("CLERK_AUTH_LISTEN", DEFAULT_LISTEN)?
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address"));
@@ -538,11 +536,7 @@ fn verifier_from(env: &Env<'_>) -> Result<TokenVerifierConfig, ConfigError> {
     let d = TokenVerifierConfig::default();
     Ok(TokenVerifierConfig {
         validation: Validation {
-            clock_skew_ms: env.num(
-                "CLERK_CLOCK_SKEW_MS",
-                d.validation.clock_skew_ms,
-                3_600_000,
-            )?,
+            clock_skew_ms: env.num("CLERK_CLOCK_SKEW_MS", d.validation.clock_skew_ms, 3_600_000)?,
             authorized_parties: env.list("CLERK_AUTHORIZED_PARTIES")?,
             issuer: env.text("CLERK_ISSUER")?,
             audience: env.list("CLERK_AUDIENCE")?,
@@ -595,12 +589,7 @@ fn access(env: &Env<'_>) -> Result<AccessConfig, ConfigError> {
     let machine_id = match env.text("CLERK_AUTH_MACHINE_ID")? {
         None => None,
         Some(m) if is_clerk_id(&m, "mch_") => Some(m),
-        Some(_) => {
-            return Err(err(
-                "CLERK_AUTH_MACHINE_ID",
-                "not a machine id (mch_…)",
-            ))
-        }
+        Some(_) => return Err(err("CLERK_AUTH_MACHINE_ID", "not a machine id (mch_…)")),
     };
     let access = AccessConfig {
         machine_id,
@@ -723,10 +712,7 @@ fn redis(env: &Env<'_>) -> Result<Option<RedisConfig>, ConfigError> {
     // Parsing only (what `redis::Client::open` checks); the server connects when it starts.
     redis::IntoConnectionInfo::into_connection_info(url.as_str())
         .map_err(|_| err("CLERK_AUTH_REDIS_URL", "not a redis:// or rediss:// URL"))?;
-    Ok(Some(RedisConfig {
-        url,
-        prefix,
-    }))
+    Ok(Some(RedisConfig { url, prefix }))
 }
 
 fn tls_files(env: &Env<'_>) -> Result<Option<TlsFiles>, ConfigError> {

@@ -191,7 +191,11 @@ fn every_kind_of_bad_value_names_its_variable() {
         ("CLERK_AUTH_SHUTDOWN_GRACE_SECS", "3601", "maximum"),
         // bool
         ("CLERK_AUTH_REVOKE_REQUIRES_MTLS", "yes", "true nor false"),
-        ("CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE", "TRUE", "true nor false"),
+        (
+            "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE",
+            "TRUE",
+            "true nor false",
+        ),
         ("CLERK_AUTH_REFLECTION", "maybe", "true nor false"),
         // address
         ("CLERK_AUTH_LISTEN", "nowhere", "address"),
@@ -204,7 +208,11 @@ fn every_kind_of_bad_value_names_its_variable() {
         // enum, ids, keys
         ("CLERK_AUTH_LOG_FORMAT", "xml", "text nor json"),
         ("CLERK_AUTH_MACHINE_ID", "service-b", "machine id"),
-        ("CLERK_AUTH_CLIENT_IP_FORWARDERS", "mch_ok, 10.0.0.1", "entry 2"),
+        (
+            "CLERK_AUTH_CLIENT_IP_FORWARDERS",
+            "mch_ok, 10.0.0.1",
+            "entry 2",
+        ),
         ("CLERK_AUTH_IDENTITY_ALLOWLIST", "ops", "entry 1"),
         ("CLERK_AUTH_IDENTITY_CALLER_TYPES", "m2m_token", ""),
         ("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", "Getuser=profile", ""),
@@ -517,7 +525,10 @@ fn webhooks_need_the_http_port_and_tls_needs_cert_and_key() {
             &[("CLERK_AUTH_TLS_CERT", "/c.pem")][..],
             "CLERK_AUTH_TLS_KEY",
         ),
-        (&[("CLERK_AUTH_TLS_KEY", "/k.pem")][..], "CLERK_AUTH_TLS_CERT"),
+        (
+            &[("CLERK_AUTH_TLS_KEY", "/k.pem")][..],
+            "CLERK_AUTH_TLS_CERT",
+        ),
         (
             &[("CLERK_AUTH_TLS_CLIENT_CA", "/ca.pem")][..],
             "CLERK_AUTH_TLS_CLIENT_CA",
@@ -556,15 +567,24 @@ fn load_reads_the_files_and_names_the_variable_of_a_bad_one() {
     let garbage = garbage.to_str().unwrap();
     for (vars, var) in [
         (
-            [("CLERK_AUTH_TLS_CERT", missing), ("CLERK_AUTH_TLS_KEY", garbage)],
+            [
+                ("CLERK_AUTH_TLS_CERT", missing),
+                ("CLERK_AUTH_TLS_KEY", garbage),
+            ],
             "CLERK_AUTH_TLS_CERT",
         ),
         (
-            [("CLERK_AUTH_TLS_CERT", garbage), ("CLERK_AUTH_TLS_KEY", missing)],
+            [
+                ("CLERK_AUTH_TLS_CERT", garbage),
+                ("CLERK_AUTH_TLS_KEY", missing),
+            ],
             "CLERK_AUTH_TLS_KEY",
         ),
         (
-            [("CLERK_AUTH_TLS_CERT", garbage), ("CLERK_AUTH_TLS_KEY", garbage)],
+            [
+                ("CLERK_AUTH_TLS_CERT", garbage),
+                ("CLERK_AUTH_TLS_KEY", garbage),
+            ],
             "CLERK_AUTH_TLS_CERT",
         ),
         (
@@ -597,4 +617,31 @@ fn the_verifier_settings_alone() {
     let map = HashMap::from([("CLERK_AUTH_VERDICT_CACHE_CAPACITY", "x")]);
     let e = verifier_config(|n| map.get(n).map(|v| (*v).to_owned())).unwrap_err();
     assert_eq!(e.var, "CLERK_AUTH_VERDICT_CACHE_CAPACITY");
+}
+
+#[test]
+fn debug_shows_no_secret() {
+    let c = cfg(&[
+        ("CLERK_SECRET_KEY", "sk_test_Qz7secret"),
+        ("CLERK_MACHINE_SECRET_KEY", "ak_Qz7machine"),
+        ("CLERK_AUTH_HTTP_LISTEN", "127.0.0.1:0"),
+        (
+            "CLERK_WEBHOOK_SIGNING_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+        (
+            "CLERK_AUTH_REDIS_URL",
+            "redis://:Qz7password@127.0.0.1:6379/",
+        ),
+    ])
+    .unwrap();
+    let shown = format!("{c:?}");
+    for secret in [
+        "Qz7secret",
+        "Qz7machine",
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "Qz7password",
+    ] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
 }
