@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clerk_grpc_auth::{
     layer::AuthLayer,
-    server::{config::ServeArgs, telemetry, Server},
+    server::{config::ServeConfig, telemetry, Server},
 };
 
 /// The Orders example service, verifying tokens in-process.
@@ -47,9 +47,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let settings = ServeArgs::from_env();
+    let settings = match ServeConfig::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let _log = telemetry::init(settings.log_format);
-    let (config, _) = match settings.to_config() {
+    let config = match settings.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -423,12 +423,19 @@ fn is_scope(s: &str) -> bool {
 /// `WhoAmI=profile email;GetUser=profile`.
 pub fn parse_oauth_scopes(s: &str) -> Result<HashMap<Rpc, Vec<String>>, String> {
     let mut out = HashMap::new();
-    for entry in s.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+    // Errors say which entry, never echo it (configuration errors carry no values).
+    for (n, entry) in s
+        .split(';')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
+        let n = n + 1;
         let (rpc, scopes) = entry
             .split_once('=')
-            .ok_or_else(|| format!("{entry:?} is not RPC=scope scope…"))?;
+            .ok_or_else(|| format!("entry {n} is not RPC=scope scope…"))?;
         let rpc = Rpc::from_name(rpc.trim())
-            .ok_or_else(|| format!("{:?} is not an AuthService identity RPC", rpc.trim()))?;
+            .ok_or_else(|| format!("entry {n} does not name an AuthService identity RPC"))?;
         let scopes: Vec<String> = scopes.split_whitespace().map(str::to_owned).collect();
         if out.insert(rpc, scopes).is_some() {
             return Err(format!("{} is named twice", rpc.name()));
@@ -450,9 +457,7 @@ pub fn parse_caller_types(s: &str) -> Result<Vec<TokenType>, String> {
             "m2m_token" => Err("m2m_token: machines are trusted through \
                                 CLERK_AUTH_IDENTITY_ALLOWLIST and CLERK_AUTH_MACHINE_ID"
                 .to_owned()),
-            other => Err(format!(
-                "{other:?} is not one of session_token, oauth_token, api_key"
-            )),
+            _ => Err("an entry is not one of session_token, oauth_token, api_key".to_owned()),
         })
         .collect()
 }

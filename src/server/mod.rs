@@ -63,9 +63,11 @@ pub const SERVICE_NAME: &str = "clerk.auth.v1.AuthService";
 pub struct ServerConfig {
     /// Where keys come from.
     pub key_source: KeySource,
-    /// Key refresh timing and limits.
+    /// Key refresh timing and limits (default `KeyStoreConfig::default()`: refresh every
+    /// 5 min, unknown-kid refetch at most every 10 s, last good keys used for 1 h of failures).
     pub key_store: KeyStoreConfig,
-    /// Validation and verdict cache.
+    /// Validation and verdict cache (default `TokenVerifierConfig::default()`: 5 s clock skew,
+    /// no `azp`/`iss`/`aud` pinning, 100 000 cached verdicts).
     pub verifier: TokenVerifierConfig,
     /// Opaque machine tokens through the Backend API (`None`: refused with
     /// `FAILED_PRECONDITION` / `SECRET_KEY_MISSING`).
@@ -77,9 +79,10 @@ pub struct ServerConfig {
     /// user tokens may call identity queries and with which OAuth scopes
     /// ([`crate::server::access`]). Default: session tokens speak for their user, nobody is trusted.
     pub access: AccessConfig,
-    /// Clerk webhooks on the HTTP port (`CLERK_WEBHOOK_SIGNING_SECRET`).
+    /// Clerk webhooks on the HTTP port (`CLERK_WEBHOOK_SIGNING_SECRET`; default: off).
     pub webhook: Option<WebhookConfig>,
-    /// Share revocations and invalidations between replicas (`CLERK_AUTH_REDIS_URL`).
+    /// Share revocations and invalidations between replicas (`CLERK_AUTH_REDIS_URL`;
+    /// default: this replica alone). Connected when the server starts.
     pub redis: Option<RedisConfig>,
     /// How long a revoked session is remembered (the longest session-token lifetime;
     /// default 24 h).
@@ -95,14 +98,17 @@ pub struct ServerConfig {
     /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
     pub shutdown_grace: Duration,
     /// What this replica may spend at the Backend API, shared by identity queries and
-    /// machine-token verification (replica-wide rate, reserve strangers cannot spend).
+    /// machine-token verification (replica-wide rate, reserve strangers cannot spend; default
+    /// `BudgetConfig::default()`: 20 calls/s, burst 40, half reserved, 5 calls/s and burst 20
+    /// per identity-query caller).
     pub budget: BudgetConfig,
     /// Callers allowed to set `VerifyTokenRequest.client_ip` (the delegated layers): machine
     /// ids (`mch_…`, their M2M token in the call's `authorization`) and SPIFFE IDs
     /// (`spiffe://…`, their mTLS certificate). Anyone else's `client_ip` is ignored and the
-    /// call is counted under its own address.
+    /// call is counted under its own address. Default: none.
     pub forwarders: Vec<String>,
-    /// Limits of `WatchRevocations` streams (numbers, write timeout).
+    /// Limits of `WatchRevocations` streams (default `WatchConfig::default()`: 1024 streams,
+    /// 8 per connection, 30 s write timeout).
     pub watch: WatchConfig,
     /// Serve gRPC server reflection v1 and v1alpha (`CLERK_AUTH_REFLECTION`; default on). Off:
     /// reflection calls are `UNIMPLEMENTED`; health and the services are unaffected.
@@ -222,7 +228,8 @@ pub struct Server {
 // === impl ServerConfig ===
 
 impl ServerConfig {
-    /// A configuration with defaults for everything but the key source.
+    /// A configuration with defaults (each field's doc states its own) for everything but the
+    /// key source. [`config::ServeConfig::from_lookup`] builds one from the environment.
     pub fn new(key_source: KeySource) -> Self {
         Self {
             key_source,

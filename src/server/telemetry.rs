@@ -20,14 +20,36 @@ use tracing_subscriber::{fmt, fmt::MakeWriter, EnvFilter};
 /// Longest time a log line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// Log output format (`CLERK_AUTH_LOG_FORMAT`: `text` or `json`; default `text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
-    /// Human-readable lines.
+    /// Human-readable lines (`text`).
     #[default]
     Text,
-    /// One JSON object per line.
+    /// One JSON object per line (`json`).
     Json,
+}
+
+impl LogFormat {
+    /// The names [`LogFormat`]'s `FromStr` accepts, exactly as written.
+    pub const NAMES: [&'static str; 2] = ["text", "json"];
+}
+
+/// The name is not one of [`LogFormat::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("neither text nor json")]
+pub struct UnknownLogFormat;
+
+impl std::str::FromStr for LogFormat {
+    type Err = UnknownLogFormat;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(UnknownLogFormat),
+        }
+    }
 }
 
 /// The buffered stderr shared by every thread.
