@@ -338,3 +338,38 @@ async fn keys_nobody_loads_answer_unavailable() {
     assert_eq!(verifier.keys().stats().fetches, 0);
     assert_eq!(inner.calls(), 0);
 }
+
+/// The README's "Protect your own tonic service" snippet is [`AuthLayer`]'s doc example (which
+/// `cargo test --doc` compiles) without its hidden lines: the two cannot drift apart.
+#[test]
+fn the_readme_snippet_is_the_compiled_doc_example() {
+    let module = include_str!("mod.rs");
+    let lines: Vec<&str> = module.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("/// Protecting your own tonic service"))
+        .expect("AuthLayer's doc example");
+    let open = start
+        + lines[start..]
+            .iter()
+            .position(|l| l.trim() == "/// ```no_run")
+            .expect("its code block");
+    let example: Vec<&str> = lines[open + 1..]
+        .iter()
+        .take_while(|l| l.trim() != "/// ```")
+        .map(|l| {
+            l.strip_prefix("/// ")
+                .unwrap_or(l.trim_start_matches("///"))
+        })
+        .filter(|l| !(l.starts_with("# ") || *l == "#"))
+        .collect();
+
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme
+        .find("## Protect your own tonic service\n")
+        .expect("the README section")..];
+    let block = &section[section.find("```rust\n").expect("its rust block") + 8..];
+    let snippet: Vec<&str> = block[..block.find("```\n").unwrap()].lines().collect();
+    assert!(example.len() > 10, "{example:?}");
+    assert_eq!(snippet, example);
+}
