@@ -53,11 +53,10 @@ struct Uses(BTreeSet<String>);
 impl Uses {
     fn tree(&mut self, t: &syn::UseTree, at_crate: bool) {
         match t {
-            syn::UseTree::Path(p) if !at_crate => {
-                if p.ident == "crate" {
-                    self.tree(&p.tree, true);
-                }
+            syn::UseTree::Path(p) if !at_crate && p.ident == "crate" => {
+                self.tree(&p.tree, true);
             }
+            syn::UseTree::Path(_) if !at_crate => {}
             syn::UseTree::Path(p) => {
                 self.0.insert(p.ident.to_string());
             }
