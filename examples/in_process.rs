@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Configured by the same `CLERK_*` environment as `clerk-grpc-auth serve` (`CLERK_SECRET_KEY`,
-//! `CLERK_JWT_KEY`, `CLERK_JWKS_URL`, `CLERK_AUTHORIZED_PARTIES`, …).
+//! `CLERK_JWT_KEY`, `CLERK_JWKS_URL`, `CLERK_AUTHORIZED_PARTIES`, …), read by
+//! `TokenVerifier::from_env` — only the verifier and the layer, no server module.
 
 #[path = "common/orders.rs"]
 mod orders;
@@ -19,10 +20,7 @@ mod orders;
 use std::process::ExitCode;
 
 use clap::Parser;
-use clerk_grpc_auth::{
-    layer::AuthLayer,
-    server::{config::ServeConfig, telemetry, Server},
-};
+use clerk_grpc_auth::{layer::AuthLayer, TokenVerifier};
 
 /// The Orders example service, verifying tokens in-process.
 #[derive(Parser)]
@@ -47,29 +45,22 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let settings = match ServeConfig::from_env() {
-        Ok(s) => s,
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // The verifier from the CLERK_* environment; its keys load in the background for as long
+    // as `keys` (the refresher's guard) is kept.
+    let (verifier, keys) = match TokenVerifier::from_env() {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(64);
         }
     };
-    let _log = telemetry::init(settings.log_format);
-    let config = match settings.load() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let verifier = match Server::build(config) {
-        Ok(s) => s.verifier().clone(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let refresher = verifier.keys().spawn_refresher();
     let _revocations = match follow_revocations(&args, &verifier) {
         Ok(feed) => feed,
         Err(e) => {
@@ -91,14 +82,33 @@ async fn main() -> ExitCode {
             .map_or(args.listen.clone(), |a| a.to_string())
     );
     let layer = AuthLayer::in_process(verifier, orders::policy());
-    let result = orders::serve(listener, layer, clerk_grpc_auth::server::shutdown_signal()).await;
-    refresher.shutdown().await;
+    let result = orders::serve(listener, layer, shutdown_signal()).await;
+    keys.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
     }
 }
 
@@ -118,7 +128,7 @@ fn follow_revocations(
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy();
     let source = M2mTokenSource::new(
         M2mTokenSourceConfig::new(args.api_url.parse()?, Secret::new(key)),
-        clerk_grpc_auth::server::http_client()?,
+        clerk_grpc_auth::verify::http_client()?,
     );
     Ok(Some(clerk_grpc_auth::layer::watch_revocations_with(
         channel,

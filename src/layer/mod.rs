@@ -2,16 +2,18 @@
 //! [`Policy`]) and a synchronous [`AuthInterceptor`] (in-process only).
 //!
 //! ```no_run
-//! # async fn run(verifier: clerk_grpc_auth::TokenVerifier) {
-//! use clerk_grpc_auth::{authz::{policy::{Policy, Rule}, Check}, layer::AuthLayer};
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use clerk_grpc_auth::{authz::{policy::{Policy, Rule}, Check}, layer::AuthLayer, TokenVerifier};
 //!
+//! // Starts loading the keys; keep `_keys` (the key refresher) while serving.
+//! let (verifier, _keys) = TokenVerifier::from_env()?;
 //! let policy = Policy::authenticated().method(
 //!     "/examples.orders.v1.Orders/DeleteOrder",
 //!     Rule::authenticated().require(Check::permission("org:orders:delete")),
 //! );
 //! let router = tonic::transport::Server::builder()
 //!     .layer(AuthLayer::in_process(verifier, policy));
-//! # }
+//! # Ok(()) }
 //! ```
 //!
 //! Every call: its path must be exactly `/pkg.Service/Method` (else `INVALID_ARGUMENT` /
@@ -202,6 +204,53 @@ struct Shared {
 ///
 /// Usable with `tonic::transport::Server::builder().layer(…)` or around one service. Cheap to
 /// clone.
+///
+/// Protecting your own tonic service (the README's snippet; this copy is the one compiled):
+///
+/// ```no_run
+/// # // A stand-in for your generated `OrdersServer` and your handlers.
+/// # #[derive(Clone)] struct MyOrders;
+/// # #[derive(Clone)] struct OrdersServer<T>(T);
+/// # impl<T> OrdersServer<T> { fn new(t: T) -> Self { Self(t) } }
+/// # impl<T> tonic::server::NamedService for OrdersServer<T> { const NAME: &'static str = "examples.orders.v1.Orders"; }
+/// # impl<T: Clone + Send + 'static> tower::Service<http::Request<tonic::body::Body>> for OrdersServer<T> {
+/// #     type Response = http::Response<tonic::body::Body>;
+/// #     type Error = std::convert::Infallible;
+/// #     type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+/// #     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> { std::task::Poll::Ready(Ok(())) }
+/// #     fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future { std::future::ready(Ok(http::Response::default())) }
+/// # }
+/// # struct DeleteOrderRequest;
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// # let addr = "127.0.0.1:50061".parse()?;
+/// use clerk_grpc_auth::{
+///     authz::{policy::{Policy, Rule}, Check},
+///     layer::{AuthLayer, RequestIdentity},
+///     TokenVerifier,
+/// };
+///
+/// // From CLERK_SECRET_KEY, CLERK_JWT_KEY or CLERK_JWKS_URL (and the other CLERK_* settings).
+/// // Keys load in the background; keep `_keys` (the key refresher) while you serve.
+/// let (verifier, _keys) = TokenVerifier::from_env()?;
+///
+/// let policy = Policy::authenticated()                       // default: a valid session token
+///     .method("/examples.orders.v1.Orders/Ping", Rule::public())
+///     .method("/examples.orders.v1.Orders/DeleteOrder",
+///             Rule::authenticated().require(Check::permission("org:orders:delete")));
+///
+/// tonic::transport::Server::builder()
+///     .layer(AuthLayer::in_process(verifier, policy))        // or AuthLayer::delegated(…)
+///     .add_service(OrdersServer::new(MyOrders))
+///     .serve(addr).await?;
+///
+/// // in a handler
+/// fn delete_order(request: &tonic::Request<DeleteOrderRequest>) -> Result<(), tonic::Status> {
+///     let who = request.identity()?;                         // &Identity, or UNAUTHENTICATED
+///     if who.has(&Check::role("org:admin")) { /* … */ }      // Clerk's has(), exact rules
+///     Ok(())
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct AuthLayer {
     shared: Arc<Shared>,
@@ -237,6 +286,27 @@ impl AuthLayer {
     }
 
     /// In-process: the verifier core and key store in this process; no network per call.
+    ///
+    /// Get the verifier from [`TokenVerifier::from_env`] (the `CLERK_*` environment) or
+    /// [`TokenVerifier::start`] (explicit [`VerifierSettings`](crate::verify::VerifierSettings)).
+    /// Both start loading the keys in the background and return the key refresher's
+    /// [`RefresherGuard`](crate::verify::jwks::RefresherGuard) with the verifier: keep the
+    /// guard for as long as the layer serves (dropping it stops the refresher). Until the
+    /// first load, calls answer `UNAVAILABLE` / `JWK_REMOTE_FAILED_TO_LOAD`; await
+    /// `verifier.keys().ready()` before serving to avoid that. A verifier whose keys nobody
+    /// loads (built from a bare [`KeyStore`](crate::verify::jwks::KeyStore) without
+    /// [`spawn_refresher`](crate::verify::jwks::KeyStore::spawn_refresher)) logs one warning
+    /// saying so.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use clerk_grpc_auth::{authz::policy::Policy, layer::AuthLayer, TokenVerifier};
+    ///
+    /// let (verifier, _keys) = TokenVerifier::from_env()?;
+    /// verifier.keys().ready().await;
+    /// let layer = AuthLayer::in_process(verifier, Policy::authenticated());
+    /// # Ok(()) }
+    /// ```
     pub fn in_process(verifier: TokenVerifier, policy: Policy) -> Self {
         Self::new(verifier, policy)
     }
@@ -576,3 +646,6 @@ pub fn forward_token<T, U>(
         .insert(http::header::AUTHORIZATION.as_str(), value);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -253,14 +253,9 @@ impl ServerConfig {
     }
 }
 
-/// Builds the shared HTTP client used for every call to Clerk.
-pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .user_agent(concat!("clerk-grpc-auth/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
-}
+/// Builds the shared HTTP client used for every call to Clerk (the same as
+/// [`crate::verify::http_client`]).
+pub use crate::verify::http_client;
 
 // === impl Server ===
 

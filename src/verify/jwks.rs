@@ -26,7 +26,7 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, SystemTime},
@@ -199,6 +199,8 @@ struct Inner {
     fetch_failures: AtomicU64,
     kid_refetches: AtomicU64,
     kid_suppressed: AtomicU64,
+    /// Refreshers ([`KeyStore::run`]) alive, started or not yet polled.
+    refreshers: AtomicUsize,
 }
 
 /// Holds the current keys of one Clerk instance. Cheap to clone.
@@ -256,6 +258,7 @@ impl KeyStore {
                 fetch_failures: AtomicU64::new(0),
                 kid_refetches: AtomicU64::new(0),
                 kid_suppressed: AtomicU64::new(0),
+                refreshers: AtomicUsize::new(0),
             }),
         }
     }
@@ -343,6 +346,23 @@ impl KeyStore {
             }
             _ => Err(self.unavailable_reason()),
         }
+    }
+
+    /// A remote store that holds no keys, never fetched any and has no refresher running:
+    /// nothing will ever load it (the refresher was never started, or its guard was dropped
+    /// at once).
+    pub(crate) fn never_loading(&self) -> bool {
+        self.is_remote()
+            && self.inner.refreshers.load(Ordering::Acquire) == 0
+            && self.inner.fetches.load(Ordering::Relaxed) == 0
+            && self.inner.state.load().is_none()
+            && self
+                .inner
+                .fetch
+                .lock()
+                .expect("fetch state lock")
+                .inflight
+                .is_none()
     }
 
     fn unavailable_reason(&self) -> Reason {
@@ -600,7 +620,8 @@ impl KeyStore {
 
     /// Spawns [`KeyStore::run`] on the current tokio runtime. The refresher stops when the
     /// returned guard is dropped or [`RefresherGuard::shutdown`] is awaited — for embedding
-    /// the key store in a service (the in-process auth layer) without a [`crate::server::Server`].
+    /// the key store in a service (the in-process auth layer). [`crate::TokenVerifier::start`]
+    /// calls it for you.
     pub fn spawn_refresher(&self) -> RefresherGuard {
         let stop = CancellationToken::new();
         let task = tokio::spawn(self.clone().run(stop.clone()));
@@ -613,7 +634,21 @@ impl KeyStore {
     /// The refresher: loads keys, refreshes them every `refresh_interval`, retries failures
     /// with back-off, and keeps the SERVING status current (including when keys pass the
     /// stale bound). Returns when `shutdown` is cancelled. Owned and spawned by the caller.
-    pub async fn run(self, shutdown: CancellationToken) {
+    ///
+    /// The store counts the refresher as running from this call until the future completes
+    /// or is dropped (a verification that finds no keys while none runs logs a warning).
+    pub fn run(
+        self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let alive = RefresherAlive::new(&self);
+        async move {
+            let _alive = alive;
+            self.refresh_loop(shutdown).await
+        }
+    }
+
+    async fn refresh_loop(self, shutdown: CancellationToken) {
         if !self.is_remote() {
             self.publish_status();
             shutdown.cancelled().await;
@@ -658,6 +693,22 @@ impl KeyStore {
                 }
             }
         }
+    }
+}
+
+/// Counts one refresher as running for as long as it lives.
+struct RefresherAlive(Arc<Inner>);
+
+impl RefresherAlive {
+    fn new(store: &KeyStore) -> Self {
+        store.inner.refreshers.fetch_add(1, Ordering::AcqRel);
+        Self(store.inner.clone())
+    }
+}
+
+impl Drop for RefresherAlive {
+    fn drop(&mut self) {
+        self.0.refreshers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

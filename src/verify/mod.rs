@@ -1,12 +1,26 @@
 //! [`TokenVerifier`]: the verifier core plus the key store plus the verdict cache. This is what
 //! the AuthService and the in-process auth layer call.
+//!
+//! An in-process verifier is made in one call, which also starts loading its keys and hands
+//! back the refresher's guard ([`settings`]):
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // From the CLERK_* environment (CLERK_SECRET_KEY, CLERK_JWT_KEY, CLERK_JWKS_URL, …):
+//! let (verifier, _keys) = clerk_grpc_auth::TokenVerifier::from_env()?;
+//! // Keep `_keys` while the verifier serves: dropping it stops the key refresher.
+//! # Ok(()) }
+//! ```
 
 pub mod jwks;
 pub mod revocations;
+pub mod settings;
+
+pub use settings::{http_client, SettingError, StartError, VerifierSettings};
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -73,12 +87,18 @@ pub struct VerifierStats {
     pub cache_hits: u64,
     /// Tokens that went through the full verification (signature included).
     pub full_verifications: u64,
+    /// Verifications refused `UNAVAILABLE` because the key store was never loaded and nothing
+    /// is loading it (no key refresher running, no fetch ever made). The first one logs a
+    /// warning saying what to do ([`TokenVerifier::start`]).
+    pub keys_never_loaded: u64,
 }
 
 struct Inner {
     core: Verifier,
     cache_hits: AtomicU64,
     full_verifications: AtomicU64,
+    keys_never_loaded: AtomicU64,
+    warned_never_loaded: AtomicBool,
     keys: KeyStore,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
     machine: Option<MachineVerifier>,
@@ -169,6 +189,8 @@ impl TokenVerifier {
                 core: Verifier::new(config.validation),
                 cache_hits: AtomicU64::new(0),
                 full_verifications: AtomicU64::new(0),
+                keys_never_loaded: AtomicU64::new(0),
+                warned_never_loaded: AtomicBool::new(false),
                 keys,
                 cache,
                 machine,
@@ -187,6 +209,7 @@ impl TokenVerifier {
         VerifierStats {
             cache_hits: self.inner.cache_hits.load(Ordering::Relaxed),
             full_verifications: self.inner.full_verifications.load(Ordering::Relaxed),
+            keys_never_loaded: self.inner.keys_never_loaded.load(Ordering::Relaxed),
         }
     }
 
@@ -241,7 +264,7 @@ impl TokenVerifier {
             .keys
             .resolve(pending.decoded.kid())
             .await
-            .map_err(|e| resolve_error(e, pending.decoded.token_type()))?;
+            .map_err(|e| self.resolve_error(e, pending.decoded.token_type()))?;
         let identity = self.finish(pending, &key)?;
         // A source seen with a valid token may spend the Backend API budget's reserve. Marked
         // on full verifications only (a verdict-cache hit stays a lookup): a session token is
@@ -301,9 +324,30 @@ impl TokenVerifier {
             SyncLookup::Refreshing => {
                 return Err(AuthError::Unavailable(crate::error::Reason::JwkKidMismatch))
             }
-            SyncLookup::Failed(e) => return Err(resolve_error(e, pending.decoded.token_type())),
+            SyncLookup::Failed(e) => {
+                return Err(self.resolve_error(e, pending.decoded.token_type()))
+            }
         };
         self.finish(pending, &key)
+    }
+
+    /// The free `resolve_error`, noticing (and, once per verifier, logging) a key store that nobody
+    /// ever started loading — the usual cause being a forgotten refresher.
+    fn resolve_error(&self, e: ResolveError, token_type: TokenType) -> AuthError {
+        if matches!(e, ResolveError::Unavailable(_)) && self.inner.keys.never_loading() {
+            self.inner.keys_never_loaded.fetch_add(1, Ordering::Relaxed);
+            if !self.inner.warned_never_loaded.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "refusing tokens UNAVAILABLE / JWK_REMOTE_FAILED_TO_LOAD: the Clerk signing \
+                     keys were never loaded, and nothing is loading them (no key refresher is \
+                     running). Build the verifier with TokenVerifier::start or \
+                     TokenVerifier::from_env, which start the refresher, and keep the \
+                     RefresherGuard they return for as long as the verifier serves (or call \
+                     verifier.keys().spawn_refresher() and keep its guard)"
+                );
+            }
+        }
+        resolve_error(e, token_type)
     }
 
     /// Bounds, verdict cache, decoding and the type checks: everything before the key.

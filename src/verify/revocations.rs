@@ -207,8 +207,9 @@ impl Revocations {
 
     /// Marks a session revoked only if it is not already (a live entry is left as it is, its
     /// place in the order and its TTL unchanged). Returns whether it was added. For replays of
-    /// stored revocations ([`Events`] reloading Redis): ids already known keep their place, so
-    /// a walk from [`Revocations::tail`] taken before the replay yields the new ones only.
+    /// stored revocations (the server's `Events` reloading Redis): ids already known keep their
+    /// place, so a walk from [`Revocations::tail`] taken before the replay yields the new ones
+    /// only.
     pub fn mark_new(&self, session_id: &str) -> bool {
         self.mark_with(session_id, Instant::now(), false)
     }

@@ -1,0 +1,400 @@
+//! Building an in-process [`TokenVerifier`] in one call: [`VerifierSettings`] (explicit, or
+//! from the `CLERK_*` environment through a lookup function) and [`TokenVerifier::start`],
+//! which also starts key loading and hands back the refresher's [`RefresherGuard`].
+//!
+//! Nothing here depends on the server: a service that uses only the auth layer builds its
+//! verifier with this module. The variable names and defaults are those of
+//! `clerk-grpc-auth serve` for the same settings.
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    clerk::{
+        budget::{BudgetConfig, ClerkBudget},
+        machines::{MachineConfig, MachineVerifier},
+    },
+    secret::Secret,
+    token::keys::{KeySet, VerifyingKey},
+    verify::{
+        jwks::{KeySource, KeyStore, KeyStoreConfig, RefresherGuard},
+        revocations::Revocations,
+        TokenVerifier, TokenVerifierConfig,
+    },
+};
+
+/// Clerk's Backend API, the default of `CLERK_API_URL`.
+pub const DEFAULT_API_URL: &str = "https://api.clerk.com";
+
+/// The environment variables [`VerifierSettings::from_lookup`] reads.
+pub const VARIABLES: &[&str] = &[
+    "CLERK_SECRET_KEY",
+    "CLERK_MACHINE_SECRET_KEY",
+    "CLERK_JWT_KEY",
+    "CLERK_API_URL",
+    "CLERK_JWKS_URL",
+    "CLERK_AUTHORIZED_PARTIES",
+    "CLERK_ISSUER",
+    "CLERK_AUDIENCE",
+    "CLERK_CLOCK_SKEW_MS",
+    "CLERK_AUTH_JWKS_REFRESH_SECS",
+    "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
+    "CLERK_AUTH_MAX_STALE_SECS",
+    "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
+    "CLERK_AUTH_BAPI_CALLS_PER_SEC",
+    "CLERK_AUTH_BAPI_BURST",
+    "CLERK_AUTH_BAPI_RESERVED_PERCENT",
+    "CLERK_AUTH_REVOCATION_TTL_SECS",
+    "CLERK_AUTH_REVOCATION_CAPACITY",
+];
+
+/// Everything an in-process [`TokenVerifier`] needs. Build it with [`VerifierSettings::new`]
+/// (defaults for all but the key source), [`VerifierSettings::from_env`] or
+/// [`VerifierSettings::from_lookup`], then start the verifier with [`TokenVerifier::start`].
+///
+/// Its `Debug` shows no secret.
+#[derive(Debug, Clone)]
+pub struct VerifierSettings {
+    /// Where keys come from: `CLERK_JWT_KEY` (networkless PEM), else `CLERK_JWKS_URL`, else
+    /// the Backend API's `/v1/jwks` at `CLERK_API_URL` with `CLERK_SECRET_KEY`.
+    pub key_source: KeySource,
+    /// Key refresh timing and limits (`CLERK_AUTH_JWKS_REFRESH_SECS`, default 300;
+    /// `CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS`, default 10; `CLERK_AUTH_MAX_STALE_SECS`,
+    /// default 3600).
+    pub key_store: KeyStoreConfig,
+    /// Claim validation (`CLERK_AUTHORIZED_PARTIES`, `CLERK_ISSUER`, `CLERK_AUDIENCE`,
+    /// `CLERK_CLOCK_SKEW_MS`, default 5000) and the verdict cache
+    /// (`CLERK_AUTH_VERDICT_CACHE_CAPACITY`, default 100 000).
+    pub verifier: TokenVerifierConfig,
+    /// Opaque machine tokens (`mt_`, `oat_`, `ak_`) through the Backend API, set when
+    /// `CLERK_SECRET_KEY` or `CLERK_MACHINE_SECRET_KEY` is (`None`: they are refused with
+    /// `FAILED_PRECONDITION` / `SECRET_KEY_MISSING`).
+    pub machine: Option<MachineConfig>,
+    /// What machine-token verification may spend at the Backend API
+    /// (`CLERK_AUTH_BAPI_CALLS_PER_SEC`, default 20; `CLERK_AUTH_BAPI_BURST`, default 40;
+    /// `CLERK_AUTH_BAPI_RESERVED_PERCENT`, default 50).
+    pub budget: BudgetConfig,
+    /// How long a revoked session is remembered (`CLERK_AUTH_REVOCATION_TTL_SECS`, default
+    /// 86 400, at least 60).
+    pub revocation_ttl: Duration,
+    /// The most revoked sessions remembered at once (`CLERK_AUTH_REVOCATION_CAPACITY`, default
+    /// 1 000 000).
+    pub revocation_capacity: u64,
+}
+
+/// A setting is missing or malformed. `Display` is one line, `VARIABLE: what is wrong`; it
+/// never shows a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct SettingError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// What is wrong (never the value of a secret).
+    pub problem: String,
+}
+
+/// Why [`TokenVerifier::start`] could not start a verifier.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is missing or malformed.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    /// The HTTP client for Clerk could not be built.
+    #[error("building the HTTP client failed")]
+    HttpClient(#[source] reqwest::Error),
+    /// Called outside a tokio runtime: the key refresher is a tokio task.
+    #[error(
+        "TokenVerifier::start must be called within a tokio runtime (it spawns the key refresher)"
+    )]
+    NoRuntime,
+}
+
+/// Builds the HTTP client for calls to Clerk (JWKS, Backend API); share one per process.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("clerk-grpc-auth/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+}
+
+// === impl VerifierSettings ===
+
+impl VerifierSettings {
+    /// Defaults for everything but the key source; no machine tokens.
+    pub fn new(key_source: KeySource) -> Self {
+        Self {
+            key_source,
+            key_store: KeyStoreConfig::default(),
+            verifier: TokenVerifierConfig::default(),
+            machine: None,
+            budget: BudgetConfig::default(),
+            revocation_ttl: Duration::from_secs(86_400),
+            revocation_capacity: 1_000_000,
+        }
+    }
+
+    /// The settings from the process environment ([`VARIABLES`]); see
+    /// [`VerifierSettings::from_lookup`]. A variable that is not valid UTF-8 is an error
+    /// naming it.
+    pub fn from_env() -> Result<Self, SettingError> {
+        for var in VARIABLES {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
+                return Err(err(var, "is not valid UTF-8"));
+            }
+        }
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The settings from `lookup` (a variable's value, `None` when unset), with the names and
+    /// defaults of `clerk-grpc-auth serve`: one key source is needed (`CLERK_JWT_KEY`,
+    /// `CLERK_JWKS_URL` or `CLERK_SECRET_KEY`, in that order of precedence); every other
+    /// setting has a default. Empty values count as unset. An unparsable value is an error
+    /// naming its variable.
+    ///
+    /// ```
+    /// use clerk_grpc_auth::verify::settings::VerifierSettings;
+    ///
+    /// let env = std::collections::HashMap::from([
+    ///     ("CLERK_JWKS_URL", "https://clerk.example.com/.well-known/jwks.json"),
+    ///     ("CLERK_CLOCK_SKEW_MS", "soon"),
+    /// ]);
+    /// let e = VerifierSettings::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap_err();
+    /// assert_eq!(e.var, "CLERK_CLOCK_SKEW_MS");
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
+        let get = |var: &'static str| {
+            lookup(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let secret = match get("CLERK_SECRET_KEY") {
+            None => None,
+            Some(s) if s.starts_with("pk_") => {
+                return Err(err(
+                    "CLERK_SECRET_KEY",
+                    "this is a publishable key (pk_…); give the secret key (sk_…) from the Clerk Dashboard",
+                ))
+            }
+            Some(s) if !s.starts_with("sk_") => {
+                return Err(err(
+                    "CLERK_SECRET_KEY",
+                    "a Clerk secret key starts with sk_test_ or sk_live_",
+                ))
+            }
+            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(err(
+                    "CLERK_SECRET_KEY",
+                    "contains whitespace or control characters",
+                ))
+            }
+            Some(s) => Some(Secret::new(s)),
+        };
+        let machine_secret = match get("CLERK_MACHINE_SECRET_KEY") {
+            None => None,
+            Some(s) if !s.starts_with("ak_") => {
+                return Err(err(
+                    "CLERK_MACHINE_SECRET_KEY",
+                    "a Clerk machine secret key starts with ak_",
+                ))
+            }
+            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(err(
+                    "CLERK_MACHINE_SECRET_KEY",
+                    "contains whitespace or control characters",
+                ))
+            }
+            Some(s) => Some(Secret::new(s)),
+        };
+        let api_url = get("CLERK_API_URL")
+            .map(|s| parse_url("CLERK_API_URL", &s))
+            .transpose()?;
+        let jwks_url = get("CLERK_JWKS_URL")
+            .map(|s| parse_url("CLERK_JWKS_URL", &s))
+            .transpose()?;
+        let num = |var: &'static str, default: u64, max: u64| match get(var) {
+            None => Ok(default),
+            Some(s) => {
+                let n: u64 = s
+                    .parse()
+                    .map_err(|_| err(var, format!("{s:?} is not a non-negative whole number")))?;
+                if n > max {
+                    return Err(err(var, format!("{n} is larger than the maximum {max}")));
+                }
+                Ok(n)
+            }
+        };
+        let list = |var: &'static str| -> Vec<String> {
+            get(var)
+                .map(|s| {
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+
+        let validation = crate::token::check::Validation {
+            clock_skew_ms: num("CLERK_CLOCK_SKEW_MS", 5_000, 3_600_000)?,
+            authorized_parties: list("CLERK_AUTHORIZED_PARTIES"),
+            issuer: get("CLERK_ISSUER"),
+            audience: list("CLERK_AUDIENCE"),
+        };
+        let refresh = num("CLERK_AUTH_JWKS_REFRESH_SECS", 300, 86_400)?;
+        if refresh == 0 {
+            return Err(err("CLERK_AUTH_JWKS_REFRESH_SECS", "must be at least 1"));
+        }
+        let key_store = KeyStoreConfig {
+            refresh_interval: Duration::from_secs(refresh),
+            unknown_kid_cooldown: Duration::from_secs(num(
+                "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
+                10,
+                86_400,
+            )?),
+            max_stale: Duration::from_secs(num("CLERK_AUTH_MAX_STALE_SECS", 3_600, 7 * 86_400)?),
+            ..KeyStoreConfig::default()
+        };
+        let verifier = TokenVerifierConfig {
+            validation,
+            cache_capacity: num("CLERK_AUTH_VERDICT_CACHE_CAPACITY", 100_000, 100_000_000)?,
+        };
+        let burst = num("CLERK_AUTH_BAPI_BURST", 40, 1_000_000)?;
+        if burst == 0 {
+            return Err(err("CLERK_AUTH_BAPI_BURST", "must be at least 1"));
+        }
+        let budget = BudgetConfig {
+            calls_per_sec: num("CLERK_AUTH_BAPI_CALLS_PER_SEC", 20, 1_000_000)? as f64,
+            burst: u32::try_from(burst).expect("bounded above"),
+            reserved_share: num("CLERK_AUTH_BAPI_RESERVED_PERCENT", 50, 100)? as f64 / 100.0,
+            ..BudgetConfig::default()
+        };
+        let revocation_ttl = Duration::from_secs(
+            num("CLERK_AUTH_REVOCATION_TTL_SECS", 86_400, 30 * 86_400)?.max(60),
+        );
+        let revocation_capacity = num("CLERK_AUTH_REVOCATION_CAPACITY", 1_000_000, 100_000_000)?;
+        if revocation_capacity == 0 {
+            return Err(err(
+                "CLERK_AUTH_REVOCATION_CAPACITY",
+                "must be at least 1 (revocations would be lost)",
+            ));
+        }
+
+        let base_url = || {
+            api_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"))
+        };
+        // Opaque machine tokens go to the Backend API with whichever secret keys are set.
+        let machine = (secret.is_some() || machine_secret.is_some())
+            .then(|| MachineConfig::new(base_url(), secret.clone(), machine_secret));
+
+        // Precedence: networkless key, then an explicit JWKS URL, then the Backend API.
+        let key_source = if let Some(pem) = get("CLERK_JWT_KEY") {
+            let key =
+                VerifyingKey::from_pem(&pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
+            KeySource::Static(Arc::new(KeySet::single(key)))
+        } else if let Some(url) = jwks_url {
+            KeySource::Remote { url, bearer: None }
+        } else if let Some(secret) = secret {
+            // Keep any path prefix (e.g. a proxy mounted under /clerk).
+            let url = format!("{}/v1/jwks", base_url().as_str().trim_end_matches('/'));
+            KeySource::Remote {
+                url: parse_url("CLERK_API_URL", &url)?,
+                bearer: Some(secret),
+            }
+        } else {
+            return Err(err(
+                "CLERK_SECRET_KEY",
+                "no key source configured: set CLERK_SECRET_KEY (keys from the Backend API), \
+                 CLERK_JWT_KEY (networkless PEM) or CLERK_JWKS_URL",
+            ));
+        };
+        Ok(Self {
+            key_source,
+            key_store,
+            verifier,
+            machine,
+            budget,
+            revocation_ttl,
+            revocation_capacity,
+        })
+    }
+}
+
+fn err(var: &'static str, problem: impl Into<String>) -> SettingError {
+    SettingError {
+        var,
+        problem: problem.into(),
+    }
+}
+
+fn parse_url(var: &'static str, s: &str) -> Result<url::Url, SettingError> {
+    let u = url::Url::parse(s).map_err(|e| err(var, format!("{s:?} is not a valid URL ({e})")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(err(
+            var,
+            format!("{s:?} must be an http(s) URL with a host"),
+        ));
+    }
+    Ok(u)
+}
+
+// === impl TokenVerifier ===
+
+impl TokenVerifier {
+    /// Builds an in-process verifier from `settings` and starts loading its keys: the key
+    /// refresher runs as a tokio task until the returned [`RefresherGuard`] is dropped (or
+    /// [`RefresherGuard::shutdown`] is awaited). Keep the guard for as long as the verifier
+    /// serves — bind it to a name (`_keys`), not `_`, which drops it at once.
+    ///
+    /// Keys load in the background: until the first load (a JWKS source) verifications answer
+    /// `UNAVAILABLE` / `JWK_REMOTE_FAILED_TO_LOAD`; await `verifier.keys().ready()` to wait for
+    /// it. A networkless key (`CLERK_JWT_KEY`) is usable at once. With a secret key
+    /// ([`VerifierSettings::machine`]), opaque machine tokens are verified too.
+    ///
+    /// Must be called within a tokio runtime ([`StartError::NoRuntime`] otherwise).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use clerk_grpc_auth::{verify::{jwks::KeySource, settings::VerifierSettings}, TokenVerifier};
+    ///
+    /// let source = KeySource::Remote {
+    ///     url: "https://clerk.example.com/.well-known/jwks.json".parse()?,
+    ///     bearer: None,
+    /// };
+    /// let (verifier, _keys) = TokenVerifier::start(VerifierSettings::new(source))?;
+    /// verifier.keys().ready().await; // optional: wait for the first load
+    /// # Ok(()) }
+    /// ```
+    pub fn start(settings: VerifierSettings) -> Result<(Self, RefresherGuard), StartError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StartError::NoRuntime);
+        }
+        let http = http_client().map_err(StartError::HttpClient)?;
+        let machine = settings.machine.map(|m| {
+            MachineVerifier::with_budget(m, http.clone(), ClerkBudget::new(settings.budget))
+        });
+        let keys = KeyStore::new(settings.key_source, settings.key_store, http);
+        let revocations = Revocations::new(settings.revocation_ttl, settings.revocation_capacity);
+        let verifier = Self::with_parts(settings.verifier, keys, machine, revocations);
+        let guard = verifier.keys().spawn_refresher();
+        Ok((verifier, guard))
+    }
+
+    /// [`TokenVerifier::start`] with [`VerifierSettings::from_env`]: the `CLERK_*`
+    /// environment of `clerk-grpc-auth serve` (`CLERK_SECRET_KEY`, `CLERK_JWT_KEY`,
+    /// `CLERK_JWKS_URL`, `CLERK_API_URL`, `CLERK_AUTHORIZED_PARTIES`, …).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (verifier, _keys) = clerk_grpc_auth::TokenVerifier::from_env()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env() -> Result<(Self, RefresherGuard), StartError> {
+        Self::start(VerifierSettings::from_env()?)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
