@@ -22,7 +22,8 @@ use std::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clerk_grpc_auth::{
     clerk::{
-        api::{BackendApi, BackendApiConfig},
+        api::{BackendApi, BackendApiConfig, ClerkApi},
+        budget::BudgetConfig,
         directory::DirectoryConfig,
         machines::MachineConfig,
     },
@@ -591,7 +592,10 @@ async fn during_a_short_retry_after_queries_wait_it_out_instead_of_asking() {
         Secret::new(clerk.secret_key()),
     );
     config.retry_budget = Duration::from_secs(3);
-    let api = BackendApi::new(config, reqwest::Client::new());
+    let api = BackendApi::new(
+        config,
+        &ClerkApi::with_http(reqwest::Client::new(), BudgetConfig::default()),
+    );
     let get = |user: String| {
         let api = api.clone();
         async move {
