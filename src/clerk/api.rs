@@ -687,6 +687,83 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_classified_once() {
+        use tonic::Code;
+        let code = |e: ApiError| tonic::Status::from(AuthError::from(e)).code();
+        assert_eq!(code(ApiError::NotFound), Code::NotFound);
+        assert_eq!(code(ApiError::KeyRefused(401)), Code::FailedPrecondition);
+        assert_eq!(code(ApiError::KeyUnusable), Code::FailedPrecondition);
+        for e in [
+            ApiError::RateLimited(Duration::from_secs(3)),
+            ApiError::Suspended(Duration::from_secs(3)),
+        ] {
+            assert!(e.is_transient());
+            assert_eq!(code(e), Code::ResourceExhausted);
+        }
+        for e in [
+            ApiError::ServerError(503),
+            ApiError::TooLarge { max: 10 },
+            ApiError::Refused {
+                status: 422,
+                code: "form_param_invalid".into(),
+            },
+        ] {
+            assert_eq!(
+                AuthError::from(e),
+                AuthError::Unavailable(Reason::BackendApiUnavailable)
+            );
+        }
+        assert!(!ApiError::Refused {
+            status: 409,
+            code: String::new()
+        }
+        .is_transient());
+        assert_eq!(code(ApiError::InvalidId), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn only_plain_error_codes_are_kept() {
+        let code = |b: &str| error_code(b.as_bytes());
+        assert_eq!(
+            code(r#"{"errors":[{"code":"token_revoked"}]}"#),
+            "token_revoked"
+        );
+        assert_eq!(code(r#"{"errors":[]}"#), "");
+        assert_eq!(code("not json"), "");
+        assert_eq!(code(r#"{"errors":[{"code":"a b\nc"}]}"#), "");
+        let long = format!(r#"{{"errors":[{{"code":"{}"}}]}}"#, "a".repeat(65));
+        assert_eq!(code(&long), "");
+    }
+
+    #[tokio::test]
+    async fn one_budget_per_clerk_whatever_the_path() {
+        let api = ClerkApi::with_http(reqwest::Client::new(), BudgetConfig::default());
+        let a: url::Url = "https://api.clerk.com".parse().unwrap();
+        let a2: url::Url = "https://api.clerk.com/".parse().unwrap();
+        let b: url::Url = "http://127.0.0.1:1".parse().unwrap();
+        api.budget(&a).gate().suspend(Duration::from_secs(5));
+        assert!(api.budget(&a2).gate().remaining().is_some(), "same Clerk");
+        assert!(api.budget(&b).gate().remaining().is_none(), "another Clerk");
+        // Held back without a request, whatever the key.
+        let key = Secret::new("sk_test_x");
+        let sent = api
+            .endpoint(&a2)
+            .send::<serde_json::Value>(ApiRequest {
+                method: reqwest::Method::GET,
+                path: "v1/users/user_1",
+                key: &key,
+                timeout: Duration::from_secs(1),
+                body: None,
+                max_body: 1024,
+            })
+            .await;
+        assert!(matches!(sent, Err(ApiError::Suspended(_))), "{sent:?}");
+        assert_eq!(api.stats().requests, 0);
+        assert_eq!(api.stats().suspended, 1);
+        assert!(!format!("{:?} {api:?}", sent.unwrap_err()).contains("sk_test_x"));
+    }
+
+    #[test]
     fn backoff_grows_with_jitter() {
         for a in 0..4 {
             let d = backoff(a).as_millis() as f64;
