@@ -34,13 +34,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clerk_grpc_auth::{
+    clerk::api::ClerkApi,
     credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
     layer::{AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier},
     secret::Secret,
-    server::{
-        http_client,
-        telemetry::{self, LogFormat},
-    },
+    server::telemetry::{self, LogFormat},
 };
 
 /// The Orders example service, delegating verification to AuthService.
@@ -75,7 +73,7 @@ async fn main() -> ExitCode {
         let api_url = args.api_url.parse()?;
         let source = M2mTokenSource::new(
             M2mTokenSourceConfig::new(api_url, Secret::new(key)),
-            http_client()?,
+            &ClerkApi::new()?,
         );
         Ok::<_, Box<dyn std::error::Error>>(CallerCredentials::new(source))
     }) {

@@ -128,7 +128,7 @@ fn follow_revocations(
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy();
     let source = M2mTokenSource::new(
         M2mTokenSourceConfig::new(args.api_url.parse()?, Secret::new(key)),
-        clerk_grpc_auth::verify::http_client()?,
+        &clerk_grpc_auth::clerk::api::ClerkApi::new()?,
     );
     Ok(Some(clerk_grpc_auth::layer::watch_revocations_with(
         channel,

@@ -29,6 +29,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use clerk_grpc_auth::{
     authz::policy::{Policy, Rule},
+    clerk::api::ClerkApi,
     credentials::{
         m2m::{M2mTokenSource, M2mTokenSourceConfig},
         CredentialsLayer,
@@ -36,7 +37,6 @@ use clerk_grpc_auth::{
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
     pb::TokenType,
     secret::Secret,
-    server::http_client,
 };
 use orders::pb::{orders_client::OrdersClient, ListOrdersRequest};
 use tonic_types::StatusExt;
@@ -108,7 +108,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.api_url.parse()?,
             Secret::new(args.machine_secret_key.clone()),
         ),
-        http_client()?,
+        &ClerkApi::new()?,
     );
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{b_addr}"))?
         .connect_timeout(Duration::from_secs(2))

@@ -1,6 +1,8 @@
 //! Fault injection, driven by the emulator: a Clerk whose JWKS hangs, crawls, or answers
 //! garbage and keys of the wrong type or size; a key rotation in the middle of load; Backend
-//! API 429 storms; an AuthService restarted while the delegated layer is under load.
+//! API 429 storms, and a 429 on any one of the Backend API's paths (identity queries, machine
+//! tokens, the M2M token source) holding back the others; an AuthService restarted while the
+//! delegated layer is under load.
 //!
 //! Each test states the outcome it expects: the last good keys keep serving within the stale
 //! bound, Clerk's traffic is not amplified, calls fail closed where there is no basis to
@@ -22,10 +24,12 @@ use std::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clerk_grpc_auth::{
     clerk::{
-        api::{BackendApi, BackendApiConfig},
+        api::{BackendApi, BackendApiConfig, ClerkApi},
+        budget::BudgetConfig,
         directory::DirectoryConfig,
         machines::MachineConfig,
     },
+    credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
     emulator::{Emulator, JwksFault, MachineTokenKind, MachineTokenSpec, TokenSpec, UserSpec},
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
     pb::{GetUserRequest, TokenType, VerifyTokenRequest},
@@ -580,6 +584,124 @@ async fn a_machine_token_429_holds_back_identity_queries() {
     h.verify(&users[0].1).await.expect("session tokens verify");
 }
 
+/// The three paths that call the Backend API through one [`ClerkApi`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BapiPath {
+    /// `GetUser` (identity queries, `GET /v1/users/…`).
+    Identity,
+    /// An opaque M2M token verified through AuthService (`POST /m2m_tokens/verify`).
+    Machine,
+    /// The outgoing M2M token source (`POST /m2m_tokens`).
+    M2mSource,
+}
+
+/// A 429 answered on `first` holds back every other path of the same client: with Clerk
+/// healed meanwhile, none of them reaches the emulator while the `Retry-After` runs, and each
+/// fails as documented — `RESOURCE_EXHAUSTED` / `RATE_LIMITED` with a `RetryInfo` no longer
+/// than Clerk's `Retry-After`.
+async fn a_429_on_one_path_holds_back_the_others(first: BapiPath) {
+    let h = with_backend_api(Duration::from_secs(2)).await;
+    let users = users_with_tokens(&h, 1);
+    let machine_token = h.clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        ..MachineTokenSpec::default()
+    });
+    let a = h.clerk.create_machine("a");
+    // The server's own client: identity queries and machine tokens already go through it,
+    // and the token source is built on it too.
+    let api: ClerkApi = h.verifier.machine().unwrap().client().clone();
+    let source = M2mTokenSource::new(
+        M2mTokenSourceConfig::new(h.clerk.url().parse().unwrap(), Secret::new(&a.secret_key)),
+        &api,
+    );
+    let call = |path: BapiPath| {
+        let (h, users, machine_token, source) = (&h, &users, &machine_token, &source);
+        async move {
+            match path {
+                BapiPath::Identity => get_self(h, &users[0].0, &users[0].1).await.map(drop),
+                BapiPath::Machine => h
+                    .verify_req(VerifyTokenRequest {
+                        token: machine_token.clone(),
+                        accepted_token_types: vec![TokenType::M2mToken as i32],
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                BapiPath::M2mSource => source.get().await.map(drop),
+            }
+        }
+    };
+    let rate_limited = |path: BapiPath, status: tonic::Status| {
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "{path:?}: {status:?}"
+        );
+        assert_eq!(reason(&status), "RATE_LIMITED", "{path:?}");
+        let delay = status
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .unwrap_or_else(|| panic!("{path:?}: no RetryInfo in {status:?}"));
+        assert!(
+            delay > Duration::ZERO && delay <= Duration::from_secs(30),
+            "{path:?}: {delay:?}"
+        );
+    };
+
+    // Clerk answers the first path 429 with Retry-After 30 s (beyond the identity path's 2 s
+    // retry budget: no retry) …
+    h.clerk.set_bapi_failure(Some((429, Some(30))));
+    let before = h.clerk.bapi_requests();
+    rate_limited(first, call(first).await.expect_err("answered 429"));
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        before + 1,
+        "{first:?}: one request"
+    );
+    assert_eq!(api.stats().rate_limited, 1);
+
+    // … then heals: anything that reached it now would succeed. The other paths are refused
+    // at once, without a request.
+    h.clerk.set_bapi_failure(None);
+    let others = [BapiPath::Identity, BapiPath::Machine, BapiPath::M2mSource]
+        .into_iter()
+        .filter(|p| *p != first);
+    for path in others {
+        rate_limited(
+            path,
+            call(path).await.expect_err("held back by the Retry-After"),
+        );
+    }
+    assert_eq!(
+        h.clerk.bapi_requests(),
+        before + 1,
+        "after {first:?}'s 429, no other path reached Clerk"
+    );
+    assert_eq!(
+        api.stats().requests,
+        1,
+        "one request sent through the client"
+    );
+    assert_eq!(source.created(), 0);
+    // Session tokens need no Backend API: unaffected.
+    h.verify(&users[0].1).await.expect("session tokens verify");
+}
+
+#[tokio::test]
+async fn an_identity_query_429_holds_back_machine_tokens_and_the_m2m_source() {
+    a_429_on_one_path_holds_back_the_others(BapiPath::Identity).await;
+}
+
+#[tokio::test]
+async fn a_machine_verification_429_holds_back_identity_queries_and_the_m2m_source() {
+    a_429_on_one_path_holds_back_the_others(BapiPath::Machine).await;
+}
+
+#[tokio::test]
+async fn an_m2m_token_creation_429_holds_back_identity_queries_and_machine_tokens() {
+    a_429_on_one_path_holds_back_the_others(BapiPath::M2mSource).await;
+}
+
 #[tokio::test]
 async fn during_a_short_retry_after_queries_wait_it_out_instead_of_asking() {
     let clerk = Emulator::start_local().await.unwrap();
@@ -591,7 +713,10 @@ async fn during_a_short_retry_after_queries_wait_it_out_instead_of_asking() {
         Secret::new(clerk.secret_key()),
     );
     config.retry_budget = Duration::from_secs(3);
-    let api = BackendApi::new(config, reqwest::Client::new());
+    let api = BackendApi::new(
+        config,
+        &ClerkApi::with_http(reqwest::Client::new(), BudgetConfig::default()),
+    );
     let get = |user: String| {
         let api = api.clone();
         async move {

@@ -12,9 +12,9 @@ use std::{
 
 use axum::{routing::post, Json, Router};
 use clerk_grpc_auth::{
+    clerk::api::ClerkApi,
     credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
     secret::Secret,
-    server::http_client,
 };
 use serde_json::{json, Value};
 
@@ -54,7 +54,7 @@ async fn fake_bapi(skew_secs: f64) -> (url::Url, Arc<AtomicU64>) {
 fn source(url: url::Url) -> M2mTokenSource {
     M2mTokenSource::new(
         M2mTokenSourceConfig::new(url, Secret::new("ak_machine_secret")),
-        http_client().unwrap(),
+        &ClerkApi::new().unwrap(),
     )
 }
 

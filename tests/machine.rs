@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use clerk_grpc_auth::{
     authz::policy::{ApiKeyOwner, Policy, Rule},
-    clerk::machines::MachineConfig,
+    clerk::{api::ClerkApi, machines::MachineConfig},
     credentials::{
         m2m::{M2mTokenSource, M2mTokenSourceConfig},
         CredentialsLayer,
@@ -20,7 +20,7 @@ use clerk_grpc_auth::{
     layer::AuthLayer,
     pb::{Identity, TokenType, VerifyTokenRequest},
     secret::Secret,
-    server::{http_client, Server, ServerConfig},
+    server::{Server, ServerConfig},
 };
 use common::{assert_rejected, reason, Harness};
 use futures::StreamExt;
@@ -926,7 +926,7 @@ async fn m2m_token_source_caches_refreshes_and_survives_a_failed_refresh() {
     let mut config =
         M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
     config.lifetime = Some(Duration::from_secs(2));
-    let source = M2mTokenSource::new(config, http_client().unwrap());
+    let source = M2mTokenSource::new(config, &ClerkApi::new().unwrap());
 
     // Concurrent first calls share one creation.
     let gets = (0..10).map(|_| {
@@ -954,7 +954,7 @@ async fn m2m_token_source_caches_refreshes_and_survives_a_failed_refresh() {
     let mut config =
         M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
     config.lifetime = Some(Duration::from_secs(10));
-    let source = M2mTokenSource::new(config, http_client().unwrap());
+    let source = M2mTokenSource::new(config, &ClerkApi::new().unwrap());
     let first = source.get().await.unwrap();
     clerk.set_bapi_failure(Some((503, None)));
     // Not due yet: no call at all.
@@ -963,14 +963,14 @@ async fn m2m_token_source_caches_refreshes_and_survives_a_failed_refresh() {
     let mut config =
         M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new(&a.secret_key));
     config.lifetime = Some(Duration::from_secs(10));
-    let empty = M2mTokenSource::new(config, http_client().unwrap());
+    let empty = M2mTokenSource::new(config, &ClerkApi::new().unwrap());
     assert_eq!(empty.get().await.unwrap_err().code(), Code::Unavailable);
     clerk.set_bapi_failure(None);
 
     // A wrong machine secret key is FAILED_PRECONDITION.
     let bad = M2mTokenSource::new(
         M2mTokenSourceConfig::new(clerk.url().parse().unwrap(), Secret::new("ak_wrong")),
-        http_client().unwrap(),
+        &ClerkApi::new().unwrap(),
     );
     assert_eq!(
         bad.get().await.unwrap_err().code(),
@@ -1004,7 +1004,7 @@ async fn service_a_calls_service_b_with_its_m2m_token() {
     ));
     let source = M2mTokenSource::new(
         M2mTokenSourceConfig::new(h.clerk.url().parse().unwrap(), Secret::new(&a.secret_key)),
-        http_client().unwrap(),
+        &ClerkApi::new().unwrap(),
     );
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -1,12 +1,14 @@
 //! What this replica may spend at Clerk's Backend API, shared by every path that calls it
-//! (identity queries and opaque machine-token verification).
+//! through one [`ClerkApi`](crate::clerk::api::ClerkApi) (one budget per Clerk API base URL):
+//! identity queries, opaque machine-token verification and the M2M token source.
 //!
 //! Clerk limits Backend API calls per instance (1 000 per 10 s). Two things keep one replica
 //! from spending that for everyone:
 //!
 //! * **Clerk's `Retry-After`** ([`RetryAfterGate`]): after a 429 on any path, no path sends a
 //!   request before it has passed — Clerk's limit is per instance, so one path's 429 speaks
-//!   for all.
+//!   for all. The client checks it before every request and starts it on every 429, whatever
+//!   the path (the M2M token source spends nothing else of the budget).
 //! * **A replica-wide token bucket** ([`ClerkBudget`], default 20 calls/s, burst 40). Part of it
 //!   (default half) is *reserved*: calls for strangers — sources that have not yet presented a
 //!   valid token, such as a flood of random `ak_…` strings from many addresses — may only

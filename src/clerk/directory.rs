@@ -1,4 +1,5 @@
-//! Identity queries through the Backend API, cached: users, organization memberships and
+//! Identity queries through the Backend API ([`BackendApi`], the identity path of the shared
+//! [`ClerkApi`](crate::clerk::api::ClerkApi)), cached: users, organization memberships and
 //! sessions. Per-kind TTL and capacity, concurrent misses coalesced into one request, optional
 //! stale-if-error (users and memberships only: a session's status is never served stale), and
 //! invalidation by webhooks ([`Directory::invalidate_user`], …).
@@ -287,13 +288,13 @@ impl<V: Send + Sync + 'static> Kind<V> {
             }
             Err(e) => {
                 let e = (*e).clone();
-                if e == ApiError::NotFound {
+                if matches!(e, ApiError::NotFound) {
                     if let Some(m) = &self.missing {
                         m.insert(key.to_owned(), ());
                     }
                 }
                 // Stale-if-error: not for "not found" or a refused key.
-                if matches!(e, ApiError::Unavailable(_) | ApiError::RateLimited(_)) {
+                if e.is_transient() {
                     if let Some(stale) = &self.stale {
                         if let Some(v) = stale.get(key).await {
                             tracing::warn!(error = %e, "Backend API failing; serving a stale entry");

@@ -1,6 +1,13 @@
-//! Opaque machine tokens verified by Clerk's Backend API (§4.3), behind a verdict cache, a
-//! short negative cache, coalescing of identical verifications, a per-source rate limit and
-//! Clerk's `Retry-After`.
+//! Opaque machine tokens (`mt_…`, `ak_…`, `oat_…`) verified by Clerk's Backend API
+//! (`POST …/verify`) through the shared [`ClerkApi`], behind a verdict cache, a short negative
+//! cache, coalescing of identical verifications, a per-source rate limit, the Clerk's
+//! replica-wide budget and its `Retry-After` (shared with every other path of the same
+//! [`ClerkApi`]).
+//!
+//! What an answer means is decided here: Clerk's explicit refusals (404, or a 4xx whose code
+//! says revoked, expired or not found) are `UNAUTHENTICATED` and remembered in the negative
+//! cache; any other 4xx says nothing about the token and is `UNAVAILABLE`, never cached; the
+//! rest (key refused, 429, network, 5xx) is the shared classification of [`ApiError`].
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -17,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     clerk::{
-        api::CLERK_API_VERSION,
+        api::{ApiError, ApiRequest, ClerkApi, Endpoint},
         budget::{source_key, ClerkBudget},
     },
     error::{AuthError, Reason, VerifyError},
@@ -102,12 +109,11 @@ struct Bucket {
 }
 
 struct Inner {
-    http: reqwest::Client,
+    endpoint: Endpoint,
     config: MachineConfig,
     cache: moka::future::Cache<[u8; 32], Cached>,
     negative: moka::future::Cache<[u8; 32], VerifyError>,
     buckets: moka::sync::Cache<IpAddr, Arc<Mutex<Bucket>>>,
-    budget: ClerkBudget,
     warned_key: AtomicBool,
     api_calls: AtomicU64,
     cache_hits: AtomicU64,
@@ -194,18 +200,6 @@ struct MachineObject {
     active: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    errors: Vec<ApiError>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    code: String,
-}
-
 const NOT_FOUND: VerifyError = VerifyError::new(Reason::TokenInvalid, "Machine token not found.");
 const REVOKED: VerifyError =
     VerifyError::new(Reason::TokenRevoked, "The machine token has been revoked.");
@@ -215,14 +209,10 @@ const REFUSED: VerifyError =
     VerifyError::new(Reason::TokenInvalid, "Clerk refused the machine token.");
 
 impl MachineVerifier {
-    /// A verifier sharing the service's HTTP client, with a Backend API budget of its own.
-    pub fn new(config: MachineConfig, http: reqwest::Client) -> Self {
-        Self::with_budget(config, http, ClerkBudget::default())
-    }
-
-    /// A verifier sharing the service's HTTP client and the replica's Backend API budget
-    /// (Clerk's `Retry-After` and the replica-wide call rate, shared with identity queries).
-    pub fn with_budget(config: MachineConfig, http: reqwest::Client, budget: ClerkBudget) -> Self {
+    /// A verifier calling Clerk through `api`: its HTTP client, and the budget and
+    /// `Retry-After` of the Clerk at `config.api_url`, are shared with every other path of
+    /// `api` (identity queries, the M2M token source).
+    pub fn new(config: MachineConfig, api: &ClerkApi) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
             .expire_after(VerdictExpiry)
@@ -237,12 +227,11 @@ impl MachineVerifier {
             .build();
         Self {
             inner: Arc::new(Inner {
-                http,
+                endpoint: api.endpoint(&config.api_url),
                 config,
                 cache,
                 negative,
                 buckets,
-                budget,
                 warned_key: AtomicBool::new(false),
                 api_calls: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
@@ -253,9 +242,15 @@ impl MachineVerifier {
         }
     }
 
-    /// The Backend API budget this verifier spends.
+    /// The Backend API budget this verifier spends (shared with every path to the same Clerk
+    /// through the same [`ClerkApi`]).
     pub fn budget(&self) -> &ClerkBudget {
-        &self.inner.budget
+        self.inner.endpoint.budget()
+    }
+
+    /// The client this verifier sends through.
+    pub fn client(&self) -> &ClerkApi {
+        self.inner.endpoint.api()
     }
 
     /// Counters.
@@ -320,7 +315,7 @@ impl MachineVerifier {
             Ok(id) => {
                 // Verified by Clerk (not a cache hit): the source may spend the reserve.
                 if let Some(source) = source {
-                    inner.budget.mark_known(source);
+                    self.budget().mark_known(source);
                 }
                 Ok(id)
             }
@@ -340,7 +335,7 @@ impl MachineVerifier {
             inner.rate_limited.fetch_add(1, Ordering::Relaxed);
             Err(AuthError::RateLimited { retry_after })
         };
-        if let Some(left) = inner.budget.gate().remaining() {
+        if let Some(left) = self.budget().gate().remaining() {
             return refuse(left);
         }
         let now = Instant::now();
@@ -364,7 +359,7 @@ impl MachineVerifier {
             }
             b.tokens -= 1.0;
         }
-        if let Err(wait) = inner.budget.try_spend(inner.budget.spender_for(source)) {
+        if let Err(wait) = self.budget().try_spend(self.budget().spender_for(source)) {
             // Not spent at Clerk: the source's token goes back.
             let mut b = bucket.lock().expect("bucket lock");
             b.tokens = (b.tokens + 1.0).min(f64::from(cfg.per_source_burst));
@@ -391,79 +386,57 @@ impl MachineVerifier {
             _ => ("api_keys/verify", "secret", cfg.secret_key.as_ref()),
         };
         let secret = secret.ok_or(AuthError::Misconfigured(Reason::SecretKeyMissing))?;
-        let url = format!("{}/{path}", cfg.api_url.as_str().trim_end_matches('/'));
-        let mut auth = http::HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
-            .map_err(|_| AuthError::Misconfigured(Reason::SecretKeyInvalid))?;
-        auth.set_sensitive(true);
         inner.api_calls.fetch_add(1, Ordering::Relaxed);
-        let unavailable = |e: &dyn std::fmt::Display| {
-            tracing::warn!(%url, error = %e, "Backend API machine-token verification failed");
-            AuthError::Unavailable(Reason::BackendApiUnavailable)
-        };
-        let resp = inner
-            .http
-            .post(&url)
-            .timeout(cfg.timeout)
-            .header(http::header::AUTHORIZATION, auth)
-            .header("Clerk-API-Version", CLERK_API_VERSION)
-            .json(&serde_json::json!({ body_key: token }))
-            .send()
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(crate::clerk::budget::retry_after_header);
-        let body = crate::clerk::api::read_bounded(resp, MAX_BODY_BYTES)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        match status {
-            200..=299 => {
-                let obj: MachineObject = serde_json::from_slice(&body)
-                    .map_err(|e| unavailable(&format!("unreadable answer: {e}")))?;
-                to_identity(obj, token_type).map(Arc::new)
+        let body = serde_json::json!({ body_key: token });
+        let sent = inner
+            .endpoint
+            .send::<MachineObject>(ApiRequest {
+                method: reqwest::Method::POST,
+                path,
+                key: secret,
+                timeout: cfg.timeout,
+                body: Some(&body),
+                max_body: MAX_BODY_BYTES,
+            })
+            .await;
+        let e = match sent {
+            Ok(obj) => return to_identity(obj, token_type).map(Arc::new),
+            // Only Clerk's explicit word is a refusal (and remembered): a revoked or expired
+            // token, or one it does not know. Any other 4xx (408, 409, 422 …) says nothing
+            // about the token — it is Clerk being unusable for now, never cached.
+            Err(ApiError::NotFound) => return Err(AuthError::Rejected(NOT_FOUND)),
+            Err(ApiError::Refused { code, .. }) if code.contains("revoked") => {
+                return Err(AuthError::Rejected(REVOKED))
             }
-            401 | 403 => {
+            Err(ApiError::Refused { code, .. }) if code.contains("expired") => {
+                return Err(AuthError::Rejected(EXPIRED))
+            }
+            Err(ApiError::Refused { code, .. }) if code.contains("not_found") => {
+                return Err(AuthError::Rejected(NOT_FOUND))
+            }
+            Err(e) => e,
+        };
+        match &e {
+            ApiError::KeyRefused(status) => {
                 if !inner.warned_key.swap(true, Ordering::Relaxed) {
                     tracing::error!(
-                        %url,
+                        api_url = %inner.endpoint.base(),
                         status,
                         "Clerk refused the secret key used for machine tokens; check \
                          CLERK_SECRET_KEY / CLERK_MACHINE_SECRET_KEY"
                     );
                 }
-                Err(AuthError::Misconfigured(Reason::SecretKeyInvalid))
             }
-            404 => Err(AuthError::Rejected(NOT_FOUND)),
-            429 => {
+            ApiError::RateLimited(wait) => {
                 inner.clerk_429s.fetch_add(1, Ordering::Relaxed);
-                let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                inner.budget.gate().suspend(wait);
                 tracing::warn!(?wait, "Clerk rate-limited machine-token verification");
-                Err(AuthError::RateLimited { retry_after: wait })
             }
-            // Only Clerk's explicit word is a refusal (and remembered): a revoked or expired
-            // token, or one it does not know. Any other 4xx (408, 409, 422 …) says nothing
-            // about the token — it is Clerk being unusable for now, never cached.
-            400..=499 => {
-                let code = serde_json::from_slice::<ErrorBody>(&body)
-                    .ok()
-                    .and_then(|b| b.errors.into_iter().next())
-                    .map(|e| e.code)
-                    .unwrap_or_default();
-                if code.contains("revoked") {
-                    Err(AuthError::Rejected(REVOKED))
-                } else if code.contains("expired") {
-                    Err(AuthError::Rejected(EXPIRED))
-                } else if code.contains("not_found") {
-                    Err(AuthError::Rejected(NOT_FOUND))
-                } else {
-                    Err(unavailable(&format!("HTTP {status}")))
-                }
+            ApiError::Suspended(_) => {}
+            e => {
+                tracing::warn!(api_url = %inner.endpoint.base(), error = %e, "Backend API machine-token verification failed");
             }
-            _ => Err(unavailable(&format!("HTTP {status}"))),
         }
+        Err(e.into())
     }
 }
 

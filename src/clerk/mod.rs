@@ -1,7 +1,8 @@
-//! Talking to Clerk: the Backend API client ([`api`]) with its shared `Retry-After` gate and
-//! request budget ([`budget`]), the identity directory (users, memberships, sessions, behind
-//! caches; [`directory`]), opaque machine-token verification ([`machines`]) and Svix webhook
-//! signatures ([`svix`]).
+//! Talking to Clerk: the one Backend API client ([`api::ClerkApi`]: one HTTP client, one
+//! `Retry-After` gate and request budget per Clerk ([`budget`]), one bounded reader, one error
+//! classification), used by the identity directory (users, memberships, sessions, behind
+//! caches; [`directory`]), opaque machine-token verification ([`machines`]) and the outgoing
+//! M2M token source ([`crate::credentials::m2m`]); and Svix webhook signatures ([`svix`]).
 //!
 //! May import: `token`, `error`, `retry`, `secret`, `canonical`.
 

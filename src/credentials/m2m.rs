@@ -1,6 +1,13 @@
-//! Outgoing M2M tokens: created through the Backend API with the machine secret key, cached,
-//! refreshed before they expire (one creation in flight at a time), and handed to the client
-//! credentials layer ([`crate::credentials::CredentialsLayer`]).
+//! Outgoing M2M tokens: created through the Backend API (`POST /m2m_tokens`) with the machine
+//! secret key, cached, refreshed before they expire (one creation in flight at a time), and
+//! handed to the client credentials layer ([`crate::credentials::CredentialsLayer`]).
+//!
+//! Creation goes through the shared [`ClerkApi`]: its HTTP client, its bounded reader, its
+//! error classification (into [`AuthError`], then `Status`), and the `Retry-After` gate of the
+//! Clerk at `api_url` — after a 429 on any path of that client (identity queries, machine-token
+//! verification, this source), no token is asked for before it has passed; the call answers
+//! `RESOURCE_EXHAUSTED` / `RATE_LIMITED` at once (or the current token, while it is valid).
+//! Only the credential differs: this path authenticates with the machine secret key.
 
 use std::{
     sync::{
@@ -17,7 +24,15 @@ use futures::{
 use serde::Deserialize;
 use tonic::Status;
 
-use crate::{clerk::api::CLERK_API_VERSION, credentials::TokenSource, secret::Secret};
+use crate::{
+    clerk::api::{ApiError, ApiRequest, ClerkApi, Endpoint},
+    credentials::TokenSource,
+    error::{AuthError, Reason},
+    secret::Secret,
+};
+
+/// Largest creation answer read (one token object, well under 4 KiB).
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Settings of an [`M2mTokenSource`].
 #[derive(Debug, Clone)]
@@ -74,10 +89,10 @@ impl Current {
     }
 }
 
-type Creation = Shared<BoxFuture<'static, Result<Current, Status>>>;
+type Creation = Shared<BoxFuture<'static, Result<Current, AuthError>>>;
 
 struct Inner {
-    http: reqwest::Client,
+    endpoint: Endpoint,
     config: M2mTokenSourceConfig,
     current: Mutex<Option<Current>>,
     inflight: Mutex<Option<Creation>>,
@@ -126,11 +141,14 @@ fn lifetime(c: &Created, asked: Option<Duration>) -> Option<Duration> {
 }
 
 impl M2mTokenSource {
-    /// A source sharing the service's HTTP client.
-    pub fn new(config: M2mTokenSourceConfig, http: reqwest::Client) -> Self {
+    /// A source creating tokens through `api` (its HTTP client and the `Retry-After` of the
+    /// Clerk at `config.api_url` are shared with every other path of `api`). Build `api` with
+    /// [`ClerkApi::new`] when nothing else calls Clerk; nothing is sent before the first
+    /// [`M2mTokenSource::get`].
+    pub fn new(config: M2mTokenSourceConfig, api: &ClerkApi) -> Self {
         Self {
             inner: Arc::new(Inner {
-                http,
+                endpoint: api.endpoint(&config.api_url),
                 config,
                 current: Mutex::new(None),
                 inflight: Mutex::new(None),
@@ -146,7 +164,11 @@ impl M2mTokenSource {
 
     /// The token to send now: the cached one while it is not due for refresh; otherwise a new
     /// one (one creation at a time, shared by every caller). If creating fails while the
-    /// cached token is still valid, the cached token is used.
+    /// cached token is still valid, the cached token is used. Errors are the crate's one
+    /// mapping ([`crate::error`]): `UNAVAILABLE` / `BACKEND_API_UNAVAILABLE` (network, 5xx,
+    /// another 4xx, an unusable answer), `FAILED_PRECONDITION` / `SECRET_KEY_INVALID` (Clerk
+    /// refused the machine secret key), `RESOURCE_EXHAUSTED` / `RATE_LIMITED` with a
+    /// `RetryInfo` (a 429, or another path's `Retry-After` still running).
     pub async fn get(&self) -> Result<Arc<str>, Status> {
         let cached = self.inner.current.lock().expect("token lock").clone();
         if let Some(c) = &cached {
@@ -158,10 +180,10 @@ impl M2mTokenSource {
             Ok(c) => Ok(c.token),
             Err(e) => match cached {
                 Some(c) if c.valid(Instant::now()) => {
-                    tracing::warn!(error = %e.message(), "M2M token refresh failed; using the current token");
+                    tracing::warn!(error = %e, "M2M token refresh failed; using the current token");
                     Ok(c.token)
                 }
-                _ => Err(e),
+                _ => Err(e.into()),
             },
         }
     }
@@ -207,17 +229,8 @@ impl M2mTokenSource {
         fut
     }
 
-    async fn create(&self) -> Result<Current, Status> {
+    async fn create(&self) -> Result<Current, AuthError> {
         let cfg = &self.inner.config;
-        let url = format!("{}/m2m_tokens", cfg.api_url.as_str().trim_end_matches('/'));
-        let mut auth =
-            http::HeaderValue::from_str(&format!("Bearer {}", cfg.machine_secret_key.expose()))
-                .map_err(|_| {
-                    Status::failed_precondition(
-                        "the machine secret key is not a valid header value",
-                    )
-                })?;
-        auth.set_sensitive(true);
         let mut body = serde_json::json!({
             "seconds_until_expiration": cfg.lifetime.map(|d| d.as_secs()),
         });
@@ -225,42 +238,37 @@ impl M2mTokenSource {
             body["token_format"] = "jwt".into();
         }
         let sent = Instant::now();
-        let resp = self
+        let created: Created = self
             .inner
-            .http
-            .post(&url)
-            .timeout(cfg.timeout)
-            .header(http::header::AUTHORIZATION, auth)
-            .header("Clerk-API-Version", CLERK_API_VERSION)
-            .json(&body)
-            .send()
+            .endpoint
+            .send(ApiRequest {
+                method: reqwest::Method::POST,
+                path: "m2m_tokens",
+                key: &cfg.machine_secret_key,
+                timeout: cfg.timeout,
+                body: Some(&body),
+                max_body: MAX_BODY_BYTES,
+            })
             .await
             .map_err(|e| {
-                tracing::warn!(%url, error = %e, "creating an M2M token failed");
-                Status::unavailable("cannot reach Clerk to create an M2M token")
+                let api_url = self.inner.endpoint.base();
+                match &e {
+                    ApiError::KeyRefused(status) => tracing::error!(
+                        %api_url,
+                        status,
+                        "Clerk refused the machine secret key (CLERK_MACHINE_SECRET_KEY)"
+                    ),
+                    e => tracing::warn!(%api_url, error = %e, "creating an M2M token failed"),
+                }
+                match e {
+                    // No such resource is not an answer about us: Clerk is unusable for now.
+                    ApiError::NotFound => AuthError::Unavailable(Reason::BackendApiUnavailable),
+                    e => e.into(),
+                }
             })?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            tracing::error!(%url, %status, "Clerk refused the machine secret key");
-            return Err(Status::failed_precondition(
-                "Clerk refused the machine secret key (CLERK_MACHINE_SECRET_KEY)",
-            ));
-        }
-        if !status.is_success() {
-            return Err(if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                Status::resource_exhausted("Clerk rate-limited M2M token creation")
-            } else {
-                Status::unavailable(format!(
-                    "Clerk answered HTTP {} creating an M2M token",
-                    status.as_u16()
-                ))
-            });
-        }
-        let created: Created = resp.json().await.map_err(|_| {
-            Status::unavailable("Clerk's answer creating an M2M token is unreadable")
-        })?;
         if created.token.is_empty() {
-            return Err(Status::unavailable("Clerk's answer holds no token"));
+            tracing::warn!("Clerk's answer creating an M2M token holds no token");
+            return Err(AuthError::Unavailable(Reason::BackendApiUnavailable));
         }
         self.inner.created.fetch_add(1, Ordering::Relaxed);
         // Anchored when the request was sent (the earliest the token can have been created),

@@ -15,7 +15,7 @@
 //! | `POST /api_keys` | creates an API key (Bearer secret key; `subject`, `name`, `scopes`, `claims`) |
 //! | `POST /emulator/machines` | creates a machine `{"name", "scopes": [callee ids]}` → id and machine secret key |
 //! | `POST /emulator/machine_tokens` | mints any machine token from a [`MachineTokenSpec`] → `{"token": …}` |
-//! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the machine endpoints fail; `null` heals |
+//! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the Backend API fail: the machine endpoints (verify, `POST /m2m_tokens`) and the identity endpoints (users, memberships, sessions); each request is counted in `bapi_requests`; `null` heals |
 //!
 //! Tests start it in-process on `127.0.0.1:0`:
 //!

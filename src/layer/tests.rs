@@ -324,7 +324,7 @@ async fn keys_nobody_loads_answer_unavailable() {
             bearer: None,
         },
         KeyStoreConfig::default(),
-        crate::verify::http_client().unwrap(),
+        crate::clerk::api::http_client().unwrap(),
     );
     let verifier = TokenVerifier::new(TokenVerifierConfig::default(), keys);
     let layer = AuthLayer::in_process(verifier.clone(), policy());

@@ -31,8 +31,8 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     clerk::{
-        api::{BackendApi, BackendApiConfig},
-        budget::{BudgetConfig, ClerkBudget},
+        api::{BackendApi, BackendApiConfig, ClerkApi},
+        budget::BudgetConfig,
         directory::{Directory, DirectoryConfig},
         machines::{MachineConfig, MachineVerifier},
         svix::{SvixVerifier, WebhookSecretError},
@@ -213,6 +213,7 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     verifier: TokenVerifier,
+    clerk_api: ClerkApi,
     route_policy: RoutePolicy,
     tls: Option<TlsConfig>,
     directory: Option<Directory>,
@@ -253,10 +254,6 @@ impl ServerConfig {
     }
 }
 
-/// Builds the shared HTTP client used for every call to Clerk (the same as
-/// [`crate::verify::http_client`]).
-pub use crate::verify::http_client;
-
 // === impl Server ===
 
 impl Server {
@@ -281,15 +278,17 @@ impl Server {
                  RevokeSession is refused to everyone"
             );
         }
-        let http = http_client().map_err(ServerError::HttpClient)?;
-        // One budget (and one Retry-After) for every path that calls the Backend API.
-        let budget = ClerkBudget::new(config.budget);
-        let machine = config
-            .machine
-            .map(|m| MachineVerifier::with_budget(m, http.clone(), budget.clone()));
+        // One client for every call to Clerk: one HTTP client (the JWKS key store's too), one
+        // budget and one Retry-After per Clerk for identity queries, machine tokens and any
+        // M2M token source built on it ([`Server::clerk_api`]).
+        let api = ClerkApi::with_http(
+            crate::clerk::api::http_client().map_err(ServerError::HttpClient)?,
+            config.budget,
+        );
+        let machine = config.machine.map(|m| MachineVerifier::new(m, &api));
         let directory = config.identity.as_ref().map(|i| {
             Directory::new(
-                BackendApi::with_budget(i.backend.clone(), http.clone(), budget.clone()),
+                BackendApi::new(i.backend.clone(), &api),
                 i.directory.clone(),
             )
         });
@@ -299,10 +298,11 @@ impl Server {
             .map(|w| SvixVerifier::new(&w.signing_secret, w.tolerance))
             .transpose()?;
         let revocations = Revocations::new(config.revocation_ttl, config.revocation_capacity);
-        let keys = KeyStore::new(config.key_source, config.key_store, http);
+        let keys = KeyStore::new(config.key_source, config.key_store, api.http().clone());
         let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
         Ok(Self {
             verifier,
+            clerk_api: api,
             route_policy: config.route_policy,
             tls: config.tls,
             directory,
@@ -324,6 +324,14 @@ impl Server {
     /// The verifier the server uses.
     pub fn verifier(&self) -> &TokenVerifier {
         &self.verifier
+    }
+
+    /// The Backend API client every path of this server calls Clerk through (identity
+    /// queries, machine-token verification, the JWKS key store's HTTP client). An
+    /// [`M2mTokenSource`](crate::credentials::m2m::M2mTokenSource) built on it shares its
+    /// `Retry-After` gate and budget.
+    pub fn clerk_api(&self) -> &ClerkApi {
+        &self.clerk_api
     }
 
     /// The `WatchRevocations` streams (limits and counters).

@@ -16,7 +16,7 @@ pub mod jwks;
 pub mod revocations;
 pub mod settings;
 
-pub use settings::{http_client, SettingError, StartError, VerifierSettings};
+pub use settings::{SettingError, StartError, VerifierSettings};
 
 use std::{
     sync::{

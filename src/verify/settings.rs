@@ -10,7 +10,8 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     clerk::{
-        budget::{BudgetConfig, ClerkBudget},
+        api::{http_client, ClerkApi},
+        budget::BudgetConfig,
         machines::{MachineConfig, MachineVerifier},
     },
     secret::Secret,
@@ -106,15 +107,6 @@ pub enum StartError {
         "TokenVerifier::start must be called within a tokio runtime (it spawns the key refresher)"
     )]
     NoRuntime,
-}
-
-/// Builds the HTTP client for calls to Clerk (JWKS, Backend API); share one per process.
-pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .user_agent(concat!("clerk-grpc-auth/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
 }
 
 // === impl VerifierSettings ===
@@ -371,11 +363,14 @@ impl TokenVerifier {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StartError::NoRuntime);
         }
-        let http = http_client().map_err(StartError::HttpClient)?;
-        let machine = settings.machine.map(|m| {
-            MachineVerifier::with_budget(m, http.clone(), ClerkBudget::new(settings.budget))
-        });
-        let keys = KeyStore::new(settings.key_source, settings.key_store, http);
+        // One client for every call to Clerk: the key store's JWKS fetches and the machine
+        // tokens' Backend API calls share its HTTP client, budget and Retry-After gate.
+        let api = ClerkApi::with_http(
+            http_client().map_err(StartError::HttpClient)?,
+            settings.budget,
+        );
+        let machine = settings.machine.map(|m| MachineVerifier::new(m, &api));
+        let keys = KeyStore::new(settings.key_source, settings.key_store, api.http().clone());
         let revocations = Revocations::new(settings.revocation_ttl, settings.revocation_capacity);
         let verifier = Self::with_parts(settings.verifier, keys, machine, revocations);
         let guard = verifier.keys().spawn_refresher();

@@ -411,7 +411,7 @@ fn keys_nobody_loads_log_one_warning_per_verifier() {
                 bearer: None,
             },
             KeyStoreConfig::default(),
-            http_client().unwrap(),
+            crate::clerk::api::http_client().unwrap(),
         )
     };
     let verifier = TokenVerifier::new(TokenVerifierConfig::default(), remote());
