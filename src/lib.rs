@@ -1,17 +1,86 @@
 //! # clerk-grpc-auth
 //!
-//! Clerk authentication for gRPC services, in Rust:
+//! Clerk authentication for gRPC services: verify Clerk session and machine tokens exactly as
+//! Clerk's own backend SDK does, protect any tonic server with a tower layer, run the
+//! `clerk.auth.v1.AuthService` (with Envoy's ext_authz `Check`) for a whole mesh, and test all of
+//! it offline against an emulated Clerk.
 //!
-//! - [`TokenVerifier`]: verifies Clerk session tokens exactly as Clerk's own backend SDK does
-//!   (same verdict, same reason, same decoded claims), with keys held in memory, refreshed in
-//!   the background, and a verdict cache;
-//! - [`server`]: the `clerk.auth.v1.AuthService` gRPC server (health, reflection, graceful
-//!   shutdown);
-//! - [`emulator`]: an offline Clerk (JWKS, token minting, key rotation) for quickstarts, tests
-//!   and CI.
+//! ## What to use for which job
 //!
-//! Verification errors carry Clerk's reasons ([`error::Reason`]) and map to gRPC status codes
-//! in one place ([`error`]).
+//! | you want to… | use | feature |
+//! | --- | --- | --- |
+//! | verify a token in your process | [`TokenVerifier::start`] / [`TokenVerifier::from_env`] → [`TokenVerifier::verify`] | (none) |
+//! | protect a tonic server | [`AuthLayer::in_process`] (or [`AuthLayer::delegated`] to an AuthService) with a [`Policy`] of [`Rule`]s; in handlers [`RequestIdentity::identity`] | `layer` |
+//! | check roles, permissions, features, plans | [`Identity::has`] with a [`Check`] (Clerk's `has()`) | (none) |
+//! | call another service with credentials | [`BearerToken`], [`CredentialsLayer`] over an [`M2mTokenSource`], [`layer::forward_token`] | (none) / `layer` |
+//! | read users, memberships, sessions | [`clerk::directory::Directory`] (the AuthService answers them over gRPC) | (none) |
+//! | run the AuthService yourself | [`server::AuthServer`], configured by [`server::config::ServeConfig`] | `server` |
+//! | test without Clerk | [`emulator::Emulator`] (JWKS, token minting, a Backend API subset, faults) | `emulator` |
+//! | SPIFFE peers from client certificates | [`authz::peer::PeerIdentity`], `Rule::peers` | `mtls` |
+//!
+//! Errors are typed ([`AuthError`], with Clerk's [`Reason`]s) and become gRPC status codes in one
+//! place ([`error`]): `UNAUTHENTICATED` for bad credentials, `PERMISSION_DENIED` for policy,
+//! `UNAVAILABLE` when Clerk or keys are unavailable, `INVALID_ARGUMENT` for malformed requests,
+//! each with a `google.rpc.ErrorInfo` reason.
+//!
+//! ## Features
+//!
+//! | feature | adds | pulls in |
+//! | --- | --- | --- |
+//! | (none) | the verifier: [`token`], [`verify`], [`clerk`], [`authz`], [`credentials`] | tonic (no router), prost, tokio, tower, reqwest (rustls), moka, tracing |
+//! | `layer` | [`layer`]: [`AuthLayer`], [`AuthInterceptor`](layer::AuthInterceptor), delegation, revocation feeds | — |
+//! | `mtls` | SPIFFE IDs read from verified client certificates | x509-parser |
+//! | `emulator` | [`emulator`]: the offline Clerk, e.g. in your `[dev-dependencies]` | axum |
+//! | `server` | [`server`]: AuthService, ext_authz, webhooks, Redis sharing, metrics (implies `layer`, `mtls`) | axum, redis, envoy-types, prometheus-client, tonic-health, tonic-reflection, tracing-subscriber |
+//! | `cli` | the `clerk-grpc-auth` binary (implies `server`, `emulator`) | clap, rcgen, tempfile |
+//! | `demo` | the Orders/Echo protos of this package's examples and tests only | — |
+//!
+//! `default` is `cli` + `demo`. A service that only wants the layer depends on
+//! `clerk-grpc-auth = { version = "…", default-features = false, features = ["layer"] }`
+//! (and `features = ["emulator"]` in its `[dev-dependencies]` for offline tests).
+//!
+//! ## Quick start
+//!
+//! ```
+//! # #[cfg(feature = "emulator")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use clerk_grpc_auth::{
+//!     emulator::{Emulator, OrgSpec, TokenSpec},
+//!     verify::jwks::KeySource,
+//!     Check, TokenVerifier, VerifierSettings, VerifyRequest,
+//! };
+//!
+//! // An offline Clerk; in production the settings come from `CLERK_*` (TokenVerifier::from_env).
+//! let clerk = Emulator::start_local().await?;
+//! let jwks = KeySource::Remote {
+//!     url: format!("{}/.well-known/jwks.json", clerk.url()).parse()?,
+//!     bearer: None,
+//! };
+//! // Starts loading keys in the background; keep `_keys` (dropping it stops the refresher).
+//! let (verifier, _keys) = TokenVerifier::start(VerifierSettings::new(jwks))?;
+//! verifier.keys().ready().await;
+//!
+//! let token = clerk.mint(&TokenSpec {
+//!     org: Some(OrgSpec { role: Some("admin".into()), ..Default::default() }),
+//!     ..Default::default()
+//! });
+//! let who = verifier.verify(&VerifyRequest { token: &token, ..Default::default() }).await?;
+//! assert!(who.has(&Check::role("org:admin")));
+//! # clerk.shutdown().await;
+//! # Ok(()) }
+//! # #[cfg(not(feature = "emulator"))]
+//! # fn main() {}
+//! ```
+//!
+//! To protect a tonic server, hand the verifier to [`AuthLayer::in_process`] (its docs show
+//! the whole service); `examples/` holds runnable versions of every job above.
+//!
+//! ## Layout
+//!
+//! One concern per module; each imports only the ones listed before it (`tests/layout.rs`
+//! enforces this): [`secret`], `retry`, [`pb`], [`error`], [`canonical`], [`token`],
+//! [`authz`], [`clerk`], [`verify`], [`credentials`], [`layer`], [`emulator`], [`server`].
 
 pub mod authz;
 pub mod canonical;
@@ -22,7 +91,7 @@ pub mod emulator;
 pub mod error;
 #[cfg(feature = "layer")]
 pub mod layer;
-pub mod retry;
+pub(crate) mod retry;
 pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;
@@ -54,11 +123,22 @@ pub mod pb {
     }
 }
 
+pub use authz::{
+    policy::{Policy, Rule},
+    Check,
+};
+pub use credentials::{
+    m2m::{M2mTokenSource, M2mTokenSourceConfig},
+    BearerToken, CredentialsLayer, TokenSource,
+};
 pub use error::{AuthError, Reason, VerifyError};
-pub use secret::token_fingerprint;
+#[cfg(feature = "layer")]
+pub use layer::{AuthLayer, RequestIdentity};
+pub use secret::{token_fingerprint, Secret};
 pub use token::identity::Identity;
 pub use verify::{
-    TokenVerifier, TokenVerifierConfig, VerifierStats, VerifyRequest, MAX_TOKEN_BYTES,
+    TokenVerifier, TokenVerifierConfig, VerifierSettings, VerifierStats, VerifyRequest,
+    MAX_TOKEN_BYTES,
 };
 
 /// Crate internals for the fuzz targets (`fuzz/`). Not a stable API.

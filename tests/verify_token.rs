@@ -10,11 +10,13 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clerk_grpc_auth::{
     emulator::{OrgSpec, SigningKey, TokenSpec},
     pb::{SessionStatus, TokenType, VerifyTokenRequest},
-    token::{
-        check::{CAT_IGNORE, CAT_M2M, CAT_TEMPLATE},
-        keys::Alg,
-    },
+    token::keys::Alg,
 };
+
+// Clerk's `cat` claim values (@clerk/backend): a JWT template, an M2M token, "ignore".
+const CAT_TEMPLATE: &str = "cl_B7d4PD222AAA";
+const CAT_M2M: &str = "cl_B7d4PD333AAA";
+const CAT_IGNORE: &str = "cl_I7d4PD111III";
 use common::{assert_rejected, now, Harness};
 use serde_json::{json, Value};
 use tonic::Code;

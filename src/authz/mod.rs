@@ -10,6 +10,8 @@
 //!
 //! [`Check::evaluate`] gives the same verdict as [`Identity::has`] and, when it is `false`, which
 //! requirement was not met — the auth layer turns that into a `PERMISSION_DENIED` reason.
+//!
+//! Layer: authorization, no I/O. May import `token`, `error`, `canonical`, `pb`, `secret`.
 
 pub mod peer;
 pub mod policy;

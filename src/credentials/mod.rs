@@ -3,6 +3,9 @@
 //! ([`forward_token`](crate::layer::forward_token)), or an async
 //! [`TokenSource`] behind a tower layer ([`CredentialsLayer`]). The `authorization` value is
 //! always marked sensitive (HPACK never indexes it; `Debug` hides it).
+//!
+//! Layer: outgoing credentials. May import `clerk` (the M2M token source calls Clerk), `error`,
+//! `secret`.
 
 pub mod m2m;
 

@@ -27,6 +27,9 @@
 //! println!("{} {}", clerk.url(), token);
 //! # Ok(()) }
 //! ```
+//!
+//! Layer: the `emulator` feature, beside the server (neither imports the other). May import
+//! `token` (to sign tokens as Clerk does), `clerk::svix` (to sign webhooks), `secret`.
 
 use std::{
     net::SocketAddr,

@@ -26,6 +26,9 @@
 //! Errors answer without calling the handler: no or invalid credentials → `UNAUTHENTICATED`,
 //! authenticated but not allowed → `PERMISSION_DENIED`, verification impossible →
 //! `UNAVAILABLE`, all with `google.rpc.ErrorInfo` reasons.
+//!
+//! Layer: the `layer` feature. May import `verify`, `credentials`, `authz`, `token`, `error`,
+//! `canonical`, `retry`, `secret`, `pb`; never `server` or `emulator`.
 
 mod body;
 mod delegated;

@@ -12,6 +12,8 @@
 //! serve(config, listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Layer: the top, the `server` feature. May import everything but `emulator`.
 
 pub mod access;
 pub mod config;
@@ -349,8 +351,9 @@ impl Server {
         self.serve_with_http(listener, None, shutdown).await
     }
 
-    /// Connects what must be connected (Redis) and returns the events hub; part of
-    /// [`Server::serve_with_http`], public so that tests can wait for the subscription.
+    /// Connects what must be connected (Redis) and returns the events hub: publish revocations
+    /// from your own code through it, or wait until the Redis subscription is up before serving
+    /// ([`Server::serve_with_events`]). [`Server::serve_with_http`] calls it for you.
     pub async fn events(&self) -> Result<Events, ServerError> {
         let revocations = self.verifier.revocations().clone();
         Ok(match &self.redis {

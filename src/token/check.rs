@@ -30,13 +30,13 @@ use crate::{
 };
 
 /// Clerk's session-token category (`cat` header).
-pub const CAT_SESSION: &str = "cl_B7d4PD111AAA";
+pub(crate) const CAT_SESSION: &str = "cl_B7d4PD111AAA";
 /// Clerk's JWT-template category.
-pub const CAT_TEMPLATE: &str = "cl_B7d4PD222AAA";
+pub(crate) const CAT_TEMPLATE: &str = "cl_B7d4PD222AAA";
 /// Clerk's M2M JWT category.
-pub const CAT_M2M: &str = "cl_B7d4PD333AAA";
+pub(crate) const CAT_M2M: &str = "cl_B7d4PD333AAA";
 /// Clerk's "ignore" marker, stamped on every class for instances with a legacy opt-out.
-pub const CAT_IGNORE: &str = "cl_I7d4PD111III";
+pub(crate) const CAT_IGNORE: &str = "cl_I7d4PD111III";
 
 /// The default clock skew, as Clerk's SDK: 5 seconds.
 pub const DEFAULT_CLOCK_SKEW_MS: u64 = 5_000;

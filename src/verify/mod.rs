@@ -11,6 +11,10 @@
 //! // Keep `_keys` while the verifier serves: dropping it stops the key refresher.
 //! # Ok(()) }
 //! ```
+//!
+//! Layer: verification with keys held in memory (the key store refreshes them in the background;
+//! the request path never waits on the network for a known key). May import `token`, `clerk`,
+//! `authz`, `error`, `retry`, `secret`, `pb`.
 
 pub mod jwks;
 pub mod revocations;
