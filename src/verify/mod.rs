@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod env;
 pub mod jwks;
 pub mod revocations;
 pub mod settings;
