@@ -3,8 +3,9 @@
 //! which also starts key loading and hands back the refresher's [`RefresherGuard`].
 //!
 //! Nothing here depends on the server: a service that uses only the auth layer builds its
-//! verifier with this module. The variable names and defaults are those of
-//! `clerk-grpc-auth serve` for the same settings.
+//! verifier with this module. `clerk-grpc-auth serve` reads these variables through this
+//! module too ([`VerifierSettings::from_lookup`]'s parser is the only one), so names,
+//! defaults, limits and error messages are the same in both.
 
 use std::{sync::Arc, time::Duration};
 
