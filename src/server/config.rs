@@ -15,14 +15,14 @@
 //! never contains the value (a value may be a secret). The binary prints it as one line and
 //! exits with status 64 (EX_USAGE).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use crate::verify::settings::DEFAULT_API_URL;
 use crate::{
     clerk::{
         api::{is_clerk_id, BackendApiConfig},
         budget::BudgetConfig,
         directory::DirectoryConfig,
-        machines::MachineConfig,
         svix::SvixVerifier,
     },
     secret::Secret,
@@ -31,16 +31,13 @@ use crate::{
         service::watch::WatchConfig, telemetry::LogFormat, IdentityConfig, ServerConfig, TlsConfig,
         WebhookConfig,
     },
-    token::{
-        check::Validation,
-        keys::{KeySet, VerifyingKey},
+    verify::{
+        env::{err, Env},
+        settings::{self, VerifierSettings},
     },
-    verify::jwks::{KeySource, KeyStoreConfig},
     TokenVerifierConfig,
 };
 
-/// Clerk's Backend API (`CLERK_API_URL`'s default).
-pub const DEFAULT_API_URL: &str = "https://api.clerk.com";
 /// The default listen address (`CLERK_AUTH_LISTEN`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// The default Redis key and channel prefix (`CLERK_AUTH_REDIS_PREFIX`).
@@ -65,6 +62,11 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_JWKS_REFRESH_SECS",
     "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
     "CLERK_AUTH_MAX_STALE_SECS",
+    "CLERK_AUTH_BAPI_CALLS_PER_SEC",
+    "CLERK_AUTH_BAPI_BURST",
+    "CLERK_AUTH_BAPI_RESERVED_PERCENT",
+    "CLERK_AUTH_REVOCATION_TTL_SECS",
+    "CLERK_AUTH_REVOCATION_CAPACITY",
     "CLERK_AUTH_IDENTITY_ALLOWLIST",
     "CLERK_AUTH_MACHINE_ID",
     "CLERK_AUTH_IDENTITY_CALLER_TYPES",
@@ -72,11 +74,8 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
     "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE",
     "CLERK_AUTH_CLIENT_IP_FORWARDERS",
-    "CLERK_AUTH_BAPI_CALLS_PER_SEC",
-    "CLERK_AUTH_BAPI_BURST",
     "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC",
     "CLERK_AUTH_IDENTITY_CALLER_BURST",
-    "CLERK_AUTH_BAPI_RESERVED_PERCENT",
     "CLERK_AUTH_USER_CACHE_TTL_SECS",
     "CLERK_AUTH_SESSION_CACHE_TTL_SECS",
     "CLERK_AUTH_STALE_IF_ERROR_SECS",
@@ -85,8 +84,6 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_WEBHOOK_TOLERANCE_SECS",
     "CLERK_AUTH_REDIS_URL",
     "CLERK_AUTH_REDIS_PREFIX",
-    "CLERK_AUTH_REVOCATION_TTL_SECS",
-    "CLERK_AUTH_REVOCATION_CAPACITY",
     "CLERK_AUTH_TLS_CERT",
     "CLERK_AUTH_TLS_KEY",
     "CLERK_AUTH_TLS_CLIENT_CA",
@@ -98,15 +95,11 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_WATCH_WRITE_TIMEOUT_SECS",
 ];
 
-/// A setting is missing or malformed. `Display` is one line: `VARIABLE: what is wrong`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{var}: {problem}")]
-pub struct ConfigError {
-    /// The environment variable (the flag has the matching kebab-case name).
-    pub var: &'static str,
-    /// What is wrong. Never the value itself (it may be a secret).
-    pub problem: String,
-}
+/// A setting is missing or malformed: the same type as the verifier's
+/// [`SettingError`](crate::verify::SettingError) (its variables are read by
+/// [`VerifierSettings::from_lookup`]'s parser). `Display` is one line: `VARIABLE: what is
+/// wrong`, never the value (it may be a secret).
+pub type ConfigError = crate::verify::SettingError;
 
 /// `clerk-grpc-auth serve`'s settings: the ports and files, and the server's configuration.
 /// Built by [`ServeConfig::from_lookup`] without I/O; [`ServeConfig::load`] reads the files.
@@ -161,17 +154,13 @@ impl ServeConfig {
     /// assert_eq!(e.var, "CLERK_AUTH_MAX_STALE_SECS");
     /// ```
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        Self::read(&Env::new(move |var| Ok(lookup(var))))
+        Self::read(&Env::lookup(lookup))
     }
 
     /// [`ServeConfig::from_lookup`] over the process environment. A variable whose value is
     /// not UTF-8 is an error too.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::read(&Env::new(|var| match std::env::var(var) {
-            Ok(v) => Ok(Some(v)),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(err(var, "not valid UTF-8")),
-        }))
+        Self::read(&Env::process())
     }
 
     /// Reads the files the settings name (TLS material, checked usable; the route policy) and
@@ -196,47 +185,25 @@ impl ServeConfig {
                 .parse()
                 .map_err(|e| err("CLERK_AUTH_LOG_FORMAT", format!("{e}")))?,
         };
-        let keys = clerk_keys(env)?;
-        let key_source = key_source(env, &keys)?;
-        let mut server = ServerConfig::new(key_source);
-        server.verifier = verifier_from(env)?;
-        server.key_store = key_store(env, server.key_store)?;
+        // The verifier's variables (key source, keys, claims, key store, Backend API budget,
+        // revocations) are read by the verifier's own parser, and only there.
+        let verifier = VerifierSettings::read(env)?;
+        let mut server = ServerConfig::with_verifier(verifier);
         server.access = access(env)?;
         server.forwarders = caller_ids(env, "CLERK_AUTH_CLIENT_IP_FORWARDERS")?;
-        server.budget = budget(env)?;
+        server.budget = caller_budget(env, server.budget)?;
         // Validated even without a secret key (no identity queries).
         let directory = directory(env, DirectoryConfig::default())?;
-        server.identity = keys.secret.clone().map(|key| IdentityConfig {
-            backend: BackendApiConfig::new(keys.base_url(), key),
-            directory,
-        });
-        // Opaque machine tokens go to the Backend API with whichever secret keys are set.
-        server.machine = (keys.secret.is_some() || keys.machine_secret.is_some()).then(|| {
-            MachineConfig::new(
-                keys.base_url(),
-                keys.secret.clone(),
-                keys.machine_secret.clone(),
-            )
+        // Identity queries use the machine tokens' Backend API and instance secret key
+        // (`CLERK_API_URL`, `CLERK_SECRET_KEY`); a machine secret key alone gives none.
+        server.identity = server.machine.as_ref().and_then(|m| {
+            m.secret_key.clone().map(|key| IdentityConfig {
+                backend: BackendApiConfig::new(m.api_url.clone(), key),
+                directory,
+            })
         });
         server.webhook = webhook(env, http_listen.is_some())?;
         server.redis = redis(env)?;
-        let revocation_ttl = env.secs(
-            "CLERK_AUTH_REVOCATION_TTL_SECS",
-            server.revocation_ttl,
-            30 * 86_400,
-        )?;
-        server.revocation_ttl = revocation_ttl.max(Duration::from_secs(60));
-        server.revocation_capacity = env.num(
-            "CLERK_AUTH_REVOCATION_CAPACITY",
-            server.revocation_capacity,
-            100_000_000,
-        )?;
-        if server.revocation_capacity == 0 {
-            return Err(err(
-                "CLERK_AUTH_REVOCATION_CAPACITY",
-                "must be at least 1 (revocations would be lost)",
-            ));
-        }
         let tls = tls_files(env)?;
         let route_policy = env.text("CLERK_AUTH_ROUTE_POLICY")?.map(PathBuf::from);
         server.shutdown_grace = env.secs(
@@ -266,7 +233,7 @@ impl ServeConfig {
 pub fn verifier_config(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<TokenVerifierConfig, ConfigError> {
-    verifier_from(&Env::new(move |var| Ok(lookup(var))))
+    settings::verifier_config(&Env::lookup(lookup))
 }
 
 // === impl TlsFiles ===
@@ -293,122 +260,6 @@ impl TlsFiles {
             .map_err(|e| err("CLERK_AUTH_TLS_CERT", format!("unusable TLS material: {e}")))?;
         Ok(t)
     }
-}
-
-// === The typed readers ===
-
-fn err(var: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var,
-        problem: problem.into(),
-    }
-}
-
-type Source<'a> = dyn Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a;
-
-/// Settings by name, one small typed reader per kind of value. Unset and blank are the same.
-struct Env<'a>(Box<Source<'a>>);
-
-impl<'a> Env<'a> {
-    fn new(f: impl Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a) -> Self {
-        Self(Box::new(f))
-    }
-
-    /// The trimmed value, `None` when unset or blank.
-    fn text(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
-        Ok((self.0)(var)?
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty()))
-    }
-
-    /// A comma-separated list; blank entries are skipped.
-    fn list(&self, var: &'static str) -> Result<Vec<String>, ConfigError> {
-        Ok(self
-            .text(var)?
-            .map(|s| {
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
-    /// `true` or `false`, exactly (unset: `false`).
-    fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
-        match self.text(var)?.as_deref() {
-            None | Some("false") => Ok(false),
-            Some("true") => Ok(true),
-            Some(_) => Err(err(var, "neither true nor false")),
-        }
-    }
-
-    /// `true`/`1` or `false`/`0`, in any case (unset: `default`).
-    fn switch(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.text(var)?.map(|s| s.to_ascii_lowercase()).as_deref() {
-            None => Ok(default),
-            Some("true" | "1") => Ok(true),
-            Some("false" | "0") => Ok(false),
-            Some(_) => Err(err(var, "neither true nor false")),
-        }
-    }
-
-    /// A whole number from 0 to `max` (unset: `default`).
-    fn num(&self, var: &'static str, default: u64, max: u64) -> Result<u64, ConfigError> {
-        let Some(s) = self.text(var)? else {
-            return Ok(default);
-        };
-        let n: u64 = s
-            .parse()
-            .map_err(|_| err(var, "not a non-negative whole number"))?;
-        if n > max {
-            return Err(err(var, format!("larger than the maximum {max}")));
-        }
-        Ok(n)
-    }
-
-    /// A whole number from 1 to `max` (unset: `default`).
-    fn positive(&self, var: &'static str, default: u64, max: u64) -> Result<u64, ConfigError> {
-        match self.num(var, default, max)? {
-            0 => Err(err(var, "must be at least 1")),
-            n => Ok(n),
-        }
-    }
-
-    /// Whole seconds from 0 to `max_secs` (unset: `default`).
-    fn secs(
-        &self,
-        var: &'static str,
-        default: Duration,
-        max_secs: u64,
-    ) -> Result<Duration, ConfigError> {
-        self.num(var, default.as_secs(), max_secs)
-            .map(Duration::from_secs)
-    }
-
-    /// A socket address such as `example` (unset: `None`).
-    fn addr(&self, var: &'static str, example: &str) -> Result<Option<SocketAddr>, ConfigError> {
-        self.text(var)?
-            .map(|a| {
-                a.parse()
-                    .map_err(|_| err(var, format!("not an address like {example}")))
-            })
-            .transpose()
-    }
-
-    /// An http(s) URL with a host (unset: `None`).
-    fn url(&self, var: &'static str) -> Result<Option<url::Url>, ConfigError> {
-        self.text(var)?.map(|s| parse_url(var, &s)).transpose()
-    }
-}
-
-fn parse_url(var: &'static str, s: &str) -> Result<url::Url, ConfigError> {
-    let u = url::Url::parse(s).map_err(|e| err(var, format!("not a valid URL ({e})")))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
-        return Err(err(var, "must be an http(s) URL with a host"));
-    }
-    Ok(u)
 }
 
 // === The sections ===
@@ -448,122 +299,6 @@ fn check_ports(
         ));
     }
     Ok(())
-}
-
-/// Clerk's keys and where its Backend API is.
-struct ClerkKeys {
-    secret: Option<Secret>,
-    machine_secret: Option<Secret>,
-    api_url: Option<url::Url>,
-}
-
-impl ClerkKeys {
-    /// `CLERK_API_URL`, else [`DEFAULT_API_URL`].
-    fn base_url(&self) -> url::Url {
-        self.api_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"))
-    }
-}
-
-/// A secret key: starts with one of `prefixes`, no whitespace or control characters.
-fn secret_key(
-    env: &Env<'_>,
-    var: &'static str,
-    check: impl Fn(&str) -> Result<(), &'static str>,
-) -> Result<Option<Secret>, ConfigError> {
-    let Some(s) = env.text(var)? else {
-        return Ok(None);
-    };
-    check(&s).map_err(|problem| err(var, problem))?;
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(err(var, "contains whitespace or control characters"));
-    }
-    Ok(Some(Secret::new(s)))
-}
-
-fn clerk_keys(env: &Env<'_>) -> Result<ClerkKeys, ConfigError> {
-    let secret = secret_key(env, "CLERK_SECRET_KEY", |s| {
-        if s.starts_with("pk_") {
-            Err("this is a publishable key (pk_…); give the secret key (sk_…) from the Clerk Dashboard")
-        } else if !s.starts_with("sk_") {
-            Err("a Clerk secret key starts with sk_test_ or sk_live_")
-        } else {
-            Ok(())
-        }
-    })?;
-    let machine_secret = secret_key(env, "CLERK_MACHINE_SECRET_KEY", |s| {
-        if s.starts_with("ak_") {
-            Ok(())
-        } else {
-            Err("a Clerk machine secret key starts with ak_")
-        }
-    })?;
-    let api_url = env.url("CLERK_API_URL")?;
-    Ok(ClerkKeys {
-        secret,
-        machine_secret,
-        api_url,
-    })
-}
-
-/// Precedence: the networkless key, then an explicit JWKS URL, then the Backend API.
-fn key_source(env: &Env<'_>, keys: &ClerkKeys) -> Result<KeySource, ConfigError> {
-    let jwks_url = env.url("CLERK_JWKS_URL")?;
-    if let Some(pem) = env.text("CLERK_JWT_KEY")? {
-        let key = VerifyingKey::from_pem(&pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
-        return Ok(KeySource::Static(Arc::new(KeySet::single(key))));
-    }
-    if let Some(url) = jwks_url {
-        return Ok(KeySource::Remote { url, bearer: None });
-    }
-    let Some(secret) = keys.secret.clone() else {
-        return Err(err(
-            "CLERK_SECRET_KEY",
-            "no key source configured: set CLERK_SECRET_KEY (keys from the Backend API), \
-             CLERK_JWT_KEY (networkless PEM) or CLERK_JWKS_URL",
-        ));
-    };
-    // Keep any path prefix (e.g. a proxy mounted under /clerk).
-    let url = format!("{}/v1/jwks", keys.base_url().as_str().trim_end_matches('/'));
-    Ok(KeySource::Remote {
-        url: parse_url("CLERK_API_URL", &url)?,
-        bearer: Some(secret),
-    })
-}
-
-fn verifier_from(env: &Env<'_>) -> Result<TokenVerifierConfig, ConfigError> {
-    let d = TokenVerifierConfig::default();
-    Ok(TokenVerifierConfig {
-        validation: Validation {
-            clock_skew_ms: env.num("CLERK_CLOCK_SKEW_MS", d.validation.clock_skew_ms, 3_600_000)?,
-            authorized_parties: env.list("CLERK_AUTHORIZED_PARTIES")?,
-            issuer: env.text("CLERK_ISSUER")?,
-            audience: env.list("CLERK_AUDIENCE")?,
-        },
-        cache_capacity: env.num(
-            "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
-            d.cache_capacity,
-            100_000_000,
-        )?,
-    })
-}
-
-fn key_store(env: &Env<'_>, d: KeyStoreConfig) -> Result<KeyStoreConfig, ConfigError> {
-    Ok(KeyStoreConfig {
-        refresh_interval: Duration::from_secs(env.positive(
-            "CLERK_AUTH_JWKS_REFRESH_SECS",
-            d.refresh_interval.as_secs(),
-            86_400,
-        )?),
-        unknown_kid_cooldown: env.secs(
-            "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
-            d.unknown_kid_cooldown,
-            86_400,
-        )?,
-        max_stale: env.secs("CLERK_AUTH_MAX_STALE_SECS", d.max_stale, 7 * 86_400)?,
-        ..d
-    })
 }
 
 /// Machine ids (`mch_…`) and SPIFFE IDs (`spiffe://…`).
@@ -613,15 +348,10 @@ fn access(env: &Env<'_>) -> Result<AccessConfig, ConfigError> {
     Ok(access)
 }
 
-fn budget(env: &Env<'_>) -> Result<BudgetConfig, ConfigError> {
-    let d = BudgetConfig::default();
+/// The per-caller limits of identity queries on top of the replica-wide budget (read with
+/// the verifier's settings).
+fn caller_budget(env: &Env<'_>, d: BudgetConfig) -> Result<BudgetConfig, ConfigError> {
     // The defaults are whole numbers; the variables take whole numbers.
-    let calls_per_sec = env.num(
-        "CLERK_AUTH_BAPI_CALLS_PER_SEC",
-        d.calls_per_sec as u64,
-        1_000_000,
-    )?;
-    let burst = env.positive("CLERK_AUTH_BAPI_BURST", d.burst.into(), 1_000_000)?;
     let caller_calls_per_sec = env.num(
         "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC",
         d.caller_calls_per_sec as u64,
@@ -632,17 +362,9 @@ fn budget(env: &Env<'_>) -> Result<BudgetConfig, ConfigError> {
         d.caller_burst.into(),
         1_000_000,
     )?;
-    let reserved_percent = env.num(
-        "CLERK_AUTH_BAPI_RESERVED_PERCENT",
-        (d.reserved_share * 100.0).round() as u64,
-        100,
-    )?;
     Ok(BudgetConfig {
-        calls_per_sec: calls_per_sec as f64,
-        burst: u32::try_from(burst).expect("bounded above"),
         caller_calls_per_sec: caller_calls_per_sec as f64,
         caller_burst: u32::try_from(caller_burst).expect("bounded above").max(1),
-        reserved_share: reserved_percent as f64 / 100.0,
         ..d
     })
 }

@@ -36,7 +36,7 @@ use crate::{
         api::{BackendApi, BackendApiConfig, ClerkApi},
         budget::BudgetConfig,
         directory::{Directory, DirectoryConfig},
-        machines::{MachineConfig, MachineVerifier},
+        machines::MachineConfig,
         svix::{SvixVerifier, WebhookSecretError},
     },
     secret::Secret,
@@ -52,7 +52,7 @@ use crate::{
     },
     verify::{
         jwks::{KeySource, KeyStore, KeyStoreConfig},
-        revocations::Revocations,
+        settings::VerifierSettings,
     },
     TokenVerifier, TokenVerifierConfig,
 };
@@ -234,21 +234,27 @@ impl ServerConfig {
     /// A configuration with defaults (each field's doc states its own) for everything but the
     /// key source. [`config::ServeConfig::from_lookup`] builds one from the environment.
     pub fn new(key_source: KeySource) -> Self {
+        Self::with_verifier(VerifierSettings::new(key_source))
+    }
+
+    /// The verifier's part from `v` (key source, key store, verifier, machine tokens, Backend
+    /// API budget, revocations); defaults for the rest.
+    pub(crate) fn with_verifier(v: VerifierSettings) -> Self {
         Self {
-            key_source,
-            key_store: KeyStoreConfig::default(),
-            verifier: TokenVerifierConfig::default(),
-            machine: None,
+            key_source: v.key_source,
+            key_store: v.key_store,
+            verifier: v.verifier,
+            machine: v.machine,
             identity: None,
             access: AccessConfig::default(),
             webhook: None,
             redis: None,
-            revocation_ttl: Duration::from_secs(86_400),
-            revocation_capacity: 1_000_000,
+            revocation_ttl: v.revocation_ttl,
+            revocation_capacity: v.revocation_capacity,
             route_policy: RoutePolicy::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
-            budget: BudgetConfig::default(),
+            budget: v.budget,
             forwarders: Vec::new(),
             watch: WatchConfig::default(),
             reflection: true,
@@ -285,9 +291,8 @@ impl Server {
         // M2M token source built on it ([`Server::clerk_api`]).
         let api = ClerkApi::with_http(
             crate::clerk::api::http_client().map_err(ServerError::HttpClient)?,
-            config.budget,
+            config.budget.clone(),
         );
-        let machine = config.machine.map(|m| MachineVerifier::new(m, &api));
         let directory = config.identity.as_ref().map(|i| {
             Directory::new(
                 BackendApi::new(i.backend.clone(), &api),
@@ -299,9 +304,19 @@ impl Server {
             .as_ref()
             .map(|w| SvixVerifier::new(&w.signing_secret, w.tolerance))
             .transpose()?;
-        let revocations = Revocations::new(config.revocation_ttl, config.revocation_capacity);
-        let keys = KeyStore::new(config.key_source, config.key_store, api.http().clone());
-        let verifier = TokenVerifier::with_parts(config.verifier, keys, machine, revocations);
+        // The same wiring as `TokenVerifier::start` (the refresher is spawned by `serve`).
+        let verifier = TokenVerifier::assemble(
+            VerifierSettings {
+                key_source: config.key_source,
+                key_store: config.key_store,
+                verifier: config.verifier,
+                machine: config.machine,
+                budget: config.budget,
+                revocation_ttl: config.revocation_ttl,
+                revocation_capacity: config.revocation_capacity,
+            },
+            &api,
+        );
         Ok(Self {
             verifier,
             clerk_api: api,

@@ -16,6 +16,7 @@
 //! the request path never waits on the network for a known key). May import `token`, `clerk`,
 //! `authz`, `error`, `retry`, `secret`, `pb`.
 
+pub(crate) mod env;
 pub mod jwks;
 pub mod revocations;
 pub mod settings;

@@ -3,8 +3,9 @@
 //! which also starts key loading and hands back the refresher's [`RefresherGuard`].
 //!
 //! Nothing here depends on the server: a service that uses only the auth layer builds its
-//! verifier with this module. The variable names and defaults are those of
-//! `clerk-grpc-auth serve` for the same settings.
+//! verifier with this module. `clerk-grpc-auth serve` reads these variables through this
+//! module too ([`VerifierSettings::from_lookup`]'s parser is the only one), so names,
+//! defaults, limits and error messages are the same in both.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,8 +16,12 @@ use crate::{
         machines::{MachineConfig, MachineVerifier},
     },
     secret::Secret,
-    token::keys::{KeySet, VerifyingKey},
+    token::{
+        check::Validation,
+        keys::{KeySet, VerifyingKey},
+    },
     verify::{
+        env::{err, parse_url, Env},
         jwks::{KeySource, KeyStore, KeyStoreConfig, RefresherGuard},
         revocations::Revocations,
         TokenVerifier, TokenVerifierConfig,
@@ -26,21 +31,22 @@ use crate::{
 /// Clerk's Backend API, the default of `CLERK_API_URL`.
 pub const DEFAULT_API_URL: &str = "https://api.clerk.com";
 
-/// The environment variables [`VerifierSettings::from_lookup`] reads.
+/// The environment variables [`VerifierSettings::from_lookup`] reads, in the order it reads them
+/// (`clerk-grpc-auth serve` reads them too, through the same function).
 pub const VARIABLES: &[&str] = &[
     "CLERK_SECRET_KEY",
     "CLERK_MACHINE_SECRET_KEY",
-    "CLERK_JWT_KEY",
     "CLERK_API_URL",
     "CLERK_JWKS_URL",
+    "CLERK_JWT_KEY",
+    "CLERK_CLOCK_SKEW_MS",
     "CLERK_AUTHORIZED_PARTIES",
     "CLERK_ISSUER",
     "CLERK_AUDIENCE",
-    "CLERK_CLOCK_SKEW_MS",
+    "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
     "CLERK_AUTH_JWKS_REFRESH_SECS",
     "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
     "CLERK_AUTH_MAX_STALE_SECS",
-    "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
     "CLERK_AUTH_BAPI_CALLS_PER_SEC",
     "CLERK_AUTH_BAPI_BURST",
     "CLERK_AUTH_BAPI_RESERVED_PERCENT",
@@ -129,19 +135,14 @@ impl VerifierSettings {
     /// [`VerifierSettings::from_lookup`]. A variable that is not valid UTF-8 is an error
     /// naming it.
     pub fn from_env() -> Result<Self, SettingError> {
-        for var in VARIABLES {
-            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
-                return Err(err(var, "is not valid UTF-8"));
-            }
-        }
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::read(&Env::process())
     }
 
     /// The settings from `lookup` (a variable's value, `None` when unset), with the names and
-    /// defaults of `clerk-grpc-auth serve`: one key source is needed (`CLERK_JWT_KEY`,
-    /// `CLERK_JWKS_URL` or `CLERK_SECRET_KEY`, in that order of precedence); every other
-    /// setting has a default. Empty values count as unset. An unparsable value is an error
-    /// naming its variable.
+    /// defaults of `clerk-grpc-auth serve` (which reads them through this function): one key
+    /// source is needed (`CLERK_JWT_KEY`, `CLERK_JWKS_URL` or `CLERK_SECRET_KEY`, in that
+    /// order of precedence); every other setting has a default. Empty values count as unset.
+    /// An unparsable value is an error naming its variable (never showing the value).
     ///
     /// ```
     /// use clerk_grpc_auth::verify::settings::VerifierSettings;
@@ -154,143 +155,43 @@ impl VerifierSettings {
     /// assert_eq!(e.var, "CLERK_CLOCK_SKEW_MS");
     /// ```
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
-        let get = |var: &'static str| {
-            lookup(var)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let secret = match get("CLERK_SECRET_KEY") {
-            None => None,
-            Some(s) if s.starts_with("pk_") => {
-                return Err(err(
-                    "CLERK_SECRET_KEY",
-                    "this is a publishable key (pk_…); give the secret key (sk_…) from the Clerk Dashboard",
-                ))
-            }
-            Some(s) if !s.starts_with("sk_") => {
-                return Err(err(
-                    "CLERK_SECRET_KEY",
-                    "a Clerk secret key starts with sk_test_ or sk_live_",
-                ))
-            }
-            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
-                return Err(err(
-                    "CLERK_SECRET_KEY",
-                    "contains whitespace or control characters",
-                ))
-            }
-            Some(s) => Some(Secret::new(s)),
-        };
-        let machine_secret = match get("CLERK_MACHINE_SECRET_KEY") {
-            None => None,
-            Some(s) if !s.starts_with("ak_") => {
-                return Err(err(
-                    "CLERK_MACHINE_SECRET_KEY",
-                    "a Clerk machine secret key starts with ak_",
-                ))
-            }
-            Some(s) if s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
-                return Err(err(
-                    "CLERK_MACHINE_SECRET_KEY",
-                    "contains whitespace or control characters",
-                ))
-            }
-            Some(s) => Some(Secret::new(s)),
-        };
-        let api_url = get("CLERK_API_URL")
-            .map(|s| parse_url("CLERK_API_URL", &s))
-            .transpose()?;
-        let jwks_url = get("CLERK_JWKS_URL")
-            .map(|s| parse_url("CLERK_JWKS_URL", &s))
-            .transpose()?;
-        let num = |var: &'static str, default: u64, max: u64| match get(var) {
-            None => Ok(default),
-            Some(s) => {
-                let n: u64 = s
-                    .parse()
-                    .map_err(|_| err(var, format!("{s:?} is not a non-negative whole number")))?;
-                if n > max {
-                    return Err(err(var, format!("{n} is larger than the maximum {max}")));
-                }
-                Ok(n)
-            }
-        };
-        let list = |var: &'static str| -> Vec<String> {
-            get(var)
-                .map(|s| {
-                    s.split(',')
-                        .map(str::trim)
-                        .filter(|p| !p.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        Self::read(&Env::lookup(lookup))
+    }
 
-        let validation = crate::token::check::Validation {
-            clock_skew_ms: num("CLERK_CLOCK_SKEW_MS", 5_000, 3_600_000)?,
-            authorized_parties: list("CLERK_AUTHORIZED_PARTIES"),
-            issuer: get("CLERK_ISSUER"),
-            audience: list("CLERK_AUDIENCE"),
-        };
-        let refresh = num("CLERK_AUTH_JWKS_REFRESH_SECS", 300, 86_400)?;
-        if refresh == 0 {
-            return Err(err("CLERK_AUTH_JWKS_REFRESH_SECS", "must be at least 1"));
-        }
-        let key_store = KeyStoreConfig {
-            refresh_interval: Duration::from_secs(refresh),
-            unknown_kid_cooldown: Duration::from_secs(num(
-                "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
-                10,
-                86_400,
-            )?),
-            max_stale: Duration::from_secs(num("CLERK_AUTH_MAX_STALE_SECS", 3_600, 7 * 86_400)?),
-            ..KeyStoreConfig::default()
-        };
-        let verifier = TokenVerifierConfig {
-            validation,
-            cache_capacity: num("CLERK_AUTH_VERDICT_CACHE_CAPACITY", 100_000, 100_000_000)?,
-        };
-        let burst = num("CLERK_AUTH_BAPI_BURST", 40, 1_000_000)?;
-        if burst == 0 {
-            return Err(err("CLERK_AUTH_BAPI_BURST", "must be at least 1"));
-        }
-        let budget = BudgetConfig {
-            calls_per_sec: num("CLERK_AUTH_BAPI_CALLS_PER_SEC", 20, 1_000_000)? as f64,
-            burst: u32::try_from(burst).expect("bounded above"),
-            reserved_share: num("CLERK_AUTH_BAPI_RESERVED_PERCENT", 50, 100)? as f64 / 100.0,
-            ..BudgetConfig::default()
-        };
-        let revocation_ttl = Duration::from_secs(
-            num("CLERK_AUTH_REVOCATION_TTL_SECS", 86_400, 30 * 86_400)?.max(60),
-        );
-        let revocation_capacity = num("CLERK_AUTH_REVOCATION_CAPACITY", 1_000_000, 100_000_000)?;
-        if revocation_capacity == 0 {
-            return Err(err(
-                "CLERK_AUTH_REVOCATION_CAPACITY",
-                "must be at least 1 (revocations would be lost)",
-            ));
-        }
-
-        let base_url = || {
-            api_url
-                .clone()
-                .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"))
-        };
-        // Opaque machine tokens go to the Backend API with whichever secret keys are set.
-        let machine = (secret.is_some() || machine_secret.is_some())
-            .then(|| MachineConfig::new(base_url(), secret.clone(), machine_secret));
+    /// Reads [`VARIABLES`] from `env`: the one parser of these variables, also used by the
+    /// server's configuration.
+    pub(crate) fn read(env: &Env<'_>) -> Result<Self, SettingError> {
+        let secret = secret_key(env, "CLERK_SECRET_KEY", |s| {
+            if s.starts_with("pk_") {
+                Err("this is a publishable key (pk_…); give the secret key (sk_…) from the Clerk Dashboard")
+            } else if !s.starts_with("sk_") {
+                Err("a Clerk secret key starts with sk_test_ or sk_live_")
+            } else {
+                Ok(())
+            }
+        })?;
+        let machine_secret = secret_key(env, "CLERK_MACHINE_SECRET_KEY", |s| {
+            if s.starts_with("ak_") {
+                Ok(())
+            } else {
+                Err("a Clerk machine secret key starts with ak_")
+            }
+        })?;
+        let api_url = env
+            .url("CLERK_API_URL")?
+            .unwrap_or_else(|| DEFAULT_API_URL.parse().expect("default URL"));
+        let jwks_url = env.url("CLERK_JWKS_URL")?;
 
         // Precedence: networkless key, then an explicit JWKS URL, then the Backend API.
-        let key_source = if let Some(pem) = get("CLERK_JWT_KEY") {
+        let key_source = if let Some(pem) = env.text("CLERK_JWT_KEY")? {
             let key =
                 VerifyingKey::from_pem(&pem).map_err(|e| err("CLERK_JWT_KEY", e.to_string()))?;
             KeySource::Static(Arc::new(KeySet::single(key)))
         } else if let Some(url) = jwks_url {
             KeySource::Remote { url, bearer: None }
-        } else if let Some(secret) = secret {
+        } else if let Some(secret) = secret.clone() {
             // Keep any path prefix (e.g. a proxy mounted under /clerk).
-            let url = format!("{}/v1/jwks", base_url().as_str().trim_end_matches('/'));
+            let url = format!("{}/v1/jwks", api_url.as_str().trim_end_matches('/'));
             KeySource::Remote {
                 url: parse_url("CLERK_API_URL", &url)?,
                 bearer: Some(secret),
@@ -302,34 +203,117 @@ impl VerifierSettings {
                  CLERK_JWT_KEY (networkless PEM) or CLERK_JWKS_URL",
             ));
         };
+        let d = Self::new(key_source);
+        let verifier = verifier_config(env)?;
+        let key_store = key_store(env, d.key_store)?;
+        let budget = budget(env, d.budget)?;
+        let revocation_ttl = env
+            .secs(
+                "CLERK_AUTH_REVOCATION_TTL_SECS",
+                d.revocation_ttl,
+                30 * 86_400,
+            )?
+            .max(Duration::from_secs(60));
+        let revocation_capacity = env.num(
+            "CLERK_AUTH_REVOCATION_CAPACITY",
+            d.revocation_capacity,
+            100_000_000,
+        )?;
+        if revocation_capacity == 0 {
+            return Err(err(
+                "CLERK_AUTH_REVOCATION_CAPACITY",
+                "must be at least 1 (revocations would be lost)",
+            ));
+        }
+        // Opaque machine tokens go to the Backend API with whichever secret keys are set.
+        let machine = (secret.is_some() || machine_secret.is_some())
+            .then(|| MachineConfig::new(api_url, secret, machine_secret));
         Ok(Self {
-            key_source,
-            key_store,
             verifier,
+            key_store,
             machine,
             budget,
             revocation_ttl,
             revocation_capacity,
+            ..d
         })
     }
 }
 
-fn err(var: &'static str, problem: impl Into<String>) -> SettingError {
-    SettingError {
-        var,
-        problem: problem.into(),
+/// A secret key: passes `check`, no whitespace or control characters. No error shows it.
+fn secret_key(
+    env: &Env<'_>,
+    var: &'static str,
+    check: impl Fn(&str) -> Result<(), &'static str>,
+) -> Result<Option<Secret>, SettingError> {
+    let Some(s) = env.text(var)? else {
+        return Ok(None);
+    };
+    check(&s).map_err(|problem| err(var, problem))?;
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(var, "contains whitespace or control characters"));
     }
+    Ok(Some(Secret::new(s)))
 }
 
-fn parse_url(var: &'static str, s: &str) -> Result<url::Url, SettingError> {
-    let u = url::Url::parse(s).map_err(|e| err(var, format!("{s:?} is not a valid URL ({e})")))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
-        return Err(err(
-            var,
-            format!("{s:?} must be an http(s) URL with a host"),
-        ));
-    }
-    Ok(u)
+/// Claim validation and the verdict cache (`CLERK_CLOCK_SKEW_MS`, `CLERK_AUTHORIZED_PARTIES`,
+/// `CLERK_ISSUER`, `CLERK_AUDIENCE`, `CLERK_AUTH_VERDICT_CACHE_CAPACITY`); defaults:
+/// `TokenVerifierConfig::default()`.
+pub(crate) fn verifier_config(env: &Env<'_>) -> Result<TokenVerifierConfig, SettingError> {
+    let d = TokenVerifierConfig::default();
+    Ok(TokenVerifierConfig {
+        validation: Validation {
+            clock_skew_ms: env.num("CLERK_CLOCK_SKEW_MS", d.validation.clock_skew_ms, 3_600_000)?,
+            authorized_parties: env.list("CLERK_AUTHORIZED_PARTIES")?,
+            issuer: env.text("CLERK_ISSUER")?,
+            audience: env.list("CLERK_AUDIENCE")?,
+        },
+        cache_capacity: env.num(
+            "CLERK_AUTH_VERDICT_CACHE_CAPACITY",
+            d.cache_capacity,
+            100_000_000,
+        )?,
+    })
+}
+
+fn key_store(env: &Env<'_>, d: KeyStoreConfig) -> Result<KeyStoreConfig, SettingError> {
+    Ok(KeyStoreConfig {
+        refresh_interval: Duration::from_secs(env.positive(
+            "CLERK_AUTH_JWKS_REFRESH_SECS",
+            d.refresh_interval.as_secs(),
+            86_400,
+        )?),
+        unknown_kid_cooldown: env.secs(
+            "CLERK_AUTH_UNKNOWN_KID_COOLDOWN_SECS",
+            d.unknown_kid_cooldown,
+            86_400,
+        )?,
+        max_stale: env.secs("CLERK_AUTH_MAX_STALE_SECS", d.max_stale, 7 * 86_400)?,
+        ..d
+    })
+}
+
+/// The replica-wide Backend API budget. The per-caller limits of identity queries
+/// (`CLERK_AUTH_IDENTITY_CALLER_*`) are the server's and read there.
+fn budget(env: &Env<'_>, d: BudgetConfig) -> Result<BudgetConfig, SettingError> {
+    // The defaults are whole numbers; the variables take whole numbers.
+    let calls_per_sec = env.num(
+        "CLERK_AUTH_BAPI_CALLS_PER_SEC",
+        d.calls_per_sec as u64,
+        1_000_000,
+    )?;
+    let burst = env.positive("CLERK_AUTH_BAPI_BURST", d.burst.into(), 1_000_000)?;
+    let reserved_percent = env.num(
+        "CLERK_AUTH_BAPI_RESERVED_PERCENT",
+        (d.reserved_share * 100.0).round() as u64,
+        100,
+    )?;
+    Ok(BudgetConfig {
+        calls_per_sec: calls_per_sec as f64,
+        burst: u32::try_from(burst).expect("bounded above"),
+        reserved_share: reserved_percent as f64 / 100.0,
+        ..d
+    })
 }
 
 // === impl TokenVerifier ===
@@ -367,14 +351,22 @@ impl TokenVerifier {
         // tokens' Backend API calls share its HTTP client, budget and Retry-After gate.
         let api = ClerkApi::with_http(
             http_client().map_err(StartError::HttpClient)?,
-            settings.budget,
+            settings.budget.clone(),
         );
-        let machine = settings.machine.map(|m| MachineVerifier::new(m, &api));
-        let keys = KeyStore::new(settings.key_source, settings.key_store, api.http().clone());
-        let revocations = Revocations::new(settings.revocation_ttl, settings.revocation_capacity);
-        let verifier = Self::with_parts(settings.verifier, keys, machine, revocations);
+        let verifier = Self::assemble(settings, &api);
         let guard = verifier.keys().spawn_refresher();
         Ok((verifier, guard))
+    }
+
+    /// The verifier of `settings` calling Clerk through `api` (the key store's JWKS fetches
+    /// through its HTTP client, machine tokens through its budget and Retry-After gate). Its
+    /// keys are not loading yet: the caller spawns the refresher. The one wiring of
+    /// [`TokenVerifier::start`] and the server.
+    pub(crate) fn assemble(settings: VerifierSettings, api: &ClerkApi) -> Self {
+        let machine = settings.machine.map(|m| MachineVerifier::new(m, api));
+        let keys = KeyStore::new(settings.key_source, settings.key_store, api.http().clone());
+        let revocations = Revocations::new(settings.revocation_ttl, settings.revocation_capacity);
+        Self::with_parts(settings.verifier, keys, machine, revocations)
     }
 
     /// [`TokenVerifier::start`] with [`VerifierSettings::from_env`]: the `CLERK_*`

@@ -4,7 +4,10 @@
 use std::{cell::RefCell, collections::HashMap};
 
 use super::*;
-use crate::token::identity::TokenType;
+use crate::{
+    token::{check::Validation, identity::TokenType},
+    verify::jwks::KeySource,
+};
 
 /// The configuration of exactly `vars` (nothing from the process environment).
 fn cfg(vars: &[(&str, &str)]) -> Result<ServeConfig, ConfigError> {

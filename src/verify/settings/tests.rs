@@ -95,6 +95,70 @@ fn env(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
 }
 
 #[test]
+fn the_variables_listed_are_the_variables_read() {
+    let asked = std::cell::RefCell::new(Vec::new());
+    VerifierSettings::from_lookup(|name| {
+        asked.borrow_mut().push(name.to_owned());
+        (name == "CLERK_SECRET_KEY").then(|| "sk_test_x".to_owned())
+    })
+    .unwrap();
+    // In the order listed, each once.
+    assert_eq!(asked.into_inner(), VARIABLES);
+}
+
+/// The server reads the verifier's variables through [`VerifierSettings::read`] alone: the
+/// same values give the same settings and the same errors.
+#[cfg(feature = "server")]
+#[test]
+fn the_server_reads_the_verifier_variables_through_these_settings() {
+    use crate::server::config::{ServeConfig, VARIABLES as SERVE_VARIABLES};
+    for var in VARIABLES {
+        assert!(SERVE_VARIABLES.contains(var), "{var}");
+    }
+    let read = |pairs: &[(&'static str, &str)]| {
+        let map = env(pairs);
+        (
+            settings(&map),
+            ServeConfig::from_lookup(|k| map.get(k).cloned()).map(|c| c.server),
+        )
+    };
+    let (v, s) = read(&[
+        ("CLERK_SECRET_KEY", "sk_test_abc"),
+        ("CLERK_MACHINE_SECRET_KEY", "ak_machine"),
+        ("CLERK_API_URL", "http://127.0.0.1:9/clerk/"),
+        ("CLERK_AUDIENCE", "api"),
+        ("CLERK_AUTH_MAX_STALE_SECS", "120"),
+        ("CLERK_AUTH_BAPI_BURST", "9"),
+        ("CLERK_AUTH_REVOCATION_CAPACITY", "50000"),
+    ]);
+    let (v, s) = (v.unwrap(), s.unwrap());
+    assert_eq!(format!("{:?}", v.key_source), format!("{:?}", s.key_source));
+    assert_eq!(format!("{:?}", v.key_store), format!("{:?}", s.key_store));
+    assert_eq!(format!("{:?}", v.verifier), format!("{:?}", s.verifier));
+    assert_eq!(format!("{:?}", v.machine), format!("{:?}", s.machine));
+    assert_eq!(v.budget, s.budget);
+    assert_eq!(
+        (v.revocation_ttl, v.revocation_capacity),
+        (s.revocation_ttl, s.revocation_capacity)
+    );
+    // Identity queries: the same Backend API and instance secret key.
+    let backend = &s.identity.as_ref().unwrap().backend;
+    assert_eq!(backend.api_url.as_str(), "http://127.0.0.1:9/clerk/");
+    assert_eq!(backend.secret_key.expose(), "sk_test_abc");
+    for pairs in [
+        &[
+            ("CLERK_SECRET_KEY", "sk_test_x"),
+            ("CLERK_CLOCK_SKEW_MS", "Zq9"),
+        ][..],
+        &[("CLERK_JWKS_URL", "ftp://x/jwks")][..],
+        &[][..],
+    ] {
+        let (v, s) = read(pairs);
+        assert_eq!(v.unwrap_err(), s.unwrap_err(), "{pairs:?}");
+    }
+}
+
+#[test]
 fn defaults_are_those_of_serve() {
     let s = settings(&env(&[(
         "CLERK_JWKS_URL",
@@ -333,6 +397,21 @@ fn bad_values_name_their_variable_and_never_show_a_secret() {
         assert!(e.to_string().starts_with(&format!("{var}: ")), "{e}");
         assert!(!e.to_string().contains("Y2xlcmsu"), "{e}");
         assert!(VARIABLES.contains(&e.var), "{var}");
+    }
+}
+
+#[test]
+fn no_error_message_contains_the_value() {
+    // A distinctive value in every variable, one at a time (with and without a key source).
+    let value = "Zq9xQv7Wk";
+    for var in VARIABLES {
+        for base in [&[][..], &[("CLERK_SECRET_KEY", "sk_test_x")][..]] {
+            let mut pairs = base.to_vec();
+            pairs.push((var, value));
+            if let Err(e) = settings(&env(&pairs)) {
+                assert!(!e.to_string().contains(value), "{var}: {e}");
+            }
+        }
     }
 }
 
