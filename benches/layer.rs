@@ -17,7 +17,7 @@ use clerk_grpc_auth::{
     authz::policy::Policy,
     emulator::{OrgSpec, SigningKey, TokenSpec},
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
-    server::{Server, ServerConfig},
+    server::{AuthServer, ServerConfig},
     token::keys::{Alg, KeySet},
     verify::jwks::{KeySource, KeyStore, KeyStoreConfig},
     TokenVerifier, TokenVerifierConfig,
@@ -114,7 +114,7 @@ fn bench_layer(c: &mut Criterion) {
         let addr = listener.local_addr().unwrap();
         let mut config = ServerConfig::new(KeySource::Static(keys.clone()));
         config.verifier.cache_capacity = 0;
-        let server = Server::build(config).unwrap();
+        let server = AuthServer::build(config).unwrap();
         tokio::spawn(server.serve(listener, std::future::pending()));
         addr
     });

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use clerk_grpc_auth::{
     emulator::{SigningKey, TokenSpec},
     pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest},
-    server::{Server, ServerConfig},
+    server::{AuthServer, ServerConfig},
     token::{
         check::{Validation, Verifier, VerifyOptions},
         keys::{Alg, KeySet},
@@ -188,7 +188,7 @@ fn bench_roundtrip(c: &mut Criterion) {
             let addr = listener.local_addr().unwrap();
             let mut config = ServerConfig::new(KeySource::Static(Arc::new(keys)));
             config.verifier.cache_capacity = cache_capacity;
-            let server = Server::build(config).unwrap();
+            let server = AuthServer::build(config).unwrap();
             tokio::spawn(server.serve(listener, std::future::pending()));
             AuthServiceClient::connect(format!("http://{addr}"))
                 .await

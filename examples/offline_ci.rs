@@ -10,7 +10,7 @@ use clerk_grpc_auth::{
     emulator::{Emulator, OrgSpec, TokenSpec},
     pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest},
     secret::Secret,
-    server::{Server, ServerConfig},
+    server::{AuthServer, ServerConfig},
     verify::jwks::KeySource,
 };
 
@@ -23,7 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = Server::build(config)?;
+    let server = AuthServer::build(config)?;
     let keys = server.verifier().keys().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(server.serve(listener, async move {

@@ -25,7 +25,7 @@ use clerk_grpc_auth::{
         self,
         auth_service_server::{AuthService, AuthServiceServer},
     },
-    server::Server,
+    server::AuthServer,
 };
 use common::reason;
 use orders::pb::{orders_client::OrdersClient, ListOrdersRequest};
@@ -383,7 +383,7 @@ async fn coalesced_waiters_share_the_refusal_not_a_pass() {
 async fn a_malformed_answer_does_not_fall_back_in_process() {
     // A real in-process fallback that would accept the real token.
     let clerk = Emulator::start_local().await.unwrap();
-    let server = Server::build(common::config_for(&clerk)).unwrap();
+    let server = AuthServer::build(common::config_for(&clerk)).unwrap();
     let local = server.verifier().clone();
     let _refresher = local.keys().spawn_refresher();
     local.keys().ready().await;

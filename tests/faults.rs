@@ -34,7 +34,7 @@ use clerk_grpc_auth::{
     layer::{AuthLayer, DelegatedConfig, DelegatedVerifier},
     pb::{GetUserRequest, TokenType, VerifyTokenRequest},
     secret::Secret,
-    server::{IdentityConfig, Server},
+    server::{AuthServer, IdentityConfig},
     token::keys::{Alg, MAX_JWKS_KEYS},
     verify::jwks::MAX_JWKS_BYTES,
 };
@@ -771,7 +771,7 @@ fn start_auth(
     JoinHandle<Result<(), clerk_grpc_auth::server::ServerError>>,
     clerk_grpc_auth::verify::jwks::KeyStore,
 ) {
-    let server = Server::build(config_for(clerk)).unwrap();
+    let server = AuthServer::build(config_for(clerk)).unwrap();
     let keys = server.verifier().keys().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(listener, async move {

@@ -21,7 +21,7 @@ use clerk_grpc_auth::{
     server::{
         access::{parse_oauth_scopes, AccessConfig},
         events::{Events, RedisConfig},
-        IdentityConfig, Server, ServerConfig, WebhookConfig,
+        AuthServer, IdentityConfig, ServerConfig, WebhookConfig,
     },
     token::identity::TokenType,
 };
@@ -108,7 +108,7 @@ async fn replica(clerk: &Emulator, setup: &Setup) -> Replica {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-    let server = Server::build(config).unwrap();
+    let server = AuthServer::build(config).unwrap();
     let keys = server.verifier().keys().clone();
     let events = server.events().await.expect("Redis on 127.0.0.1:6379");
     let (tx, rx) = oneshot::channel::<()>();
@@ -1209,7 +1209,7 @@ async fn layers_following_revocations_refuse_at_once() {
     })
     .unwrap();
     let delegated_feed = delegated.watch_revocations();
-    let server = Server::build(common::config_for(&clerk)).unwrap();
+    let server = AuthServer::build(common::config_for(&clerk)).unwrap();
     let local = server.verifier().clone();
     let _refresher = local.keys().spawn_refresher();
     local.keys().ready().await;

@@ -16,7 +16,7 @@ use clerk_grpc_auth::{
         AuthInterceptor, AuthLayer, CallerCredentials, DelegatedConfig, DelegatedVerifier,
         TokenSources,
     },
-    server::Server,
+    server::AuthServer,
     TokenVerifier,
 };
 use common::{config_for, reason, Harness};
@@ -94,7 +94,7 @@ impl Drop for Orders {
 async fn local_verifier(
     h: &Harness,
 ) -> (TokenVerifier, clerk_grpc_auth::verify::jwks::RefresherGuard) {
-    let server = Server::build(config_for(&h.clerk)).unwrap();
+    let server = AuthServer::build(config_for(&h.clerk)).unwrap();
     let verifier = server.verifier().clone();
     let guard = verifier.keys().spawn_refresher();
     verifier.keys().ready().await;
@@ -507,7 +507,7 @@ async fn delegated_fails_closed_while_auth_service_is_down_and_recovers() {
 
     // AuthService back on the same address: the layer recovers without a restart.
     let listener = TcpListener::bind(addr).await.unwrap();
-    let server = Server::build(config_for(&clerk)).unwrap();
+    let server = AuthServer::build(config_for(&clerk)).unwrap();
     let keys = server.verifier().keys().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(listener, async move {
@@ -1149,7 +1149,7 @@ async fn a_revoked_session_ends_its_streams_at_once_delegated() {
 async fn a_revoked_api_key_ends_its_streams_within_the_reverification_interval() {
     let h = Harness::start().await;
     // The in-process verifier with the same machine settings (200 ms verdicts).
-    let server = Server::build(h_config(&h)).unwrap();
+    let server = AuthServer::build(h_config(&h)).unwrap();
     let local = server.verifier().clone();
     let _guard = local.keys().spawn_refresher();
     local.keys().ready().await;

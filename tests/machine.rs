@@ -20,7 +20,7 @@ use clerk_grpc_auth::{
     layer::AuthLayer,
     pb::{Identity, TokenType, VerifyTokenRequest},
     secret::Secret,
-    server::{Server, ServerConfig},
+    server::{AuthServer, ServerConfig},
 };
 use common::{assert_rejected, reason, Harness};
 use futures::StreamExt;
@@ -763,7 +763,7 @@ async fn misconfiguration_is_failed_precondition() {
 async fn orders_with(h: &Harness, policy: Policy) -> OrdersClient<Channel> {
     let mut config = ServerConfig::new(common::config_for(&h.clerk).key_source);
     config.machine = Some(machine_config(&h.clerk));
-    let server = Server::build(config).unwrap();
+    let server = AuthServer::build(config).unwrap();
     let verifier = server.verifier().clone();
     let guard = verifier.keys().spawn_refresher();
     verifier.keys().ready().await;

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clerk_grpc_auth::{
     secret::Secret,
-    server::{Listeners, Server, ServerConfig, WebhookConfig},
+    server::{AuthServer, Listeners, ServerConfig, WebhookConfig},
 };
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_stream::StreamExt;
@@ -47,7 +47,7 @@ async fn serve(http: bool, metrics: bool, adjust: impl FnOnce(&mut ServerConfig)
     let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr().unwrap());
     let (grpc_addr, http_addr, metrics_addr) =
         (grpc.local_addr().unwrap(), addr(&http), addr(&metrics));
-    let server = Server::build(config).unwrap();
+    let server = AuthServer::build(config).unwrap();
     let keys = server.verifier().keys().clone();
     let events = server.events().await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();

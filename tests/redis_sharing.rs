@@ -175,7 +175,7 @@ async fn a_revocation_made_while_redis_is_down_reaches_the_others_later() {
 
 #[tokio::test]
 async fn readyz_and_metrics_report_the_subscription() {
-    use clerk_grpc_auth::server::{Listeners, Server};
+    use clerk_grpc_auth::server::{AuthServer, Listeners};
     let prefix = prefix();
     let relay = common::RedisRelay::start().await;
     let clerk = clerk_grpc_auth::emulator::Emulator::start_local()
@@ -189,7 +189,7 @@ async fn readyz_and_metrics_report_the_subscription() {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = metrics.local_addr().unwrap();
-    let server = Server::build(config).unwrap();
+    let server = AuthServer::build(config).unwrap();
     let keys = server.verifier().keys().clone();
     let events = server.events().await.unwrap();
     let stop = CancellationToken::new();

@@ -21,7 +21,7 @@ use clerk_grpc_auth::{
     server::{
         events::{Event, Events, RedisConfig, FEED_CAPACITY},
         service::watch::{WatchConfig, WatchHub, PAGE_SIZE, STREAM_BUFFER},
-        IdentityConfig, Listeners, Server, ServerError,
+        AuthServer, IdentityConfig, Listeners, ServerError,
     },
 };
 use common::reason;
@@ -86,7 +86,7 @@ async fn start(setup: Setup) -> Feed {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
-    let server = Server::build(config).unwrap();
+    let server = AuthServer::build(config).unwrap();
     for i in 0..setup.revoked {
         assert!(server.verifier().revocations().mark(&sid(i)));
     }

@@ -8,7 +8,7 @@ use clerk_grpc_auth::{
     emulator::{Emulator, EmulatorConfig, OrgSpec, TokenSpec, UserSpec},
     secret::Secret,
     server::{
-        self, config, telemetry, IdentityConfig, Server, ServerConfig, TlsConfig, WebhookConfig,
+        self, config, telemetry, AuthServer, IdentityConfig, ServerConfig, TlsConfig, WebhookConfig,
     },
     verify::jwks::KeySource,
 };
@@ -248,7 +248,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         email: Some("grace@example.com".into()),
         ..UserSpec::default()
     });
-    let server = match Server::build(config) {
+    let server = match AuthServer::build(config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

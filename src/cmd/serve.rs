@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, process::ExitCode};
 
-use clerk_grpc_auth::server::{self, config::ServeConfig, telemetry, Server};
+use clerk_grpc_auth::server::{self, config::ServeConfig, telemetry, AuthServer};
 use tokio::net::TcpListener;
 
 use super::{args::ServeArgs, EXIT_CONFIG};
@@ -59,7 +59,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     if let Some(m) = metrics.as_ref().and_then(|m| m.local_addr().ok()) {
         tracing::info!(addr = %m, "metrics port listening");
     }
-    let server = match Server::build(config) {
+    let server = match AuthServer::build(config) {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };

@@ -117,7 +117,7 @@ pub struct ServerConfig {
     pub reflection: bool,
 }
 
-/// The ports a [`Server`] serves on.
+/// The ports an [`AuthServer`] serves on.
 #[derive(Debug)]
 pub struct Listeners {
     /// gRPC (AuthService, Envoy `Check`, health, reflection).
@@ -213,7 +213,7 @@ pub enum ServerError {
 
 /// A built server: its verifier and key store (for embedding and tests), ready to serve.
 #[derive(Debug)]
-pub struct Server {
+pub struct AuthServer {
     verifier: TokenVerifier,
     clerk_api: ClerkApi,
     route_policy: RoutePolicy,
@@ -262,10 +262,10 @@ impl ServerConfig {
     }
 }
 
-// === impl Server ===
+// === impl AuthServer ===
 
-impl Server {
-    /// Builds the verifier and key store. Nothing is fetched until [`Server::serve`].
+impl AuthServer {
+    /// Builds the verifier and key store. Nothing is fetched until [`AuthServer::serve`].
     pub fn build(config: ServerConfig) -> Result<Self, ServerError> {
         let access = Access::new(config.access).map_err(ServerError::Access)?;
         if access.machine_id().is_none() && config.forwarders.iter().any(|f| f.starts_with("mch_"))
@@ -288,7 +288,7 @@ impl Server {
         }
         // One client for every call to Clerk: one HTTP client (the JWKS key store's too), one
         // budget and one Retry-After per Clerk for identity queries, machine tokens and any
-        // M2M token source built on it ([`Server::clerk_api`]).
+        // M2M token source built on it ([`AuthServer::clerk_api`]).
         let api = ClerkApi::with_http(
             crate::clerk::api::http_client().map_err(ServerError::HttpClient)?,
             config.budget.clone(),
@@ -368,7 +368,7 @@ impl Server {
 
     /// Connects what must be connected (Redis) and returns the events hub: publish revocations
     /// from your own code through it, or wait until the Redis subscription is up before serving
-    /// ([`Server::serve_with_events`]). [`Server::serve_with_http`] calls it for you.
+    /// ([`AuthServer::serve_with_events`]). [`AuthServer::serve_with_http`] calls it for you.
     pub async fn events(&self) -> Result<Events, ServerError> {
         let revocations = self.verifier.revocations().clone();
         Ok(match &self.redis {
@@ -377,7 +377,7 @@ impl Server {
         })
     }
 
-    /// As [`Server::serve`], plus the HTTP port (webhooks) on `http` when given.
+    /// As [`AuthServer::serve`], plus the HTTP port (webhooks) on `http` when given.
     pub async fn serve_with_http(
         self,
         listener: TcpListener,
@@ -389,7 +389,7 @@ impl Server {
             .await
     }
 
-    /// As [`Server::serve_with_http`] with an events hub made by [`Server::events`].
+    /// As [`AuthServer::serve_with_http`] with an events hub made by [`AuthServer::events`].
     pub async fn serve_with_events(
         self,
         listener: TcpListener,
@@ -405,7 +405,7 @@ impl Server {
         self.serve_on(listeners, events, shutdown).await
     }
 
-    /// Serves on every port of `listeners` with an events hub made by [`Server::events`]:
+    /// Serves on every port of `listeners` with an events hub made by [`AuthServer::events`]:
     /// gRPC; the HTTP port (webhooks); the metrics port (`/metrics`, `/livez`, `/readyz`).
     /// Without a metrics port the HTTP port serves both, as before (with a warning when
     /// webhooks are on: opening it to Clerk opens the metrics too).
@@ -572,13 +572,13 @@ impl Server {
     }
 }
 
-/// Builds and serves; see [`Server::serve`].
+/// Builds and serves; see [`AuthServer::serve`].
 pub async fn serve(
     config: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    Server::build(config)?.serve(listener, shutdown).await
+    AuthServer::build(config)?.serve(listener, shutdown).await
 }
 
 fn spawn_health(
@@ -650,24 +650,42 @@ fn ops_router(metrics: Metrics, keys: KeyStore, events: Events) -> axum::Router 
         )
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (inside the
+/// tokio runtime), so a signal during startup is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    // Registered now, not when first polled: a SIGTERM that arrives while the server is still
+    // starting stops it gracefully instead of killing the process.
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = term => {},
+                () = int => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -31,7 +31,8 @@ use crate::{
 
 /// Clerk's session-token category (`cat` header).
 pub(crate) const CAT_SESSION: &str = "cl_B7d4PD111AAA";
-/// Clerk's JWT-template category.
+/// Clerk's JWT-template category (never accepted: listed for reference and tests).
+#[allow(dead_code)]
 pub(crate) const CAT_TEMPLATE: &str = "cl_B7d4PD222AAA";
 /// Clerk's M2M JWT category.
 pub(crate) const CAT_M2M: &str = "cl_B7d4PD333AAA";

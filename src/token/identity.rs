@@ -525,7 +525,11 @@ fn decode_v2_org(o: RawOrg, org_features: &[String]) -> Option<Organization> {
 /// mask *j* belongs to the *j*-th **organization-scoped** feature; bit *i* (LSB first) to the
 /// *i*-th permission of `o.per`; masks of any size are decoded exactly; a mask that is not all
 /// decimal digits has no bits; bits beyond the permission list are dropped.
-pub(crate) fn decode_fpm(org_features: &[String], per: Option<&str>, fpm: Option<&str>) -> Vec<String> {
+pub(crate) fn decode_fpm(
+    org_features: &[String],
+    per: Option<&str>,
+    fpm: Option<&str>,
+) -> Vec<String> {
     let (Some(per), Some(fpm)) = (per.filter(|p| !p.is_empty()), fpm.filter(|f| !f.is_empty()))
     else {
         return Vec::new();

@@ -8,7 +8,7 @@ use clerk_grpc_auth::{
     emulator::{Emulator, TokenSpec},
     pb::{auth_service_client::AuthServiceClient, Identity, VerifyTokenRequest},
     secret::Secret,
-    server::{Server, ServerConfig, ServerError, SERVICE_NAME},
+    server::{AuthServer, ServerConfig, ServerError, SERVICE_NAME},
     verify::jwks::KeySource,
     TokenVerifier,
 };
@@ -65,7 +65,7 @@ impl Harness {
     pub async fn start_server(clerk: Emulator, config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::build(config).expect("server builds");
+        let server = AuthServer::build(config).expect("server builds");
         let verifier = server.verifier().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async move {
