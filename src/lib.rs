@@ -82,6 +82,8 @@
 //! enforces this): [`secret`], `retry`, [`pb`], [`error`], [`canonical`], [`token`],
 //! [`authz`], [`clerk`], [`verify`], [`credentials`], [`layer`], [`emulator`], [`server`].
 
+#![warn(unreachable_pub)]
+
 pub mod authz;
 pub mod canonical;
 pub mod clerk;

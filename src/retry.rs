@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The delay before retry number `failures` (1-based): `min · 2^(failures-1)`, at most `max`.
-pub fn retry_delay(failures: u32, min: Duration, max: Duration) -> Duration {
+pub(crate) fn retry_delay(failures: u32, min: Duration, max: Duration) -> Duration {
     let shift = failures.saturating_sub(1).min(20);
     min.saturating_mul(1u32 << shift).min(max)
 }
@@ -13,7 +13,7 @@ pub fn retry_delay(failures: u32, min: Duration, max: Duration) -> Duration {
 /// too large for `u64` saturates) or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), taken
 /// relative to `now` (a date in the past is zero). Anything else — a sign, a fraction, the
 /// obsolete date forms, garbage — is `None`.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim_matches([' ', '\t']);
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
         return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
@@ -89,7 +89,11 @@ fn parse_imf_fixdate(v: &str) -> Option<u64> {
 
 /// The timeout left for asking again after waiting `wait`, when that still fits in `budget`
 /// with `elapsed` already spent; `None` when it does not fit (the fetch fails now).
-pub fn retry_within(wait: Duration, elapsed: Duration, budget: Duration) -> Option<Duration> {
+pub(crate) fn retry_within(
+    wait: Duration,
+    elapsed: Duration,
+    budget: Duration,
+) -> Option<Duration> {
     let left = budget.checked_sub(elapsed)?.checked_sub(wait)?;
     (!left.is_zero()).then_some(left)
 }

@@ -509,7 +509,7 @@ pub struct Observer {
 
 /// Longest request field written to an audit line, in bytes; a longer one is cut (at a
 /// character boundary) and says how many bytes were left out.
-pub const MAX_AUDIT_FIELD: usize = 256;
+pub(crate) const MAX_AUDIT_FIELD: usize = 256;
 
 fn bounded(field: &str) -> std::borrow::Cow<'_, str> {
     if field.len() <= MAX_AUDIT_FIELD {
@@ -523,7 +523,7 @@ fn bounded(field: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The audit log's tracing target.
-pub const AUDIT_TARGET: &str = "clerk_grpc_auth::audit";
+pub(crate) const AUDIT_TARGET: &str = "clerk_grpc_auth::audit";
 
 impl Observer {
     /// An observer feeding `metrics`.

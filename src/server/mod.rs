@@ -19,10 +19,10 @@ pub mod access;
 pub mod config;
 pub mod events;
 pub mod ext_authz;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod service;
 pub mod telemetry;
-pub mod webhook;
+pub(crate) mod webhook;
 
 use std::{future::Future, time::Duration};
 

@@ -25,9 +25,9 @@ use crate::{
 };
 
 /// The path Clerk delivers to.
-pub const WEBHOOK_PATH: &str = "/webhooks/clerk";
+pub(crate) const WEBHOOK_PATH: &str = "/webhooks/clerk";
 /// Largest webhook body accepted.
-pub const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
 
 #[derive(Deserialize)]
 struct Envelope {
@@ -38,7 +38,7 @@ struct Envelope {
 }
 
 /// What a webhook event asks us to do.
-pub fn events_for(kind: &str, data: &Value) -> Vec<Event> {
+pub(crate) fn events_for(kind: &str, data: &Value) -> Vec<Event> {
     let s = |v: &Value| v.as_str().map(str::to_owned);
     match kind {
         // `user.created` too: a "not found" remembered for the id is forgotten.
@@ -62,7 +62,7 @@ struct HookState {
 }
 
 /// The webhook route, to mount on the service's HTTP port.
-pub fn router(verifier: SvixVerifier, events: Events) -> Router {
+pub(crate) fn router(verifier: SvixVerifier, events: Events) -> Router {
     let seen = moka::sync::Cache::builder()
         .max_capacity(100_000)
         .time_to_live(verifier.tolerance * 2 + Duration::from_secs(60))

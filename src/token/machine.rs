@@ -16,7 +16,7 @@ const REGISTERED: [&str; 6] = ["iss", "sub", "exp", "nbf", "iat", "jti"];
 /// The type an **opaque** token presents by its prefix (Clerk's `getMachineTokenType`):
 /// `mt_` → M2M, `oat_` → OAuth, `ak_` → API key. `None` for anything else (a JWT, or an
 /// unknown prefix, which then fails as a malformed session token).
-pub fn opaque_type(token: &str) -> Option<TokenType> {
+pub(crate) fn opaque_type(token: &str) -> Option<TokenType> {
     if token.starts_with("mt_") {
         Some(TokenType::M2mToken)
     } else if token.starts_with("oat_") {

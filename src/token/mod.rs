@@ -9,4 +9,4 @@ pub mod check;
 pub(crate) mod claims;
 pub mod identity;
 pub mod keys;
-pub mod machine;
+pub(crate) mod machine;
