@@ -164,7 +164,7 @@ impl RetryAfterGate {
 }
 
 /// Parses a `Retry-After` header: whole seconds or an IMF-fixdate (the one parser,
-/// [`crate::retry::parse_retry_after`]); anything else (negative, fractional, garbage) is
+/// `retry::parse_retry_after`); anything else (negative, fractional, garbage) is
 /// `None`. Clamped to [`MAX_RETRY_AFTER`].
 pub fn retry_after_header(value: &http::HeaderValue) -> Option<Duration> {
     crate::retry::parse_retry_after(value.to_str().ok()?, std::time::SystemTime::now())
