@@ -256,8 +256,17 @@ impl Rule {
     }
 
     /// Requires the caller's mTLS SPIFFE ID to be one of `peers`.
+    ///
+    /// # Panics
+    ///
+    /// When `peers` is not empty and the crate is built without the `mtls` feature (no client
+    /// certificate could be read, so the rule would refuse every caller).
     pub fn peers(mut self, peers: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.peers = peers.into_iter().map(Into::into).collect();
+        assert!(
+            cfg!(feature = "mtls") || self.peers.is_empty(),
+            "Rule::peers needs the `mtls` feature of clerk-grpc-auth"
+        );
         self
     }
 
