@@ -76,11 +76,28 @@
 //! To protect a tonic server, hand the verifier to [`AuthLayer::in_process`] (its docs show
 //! the whole service); `examples/` holds runnable versions of every job above.
 //!
-//! ## Layout
+//! ## Layout: where a change belongs
 //!
-//! One concern per module; each imports only the ones listed before it (`tests/layout.rs`
-//! enforces this): [`secret`], `retry`, [`pb`], [`error`], [`canonical`], [`token`],
-//! [`authz`], [`clerk`], [`verify`], [`credentials`], [`layer`], [`emulator`], [`server`].
+//! Bottom first; each module imports only the ones above it in this table (`tests/layout.rs`
+//! reads the sources and fails on any import that points down it, so there is no cycle).
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`secret`] | [`Secret`] (never printed) and [`token_fingerprint`] (what logs show instead of a token) |
+//! | `retry` | backoff and a strict `Retry-After` reader (crate-private) |
+//! | [`pb`] | the generated `clerk.auth.v1` messages, client and server |
+//! | [`error`] | typed errors, Clerk's reasons, the one error → gRPC status mapping |
+//! | [`canonical`] | hostile request bytes (paths, hosts, methods) made canonical once, or refused |
+//! | [`token`] | a token's bytes → a verdict, no I/O: claims, JWK keys, the check in Clerk's order, [`Identity`] |
+//! | [`authz`] | Clerk's `has()` ([`Check`]), per-method [`Policy`] / [`Rule`], mTLS peers |
+//! | [`clerk`] | talking to Clerk: the one Backend API client, its budget, the identity directory, opaque machine tokens, Svix |
+//! | [`verify`] | [`TokenVerifier`]: the core + the JWKS key store + the verdict cache + the revoked-session set |
+//! | [`credentials`] | outgoing calls: [`BearerToken`], [`CredentialsLayer`], the [`M2mTokenSource`] |
+//! | [`layer`] | [`AuthLayer`], the interceptor, token extraction, stream lifetimes, delegation (feature `layer`) |
+//! | [`emulator`] | the offline Clerk (feature `emulator`) |
+//! | [`server`] | the AuthService: service, ext_authz, webhooks, events and Redis, metrics, access, config (feature `server`) |
+//!
+//! The binary (`src/main.rs`, `src/cmd/`) only parses flags and calls [`server`].
 
 #![warn(unreachable_pub)]
 
