@@ -108,7 +108,8 @@ pub enum ApiError {
     /// A success whose body is not what the path expects.
     #[error("unreadable Backend API answer")]
     Unreadable(#[source] Arc<serde_json::Error>),
-    /// Any other 4xx (a request Clerk considers malformed, or a token it refuses).
+    /// Any other 4xx (a request Clerk considers malformed, or a token it refuses), or a status
+    /// that is no answer at all (1xx, an unfollowed 3xx; empty `code`).
     #[error("Backend API refused the request (HTTP {status})")]
     Refused {
         /// The HTTP status.
@@ -356,7 +357,12 @@ impl Endpoint {
                 status,
                 code: error_code(&body),
             }),
-            _ => Err(ApiError::ServerError(status)),
+            500..=599 => Err(ApiError::ServerError(status)),
+            // 1xx and unfollowed 3xx: not an answer, and not a transient server error either.
+            _ => Err(ApiError::Refused {
+                status,
+                code: String::new(),
+            }),
         }
     }
 }

@@ -108,6 +108,8 @@ fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()>
 /// Runs the emulator and the AuthService wired together, prints a ready token and how to
 /// use it, until SIGTERM/SIGINT.
 pub async fn run(args: DevArgs) -> ExitCode {
+    // First: a SIGTERM from here on stops `dev` gracefully (and removes its PKI).
+    let shutdown = server::shutdown_signal();
     let DevArgs {
         listen,
         emulator_listen,
@@ -285,7 +287,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
             metrics: Some(metrics_listener),
         },
         events,
-        server::shutdown_signal(),
+        shutdown,
     ));
     keys.ready().await;
     let session_id = "sess_2devDEVdevDEVdevDEVdevDEV";

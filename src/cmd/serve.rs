@@ -22,6 +22,8 @@ async fn bind(var: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
 
 /// Runs the AuthService until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs) -> ExitCode {
+    // First: a SIGTERM from here on stops the server gracefully, even during startup.
+    let shutdown = server::shutdown_signal();
     // The flags' values (clap has merged the environment in) by variable name.
     let config = match ServeConfig::from_lookup(|var| args.get(var)) {
         Ok(c) => c,
@@ -73,10 +75,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         http,
         metrics,
     };
-    match server
-        .serve_on(listeners, events, server::shutdown_signal())
-        .await
-    {
+    match server.serve_on(listeners, events, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");

@@ -650,8 +650,13 @@ fn ops_router(metrics: Metrics, keys: KeyStore, events: Events) -> axum::Router 
         )
 }
 
-/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (inside the
-/// tokio runtime), so a signal during startup is not lost.
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, so a signal
+/// that arrives after the call and before the future is first polled is not lost: call it first
+/// thing at startup.
+///
+/// # Panics
+///
+/// Outside a tokio runtime with its I/O driver enabled (the signal handlers need it).
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     // Registered now, not when first polled: a SIGTERM that arrives while the server is still
     // starting stops it gracefully instead of killing the process.

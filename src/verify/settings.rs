@@ -347,8 +347,9 @@ impl TokenVerifier {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StartError::NoRuntime);
         }
-        // One client for every call to Clerk: the key store's JWKS fetches and the machine
-        // tokens' Backend API calls share its HTTP client, budget and Retry-After gate.
+        // One client for every call to Clerk: the key store's JWKS fetches share its HTTP
+        // client; the machine tokens' Backend API calls also its budget and Retry-After gate
+        // (the key store waits out a JWKS Retry-After itself, within its fetch budget).
         let api = ClerkApi::with_http(
             http_client().map_err(StartError::HttpClient)?,
             settings.budget.clone(),
