@@ -16,6 +16,8 @@
 
 #[path = "common/orders.rs"]
 mod orders;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,9 @@ struct Args {
     /// made with `CLERK_MACHINE_SECRET_KEY` (at `CLERK_API_URL`).
     #[arg(long, requires = "machine_secret_key")]
     revocations_from: Option<String>,
+    /// TLS to `--revocations-from` (an `https://` URL).
+    #[command(flatten)]
+    tls: tls::AuthServiceTls,
     /// This service's machine secret key (`ak_…`), for `--revocations-from`.
     #[arg(long, env = "CLERK_MACHINE_SECRET_KEY", hide_env_values = true)]
     machine_secret_key: Option<String>,
@@ -125,7 +130,11 @@ fn follow_revocations(
     let (Some(url), Some(key)) = (&args.revocations_from, &args.machine_secret_key) else {
         return Ok(None);
     };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy();
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?;
+    if let Some(tls) = args.tls.client_config()? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect_lazy();
     let source = M2mTokenSource::new(
         M2mTokenSourceConfig::new(args.api_url.parse()?, Secret::new(key)),
         &clerk_grpc_auth::clerk::api::ClerkApi::new()?,

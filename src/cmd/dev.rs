@@ -14,10 +14,17 @@ use clerk_grpc_auth::{
 };
 use tokio::net::TcpListener;
 
-use super::{args::DevArgs, EXIT_CONFIG};
+use super::{
+    args::DevArgs,
+    walkthrough::{Walkthrough, END_LINE},
+    EXIT_CONFIG,
+};
+
+/// The dev token's organization ("acme").
+const ORG_ID: &str = "org_2devACMEacmeACMEacmeACME";
 
 /// The SPIFFE ID of `dev --tls`'s client certificate.
-const DEV_SPIFFE_ID: &str = "spiffe://dev.local/ns/default/sa/dev-client";
+pub const DEV_SPIFFE_ID: &str = "spiffe://dev.local/ns/default/sa/dev-client";
 
 /// How long `dev --tls`'s certificates are valid: a day of development, no longer.
 const DEV_PKI_VALIDITY: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -291,11 +298,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
     ));
     keys.ready().await;
     let session_id = "sess_2devDEVdevDEVdevDEVdevDEV";
+    let user_id = "user_2devDEVdevDEVdevDEVdevDEV";
     let token = emu.mint(&TokenSpec {
-        user_id: Some("user_2devDEVdevDEVdevDEVdevDEV".into()),
+        user_id: Some(user_id.into()),
         session_id: Some(session_id.into()),
         org: Some(OrgSpec {
-            id: Some("org_2devACMEacmeACMEacmeACME".into()),
+            id: Some(ORG_ID.into()),
             slug: Some("acme".into()),
             role: Some("admin".into()),
             permissions: vec![
@@ -307,89 +315,45 @@ pub async fn run(args: DevArgs) -> ExitCode {
         expires_in: Some(3600),
         ..TokenSpec::default()
     });
+    let org_id = ORG_ID;
+    let walkthrough = Walkthrough {
+        auth: addr.to_string(),
+        emu: emu.url().to_owned(),
+        webhooks: format!("http://{http_addr}"),
+        metrics: format!("http://{metrics_addr}"),
+        token: &token,
+        user_id,
+        session_id,
+        org_id,
+        other_user: &other_user,
+        machine_a: &service_a.id,
+        machine_a_secret: &service_a.secret_key,
+        machine_b: &service_b.id,
+        certs: pki_dir.as_ref().map(|d| d.path().display().to_string()),
+    };
+    let transport = if pki_dir.is_some() {
+        "gRPC with mTLS: a client certificate is required"
+    } else {
+        "gRPC, plaintext"
+    };
+    let tls_note = match &pki_dir {
+        Some(dir) => format!(
+            "\n  mTLS (--tls)    {d}/{{ca,client,client-key}}.pem: private to you (directory 0700,\n                  \
+             files 0600), valid for a day, removed when dev stops. The client's SPIFFE ID\n                  \
+             ({DEV_SPIFFE_ID}) is on the identity-query allowlist.\n",
+            d = dir.path().display()
+        ),
+        None => String::new(),
+    };
     println!(
-        r#"
-clerk-grpc-auth dev: a Clerk emulator and the AuthService, wired together.
-
-  AuthService     {addr}   (gRPC, plaintext; health and reflection on)
-                  http://{http_addr}/webhooks/clerk   (Clerk webhooks)
-                  http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)
-  Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)
-
-A session token (v2 claims, org admin of "acme", valid for 1 hour):
-
-export TOKEN={token}
-
-Verify it (grpcurl needs no proto files, the server offers reflection):
-
-grpcurl -plaintext -d "{{\"token\":\"$TOKEN\"}}" {addr} clerk.auth.v1.AuthService/VerifyToken
-grpcurl -plaintext {addr} grpc.health.v1.Health/Check
-grpcurl -plaintext {addr} describe clerk.auth.v1.AuthService
-
-Mint more tokens:
-
-TOKEN=$(cargo run --release -q -- token --emulator-url {emu_url} --org org_123 --role member --permission org:invoices:read)
-
-Identity queries (the caller's token in the authorization header; a user may read itself):
-
-grpcurl -plaintext -H "authorization: Bearer $TOKEN" {addr} clerk.auth.v1.AuthService/WhoAmI
-grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser   # PERMISSION_DENIED
-M2M=$(cargo run --release -q -- token --emulator-url {emu_url} --m2m --machine {a_id})   # machine A is on the allowlist
-grpcurl -plaintext -H "authorization: Bearer $M2M" -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
-
-Revoke the session (the emulator sends a signed session.revoked webhook to http://{http_addr}/webhooks/clerk):
-
-curl -s -X POST {emu_url}/emulator/sessions/{session_id}/status -d '{{"status":"revoked"}}' -H 'content-type: application/json'
-grpcurl -plaintext -d "{{\"token\":\"$TOKEN\"}}" {addr} clerk.auth.v1.AuthService/VerifyToken   # SESSION_REVOKED
-
-Machine-to-machine: service A (machine {a_id}) calls service B (machine {b_id}),
-which asks this AuthService to verify A's M2M token:
-
-CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example machine_to_machine -- --auth-service http://{addr} --machine-id {b_id}
-
-Machine tokens for grpcurl (VerifyToken needs "acceptedTokenTypes" to take them):
-
-cargo run --release -q -- token --emulator-url {emu_url} --m2m        # or --api-key, --oauth; --jwt
-
-Protect your own service (the Orders example; Ping is public, DeleteOrder needs org:orders:delete).
-Both follow this AuthService's revocations as machine A (WatchRevocations is for allowlisted callers):
-
-CLERK_JWKS_URL={emu_url}/.well-known/jwks.json CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example in_process -- --listen 127.0.0.1:50061 --revocations-from http://{addr}
-CLERK_API_URL={emu_url} CLERK_MACHINE_SECRET_KEY={a_secret} cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service http://{addr}
-grpcurl -plaintext -H "authorization: Bearer $TOKEN" 127.0.0.1:50061 examples.orders.v1.Orders/ListOrders
-
-{tls_help}Ctrl-C stops both.
-"#,
+        "\nclerk-grpc-auth dev: a Clerk emulator and the AuthService, wired together.\n\n  \
+         AuthService     {addr}   ({transport}; health and reflection on)\n                  \
+         http://{http_addr}/webhooks/clerk   (Clerk webhooks)\n                  \
+         http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)\n  \
+         Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)\n\
+         {tls_note}\n{steps}\n{END_LINE}",
         emu_url = emu.url(),
-        a_id = service_a.id,
-        a_secret = service_a.secret_key,
-        b_id = service_b.id,
-        http_addr = http_addr,
-        metrics_addr = metrics_addr,
-        other_user = other_user,
-        session_id = session_id,
-        tls_help = if let Some(dir) = &pki_dir {
-            format!(
-                r#"mTLS is on (--tls): the gRPC port needs a client certificate. Instead of -plaintext, use
-  -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost
-Its SPIFFE ID ({DEV_SPIFFE_ID}) is on the identity-query allowlist, so it may read any user:
-
-grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client-key.pem -authority localhost -d '{{"user_id":"{other_user}"}}' {addr} clerk.auth.v1.AuthService/GetUser
-grpcurl -cacert {d}/ca.pem -authority localhost {addr} list   # no client certificate: refused
-
-The delegated example over mTLS (instead of its plaintext line above):
-
-cargo run --release --example delegated -- --listen 127.0.0.1:50062 --auth-service https://{addr} --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client-key.pem
-
-These files are private to you (directory 0700, files 0600), valid for a day, and removed when
-dev stops.
-
-"#,
-                d = dir.path().display()
-            )
-        } else {
-            String::new()
-        },
+        steps = walkthrough.render(),
     );
     let result = running.await;
     emu.shutdown().await;

@@ -6,6 +6,7 @@ pub mod dev;
 pub mod emulator;
 pub mod serve;
 pub mod token;
+pub mod walkthrough;
 
 /// EX_USAGE: a configuration error.
 pub const EXIT_CONFIG: u8 = 64;

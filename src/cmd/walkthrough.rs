@@ -1,0 +1,379 @@
+//! The walk-through `dev` prints: numbered steps of commands to paste, in order, into another
+//! terminal, each with the result it shows.
+//!
+//! The text is a contract that `tests/walkthrough` executes line by line, so its shape is fixed:
+//! - a step starts with a heading line `N. …` (continued on lines indented by three spaces);
+//! - a command is a line that starts in the first column — nothing else does;
+//! - an expected result is an indented line `→ a, b`: the command prints every fragment
+//!   (`Code: X` means grpcurl's error with that code, and the command fails with 64 + the
+//!   code; `Failed …` means grpcurl could not call at all, and exits 1);
+//! - anything else indented is prose.
+//!
+//! Commands never carry trailing `#` comments (zsh, without `interactivecomments`, passes
+//! them to the command as arguments), every value a later step needs is in a variable set by
+//! an earlier one, and `$TOKEN` stays the one-hour dev token throughout.
+
+use std::fmt::Write as _;
+
+use super::dev::DEV_SPIFFE_ID;
+
+/// The last line `dev` prints: the walk-through is complete above it.
+pub const END_LINE: &str = "dev is running. Ctrl-C here stops it.";
+
+/// Where the Orders example listens (in-process auth).
+pub const IN_PROCESS_ADDR: &str = "127.0.0.1:50061";
+/// Where the Orders example listens (auth delegated to AuthService).
+pub const DELEGATED_ADDR: &str = "127.0.0.1:50062";
+
+/// Everything the walk-through names.
+pub struct Walkthrough<'a> {
+    /// AuthService's gRPC address (`host:port`).
+    pub auth: String,
+    /// The emulator's URL (`http://host:port`).
+    pub emu: String,
+    /// AuthService's webhook URL.
+    pub webhooks: String,
+    /// AuthService's metrics URL.
+    pub metrics: String,
+    /// The dev session token (one hour).
+    pub token: &'a str,
+    /// The dev token's user.
+    pub user_id: &'a str,
+    /// The dev token's session (revoked in the last step).
+    pub session_id: &'a str,
+    /// The dev token's organization.
+    pub org_id: &'a str,
+    /// Another user (Grace), whom machine A may read and the dev user may not.
+    pub other_user: &'a str,
+    /// Machine A: on the identity-query allowlist; calls B.
+    pub machine_a: &'a str,
+    /// Machine A's secret key.
+    pub machine_a_secret: &'a str,
+    /// Machine B.
+    pub machine_b: &'a str,
+    /// `--tls`: the directory holding `ca.pem`, `client.pem` and `client-key.pem`.
+    pub certs: Option<String>,
+}
+
+impl Walkthrough<'_> {
+    /// grpcurl's transport flags for AuthService.
+    fn grpcurl(&self) -> &'static str {
+        if self.certs.is_some() {
+            "grpcurl -cacert $CERTS/ca.pem -cert $CERTS/client.pem -key $CERTS/client-key.pem"
+        } else {
+            "grpcurl -plaintext"
+        }
+    }
+
+    /// How the examples reach AuthService.
+    fn auth_service_flags(&self) -> &'static str {
+        if self.certs.is_some() {
+            "https://$AUTH --tls-ca $CERTS/ca.pem --tls-cert $CERTS/client.pem --tls-key $CERTS/client-key.pem"
+        } else {
+            "http://$AUTH"
+        }
+    }
+
+    /// The walk-through, ready to print.
+    pub fn render(&self) -> String {
+        let g = self.grpcurl();
+        let tls = self.certs.is_some();
+        let to_auth = self.auth_service_flags();
+        let Walkthrough {
+            user_id,
+            session_id,
+            org_id,
+            other_user,
+            ..
+        } = *self;
+        let mut out = String::new();
+        let mut step = 0;
+        let mut heading = |out: &mut String, text: &str| {
+            step += 1;
+            let _ = write!(out, "\n{step}. ");
+            for (i, line) in text.lines().enumerate() {
+                if i > 0 {
+                    out.push_str("\n   ");
+                }
+                out.push_str(line);
+            }
+            out.push_str("\n\n");
+        };
+        let cmd = |out: &mut String, command: &str, expect: &str| {
+            out.push_str(command);
+            out.push('\n');
+            if !expect.is_empty() {
+                let _ = writeln!(out, "   → {expect}");
+            }
+        };
+
+        out.push_str(
+            "Paste these into another terminal in this directory (bash or zsh), from the top.\n\
+             Under each command, after →, is what it prints.\n",
+        );
+
+        heading(
+            &mut out,
+            "Where everything is, and a session token: user_2dev…, admin of the organization\n\
+             \"acme\", valid for one hour. Every later step uses these variables.",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                "export AUTH={} EMU={} WEBHOOKS={} METRICS={}",
+                self.auth, self.emu, self.webhooks, self.metrics
+            ),
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                "export MACHINE_A={} MACHINE_A_SECRET={} MACHINE_B={}",
+                self.machine_a, self.machine_a_secret, self.machine_b
+            ),
+            "",
+        );
+        if let Some(certs) = &self.certs {
+            cmd(&mut out, &format!("export CERTS={certs}"), "");
+        }
+        cmd(&mut out, &format!("export TOKEN={}", self.token), "");
+
+        heading(
+            &mut out,
+            "Verify it. grpcurl needs no proto files: AuthService offers reflection. The keys\n\
+             came from the emulator's JWKS once; verification itself makes no request.",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -d "{{\"token\":\"$TOKEN\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
+            ),
+            &format!(r#""userId": "{user_id}", "role": "org:admin""#),
+        );
+        cmd(
+            &mut out,
+            &format!("{g} $AUTH grpc.health.v1.Health/Check"),
+            r#""status": "SERVING""#,
+        );
+        cmd(
+            &mut out,
+            &format!("{g} $AUTH describe clerk.auth.v1.AuthService"),
+            "clerk.auth.v1.AuthService is a service",
+        );
+        cmd(
+            &mut out,
+            "curl -s $EMU/emulator/stats",
+            r#""GET /v1/jwks":1"#,
+        );
+
+        heading(
+            &mut out,
+            "Ten identity queries, one Backend API request. Machine A (on the identity-query\n\
+             allowlist) reads user Grace ten times; AuthService asks Clerk once and answers\n\
+             the rest from its cache. The emulator counts what it was asked, by endpoint.",
+        );
+        cmd(
+            &mut out,
+            "M2M=$(cargo run --release -q -- token --emulator-url $EMU --m2m --machine $MACHINE_A)",
+            "",
+        );
+        cmd(
+            &mut out,
+            "curl -s -o /dev/null -X POST $EMU/emulator/stats/reset",
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"for i in 1 2 3 4 5 6 7 8 9 10; do {g} -H "authorization: Bearer $M2M" -d '{{"user_id":"{other_user}"}}' $AUTH clerk.auth.v1.AuthService/GetUser > /dev/null; done"#
+            ),
+            "",
+        );
+        // With mTLS the allowlisted certificate is the caller: the M2M token is not verified.
+        cmd(
+            &mut out,
+            "curl -s $EMU/emulator/stats",
+            if tls {
+                r#""GET /v1/users/{id}":1"#
+            } else {
+                r#""GET /v1/users/{id}":1, "POST /m2m_tokens/verify":1"#
+            },
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -H "authorization: Bearer $M2M" -d '{{"user_id":"{other_user}"}}' $AUTH clerk.auth.v1.AuthService/GetUser"#
+            ),
+            r#""firstName": "Grace""#,
+        );
+
+        if tls {
+            heading(
+                &mut out,
+                &format!(
+                    "Who may ask. The port takes only clients with a certificate from dev's CA, and\n\
+                     yours ({DEV_SPIFFE_ID}) is on the identity-query\n\
+                     allowlist: with it, even a user's token may read another user. A second\n\
+                     token, for a member, goes into its own variable."
+                ),
+            );
+        } else {
+            heading(
+                &mut out,
+                "What a user may ask: about themselves, not about others. A second token, for a\n\
+                 member, goes into its own variable.",
+            );
+        }
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -H "authorization: Bearer $TOKEN" $AUTH clerk.auth.v1.AuthService/WhoAmI"#
+            ),
+            &format!(r#""userId": "{user_id}""#),
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -H "authorization: Bearer $TOKEN" -d '{{"user_id":"{other_user}"}}' $AUTH clerk.auth.v1.AuthService/GetUser"#
+            ),
+            if tls {
+                r#""firstName": "Grace""#
+            } else {
+                "Code: PermissionDenied, CALLER_NOT_ALLOWED"
+            },
+        );
+        if tls {
+            cmd(
+                &mut out,
+                "grpcurl -cacert $CERTS/ca.pem $AUTH list",
+                "Failed to dial target host",
+            );
+        }
+        cmd(
+            &mut out,
+            &format!(
+                "MEMBER=$(cargo run --release -q -- token --emulator-url $EMU --org {org_id} --org-slug acme --role member --permission org:invoices:read --expires-in 3600)"
+            ),
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -d "{{\"token\":\"$MEMBER\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
+            ),
+            r#""role": "org:member", "org:invoices:read""#,
+        );
+
+        heading(
+            &mut out,
+            "Machine tokens: VerifyToken takes them when the request names their type.\n\
+             (`token --api-key`, `--oauth` and `--jwt` mint the other kinds.)",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -d "{{\"token\":\"$M2M\",\"acceptedTokenTypes\":[\"TOKEN_TYPE_M2M_TOKEN\"]}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
+            ),
+            r#""tokenType": "TOKEN_TYPE_M2M_TOKEN""#,
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -d "{{\"token\":\"$M2M\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
+            ),
+            "Code: Unauthenticated, TOKEN_TYPE_MISMATCH",
+        );
+
+        heading(
+            &mut out,
+            "Machine to machine: service A calls service B, which asks this AuthService to\n\
+             verify A's M2M token; a call without a token is refused.",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example machine_to_machine -- --auth-service {to_auth} --machine-id $MACHINE_B"
+            ),
+            "A → B call 1: OK, anonymous → B: Unauthenticated",
+        );
+
+        heading(
+            &mut out,
+            "Protect your own service: the Orders example, verifying in-process and delegating\n\
+             to AuthService, in the background. Both follow this AuthService's revocations as\n\
+             machine A. The curl line waits until both listen. Ping is public; ListOrders takes\n\
+             any session; DeleteOrder needs the permission org:orders:delete.",
+        );
+        cmd(&mut out, "cargo build --release --examples", "");
+        cmd(
+            &mut out,
+            &format!(
+                "CLERK_JWKS_URL=$EMU/.well-known/jwks.json CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example in_process -- --listen {IN_PROCESS_ADDR} --revocations-from {to_auth} &"
+            ),
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example delegated -- --listen {DELEGATED_ADDR} --auth-service {to_auth} &"
+            ),
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                "curl -s -o /dev/null --retry 60 --retry-connrefused --retry-delay 1 --http2-prior-knowledge http://{IN_PROCESS_ADDR}/ http://{DELEGATED_ADDR}/"
+            ),
+            "",
+        );
+        cmd(
+            &mut out,
+            &format!("grpcurl -plaintext {IN_PROCESS_ADDR} examples.orders.v1.Orders/Ping"),
+            r#""message": "pong""#,
+        );
+        for addr in [IN_PROCESS_ADDR, DELEGATED_ADDR] {
+            cmd(
+                &mut out,
+                &format!(
+                    r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" {addr} examples.orders.v1.Orders/ListOrders"#
+                ),
+                &format!(r#""description": "first order of {org_id}""#),
+            );
+        }
+        cmd(
+            &mut out,
+            &format!(
+                r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"order_id":"ord_1"}}' {DELEGATED_ADDR} examples.orders.v1.Orders/DeleteOrder"#
+            ),
+            "Code: PermissionDenied",
+        );
+
+        heading(
+            &mut out,
+            "Revoke the session. The emulator sends a signed session.revoked webhook to\n\
+             $WEBHOOKS/webhooks/clerk and returns once AuthService has taken it; the examples\n\
+             learn it from AuthService's revocation stream.",
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"curl -s -X POST $EMU/emulator/sessions/{session_id}/status -H 'content-type: application/json' -d '{{"status":"revoked"}}'"#
+            ),
+            r#""status":"revoked""#,
+        );
+        cmd(
+            &mut out,
+            &format!(
+                r#"{g} -d "{{\"token\":\"$TOKEN\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
+            ),
+            "Code: Unauthenticated, SESSION_REVOKED",
+        );
+
+        heading(
+            &mut out,
+            "Stop the examples. Ctrl-C in dev's terminal stops dev.",
+        );
+        cmd(&mut out, "kill %1 %2", "");
+        out
+    }
+}

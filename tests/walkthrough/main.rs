@@ -1,0 +1,410 @@
+//! `dev`'s walk-through, executed as printed: the test starts `clerk-grpc-auth dev` (plaintext,
+//! then `--tls`), takes the commands it prints, runs them in order in one bash, and checks
+//! each against the result printed under it (`→ …`) and its exit code. Then it stops `dev`
+//! with Ctrl-C (SIGINT), which must be a clean, prompt stop with the examples still attached.
+//!
+//! Two programs are stood in for, on the script's `PATH`: `grpcurl` is this test binary (see
+//! `grpcurl.rs`), and `cargo` runs what `cargo test` has already built (the binary and the
+//! examples) instead of building again. Everything else (`export`, `$(…)`, `curl`, `&`,
+//! `kill %1`) is the real shell and the real tools.
+//!
+//! A custom harness (`harness = false`): the same binary is the grpcurl stand-in when started
+//! with `WALKTHROUGH_AS_GRPCURL` set.
+
+mod grpcurl;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// The line `dev` ends its walk-through with (`src/cmd/walkthrough.rs`).
+const END_LINE: &str = "dev is running. Ctrl-C here stops it.";
+
+fn main() -> ExitCode {
+    if std::env::var_os("WALKTHROUGH_AS_GRPCURL").is_some() {
+        let code = grpcurl::main(std::env::args().skip(1).collect());
+        std::process::exit(code);
+    }
+    // `cargo test -- FILTER` passes a filter; `--list` asks for the tests' names.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let tests: [(&str, bool); 2] = [("walkthrough_plaintext", false), ("walkthrough_tls", true)];
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let filter = args.iter().find(|a| !a.starts_with('-'));
+    let mut failed = 0;
+    let mut ran = 0;
+    for (name, tls) in tests {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        match std::panic::catch_unwind(|| walkthrough(tls)) {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" },
+        ran - failed
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// One command of the walk-through and what it should print.
+#[derive(Debug)]
+struct Step {
+    command: String,
+    expect: Vec<String>,
+}
+
+/// Reads the printed walk-through: commands start in the first column, `→` lines under them
+/// are their results, headings are `N. …`; the banner before step 1 is not part of it.
+fn parse(text: &str) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut started = false;
+    for line in text.lines() {
+        let is_heading = line
+            .split_once(". ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_heading {
+            started = true;
+            continue;
+        }
+        if !started || line.trim().is_empty() || line == END_LINE {
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) {
+            if let Some(expect) = line.trim_start().strip_prefix("→ ") {
+                let step = steps.last_mut().expect("a result under a command");
+                assert!(step.expect.is_empty(), "two result lines under {step:?}");
+                step.expect = expect.split(", ").map(str::to_owned).collect();
+            }
+            continue;
+        }
+        assert!(
+            !line.contains(" # "),
+            "a trailing comment breaks zsh pastes: {line}"
+        );
+        steps.push(Step {
+            command: line.to_owned(),
+            expect: Vec::new(),
+        });
+    }
+    steps
+}
+
+/// grpcurl's exit code for an error status named as grpcurl prints it (`64 + code`).
+fn grpcurl_exit(code_name: &str) -> i32 {
+    let codes = [
+        "Ok",
+        "Cancelled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    let n = codes
+        .iter()
+        .position(|c| *c == code_name)
+        .unwrap_or_else(|| panic!("not a gRPC code: {code_name}"));
+    64 + n as i32
+}
+
+/// `fragment` occurs in `output`, and not as the start of a longer number or word (`:1`
+/// must not be satisfied by `:10`).
+fn contains_whole(output: &str, fragment: &str) -> bool {
+    output.match_indices(fragment).any(|(at, _)| {
+        let next = output[at + fragment.len()..].chars().next();
+        let ends_word = fragment.ends_with(|c: char| c.is_alphanumeric());
+        !(ends_word && next.is_some_and(|c| c.is_alphanumeric() || c == '_'))
+    })
+}
+
+/// Reads a child's output into lines on a thread, so the test can wait with a deadline.
+fn lines_of(reader: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Kills a process group on drop, so nothing outlives a failed assertion.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // `kill -s KILL -- -PGID`: the group. (procps' `kill -KILL -PGID` reads the group as
+        // a signal and kills every process it may: never that form.)
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_group(cmd: &mut Command) -> Group {
+    use std::os::unix::process::CommandExt as _;
+    Group(cmd.process_group(0).spawn().expect("spawn"))
+}
+
+/// The stand-ins on the script's `PATH`.
+fn stand_ins(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_clerk-grpc-auth"));
+    let examples = bin.parent().expect("target dir").join("examples");
+    for example in ["in_process", "delegated", "machine_to_machine"] {
+        assert!(
+            examples.join(example).exists(),
+            "{} is not built: run the whole `cargo test` (it builds the examples), or \
+             `cargo build --examples` first",
+            examples.join(example).display()
+        );
+    }
+    let me = std::env::current_exe().expect("current exe");
+    let path = dir.join("bin");
+    std::fs::create_dir(&path).unwrap();
+    let write = |name: &str, body: String| {
+        let file = path.join(name);
+        std::fs::write(&file, body).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write(
+        "grpcurl",
+        format!(
+            "#!/bin/sh\nWALKTHROUGH_AS_GRPCURL=1 exec '{}' \"$@\"\n",
+            me.display()
+        ),
+    );
+    // `cargo build --release --examples`: already built. `cargo run --release -q [--example X]
+    // -- ARGS`: the built program. Anything else is a walk-through this stand-in doesn't know.
+    write(
+        "cargo",
+        format!(
+            r#"#!/bin/sh
+if [ "$*" = "build --release --examples" ]; then exit 0; fi
+[ "$1" = run ] || {{ echo "cargo stand-in: unexpected: $*" >&2; exit 2; }}
+shift
+program='{bin}'
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --release|-q) shift ;;
+    --example) program='{examples}'/"$2"; shift 2 ;;
+    --) shift; break ;;
+    *) echo "cargo stand-in: unexpected flag $1" >&2; exit 2 ;;
+  esac
+done
+exec "$program" "$@"
+"#,
+            bin = bin.display(),
+            examples = examples.display()
+        ),
+    );
+    path
+}
+
+fn walkthrough(tls: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = stand_ins(dir.path());
+
+    // `dev` on ports of its own; it prints the addresses it got.
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_clerk-grpc-auth"));
+    dev.args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--emulator-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if tls {
+        dev.arg("--tls");
+    }
+    let mut dev = spawn_group(&mut dev);
+    let dev_out = lines_of(dev.0.stdout.take().unwrap());
+    let dev_err = lines_of(dev.0.stderr.take().unwrap());
+    let mut printed = String::new();
+    loop {
+        let line = dev_out
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("dev did not finish its walk-through:\n{printed}"));
+        let end = line == END_LINE;
+        printed.push_str(&line);
+        printed.push('\n');
+        if end {
+            break;
+        }
+    }
+    let steps = parse(&printed);
+    assert!(
+        steps.len() > 20,
+        "too few commands in the walk-through:\n{printed}"
+    );
+    if tls {
+        assert!(
+            steps.iter().all(|s| !s.command.contains("-plaintext $AUTH")),
+            "--tls prints plaintext commands for AuthService:\n{printed}"
+        );
+    }
+    let certs = steps.iter().find_map(|s| {
+        s.command
+            .strip_prefix("export CERTS=")
+            .map(|d| PathBuf::from(d.trim()))
+    });
+    assert_eq!(certs.is_some(), tls, "CERTS is set exactly with --tls");
+
+    // The script: each command between markers, its exit code after it.
+    let mut script = String::from("exec 2>&1\n");
+    for (i, step) in steps.iter().enumerate() {
+        script.push_str(&format!(
+            "echo '@@step {i}'\n{}\nprintf '\\n@@rc %s\\n' $?\n",
+            step.command
+        ));
+    }
+    let script_file = dir.path().join("walkthrough.sh");
+    std::fs::write(&script_file, &script).unwrap();
+    let system_path = std::env::var("PATH").unwrap_or_default();
+    let mut bash = Command::new("bash");
+    bash.arg("--noprofile")
+        .arg("--norc")
+        .arg(&script_file)
+        .current_dir(dir.path())
+        .env("PATH", format!("{}:{system_path}", path.display()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut bash = spawn_group(&mut bash);
+    let output = lines_of(bash.0.stdout.take().unwrap());
+    let mut transcript = String::new();
+    let mut outputs: HashMap<usize, (String, Option<i32>)> = HashMap::new();
+    let mut current: Option<usize> = None;
+    loop {
+        match output.recv_timeout(Duration::from_secs(180)) {
+            Ok(line) => {
+                transcript.push_str(&line);
+                transcript.push('\n');
+                if let Some(i) = line.strip_prefix("@@step ") {
+                    let i: usize = i.parse().unwrap();
+                    current = Some(i);
+                    outputs.insert(i, (String::new(), None));
+                } else if let Some(rc) = line.strip_prefix("@@rc ") {
+                    let i = current.take().expect("an exit code after a step");
+                    outputs.get_mut(&i).unwrap().1 = Some(rc.parse().unwrap());
+                } else if let Some(i) = current {
+                    let out = &mut outputs.get_mut(&i).unwrap().0;
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the walk-through hangs; so far:\n{transcript}")
+            }
+        }
+    }
+    let status = bash.0.wait().unwrap();
+    assert!(status.success(), "bash: {status}\n{transcript}");
+
+    // Every step's result, all failures at once.
+    let mut failures = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let Some((out, Some(rc))) = outputs.get(&i) else {
+            failures.push(format!("step {i} did not run to its end: `{}`", step.command));
+            continue;
+        };
+        let want_rc = if step.expect.iter().any(|e| e.starts_with("Failed")) {
+            1
+        } else {
+            step.expect
+                .iter()
+                .find_map(|e| e.strip_prefix("Code: "))
+                .map_or(0, grpcurl_exit)
+        };
+        if *rc != want_rc {
+            failures.push(format!(
+                "`{}` exited {rc}, documented {want_rc}; it printed:\n{out}",
+                step.command
+            ));
+        }
+        for fragment in &step.expect {
+            if !contains_whole(out, fragment) {
+                failures.push(format!(
+                    "`{}` does not print `{fragment}`; it printed:\n{out}",
+                    step.command
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} commands did not do as documented:\n\n{}",
+        failures.len(),
+        steps.len(),
+        failures.join("\n")
+    );
+
+    // Ctrl-C with the examples (and their revocation streams) attached until just now: a
+    // normal stop, without waiting out the drain deadline.
+    let _ = Command::new("kill")
+        .args(["-s", "INT", "--", &dev.0.id().to_string()])
+        .status();
+    let mut log = String::new();
+    loop {
+        match dev_err.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("dev does not stop:\n{log}"),
+        }
+    }
+    let status = dev.0.wait().unwrap();
+    assert!(status.success(), "dev exited {status}:\n{log}");
+    assert!(
+        !log.contains("drain deadline passed"),
+        "the drain waited for its deadline:\n{log}"
+    );
+    if let Some(certs) = certs {
+        assert!(!certs.exists(), "dev left its certificates behind");
+    }
+}
