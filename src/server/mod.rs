@@ -98,7 +98,8 @@ pub struct ServerConfig {
     pub route_policy: RoutePolicy,
     /// TLS / mTLS for the gRPC port (`None`: plaintext).
     pub tls: Option<TlsConfig>,
-    /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
+    /// How long in-flight calls may finish after a shutdown signal (streams and idle
+    /// connections do not wait for it). Defaults to 10 s.
     pub shutdown_grace: Duration,
     /// What this replica may spend at the Backend API, shared by identity queries and
     /// machine-token verification (replica-wide rate, reserve strangers cannot spend; default
@@ -359,6 +360,12 @@ impl AuthServer {
 
     /// Serves on `listener` until `shutdown` completes, then drains in-flight calls for at most
     /// the grace period. The key refresher runs for exactly as long.
+    ///
+    /// The drain waits for calls, not connections: streams end as it begins
+    /// (`WatchRevocations` with `UNAVAILABLE` / `AUTH_SERVICE_UNAVAILABLE`, any other — health
+    /// `Watch`, reflection — with `UNAVAILABLE`: reconnect), and idle connections (HTTP/2 or
+    /// keep-alive HTTP/1, or one that never sent a byte) do not hold it. It ends with an
+    /// `info` line `stopped` and the drain's duration; a `warn` when the grace period ran out.
     pub async fn serve(
         self,
         listener: TcpListener,
