@@ -316,6 +316,134 @@ async fn each_rpc_answers_from_the_emulator() {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
+/// `GET /emulator/stats`, as a user would read it with curl.
+async fn emulator_stats(clerk: &Emulator) -> serde_json::Value {
+    let resp = reqwest::get(format!("{}/emulator/stats", clerk.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn emulator_stats_count_each_endpoint_and_reset() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let r = replica(&clerk, &Setup::default()).await;
+    // Started: the keys were fetched once, from the Backend API JWKS.
+    let stats = emulator_stats(&clerk).await;
+    assert_eq!(stats["requests"]["GET /v1/jwks"], 1, "{stats}");
+    assert_eq!(stats["jwks_requests"], 1, "{stats}");
+
+    // A reset answers what it cleared, then everything is zero.
+    let http = reqwest::Client::new();
+    let cleared: serde_json::Value = http
+        .post(format!("{}/emulator/stats/reset", clerk.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cleared, stats);
+    assert_eq!(
+        emulator_stats(&clerk).await,
+        serde_json::json!({"jwks_requests": 0, "bapi_requests": 0, "requests": {}})
+    );
+
+    // Ten GetUser through AuthService: one Backend API request, to the user endpoint.
+    let grace = clerk.create_user(&UserSpec {
+        first_name: Some("Grace".into()),
+        ..UserSpec::default()
+    });
+    let token = user_token(&clerk, &grace, &clerk.create_session(&grace));
+    for _ in 0..10 {
+        assert_eq!(
+            get_user(&r, &token, &grace).await.unwrap().first_name,
+            "Grace"
+        );
+    }
+    assert_eq!(
+        emulator_stats(&clerk).await,
+        serde_json::json!({
+            "jwks_requests": 0,
+            "bapi_requests": 1,
+            "requests": {"GET /v1/users/{user_id}": 1},
+        }),
+        "ten GetUser, one Backend API request (the emulator's control routes are not counted)"
+    );
+    assert_eq!(clerk.requests("GET /v1/users/{user_id}"), 1);
+
+    // Hostile paths and methods make no keys of their own: only route templates do.
+    let url = clerk.url();
+    let long = "u".repeat(4000);
+    let mut paths = vec![
+        "/v1/users/..%2F..".to_owned(),
+        "/v1/users/%00".to_owned(),
+        format!("/v1/users/{long}"),
+        format!("/v1/users/{long}/organization_memberships"),
+        "/v1/users/a/b/c".to_owned(),
+        format!("/{long}"),
+        "/v1/jwks/extra".to_owned(),
+    ];
+    paths.extend((0..50).map(|i| format!("/v1/users/user_{i}")));
+    paths.extend((0..50).map(|i| format!("/nowhere/{i}")));
+    for p in &paths {
+        http.get(format!("{url}{p}")).send().await.unwrap();
+    }
+    let odd = reqwest::Method::from_bytes(b"FROBNICATE").unwrap();
+    for i in 0..5 {
+        http.request(odd.clone(), format!("{url}/v1/users/user_{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    // A JWKS fetch, answered with an injected failure, counts as a JWKS request.
+    clerk.set_jwks_failure(Some(503));
+    let resp = http
+        .get(format!("{url}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    clerk.set_jwks_failure(None);
+    let stats = clerk.stats();
+    let keys: Vec<&str> = stats.requests.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "GET /.well-known/jwks.json",
+            "GET /v1/users/{user_id}",
+            "GET /v1/users/{user_id}/organization_memberships",
+            "GET <unmatched>",
+            "OTHER /v1/users/{user_id}",
+        ]
+    );
+    assert_eq!(stats.get("GET /v1/users/{user_id}"), 1 + 3 + 50);
+    assert_eq!(stats.get("GET <unmatched>"), 53);
+    assert_eq!(stats.get("OTHER /v1/users/{user_id}"), 5);
+    // The totals are the sums of their routes; unmatched paths feed neither.
+    assert_eq!(stats.jwks_requests, 1);
+    assert_eq!(stats.bapi_requests, 1 + 3 + 50 + 1 + 5);
+    assert_eq!(
+        serde_json::to_value(&stats).unwrap(),
+        emulator_stats(&clerk).await
+    );
+
+    // After a reset the waiters count again from zero.
+    assert_eq!(clerk.reset_stats(), stats);
+    assert_eq!(clerk.jwks_requests(), 0);
+    assert_eq!(clerk.bapi_requests(), 0);
+    let waiting = clerk.wait_jwks_requests(1);
+    http.get(format!("{url}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter saw the request");
+    assert_eq!(clerk.requests("GET /.well-known/jwks.json"), 1);
+}
+
 #[tokio::test]
 async fn caches_are_counted_at_the_emulator_and_webhooks_invalidate_them() {
     let clerk = Emulator::start_local().await.unwrap();

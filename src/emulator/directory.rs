@@ -301,7 +301,6 @@ async fn get_user(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.check_secret(&headers) {
         return r;
     }
@@ -326,7 +325,6 @@ async fn list_memberships(
     Query(q): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.check_secret(&headers) {
         return r;
     }
@@ -358,7 +356,6 @@ async fn get_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.check_secret(&headers) {
         return r;
     }
@@ -376,7 +373,6 @@ async fn revoke_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.check_secret(&headers) {
         return r;
     }
@@ -515,13 +511,13 @@ async fn emu_set_webhook(State(s): State<Arc<Shared>>, Json(t): Json<WebhookTarg
 /// The identity routes.
 pub(super) fn routes() -> Router<Arc<Shared>> {
     Router::new()
-        .route("/v1/users/{id}", get(get_user))
+        .route("/v1/users/{user_id}", get(get_user))
         .route(
-            "/v1/users/{id}/organization_memberships",
+            "/v1/users/{user_id}/organization_memberships",
             get(list_memberships),
         )
-        .route("/v1/sessions/{id}", get(get_session))
-        .route("/v1/sessions/{id}/revoke", post(revoke_session))
+        .route("/v1/sessions/{session_id}", get(get_session))
+        .route("/v1/sessions/{session_id}/revoke", post(revoke_session))
         .route("/emulator/users", post(emu_create_user))
         .route(
             "/emulator/users/{id}",

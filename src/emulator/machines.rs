@@ -306,10 +306,6 @@ impl Shared {
         Ok((token, id))
     }
 
-    pub(super) fn count_bapi(&self) {
-        self.bapi_requests.send_modify(|c| *c += 1);
-    }
-
     pub(super) fn bapi_fault(&self) -> Option<Response> {
         let f = (*self.bapi_failure.lock().expect("lock"))?;
         let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -420,7 +416,6 @@ async fn m2m_create(
     headers: HeaderMap,
     Json(b): Json<TokenBody>,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.bapi_fault() {
         return r;
     }
@@ -481,7 +476,6 @@ async fn m2m_verify(
     headers: HeaderMap,
     Json(b): Json<TokenBody>,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.bapi_fault() {
         return r;
     }
@@ -501,7 +495,6 @@ async fn api_key_create(
     headers: HeaderMap,
     Json(b): Json<TokenBody>,
 ) -> Response {
-    s.count_bapi();
     if let Err(r) = s.bearer_kind(&headers, false) {
         return r;
     }
@@ -534,7 +527,6 @@ async fn api_key_verify(
     headers: HeaderMap,
     Json(b): Json<TokenBody>,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.bapi_fault() {
         return r;
     }
@@ -554,7 +546,6 @@ async fn oauth_verify(
     headers: HeaderMap,
     Json(b): Json<TokenBody>,
 ) -> Response {
-    s.count_bapi();
     if let Some(r) = s.bapi_fault() {
         return r;
     }
@@ -571,7 +562,6 @@ async fn revoke(
     headers: HeaderMap,
     body: Option<Json<TokenBody>>,
 ) -> Response {
-    s.count_bapi();
     if let Err(r) = s.bearer_kind(&headers, true) {
         return r;
     }
@@ -627,10 +617,16 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         r = r
             .route(&format!("{prefix}/m2m_tokens"), post(m2m_create))
             .route(&format!("{prefix}/m2m_tokens/verify"), post(m2m_verify))
-            .route(&format!("{prefix}/m2m_tokens/{{id}}/revoke"), post(revoke))
+            .route(
+                &format!("{prefix}/m2m_tokens/{{m2m_token_id}}/revoke"),
+                post(revoke),
+            )
             .route(&format!("{prefix}/api_keys"), post(api_key_create))
             .route(&format!("{prefix}/api_keys/verify"), post(api_key_verify))
-            .route(&format!("{prefix}/api_keys/{{id}}/revoke"), post(revoke))
+            .route(
+                &format!("{prefix}/api_keys/{{api_key_id}}/revoke"),
+                post(revoke),
+            )
             .route(
                 &format!("{prefix}/oauth_applications/access_tokens/verify"),
                 post(oauth_verify),

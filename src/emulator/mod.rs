@@ -8,14 +8,37 @@
 //! | `POST /emulator/tokens` | mints a session token from a [`TokenSpec`] (JSON); answers `{"object":"token","jwt":…}` |
 //! | `POST /emulator/keys/rotate` | rotates the signing key (the old key stays in the JWKS); answers `{"kid":…}` |
 //! | `PUT /emulator/faults` | `{"jwks_status": 503}` makes both JWKS endpoints fail; `{"jwks": {"status": 429, "retry_after": "1", "times": 1}}` only the next request, with a `Retry-After`; `null` heals |
-//! | `GET /emulator/stats` | `{"jwks_requests": n, "bapi_requests": n}` |
+//! | `GET /emulator/stats` | request counts since start or the last reset: `{"jwks_requests": n, "bapi_requests": n, "requests": {"GET /v1/jwks": n, "GET /v1/users/{user_id}": n, …}}` (see [Stats](#stats)) |
+//! | `POST /emulator/stats/reset` | sets every count to zero; answers the counts it cleared (same shape) |
 //! | `POST /m2m_tokens` | creates an M2M token (Bearer machine secret key; `seconds_until_expiration`, `claims`, `token_format: "jwt"`) |
 //! | `POST /m2m_tokens/verify`, `/api_keys/verify`, `/oauth_applications/access_tokens/verify` | Clerk's verify endpoints (also under `/v1`); unknown → 404, revoked / expired → 400 `token_revoked` / `token_expired` |
-//! | `POST /m2m_tokens/{id}/revoke`, `/api_keys/{id}/revoke` | revoke (Bearer secret or machine secret key) |
+//! | `POST /m2m_tokens/{m2m_token_id}/revoke`, `/api_keys/{api_key_id}/revoke` | revoke (Bearer secret or machine secret key) |
 //! | `POST /api_keys` | creates an API key (Bearer secret key; `subject`, `name`, `scopes`, `claims`) |
 //! | `POST /emulator/machines` | creates a machine `{"name", "scopes": [callee ids]}` → id and machine secret key |
 //! | `POST /emulator/machine_tokens` | mints any machine token from a [`MachineTokenSpec`] → `{"token": …}` |
 //! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the Backend API fail: the machine endpoints (verify, `POST /m2m_tokens`) and the identity endpoints (users, memberships, sessions); each request is counted in `bapi_requests`; `null` heals |
+//! | `GET /v1/users/{user_id}`, `/v1/users/{user_id}/organization_memberships`, `/v1/sessions/{session_id}`; `POST /v1/sessions/{session_id}/revoke` | the identity endpoints (Bearer secret key) |
+//!
+//! # Stats
+//!
+//! Every request to a Clerk-facing route — the two JWKS endpoints and the Backend API
+//! routes above, everything but `/emulator/*` — is counted when it arrives, whatever its
+//! answer (an injected fault, a 401, a 404, a refused body, a 405 for a method the route does
+//! not serve):
+//!
+//! - `requests` is keyed by `"METHOD /route/template"`: the route as registered, never the
+//!   path as sent (`GET /v1/users/{user_id}` for every user id, hostile or not). A method
+//!   other than the nine standard ones counts as `OTHER`. A path that matches no route counts
+//!   as `"METHOD <unmatched>"` (whatever the path). So the keys are bounded by the routes.
+//!   Keys are sorted.
+//! - `jwks_requests` is the sum of the `requests` under `/v1/jwks` and
+//!   `/.well-known/jwks.json`; `bapi_requests` the sum under every other counted route
+//!   template (`<unmatched>` feeds neither).
+//!
+//! [`Emulator::stats`] and [`Emulator::reset_stats`] do the same from Rust. A reset starts
+//! every count again from zero: [`Emulator::wait_jwks_requests`] and
+//! [`Emulator::wait_bapi_requests`] count from the last reset, including a wait already under
+//! way when the reset happens.
 //!
 //! Tests start it in-process on `127.0.0.1:0`:
 //!
@@ -32,6 +55,7 @@
 //! `token` (to sign tokens as Clerk does), `clerk::svix` (to sign webhooks), `secret`.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -43,8 +67,9 @@ use aws_lc_rs::{
     signature::{KeyPair, RsaKeyPair, RSA_PKCS1_SHA256, RSA_PKCS1_SHA384, RSA_PKCS1_SHA512},
 };
 use axum::{
-    extract::State,
-    http::{HeaderMap, StatusCode},
+    extract::{MatchedPath, Request, State},
+    http::{HeaderMap, Method, StatusCode},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post, put},
     Json, Router,
@@ -171,15 +196,57 @@ impl JwksFault {
     }
 }
 
+/// Request counts of an emulator since it started or since the last reset: what
+/// `GET /emulator/stats` answers (see [the module docs](self#stats)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EmulatorStats {
+    /// Requests to `/v1/jwks` and `/.well-known/jwks.json`.
+    pub jwks_requests: u64,
+    /// Requests to every other Clerk-facing route (the Backend API).
+    pub bapi_requests: u64,
+    /// Requests by `"METHOD /route/template"` (e.g. `"GET /v1/users/{user_id}"`), sorted.
+    pub requests: BTreeMap<String, u64>,
+}
+
+impl EmulatorStats {
+    /// The count under `key` (`"GET /v1/jwks"`); 0 when none arrived.
+    pub fn get(&self, key: &str) -> u64 {
+        self.requests.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// The routes whose requests feed `jwks_requests`.
+const JWKS_ROUTES: [&str; 2] = ["/v1/jwks", "/.well-known/jwks.json"];
+
+/// The key of a request to a path that matches no route.
+const UNMATCHED: &str = "<unmatched>";
+
+/// The method as a key: one of the nine standard methods, or `OTHER` (extension methods
+/// must not make keys).
+fn method_key(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
 struct Shared {
     secret_key: String,
     issuer: String,
     keys: Mutex<Vec<Arc<SigningKey>>>,
     jwks_fault: watch::Sender<Option<JwksFault>>,
-    jwks_requests: watch::Sender<u64>,
+    stats: watch::Sender<EmulatorStats>,
     machines: Mutex<machines::MachineState>,
     bapi_failure: Mutex<Option<machines::BapiFault>>,
-    bapi_requests: watch::Sender<u64>,
     directory: Mutex<directory::DirectoryState>,
     latency: Mutex<directory::Latency>,
     http: reqwest::Client,
@@ -468,10 +535,9 @@ impl Emulator {
             issuer: format!("http://{addr}"),
             keys: Mutex::new(vec![Arc::new(key)]),
             jwks_fault: watch::Sender::new(None),
-            jwks_requests: watch::Sender::new(0),
+            stats: watch::Sender::new(EmulatorStats::default()),
             machines: Mutex::new(machines::MachineState::default()),
             bapi_failure: Mutex::new(None),
-            bapi_requests: watch::Sender::new(0),
             directory: Mutex::new(directory::DirectoryState::default()),
             latency: Mutex::new(directory::Latency::default()),
             http: reqwest::Client::builder()
@@ -492,8 +558,14 @@ impl Emulator {
             .route("/emulator/keys/rotate", post(rotate_key))
             .route("/emulator/faults", put(set_faults))
             .route("/emulator/stats", get(stats))
+            .route("/emulator/stats/reset", post(reset_stats))
             .merge(machines::routes())
             .merge(directory::routes())
+            // Applied to every route and the fallback: it sees the matched route template.
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                count_requests,
+            ))
             .with_state(shared.clone());
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -574,15 +646,32 @@ impl Emulator {
         self.shared.jwks_fault.send_replace(fault);
     }
 
-    /// JWKS requests served so far (both endpoints, failed ones included).
+    /// JWKS requests served since start or the last reset (both endpoints, failed ones
+    /// included).
     pub fn jwks_requests(&self) -> u64 {
-        *self.shared.jwks_requests.borrow()
+        self.shared.stats.borrow().jwks_requests
     }
 
-    /// Waits until at least `n` JWKS requests have arrived.
+    /// Waits until at least `n` JWKS requests have arrived since start or the last reset
+    /// (a reset during the wait starts the count again).
     pub async fn wait_jwks_requests(&self, n: u64) {
-        let mut rx = self.shared.jwks_requests.subscribe();
-        let _ = rx.wait_for(|c| *c >= n).await;
+        let mut rx = self.shared.stats.subscribe();
+        let _ = rx.wait_for(|s| s.jwks_requests >= n).await;
+    }
+
+    /// Every request count (see [the module docs](self#stats)).
+    pub fn stats(&self) -> EmulatorStats {
+        self.shared.stats.borrow().clone()
+    }
+
+    /// Requests under `key` (`"GET /v1/users/{user_id}"`) since start or the last reset.
+    pub fn requests(&self, key: &str) -> u64 {
+        self.shared.stats.borrow().get(key)
+    }
+
+    /// Sets every count to zero; returns the counts it cleared.
+    pub fn reset_stats(&self) -> EmulatorStats {
+        self.shared.reset_stats()
     }
 
     /// Creates a machine (id `mch_…`, machine secret key `ak_…`).
@@ -645,16 +734,17 @@ impl Emulator {
             });
     }
 
-    /// Backend API machine-token requests served so far (create, verify, revoke; failed
-    /// ones included).
+    /// Backend API requests served since start or the last reset: machine tokens (create,
+    /// verify, revoke) and identity (users, memberships, sessions); failed ones included.
     pub fn bapi_requests(&self) -> u64 {
-        *self.shared.bapi_requests.borrow()
+        self.shared.stats.borrow().bapi_requests
     }
 
-    /// Waits until at least `n` Backend API requests have arrived.
+    /// Waits until at least `n` Backend API requests have arrived since start or the last
+    /// reset (a reset during the wait starts the count again).
     pub async fn wait_bapi_requests(&self, n: u64) {
-        let mut rx = self.shared.bapi_requests.subscribe();
-        let _ = rx.wait_for(|c| *c >= n).await;
+        let mut rx = self.shared.stats.subscribe();
+        let _ = rx.wait_for(|s| s.bapi_requests >= n).await;
     }
 
     /// Creates a user; returns its id.
@@ -827,8 +917,26 @@ impl Shared {
         json!({ "keys": keys })
     }
 
-    fn count_jwks(&self) {
-        self.jwks_requests.send_modify(|c| *c += 1);
+    /// Counts a request to `route` (the matched template; `None`: no route matched). The
+    /// `/emulator/*` control routes are not counted.
+    fn count(&self, method: &Method, route: Option<&str>) {
+        let key = match route {
+            Some(r) if r.starts_with("/emulator/") => return,
+            Some(r) => format!("{} {r}", method_key(method)),
+            None => format!("{} {UNMATCHED}", method_key(method)),
+        };
+        self.stats.send_modify(|s| {
+            match route {
+                Some(r) if JWKS_ROUTES.contains(&r) => s.jwks_requests += 1,
+                Some(_) => s.bapi_requests += 1,
+                None => {}
+            }
+            *s.requests.entry(key).or_insert(0) += 1;
+        });
+    }
+
+    fn reset_stats(&self) -> EmulatorStats {
+        self.stats.send_replace(EmulatorStats::default())
     }
 
     /// Applies the injected JWKS fault, if any: waits (delay, hang), then answers with the
@@ -879,7 +987,6 @@ fn clerk_error(status: StatusCode, code: &str, message: &str, long: &str) -> Res
 }
 
 async fn bapi_jwks(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    s.count_jwks();
     let auth = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -909,7 +1016,6 @@ async fn bapi_jwks(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response
 }
 
 async fn public_jwks(State(s): State<Arc<Shared>>) -> Response {
-    s.count_jwks();
     if let Some(r) = s.failure().await {
         return r;
     }
@@ -944,12 +1050,23 @@ async fn set_faults(State(s): State<Arc<Shared>>, Json(f): Json<Faults>) -> Resp
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// Counts every request on arrival, before its handler (and its extractors) run.
+async fn count_requests(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    s.count(req.method(), route);
+    next.run(req).await
+}
+
 async fn stats(State(s): State<Arc<Shared>>) -> Response {
-    Json(json!({
-        "jwks_requests": *s.jwks_requests.borrow(),
-        "bapi_requests": *s.bapi_requests.borrow(),
-    }))
-    .into_response()
+    let snapshot = s.stats.borrow().clone();
+    Json(snapshot).into_response()
+}
+
+async fn reset_stats(State(s): State<Arc<Shared>>) -> Response {
+    Json(s.reset_stats()).into_response()
 }
 
 #[cfg(test)]

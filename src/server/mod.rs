@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod config;
+mod drain;
 pub mod events;
 pub mod ext_authz;
 pub(crate) mod metrics;
@@ -97,7 +98,8 @@ pub struct ServerConfig {
     pub route_policy: RoutePolicy,
     /// TLS / mTLS for the gRPC port (`None`: plaintext).
     pub tls: Option<TlsConfig>,
-    /// How long in-flight calls may finish after a shutdown signal. Defaults to 10 s.
+    /// How long in-flight calls may finish after a shutdown signal (streams and idle
+    /// connections do not wait for it). Defaults to 10 s.
     pub shutdown_grace: Duration,
     /// What this replica may spend at the Backend API, shared by identity queries and
     /// machine-token verification (replica-wide rate, reserve strangers cannot spend; default
@@ -358,6 +360,12 @@ impl AuthServer {
 
     /// Serves on `listener` until `shutdown` completes, then drains in-flight calls for at most
     /// the grace period. The key refresher runs for exactly as long.
+    ///
+    /// The drain waits for calls, not connections: streams end as it begins
+    /// (`WatchRevocations` with `UNAVAILABLE` / `AUTH_SERVICE_UNAVAILABLE`, any other — health
+    /// `Watch`, reflection — with `UNAVAILABLE`: reconnect), and idle connections (HTTP/2 or
+    /// keep-alive HTTP/1, or one that never sent a byte) do not hold it. It ends with an
+    /// `info` line `stopped` and the drain's duration; a `warn` when the grace period ran out.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -497,12 +505,17 @@ impl AuthServer {
 
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let watch = self.watch.clone();
+        let drain = drain::Drain::default();
+        let draining = drain.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutdown signal received; draining in-flight calls");
-            // Revocation streams never end by themselves: end them now (their subscribers
-            // resubscribe elsewhere) so that the drain does not wait for the grace period.
+            // Streams never end by themselves: end them now (their clients reconnect,
+            // elsewhere or later) so that the drain does not wait for the grace period.
+            // Revocation streams end with their own reason; any other stream (health
+            // `Watch`, reflection) with `UNAVAILABLE`.
             watch.shutdown();
+            draining.start();
             let _ = drain_tx.send(());
         };
         let grace = self.shutdown_grace;
@@ -517,6 +530,7 @@ impl AuthServer {
                 .map_err(ServerError::Transport)?;
         }
         let server = builder
+            .layer(drain.layer())
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
@@ -536,16 +550,27 @@ impl AuthServer {
                     .with_keepalive(Some(Duration::from_secs(60))),
                 signal,
             );
-        let deadline = async move {
-            if drain_rx.await.is_err() {
-                std::future::pending::<()>().await;
+        // Once the drain has begun: done when no call is in flight (idle connections are not
+        // waited for: the transport sends them GOAWAY), or when the grace period is over.
+        let drained = {
+            let drain = drain.clone();
+            async move {
+                if drain_rx.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::timeout(grace, drain.idle()).await.is_ok()
             }
-            tokio::time::sleep(grace).await;
         };
         let result = tokio::select! {
             r = server => r.map_err(ServerError::Transport),
-            () = deadline => {
-                tracing::warn!(?grace, "drain deadline passed; dropping remaining calls");
+            in_time = drained => {
+                if !in_time {
+                    tracing::warn!(
+                        ?grace,
+                        calls = drain.in_flight(),
+                        "drain deadline passed; dropping remaining calls"
+                    );
+                }
                 Ok(())
             }
         };
@@ -553,10 +578,25 @@ impl AuthServer {
         let _ = refresher.await;
         let _ = health_task.await;
         let _ = subscriber.await;
+        // The HTTP ports stop accepting and finish their requests in flight (idle keep-alive
+        // connections close at once), within what is left of the grace period.
+        let left = grace.saturating_sub(drain.elapsed().unwrap_or_default());
         for t in http_tasks {
-            if let Ok(Err(e)) = t.await {
-                tracing::error!(error = %e, "HTTP port failed");
+            let abort = t.abort_handle();
+            match tokio::time::timeout(left, t).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP port failed"),
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        ?grace,
+                        "HTTP drain deadline passed; dropping remaining requests"
+                    );
+                    abort.abort();
+                }
             }
+        }
+        if let Some(drain) = drain.elapsed() {
+            tracing::info!(?drain, "stopped");
         }
         result
     }

@@ -1,0 +1,216 @@
+//! A stop is not held by what is idle: the real AuthService (gRPC and HTTP port, a grace period
+//! of ten minutes) against the emulator, with a stream or an idle connection open when the
+//! shutdown begins. Each test passes only if the serve future completes long before the grace
+//! period (the guard is a failure bound, not a timing assertion).
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use clerk_grpc_auth::{
+    clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
+    emulator::{Emulator, MachineTokenKind, MachineTokenSpec},
+    pb::{auth_service_client::AuthServiceClient, WatchRevocationsRequest},
+    secret::Secret,
+    server::{AuthServer, IdentityConfig, Listeners, ServerError, WebhookConfig},
+};
+use common::reason;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tonic::{transport::Channel, Code, Request, Status};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// Far longer than any test may take: a stop that waits it out fails the guard.
+const GRACE: Duration = Duration::from_secs(600);
+
+struct Running {
+    clerk: Emulator,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    machine: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+/// AuthService with identity queries (machine `machine` allowlisted), webhooks on its HTTP
+/// port, and a grace period of [`GRACE`].
+async fn start() -> Running {
+    let clerk = Emulator::start_local().await.unwrap();
+    let machine = clerk.create_machine("revocation-follower").id;
+    let mut config = common::config_for(&clerk);
+    let api: url::Url = clerk.url().parse().unwrap();
+    config.machine = Some(MachineConfig::new(
+        api.clone(),
+        Some(Secret::new(clerk.secret_key())),
+        None,
+    ));
+    config.identity = Some(IdentityConfig {
+        backend: BackendApiConfig::new(api, Secret::new(clerk.secret_key())),
+        directory: DirectoryConfig::default(),
+    });
+    let auth_service = clerk.create_machine("auth-service").id;
+    assert!(clerk.allow(&machine, &auth_service));
+    config.access.machine_id = Some(auth_service);
+    config.access.allowlist = vec![machine.clone()];
+    config.webhook = Some(WebhookConfig {
+        signing_secret: Secret::new("whsec_dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdA=="),
+        tolerance: Duration::from_secs(300),
+    });
+    config.shutdown_grace = GRACE;
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let server = AuthServer::build(config).unwrap();
+    let keys = server.verifier().keys().clone();
+    let events = server.events().await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let listeners = Listeners {
+        grpc,
+        http: Some(http),
+        metrics: None,
+    };
+    let task = tokio::spawn(server.serve_on(listeners, events.clone(), async move {
+        let _ = rx.await;
+    }));
+    keys.ready().await;
+    events.subscribed().await;
+    Running {
+        clerk,
+        grpc: grpc_addr,
+        http: http_addr,
+        machine,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Running {
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Begins the shutdown; the serve future must complete, without error, long before the
+    /// grace period.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        guard(self.task)
+            .await
+            .unwrap()
+            .expect("the server stops cleanly");
+    }
+}
+
+/// A failure guard, not a timing assertion: far below [`GRACE`], far above what a stop takes.
+async fn guard<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("the stop waited on something idle (30 s, grace 600 s)")
+}
+
+#[tokio::test]
+async fn a_revocation_stream_does_not_hold_the_stop() {
+    let s = start().await;
+    let token = s.clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        jwt: true,
+        subject: Some(s.machine.clone()),
+        expires_in: Some(600),
+        ..MachineTokenSpec::default()
+    });
+    let mut req = Request::new(WatchRevocationsRequest {});
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut stream = AuthServiceClient::new(s.channel().await)
+        .watch_revocations(req)
+        .await
+        .unwrap()
+        .into_inner();
+    s.stop().await;
+    // The client is told to reconnect (elsewhere or later), with the reason.
+    let e = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Unavailable, "AUTH_SERVICE_UNAVAILABLE")
+    );
+}
+
+#[tokio::test]
+async fn a_health_watch_stream_does_not_hold_the_stop() {
+    let s = start().await;
+    let mut health = HealthClient::new(s.channel().await);
+    let mut stream = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first status is there: the stream is open and waiting for changes.
+    assert!(stream.message().await.unwrap().is_some());
+    s.stop().await;
+    let e: Status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue, // NOT_SERVING as the server stops
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}
+
+#[tokio::test]
+async fn a_grpc_connection_that_never_sent_its_preface_does_not_hold_the_stop() {
+    let s = start().await;
+    // Connected, nothing sent (a port probe, a stalled client).
+    let idle = TcpStream::connect(s.grpc).await.unwrap();
+    // And one that made a call and stays connected.
+    let mut health = HealthClient::new(s.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    s.stop().await;
+    drop(idle);
+}
+
+#[tokio::test]
+async fn an_idle_http_keep_alive_connection_does_not_hold_the_stop() {
+    let s = start().await;
+    let mut conn = TcpStream::connect(s.http).await.unwrap();
+    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read the whole answer; the connection stays open (HTTP/1.1 keep-alive).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let n = guard(conn.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    s.stop().await;
+    // The server closed it.
+    let n = guard(conn.read(&mut buf)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection is closed");
+}
