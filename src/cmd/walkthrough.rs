@@ -194,9 +194,9 @@ impl Walkthrough<'_> {
             &mut out,
             "curl -s $EMU/emulator/stats",
             if tls {
-                r#""GET /v1/users/{id}":1"#
+                r#""GET /v1/users/{user_id}":1"#
             } else {
-                r#""GET /v1/users/{id}":1, "POST /m2m_tokens/verify":1"#
+                r#""GET /v1/users/{user_id}":1, "POST /m2m_tokens/verify":1"#
             },
         );
         cmd(

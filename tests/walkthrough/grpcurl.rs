@@ -59,7 +59,8 @@ fn parse(args: Vec<String>) -> Result<Options, Error> {
             "-H" => {
                 let h = value("-H")?;
                 let (k, v) = h.split_once(':').ok_or("-H wants 'name: value'")?;
-                o.headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                o.headers
+                    .push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
             }
             "-d" => o.data = Some(value("-d")?),
             "-cacert" => o.cacert = Some(value("-cacert")?),
@@ -82,7 +83,10 @@ async fn connect(o: &Options, addr: &str) -> Result<Channel, Error> {
             tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
         }
         if let (Some(cert), Some(key)) = (&o.cert, &o.key) {
-            tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ));
         }
         if let Some(a) = &o.authority {
             tls = tls.domain_name(a.clone());
@@ -120,7 +124,8 @@ async fn pool_for(channel: &Channel, symbol: &str) -> Result<DescriptorPool, Err
     let mut files = std::collections::BTreeMap::new();
     let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.to_owned())];
     while let Some(request) = wanted.pop() {
-        let MessageResponse::FileDescriptorResponse(found) = reflect(channel, request).await? else {
+        let MessageResponse::FileDescriptorResponse(found) = reflect(channel, request).await?
+        else {
             return Err("reflection: unexpected answer".into());
         };
         for bytes in found.file_descriptor_proto {
@@ -147,7 +152,9 @@ async fn pool_for(channel: &Channel, symbol: &str) -> Result<DescriptorPool, Err
 async fn run(args: Vec<String>) -> Result<i32, Error> {
     let o = parse(args)?;
     let [addr, what, rest @ ..] = o.positional.as_slice() else {
-        return Err("usage: grpcurl [flags] address (list | describe symbol | service/method)".into());
+        return Err(
+            "usage: grpcurl [flags] address (list | describe symbol | service/method)".into(),
+        );
     };
     let channel = connect(&o, addr).await?;
     // tonic connects lazily past TCP and TLS: a refused handshake (no client certificate,
@@ -235,7 +242,10 @@ async fn call(o: &Options, channel: Channel, method: &str) -> Result<i32, Error>
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     let path = http::uri::PathAndQuery::from_str(&format!("/{service}/{name}"))?;
-    match grpc.unary(request, path, DynamicCodec(method.output())).await {
+    match grpc
+        .unary(request, path, DynamicCodec(method.output()))
+        .await
+    {
         Ok(response) => {
             println!("{}", serde_json::to_string_pretty(response.get_ref())?);
             Ok(0)

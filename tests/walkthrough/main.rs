@@ -171,6 +171,7 @@ impl Drop for Group {
         // a signal and kills every process it may: never that form.)
         let _ = Command::new("kill")
             .args(["-s", "KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
             .status();
         let _ = self.0.wait();
     }
@@ -281,7 +282,9 @@ fn walkthrough(tls: bool) {
     );
     if tls {
         assert!(
-            steps.iter().all(|s| !s.command.contains("-plaintext $AUTH")),
+            steps
+                .iter()
+                .all(|s| !s.command.contains("-plaintext $AUTH")),
             "--tls prints plaintext commands for AuthService:\n{printed}"
         );
     }
@@ -348,7 +351,10 @@ fn walkthrough(tls: bool) {
     let mut failures = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         let Some((out, Some(rc))) = outputs.get(&i) else {
-            failures.push(format!("step {i} did not run to its end: `{}`", step.command));
+            failures.push(format!(
+                "step {i} did not run to its end: `{}`",
+                step.command
+            ));
             continue;
         };
         let want_rc = if step.expect.iter().any(|e| e.starts_with("Failed")) {
