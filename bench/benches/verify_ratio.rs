@@ -5,7 +5,7 @@
 //! RSA-2048/SHA-256 verification, the verifier core on distinct tokens (decode, checks, RSA,
 //! claim decoding, identity), off-the-shelf `jsonwebtoken` on the same tokens, and — when
 //! `openssl` is on the PATH — `openssl speed -seconds 1 rsa2048`'s verify/s. Run with
-//! `cargo bench --bench verify_ratio` (about a minute).
+//! `cargo bench -p clerk-grpc-auth-bench --bench verify_ratio` (about a minute).
 
 use std::{hint::black_box, process::Command, time::Instant};
 
