@@ -105,8 +105,9 @@ impl std::ops::Index<usize> for Yaml {
     }
 }
 
-/// Every document of a YAML stream. Aliases resolve to their anchors' nodes; tags are refused
-/// (the deployment files use none, and ignoring one could misread a value).
+/// Every document of a YAML stream. Aliases resolve to their anchors' nodes (anchor id 0 is
+/// "none"); tags and duplicate keys are refused (the deployment files have neither, and
+/// ignoring either could misread a value).
 fn load(text: &str) -> Result<Vec<Yaml>, String> {
     enum Open {
         Seq(usize, Vec<Yaml>),
@@ -162,6 +163,9 @@ fn load(text: &str) -> Result<Vec<Yaml>, String> {
             None => docs.push(node),
             Some(Open::Seq(_, items)) => items.push(node),
             Some(Open::Map(_, entries, key)) => match key.take() {
+                None if entries.iter().any(|(k, _)| *k == node) => {
+                    return Err(format!("duplicate key {node:?} at {span:?}"));
+                }
                 None => *key = Some(node),
                 Some(k) => entries.push((k, node)),
             },
@@ -181,6 +185,28 @@ fn docs(path: &str) -> Vec<Yaml> {
 
 fn one(path: &str) -> Yaml {
     docs(path).into_iter().next().unwrap()
+}
+
+#[test]
+fn the_yaml_reader_resolves_scalars_and_refuses_what_it_cannot_read() {
+    let d =
+        load("a: 50051\nb: '50051'\nc: true\nd: [x, ~, -1.5]\ne: &e {f: 0x10}\ng: *e\n").unwrap();
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert_eq!(d["a"].as_i64(), Some(50051));
+    assert_eq!(d["a"].as_str(), None);
+    assert_eq!(d["b"].as_str(), Some("50051"));
+    assert_eq!(d["c"].as_bool(), Some(true));
+    assert_eq!(d["d"][0].as_str(), Some("x"));
+    assert_eq!(d["d"][1], Yaml::Null);
+    assert_eq!(d["d"][2], Yaml::Real(-1.5));
+    assert!(d["d"][3].is_badvalue());
+    assert_eq!(d["g"]["f"].as_i64(), Some(16));
+    assert!(d["missing"]["deeper"].is_badvalue());
+    assert_eq!(load("a: 1\n---\nb: 2\n").unwrap().len(), 2);
+    assert!(load("a: 1\na: 2\n").unwrap_err().contains("duplicate key"));
+    assert!(load("a: !!str 1\n").unwrap_err().contains("tags"));
+    assert!(load("a: [1, 2\n").is_err());
 }
 
 #[test]
