@@ -6,4 +6,5 @@
 //! cargo bench -p clerk-grpc-auth-bench --bench verify        # criterion: verifier, gRPC
 //! cargo bench -p clerk-grpc-auth-bench --bench layer         # criterion: the tower layer
 //! cargo bench -p clerk-grpc-auth-bench --bench verify_ratio  # interleaved core/raw/openssl
+//! cargo bench -p clerk-grpc-auth-bench -- --test             # all three once, quickly
 //! ```
