@@ -8,12 +8,13 @@ WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
-RUN mkdir -p src benches examples/common \
- && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
- && for b in verify verify_ratio layer; do echo 'fn main() {}' > benches/$b.rs; done \
+# The workspace's other member (bench/) only has to load: its manifest and stub targets.
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src examples/common bench/src bench/benches \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs bench/src/lib.rs \
+ && for b in verify verify_ratio layer; do echo 'fn main() {}' > bench/benches/$b.rs; done \
  && cargo build --release --locked --bin clerk-grpc-auth 2>/dev/null || true
 COPY src src
-COPY benches benches
 COPY examples examples
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin clerk-grpc-auth
 

@@ -37,15 +37,15 @@ mkdir -p "$WORK/src"
 cd "$WORK/src"
 cp "$REPO/Cargo.toml" "$REPO/Cargo.lock" "$REPO/build.rs" .
 cp -r "$REPO/proto" proto
+mkdir -p bench && cp "$REPO/bench/Cargo.toml" bench/
 # The Dockerfile's dependency-caching RUN, verbatim in effect.
-mkdir -p src benches examples/common
-echo 'fn main() {}' >src/main.rs && touch src/lib.rs
-for b in verify verify_ratio layer; do echo 'fn main() {}' >"benches/$b.rs"; done
+mkdir -p src examples/common bench/src bench/benches
+echo 'fn main() {}' >src/main.rs && touch src/lib.rs bench/src/lib.rs
+for b in verify verify_ratio layer; do echo 'fn main() {}' >"bench/benches/$b.rs"; done
 cargo build --release --locked --bin clerk-grpc-auth 2>"$WORK/stub-build.log" \
     || echo "   (stub build failed, as the Dockerfile tolerates: see $WORK/stub-build.log)"
-rm -rf src benches examples
+rm -rf src examples
 cp -r "$REPO/src" src
-cp -r "$REPO/benches" benches
 cp -r "$REPO/examples" examples
 touch src/main.rs src/lib.rs
 cargo build --release --locked --bin clerk-grpc-auth

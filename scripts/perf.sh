@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the README's performance table on this machine (about 6 minutes):
-#   openssl speed rsa2048 and the in-process verifier (cargo bench --bench verify_ratio);
+#   openssl speed rsa2048 and the in-process verifier
+#   (cargo bench -p clerk-grpc-auth-bench --bench verify_ratio);
 #   a bare tonic echo server (the ceiling), VerifyToken with repeated tokens (verdict cache on)
 #   and with the cache off, measured in alternating rounds (median of ROUNDS);
 #   VerifyToken with fresh tokens, Check, the Orders example through the in-process layer;
@@ -94,8 +95,8 @@ lg check --target check --concurrency "$CONCURRENCY"
 lg orders --target orders --concurrency "$CONCURRENCY" --metrics none
 RUN_WARM=0 RUN_DUR=3 lg flood --tokens random-kid --pool 10000 --concurrency "$CONCURRENCY"
 
-echo "== cargo bench --bench verify_ratio" >&2
-cargo bench --quiet --bench verify_ratio 2>/dev/null | tee "$OUT/verify_ratio.txt" >&2
+echo "== cargo bench -p clerk-grpc-auth-bench --bench verify_ratio" >&2
+cargo bench --quiet -p clerk-grpc-auth-bench --bench verify_ratio 2>/dev/null | tee "$OUT/verify_ratio.txt" >&2
 
 python3 - "$OUT" "$ROUNDS" <<'EOF'
 import json, re, statistics, sys

@@ -5,7 +5,8 @@
 //! RSA-2048/SHA-256 verification, the verifier core on distinct tokens (decode, checks, RSA,
 //! claim decoding, identity), off-the-shelf `jsonwebtoken` on the same tokens, and — when
 //! `openssl` is on the PATH — `openssl speed -seconds 1 rsa2048`'s verify/s. Run with
-//! `cargo bench --bench verify_ratio` (about a minute).
+//! `cargo bench -p clerk-grpc-auth-bench --bench verify_ratio` (about a minute); with `-- --test`
+//! one short round, to check that it runs.
 
 use std::{hint::black_box, process::Command, time::Instant};
 
@@ -23,6 +24,9 @@ const DISTINCT: usize = 4096;
 const ROUNDS: usize = 15;
 /// About half a second of work per round and kind.
 const PER_ROUND: usize = 20_000;
+/// Rounds and work per round under `--test` (as criterion's: run everything once, quickly).
+const TEST_ROUNDS: usize = 1;
+const TEST_PER_ROUND: usize = 200;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -43,6 +47,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let test = std::env::args().any(|a| a == "--test");
+    let (rounds, per_round) = if test {
+        (TEST_ROUNDS, TEST_PER_ROUND)
+    } else {
+        (ROUNDS, PER_ROUND)
+    };
     let key = SigningKey::generate().unwrap();
     let jwks = serde_json::to_vec(&json!({ "keys": [key.jwk()] })).unwrap();
     let keys = KeySet::from_jwks_json(&jwks).unwrap().0;
@@ -100,16 +110,16 @@ fn main() {
     let (mut raw_ps, mut core_ps, mut openssl_ps) = (Vec::new(), Vec::new(), Vec::new());
     let mut jwt_ps = Vec::new();
     let mut i = 0;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let t0 = Instant::now();
-        for _ in 0..PER_ROUND {
+        for _ in 0..per_round {
             i = (i + 1) % DISTINCT;
             let (input, sig) = &pre[i];
             raw.verify_sig(input.as_bytes(), sig).unwrap();
         }
-        raw_ps.push(PER_ROUND as f64 / t0.elapsed().as_secs_f64());
+        raw_ps.push(per_round as f64 / t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        for _ in 0..PER_ROUND {
+        for _ in 0..per_round {
             i = (i + 1) % DISTINCT;
             black_box(
                 verifier
@@ -117,15 +127,15 @@ fn main() {
                     .unwrap(),
             );
         }
-        core_ps.push(PER_ROUND as f64 / t0.elapsed().as_secs_f64());
+        core_ps.push(per_round as f64 / t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        for _ in 0..PER_ROUND / 2 {
+        for _ in 0..per_round / 2 {
             i = (i + 1) % DISTINCT;
             black_box(
                 jsonwebtoken::decode::<Value>(&tokens[i], &jwt_key, &jwt_validation).unwrap(),
             );
         }
-        jwt_ps.push((PER_ROUND / 2) as f64 / t0.elapsed().as_secs_f64());
+        jwt_ps.push((per_round / 2) as f64 / t0.elapsed().as_secs_f64());
         if let Some(o) = openssl_verify_per_sec() {
             openssl_ps.push(o);
         }
@@ -145,7 +155,7 @@ fn main() {
     let core_per_s = median(core_ps);
     println!("token size                     {} bytes", tokens[0].len());
     println!(
-        "raw aws-lc RSA-2048 verify/s   {raw_per_s:>10.0}  (one core, median of {ROUNDS} rounds)"
+        "raw aws-lc RSA-2048 verify/s   {raw_per_s:>10.0}  (one core, median of {rounds} rounds)"
     );
     println!("verifier core verify/s         {core_per_s:>10.0}  (distinct tokens, same rounds)");
     let jwt_per_s = median(jwt_ps);

@@ -9,7 +9,7 @@
 //! * `delegated_miss` — delegated, every token new: one `VerifyToken` to a real AuthService on
 //!   loopback (its cache off too, so it verifies the signature).
 //!
-//! Run with `cargo bench --bench layer`.
+//! Run with `cargo bench -p clerk-grpc-auth-bench --bench layer`.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 

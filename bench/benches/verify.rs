@@ -2,8 +2,9 @@
 //! verdict-cache hit, raw RSA-2048 verification for reference, and a VerifyToken round trip
 //! over loopback gRPC.
 //!
-//! Run with `cargo bench --bench verify`. Compare `verify/core_distinct_tokens` with
-//! `openssl speed -seconds 5 rsa2048` (its verify/s) on the same machine.
+//! Run with `cargo bench -p clerk-grpc-auth-bench --bench verify`. Compare
+//! `verify/core_distinct_tokens` with `openssl speed -seconds 5 rsa2048` (its verify/s) on the
+//! same machine.
 
 use std::{sync::Arc, time::Duration};
 
