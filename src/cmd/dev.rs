@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use super::{
     args::DevArgs,
-    walkthrough::{Walkthrough, END_LINE},
+    walkthrough::Walkthrough,
     EXIT_CONFIG,
 };
 
@@ -351,7 +351,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
          http://{http_addr}/webhooks/clerk   (Clerk webhooks)\n                  \
          http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)\n  \
          Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)\n\
-         {tls_note}\n{steps}\n{END_LINE}",
+         {tls_note}\n{steps}",
         emu_url = emu.url(),
         steps = walkthrough.render(),
     );

@@ -1,24 +1,27 @@
 //! The walk-through `dev` prints: numbered steps of commands to paste, in order, into another
 //! terminal, each with the result it shows.
 //!
-//! The text is a contract that `tests/walkthrough` executes line by line, so its shape is fixed:
-//! - a step starts with a heading line `N. …` (continued on lines indented by three spaces);
-//! - a command is a line that starts in the first column — nothing else does;
-//! - an expected result is an indented line `→ a, b`: the command prints every fragment
-//!   (`Code: X` means grpcurl's error with that code, and the command fails with 64 + the
-//!   code; `Failed …` means grpcurl could not call at all, and exits 1);
-//! - anything else indented is prose.
+//! The text is a bash script (zsh too, with `setopt interactivecomments`): pasted whole, from
+//! the first step to the last line, it runs. It is also a contract that `tests/walkthrough`
+//! executes line by line, so its shape is fixed:
+//! - a step starts with a comment `# N. …` (continued on comment lines `#    …`);
+//! - a command is a line that is not a comment — nothing else is;
+//! - an expected result is a comment `#    → a, b` under its command: the command prints every
+//!   fragment (`Code: X` means grpcurl's error with that code, and the command fails with 64 +
+//!   the code; `Failed …` means grpcurl could not call at all, and exits 1);
+//! - any other comment is prose.
 //!
 //! Commands never carry trailing `#` comments (zsh, without `interactivecomments`, passes
-//! them to the command as arguments), every value a later step needs is in a variable set by
-//! an earlier one, and `$TOKEN` stays the one-hour dev token throughout.
+//! them to the command as arguments; a whole-line comment there is at worst a harmless
+//! "command not found"), every value a later step needs is in a variable set by an earlier
+//! one, and `$TOKEN` stays the one-hour dev token throughout.
 
 use std::fmt::Write as _;
 
 use super::dev::DEV_SPIFFE_ID;
 
 /// The last line `dev` prints: the walk-through is complete above it.
-pub const END_LINE: &str = "dev is running. Ctrl-C here stops it.";
+pub const END_LINE: &str = "# dev is running. Ctrl-C in its terminal stops it.";
 
 /// Where the Orders example listens (in-process auth).
 pub const IN_PROCESS_ADDR: &str = "127.0.0.1:50061";
@@ -90,10 +93,10 @@ impl Walkthrough<'_> {
         let mut step = 0;
         let mut heading = |out: &mut String, text: &str| {
             step += 1;
-            let _ = write!(out, "\n{step}. ");
+            let _ = write!(out, "\n# {step}. ");
             for (i, line) in text.lines().enumerate() {
                 if i > 0 {
-                    out.push_str("\n   ");
+                    out.push_str("\n#    ");
                 }
                 out.push_str(line);
             }
@@ -103,13 +106,14 @@ impl Walkthrough<'_> {
             out.push_str(command);
             out.push('\n');
             if !expect.is_empty() {
-                let _ = writeln!(out, "   → {expect}");
+                let _ = writeln!(out, "#    → {expect}");
             }
         };
 
         out.push_str(
-            "Paste these into another terminal in this directory (bash or zsh), from the top.\n\
-             Under each command, after →, is what it prints.\n",
+            "# Paste what follows into another terminal in this directory, from the top: it is a\n\
+             # bash script (in zsh, `setopt interactivecomments` first). Under each command, after\n\
+             # →, is what it prints.\n",
         );
 
         heading(
@@ -374,6 +378,8 @@ impl Walkthrough<'_> {
             "Stop the examples. Ctrl-C in dev's terminal stops dev.",
         );
         cmd(&mut out, "kill %1 %2", "");
+        out.push('\n');
+        out.push_str(END_LINE);
         out
     }
 }

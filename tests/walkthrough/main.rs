@@ -23,7 +23,7 @@ use std::{
 };
 
 /// The line `dev` ends its walk-through with (`src/cmd/walkthrough.rs`).
-const END_LINE: &str = "dev is running. Ctrl-C here stops it.";
+const END_LINE: &str = "# dev is running. Ctrl-C in its terminal stops it.";
 
 fn main() -> ExitCode {
     if std::env::var_os("WALKTHROUGH_AS_GRPCURL").is_some() {
@@ -74,30 +74,33 @@ struct Step {
     expect: Vec<String>,
 }
 
-/// Reads the printed walk-through: commands start in the first column, `→` lines under them
-/// are their results, headings are `N. …`; the banner before step 1 is not part of it.
+/// Reads the printed walk-through: a bash script whose commands are its non-comment lines,
+/// `#    → …` comments under them their results, `# N. …` comments the steps; the banner
+/// before step 1 is not part of it.
 fn parse(text: &str) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     let mut started = false;
     for line in text.lines() {
-        let is_heading = line
-            .split_once(". ")
-            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if is_heading {
-            started = true;
-            continue;
-        }
-        if !started || line.trim().is_empty() || line == END_LINE {
-            continue;
-        }
-        if line.starts_with(char::is_whitespace) {
-            if let Some(expect) = line.trim_start().strip_prefix("→ ") {
+        if let Some(comment) = line.strip_prefix('#') {
+            let comment = comment.trim_start();
+            let is_heading = comment
+                .split_once(". ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            started |= is_heading;
+            if let Some(expect) = comment.strip_prefix("→ ").filter(|_| started) {
                 let step = steps.last_mut().expect("a result under a command");
                 assert!(step.expect.is_empty(), "two result lines under {step:?}");
                 step.expect = expect.split(", ").map(str::to_owned).collect();
             }
             continue;
         }
+        if !started || line.trim().is_empty() {
+            continue;
+        }
+        assert!(
+            !line.starts_with(char::is_whitespace),
+            "an indented line in the script: {line}"
+        );
         assert!(
             !line.contains(" # "),
             "a trailing comment breaks zsh pastes: {line}"
