@@ -5,8 +5,8 @@
 //! With `cargo run --release -- dev` running and `$TOKEN` exported from its output:
 //!
 //! ```sh
-//! cargo run --example envoy_check -- --path /orders                 # allowed, x-clerk-* headers
-//! cargo run --example envoy_check -- --path /orders --no-token      # denied 401
+//! cargo run --release --example envoy_check -- --path /orders                 # allowed, x-clerk-* headers
+//! cargo run --release --example envoy_check -- --path /orders --no-token      # denied 401
 //! curl -s 127.0.0.1:9090/metrics | grep 'method="Check"'            # the two decisions
 //! ```
 

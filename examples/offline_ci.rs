@@ -3,7 +3,7 @@
 //! no Clerk account.
 //!
 //! ```sh
-//! cargo run --example offline_ci
+//! cargo run --release --example offline_ci
 //! ```
 
 use clerk_grpc_auth::{

@@ -4,7 +4,7 @@
 //! then:
 //!
 //! ```sh
-//! cargo run --example whoami -- http://127.0.0.1:50051
+//! cargo run --release --example whoami -- http://127.0.0.1:50051
 //! ```
 
 use clerk_grpc_auth::pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest};

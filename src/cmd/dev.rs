@@ -14,11 +14,7 @@ use clerk_grpc_auth::{
 };
 use tokio::net::TcpListener;
 
-use super::{
-    args::DevArgs,
-    walkthrough::Walkthrough,
-    EXIT_CONFIG,
-};
+use super::{args::DevArgs, walkthrough::Walkthrough, EXIT_CONFIG};
 
 /// The dev token's organization ("acme").
 const ORG_ID: &str = "org_2devACMEacmeACMEacmeACME";
