@@ -127,11 +127,18 @@ fn follow_revocations(
         credentials::m2m::{M2mTokenSource, M2mTokenSourceConfig},
         secret::Secret,
     };
+    let tls = args.tls.client_config()?;
     let (Some(url), Some(key)) = (&args.revocations_from, &args.machine_secret_key) else {
+        if tls.is_some() {
+            return Err("--tls-ca and the other --tls flags are for --revocations-from".into());
+        }
         return Ok(None);
     };
+    if tls.is_some() != url.starts_with("https://") {
+        return Err("use an https:// URL with --tls-ca, and --tls-ca with an https:// URL".into());
+    }
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?;
-    if let Some(tls) = args.tls.client_config()? {
+    if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint.connect_lazy();

@@ -406,13 +406,11 @@ fn dev_tls_pki_is_private_short_lived_and_removed_on_exit() {
             panic!("dev exited before it was ready: {seen}");
         }
         seen.push_str(&line);
-        if let Some(rest) = line.trim().strip_prefix("-cacert ") {
-            let ca = rest.split_whitespace().next().unwrap();
-            dir = Some(std::path::PathBuf::from(
-                ca.strip_suffix("/ca.pem").unwrap(),
-            ));
+        if let Some(rest) = line.trim().strip_prefix("export CERTS=") {
+            dir = Some(std::path::PathBuf::from(rest));
         }
-        if line.contains("Ctrl-C stops both.") {
+        // The walk-through's last line (`src/cmd/walkthrough.rs`).
+        if line.trim() == "# dev is running. Ctrl-C in its terminal stops it." {
             break;
         }
     }

@@ -9,8 +9,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use clerk_grpc_auth::{
     clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
-    emulator::{Emulator, MachineTokenKind, MachineTokenSpec},
-    pb::{auth_service_client::AuthServiceClient, WatchRevocationsRequest},
+    emulator::{Emulator, MachineTokenKind, MachineTokenSpec, UserSpec},
+    pb::{auth_service_client::AuthServiceClient, GetUserRequest, User, WatchRevocationsRequest},
     secret::Secret,
     server::{AuthServer, IdentityConfig, Listeners, ServerError, WebhookConfig},
 };
@@ -89,6 +89,17 @@ async fn start() -> Running {
 }
 
 impl Running {
+    /// A JWT M2M token of the allowlisted machine (verified offline: no Backend API request).
+    fn machine_token(&self) -> String {
+        self.clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::M2m,
+            jwt: true,
+            subject: Some(self.machine.clone()),
+            expires_in: Some(600),
+            ..MachineTokenSpec::default()
+        })
+    }
+
     async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.grpc))
             .unwrap()
@@ -177,6 +188,9 @@ async fn a_grpc_connection_that_never_sent_its_preface_does_not_hold_the_stop() 
     let s = start().await;
     // Connected, nothing sent (a port probe, a stalled client).
     let idle = TcpStream::connect(s.grpc).await.unwrap();
+    // Connected, part of the preface sent, then stalled.
+    let mut partial = TcpStream::connect(s.grpc).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0").await.unwrap();
     // And one that made a call and stays connected.
     let mut health = HealthClient::new(s.channel().await);
     health
@@ -186,7 +200,7 @@ async fn a_grpc_connection_that_never_sent_its_preface_does_not_hold_the_stop() 
         .await
         .unwrap();
     s.stop().await;
-    drop(idle);
+    drop((idle, partial));
 }
 
 #[tokio::test]
@@ -213,4 +227,100 @@ async fn an_idle_http_keep_alive_connection_does_not_hold_the_stop() {
     // The server closed it.
     let n = guard(conn.read(&mut buf)).await.unwrap_or(0);
     assert_eq!(n, 0, "the idle connection is closed");
+}
+
+#[tokio::test]
+async fn a_call_in_flight_is_answered_during_the_stop() {
+    let s = start().await;
+    let id = s.clerk.create_user(&UserSpec {
+        first_name: Some("Ada".into()),
+        ..UserSpec::default()
+    });
+    // Clerk is slow: the call is still waiting for it when the stop begins.
+    s.clerk.set_latency(Duration::from_millis(300));
+    let before = s.clerk.bapi_requests();
+    let mut req = Request::new(GetUserRequest {
+        user_id: id.clone(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", s.machine_token()).parse().unwrap(),
+    );
+    let mut client = AuthServiceClient::new(s.channel().await);
+    let call = tokio::spawn(async move { client.get_user(req).await });
+    // Counted on arrival at the emulator, before its latency.
+    s.clerk.wait_bapi_requests(before + 1).await;
+    s.stop().await;
+    let user = call.await.unwrap().expect("answered during the stop");
+    assert_eq!(user.into_inner().id, id);
+}
+
+#[tokio::test]
+async fn a_slow_reader_gets_the_whole_answer_and_its_trailers() {
+    use prost::Message as _;
+
+    let mut s = start().await;
+    // A profile far larger than the client's flow-control window: most of the answer is still
+    // unsent, waiting for the client, when the stop begins.
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("blob".into(), "x".repeat(256 * 1024).into());
+    let id = s.clerk.create_user(&UserSpec {
+        public_metadata: metadata,
+        ..UserSpec::default()
+    });
+    let tcp = TcpStream::connect(s.grpc).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .initial_connection_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/clerk.auth.v1.AuthService/GetUser",
+        s.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {}", s.machine_token()))
+    .body(())
+    .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    let message = GetUserRequest {
+        user_id: id.clone(),
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    send.send_data(frame.into(), true).unwrap();
+    let response = guard(response).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = guard(body.data()).await.unwrap().unwrap();
+    // The stop begins with the answer part-written; then the client reads on, slowly.
+    let _ = s.stop.take().unwrap().send(());
+    let mut received = first.to_vec();
+    body.flow_control().release_capacity(first.len()).unwrap();
+    while let Some(chunk) = guard(body.data()).await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        received.extend_from_slice(&chunk);
+    }
+    let trailers = guard(body.trailers())
+        .await
+        .unwrap()
+        .expect("the answer ends with its trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    let length = u32::from_be_bytes(received[1..5].try_into().unwrap()) as usize;
+    assert_eq!(received.len(), 5 + length, "the whole message");
+    let user = User::decode(&received[5..]).unwrap();
+    assert_eq!(user.id, id);
+    guard(s.task)
+        .await
+        .unwrap()
+        .expect("the server stops cleanly");
 }

@@ -359,6 +359,14 @@ pub struct DevArgs {
     /// call's signature check).
     #[arg(long, env = "CLERK_AUTH_VERDICT_CACHE_CAPACITY")]
     pub verdict_cache_capacity: Option<String>,
+    /// Where the walk-through's Orders example verifying in-process listens (printed in its
+    /// commands; dev does not bind it).
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    pub orders_in_process: String,
+    /// Where the walk-through's Orders example delegating to AuthService listens (printed in
+    /// its commands; dev does not bind it).
+    #[arg(long, default_value = "127.0.0.1:50062")]
+    pub orders_delegated: String,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = log_format())]
     pub log_format: LogFormat,

@@ -120,6 +120,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
         metrics_listen,
         tls,
         verdict_cache_capacity,
+        orders_in_process,
+        orders_delegated,
         log_format,
     } = args;
     // `--verdict-cache-capacity` (or its variable) by the library's rule; the rest of the
@@ -326,6 +328,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
         machine_a_secret: &service_a.secret_key,
         machine_b: &service_b.id,
         certs: pki_dir.as_ref().map(|d| d.path().display().to_string()),
+        orders_in_process,
+        orders_delegated,
     };
     let transport = if pki_dir.is_some() {
         "gRPC with mTLS: a client certificate is required"

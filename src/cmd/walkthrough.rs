@@ -9,12 +9,13 @@
 //! - an expected result is a comment `#    → a, b` under its command: the command prints every
 //!   fragment (`Code: X` means grpcurl's error with that code, and the command fails with 64 +
 //!   the code; `Failed …` means grpcurl could not call at all, and exits 1);
-//! - any other comment is prose.
+//! - any other comment is prose, and holds no character zsh would act on (no quote but
+//!   paired `"`, no `$`, parentheses, redirections or globs): pasted into zsh without
+//!   `interactivecomments`, a comment line is a command named `#`, which fails harmlessly.
 //!
 //! Commands never carry trailing `#` comments (zsh, without `interactivecomments`, passes
-//! them to the command as arguments; a whole-line comment there is at worst a harmless
-//! "command not found"), every value a later step needs is in a variable set by an earlier
-//! one, and `$TOKEN` stays the one-hour dev token throughout.
+//! them to the command as arguments), every value a later step needs is in a variable set by
+//! an earlier one, and `$TOKEN` stays the one-hour dev token throughout.
 
 use std::fmt::Write as _;
 
@@ -22,11 +23,6 @@ use super::dev::DEV_SPIFFE_ID;
 
 /// The last line `dev` prints: the walk-through is complete above it.
 pub const END_LINE: &str = "# dev is running. Ctrl-C in its terminal stops it.";
-
-/// Where the Orders example listens (in-process auth).
-pub const IN_PROCESS_ADDR: &str = "127.0.0.1:50061";
-/// Where the Orders example listens (auth delegated to AuthService).
-pub const DELEGATED_ADDR: &str = "127.0.0.1:50062";
 
 /// Everything the walk-through names.
 pub struct Walkthrough<'a> {
@@ -56,6 +52,10 @@ pub struct Walkthrough<'a> {
     pub machine_b: &'a str,
     /// `--tls`: the directory holding `ca.pem`, `client.pem` and `client-key.pem`.
     pub certs: Option<String>,
+    /// Where the Orders example verifying in-process listens.
+    pub orders_in_process: String,
+    /// Where the Orders example delegating to AuthService listens.
+    pub orders_delegated: String,
 }
 
 impl Walkthrough<'_> {
@@ -109,17 +109,19 @@ impl Walkthrough<'_> {
                 let _ = writeln!(out, "#    → {expect}");
             }
         };
+        let stats = "curl -s -w '\\n' $EMU/emulator/stats";
+        let reset = "curl -s -o /dev/null -X POST $EMU/emulator/stats/reset";
 
         out.push_str(
             "# Paste what follows into another terminal in this directory, from the top: it is a\n\
-             # bash script (in zsh, `setopt interactivecomments` first). Under each command, after\n\
-             # →, is what it prints.\n",
+             # bash script. In zsh, run setopt interactivecomments first. Under each command,\n\
+             # after →, is what it prints.\n",
         );
 
         heading(
             &mut out,
             "Where everything is, and a session token: user_2dev…, admin of the organization\n\
-             \"acme\", valid for one hour. Every later step uses these variables.",
+             acme, valid for one hour. Every later step uses these variables.",
         );
         cmd(
             &mut out,
@@ -137,6 +139,14 @@ impl Walkthrough<'_> {
             ),
             "",
         );
+        cmd(
+            &mut out,
+            &format!(
+                "export ORDERS_IN_PROCESS={} ORDERS_DELEGATED={}",
+                self.orders_in_process, self.orders_delegated
+            ),
+            "",
+        );
         if let Some(certs) = &self.certs {
             cmd(&mut out, &format!("export CERTS={certs}"), "");
         }
@@ -145,8 +155,10 @@ impl Walkthrough<'_> {
         heading(
             &mut out,
             "Verify it. grpcurl needs no proto files: AuthService offers reflection. The keys\n\
-             came from the emulator's JWKS once; verification itself makes no request.",
+             came from the JWKS of the emulator once, at start: verifying makes no request,\n\
+             as the counts of the emulator show.",
         );
+        cmd(&mut out, reset, "");
         cmd(
             &mut out,
             &format!(
@@ -164,28 +176,21 @@ impl Walkthrough<'_> {
             &format!("{g} $AUTH describe clerk.auth.v1.AuthService"),
             "clerk.auth.v1.AuthService is a service",
         );
-        cmd(
-            &mut out,
-            "curl -s $EMU/emulator/stats",
-            r#""GET /v1/jwks":1"#,
-        );
+        cmd(&mut out, stats, r#""requests":{}"#);
 
         heading(
             &mut out,
-            "Ten identity queries, one Backend API request. Machine A (on the identity-query\n\
-             allowlist) reads user Grace ten times; AuthService asks Clerk once and answers\n\
-             the rest from its cache. The emulator counts what it was asked, by endpoint.",
+            "Ten identity queries, one Backend API request for the user. Machine A, on the\n\
+             identity-query allowlist, reads user Grace ten times: AuthService asks Clerk once\n\
+             and answers the rest from its cache. The emulator counts what it was asked, by\n\
+             endpoint.",
         );
         cmd(
             &mut out,
             "M2M=$(cargo run --release -q -- token --emulator-url $EMU --m2m --machine $MACHINE_A)",
             "",
         );
-        cmd(
-            &mut out,
-            "curl -s -o /dev/null -X POST $EMU/emulator/stats/reset",
-            "",
-        );
+        cmd(&mut out, reset, "");
         cmd(
             &mut out,
             &format!(
@@ -196,7 +201,7 @@ impl Walkthrough<'_> {
         // With mTLS the allowlisted certificate is the caller: the M2M token is not verified.
         cmd(
             &mut out,
-            "curl -s $EMU/emulator/stats",
+            stats,
             if tls {
                 r#""GET /v1/users/{user_id}":1"#
             } else {
@@ -215,10 +220,10 @@ impl Walkthrough<'_> {
             heading(
                 &mut out,
                 &format!(
-                    "Who may ask. The port takes only clients with a certificate from dev's CA, and\n\
-                     yours ({DEV_SPIFFE_ID}) is on the identity-query\n\
-                     allowlist: with it, even a user's token may read another user. A second\n\
-                     token, for a member, goes into its own variable."
+                    "Who may ask. The port takes only clients with a certificate from the CA of dev,\n\
+                     and yours, SPIFFE ID {DEV_SPIFFE_ID},\n\
+                     is on the identity-query allowlist: with it, even the token of a user may read\n\
+                     another user. A second token, for a member, goes into its own variable."
                 ),
             );
         } else {
@@ -271,7 +276,7 @@ impl Walkthrough<'_> {
         heading(
             &mut out,
             "Machine tokens: VerifyToken takes them when the request names their type.\n\
-             (`token --api-key`, `--oauth` and `--jwt` mint the other kinds.)",
+             token --api-key, --oauth and --jwt mint the other kinds.",
         );
         cmd(
             &mut out,
@@ -291,7 +296,7 @@ impl Walkthrough<'_> {
         heading(
             &mut out,
             "Machine to machine: service A calls service B, which asks this AuthService to\n\
-             verify A's M2M token; a call without a token is refused.",
+             verify the M2M token of A. A call without a token is refused.",
         );
         cmd(
             &mut out,
@@ -304,38 +309,36 @@ impl Walkthrough<'_> {
         heading(
             &mut out,
             "Protect your own service: the Orders example, verifying in-process and delegating\n\
-             to AuthService, in the background. Both follow this AuthService's revocations as\n\
-             machine A. The curl line waits until both listen. Ping is public; ListOrders takes\n\
-             any session; DeleteOrder needs the permission org:orders:delete.",
+             to AuthService, in the background. Both follow the revocations of this AuthService\n\
+             as machine A. The curl line waits until both listen. Ping is public, ListOrders\n\
+             takes any session, DeleteOrder needs the permission org:orders:delete.",
         );
         cmd(&mut out, "cargo build --release --examples", "");
         cmd(
             &mut out,
             &format!(
-                "CLERK_JWKS_URL=$EMU/.well-known/jwks.json CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example in_process -- --listen {IN_PROCESS_ADDR} --revocations-from {to_auth} &"
+                "CLERK_JWKS_URL=$EMU/.well-known/jwks.json CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example in_process -- --listen $ORDERS_IN_PROCESS --revocations-from {to_auth} &"
             ),
             "",
         );
         cmd(
             &mut out,
             &format!(
-                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example delegated -- --listen {DELEGATED_ADDR} --auth-service {to_auth} &"
+                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example delegated -- --listen $ORDERS_DELEGATED --auth-service {to_auth} &"
             ),
             "",
         );
         cmd(
             &mut out,
-            &format!(
-                "curl -s -o /dev/null --retry 60 --retry-connrefused --retry-delay 1 --http2-prior-knowledge http://{IN_PROCESS_ADDR}/ http://{DELEGATED_ADDR}/"
-            ),
+            "curl -s -o /dev/null --retry 60 --retry-connrefused --retry-delay 1 --http2-prior-knowledge http://$ORDERS_IN_PROCESS/ http://$ORDERS_DELEGATED/",
             "",
         );
         cmd(
             &mut out,
-            &format!("grpcurl -plaintext {IN_PROCESS_ADDR} examples.orders.v1.Orders/Ping"),
+            "grpcurl -plaintext $ORDERS_IN_PROCESS examples.orders.v1.Orders/Ping",
             r#""message": "pong""#,
         );
-        for addr in [IN_PROCESS_ADDR, DELEGATED_ADDR] {
+        for addr in ["$ORDERS_IN_PROCESS", "$ORDERS_DELEGATED"] {
             cmd(
                 &mut out,
                 &format!(
@@ -346,22 +349,20 @@ impl Walkthrough<'_> {
         }
         cmd(
             &mut out,
-            &format!(
-                r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"order_id":"ord_1"}}' {DELEGATED_ADDR} examples.orders.v1.Orders/DeleteOrder"#
-            ),
+            r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"order_id":"ord_1"}' $ORDERS_DELEGATED examples.orders.v1.Orders/DeleteOrder"#,
             "Code: PermissionDenied",
         );
 
         heading(
             &mut out,
             "Revoke the session. The emulator sends a signed session.revoked webhook to\n\
-             $WEBHOOKS/webhooks/clerk and returns once AuthService has taken it; the examples\n\
-             learn it from AuthService's revocation stream.",
+             AuthService, on its webhooks port, and returns once AuthService has taken it.\n\
+             The examples learn it from the revocation stream of AuthService.",
         );
         cmd(
             &mut out,
             &format!(
-                r#"curl -s -X POST $EMU/emulator/sessions/{session_id}/status -H 'content-type: application/json' -d '{{"status":"revoked"}}'"#
+                r#"curl -s -w '\n' -X POST $EMU/emulator/sessions/{session_id}/status -H 'content-type: application/json' -d '{{"status":"revoked"}}'"#
             ),
             r#""status":"revoked""#,
         );
@@ -375,7 +376,7 @@ impl Walkthrough<'_> {
 
         heading(
             &mut out,
-            "Stop the examples. Ctrl-C in dev's terminal stops dev.",
+            "Stop the examples. Ctrl-C in the terminal of dev stops dev.",
         );
         cmd(&mut out, "kill %1 %2", "");
         out.push('\n');

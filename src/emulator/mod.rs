@@ -22,7 +22,8 @@
 //! # Stats
 //!
 //! Every request to a Clerk-facing route — the two JWKS endpoints and the Backend API
-//! routes above, everything but `/emulator/*` — is counted when it arrives, whatever its
+//! routes above, everything but the emulator's own control routes — is counted when it
+//! arrives (a path that matches no route included, as `<unmatched>`), whatever its
 //! answer (an injected fault, a 401, a 404, a refused body, a 405 for a method the route does
 //! not serve):
 //!

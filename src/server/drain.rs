@@ -1,32 +1,43 @@
-//! What a stop waits for: the calls in flight, not the connections.
+//! What a stop waits for: the calls in flight and the connections carrying them — not the
+//! connections that never spoke.
 //!
 //! [`Drain`] wraps the gRPC server (a tower layer) and counts the calls in flight: a call
-//! counts from its arrival until its response body ends or is dropped. When the drain begins
-//! ([`Drain::start`]):
+//! counts from its arrival until its response body ends or is dropped. It also wraps each
+//! accepted connection ([`DrainIo`]). When the drain begins ([`Drain::start`]):
 //!
 //! - a response body still streaming (`grpc.health.v1.Health/Watch`, reflection) ends with
 //!   `UNAVAILABLE` — what clients of a draining server expect: reconnect, elsewhere or later.
 //!   `WatchRevocations` ends itself, with its reason (its hub drains at the same moment), and
 //!   is left alone here;
-//! - [`Drain::idle`] resolves once no call is in flight. The server stops then, without
-//!   waiting for idle connections: an HTTP/2 connection whose client never sent its preface
-//!   (a port probe, a client that stalled) would otherwise hold the stop for the whole grace
-//!   period. Connections that are still open get their `GOAWAY` from the transport as usual.
+//! - a connection that has not yet sent the 24 bytes of the HTTP/2 client preface (a port
+//!   probe, a client that stalled before speaking) reads end-of-file, so the transport drops
+//!   it instead of waiting for a preface that may never come — it would otherwise hold the
+//!   stop for the whole grace period;
+//! - every other connection gets its `GOAWAY` from the transport and closes once its calls are
+//!   answered *and written*: the stop waits for that, so a slow reader still receives the end
+//!   of its answer (its trailers) within the grace period.
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, OnceLock,
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
 
 /// Paths whose streams end themselves when the server drains (with a reason of their own).
 const SELF_DRAINING: [&str; 1] = ["/clerk.auth.v1.AuthService/WatchRevocations"];
+
+/// The length of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const H2_PREFACE_LEN: usize = 24;
 
 /// The `grpc-message` of a stream ended by the drain.
 const DRAIN_MESSAGE: &str = "server shutting down; reconnect";
@@ -39,7 +50,7 @@ pub(crate) struct Drain {
 
 #[derive(Default)]
 struct Inner {
-    in_flight: watch::Sender<usize>,
+    in_flight: AtomicUsize,
     draining: CancellationToken,
     started: OnceLock<Instant>,
 }
@@ -58,15 +69,18 @@ impl Drain {
         self.inner.draining.cancel();
     }
 
-    /// Calls in flight now.
-    pub(crate) fn in_flight(&self) -> usize {
-        *self.inner.in_flight.borrow()
+    /// Wraps an accepted connection: see [`DrainIo`].
+    pub(crate) fn io<T>(&self, io: T) -> DrainIo<T> {
+        DrainIo {
+            io,
+            preface_left: H2_PREFACE_LEN,
+            until_spoken: Some(Box::pin(self.inner.draining.clone().cancelled_owned())),
+        }
     }
 
-    /// Resolves when no call is in flight (at once if none is).
-    pub(crate) async fn idle(&self) {
-        let mut rx = self.inner.in_flight.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+    /// Calls in flight now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
     }
 
     /// How long since the drain began (`None`: it has not).
@@ -80,14 +94,14 @@ struct InFlight(Arc<Inner>);
 
 impl InFlight {
     fn new(inner: Arc<Inner>) -> Self {
-        inner.in_flight.send_modify(|n| *n += 1);
+        inner.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(inner)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -130,7 +144,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let held = InFlight::new(self.inner.clone());
         let cut = (!SELF_DRAINING.contains(&req.uri().path()))
-            .then(|| Box::pin(self.inner.draining.clone().cancelled_owned()));
+            .then(|| Cut::Token(self.inner.draining.clone()));
         DrainFuture {
             future: self.service.call(req),
             held: Some(held),
@@ -145,7 +159,30 @@ pin_project_lite::pin_project! {
         #[pin]
         future: F,
         held: Option<InFlight>,
-        cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        cut: Option<Cut>,
+    }
+}
+
+/// How a streaming body learns of the drain: the token until the body first waits, then a
+/// future registered for its wake-up (a unary answer, never waiting, allocates nothing).
+enum Cut {
+    Token(CancellationToken),
+    Waiting(Pin<Box<WaitForCancellationFutureOwned>>),
+}
+
+impl Cut {
+    /// Whether the drain has begun; registers `cx` to be woken when it does.
+    fn poll_draining(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Cut::Token(token) = self {
+            if token.is_cancelled() {
+                return true;
+            }
+            *self = Cut::Waiting(Box::pin(token.clone().cancelled_owned()));
+        }
+        match self {
+            Cut::Waiting(future) => future.as_mut().poll(cx).is_ready(),
+            Cut::Token(token) => token.is_cancelled(),
+        }
     }
 }
 
@@ -175,7 +212,7 @@ pin_project_lite::pin_project! {
         #[pin]
         body: B,
         held: Option<InFlight>,
-        cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        cut: Option<Cut>,
         done: bool,
     }
 }
@@ -208,10 +245,7 @@ impl<B: Body> Body for DrainBody<B> {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Pending => {
-                let draining = this
-                    .cut
-                    .as_mut()
-                    .is_some_and(|cut| cut.as_mut().poll(cx).is_ready());
+                let draining = this.cut.as_mut().is_some_and(|cut| cut.poll_draining(cx));
                 if !draining {
                     return Poll::Pending;
                 }
@@ -244,4 +278,84 @@ fn unavailable() -> http::HeaderMap {
         http::HeaderValue::from_static(DRAIN_MESSAGE),
     );
     trailers
+}
+
+pin_project_lite::pin_project! {
+    /// An accepted connection that reads end-of-file once the drain begins if it has not yet
+    /// sent the HTTP/2 client preface; otherwise exactly the connection it wraps. Under TLS it
+    /// wraps the TCP stream, so a client that never sent a byte is dropped, while one that
+    /// stalled inside its TLS handshake is left to the transport.
+    pub(crate) struct DrainIo<T> {
+        #[pin]
+        io: T,
+        preface_left: usize,
+        // `None` once the preface has been read: from then on the transport's graceful
+        // shutdown (GOAWAY, close when the calls are written) applies.
+        until_spoken: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    }
+}
+
+impl<T: Connected> Connected for DrainIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for DrainIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        // Polled on every read until the preface is in: the drain wakes a connection that is
+        // waiting for its first bytes.
+        if let Some(draining) = this.until_spoken.as_mut() {
+            if draining.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let before = buf.filled().len();
+        let read = this.io.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            let n = buf.filled().len() - before;
+            *this.preface_left = this.preface_left.saturating_sub(n);
+            if *this.preface_left == 0 {
+                *this.until_spoken = None;
+            }
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for DrainIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
 }

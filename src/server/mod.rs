@@ -364,8 +364,10 @@ impl AuthServer {
     /// The drain waits for calls, not connections: streams end as it begins
     /// (`WatchRevocations` with `UNAVAILABLE` / `AUTH_SERVICE_UNAVAILABLE`, any other — health
     /// `Watch`, reflection — with `UNAVAILABLE`: reconnect), and idle connections (HTTP/2 or
-    /// keep-alive HTTP/1, or one that never sent a byte) do not hold it. It ends with an
-    /// `info` line `stopped` and the drain's duration; a `warn` when the grace period ran out.
+    /// keep-alive HTTP/1, or an HTTP/2 connection that never sent its preface) do not hold
+    /// it; a connection carrying a call is waited for until the answer is written, trailers
+    /// included (a slow reader gets the end of its answer). It ends with an `info` line
+    /// `stopped` and the drain's duration; a `warn` when the grace period ran out.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -545,32 +547,34 @@ impl AuthServer {
                     .into_server(),
             )
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60))),
+                {
+                    let drain = drain.clone();
+                    futures::StreamExt::map(
+                        TcpIncoming::from(listener)
+                            .with_nodelay(Some(true))
+                            .with_keepalive(Some(Duration::from_secs(60))),
+                        move |accepted| accepted.map(|io| drain.io(io)),
+                    )
+                },
                 signal,
             );
-        // Once the drain has begun: done when no call is in flight (idle connections are not
-        // waited for: the transport sends them GOAWAY), or when the grace period is over.
-        let drained = {
-            let drain = drain.clone();
-            async move {
-                if drain_rx.await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                tokio::time::timeout(grace, drain.idle()).await.is_ok()
+        // Once the drain has begun, the server future ends when every connection is closed:
+        // those that never spoke at once, the others once their calls are answered and written
+        // (streams end as the drain begins). The grace period bounds it.
+        let deadline = async move {
+            if drain_rx.await.is_err() {
+                std::future::pending::<()>().await;
             }
+            tokio::time::sleep(grace).await;
         };
         let result = tokio::select! {
             r = server => r.map_err(ServerError::Transport),
-            in_time = drained => {
-                if !in_time {
-                    tracing::warn!(
-                        ?grace,
-                        calls = drain.in_flight(),
-                        "drain deadline passed; dropping remaining calls"
-                    );
-                }
+            () = deadline => {
+                tracing::warn!(
+                    ?grace,
+                    calls = drain.in_flight(),
+                    "drain deadline passed; dropping remaining calls"
+                );
                 Ok(())
             }
         };
@@ -580,7 +584,11 @@ impl AuthServer {
         let _ = subscriber.await;
         // The HTTP ports stop accepting and finish their requests in flight (idle keep-alive
         // connections close at once), within what is left of the grace period.
-        let left = grace.saturating_sub(drain.elapsed().unwrap_or_default());
+        // At least a second, even after a gRPC drain that used the whole grace period: an
+        // idle port is not cut off before its task has run.
+        let left = grace
+            .saturating_sub(drain.elapsed().unwrap_or_default())
+            .max(Duration::from_secs(1));
         for t in http_tasks {
             let abort = t.abort_handle();
             match tokio::time::timeout(left, t).await {

@@ -67,6 +67,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Characters a comment line of the walk-through never holds: pasted into zsh without
+/// `interactivecomments`, a comment line is a command named `#`, and these would quote,
+/// substitute, redirect, glob or run something (`"` must come in pairs).
+const NOT_IN_COMMENTS: &[char] = &[
+    '\'', '`', '(', ')', '<', '>', '|', '&', ';', '$', '\\', '*', '?', '[', ']',
+];
+
 /// One command of the walk-through and what it should print.
 #[derive(Debug)]
 struct Step {
@@ -82,6 +89,10 @@ fn parse(text: &str) -> Vec<Step> {
     let mut started = false;
     for line in text.lines() {
         if let Some(comment) = line.strip_prefix('#') {
+            assert!(
+                !comment.contains(NOT_IN_COMMENTS) && comment.matches('"').count() % 2 == 0,
+                "a comment line zsh would act on when pasted: {line}"
+            );
             let comment = comment.trim_start();
             let is_heading = comment
                 .split_once(". ")
@@ -165,24 +176,56 @@ fn lines_of(reader: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Kills a process group on drop, so nothing outlives a failed assertion.
-struct Group(Child);
+/// A process group led by a child of the test, killed on drop so that nothing outlives a
+/// failed assertion. The group is signalled only while its leader is unreaped: a zombie still
+/// holds its id, so the number cannot have been given to another group.
+struct Group {
+    child: Child,
+    reaped: bool,
+}
 
-impl Drop for Group {
-    fn drop(&mut self) {
-        // `kill -s KILL -- -PGID`: the group. (procps' `kill -KILL -PGID` reads the group as
-        // a signal and kills every process it may: never that form.)
+impl Group {
+    fn spawn(cmd: &mut Command) -> Group {
+        use std::os::unix::process::CommandExt as _;
+        Group {
+            child: cmd.process_group(0).spawn().expect("spawn"),
+            reaped: false,
+        }
+    }
+
+    /// Sends `signal` to the leader alone.
+    fn signal_leader(&self, signal: &str) {
+        assert!(!self.reaped);
         let _ = Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{}", self.0.id())])
+            .args(["-s", signal, "--", &self.child.id().to_string()])
+            .status();
+    }
+
+    fn kill_group(&self) {
+        // `kill -s KILL -- -PGID`. (procps' `kill -KILL -PGID` reads the group as a signal
+        // and kills every process it may: never that form.)
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
             .stderr(Stdio::null())
             .status();
-        let _ = self.0.wait();
+    }
+
+    /// Once the leader has exited (its output closed): kills what is left of its group, then
+    /// reaps it and returns how it exited.
+    fn finish(&mut self) -> std::process::ExitStatus {
+        self.kill_group();
+        self.reaped = true;
+        self.child.wait().unwrap()
     }
 }
 
-fn spawn_group(cmd: &mut Command) -> Group {
-    use std::os::unix::process::CommandExt as _;
-    Group(cmd.process_group(0).spawn().expect("spawn"))
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill_group();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// The stand-ins on the script's `PATH`.
@@ -260,12 +303,25 @@ fn walkthrough(tls: bool) {
     .env("RUST_LOG", "info")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    // The examples' ports, free now (dev only prints them).
+    let (a, b) = (
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let port = |l: &std::net::TcpListener| l.local_addr().unwrap().to_string();
+    dev.args([
+        "--orders-in-process",
+        &port(&a),
+        "--orders-delegated",
+        &port(&b),
+    ]);
+    drop((a, b));
     if tls {
         dev.arg("--tls");
     }
-    let mut dev = spawn_group(&mut dev);
-    let dev_out = lines_of(dev.0.stdout.take().unwrap());
-    let dev_err = lines_of(dev.0.stderr.take().unwrap());
+    let mut dev = Group::spawn(&mut dev);
+    let dev_out = lines_of(dev.child.stdout.take().unwrap());
+    let dev_err = lines_of(dev.child.stderr.take().unwrap());
     let mut printed = String::new();
     loop {
         let line = dev_out
@@ -299,8 +355,13 @@ fn walkthrough(tls: bool) {
     assert_eq!(certs.is_some(), tls, "CERTS is set exactly with --tls");
 
     // The script: each command between markers, its exit code after it.
+    // Before the last step (which stops the examples), the script waits while the test stops
+    // dev with Ctrl-C: the examples, their revocation streams and connections still attached.
     let mut script = String::from("exec 2>&1\n");
     for (i, step) in steps.iter().enumerate() {
+        if i + 1 == steps.len() {
+            script.push_str("echo '@@pause'\nread -r _\n");
+        }
         script.push_str(&format!(
             "echo '@@step {i}'\n{}\nprintf '\\n@@rc %s\\n' $?\n",
             step.command
@@ -316,10 +377,12 @@ fn walkthrough(tls: bool) {
         .current_dir(dir.path())
         .env("PATH", format!("{}:{system_path}", path.display()))
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped());
-    let mut bash = spawn_group(&mut bash);
-    let output = lines_of(bash.0.stdout.take().unwrap());
+    let mut bash = Group::spawn(&mut bash);
+    let output = lines_of(bash.child.stdout.take().unwrap());
+    let mut resume = bash.child.stdin.take().unwrap();
+    let mut dev_log = None;
     let mut transcript = String::new();
     let mut outputs: HashMap<usize, (String, Option<i32>)> = HashMap::new();
     let mut current: Option<usize> = None;
@@ -328,7 +391,12 @@ fn walkthrough(tls: bool) {
             Ok(line) => {
                 transcript.push_str(&line);
                 transcript.push('\n');
-                if let Some(i) = line.strip_prefix("@@step ") {
+                if line == "@@pause" {
+                    dev_log = Some(stop_dev(&mut dev, &dev_err));
+                    use std::io::Write as _;
+                    resume.write_all(b"\n").unwrap();
+                    resume.flush().unwrap();
+                } else if let Some(i) = line.strip_prefix("@@step ") {
                     let i: usize = i.parse().unwrap();
                     current = Some(i);
                     outputs.insert(i, (String::new(), None));
@@ -347,7 +415,7 @@ fn walkthrough(tls: bool) {
             }
         }
     }
-    let status = bash.0.wait().unwrap();
+    let status = bash.finish();
     assert!(status.success(), "bash: {status}\n{transcript}");
 
     // Every step's result, all failures at once.
@@ -391,29 +459,32 @@ fn walkthrough(tls: bool) {
         failures.join("\n")
     );
 
-    // Ctrl-C with the examples (and their revocation streams) attached until just now: a
-    // normal stop, without waiting out the drain deadline.
-    let _ = Command::new("kill")
-        .args(["-s", "INT", "--", &dev.0.id().to_string()])
-        .status();
-    let mut log = String::new();
-    loop {
-        match dev_err.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => {
-                log.push_str(&line);
-                log.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("dev does not stop:\n{log}"),
-        }
-    }
-    let status = dev.0.wait().unwrap();
-    assert!(status.success(), "dev exited {status}:\n{log}");
+    let log = dev_log.expect("the script paused for dev to stop");
     assert!(
         !log.contains("drain deadline passed"),
         "the drain waited for its deadline:\n{log}"
     );
+    assert!(log.contains("stopped"), "no stop logged:\n{log}");
     if let Some(certs) = certs {
         assert!(!certs.exists(), "dev left its certificates behind");
     }
+}
+
+/// Ctrl-C (SIGINT) to dev: it must exit by itself, successfully; returns what it logged.
+fn stop_dev(dev: &mut Group, log: &mpsc::Receiver<String>) -> String {
+    dev.signal_leader("INT");
+    let mut seen = String::new();
+    loop {
+        match log.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("dev does not stop:\n{seen}"),
+        }
+    }
+    let status = dev.finish();
+    assert!(status.success(), "dev exited {status}:\n{seen}");
+    seen
 }
