@@ -204,6 +204,35 @@ async fn a_grpc_connection_that_never_sent_its_preface_does_not_hold_the_stop() 
 }
 
 #[tokio::test]
+async fn an_http2_connection_that_spoke_and_went_silent_does_not_hold_the_stop() {
+    let s = start().await;
+    // The preface and an empty SETTINGS frame, then nothing — and nothing read: the server's
+    // GOAWAY and PING go unanswered (a frozen client, a half-written one).
+    let mut silent = TcpStream::connect(s.grpc).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // A client that made a call and stays connected, too.
+    let mut health = HealthClient::new(s.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    s.stop().await;
+    // And it was ended, not left behind: the server closed it.
+    let mut buf = [0u8; 4096];
+    loop {
+        match guard(silent.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue, // SETTINGS, GOAWAY, PING
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_idle_http_keep_alive_connection_does_not_hold_the_stop() {
     let s = start().await;
     let mut conn = TcpStream::connect(s.http).await.unwrap();

@@ -317,20 +317,20 @@ impl Walkthrough<'_> {
         cmd(
             &mut out,
             &format!(
-                "CLERK_JWKS_URL=$EMU/.well-known/jwks.json CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example in_process -- --listen $ORDERS_IN_PROCESS --revocations-from {to_auth} &"
+                "CLERK_JWKS_URL=$EMU/.well-known/jwks.json CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example in_process -- --listen $ORDERS_IN_PROCESS --revocations-from {to_auth} & IN_PROCESS_PID=$!"
             ),
             "",
         );
         cmd(
             &mut out,
             &format!(
-                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example delegated -- --listen $ORDERS_DELEGATED --auth-service {to_auth} &"
+                "CLERK_API_URL=$EMU CLERK_MACHINE_SECRET_KEY=$MACHINE_A_SECRET cargo run --release -q --example delegated -- --listen $ORDERS_DELEGATED --auth-service {to_auth} & DELEGATED_PID=$!"
             ),
             "",
         );
         cmd(
             &mut out,
-            "curl -s -o /dev/null --retry 60 --retry-connrefused --retry-delay 1 --http2-prior-knowledge http://$ORDERS_IN_PROCESS/ http://$ORDERS_DELEGATED/",
+            "curl -s -o /dev/null -o /dev/null --retry 60 --retry-connrefused --retry-delay 1 --http2-prior-knowledge http://$ORDERS_IN_PROCESS/ http://$ORDERS_DELEGATED/",
             "",
         );
         cmd(
@@ -378,7 +378,7 @@ impl Walkthrough<'_> {
             &mut out,
             "Stop the examples. Ctrl-C in the terminal of dev stops dev.",
         );
-        cmd(&mut out, "kill %1 %2", "");
+        cmd(&mut out, "kill $IN_PROCESS_PID $DELEGATED_PID", "");
         out.push('\n');
         out.push_str(END_LINE);
         out

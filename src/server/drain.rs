@@ -1,27 +1,32 @@
-//! What a stop waits for: the calls in flight and the connections carrying them — not the
-//! connections that never spoke.
+//! What a stop waits for: the calls in flight and the answers still being written — not
+//! connections that are idle.
 //!
 //! [`Drain`] wraps the gRPC server (a tower layer) and counts the calls in flight: a call
 //! counts from its arrival until its response body ends or is dropped. It also wraps each
-//! accepted connection ([`DrainIo`]). When the drain begins ([`Drain::start`]):
+//! accepted connection ([`DrainIo`]), noting when a connection last wrote. When the drain
+//! begins ([`Drain::start`]):
 //!
 //! - a response body still streaming (`grpc.health.v1.Health/Watch`, reflection) ends with
 //!   `UNAVAILABLE` — what clients of a draining server expect: reconnect, elsewhere or later.
 //!   `WatchRevocations` ends itself, with its reason (its hub drains at the same moment), and
 //!   is left alone here;
 //! - a connection that has not yet sent the 24 bytes of the HTTP/2 client preface (a port
-//!   probe, a client that stalled before speaking) reads end-of-file, so the transport drops
-//!   it instead of waiting for a preface that may never come — it would otherwise hold the
-//!   stop for the whole grace period;
+//!   probe, a client that stalled before speaking), and has nothing more to read, reads
+//!   end-of-file: the transport drops it instead of waiting for a preface that may never come;
 //! - every other connection gets its `GOAWAY` from the transport and closes once its calls are
-//!   answered *and written*: the stop waits for that, so a slow reader still receives the end
-//!   of its answer (its trailers) within the grace period.
+//!   answered and written.
+//!
+//! The stop is done when every connection has closed, or ([`Drain::quiet`]) when no call is in
+//! flight and no connection has written anything for [`QUIET`] — an idle connection whose peer
+//! never closes (a frozen client, a half-written one, a TLS health check) does not hold it,
+//! while a slow reader still receiving its answer does — or when the grace period is over.
+//! Then [`Drain::kill`] ends every connection left, so nothing outlives the server.
 
 use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, OnceLock,
     },
     task::{Context, Poll},
@@ -29,7 +34,10 @@ use std::{
 };
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Notify,
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
@@ -39,20 +47,59 @@ const SELF_DRAINING: [&str; 1] = ["/clerk.auth.v1.AuthService/WatchRevocations"]
 /// The length of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 const H2_PREFACE_LEN: usize = 24;
 
+/// With no call in flight, how long every connection must have written nothing for the stop to
+/// be done (a slow reader's answer still being written keeps it going).
+pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
 /// The `grpc-message` of a stream ended by the drain.
 const DRAIN_MESSAGE: &str = "server shutting down; reconnect";
 
-/// The drain of one server: calls in flight and the moment the drain began.
+/// The drain of one server: calls in flight, connections open, the last write, and the
+/// moment the drain began.
 #[derive(Clone, Default)]
 pub(crate) struct Drain {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     in_flight: AtomicUsize,
+    /// Notified when the last call in flight ends.
+    idle: Notify,
+    connections: AtomicUsize,
+    /// When a connection last wrote, in nanoseconds since `epoch`.
+    last_write: AtomicU64,
+    epoch: Instant,
     draining: CancellationToken,
+    /// Ends every connection still open.
+    kill: CancellationToken,
     started: OnceLock<Instant>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            connections: AtomicUsize::new(0),
+            last_write: AtomicU64::new(0),
+            epoch: Instant::now(),
+            draining: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            started: OnceLock::new(),
+        }
+    }
+}
+
+impl Inner {
+    fn wrote(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_write.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn since_last_write(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_write.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
 }
 
 impl Drain {
@@ -63,24 +110,59 @@ impl Drain {
         }
     }
 
-    /// Begins the drain: streaming responses end (`UNAVAILABLE`).
+    /// Begins the drain: streaming responses end (`UNAVAILABLE`), connections that never
+    /// spoke are dropped.
     pub(crate) fn start(&self) {
         let _ = self.inner.started.set(Instant::now());
         self.inner.draining.cancel();
     }
 
+    /// Ends every connection still open (after the drain: nothing outlives the server).
+    pub(crate) fn kill(&self) {
+        self.inner.kill.cancel();
+    }
+
     /// Wraps an accepted connection: see [`DrainIo`].
     pub(crate) fn io<T>(&self, io: T) -> DrainIo<T> {
+        self.inner.connections.fetch_add(1, Ordering::Relaxed);
         DrainIo {
             io,
             preface_left: H2_PREFACE_LEN,
             until_spoken: Some(Box::pin(self.inner.draining.clone().cancelled_owned())),
+            killed: Box::pin(self.inner.kill.clone().cancelled_owned()),
+            open: Open(self.inner.clone()),
         }
     }
 
     /// Calls in flight now.
     pub(crate) fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub(crate) fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no call is in flight and no connection has written for `quiet`.
+    pub(crate) async fn quiet(&self, quiet: Duration) {
+        loop {
+            loop {
+                // Registered before the count is read, so the last call's end is not missed.
+                let ended = self.inner.idle.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if self.in_flight() == 0 {
+                    break;
+                }
+                ended.await;
+            }
+            let since = self.inner.since_last_write();
+            if since >= quiet {
+                return;
+            }
+            tokio::time::sleep(quiet - since).await;
+        }
     }
 
     /// How long since the drain began (`None`: it has not).
@@ -101,7 +183,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -181,6 +265,7 @@ impl Cut {
         }
         match self {
             Cut::Waiting(future) => future.as_mut().poll(cx).is_ready(),
+            // Not reached: replaced just above.
             Cut::Token(token) => token.is_cancelled(),
         }
     }
@@ -280,11 +365,20 @@ fn unavailable() -> http::HeaderMap {
     trailers
 }
 
+/// Counts a connection while it is open.
+struct Open(Arc<Inner>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// An accepted connection that reads end-of-file once the drain begins if it has not yet
-    /// sent the HTTP/2 client preface; otherwise exactly the connection it wraps. Under TLS it
-    /// wraps the TCP stream, so a client that never sent a byte is dropped, while one that
-    /// stalled inside its TLS handshake is left to the transport.
+    /// An accepted connection (under TLS, its TCP stream), as the transport sees it, but:
+    /// once the drain begins, it reads end-of-file if it has not sent the HTTP/2 client
+    /// preface and has nothing more to read; it notes each write ([`Drain::quiet`]); and once
+    /// killed ([`Drain::kill`]) it fails every read and write, so its connection ends.
     pub(crate) struct DrainIo<T> {
         #[pin]
         io: T,
@@ -292,7 +386,16 @@ pin_project_lite::pin_project! {
         // `None` once the preface has been read: from then on the transport's graceful
         // shutdown (GOAWAY, close when the calls are written) applies.
         until_spoken: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        killed: Pin<Box<WaitForCancellationFutureOwned>>,
+        open: Open,
     }
+}
+
+fn aborted() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the server has stopped",
+    )
 }
 
 impl<T: Connected> Connected for DrainIo<T> {
@@ -310,23 +413,32 @@ impl<T: AsyncRead> AsyncRead for DrainIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.project();
-        // Polled on every read until the preface is in: the drain wakes a connection that is
-        // waiting for its first bytes.
-        if let Some(draining) = this.until_spoken.as_mut() {
-            if draining.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
+        // Polled on every read: a kill wakes a connection waiting for bytes.
+        if this.killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
         }
         let before = buf.filled().len();
-        let read = this.io.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = read {
-            let n = buf.filled().len() - before;
-            *this.preface_left = this.preface_left.saturating_sub(n);
-            if *this.preface_left == 0 {
-                *this.until_spoken = None;
+        match this.io.poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                *this.preface_left = this.preface_left.saturating_sub(n);
+                if *this.preface_left == 0 {
+                    *this.until_spoken = None;
+                }
+                Poll::Ready(Ok(()))
             }
+            // Bytes already sent are read first: only a connection with nothing more to read
+            // is cut, and the drain wakes one that is waiting for its first bytes.
+            Poll::Pending => {
+                if let Some(draining) = this.until_spoken.as_mut() {
+                    if draining.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Pending
+            }
+            failed => failed,
         }
-        read
     }
 }
 
@@ -336,7 +448,15 @@ impl<T: AsyncWrite> AsyncWrite for DrainIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        if this.open.0.kill.is_cancelled() {
+            return Poll::Ready(Err(aborted()));
+        }
+        let written = this.io.poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.open.0.wrote();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -344,7 +464,15 @@ impl<T: AsyncWrite> AsyncWrite for DrainIo<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        if this.open.0.kill.is_cancelled() {
+            return Poll::Ready(Err(aborted()));
+        }
+        let written = this.io.poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.open.0.wrote();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -352,7 +480,11 @@ impl<T: AsyncWrite> AsyncWrite for DrainIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let this = self.project();
+        if this.open.0.kill.is_cancelled() {
+            return Poll::Ready(Err(aborted()));
+        }
+        this.io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

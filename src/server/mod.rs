@@ -364,10 +364,12 @@ impl AuthServer {
     /// The drain waits for calls, not connections: streams end as it begins
     /// (`WatchRevocations` with `UNAVAILABLE` / `AUTH_SERVICE_UNAVAILABLE`, any other — health
     /// `Watch`, reflection — with `UNAVAILABLE`: reconnect), and idle connections (HTTP/2 or
-    /// keep-alive HTTP/1, or an HTTP/2 connection that never sent its preface) do not hold
-    /// it; a connection carrying a call is waited for until the answer is written, trailers
-    /// included (a slow reader gets the end of its answer). It ends with an `info` line
-    /// `stopped` and the drain's duration; a `warn` when the grace period ran out.
+    /// keep-alive HTTP/1, an HTTP/2 connection that never sent its preface, or one that went
+    /// silent) do not hold it: once no call is in flight and no connection has written for a
+    /// second, it is done. A slow reader still receiving its answer is waited for, trailers
+    /// included. Connections left when it is done (or when the grace period runs out) are
+    /// ended. It ends with an `info` line `stopped` and the drain's duration; a `warn` when the
+    /// grace period ran out.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -558,34 +560,46 @@ impl AuthServer {
                 },
                 signal,
             );
-        // Once the drain has begun, the server future ends when every connection is closed:
-        // those that never spoke at once, the others once their calls are answered and written
-        // (streams end as the drain begins). The grace period bounds it.
-        let deadline = async move {
-            if drain_rx.await.is_err() {
-                std::future::pending::<()>().await;
+        // Once the drain has begun, the server future ends when every connection is closed
+        // (those that never spoke at once, the others once their calls are answered and
+        // written; streams end as the drain begins). The stop is also done once no call is in
+        // flight and nothing has been written for a moment (idle connections whose peers never
+        // close do not hold it), and at the latest when the grace period is over. Then every
+        // connection left is ended: nothing outlives this function.
+        let quiet = {
+            let drain = drain.clone();
+            async move {
+                if drain_rx.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::timeout(grace, drain.quiet(drain::QUIET))
+                    .await
+                    .is_ok()
             }
-            tokio::time::sleep(grace).await;
         };
         let result = tokio::select! {
             r = server => r.map_err(ServerError::Transport),
-            () = deadline => {
-                tracing::warn!(
-                    ?grace,
-                    calls = drain.in_flight(),
-                    "drain deadline passed; dropping remaining calls"
-                );
+            in_time = quiet => {
+                if !in_time {
+                    tracing::warn!(
+                        ?grace,
+                        calls = drain.in_flight(),
+                        connections = drain.connections(),
+                        "drain deadline passed; dropping remaining calls and connections"
+                    );
+                }
                 Ok(())
             }
         };
+        drain.kill();
         stop.cancel();
         let _ = refresher.await;
         let _ = health_task.await;
         let _ = subscriber.await;
         // The HTTP ports stop accepting and finish their requests in flight (idle keep-alive
         // connections close at once), within what is left of the grace period.
-        // At least a second, even after a gRPC drain that used the whole grace period: an
-        // idle port is not cut off before its task has run.
+        // At least a second, even after a gRPC drain that used the whole grace period (so the
+        // stop may run that much past it): an idle port is not cut off before its task has run.
         let left = grace
             .saturating_sub(drain.elapsed().unwrap_or_default())
             .max(Duration::from_secs(1));

@@ -6,7 +6,8 @@
 //! Two programs are stood in for, on the script's `PATH`: `grpcurl` is this test binary (see
 //! `grpcurl.rs`), and `cargo` runs what `cargo test` has already built (the binary and the
 //! examples) instead of building again. Everything else (`export`, `$(…)`, `curl`, `&`,
-//! `kill %1`) is the real shell and the real tools.
+//! `$!`, `kill`) is the real shell and the real tools. Every wait has one overall deadline,
+//! so a walk-through that hangs fails instead.
 //!
 //! A custom harness (`harness = false`): the same binary is the grpcurl stand-in when started
 //! with `WALKTHROUGH_AS_GRPCURL` set.
@@ -19,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// The line `dev` ends its walk-through with (`src/cmd/walkthrough.rs`).
@@ -283,7 +284,11 @@ exec "$program" "$@"
     path
 }
 
+/// How long one walk-through may take in all (it takes seconds).
+const DEADLINE: Duration = Duration::from_secs(300);
+
 fn walkthrough(tls: bool) {
+    let deadline = Instant::now() + DEADLINE;
     let dir = tempfile::tempdir().unwrap();
     let path = stand_ins(dir.path());
 
@@ -303,7 +308,8 @@ fn walkthrough(tls: bool) {
     .env("RUST_LOG", "info")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    // The examples' ports, free now (dev only prints them).
+    // The examples' ports, free now (dev only prints them; another program could take one
+    // before the example binds it, which fails the test rather than passing it).
     let (a, b) = (
         std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
         std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
@@ -325,7 +331,7 @@ fn walkthrough(tls: bool) {
     let mut printed = String::new();
     loop {
         let line = dev_out
-            .recv_timeout(Duration::from_secs(120))
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("dev did not finish its walk-through:\n{printed}"));
         let end = line == END_LINE;
         printed.push_str(&line);
@@ -357,10 +363,11 @@ fn walkthrough(tls: bool) {
     // The script: each command between markers, its exit code after it.
     // Before the last step (which stops the examples), the script waits while the test stops
     // dev with Ctrl-C: the examples, their revocation streams and connections still attached.
-    let mut script = String::from("exec 2>&1\n");
+    // The test's pipe moves to fd 3, so no command can read (and eat) the resume line.
+    let mut script = String::from("exec 2>&1 3<&0 </dev/null\n");
     for (i, step) in steps.iter().enumerate() {
         if i + 1 == steps.len() {
-            script.push_str("echo '@@pause'\nread -r _\n");
+            script.push_str("echo '@@pause'\nread -r _ <&3\n");
         }
         script.push_str(&format!(
             "echo '@@step {i}'\n{}\nprintf '\\n@@rc %s\\n' $?\n",
@@ -376,7 +383,8 @@ fn walkthrough(tls: bool) {
         .arg(&script_file)
         .current_dir(dir.path())
         .env("PATH", format!("{}:{system_path}", path.display()))
-        .env("RUST_LOG", "warn")
+        // The examples in the background write into the same output: errors only.
+        .env("RUST_LOG", "error")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut bash = Group::spawn(&mut bash);
@@ -387,12 +395,12 @@ fn walkthrough(tls: bool) {
     let mut outputs: HashMap<usize, (String, Option<i32>)> = HashMap::new();
     let mut current: Option<usize> = None;
     loop {
-        match output.recv_timeout(Duration::from_secs(180)) {
+        match output.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
                 transcript.push_str(&line);
                 transcript.push('\n');
                 if line == "@@pause" {
-                    dev_log = Some(stop_dev(&mut dev, &dev_err));
+                    dev_log = Some(stop_dev(&mut dev, &dev_err, deadline));
                     use std::io::Write as _;
                     resume.write_all(b"\n").unwrap();
                     resume.flush().unwrap();
@@ -471,11 +479,11 @@ fn walkthrough(tls: bool) {
 }
 
 /// Ctrl-C (SIGINT) to dev: it must exit by itself, successfully; returns what it logged.
-fn stop_dev(dev: &mut Group, log: &mpsc::Receiver<String>) -> String {
+fn stop_dev(dev: &mut Group, log: &mpsc::Receiver<String>, deadline: Instant) -> String {
     dev.signal_leader("INT");
     let mut seen = String::new();
     loop {
-        match log.recv_timeout(Duration::from_secs(60)) {
+        match log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
                 seen.push_str(&line);
                 seen.push('\n');
