@@ -100,6 +100,18 @@ impl Running {
         })
     }
 
+    /// A client that has made a call and stays connected (while it is held).
+    async fn connected_client(&self) -> HealthClient<Channel> {
+        let mut health = HealthClient::new(self.channel().await);
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        health
+    }
+
     async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.grpc))
             .unwrap()
@@ -192,13 +204,7 @@ async fn a_grpc_connection_that_never_sent_its_preface_does_not_hold_the_stop() 
     let mut partial = TcpStream::connect(s.grpc).await.unwrap();
     partial.write_all(b"PRI * HTTP/2.0").await.unwrap();
     // And one that made a call and stays connected.
-    let mut health = HealthClient::new(s.channel().await);
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
+    let _connected = s.connected_client().await;
     s.stop().await;
     drop((idle, partial));
 }
@@ -214,13 +220,7 @@ async fn an_http2_connection_that_spoke_and_went_silent_does_not_hold_the_stop()
         .await
         .unwrap();
     // A client that made a call and stays connected, too.
-    let mut health = HealthClient::new(s.channel().await);
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
+    let _connected = s.connected_client().await;
     s.stop().await;
     // And it was ended, not left behind: the server closed it.
     let mut buf = [0u8; 4096];

@@ -109,6 +109,10 @@ impl Walkthrough<'_> {
                 let _ = writeln!(out, "#    → {expect}");
             }
         };
+        // `VerifyToken` with these JSON fields (shell-escaped for the double quotes around them).
+        let verify = |fields: &str| {
+            format!(r#"{g} -d "{{{fields}}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#)
+        };
         let stats = "curl -s -w '\\n' $EMU/emulator/stats";
         let reset = "curl -s -o /dev/null -X POST $EMU/emulator/stats/reset";
 
@@ -161,9 +165,7 @@ impl Walkthrough<'_> {
         cmd(&mut out, reset, "");
         cmd(
             &mut out,
-            &format!(
-                r#"{g} -d "{{\"token\":\"$TOKEN\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
-            ),
+            &verify(r#"\"token\":\"$TOKEN\""#),
             &format!(r#""userId": "{user_id}", "role": "org:admin""#),
         );
         cmd(
@@ -267,9 +269,7 @@ impl Walkthrough<'_> {
         );
         cmd(
             &mut out,
-            &format!(
-                r#"{g} -d "{{\"token\":\"$MEMBER\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
-            ),
+            &verify(r#"\"token\":\"$MEMBER\""#),
             r#""role": "org:member", "org:invoices:read""#,
         );
 
@@ -280,16 +280,12 @@ impl Walkthrough<'_> {
         );
         cmd(
             &mut out,
-            &format!(
-                r#"{g} -d "{{\"token\":\"$M2M\",\"acceptedTokenTypes\":[\"TOKEN_TYPE_M2M_TOKEN\"]}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
-            ),
+            &verify(r#"\"token\":\"$M2M\",\"acceptedTokenTypes\":[\"TOKEN_TYPE_M2M_TOKEN\"]"#),
             r#""tokenType": "TOKEN_TYPE_M2M_TOKEN""#,
         );
         cmd(
             &mut out,
-            &format!(
-                r#"{g} -d "{{\"token\":\"$M2M\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
-            ),
+            &verify(r#"\"token\":\"$M2M\""#),
             "Code: Unauthenticated, TOKEN_TYPE_MISMATCH",
         );
 
@@ -368,9 +364,7 @@ impl Walkthrough<'_> {
         );
         cmd(
             &mut out,
-            &format!(
-                r#"{g} -d "{{\"token\":\"$TOKEN\"}}" $AUTH clerk.auth.v1.AuthService/VerifyToken"#
-            ),
+            &verify(r#"\"token\":\"$TOKEN\""#),
             "Code: Unauthenticated, SESSION_REVOKED",
         );
 
