@@ -95,7 +95,7 @@
 //! | [`credentials`] | outgoing calls: [`BearerToken`], [`CredentialsLayer`], the [`M2mTokenSource`] |
 //! | [`layer`] | [`AuthLayer`], the interceptor, token extraction, stream lifetimes, delegation (feature `layer`) |
 //! | [`emulator`] | the offline Clerk (feature `emulator`) |
-//! | [`server`] | the AuthService: service, ext_authz, webhooks, events and Redis, metrics, access, config (feature `server`) |
+//! | [`server`] | the AuthService: service, ext_authz and HTTP forward auth, webhooks, events and Redis, metrics, access, config (feature `server`) |
 //!
 //! The binary (`src/main.rs`, `src/cmd/`) only parses flags and calls [`server`].
 

@@ -172,6 +172,12 @@ struct ServeFlags {
     /// a valid session token for every request.
     #[arg(long, env = "CLERK_AUTH_ROUTE_POLICY")]
     route_policy: Option<String>,
+    /// HTTP forward auth at `/auth` on the HTTP port, decided as `Check` is: which headers
+    /// carry the original request — `nginx` (X-Original-Method/-Host/-URI, as the README's
+    /// config sets them), `ingress-nginx` (X-Original-Method, X-Original-URL) or `forwarded`
+    /// (Traefik, Caddy: X-Forwarded-Method/-Host/-Uri). Off by default.
+    #[arg(long, env = "CLERK_AUTH_FORWARD_AUTH")]
+    forward_auth: Option<String>,
     /// How long a revoked session is remembered, in seconds: the longest lifetime a token of
     /// a session can have (default 86400, 60 to 2592000).
     #[arg(long, env = "CLERK_AUTH_REVOCATION_TTL_SECS")]

@@ -88,6 +88,7 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_TLS_KEY",
     "CLERK_AUTH_TLS_CLIENT_CA",
     "CLERK_AUTH_ROUTE_POLICY",
+    "CLERK_AUTH_FORWARD_AUTH",
     "CLERK_AUTH_SHUTDOWN_GRACE_SECS",
     "CLERK_AUTH_REFLECTION",
     "CLERK_AUTH_WATCH_MAX_STREAMS",
@@ -203,6 +204,7 @@ impl ServeConfig {
             })
         });
         server.webhook = webhook(env, http_listen.is_some())?;
+        server.forward_auth = forward_auth(env, http_listen.is_some())?;
         server.redis = redis(env)?;
         let tls = tls_files(env)?;
         let route_policy = env.text("CLERK_AUTH_ROUTE_POLICY")?.map(PathBuf::from);
@@ -421,6 +423,29 @@ fn webhook(env: &Env<'_>, http_port: bool) -> Result<Option<WebhookConfig>, Conf
         ));
     }
     Ok(Some(w))
+}
+
+fn forward_auth(
+    env: &Env<'_>,
+    http_port: bool,
+) -> Result<Option<crate::server::forward_auth::ForwardAuthConfig>, ConfigError> {
+    use crate::server::forward_auth::{ForwardAuthConfig, ForwardedHeaders};
+    let Some(name) = env.text("CLERK_AUTH_FORWARD_AUTH")? else {
+        return Ok(None);
+    };
+    let headers = ForwardedHeaders::parse(&name).ok_or_else(|| {
+        err(
+            "CLERK_AUTH_FORWARD_AUTH",
+            format!("one of {}", ForwardedHeaders::NAMES.join(", ")),
+        )
+    })?;
+    if !http_port {
+        return Err(err(
+            "CLERK_AUTH_HTTP_LISTEN",
+            "forward auth needs the HTTP port: set an address such as 127.0.0.1:8081",
+        ));
+    }
+    Ok(Some(ForwardAuthConfig { headers }))
 }
 
 fn redis(env: &Env<'_>) -> Result<Option<RedisConfig>, ConfigError> {

@@ -105,6 +105,27 @@ pub struct RoutePolicy {
     default: Rule,
     machine_id: Option<String>,
     case_sensitive_paths: bool,
+    method_override: MethodOverride,
+}
+
+/// Where the upstreams behind the proxy may read a method override from (Rails/Rack, Laravel,
+/// Symfony, Spring's `HiddenHttpMethodFilter`, Express `method-override` run a POST as the
+/// method it names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodOverride {
+    /// Headers and the query only (`x-http-method-override`, `x-http-method`,
+    /// `x-method-override`, `_method=`), which the proxy shows: each method they name must
+    /// select the request's rule, or it is refused (`METHOD_INVALID`). Choose it only when no
+    /// upstream reads `_method` from a POST body.
+    Headers,
+    /// Also the body of a POST (`_method` in a form — Rack even reads a POST without a
+    /// content type as one — or in JSON, as Laravel does), which neither Envoy nor a
+    /// forward-auth proxy shows: a POST must pass the rule of every method it could become
+    /// (each method a route names, and any other) as well as its own. Where no route names
+    /// methods this is the POST's rule alone. The default.
+    #[default]
+    Body,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +134,8 @@ struct RouteFile {
     machine_id: Option<String>,
     #[serde(default)]
     case_sensitive_paths: bool,
+    #[serde(default)]
+    method_override: MethodOverride,
     default: Option<Rule>,
     #[serde(default)]
     routes: Vec<RouteEntry>,
@@ -167,6 +190,7 @@ impl Default for RoutePolicy {
             default: Rule::authenticated(),
             machine_id: None,
             case_sensitive_paths: false,
+            method_override: MethodOverride::default(),
         }
     }
 }
@@ -306,6 +330,12 @@ impl RoutePolicy {
         self
     }
 
+    /// Where upstreams may read a method override from (default [`MethodOverride::Body`]).
+    pub fn method_override(mut self, from: MethodOverride) -> Self {
+        self.method_override = from;
+        self
+    }
+
     /// The rule for a request, chosen on its canonical host, path and method
     /// ([`canonical`]); refused (`INVALID_ARGUMENT` with `HOST_INVALID`, `METHOD_INVALID` or
     /// `PATH_NOT_CANONICAL`) when one cannot be canonicalised, or when readings an upstream
@@ -357,14 +387,16 @@ impl RoutePolicy {
     /// `forwarded: host=` (frameworks behind a proxy serve that host), `x-http-method-override`,
     /// `x-http-method`, `x-method-override` and a `_method` query parameter (method-override
     /// middleware) — must select the same rule, or the request is refused (`HOST_INVALID` /
-    /// `METHOD_INVALID`).
-    pub fn rule_for_request(
+    /// `METHOD_INVALID`). Then, with [`MethodOverride::Body`], a POST's rules are those of
+    /// every method its body could name: the request must pass them all. The first rule is the
+    /// request's own; the others differ from it and from each other.
+    pub fn rules_for_request(
         &self,
         host: &str,
         path: &str,
         method: &str,
         headers: &HashMap<String, String>,
-    ) -> Result<&Rule, AuthError> {
+    ) -> Result<Vec<&Rule>, AuthError> {
         let rule = self.rule_for(host, path, method)?;
         let refuse = |reason, message| Err(AuthError::NotCanonical { reason, message });
         for alt in forwarded_hosts(headers) {
@@ -389,7 +421,39 @@ impl RoutePolicy {
                 }
             }
         }
-        Ok(rule)
+        let mut rules = vec![rule];
+        if self.method_override == MethodOverride::Body && method.eq_ignore_ascii_case("POST") {
+            // A rule depends on the method only through the routes that name it: the named
+            // methods and one no route names cover every method a body could ask for.
+            let mut other = String::from("X-UNNAMED");
+            while self.routes.iter().any(|r| r.methods.contains(&other)) {
+                other.push('X');
+            }
+            let named = self.routes.iter().flat_map(|r| r.methods.iter());
+            for alt in named.chain(std::iter::once(&other)) {
+                let r = self.rule_for(host, path, alt)?;
+                if !rules.contains(&r) {
+                    rules.push(r);
+                }
+            }
+        }
+        Ok(rules)
+    }
+
+    /// The request's own rule of [`RoutePolicy::rules_for_request`].
+    pub fn rule_for_request(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &HashMap<String, String>,
+    ) -> Result<&Rule, AuthError> {
+        Ok(self.rules_for_request(host, path, method, headers)?[0])
+    }
+
+    /// Whether a route names a host (so that a proxy's virtual hosts must match it).
+    pub(crate) fn has_host_routes(&self) -> bool {
+        self.routes.iter().any(|r| r.host.is_some())
     }
 
     /// The rule for one reading of a request (`fold`: paths compared without regard to case).
@@ -409,6 +473,7 @@ impl RoutePolicy {
     ///
     /// ```toml
     /// # case_sensitive_paths = false   # true: upstreams are known case-sensitive
+    /// # method_override = "body"       # "headers": no upstream reads _method from a POST body
     ///
     /// [default]
     /// access = "authenticated"
@@ -433,6 +498,7 @@ impl RoutePolicy {
         let file: RouteFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         let mut policy = Self {
             case_sensitive_paths: file.case_sensitive_paths,
+            method_override: file.method_override,
             ..Self::default()
         };
         if let Some(d) = file.default {
@@ -537,16 +603,68 @@ impl ExtAuthz {
         envoy_types::ext_authz::v3::pb::AuthorizationServer::new(self)
     }
 
+    /// The decision behind `Check` and the HTTP forward-auth endpoint: the rule for the
+    /// request's canonical host, path and method (a target that cannot be read one way only is
+    /// refused), then the token (`authorization` or the `__session` cookie) against it.
+    /// `headers` has lower-case names, repeated ones joined. Every decision goes to the
+    /// observer (metrics, audit log) as `surface`, with the canonical target (a refused one
+    /// escaped, never raw).
+    pub(crate) async fn judge(
+        &self,
+        surface: &'static str,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &HashMap<String, String>,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
+        let started = std::time::Instant::now();
+        let (result, what) = match self.policy.rules_for_request(host, path, method, headers) {
+            Ok(rules) => (
+                self.decide(headers, &rules, client_ip).await,
+                format!(
+                    "{} {}{}",
+                    method,
+                    canonical::host(host).unwrap_or_default(),
+                    canonical::path(path)
+                        .map(|p| p.as_str().to_owned())
+                        .unwrap_or_default()
+                ),
+            ),
+            Err(e) => (
+                Err(e),
+                format!(
+                    "{} {}{}",
+                    method.escape_debug(),
+                    host.escape_debug(),
+                    path.split('?').next().unwrap_or("").escape_debug()
+                ),
+            ),
+        };
+        self.observer.decision(
+            surface,
+            &what,
+            result.as_ref().ok().and_then(|i| i.as_deref()),
+            None,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
+        result
+    }
+
+    /// Allowed when the request passes every rule: no identity when all are public, else the
+    /// identity the token gives under each rule that is not (the first refusal wins).
     async fn decide(
         &self,
         headers: &HashMap<String, String>,
-        rule: &Rule,
+        rules: &[&Rule],
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
-        if rule.is_public() {
-            return Ok(None);
+        let mut identity = None;
+        for rule in rules.iter().filter(|r| !r.is_public()) {
+            identity = Some(self.verify_token(headers, rule, client_ip).await?);
         }
-        self.verify_token(headers, rule, client_ip).await.map(Some)
+        Ok(identity)
     }
 
     async fn verify_token(
@@ -757,43 +875,9 @@ impl Authorization for ExtAuthz {
                 envoy_types::ext_authz::v3::pb::Address::SocketAddress(s) => s.address.parse().ok(),
                 _ => None,
             });
-        let started = std::time::Instant::now();
-        // Only canonical forms from here on: the rule is chosen on them, and the audit log
-        // shows them (a refused target is shown escaped, never raw).
-        let (result, what) =
-            match self
-                .policy
-                .rule_for_request(host, &http.path, &http.method, headers)
-            {
-                Ok(rule) => (
-                    self.decide(headers, rule, client_ip).await,
-                    format!(
-                        "{} {}{}",
-                        http.method,
-                        canonical::host(host).unwrap_or_default(),
-                        canonical::path(&http.path)
-                            .map(|p| p.as_str().to_owned())
-                            .unwrap_or_default()
-                    ),
-                ),
-                Err(e) => (
-                    Err(e),
-                    format!(
-                        "{} {}{}",
-                        http.method.escape_debug(),
-                        host.escape_debug(),
-                        http.path.split('?').next().unwrap_or("").escape_debug()
-                    ),
-                ),
-            };
-        self.observer.decision(
-            "Check",
-            &what,
-            result.as_ref().ok().and_then(|i| i.as_deref()),
-            None,
-            result.as_ref().map(|_| ()),
-            started.elapsed(),
-        );
+        let result = self
+            .judge("Check", host, &http.path, &http.method, headers, client_ip)
+            .await;
         let resp = match result {
             Ok(identity) => allowed(identity.as_deref()),
             Err(e) => denied(&e, grpc),

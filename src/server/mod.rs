@@ -20,6 +20,7 @@ pub mod config;
 mod drain;
 pub mod events;
 pub mod ext_authz;
+pub mod forward_auth;
 pub(crate) mod metrics;
 pub mod service;
 pub mod telemetry;
@@ -96,6 +97,9 @@ pub struct ServerConfig {
     /// Rules for Envoy's `Check` by host, path prefix and method (default: a valid session
     /// token everywhere).
     pub route_policy: RoutePolicy,
+    /// HTTP forward auth at `/auth` on the HTTP port (nginx `auth_request`, ingress-nginx,
+    /// Traefik, Caddy), decided by the same [`RoutePolicy`] as `Check` (`None`: off).
+    pub forward_auth: Option<forward_auth::ForwardAuthConfig>,
     /// TLS / mTLS for the gRPC port (`None`: plaintext).
     pub tls: Option<TlsConfig>,
     /// How long in-flight calls may finish after a shutdown signal (streams and idle
@@ -219,6 +223,7 @@ pub struct AuthServer {
     verifier: TokenVerifier,
     clerk_api: ClerkApi,
     route_policy: RoutePolicy,
+    forward_auth: Option<forward_auth::ForwardAuthConfig>,
     tls: Option<TlsConfig>,
     directory: Option<Directory>,
     access: Access,
@@ -254,6 +259,7 @@ impl ServerConfig {
             revocation_ttl: v.revocation_ttl,
             revocation_capacity: v.revocation_capacity,
             route_policy: RoutePolicy::default(),
+            forward_auth: None,
             tls: None,
             shutdown_grace: Duration::from_secs(10),
             budget: v.budget,
@@ -323,6 +329,7 @@ impl AuthServer {
             verifier,
             clerk_api: api,
             route_policy: config.route_policy,
+            forward_auth: config.forward_auth,
             tls: config.tls,
             directory,
             access,
@@ -450,6 +457,19 @@ impl AuthServer {
             .webhook
             .clone()
             .map(|v| crate::server::webhook::router(v, events.clone()));
+        if self.forward_auth.is_some() && self.route_policy.has_host_routes() {
+            tracing::warn!(
+                "forward auth with host routes: a host route is only as strict as the proxy's \
+                 virtual hosts (a catch-all server block or site lets the client name the host)"
+            );
+        }
+        let forward_auth = self.forward_auth.clone().map(|c| {
+            forward_auth::router(
+                ExtAuthz::new(self.verifier.clone(), self.route_policy.clone())
+                    .with_observer(observer.clone()),
+                c,
+            )
+        });
         let serve_http = |l: TcpListener, app: axum::Router| {
             let stopped = stop.clone();
             tokio::spawn(async move {
@@ -474,6 +494,9 @@ impl AuthServer {
                     );
                 }
                 app = app.merge(w);
+            }
+            if let Some(f) = forward_auth {
+                app = app.merge(f);
             }
             http_tasks.push(serve_http(l, app));
         }
