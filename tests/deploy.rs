@@ -505,3 +505,30 @@ fn dockerfile_is_multi_stage_and_non_root() {
     assert!(text.contains("EXPOSE 50051 8081 9090"));
     assert!(text.contains("CMD [\"serve\"]"));
 }
+
+/// The Traefik middleware (not run here: no Traefik package is reachable) asks `/auth`, lets
+/// Traefik set the `X-Forwarded-*` headers itself, sends every client header to AuthService
+/// (no `authRequestHeaders`) and copies exactly the five identity headers upstream.
+#[test]
+fn the_traefik_middleware_fails_closed_and_copies_the_identity_headers() {
+    let d = one("deploy/traefik/clerk-auth.yml");
+    let fa = &d["http"]["middlewares"]["clerk-auth"]["forwardAuth"];
+    let address = fa["address"].as_str().unwrap();
+    assert!(address.ends_with("/auth"), "{address}");
+    assert_eq!(fa["trustForwardHeader"].as_bool(), Some(false));
+    assert!(fa["authRequestHeaders"].is_badvalue());
+    let copied: Vec<String> = fa["authResponseHeaders"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert_eq!(
+        copied,
+        clerk_grpc_auth::server::ext_authz::IDENTITY_HEADERS.map(String::from)
+    );
+    assert_eq!(
+        d["http"]["routers"]["api"]["middlewares"][0].as_str(),
+        Some("clerk-auth")
+    );
+}
