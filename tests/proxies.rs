@@ -597,3 +597,42 @@ async fn caddy_forward_auth_in_front_of_an_app() {
     );
     suite(&proxy, &mut auth, &seen).await;
 }
+
+/// A listener that accepts connections and never answers: an AuthService that hangs.
+async fn black_hole() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// The deploy files' timeouts: an AuthService that accepts and never answers is a refusal
+/// (nginx 500 after `proxy_read_timeout`, Caddy 502/504 after `response_header_timeout`),
+/// never the upstream and never a client held forever.
+#[tokio::test]
+async fn a_hanging_auth_service_is_a_refusal() {
+    let hole = black_hole().await;
+    let (app, seen) = upstream().await;
+    let mut proxies = Vec::new();
+    if let Some(p) = nginx(hole, app).await {
+        proxies.push(p);
+    }
+    if let Some(p) = caddy(hole, app).await {
+        proxies.push(p);
+    }
+    let answers = futures::future::join_all(
+        proxies
+            .iter()
+            .map(|p| raw(p.addr, "GET", "/public/p?probe=1", &[])),
+    )
+    .await;
+    for (p, a) in proxies.iter().zip(answers) {
+        assert!(a.status >= 500, "{}: {}", p.name, a.status);
+    }
+    assert!(seen.lock().unwrap().is_empty(), "the upstream was reached");
+}
