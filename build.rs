@@ -1,4 +1,6 @@
-//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and generates tonic code.
+//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and generates tonic code;
+//! with the `server` feature, also a descriptor set of Envoy's `Authorization` service (for
+//! reflection).
 
 use prost::Message;
 use std::{env, fs, path::PathBuf};
@@ -21,6 +23,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Holds a token: its Debug (src/lib.rs) prints a fingerprint instead.
         .skip_debug([".clerk.auth.v1.VerifyTokenRequest"])
         .compile_fds(fds)?;
+
+    // Envoy's `Authorization` service, for server reflection only (the Rust types come from
+    // envoy-types): the vendored protos (proto/envoy-vendored/README.md), `server` feature only.
+    if env::var_os("CARGO_FEATURE_SERVER").is_some() {
+        let vendored = "proto/envoy-vendored";
+        println!("cargo:rerun-if-changed={vendored}");
+        let includes = ["data-plane-api", "googleapis", "protoc-gen-validate", "xds"]
+            .map(|d| format!("{vendored}/{d}"));
+        let fds = protox::Compiler::new(includes)?
+            .include_imports(true)
+            .open_files(["envoy/service/auth/v3/external_auth.proto"])?
+            .file_descriptor_set();
+        fs::write(out.join("envoy_auth_descriptor.bin"), fds.encode_to_vec())?;
+    }
 
     // The examples' (and tests') Orders service and the load generator's bare Echo service:
     // generated only with the `demo` feature, included only by them.

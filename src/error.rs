@@ -91,6 +91,10 @@ pub enum Reason {
     /// or nothing could be written to it for the write timeout): it was dropped and should
     /// resubscribe (the snapshot is sent again).
     SubscriberTooSlow,
+    /// The proxy's route names a rule (Envoy `context_extensions`, `clerk_rule`) the route
+    /// policy does not define, or a value that is not a rule name: the server cannot decide,
+    /// so the request is refused (`FAILED_PRECONDITION`; HTTP 503 from `Check`).
+    RouteRuleUnknown,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -292,6 +296,7 @@ impl Reason {
             Reason::MethodInvalid => "METHOD_INVALID",
             Reason::StreamLimitReached => "STREAM_LIMIT_REACHED",
             Reason::SubscriberTooSlow => "SUBSCRIBER_TOO_SLOW",
+            Reason::RouteRuleUnknown => "ROUTE_RULE_UNKNOWN",
         }
     }
 
@@ -327,11 +332,12 @@ impl Reason {
             Reason::MethodInvalid => "method-invalid",
             Reason::StreamLimitReached => "stream-limit-reached",
             Reason::SubscriberTooSlow => "subscriber-too-slow",
+            Reason::RouteRuleUnknown => "route-rule-unknown",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -361,6 +367,7 @@ impl Reason {
         Reason::MethodInvalid,
         Reason::StreamLimitReached,
         Reason::SubscriberTooSlow,
+        Reason::RouteRuleUnknown,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
@@ -464,6 +471,9 @@ impl AuthError {
             AuthError::Denied(_) => "the caller is not allowed to call this method",
             AuthError::Misconfigured(Reason::SecretKeyMissing) => {
                 "the server has no Clerk secret key for this (CLERK_SECRET_KEY, or CLERK_MACHINE_SECRET_KEY for M2M tokens)"
+            }
+            AuthError::Misconfigured(Reason::RouteRuleUnknown) => {
+                "the proxy's route names a rule the route policy does not define; the server is misconfigured"
             }
             AuthError::Misconfigured(_) => {
                 "Clerk refused the server's secret key; the server is misconfigured"
@@ -598,6 +608,11 @@ mod tests {
                 AuthError::Unavailable(Reason::SubscriberTooSlow),
                 Code::Unavailable,
                 "SUBSCRIBER_TOO_SLOW",
+            ),
+            (
+                AuthError::Misconfigured(Reason::RouteRuleUnknown),
+                Code::FailedPrecondition,
+                "ROUTE_RULE_UNKNOWN",
             ),
             (
                 AuthError::NotCanonical {

@@ -17,7 +17,11 @@
 //!   body `{"error": REASON, "message": …}`; for gRPC requests (`content-type:
 //!   application/grpc…`) a gRPC-shaped denial (HTTP 200, `grpc-status`, `grpc-message`).
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::Arc,
+};
 
 use envoy_types::{
     ext_authz::v3::{
@@ -43,6 +47,12 @@ use crate::{
     token::identity::Identity,
     TokenVerifier, VerifyRequest,
 };
+
+/// The encoded `FileDescriptorSet` of `envoy.service.auth.v3` (`external_auth.proto` and its
+/// imports, from the vendored protos in `proto/envoy-vendored/`): served by reflection, so that
+/// grpcurl can call `Check` without Envoy's protos.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_auth_descriptor.bin"));
 
 /// The identity headers set on allowed requests (and stripped from the client's request).
 pub const IDENTITY_HEADERS: [&str; 5] = [
@@ -106,6 +116,9 @@ pub struct RoutePolicy {
     machine_id: Option<String>,
     case_sensitive_paths: bool,
     method_override: MethodOverride,
+    /// Rules an Envoy route can name in its `context_extensions` ([`CONTEXT_RULE_KEY`]).
+    named: BTreeMap<String, Rule>,
+    context_extensions: ContextExtensions,
 }
 
 /// Where the upstreams behind the proxy may read a method override from (Rails/Rack, Laravel,
@@ -128,6 +141,96 @@ pub enum MethodOverride {
     Body,
 }
 
+/// The `context_extensions` key naming a rule of the route policy's `[rules]` (set in Envoy's
+/// route or virtual-host config: `typed_per_filter_config` → `envoy.filters.http.ext_authz` →
+/// `check_settings.context_extensions`; the client cannot set it).
+pub const CONTEXT_RULE_KEY: &str = "clerk_rule";
+
+/// Longest rule name, in bytes.
+pub const MAX_RULE_NAME: usize = 64;
+
+/// How a rule named by an Envoy route ([`CONTEXT_RULE_KEY`]) combines with the rule the path
+/// policy chooses for the request (`context_extensions = "and" | "replace"` in the policy
+/// file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextExtensions {
+    /// Both must pass (the default): a route can only add requirements, never loosen the path
+    /// policy.
+    #[default]
+    And,
+    /// The named rule alone decides: Envoy's route table overrides the path policy for the
+    /// routes that name a rule (a route naming a public rule makes its paths public, whatever
+    /// the path policy says). Only as safe as Envoy's route matching: a route whose match is
+    /// looser than the upstream's reading of the path (prefix vs segment, case, `%2F`, …)
+    /// extends the named rule to paths the path policy protects. Targets that cannot be read
+    /// one way only are still refused.
+    Replace,
+}
+
+/// Whether `name` can name a rule: 1 to [`MAX_RULE_NAME`] bytes of lower-case ASCII letters,
+/// digits, `_` and `-`, starting with a letter.
+pub fn is_rule_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_RULE_NAME
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// The rule name an Envoy route asks for in `context_extensions`: `Ok(None)` when it names
+/// none. Keys are matched exactly ([`CONTEXT_RULE_KEY`]); keys that are not ours (no `clerk`
+/// prefix, in any case, after trimming) are ignored, as other filters and access logs read
+/// `context_extensions` too; any other key with a `clerk` prefix (`Clerk_Rule`, `clerk-rule`,
+/// ` clerk_rule`, `clerk_rules`…) is refused rather than ignored, since ignoring a misspelt
+/// key would drop the requirement the operator meant. The value must be a rule name
+/// ([`is_rule_name`]) as written: no trimming, no case folding, no lists.
+pub fn context_rule(extensions: &HashMap<String, String>) -> Result<Option<&str>, RouteRuleError> {
+    let mut named = None;
+    for (key, value) in extensions {
+        if key == CONTEXT_RULE_KEY {
+            if !is_rule_name(value) {
+                return Err(RouteRuleError::NotAName(bounded_debug(value)));
+            }
+            named = Some(value.as_str());
+        } else if key
+            .trim()
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("clerk"))
+        {
+            return Err(RouteRuleError::UnknownKey(bounded_debug(key)));
+        }
+    }
+    Ok(named)
+}
+
+/// What is wrong with the rule an Envoy route names (logged; the request is refused with
+/// `ROUTE_RULE_UNKNOWN`). Values are escaped and cut to [`MAX_RULE_NAME`] characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteRuleError {
+    /// A `clerk…` key other than [`CONTEXT_RULE_KEY`].
+    #[error("context extension key {0} is not {CONTEXT_RULE_KEY:?} (keys starting with clerk are reserved)")]
+    UnknownKey(String),
+    /// The value is not a rule name ([`is_rule_name`]).
+    #[error("{CONTEXT_RULE_KEY} = {0} is not a rule name (lower-case letters, digits, _ and -)")]
+    NotAName(String),
+    /// No `[rules.NAME]` in the route policy.
+    #[error("{CONTEXT_RULE_KEY} = {0} names no rule of the route policy")]
+    NoSuchRule(String),
+}
+
+/// `s` escaped, quoted, cut to [`MAX_RULE_NAME`] characters (and how many more there were).
+fn bounded_debug(s: &str) -> String {
+    let n = s.chars().count();
+    let head: String = s.chars().take(MAX_RULE_NAME).collect();
+    if n > MAX_RULE_NAME {
+        format!("\"{}\"…(+{} chars)", head.escape_debug(), n - MAX_RULE_NAME)
+    } else {
+        format!("\"{}\"", head.escape_debug())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
@@ -139,6 +242,10 @@ struct RouteFile {
     default: Option<Rule>,
     #[serde(default)]
     routes: Vec<RouteEntry>,
+    #[serde(default)]
+    rules: BTreeMap<String, Rule>,
+    #[serde(default)]
+    context_extensions: ContextExtensions,
 }
 
 /// A `[[routes]]` entry: what it matches, then the same fields as a policy rule.
@@ -191,6 +298,8 @@ impl Default for RoutePolicy {
             machine_id: None,
             case_sensitive_paths: false,
             method_override: MethodOverride::default(),
+            named: BTreeMap::new(),
+            context_extensions: ContextExtensions::And,
         }
     }
 }
@@ -320,6 +429,29 @@ impl RoutePolicy {
     pub fn machine_id(mut self, id: impl Into<String>) -> Self {
         self.machine_id = Some(id.into());
         self
+    }
+
+    /// Adds a rule an Envoy route can name with `context_extensions` ([`CONTEXT_RULE_KEY`]).
+    ///
+    /// # Panics
+    /// When `name` is not a rule name ([`is_rule_name`]) or the rule is invalid or names
+    /// `peers` (a programming error; [`RoutePolicy::from_toml`] reports it as an error instead).
+    pub fn named_rule(mut self, name: &str, rule: Rule) -> Self {
+        check_named_rule(name, &rule).unwrap_or_else(|e| panic!("invalid rule: {e}"));
+        self.named.insert(name.to_owned(), rule);
+        self
+    }
+
+    /// How a rule named by an Envoy route combines with the path policy's (default
+    /// [`ContextExtensions::And`]: both must pass).
+    pub fn context_extensions(mut self, mode: ContextExtensions) -> Self {
+        self.context_extensions = mode;
+        self
+    }
+
+    /// The rule `[rules.NAME]`, if the policy has one.
+    pub fn rule_named(&self, name: &str) -> Option<&Rule> {
+        self.named.get(name)
     }
 
     /// Compare paths case-sensitively only (default `false`: a path that selects a different
@@ -474,6 +606,7 @@ impl RoutePolicy {
     /// ```toml
     /// # case_sensitive_paths = false   # true: upstreams are known case-sensitive
     /// # method_override = "body"       # "headers": no upstream reads _method from a POST body
+    /// # context_extensions = "and"     # "replace": a rule an Envoy route names alone decides
     ///
     /// [default]
     /// access = "authenticated"
@@ -487,12 +620,18 @@ impl RoutePolicy {
     /// path_prefix = "/orders"
     /// methods = ["DELETE"]
     /// require = [{ permission = "org:orders:delete" }]
+    ///
+    /// # A rule an Envoy route names: context_extensions { clerk_rule: admin }
+    /// [rules.admin]
+    /// require = [{ role = "org:admin" }]
     /// ```
     ///
     /// Hosts are canonicalised ([`canonical::host`]); a path prefix must already be canonical
     /// ([`canonical::path`]: no `//`, dot segments, `;`, encoded unreserved characters…);
     /// methods must be HTTP tokens. With `case_sensitive_paths = false`, two prefixes that
-    /// differ only by case are refused (every request under them would be).
+    /// differ only by case are refused (every request under them would be). Rule names are
+    /// [`is_rule_name`]s; `[default]` and `[rules.*]` cannot name `peers` (the TLS peer of
+    /// `Check` is Envoy).
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
         let err = |m: String| PolicyError::new(source_name, m);
         let file: RouteFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
@@ -520,6 +659,11 @@ impl RoutePolicy {
             }
             policy.machine_id = Some(id);
         }
+        for (name, rule) in file.rules {
+            check_named_rule(&name, &rule).map_err(err)?;
+            policy.named.insert(name, rule);
+        }
+        policy.context_extensions = file.context_extensions;
         for (i, r) in file.routes.into_iter().enumerate() {
             let (host, path_prefix, methods) =
                 canonical_route(r.host.as_deref(), &r.path_prefix, &r.methods)
@@ -556,6 +700,24 @@ impl RoutePolicy {
     }
 }
 
+/// Why `[rules.NAME]` cannot be used, if it cannot.
+fn check_named_rule(name: &str, rule: &Rule) -> Result<(), String> {
+    if !is_rule_name(name) {
+        return Err(format!(
+            "rules.{}: a rule name is 1 to {MAX_RULE_NAME} lower-case letters, digits, _ and -, \
+             starting with a letter",
+            bounded_debug(name)
+        ));
+    }
+    rule.validate().map_err(|e| format!("rules.{name}: {e}"))?;
+    if !rule.peers.is_empty() {
+        return Err(format!(
+            "rules.{name}: peers cannot be checked by Check (the TLS peer is Envoy)"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `prefix` covers `path` on whole segments (`fold`: without regard to ASCII case).
 fn segment_prefix(prefix: &str, path: &str, fold: bool) -> bool {
     if prefix == "/" || prefix.is_empty() {
@@ -572,6 +734,17 @@ fn segment_prefix(prefix: &str, path: &str, fold: bool) -> bool {
     };
     let rest = &x[p.len()..];
     same && (prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"))
+}
+
+/// A request's target as the proxy reports it (before canonicalisation).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    /// `Host` / `:authority`.
+    pub(crate) host: &'a str,
+    /// Path and query.
+    pub(crate) path: &'a str,
+    /// HTTP method.
+    pub(crate) method: &'a str,
 }
 
 /// The `Authorization` service.
@@ -608,7 +781,7 @@ impl ExtAuthz {
     /// refused), then the token (`authorization` or the `__session` cookie) against it.
     /// `headers` has lower-case names, repeated ones joined. Every decision goes to the
     /// observer (metrics, audit log) as `surface`, with the canonical target (a refused one
-    /// escaped, never raw).
+    /// escaped, never raw). No route context: [`ExtAuthz::judge_routed`] with none.
     pub(crate) async fn judge(
         &self,
         surface: &'static str,
@@ -618,42 +791,93 @@ impl ExtAuthz {
         headers: &HashMap<String, String>,
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
+        let target = Target { host, path, method };
+        self.judge_routed(surface, target, headers, client_ip, Ok(None))
+            .await
+    }
+
+    /// [`ExtAuthz::judge`], with the rule the proxy's route names (`route_rule`, from
+    /// [`context_rule`]; only `Check` has one, from Envoy's `context_extensions`). A named
+    /// rule must pass as well as the path policy's ([`ContextExtensions::And`]), or instead of
+    /// it ([`ContextExtensions::Replace`]). A name the policy does not define, or that is not
+    /// a name, is refused with `ROUTE_RULE_UNKNOWN` (`FAILED_PRECONDITION`; HTTP 503 from
+    /// `Check`) and an error log: the server cannot decide, so it never allows. The audit line
+    /// and `clerk_auth_route_rule_decisions` carry the rule's name (`(invalid)` when refused).
+    pub(crate) async fn judge_routed(
+        &self,
+        surface: &'static str,
+        target: Target<'_>,
+        headers: &HashMap<String, String>,
+        client_ip: Option<std::net::IpAddr>,
+        route_rule: Result<Option<&str>, RouteRuleError>,
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
         let started = std::time::Instant::now();
-        let (result, what) = match self.policy.rules_for_request(host, path, method, headers) {
-            Ok(rules) => (
-                self.decide(headers, &rules, client_ip).await,
-                format!(
-                    "{} {}{}",
-                    method,
-                    canonical::host(host).unwrap_or_default(),
-                    canonical::path(path)
-                        .map(|p| p.as_str().to_owned())
-                        .unwrap_or_default()
-                ),
+        let Target { host, path, method } = target;
+        let named = route_rule.and_then(|name| match name {
+            None => Ok(None),
+            Some(name) => self
+                .policy
+                .named
+                .get_key_value(name)
+                .map(|(n, r)| Some((n.as_str(), r)))
+                .ok_or_else(|| RouteRuleError::NoSuchRule(bounded_debug(name))),
+        });
+        let path_rules = self.policy.rules_for_request(host, path, method, headers);
+        let what = match &path_rules {
+            Ok(_) => format!(
+                "{} {}{}",
+                method,
+                canonical::host(host).unwrap_or_default(),
+                canonical::path(path)
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default()
             ),
-            Err(e) => (
-                Err(e),
-                format!(
-                    "{} {}{}",
-                    method.escape_debug(),
-                    host.escape_debug(),
-                    path.split('?').next().unwrap_or("").escape_debug()
-                ),
+            Err(_) => format!(
+                "{} {}{}",
+                method.escape_debug(),
+                host.escape_debug(),
+                path.split('?').next().unwrap_or("").escape_debug()
             ),
         };
-        self.observer.decision(
+        let rule_label = match &named {
+            Ok(n) => n.map(|(name, _)| name),
+            Err(_) => Some("(invalid)"),
+        };
+        // A route naming no usable rule is the operator's error: refused before the target
+        // is looked at, so that it shows on every request of that route.
+        let result = match (named, path_rules) {
+            (Err(e), _) => {
+                tracing::error!(
+                    surface,
+                    error = %e,
+                    "the proxy's route names no rule of the route policy; refused"
+                );
+                Err(AuthError::Misconfigured(Reason::RouteRuleUnknown))
+            }
+            (Ok(_), Err(e)) => Err(e),
+            (Ok(None), Ok(rules)) => self.decide(headers, &rules, client_ip).await,
+            (Ok(Some((_, named))), Ok(mut rules)) => match self.policy.context_extensions {
+                ContextExtensions::And => {
+                    rules.push(named);
+                    self.decide(headers, &rules, client_ip).await
+                }
+                ContextExtensions::Replace => self.decide(headers, &[named], client_ip).await,
+            },
+        };
+        self.observer.route_decision(
             surface,
             &what,
+            rule_label,
             result.as_ref().ok().and_then(|i| i.as_deref()),
-            None,
             result.as_ref().map(|_| ()),
             started.elapsed(),
         );
         result
     }
 
-    /// Allowed when the request passes every rule: no identity when all are public, else the
-    /// identity the token gives under each rule that is not (the first refusal wins).
+    /// Every rule of `rules` must pass: public ones need nothing; each other one is checked
+    /// with its own token settings (types, pending) and requirements (the same token, so the
+    /// second verification is a verdict-cache hit).
     async fn decide(
         &self,
         headers: &HashMap<String, String>,
@@ -661,7 +885,10 @@ impl ExtAuthz {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
         let mut identity = None;
-        for rule in rules.iter().filter(|r| !r.is_public()) {
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.is_public() || rules[..i].contains(rule) {
+                continue;
+            }
             identity = Some(self.verify_token(headers, rule, client_ip).await?);
         }
         Ok(identity)
@@ -875,13 +1102,285 @@ impl Authorization for ExtAuthz {
                 envoy_types::ext_authz::v3::pb::Address::SocketAddress(s) => s.address.parse().ok(),
                 _ => None,
             });
+        // Set by Envoy's route configuration only (the client cannot set them).
+        let route_rule = req
+            .attributes
+            .as_ref()
+            .map_or(Ok(None), |a| context_rule(&a.context_extensions));
+        let target = Target {
+            host,
+            path: &http.path,
+            method: &http.method,
+        };
         let result = self
-            .judge("Check", host, &http.path, &http.method, headers, client_ip)
+            .judge_routed("Check", target, headers, client_ip, route_rule)
             .await;
         let resp = match result {
             Ok(identity) => allowed(identity.as_deref()),
             Err(e) => denied(&e, grpc),
         };
         Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn rule_names() {
+        for ok in [
+            "admin",
+            "a",
+            "public-health",
+            "tier_2",
+            &"a".repeat(MAX_RULE_NAME),
+        ] {
+            assert!(is_rule_name(ok), "{ok:?}");
+        }
+        let long = "a".repeat(MAX_RULE_NAME + 1);
+        for bad in [
+            "",
+            "Admin",
+            "ADMIN",
+            "1admin",
+            "_admin",
+            "-admin",
+            " admin",
+            "admin ",
+            "ad min",
+            "admin,billing",
+            "admin\n",
+            "ad\0min",
+            "ädmin",
+            "../admin",
+            "admin.x",
+            "a/b",
+            &long,
+        ] {
+            assert!(!is_rule_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn context_extension_shapes() {
+        use RouteRuleError::*;
+        let huge = "a".repeat(100_000);
+        let cases: Vec<(HashMap<String, String>, Result<Option<&str>, &str>)> = vec![
+            (ext(&[]), Ok(None)),
+            (ext(&[("clerk_rule", "admin")]), Ok(Some("admin"))),
+            // Not ours: ignored (other filters and access logs read context_extensions).
+            (ext(&[("virtual_host", "api"), ("rule", "x")]), Ok(None)),
+            (
+                ext(&[("virtual_host", "api"), ("clerk_rule", "admin")]),
+                Ok(Some("admin")),
+            ),
+            (ext(&[("my_clerk_rule", "x")]), Ok(None)),
+            // Ours, misspelt or in another case: refused, never ignored.
+            (ext(&[("Clerk_Rule", "admin")]), Err("key")),
+            (ext(&[("CLERK_RULE", "admin")]), Err("key")),
+            (ext(&[("clerk-rule", "admin")]), Err("key")),
+            (ext(&[(" clerk_rule", "admin")]), Err("key")),
+            (ext(&[("clerk_rule ", "admin")]), Err("key")),
+            (ext(&[("clerk_rules", "admin")]), Err("key")),
+            (ext(&[("clerk", "admin")]), Err("key")),
+            (
+                ext(&[("clerk_rule", "admin"), ("Clerk_rule", "public")]),
+                Err("key"),
+            ),
+            // Values: a rule name as written, nothing else.
+            (ext(&[("clerk_rule", "")]), Err("value")),
+            (ext(&[("clerk_rule", " admin")]), Err("value")),
+            (ext(&[("clerk_rule", "admin ")]), Err("value")),
+            (ext(&[("clerk_rule", "Admin")]), Err("value")),
+            (ext(&[("clerk_rule", "admin,public")]), Err("value")),
+            (ext(&[("clerk_rule", "admin public")]), Err("value")),
+            (ext(&[("clerk_rule", "admin\npublic")]), Err("value")),
+            (ext(&[("clerk_rule", "ad\0min")]), Err("value")),
+            (ext(&[("clerk_rule", huge.as_str())]), Err("value")),
+        ];
+        for (input, want) in cases {
+            let got = context_rule(&input);
+            match (want, &got) {
+                (Ok(w), Ok(g)) => assert_eq!(*g, w, "{input:?}"),
+                (Err("key"), Err(UnknownKey(_))) | (Err("value"), Err(NotAName(_))) => {}
+                _ => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        // A huge value is cut in the error (it is logged), and control characters escaped.
+        let e = context_rule(&ext(&[("clerk_rule", huge.as_str())]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 300, "{e}");
+        assert!(e.contains("(+99936 chars)"), "{e}");
+        let e = context_rule(&ext(&[("clerk_rule", "a\nb\u{1b}[31m")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && !e.contains('\u{1b}'), "{e:?}");
+    }
+
+    #[test]
+    fn policy_files_define_named_rules() {
+        let p = RoutePolicy::from_toml(
+            r#"
+context_extensions = "replace"
+[rules.admin]
+require = [{ role = "admin" }]
+[rules.public]
+access = "public"
+"#,
+            "r.toml",
+        )
+        .unwrap();
+        assert_eq!(p.context_extensions, ContextExtensions::Replace);
+        assert!(p.rule_named("public").unwrap().is_public());
+        assert!(!p.rule_named("admin").unwrap().is_public());
+        assert!(p.rule_named("Admin").is_none());
+        let p = RoutePolicy::from_toml("[rules.a]\n", "r.toml").unwrap();
+        assert_eq!(p.context_extensions, ContextExtensions::And);
+        for (text, needle) in [
+            ("[rules.Admin]\n", "rule name"),
+            ("[rules.\"a b\"]\n", "rule name"),
+            ("[rules.\"\"]\n", "rule name"),
+            ("[rules.1x]\n", "rule name"),
+            (&format!("[rules.{}]\n", "a".repeat(65)), "rule name"),
+            ("[rules.a]\npeers = [\"spiffe://x/y\"]\n", "peers"),
+            ("[rules.a]\nrol = \"admin\"\n", "rol"),
+            (
+                "[rules.a]\naccess = \"public\"\nscopes = [\"x\"]\n",
+                "public",
+            ),
+            ("context_extensions = \"or\"\n", "or"),
+            ("context_extensions = \"AND\"\n", "AND"),
+        ] {
+            let e = RoutePolicy::from_toml(text, "r.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{text:?} → {e}");
+        }
+    }
+
+    /// The audit line and the metrics name the rule the route asked for.
+    #[test]
+    fn audit_and_metrics_show_the_named_rule() {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _enter = runtime.enter();
+        // Never asked: every rule here is public.
+        let keys = crate::verify::jwks::KeyStore::new(
+            crate::verify::jwks::KeySource::Remote {
+                url: "http://127.0.0.1:9/v1/jwks".parse().unwrap(),
+                bearer: None,
+            },
+            crate::verify::jwks::KeyStoreConfig::default(),
+            crate::clerk::api::http_client().unwrap(),
+        );
+        let verifier = TokenVerifier::new(crate::verify::TokenVerifierConfig::default(), keys);
+        let metrics = crate::server::metrics::Metrics::new(verifier.clone(), None);
+        let policy = RoutePolicy::authenticated()
+            .default_rule(Rule::public())
+            .named_rule("health", Rule::public());
+        let authz =
+            ExtAuthz::new(verifier, policy).with_observer(Observer::new(Some(metrics.clone())));
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let target = Target {
+            host: "api.example.com",
+            path: "/healthz",
+            method: "GET",
+        };
+        let headers = HashMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                let ok = authz
+                    .judge_routed("Check", target, &headers, None, Ok(Some("health")))
+                    .await;
+                assert_eq!(ok, Ok(None));
+                let refused = authz
+                    .judge_routed("Check", target, &headers, None, Ok(Some("nosuch")))
+                    .await;
+                assert_eq!(
+                    refused,
+                    Err(AuthError::Misconfigured(Reason::RouteRuleUnknown))
+                );
+                let refused = authz
+                    .judge_routed(
+                        "Check",
+                        target,
+                        &headers,
+                        None,
+                        context_rule(&ext(&[("Clerk_Rule", "health")])),
+                    )
+                    .await;
+                assert_eq!(
+                    refused,
+                    Err(AuthError::Misconfigured(Reason::RouteRuleUnknown))
+                );
+            })
+        });
+        let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let audit: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("clerk_grpc_auth::audit"))
+            .collect();
+        assert_eq!(audit.len(), 3, "{logs}");
+        assert!(
+            audit[0].contains("rule=\"health\"") || audit[0].contains("rule=health"),
+            "{logs}"
+        );
+        assert!(
+            audit[0].contains("verdict=\"allow\"") || audit[0].contains("verdict=allow"),
+            "{logs}"
+        );
+        assert!(
+            audit[1].contains("(invalid)") && audit[1].contains("ROUTE_RULE_UNKNOWN"),
+            "{logs}"
+        );
+        let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 2, "{logs}");
+        assert!(
+            errors[0].contains("clerk_rule = \"nosuch\" names no rule"),
+            "{logs}"
+        );
+        assert!(errors[1].contains("Clerk_Rule"), "{logs}");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"clerk_auth_route_rule_decisions_total{method="Check",rule="health",outcome="allowed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"clerk_auth_route_rule_decisions_total{method="Check",rule="(invalid)",outcome="misconfigured"} 2"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! HTTP forward auth on the HTTP port (`/auth`, any method): what nginx `auth_request`,
 //! ingress-nginx `auth-url`, Traefik `ForwardAuth` and Caddy `forward_auth` ask before they
 //! let a request through — decided by exactly what decides Envoy's `Check`
-//! ([`ExtAuthz::judge`]: the same route policy, canonical forms, token sources and audit).
+//! (`ExtAuthz::judge`: the same route policy, canonical forms, token sources and audit).
 //!
 //! The original request is read from the headers the proxy sets, and only those
 //! ([`ForwardedHeaders`], configuration): each must be there exactly once, or the request is

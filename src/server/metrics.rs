@@ -1,5 +1,6 @@
 //! Prometheus metrics (`GET /metrics` on the HTTP port): decisions by method, outcome and
-//! reason; decision latency histograms; key-set age, JWKS fetches and failures; verdict,
+//! reason; decisions of routes naming a rule (Envoy `clerk_rule`) by rule and outcome;
+//! decision latency histograms; key-set age, JWKS fetches and failures; verdict,
 //! machine-token and identity cache counters; Backend API calls, errors and 429s; revoked
 //! sessions held, evicted and refused; `WatchRevocations` streams, their buffers and the
 //! subscribers dropped.
@@ -30,6 +31,7 @@ use crate::{
 
 type DecisionLabels = [(&'static str, &'static str); 3];
 type MethodLabels = [(&'static str, &'static str); 1];
+type RouteRuleLabels = [(&'static str, String); 3];
 
 /// The server's metrics. Cheap to clone.
 #[derive(Clone)]
@@ -41,6 +43,7 @@ struct Inner {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    route_rules: Family<RouteRuleLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -445,6 +448,13 @@ impl Metrics {
             "Time to decide, by method",
             latency.clone(),
         );
+        let route_rules = Family::<RouteRuleLabels, Counter>::default();
+        registry.register(
+            "clerk_auth_route_rule_decisions",
+            "Check decisions for routes naming a rule (Envoy context_extensions clerk_rule), by \
+             surface, rule and outcome; rule \"(invalid)\" when the name was refused",
+            route_rules.clone(),
+        );
         registry.register_collector(Box::new(Stats {
             verifier,
             directory,
@@ -456,6 +466,7 @@ impl Metrics {
                 registry,
                 decisions,
                 latency,
+                route_rules,
             }),
         }
     }
@@ -474,6 +485,24 @@ impl Metrics {
             .latency
             .get_or_create(&[("method", method)])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one decision for a route naming `rule` (a policy rule name, or `(invalid)`).
+    pub fn record_route_rule(
+        &self,
+        method: &'static str,
+        rule: &str,
+        result: Result<(), &AuthError>,
+    ) {
+        let outcome = result.map_or_else(outcome_of, |()| "allowed");
+        self.inner
+            .route_rules
+            .get_or_create(&[
+                ("method", method.to_owned()),
+                ("rule", rule.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -531,11 +560,43 @@ impl Observer {
         Self { metrics }
     }
 
+    /// Records one decision of `Check` or forward auth: as [`Observer::decision`], with the
+    /// rule the proxy's route named (`rule`: a policy rule name, `(invalid)` when refused) in
+    /// the audit line and in `clerk_auth_route_rule_decisions`.
+    pub fn route_decision(
+        &self,
+        method: &'static str,
+        what: &str,
+        rule: Option<&str>,
+        identity: Option<&crate::Identity>,
+        result: Result<(), &AuthError>,
+        elapsed: Duration,
+    ) {
+        if let (Some(m), Some(rule)) = (&self.metrics, rule) {
+            m.record_route_rule(method, rule, result);
+        }
+        self.emit(method, what, rule, identity, None, result, elapsed);
+    }
+
     /// Records one decision.
     pub fn decision(
         &self,
         method: &'static str,
         what: &str,
+        identity: Option<&crate::Identity>,
+        token: Option<&str>,
+        result: Result<(), &AuthError>,
+        elapsed: Duration,
+    ) {
+        self.emit(method, what, None, identity, token, result, elapsed);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        method: &'static str,
+        what: &str,
+        rule: Option<&str>,
         identity: Option<&crate::Identity>,
         token: Option<&str>,
         result: Result<(), &AuthError>,
@@ -555,6 +616,7 @@ impl Observer {
             target: AUDIT_TARGET,
             method,
             what = non_empty(&what),
+            rule = rule.map(bounded).as_deref(),
             verdict,
             reason,
             user = identity.and_then(|i| non_empty(&i.user_id)),

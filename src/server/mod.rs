@@ -517,12 +517,14 @@ impl AuthServer {
                 .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(ext_authz::FILE_DESCRIPTOR_SET)
                 .build_v1()
                 .map_err(ServerError::Reflection)?;
             let v1alpha = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(ext_authz::FILE_DESCRIPTOR_SET)
                 .build_v1alpha()
                 .map_err(ServerError::Reflection)?;
             (Some(v1), Some(v1alpha))
