@@ -997,3 +997,487 @@ token_types = ["session_token", "m2m_token"]
     .await;
     assert_eq!(ok_parts(&r).0["x-clerk-user-id"], "user_envoy");
 }
+
+// ===== route context: Envoy's context_extensions name a rule of the policy (issue 17) =====
+
+/// The path policy of [`ROUTES`] plus named rules an Envoy route can ask for.
+const CONTEXT_ROUTES: &str = r#"
+[default]
+access = "authenticated"
+
+[[routes]]
+path_prefix = "/public"
+access = "public"
+
+[[routes]]
+path_prefix = "/admin"
+require = [{ role = "admin" }]
+
+[rules.admin]
+require = [{ role = "admin" }]
+
+[rules.public]
+access = "public"
+
+[rules.billing]
+require = [{ permission = "org:billing:manage" }]
+"#;
+
+/// As [`CONTEXT_ROUTES`], with the named rule replacing the path policy's.
+const REPLACE_ROUTES: &str = r#"
+context_extensions = "replace"
+
+[default]
+access = "authenticated"
+
+[[routes]]
+path_prefix = "/admin"
+require = [{ role = "admin" }]
+
+[rules.admin]
+require = [{ role = "admin" }]
+
+[rules.public]
+access = "public"
+"#;
+
+/// `req` with Envoy's per-route `context_extensions`.
+fn with_context(mut req: CheckRequest, pairs: &[(&str, &str)]) -> CheckRequest {
+    req.attributes.as_mut().unwrap().context_extensions = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    req
+}
+
+/// By default a named rule adds to the path policy's rule: both must pass, so a route can
+/// tighten the policy but never loosen it.
+#[tokio::test]
+async fn a_named_rule_must_pass_as_well_as_the_path_rule() {
+    let (h, c) = start_with_routes(CONTEXT_ROUTES).await;
+    let member = format!("Bearer {}", admin_token(&h, "member", &[]));
+    let admin = format!("Bearer {}", admin_token(&h, "admin", &[]));
+    let billing_admin = format!(
+        "Bearer {}",
+        admin_token(&h, "admin", &["org:billing:manage"])
+    );
+    let api = "api.example.com";
+    // (path, clerk_rule, authorization, expected verdict)
+    let cases: Vec<(&str, Option<&str>, Option<&str>, (i32, &str))> = vec![
+        // No extension: the path policy alone, as before.
+        ("/orders", None, Some(&member), (0, "")),
+        ("/public/x", None, None, (0, "")),
+        // `admin` on a path the policy lets any session (or anyone) through.
+        (
+            "/orders",
+            Some("admin"),
+            Some(&member),
+            (7, "ORG_ROLE_REQUIRED"),
+        ),
+        ("/orders", Some("admin"), Some(&admin), (0, "")),
+        ("/public/x", Some("admin"), None, (16, "TOKEN_MISSING")),
+        ("/public/x", Some("admin"), Some(&admin), (0, "")),
+        // `public` cannot open a path the policy protects.
+        ("/orders", Some("public"), None, (16, "TOKEN_MISSING")),
+        (
+            "/admin/users",
+            Some("public"),
+            Some(&member),
+            (7, "ORG_ROLE_REQUIRED"),
+        ),
+        ("/public/x", Some("public"), None, (0, "")),
+        // Both rules' requirements: the path's role and the route's permission.
+        (
+            "/admin/users",
+            Some("billing"),
+            Some(&admin),
+            (7, "ORG_PERMISSION_REQUIRED"),
+        ),
+        (
+            "/admin/users",
+            Some("billing"),
+            Some(&billing_admin),
+            (0, ""),
+        ),
+    ];
+    for (path, rule, auth, want) in cases {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let mut pairs = vec![("virtual_host", "api")]; // someone else's key: ignored
+        pairs.extend(rule.map(|r| ("clerk_rule", r)));
+        let r = check(
+            &c,
+            with_context(envoy_request("GET", api, path, &headers), &pairs),
+        )
+        .await;
+        assert_eq!(
+            verdict(&r),
+            (want.0, want.1.to_owned()),
+            "{path} clerk_rule={rule:?} token={}",
+            auth.is_some()
+        );
+    }
+    // Allowed with a named rule: the identity headers are set as for any allow.
+    let r = check(
+        &c,
+        with_context(
+            envoy_request("GET", api, "/orders", &[("authorization", &admin)]),
+            &[("clerk_rule", "admin")],
+        ),
+    )
+    .await;
+    assert_eq!(ok_parts(&r).0["x-clerk-org-role"], "org:admin");
+}
+
+/// With `context_extensions = "replace"` the named rule alone decides (a public health page
+/// behind an Envoy route naming `public`), while a target that cannot be read one way only is
+/// still refused and a route naming no rule keeps the path policy.
+#[tokio::test]
+async fn replace_lets_the_route_decide_but_still_refuses_ambiguous_targets() {
+    let (h, c) = start_with_routes(REPLACE_ROUTES).await;
+    let member = format!("Bearer {}", admin_token(&h, "member", &[]));
+    let api = "api.example.com";
+    let cases: Vec<(&str, Option<&str>, Option<&str>, (i32, &str))> = vec![
+        ("/healthz", Some("public"), None, (0, "")),
+        ("/healthz", None, None, (16, "TOKEN_MISSING")),
+        // The operator's choice, and the documented risk: the route overrides the path policy.
+        ("/admin/status", Some("public"), None, (0, "")),
+        (
+            "/orders",
+            Some("admin"),
+            Some(&member),
+            (7, "ORG_ROLE_REQUIRED"),
+        ),
+        (
+            "/admin/users",
+            None,
+            Some(&member),
+            (7, "ORG_ROLE_REQUIRED"),
+        ),
+        (
+            "/admin;x/users",
+            Some("public"),
+            None,
+            (3, "PATH_NOT_CANONICAL"),
+        ),
+        (
+            "/%25%361dmin/users",
+            Some("public"),
+            None,
+            (3, "PATH_NOT_CANONICAL"),
+        ),
+        (
+            "/Admin/users",
+            Some("public"),
+            None,
+            (3, "PATH_NOT_CANONICAL"),
+        ),
+    ];
+    for (path, rule, auth, want) in cases {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let pairs: Vec<(&str, &str)> = rule.map(|r| ("clerk_rule", r)).into_iter().collect();
+        let r = check(
+            &c,
+            with_context(envoy_request("GET", api, path, &headers), &pairs),
+        )
+        .await;
+        assert_eq!(
+            verdict(&r),
+            (want.0, want.1.to_owned()),
+            "{path} clerk_rule={rule:?}"
+        );
+    }
+}
+
+/// Whatever shape the extension takes, a route that names no rule of the policy is refused
+/// as "cannot decide" (FAILED_PRECONDITION, HTTP 503, ROUTE_RULE_UNKNOWN) — even with a token
+/// every rule would let through, and for a path the policy makes public.
+#[tokio::test]
+async fn hostile_context_extensions_fail_closed() {
+    let (h, c) = start_with_routes(CONTEXT_ROUTES).await;
+    let owner = format!(
+        "Bearer {}",
+        admin_token(&h, "admin", &["org:billing:manage"])
+    );
+    let huge = "admin".repeat(20_000);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("clerk_rule", "nosuch")],
+        vec![("clerk_rule", "Admin")],
+        vec![("clerk_rule", "ADMIN")],
+        vec![("clerk_rule", " admin")],
+        vec![("clerk_rule", "admin\t")],
+        vec![("clerk_rule", "")],
+        vec![("clerk_rule", "admin,public")],
+        vec![("clerk_rule", "public admin")],
+        vec![("clerk_rule", "admin\u{0}")],
+        vec![("clerk_rule", "ädmin")],
+        vec![("clerk_rule", "../public")],
+        vec![("clerk_rule", &huge)],
+        vec![("Clerk_Rule", "public")],
+        vec![("CLERK_RULE", "public")],
+        vec![("clerk-rule", "public")],
+        vec![(" clerk_rule", "public")],
+        vec![("clerk_rules", "public")],
+        vec![("clerk_rule", "public"), ("clerk_role", "admin")],
+    ];
+    for pairs in cases {
+        for (path, auth) in [("/public/x", None), ("/orders", Some(owner.as_str()))] {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| ("authorization", a)).into_iter().collect();
+            let req = with_context(
+                envoy_request("GET", "api.example.com", path, &headers),
+                &pairs,
+            );
+            let r = check(&c, req).await;
+            let shown: Vec<_> = pairs.iter().map(|(k, v)| (k, v.len())).collect();
+            assert_eq!(
+                verdict(&r),
+                (9, "ROUTE_RULE_UNKNOWN".to_owned()),
+                "{path} {shown:?}"
+            );
+            let (_, http, _, body) = denied_parts(&r);
+            assert_eq!(http, 503, "{shown:?}");
+            // The client sees a fixed message, never the route's configuration.
+            assert!(body.len() < 300 && !body.contains("nosuch"), "{body}");
+        }
+    }
+    // gRPC requests get a gRPC-shaped refusal.
+    let req = with_context(
+        envoy_request(
+            "POST",
+            "api.example.com",
+            "/orders.v1.Orders/Get",
+            &[("content-type", "application/grpc")],
+        ),
+        &[("clerk_rule", "nosuch")],
+    );
+    let r = check(&c, req).await;
+    let (code, http, headers, _) = denied_parts(&r);
+    assert_eq!((code, http), (9, 200));
+    assert_eq!(headers["grpc-status"], "9");
+}
+
+// ===== reflection: Check callable with nothing but the server's own descriptors =====
+
+mod reflected {
+    use prost::Message as _;
+    use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+    use tonic::{
+        codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+        transport::Channel,
+        Status,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+
+    pub async fn reflect(channel: &Channel, request: MessageRequest) -> MessageResponse {
+        let mut answers = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::once(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        answer.message_response.unwrap()
+    }
+
+    pub async fn services_v1(channel: &Channel) -> Vec<String> {
+        match reflect(channel, MessageRequest::ListServices(String::new())).await {
+            MessageResponse::ListServicesResponse(l) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub async fn services_v1alpha(channel: &Channel) -> Vec<String> {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut answers = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::once(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The file defining `symbol` and everything it imports, as the server reflects them.
+    pub async fn pool_for(channel: &Channel, symbol: &str) -> DescriptorPool {
+        let mut files = std::collections::BTreeMap::new();
+        let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.to_owned())];
+        while let Some(request) = wanted.pop() {
+            let MessageResponse::FileDescriptorResponse(found) = reflect(channel, request).await
+            else {
+                panic!("reflection: unexpected answer");
+            };
+            for bytes in found.file_descriptor_proto {
+                let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+                files.insert(file.name().to_owned(), file);
+            }
+            let missing: Vec<String> = files
+                .values()
+                .flat_map(|f| f.dependency.iter())
+                .filter(|d| !files.contains_key(*d))
+                .cloned()
+                .collect();
+            for dep in missing {
+                if !wanted
+                    .iter()
+                    .any(|w| matches!(w, MessageRequest::FileByFilename(f) if *f == dep))
+                {
+                    wanted.push(MessageRequest::FileByFilename(dep));
+                }
+            }
+        }
+        let mut pool = DescriptorPool::new();
+        pool.add_file_descriptor_protos(files.into_values())
+            .unwrap();
+        pool
+    }
+
+    /// Calls `/service/method` with a request built from JSON; the answer as JSON.
+    pub async fn call(
+        channel: &Channel,
+        pool: &DescriptorPool,
+        service: &str,
+        method: &str,
+        json: &serde_json::Value,
+    ) -> serde_json::Value {
+        let m = pool
+            .get_service_by_name(service)
+            .unwrap()
+            .methods()
+            .find(|m| m.name() == method)
+            .unwrap();
+        let input = DynamicMessage::deserialize(m.input(), json).unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path: http::uri::PathAndQuery = format!("/{service}/{method}").parse().unwrap();
+        let out = grpc
+            .unary(tonic::Request::new(input), path, DynamicCodec(m.output()))
+            .await
+            .unwrap()
+            .into_inner();
+        serde_json::to_value(&out).unwrap()
+    }
+
+    struct DynamicCodec(MessageDescriptor);
+
+    impl Codec for DynamicCodec {
+        type Encode = DynamicMessage;
+        type Decode = DynamicMessage;
+        type Encoder = DynamicEncoder;
+        type Decoder = DynamicDecoder;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            DynamicEncoder
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            DynamicDecoder(self.0.clone())
+        }
+    }
+
+    struct DynamicEncoder;
+
+    impl Encoder for DynamicEncoder {
+        type Item = DynamicMessage;
+        type Error = Status;
+
+        fn encode(&mut self, item: DynamicMessage, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            item.encode(buf)
+                .map_err(|e| Status::internal(format!("encode: {e}")))
+        }
+    }
+
+    struct DynamicDecoder(MessageDescriptor);
+
+    impl Decoder for DynamicDecoder {
+        type Item = DynamicMessage;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Status> {
+            DynamicMessage::decode(self.0.clone(), buf)
+                .map(Some)
+                .map_err(|e| Status::internal(format!("decode: {e}")))
+        }
+    }
+}
+
+/// Reflection (v1 and v1alpha) lists `envoy.service.auth.v3.Authorization`, and a `Check`
+/// built only from the reflected descriptors (as grpcurl builds it: JSON, no Envoy protos)
+/// is answered: allowed, denied by the named rule, refused for an unknown rule.
+#[tokio::test]
+async fn check_is_callable_through_reflection_alone() {
+    const AUTHZ: &str = "envoy.service.auth.v3.Authorization";
+    let (h, _) = start_with_routes(CONTEXT_ROUTES).await;
+    let channel = Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for services in [
+        reflected::services_v1(&channel).await,
+        reflected::services_v1alpha(&channel).await,
+    ] {
+        assert!(services.iter().any(|s| s == AUTHZ), "{services:?}");
+        assert!(
+            services.iter().any(|s| s == "clerk.auth.v1.AuthService"),
+            "{services:?}"
+        );
+    }
+    let pool = reflected::pool_for(&channel, AUTHZ).await;
+    let admin = format!("Bearer {}", admin_token(&h, "admin", &[]));
+    let member = format!("Bearer {}", admin_token(&h, "member", &[]));
+    let request = |auth: &str, rule: &str| {
+        serde_json::json!({
+            "attributes": {
+                "request": { "http": {
+                    "method": "GET",
+                    "host": "api.example.com",
+                    "path": "/orders",
+                    "headers": { "authorization": auth },
+                }},
+                "contextExtensions": { "clerk_rule": rule },
+            }
+        })
+    };
+    let code = |v: &serde_json::Value| v["status"]["code"].as_i64().unwrap_or(0);
+    let allowed = reflected::call(&channel, &pool, AUTHZ, "Check", &request(&admin, "admin")).await;
+    assert_eq!(code(&allowed), 0, "{allowed}");
+    let set: Vec<&str> = allowed["okResponse"]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["header"]["key"].as_str())
+        .collect();
+    assert!(set.contains(&"x-clerk-user-id"), "{allowed}");
+    let denied = reflected::call(&channel, &pool, AUTHZ, "Check", &request(&member, "admin")).await;
+    assert_eq!(code(&denied), 7, "{denied}");
+    assert_eq!(
+        denied["deniedResponse"]["status"]["code"], "Forbidden",
+        "{denied}"
+    );
+    let unknown =
+        reflected::call(&channel, &pool, AUTHZ, "Check", &request(&admin, "nosuch")).await;
+    assert_eq!(code(&unknown), 9, "{unknown}");
+    assert_eq!(
+        unknown["deniedResponse"]["status"]["code"], "ServiceUnavailable",
+        "{unknown}"
+    );
+}
