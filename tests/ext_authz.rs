@@ -1041,6 +1041,9 @@ require = [{ role = "admin" }]
 access = "public"
 "#;
 
+/// (path, clerk_rule, authorization, expected verdict)
+type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, (i32, &'a str));
+
 /// `req` with Envoy's per-route `context_extensions`.
 fn with_context(mut req: CheckRequest, pairs: &[(&str, &str)]) -> CheckRequest {
     req.attributes.as_mut().unwrap().context_extensions = pairs
@@ -1062,8 +1065,7 @@ async fn a_named_rule_must_pass_as_well_as_the_path_rule() {
         admin_token(&h, "admin", &["org:billing:manage"])
     );
     let api = "api.example.com";
-    // (path, clerk_rule, authorization, expected verdict)
-    let cases: Vec<(&str, Option<&str>, Option<&str>, (i32, &str))> = vec![
+    let cases: Vec<Case<'_>> = vec![
         // No extension: the path policy alone, as before.
         ("/orders", None, Some(&member), (0, "")),
         ("/public/x", None, None, (0, "")),
@@ -1136,7 +1138,7 @@ async fn replace_lets_the_route_decide_but_still_refuses_ambiguous_targets() {
     let (h, c) = start_with_routes(REPLACE_ROUTES).await;
     let member = format!("Bearer {}", admin_token(&h, "member", &[]));
     let api = "api.example.com";
-    let cases: Vec<(&str, Option<&str>, Option<&str>, (i32, &str))> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("/healthz", Some("public"), None, (0, "")),
         ("/healthz", None, None, (16, "TOKEN_MISSING")),
         // The operator's choice, and the documented risk: the route overrides the path policy.

@@ -1173,7 +1173,9 @@ mod tests {
     fn context_extension_shapes() {
         use RouteRuleError::*;
         let huge = "a".repeat(100_000);
-        let cases: Vec<(HashMap<String, String>, Result<Option<&str>, &str>)> = vec![
+        // (extensions, the rule named or which kind of refusal)
+        type Case<'a> = (HashMap<String, String>, Result<Option<&'a str>, &'a str>);
+        let cases: Vec<Case<'_>> = vec![
             (ext(&[]), Ok(None)),
             (ext(&[("clerk_rule", "admin")]), Ok(Some("admin"))),
             // Not ours: ignored (other filters and access logs read context_extensions).
