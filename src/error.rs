@@ -473,7 +473,7 @@ impl AuthError {
                 "the server has no Clerk secret key for this (CLERK_SECRET_KEY, or CLERK_MACHINE_SECRET_KEY for M2M tokens)"
             }
             AuthError::Misconfigured(Reason::RouteRuleUnknown) => {
-                "the proxy's route names a rule the route policy does not define; the server is misconfigured"
+                "the proxy's route names no rule of the route policy (context_extensions clerk_rule); the server is misconfigured"
             }
             AuthError::Misconfigured(_) => {
                 "Clerk refused the server's secret key; the server is misconfigured"

@@ -4,7 +4,11 @@
 //! For each request Envoy forwards: the route rule is chosen by host, path prefix and HTTP method
 //! ([`RoutePolicy`], the same [`Rule`] model as the layer's policy) in their canonical forms
 //! ([`crate::canonical`]: a target that cannot be read one way only is refused with 400); the
-//! token comes from `authorization: Bearer …` or the `__session` cookie; then:
+//! token comes from `authorization: Bearer …` or the `__session` cookie. An Envoy route can
+//! name a rule of the policy's `[rules]` in its `context_extensions` (`clerk_rule = "NAME"`,
+//! [`context_rule`]): by default it must pass as well as the path's rule, so the route table can
+//! only tighten the policy ([`ContextExtensions`]); a name the policy lacks is refused with
+//! `ROUTE_RULE_UNKNOWN` (503), never allowed. Then:
 //!
 //! * **allow** — `OkHttpResponse` setting `x-clerk-user-id`, `x-clerk-session-id`,
 //!   `x-clerk-org-id`, `x-clerk-org-role`, `x-clerk-org-permissions` (overwriting anything the
@@ -13,7 +17,7 @@
 //!   `dynamic_metadata` with the identity;
 //! * **deny** — `DeniedHttpResponse` 401 with `WWW-Authenticate: Bearer error="invalid_token"`
 //!   (403 for policy, 400 for a non-canonical path, host or method, 503 when verification is
-//!   impossible, 429 when rate limited) and a JSON
+//!   impossible or the route names an unknown rule, 429 when rate limited) and a JSON
 //!   body `{"error": REASON, "message": …}`; for gRPC requests (`content-type:
 //!   application/grpc…`) a gRPC-shaped denial (HTTP 200, `grpc-status`, `grpc-message`).
 
