@@ -11,7 +11,8 @@
 //!
 //! Refused with `PATH_NOT_CANONICAL` (HTTP 400 from `Check`):
 //!
-//! * a path not starting with `/` (`*`, the absolute form `http://h/admin`, empty);
+//! * a path not starting with `/` (`*`, the absolute form `http://h/admin`, empty), or longer
+//!   than [`MAX_PATH`] (8 KiB) before its query;
 //! * a raw `\` (some upstreams read it as `/`), `;` (path parameters, stripped by Tomcat, Jetty,
 //!   Spring…), `#` (a fragment is never sent by a conforming client; an upstream keeping it in
 //!   the path could resolve `/public#/../admin` to `/admin`), a space, a NUL or any control byte
@@ -126,12 +127,19 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// Longest path (before the query) [`path`] reads, in bytes: nginx's default request-line
+/// buffer is 8 KiB; each reading of a longer one costs work a client chose.
+pub const MAX_PATH: usize = 8192;
+
 /// Canonicalises a request path (`:path`, with its query), or refuses it (see the module docs).
 pub fn path(raw: &str) -> Result<CanonicalPath, AuthError> {
     if !raw.starts_with('/') {
         return bad_path("the path does not start with /");
     }
     let target = raw.split('?').next().unwrap_or_default();
+    if target.len() > MAX_PATH {
+        return bad_path("the path is longer than 8 KiB");
+    }
     let bytes = target.as_bytes();
     let mut decoded = String::with_capacity(target.len());
     // Every escape decoded once (what an upstream that decodes everything reads): an escape

@@ -1483,3 +1483,144 @@ async fn check_is_callable_through_reflection_alone() {
         "{unknown}"
     );
 }
+
+/// The review's shapes: override headers in CGI spellings, PHP's query keys, ASP.NET's query
+/// overrides, headers naming another target, and requests that would make the server judge
+/// the same path thousands of times — each refused (or judged under the stricter rule), never
+/// a looser rule, and never much work.
+#[tokio::test]
+async fn override_spellings_other_targets_and_costly_requests_are_refused() {
+    let routes: &'static str =
+        Box::leak(format!("method_override = \"headers\"\n{OPEN_ROUTES}").into_boxed_str());
+    let (_h, c) = start_with_routes(routes).await;
+    let api = "api.example.com";
+    // Each would run DELETE /orders/1 (a permission) under GET's public rule.
+    let mut cases: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (
+            "/orders/1".into(),
+            vec![("x_http_method_override", "DELETE")],
+        ),
+        (
+            "/orders/1".into(),
+            vec![("x-http_method-override", "DELETE")],
+        ),
+        ("/orders/1".into(), vec![("x_method_override", "DELETE")]),
+    ];
+    for query in [
+        "_method=DELETE",
+        "_METHOD=delete",
+        ".method=DELETE",
+        "%2Emethod=DELETE",
+        "%20.method=DELETE",
+        "+.method=DELETE",
+        "%20_method=DELETE",
+        "X-HTTP-Method-Override=DELETE",
+        "x_http_method_override=DELETE",
+    ] {
+        cases.push((format!("/orders/1?{query}"), vec![]));
+    }
+    for (path, headers) in &cases {
+        let r = check(&c, envoy_request("GET", api, path, headers)).await;
+        assert_eq!(
+            verdict(&r).1,
+            "METHOD_INVALID",
+            "GET {path} {headers:?} must not pass under GET's public rule"
+        );
+    }
+    // IIS / older Symfony serve X-Original-URL or X-Rewrite-URL instead of the path.
+    for name in ["x-original-url", "x-rewrite-url", "x_original_url"] {
+        let r = check(
+            &c,
+            envoy_request("GET", api, "/public", &[(name, "/admin/users")]),
+        )
+        .await;
+        assert_eq!(verdict(&r).1, "PATH_NOT_CANONICAL", "{name}");
+    }
+    // Many overrides or forwarded hosts: refused, not judged one by one.
+    let many_methods: Vec<String> = (0..17).map(|i| format!("M{i}")).collect();
+    let many_methods = many_methods.join(",");
+    let many_hosts: Vec<String> = (0..17).map(|i| format!("h{i}.example.com")).collect();
+    let many_hosts = many_hosts.join(",");
+    for (name, value, reason) in [
+        ("x-http-method-override", &many_methods, "METHOD_INVALID"),
+        ("x-forwarded-host", &many_hosts, "HOST_INVALID"),
+    ] {
+        let r = check(&c, envoy_request("GET", api, "/x", &[(name, value)])).await;
+        assert_eq!(verdict(&r).1, reason, "{name}");
+    }
+    // The same value repeated is one alternative (and agrees): it passes.
+    let same = vec!["GET"; 3000].join(",");
+    let r = check(
+        &c,
+        envoy_request("GET", api, "/x", &[("x-http-method-override", &same)]),
+    )
+    .await;
+    assert_eq!(verdict(&r), (0, String::new()));
+    // A path over 8 KiB is refused before any reading of it.
+    let long = format!("/public/{}", "a/".repeat(4100));
+    let r = check(&c, envoy_request("GET", api, &long, &[])).await;
+    assert_eq!(verdict(&r).1, "PATH_NOT_CANONICAL");
+    let fits = format!("/public/{}", "a/".repeat(4000));
+    let r = check(&c, envoy_request("GET", api, &fits, &[])).await;
+    assert_eq!(verdict(&r), (0, String::new()));
+}
+
+const REPLACE_BODY: &str = r#"
+context_extensions = "replace"
+
+[default]
+access = "authenticated"
+
+[[routes]]
+path_prefix = "/orders"
+methods = ["DELETE"]
+require = [{ permission = "org:orders:delete" }]
+
+[rules.public]
+access = "public"
+
+[rules.session]
+access = "authenticated"
+"#;
+
+/// In "replace" mode the named rule stands in for the request's own rule only: a POST (which
+/// its body could make a DELETE) still needs DELETE's permission, as a header override would.
+#[tokio::test]
+async fn replace_keeps_the_rules_a_post_body_could_select() {
+    let (h, c) = start_with_routes(REPLACE_BODY).await;
+    let member = format!("Bearer {}", admin_token(&h, "member", &[]));
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let r = check(
+        &c,
+        with_context(
+            envoy_request(
+                "POST",
+                "api.example.com",
+                "/orders/1",
+                &[("authorization", &member), form],
+            ),
+            &[("clerk_rule", "session")],
+        ),
+    )
+    .await;
+    assert_eq!(verdict(&r).0, 7, "a member's POST could be a DELETE");
+    let r = check(
+        &c,
+        with_context(
+            envoy_request("POST", "api.example.com", "/orders/1", &[form]),
+            &[("clerk_rule", "public")],
+        ),
+    )
+    .await;
+    assert_eq!(verdict(&r).1, "TOKEN_MISSING");
+    // Where no method route applies, the named public rule alone decides.
+    let r = check(
+        &c,
+        with_context(
+            envoy_request("POST", "api.example.com", "/health", &[form]),
+            &[("clerk_rule", "public")],
+        ),
+    )
+    .await;
+    assert_eq!(verdict(&r), (0, String::new()));
+}

@@ -184,11 +184,12 @@ pub fn is_rule_name(name: &str) -> bool {
 }
 
 /// The rule name an Envoy route asks for in `context_extensions`: `Ok(None)` when it names
-/// none. Keys are matched exactly ([`CONTEXT_RULE_KEY`]); keys that are not ours (no `clerk`
-/// prefix, in any case, after trimming) are ignored, as other filters and access logs read
-/// `context_extensions` too; any other key with a `clerk` prefix (`Clerk_Rule`, `clerk-rule`,
-/// ` clerk_rule`, `clerk_rules`…) is refused rather than ignored, since ignoring a misspelt
-/// key would drop the requirement the operator meant. The value must be a rule name
+/// none. Keys are matched exactly ([`CONTEXT_RULE_KEY`]); keys that are not ours (no `lerk`
+/// in them, in any ASCII case) are ignored, as other filters and access logs read
+/// `context_extensions` too; any other key holding `lerk` (`Clerk_Rule`, `clerk-rule`,
+/// ` clerk_rule`, `clerk_rules`, `x-clerk_rule`, a zero-width or look-alike first letter…) is
+/// refused rather than ignored, since ignoring a misspelt key would drop the requirement the
+/// operator meant. The value must be a rule name
 /// ([`is_rule_name`]) as written: no trimming, no case folding, no lists.
 pub fn context_rule(extensions: &HashMap<String, String>) -> Result<Option<&str>, RouteRuleError> {
     let mut named = None;
@@ -198,15 +199,20 @@ pub fn context_rule(extensions: &HashMap<String, String>) -> Result<Option<&str>
                 return Err(RouteRuleError::NotAName(bounded_debug(value)));
             }
             named = Some(value.as_str());
-        } else if key
-            .trim()
-            .get(..5)
-            .is_some_and(|p| p.eq_ignore_ascii_case("clerk"))
-        {
+        } else if looks_like_ours(key) {
             return Err(RouteRuleError::UnknownKey(bounded_debug(key)));
         }
     }
     Ok(named)
+}
+
+/// Whether a key other than [`CONTEXT_RULE_KEY`] could be meant as it: anything holding
+/// `lerk` in any ASCII case (`Clerk_Rule`, ` clerk_rule`, `_clerk_rule`, `x-clerk_rule`, a
+/// zero-width or look-alike first letter such as Cyrillic `с`).
+fn looks_like_ours(key: &str) -> bool {
+    key.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"lerk"))
 }
 
 /// What is wrong with the rule an Envoy route names (logged; the request is refused with
@@ -308,14 +314,35 @@ impl Default for RoutePolicy {
     }
 }
 
-/// The hosts named by `x-forwarded-host` (every comma-separated entry) and `forwarded`
-/// (`host=` of every element, quotes removed).
+/// The header names an upstream may read as `name`: CGI-style servers (PHP, wsgiref, uWSGI)
+/// map `-` and `_` alike to `_` (`X_Http_Method_Override` is `HTTP_X_HTTP_METHOD_OVERRIDE`).
+fn same_header(lower_name: &str, name: &str) -> bool {
+    lower_name.len() == name.len()
+        && lower_name
+            .bytes()
+            .zip(name.bytes())
+            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+}
+
+/// The values of every spelling of `name` among `headers` (lower-case names).
+fn header_values<'h>(
+    headers: &'h HashMap<String, String>,
+    name: &'static str,
+) -> impl Iterator<Item = &'h str> + 'h {
+    headers
+        .iter()
+        .filter(move |(k, _)| same_header(k, name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The hosts named by `x-forwarded-host` (every comma-separated entry, under any spelling) and
+/// `forwarded` (`host=` of every element, quotes removed).
 fn forwarded_hosts(headers: &HashMap<String, String>) -> Vec<&str> {
     let mut out = Vec::new();
-    if let Some(v) = headers.get("x-forwarded-host") {
+    for v in header_values(headers, "x-forwarded-host") {
         out.extend(v.split(',').map(str::trim));
     }
-    if let Some(v) = headers.get("forwarded") {
+    for v in header_values(headers, "forwarded") {
         for pair in v.split([',', ';']) {
             if let Some((k, val)) = pair.split_once('=') {
                 if k.trim().eq_ignore_ascii_case("host") {
@@ -327,21 +354,42 @@ fn forwarded_hosts(headers: &HashMap<String, String>) -> Vec<&str> {
     out
 }
 
+/// The override headers method-override middleware reads (Express, ASP.NET, Rack, Symfony,
+/// Google APIs); ASP.NET MVC also reads them as query parameters.
+const OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// A query parameter name as PHP makes it (leading spaces dropped, `.` and space turned into
+/// `_`, so that `.method` and `%20method` are `_method` to Laravel and Symfony), lower case,
+/// `-` as `_`.
+fn query_key(raw: &str) -> String {
+    raw.trim_start_matches(' ')
+        .chars()
+        .map(|c| match c {
+            '.' | ' ' | '-' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
 /// The methods a method-override middleware could run instead: the override headers' values
-/// and `_method` query parameters (percent-decoded, upper-cased; a value that is not an HTTP
-/// token is kept as given, so that it is refused).
+/// (every spelling with `_`), and `_method` (or an override header's name) in the query
+/// (percent-decoded, PHP's key rules), upper-cased; a value that is not an HTTP token is kept
+/// as given, so that it is refused.
 fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String> {
-    let mut out: Vec<String> = [
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-    ]
-    .iter()
-    .filter_map(|h| headers.get(*h))
-    .flat_map(|v| v.split(','))
-    .map(|m| m.trim().to_ascii_uppercase())
-    .collect();
+    let mut out: Vec<String> = OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|h| header_values(headers, h))
+        .flat_map(|v| v.split(','))
+        .map(|m| m.trim().to_ascii_uppercase())
+        .collect();
     if let Some((_, query)) = path.split_once('?') {
+        let keys: Vec<String> = std::iter::once("_method".to_owned())
+            .chain(OVERRIDE_HEADERS.iter().map(|h| query_key(h)))
+            .collect();
         for pair in query.split(['&', ';']) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let decode = |s: &str| {
@@ -350,13 +398,17 @@ fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String
                     .map(|(_, v)| v.into_owned())
                     .unwrap_or_default()
             };
-            if decode(k).eq_ignore_ascii_case("_method") {
+            if keys.contains(&query_key(&decode(k))) {
                 out.push(decode(v).trim().to_ascii_uppercase());
             }
         }
     }
     out
 }
+
+/// At most this many distinct other hosts or methods a request may name (each is judged in
+/// full; more is refused rather than judged).
+const MAX_ALTERNATIVES: usize = 16;
 
 /// A route's canonical host, path prefix and methods, or what is wrong with them.
 fn canonical_route(
@@ -522,8 +574,9 @@ impl RoutePolicy {
     /// other hosts and methods an upstream could act on — `x-forwarded-host` and
     /// `forwarded: host=` (frameworks behind a proxy serve that host), `x-http-method-override`,
     /// `x-http-method`, `x-method-override` and a `_method` query parameter (method-override
-    /// middleware) — must select the same rule, or the request is refused (`HOST_INVALID` /
-    /// `METHOD_INVALID`). Then, with [`MethodOverride::Body`], a POST's rules are those of
+    /// middleware; every spelling with `_`, at most 16 distinct) — must select the same rule,
+    /// or the request is refused (`HOST_INVALID` / `METHOD_INVALID`); a request naming another
+    /// target (`x-original-url`, `x-rewrite-url`) is refused (`PATH_NOT_CANONICAL`). Then, with [`MethodOverride::Body`], a POST's rules are those of
     /// every method its body could name: the request must pass them all. The first rule is the
     /// request's own; the others differ from it and from each other.
     pub fn rules_for_request(
@@ -535,7 +588,34 @@ impl RoutePolicy {
     ) -> Result<Vec<&Rule>, AuthError> {
         let rule = self.rule_for(host, path, method)?;
         let refuse = |reason, message| Err(AuthError::NotCanonical { reason, message });
-        for alt in forwarded_hosts(headers) {
+        // IIS URL Rewrite, ASP.NET, older Symfony, Zend/Laminas serve the target these name
+        // instead of the request's: it would be served under the rule of another path.
+        if headers
+            .keys()
+            .any(|k| same_header(k, "x-original-url") || same_header(k, "x-rewrite-url"))
+        {
+            return refuse(
+                Reason::PathNotCanonical,
+                "the request names another target (X-Original-URL, X-Rewrite-URL)",
+            );
+        }
+        let hosts: std::collections::BTreeSet<&str> =
+            forwarded_hosts(headers).into_iter().collect();
+        if hosts.len() > MAX_ALTERNATIVES {
+            return refuse(
+                Reason::HostInvalid,
+                "the request names too many forwarded hosts",
+            );
+        }
+        let methods: std::collections::BTreeSet<String> =
+            method_overrides(headers, path).into_iter().collect();
+        if methods.len() > MAX_ALTERNATIVES {
+            return refuse(
+                Reason::MethodInvalid,
+                "the request names too many method overrides",
+            );
+        }
+        for alt in hosts {
             match self.rule_for(alt, path, method) {
                 Ok(r) if r == rule => {}
                 _ => {
@@ -546,7 +626,7 @@ impl RoutePolicy {
                 }
             }
         }
-        for alt in method_overrides(headers, path) {
+        for alt in methods {
             match self.rule_for(host, path, &alt) {
                 Ok(r) if r == rule => {}
                 _ => {
@@ -685,6 +765,17 @@ impl RoutePolicy {
             let rule = r.rule();
             rule.validate()
                 .map_err(|e| err(format!("routes[{i}]: {e}")))?;
+            if policy.method_override == MethodOverride::Body && methods.iter().any(|m| m == "POST")
+            {
+                tracing::warn!(
+                    route = i,
+                    path_prefix = %path_prefix,
+                    "with method_override = \"body\" a POST here must also pass the rules of \
+                     the other methods on these paths (its body could name them): drop `methods` \
+                     from this route, or set method_override = \"headers\" if no upstream reads \
+                     _method from a POST body"
+                );
+            }
             policy.routes.push(Route {
                 host,
                 path_prefix,
@@ -865,7 +956,12 @@ impl ExtAuthz {
                     rules.push(named);
                     self.decide(headers, &rules, client_ip).await
                 }
-                ContextExtensions::Replace => self.decide(headers, &[named], client_ip).await,
+                // The named rule stands in for the request's own rule only: a POST still needs
+                // every rule its body could select (`method_override = "body"`).
+                ContextExtensions::Replace => {
+                    rules[0] = named;
+                    self.decide(headers, &rules, client_ip).await
+                }
             },
         };
         self.observer.route_decision(
@@ -1188,7 +1284,7 @@ mod tests {
                 ext(&[("virtual_host", "api"), ("clerk_rule", "admin")]),
                 Ok(Some("admin")),
             ),
-            (ext(&[("my_clerk_rule", "x")]), Ok(None)),
+            (ext(&[("rule_set", "x")]), Ok(None)),
             // Ours, misspelt or in another case: refused, never ignored.
             (ext(&[("Clerk_Rule", "admin")]), Err("key")),
             (ext(&[("CLERK_RULE", "admin")]), Err("key")),
@@ -1197,6 +1293,13 @@ mod tests {
             (ext(&[("clerk_rule ", "admin")]), Err("key")),
             (ext(&[("clerk_rules", "admin")]), Err("key")),
             (ext(&[("clerk", "admin")]), Err("key")),
+            (ext(&[("my_clerk_rule", "admin")]), Err("key")),
+            (ext(&[("x-clerk_rule", "admin")]), Err("key")),
+            (ext(&[("\u{200b}clerk_rule", "admin")]), Err("key")),
+            (ext(&[("\u{feff}clerk_rule", "admin")]), Err("key")),
+            (ext(&[("\u{441}lerk_rule", "admin")]), Err("key")),
+            (ext(&[("\u{ff43}lerk_rule", "admin")]), Err("key")),
+            (ext(&[("\0clerk_rule", "admin")]), Err("key")),
             (
                 ext(&[("clerk_rule", "admin"), ("Clerk_rule", "public")]),
                 Err("key"),

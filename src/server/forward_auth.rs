@@ -202,6 +202,11 @@ async fn check(
                 })
                 .or_insert_with(|| v.to_owned());
         }
+        if config.headers == ForwardedHeaders::IngressNginx {
+            // Set by ingress-nginx itself (replacing any client copy): read above as the
+            // target, not a client's attempt to name another one.
+            joined.remove("x-original-url");
+        }
         let client_ip = config.headers.client_ip(&headers);
         ext_authz
             .judge("ForwardAuth", host, target, method, &joined, client_ip)
