@@ -91,6 +91,19 @@ pub enum Reason {
     /// or nothing could be written to it for the write timeout): it was dropped and should
     /// resubscribe (the snapshot is sent again).
     SubscriberTooSlow,
+    /// A cookie-borne token came with an `Origin` header that is malformed, `null` or repeated
+    /// (see [`crate::canonical::origin`]). Ours: Clerk does not read `Origin`.
+    OriginInvalid,
+    /// A cookie-borne token came from a page whose `Origin` is not one of the authorized
+    /// parties (or, with none configured, not the token's `azp`), or from a cross-site request
+    /// without an `Origin`. Ours: Clerk does not read `Origin`.
+    OriginNotAuthorized,
+    /// A `__session` cookie without a `__client_uat` cookie (or with `__client_uat=0`: signed
+    /// out), as Clerk's `authenticateRequest` (`session-token-but-no-client-uat`).
+    SessionTokenWithoutClientUat,
+    /// The `__session` token was issued before the client's last sign-in or sign-out
+    /// (`iat` < `__client_uat`), as Clerk's `authenticateRequest`.
+    SessionTokenIatBeforeClientUat,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -292,6 +305,10 @@ impl Reason {
             Reason::MethodInvalid => "METHOD_INVALID",
             Reason::StreamLimitReached => "STREAM_LIMIT_REACHED",
             Reason::SubscriberTooSlow => "SUBSCRIBER_TOO_SLOW",
+            Reason::OriginInvalid => "ORIGIN_INVALID",
+            Reason::OriginNotAuthorized => "ORIGIN_NOT_AUTHORIZED",
+            Reason::SessionTokenWithoutClientUat => "SESSION_TOKEN_WITHOUT_CLIENT_UAT",
+            Reason::SessionTokenIatBeforeClientUat => "SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT",
         }
     }
 
@@ -327,11 +344,15 @@ impl Reason {
             Reason::MethodInvalid => "method-invalid",
             Reason::StreamLimitReached => "stream-limit-reached",
             Reason::SubscriberTooSlow => "subscriber-too-slow",
+            Reason::OriginInvalid => "origin-invalid",
+            Reason::OriginNotAuthorized => "origin-not-authorized",
+            Reason::SessionTokenWithoutClientUat => "session-token-but-no-client-uat",
+            Reason::SessionTokenIatBeforeClientUat => "session-token-iat-before-client-uat",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 33] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -361,6 +382,10 @@ impl Reason {
         Reason::MethodInvalid,
         Reason::StreamLimitReached,
         Reason::SubscriberTooSlow,
+        Reason::OriginInvalid,
+        Reason::OriginNotAuthorized,
+        Reason::SessionTokenWithoutClientUat,
+        Reason::SessionTokenIatBeforeClientUat,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).
