@@ -135,10 +135,13 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // The page runs no script and may not be framed (no clickjacking of the buttons).
+    // The page runs no script and may not be framed (no clickjacking of the buttons). No
+    // `form-action`: browsers apply it to the redirect after the POST, to the app's origin.
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
     );
     res
 }
