@@ -176,7 +176,7 @@ async fn a_browser_signs_in_calls_over_grpc_web_and_another_site_is_refused() {
     let api = web::own_origin(&listener).unwrap();
     let port = listener.local_addr().unwrap().port();
     let auth = AuthLayer::in_process(verifier, orders::policy()).authorized_parties([api.clone()]);
-    assert_eq!(auth.authorized_origins(), [api.clone()]);
+    assert_eq!(auth.authorized_origins(), std::slice::from_ref(&api));
     let stop = tokio_util::sync::CancellationToken::new();
     let stopped = stop.clone();
     let server = tokio::spawn(web::serve(listener, auth, Some(emu.url()), async move {

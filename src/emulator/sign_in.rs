@@ -246,8 +246,8 @@ async fn sign_out_page(State(s): State<Arc<Shared>>, Query(q): Query<RedirectQue
 }
 
 /// A form POST from another page (login CSRF) is refused: its `Origin` must be the emulator's.
-fn same_origin_post(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    let forbidden = |why| Err(refused(StatusCode::FORBIDDEN, why));
+fn same_origin_post(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let forbidden = |why| Err(Box::new(refused(StatusCode::FORBIDDEN, why)));
     let mut origins = headers.get_all(header::ORIGIN).iter();
     match (origins.next(), origins.next()) {
         (None, _) => {}
@@ -317,7 +317,7 @@ async fn sign_in(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = same_origin_post(&s, &headers) {
-        return r;
+        return *r;
     }
     let f = form(&body);
     let field = |k: &str| f.get(k).map(String::as_str).unwrap_or_default();
@@ -399,7 +399,7 @@ async fn sign_out(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = same_origin_post(&s, &headers) {
-        return r;
+        return *r;
     }
     let f = form(&body);
     let raw = f

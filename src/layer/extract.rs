@@ -214,7 +214,7 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<(&'h [u8], &'h Heade
 fn session_cookie(headers: &HeaderMap) -> Result<Option<(&str, &HeaderValue)>, AuthError> {
     match cookie(headers, SESSION_COOKIE) {
         None => Ok(None),
-        Some((v, _)) if v.is_empty() => Ok(None),
+        Some(([], _)) => Ok(None),
         Some((v, value)) => token_value(v).map(|t| Some((t, value))),
     }
 }

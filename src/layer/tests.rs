@@ -479,7 +479,8 @@ async fn a_cookie_token_from_a_page_outside_the_authorized_parties_is_refused() 
     let ok = (Code::Ok, None);
     let not_authorized = refused(Code::Unauthenticated, "ORIGIN_NOT_AUTHORIZED");
     let invalid = refused(Code::Unauthenticated, "ORIGIN_INVALID");
-    let cases: &[(&[(&str, &[u8])], &(Code, Option<String>))] = &[
+    type Headers<'a> = &'a [(&'a str, &'a [u8])];
+    let cases: &[(Headers<'_>, &(Code, Option<String>))] = &[
         (&[("origin", b"https://app.example.com")], &ok),
         (&[("origin", b"HTTPS://App.Example.COM:443")], &ok),
         (&[("origin", b"https://app.example.com.")], &ok),
