@@ -100,7 +100,7 @@ pub enum Reason {
     OriginNotAuthorized,
     /// A `__session` cookie without a `__client_uat` cookie (or with `__client_uat=0`: signed
     /// out), as Clerk's `authenticateRequest` (`session-token-but-no-client-uat`).
-    SessionTokenWithoutClientUat,
+    SessionTokenButNoClientUat,
     /// The `__session` token was issued before the client's last sign-in or sign-out
     /// (`iat` < `__client_uat`), as Clerk's `authenticateRequest`.
     SessionTokenIatBeforeClientUat,
@@ -307,7 +307,7 @@ impl Reason {
             Reason::SubscriberTooSlow => "SUBSCRIBER_TOO_SLOW",
             Reason::OriginInvalid => "ORIGIN_INVALID",
             Reason::OriginNotAuthorized => "ORIGIN_NOT_AUTHORIZED",
-            Reason::SessionTokenWithoutClientUat => "SESSION_TOKEN_WITHOUT_CLIENT_UAT",
+            Reason::SessionTokenButNoClientUat => "SESSION_TOKEN_BUT_NO_CLIENT_UAT",
             Reason::SessionTokenIatBeforeClientUat => "SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT",
         }
     }
@@ -346,7 +346,7 @@ impl Reason {
             Reason::SubscriberTooSlow => "subscriber-too-slow",
             Reason::OriginInvalid => "origin-invalid",
             Reason::OriginNotAuthorized => "origin-not-authorized",
-            Reason::SessionTokenWithoutClientUat => "session-token-but-no-client-uat",
+            Reason::SessionTokenButNoClientUat => "session-token-but-no-client-uat",
             Reason::SessionTokenIatBeforeClientUat => "session-token-iat-before-client-uat",
         }
     }
@@ -384,7 +384,7 @@ impl Reason {
         Reason::SubscriberTooSlow,
         Reason::OriginInvalid,
         Reason::OriginNotAuthorized,
-        Reason::SessionTokenWithoutClientUat,
+        Reason::SessionTokenButNoClientUat,
         Reason::SessionTokenIatBeforeClientUat,
     ];
 

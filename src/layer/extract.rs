@@ -260,7 +260,7 @@ fn origin_refused(reason: Reason, message: &'static str) -> AuthError {
 /// As Clerk's `authenticateRequest` (cookie path):
 ///
 /// * a `__client_uat` cookie (when the client last signed in or out) must come with it and be
-///   non-zero, else `SESSION_TOKEN_WITHOUT_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
+///   non-zero, else `SESSION_TOKEN_BUT_NO_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
 ///   `__client_uat=0` means signed out). We read it as decimal digits only (Clerk's
 ///   `parseInt` also takes `12abc` as 12; we take it as absent);
 /// * the token must not predate it: `iat` < `__client_uat` is
@@ -299,7 +299,7 @@ impl CookieContext {
             .unwrap_or(0);
         if client_uat == 0 {
             return Err(origin_refused(
-                Reason::SessionTokenWithoutClientUat,
+                Reason::SessionTokenButNoClientUat,
                 "a __session cookie without a __client_uat cookie (or signed out: __client_uat=0)",
             ));
         }

@@ -103,6 +103,8 @@ impl Interceptor for AuthInterceptor {
             let (token, header, origin) =
                 self.sources.extract_with_header(req.metadata().as_ref())?;
             let source = req.remote_addr().map(|a| a.ip());
+            let parties = &self.authorized.parties[..];
+            let request = request_for(&self.rule, token, origin, parties, source)?;
             let cookie = match origin {
                 Origin::Cookie => Some(CookieContext::read(
                     req.metadata().as_ref(),
@@ -110,10 +112,7 @@ impl Interceptor for AuthInterceptor {
                 )?),
                 Origin::Header => None,
             };
-            let parties = &self.authorized.parties[..];
-            let identity = self
-                .verifier
-                .verify_now(&request_for(&self.rule, token, origin, parties, source)?)?;
+            let identity = self.verifier.verify_now(&request)?;
             if let Some(c) = &cookie {
                 c.check(&identity, &self.authorized)?;
             }

@@ -277,7 +277,7 @@ struct Shared {
 /// checks on its cookie path:
 ///
 /// * a non-zero `__client_uat` cookie beside it, else `UNAUTHENTICATED` /
-///   `SESSION_TOKEN_WITHOUT_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
+///   `SESSION_TOKEN_BUT_NO_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
 ///   `__client_uat=0` means signed out). Read as decimal digits only;
 /// * a token issued no earlier than it (`iat` ≥ `__client_uat`), else
 ///   `SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT`;
@@ -583,26 +583,25 @@ where
                 }
             };
             let source = peer_ip(req.extensions());
-            // A token from the cookie: the browser context must check out too.
-            let cookie = match origin {
-                Origin::Cookie => match CookieContext::read(req.headers(), &shared.authorized) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        log_refusal(path, Some(token), &e);
-                        return Ok(refusal(e));
+            let parties = &shared.authorized.parties[..];
+            // A token from the cookie (on a rule that takes session tokens): the browser
+            // context must check out too, before and after verification.
+            let verdict = match request_for(rule, token, origin, parties, source) {
+                Ok(r) => match origin {
+                    Origin::Header => shared.auth.authenticate(r).await,
+                    Origin::Cookie => {
+                        match CookieContext::read(req.headers(), &shared.authorized) {
+                            Ok(cookie) => shared.auth.authenticate(r).await.and_then(|identity| {
+                                cookie
+                                    .check(&identity, &shared.authorized)
+                                    .map(|()| identity)
+                            }),
+                            Err(e) => Err(e),
+                        }
                     }
                 },
-                Origin::Header => None,
-            };
-            let parties = &shared.authorized.parties[..];
-            let verdict = match request_for(rule, token, origin, parties, source) {
-                Ok(r) => shared.auth.authenticate(r).await,
                 Err(e) => Err(e),
             };
-            let verdict = verdict.and_then(|identity| match &cookie {
-                Some(c) => c.check(&identity, &shared.authorized).map(|()| identity),
-                None => Ok(identity),
-            });
             let verdict = match verdict {
                 Ok(identity) => {
                     authorize(rule, shared.policy.own_machine_id(), &identity).map(|()| identity)

@@ -421,7 +421,7 @@ async fn a_cookie_token_needs_a_client_uat_it_does_not_predate() {
     let t = session_from(None);
     let before = (now_secs() - 30).to_string();
     let after = (now_secs() + 3600).to_string();
-    let no_uat = refused(Code::Unauthenticated, "SESSION_TOKEN_WITHOUT_CLIENT_UAT");
+    let no_uat = refused(Code::Unauthenticated, "SESSION_TOKEN_BUT_NO_CLIENT_UAT");
     for uat in [
         None,
         Some("0"),
@@ -639,7 +639,7 @@ async fn the_verifiers_authorized_parties_are_the_default_and_the_interceptor_ch
     );
     assert_eq!(
         reason(interceptor.call(grpc(cookie_request(&t, None, &[])))),
-        Err("SESSION_TOKEN_WITHOUT_CLIENT_UAT".into())
+        Err("SESSION_TOKEN_BUT_NO_CLIENT_UAT".into())
     );
     let app: &[(&str, &[u8])] = &[("origin", b"https://app.example.com")];
     assert_eq!(
