@@ -4,6 +4,8 @@
 //!
 //! * (a) signed in on the emulator's page, the page shows the user picked;
 //! * (b) the `__session` cookie removed, it shows `UNAUTHENTICATED`;
+//! * the page on another origin of the same site (another port), among the authorized parties,
+//!   calls cross-origin with the cookies (preflight, credentials) and shows the user;
 //! * (c) the page served from another site (`http://localhost:PORT` against the API on
 //!   `http://127.0.0.1:PORT`) is refused by the browser (CORS), and a non-browser request with
 //!   that `Origin` and the signed-in cookies is refused by the server (`ORIGIN_NOT_AUTHORIZED`).
@@ -175,13 +177,28 @@ async fn a_browser_signs_in_calls_over_grpc_web_and_another_site_is_refused() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = web::own_origin(&listener).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let auth = AuthLayer::in_process(verifier, orders::policy()).authorized_parties([api.clone()]);
-    assert_eq!(auth.authorized_origins(), std::slice::from_ref(&api));
+    // A second origin of the same site (another port), serving a page that calls the first.
+    let sibling_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sibling = web::own_origin(&sibling_listener).unwrap();
+    let auth = AuthLayer::in_process(verifier, orders::policy())
+        .authorized_parties([api.clone(), sibling.clone()]);
+    assert_eq!(auth.authorized_origins(), [api.clone(), sibling.clone()]);
     let stop = tokio_util::sync::CancellationToken::new();
     let stopped = stop.clone();
-    let server = tokio::spawn(web::serve(listener, auth, Some(emu.url()), async move {
-        stopped.cancelled().await
-    }));
+    let server = tokio::spawn(web::serve(
+        listener,
+        auth.clone(),
+        Some(emu.url()),
+        async move { stopped.cancelled().await },
+    ));
+    let stopped = stop.clone();
+    let sibling_server = tokio::spawn(web::serve_calling(
+        sibling_listener,
+        auth,
+        Some(emu.url()),
+        api.clone(),
+        async move { stopped.cancelled().await },
+    ));
 
     // The browser.
     let profile = tempfile::tempdir().unwrap();
@@ -195,6 +212,7 @@ async fn a_browser_signs_in_calls_over_grpc_web_and_another_site_is_refused() {
         .env("USER_DATA_DIR", profile.path())
         .env("APP_URL", &app_url)
         .env("FOREIGN_URL", &foreign_url)
+        .env("SIBLING_URL", format!("{sibling}/"))
         .env("USER_ID", &user)
         .env("ORG_ID", org)
         .env("ROLE", "org:admin")
@@ -253,6 +271,9 @@ async fn a_browser_signs_in_calls_over_grpc_web_and_another_site_is_refused() {
     );
     // (b) Without the cookie.
     assert_eq!(shown("removed", "code"), "UNAUTHENTICATED", "{report:#}");
+    // From another origin of the same site, authorized: preflight passed, cookies sent.
+    assert_eq!(shown("sibling", "code"), "OK", "{report:#}");
+    assert_eq!(shown("sibling", "user"), user, "{report:#}");
     // (c) From another site: the browser refused the call (CORS) …
     assert_eq!(shown("foreign", "code"), "FETCH_FAILED", "{report:#}");
     let console: Vec<&str> = report["foreignConsole"]
@@ -296,5 +317,93 @@ async fn a_browser_signs_in_calls_over_grpc_web_and_another_site_is_refused() {
 
     stop.cancel();
     server.await.unwrap().unwrap();
+    sibling_server.await.unwrap().unwrap();
     emu.shutdown().await;
+}
+
+/// The preflight, without a browser: answered by the CORS layer (the auth layer never sees
+/// it) from the authorized parties; another origin gets no CORS headers.
+#[tokio::test]
+async fn preflights_are_answered_from_the_authorized_parties() {
+    let emu = Emulator::start_local().await.unwrap();
+    let jwks = KeySource::Remote {
+        url: format!("{}/.well-known/jwks.json", emu.url())
+            .parse()
+            .unwrap(),
+        bearer: None,
+    };
+    let (verifier, _keys) = TokenVerifier::start(VerifierSettings::new(jwks)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = web::own_origin(&listener).unwrap();
+    // Written loosely: canonicalised for the CORS list.
+    let auth = AuthLayer::in_process(verifier, orders::policy()).authorized_parties([
+        "HTTPS://App.Example.COM:443",
+        "null",
+        "https://x/y",
+    ]);
+    assert_eq!(auth.authorized_origins(), ["https://app.example.com"]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(web::serve(listener, auth, None, async move {
+        stopped.cancelled().await
+    }));
+    let http = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{api}/examples.orders.v1.Orders/ListOrders"),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-grpc-web,authorization",
+        )
+        .send()
+    };
+    let res = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-allow-methods"], "POST");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap();
+    for name in ["content-type", "x-grpc-web", "authorization"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    assert_eq!(h["access-control-max-age"], "600");
+    assert!(
+        h.get("grpc-status").is_none(),
+        "the auth layer answered the preflight"
+    );
+    for other in [
+        "https://evil.example",
+        "http://app.example.com",
+        "null",
+        "https://app.example.com.evil.example",
+    ] {
+        let res = preflight(other).await.unwrap();
+        assert!(
+            res.headers().get("access-control-allow-origin").is_none(),
+            "{other}: {:?}",
+            res.headers()
+        );
+    }
+    // A refusal carries the CORS headers, so the page can read its status.
+    let res = http
+        .post(format!("{api}/examples.orders.v1.Orders/ListOrders"))
+        .header("origin", "https://app.example.com")
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["grpc-status"], "16");
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("grpc-status") && exposed.contains("grpc-message"));
+    stop.cancel();
+    server.await.unwrap().unwrap();
 }

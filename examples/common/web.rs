@@ -170,6 +170,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let api = own_origin(&listener).expect("a bound listener");
+    serve_calling(listener, auth, accounts, api, shutdown).await
+}
+
+/// As [`serve`], with a page that calls the gRPC-web endpoint at `api` (another server's
+/// origin: a cross-origin caller, for tests).
+pub async fn serve_calling(
+    listener: tokio::net::TcpListener,
+    auth: AuthLayer,
+    accounts: Option<String>,
+    api: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let html: Arc<str> = page(&api, accounts.as_deref()).into();
     tonic::transport::Server::builder()
         // Browsers speak HTTP/1.1 to a plaintext server.

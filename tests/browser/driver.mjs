@@ -1,7 +1,8 @@
 // Drives Debian's Chromium (headless) through the grpc_web example's page, for tests/browser.rs.
 // Environment: CHROMIUM (executable), PLAYWRIGHT_DIR (where playwright-core is installed),
 // USER_DATA_DIR (a fresh, empty directory), APP_URL (the page on its own origin), FOREIGN_URL
-// (the same page from another site), USER_ID / ORG_ID / ROLE (what to pick on the sign-in page).
+// (the same page from another site), SIBLING_URL (a page on another port calling APP_URL's
+// server), USER_ID / ORG_ID / ROLE (what to pick on the sign-in page).
 // Prints one JSON line: what the page showed at each step.
 import { createRequire } from "node:module";
 
@@ -66,9 +67,13 @@ try {
   await page.reload();
   report.removed = await shown();
 
-  // (c) The same page from another site, the cookies back in the jar: the browser refuses
-  // the cross-origin call (CORS).
+  // The cookies back in the jar; a page on another origin of the same site (another port),
+  // among the authorized parties, calls with them (CORS preflight, credentials).
   await context.addCookies(cookies);
+  await page.goto(env("SIBLING_URL"));
+  report.sibling = await shown();
+
+  // (c) The same page from another site: the browser refuses the cross-origin call (CORS).
   console_.length = 0;
   await page.goto(env("FOREIGN_URL"));
   report.foreign = await shown();
