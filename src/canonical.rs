@@ -63,6 +63,20 @@
 //! kept empty and matches only routes without a host. Route hosts are canonicalised the same
 //! way when the policy is loaded (and refused there when invalid).
 //!
+//! # Origins ([`origin`])
+//!
+//! A browser's `Origin` header (and an authorized party compared with one) in the form
+//! `scheme://host[:port]`: the scheme `http` or `https` (any case, written lower-case); the
+//! host canonicalised as above (lower-cased, one trailing dot removed, IPv6 literals in
+//! canonical form), never empty; the port digits only, 1–65535, written without leading zeros
+//! and removed when it is the scheme's default (`:80` for `http`, `:443` for `https`). Refused
+//! with `ORIGIN_INVALID`: `null` (sandboxed frames, `file:` pages, some redirects: no origin
+//! to trust), any other scheme, a missing `//`, userinfo (`user@host`), a path — even `/` —, a
+//! query or a fragment, whitespace or a control byte anywhere, any byte outside ASCII (an
+//! internationalised name must come as its `xn--` form, as browsers send it), `%`, and
+//! everything the host rules refuse. Several `Origin` headers on one request are refused by
+//! the caller (the layer), never merged or picked from.
+//!
 //! # HTTP methods ([`method`])
 //!
 //! A method must be an RFC 9110 token (`!#$%&'*+-.^_`|~`, digits, letters; at most 32 bytes):
@@ -362,6 +376,89 @@ pub fn host(raw: &str) -> Result<String, AuthError> {
     Ok(name)
 }
 
+/// The longest `Origin` accepted (a host name of 253 bytes, a scheme and a port).
+const MAX_ORIGIN: usize = 300;
+
+/// Canonicalises an `Origin` (or an authorized party) to `scheme://host[:port]`, or refuses
+/// it with `ORIGIN_INVALID` (see [the module docs](self#origins-origin)). Takes bytes: a
+/// header value may hold anything.
+pub fn origin(raw: &[u8]) -> Result<String, AuthError> {
+    let bad = |m| refuse(Reason::OriginInvalid, m);
+    if raw.is_empty() {
+        return bad("the Origin is empty");
+    }
+    if raw.len() > MAX_ORIGIN {
+        return bad("the Origin is too long");
+    }
+    if !raw.iter().all(|b| b.is_ascii_graphic()) {
+        return bad("the Origin holds whitespace, a control byte or a byte outside ASCII");
+    }
+    // ASCII graphic only: a valid &str.
+    let raw = std::str::from_utf8(raw).map_err(|_| AuthError::NotCanonical {
+        reason: Reason::OriginInvalid,
+        message: "the Origin is not ASCII",
+    })?;
+    if raw.eq_ignore_ascii_case("null") {
+        return bad("the Origin is null (an opaque origin cannot be authorized)");
+    }
+    let Some((scheme, authority)) = raw.split_once("://") else {
+        return bad("the Origin is not scheme://host[:port]");
+    };
+    let (scheme, default_port) = if scheme.eq_ignore_ascii_case("https") {
+        ("https", 443)
+    } else if scheme.eq_ignore_ascii_case("http") {
+        ("http", 80)
+    } else {
+        return bad("the Origin's scheme is not http or https");
+    };
+    if authority.bytes().any(|b| matches!(b, b'/' | b'?' | b'#')) {
+        return bad("the Origin holds a path, a query or a fragment");
+    }
+    if authority.contains('@') {
+        return bad("the Origin holds userinfo");
+    }
+    // The port: after the IPv6 literal's `]`, or after the one colon of a name.
+    let (host_part, port) = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((_, "")) => (authority, None),
+            Some((inner, after)) => match after.strip_prefix(':') {
+                Some(p) => (&authority[..inner.len() + 2], Some(p)),
+                None => return bad("the Origin's IPv6 literal is followed by something else"),
+            },
+            None => return bad("the Origin's IPv6 literal has no ]"),
+        },
+        None => match authority.split_once(':') {
+            Some((_, p)) if p.contains(':') => return bad("the Origin holds several colons"),
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let host = host(host_part).map_err(|e| match e {
+        AuthError::NotCanonical { message, .. } => AuthError::NotCanonical {
+            reason: Reason::OriginInvalid,
+            message,
+        },
+        other => other,
+    })?;
+    if host.is_empty() {
+        return bad("the Origin's host is empty");
+    }
+    let port = match port {
+        None => None,
+        Some(p) => {
+            let numeric = !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+            match p.parse::<u32>() {
+                Ok(n @ 1..=65535) if numeric => Some(n),
+                _ => return bad("the Origin's port is not a number from 1 to 65535"),
+            }
+        }
+    };
+    Ok(match port {
+        Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
 /// Checks an HTTP method is an RFC 9110 token (as sent; see [`method_upper`]), or refuses it
 /// with `METHOD_INVALID`.
 pub fn method(raw: &str) -> Result<&str, AuthError> {
@@ -414,6 +511,124 @@ mod tests {
         match r {
             Ok(v) => panic!("expected a refusal, got {v:?}"),
             Err(e) => e.reason_str(),
+        }
+    }
+
+    /// Every hostile Origin shape: `Ok(canonical)` or refused (`ORIGIN_INVALID`).
+    #[test]
+    fn origins_table() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            // ordinary origins, as browsers send them
+            (b"https://app.example.com", Some("https://app.example.com")),
+            (b"http://127.0.0.1:5173", Some("http://127.0.0.1:5173")),
+            (b"http://localhost:3000", Some("http://localhost:3000")),
+            (b"http://[::1]:8080", Some("http://[::1]:8080")),
+            (
+                b"https://xn--bcher-kva.example",
+                Some("https://xn--bcher-kva.example"),
+            ),
+            // case
+            (b"HTTPS://App.Example.COM", Some("https://app.example.com")),
+            (b"hTTp://LOCALHOST:3000", Some("http://localhost:3000")),
+            // trailing dot
+            (b"https://app.example.com.", Some("https://app.example.com")),
+            (
+                b"https://app.example.com.:8443",
+                Some("https://app.example.com:8443"),
+            ),
+            (b"https://app.example.com..", None),
+            // default ports, leading zeros
+            (
+                b"https://app.example.com:443",
+                Some("https://app.example.com"),
+            ),
+            (b"http://app.example.com:80", Some("http://app.example.com")),
+            (
+                b"http://app.example.com:443",
+                Some("http://app.example.com:443"),
+            ),
+            (
+                b"https://app.example.com:80",
+                Some("https://app.example.com:80"),
+            ),
+            (
+                b"https://app.example.com:0443",
+                Some("https://app.example.com"),
+            ),
+            (b"http://[0:0::1]:80", Some("http://[::1]")),
+            (b"https://app.example.com:", None),
+            (b"https://app.example.com:0", None),
+            (b"https://app.example.com:65536", None),
+            (b"https://app.example.com:+443", None),
+            (b"https://app.example.com:443:443", None),
+            (b"https://app.example.com:4a3", None),
+            // userinfo
+            (b"https://user@app.example.com", None),
+            (b"https://user:pass@app.example.com", None),
+            (b"https://app.example.com@evil.example", None),
+            // path, query, fragment
+            (b"https://app.example.com/", None),
+            (b"https://app.example.com/path", None),
+            (b"https://app.example.com?x=1", None),
+            (b"https://app.example.com#x", None),
+            (b"https://app.example.com:443/", None),
+            // null and other opaque / foreign schemes
+            (b"null", None),
+            (b"NULL", None),
+            (b"file://", None),
+            (b"chrome-extension://abcdef", None),
+            (b"ftp://app.example.com", None),
+            (b"javascript://app.example.com", None),
+            (b"app.example.com", None),
+            (b"//app.example.com", None),
+            (b"https:app.example.com", None),
+            (b"https:/app.example.com", None),
+            (b"https://", None),
+            (b"", None),
+            // several origins in one value (a proxy that joined repeated headers)
+            (b"https://app.example.com,https://evil.example", None),
+            (b"https://app.example.com https://evil.example", None),
+            // non-ASCII: raw UTF-8, Latin-1, a fullwidth dot
+            ("https://bücher.example".as_bytes(), None),
+            (b"https://b\xfccher.example", None),
+            ("https://app\u{ff0e}example.com".as_bytes(), None),
+            (b"https://app.example.com\x80", None),
+            // whitespace and control bytes
+            (b" https://app.example.com", None),
+            (b"https://app.example.com ", None),
+            (b"https://app.example.com\t", None),
+            (b"https://app .example.com", None),
+            (b"https://app.example.com\r\nx: y", None),
+            (b"https://app.example.com\x00", None),
+            // percent-encoding, odd characters, malformed IPv6
+            (b"https://app%2eexample.com", None),
+            (b"https://app.example.com%00", None),
+            (b"https://app..example.com", None),
+            (b"https://[::1", None),
+            (b"https://[::1]x", None),
+            (b"https://[zz::1]", None),
+            (b"https://a\\b.example", None),
+            (b"https://*.example.com", None),
+        ];
+        for (raw, want) in cases {
+            let got = origin(raw);
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), *w, "{:?}", String::from_utf8_lossy(raw)),
+                None => assert_eq!(
+                    reason(got),
+                    "ORIGIN_INVALID",
+                    "{:?}",
+                    String::from_utf8_lossy(raw)
+                ),
+            }
+        }
+        let long = format!("https://{}.example", "a".repeat(300));
+        assert_eq!(reason(origin(long.as_bytes())), "ORIGIN_INVALID");
+        // Canonical forms are fixed points.
+        for (raw, want) in cases {
+            if let Some(w) = want {
+                assert_eq!(origin(w.as_bytes()).unwrap(), *w, "{raw:?}");
+            }
         }
     }
 

@@ -95,6 +95,19 @@ pub enum Reason {
     /// policy does not define, or a value that is not a rule name: the server cannot decide,
     /// so the request is refused (`FAILED_PRECONDITION`; HTTP 503 from `Check`).
     RouteRuleUnknown,
+    /// A cookie-borne token came with an `Origin` header that is malformed, `null` or repeated
+    /// (see [`crate::canonical::origin`]). Ours: Clerk does not read `Origin`.
+    OriginInvalid,
+    /// A cookie-borne token came from a page whose `Origin` is not one of the authorized
+    /// parties (or, with none configured, not the token's `azp`), or from a cross-site request
+    /// without an `Origin`. Ours: Clerk does not read `Origin`.
+    OriginNotAuthorized,
+    /// A `__session` cookie without a `__client_uat` cookie (or with `__client_uat=0`: signed
+    /// out), as Clerk's `authenticateRequest` (`session-token-but-no-client-uat`).
+    SessionTokenButNoClientUat,
+    /// The `__session` token was issued before the client's last sign-in or sign-out
+    /// (`iat` < `__client_uat`), as Clerk's `authenticateRequest`.
+    SessionTokenIatBeforeClientUat,
 }
 
 /// A token was refused. Carries a [`Reason`] and a fixed, token-free message.
@@ -297,6 +310,10 @@ impl Reason {
             Reason::StreamLimitReached => "STREAM_LIMIT_REACHED",
             Reason::SubscriberTooSlow => "SUBSCRIBER_TOO_SLOW",
             Reason::RouteRuleUnknown => "ROUTE_RULE_UNKNOWN",
+            Reason::OriginInvalid => "ORIGIN_INVALID",
+            Reason::OriginNotAuthorized => "ORIGIN_NOT_AUTHORIZED",
+            Reason::SessionTokenButNoClientUat => "SESSION_TOKEN_BUT_NO_CLIENT_UAT",
+            Reason::SessionTokenIatBeforeClientUat => "SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT",
         }
     }
 
@@ -333,11 +350,15 @@ impl Reason {
             Reason::StreamLimitReached => "stream-limit-reached",
             Reason::SubscriberTooSlow => "subscriber-too-slow",
             Reason::RouteRuleUnknown => "route-rule-unknown",
+            Reason::OriginInvalid => "origin-invalid",
+            Reason::OriginNotAuthorized => "origin-not-authorized",
+            Reason::SessionTokenButNoClientUat => "session-token-but-no-client-uat",
+            Reason::SessionTokenIatBeforeClientUat => "session-token-iat-before-client-uat",
         }
     }
 
     /// Every reason, for tables and tests.
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 34] = [
         Reason::TokenInvalid,
         Reason::TokenInvalidAlgorithm,
         Reason::TokenInvalidSignature,
@@ -368,6 +389,10 @@ impl Reason {
         Reason::StreamLimitReached,
         Reason::SubscriberTooSlow,
         Reason::RouteRuleUnknown,
+        Reason::OriginInvalid,
+        Reason::OriginNotAuthorized,
+        Reason::SessionTokenButNoClientUat,
+        Reason::SessionTokenIatBeforeClientUat,
     ];
 
     /// Parses [`Reason::as_str`] back (used by the delegated layer to keep AuthService's reason).

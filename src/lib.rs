@@ -29,13 +29,14 @@
 //! | --- | --- | --- |
 //! | (none) | the verifier: [`token`], [`verify`], [`clerk`], [`authz`], [`credentials`] | tonic (no router), prost, tokio, tower, reqwest (rustls), moka, tracing |
 //! | `layer` | [`layer`]: [`AuthLayer`], [`AuthInterceptor`](layer::AuthInterceptor), delegation, revocation feeds | — |
+//! | `web` | [`layer::web`]: browsers over gRPC-web — the CORS policy built from the layer's authorized parties, tonic-web's `GrpcWebLayer` (implies `layer`) | tonic-web, tower-http (`cors`) |
 //! | `mtls` | SPIFFE IDs read from verified client certificates | x509-parser |
 //! | `emulator` | [`emulator`]: the offline Clerk, e.g. in your `[dev-dependencies]` | axum |
 //! | `server` | [`server`]: AuthService, ext_authz, webhooks, Redis sharing, metrics (implies `layer`, `mtls`) | axum, redis, envoy-types, prometheus-client, tonic-health, tonic-reflection, tracing-subscriber |
 //! | `cli` | the `clerk-grpc-auth` binary (implies `server`, `emulator`) | clap, rcgen, tempfile |
 //! | `demo` | the Orders/Echo protos of this package's examples and tests only | — |
 //!
-//! `default` is `cli` + `demo`. A service that only wants the layer depends on
+//! `default` is `cli` + `demo` + `web`. A service that only wants the layer depends on
 //! `clerk-grpc-auth = { version = "…", default-features = false, features = ["layer"] }`
 //! (and `features = ["emulator"]` in its `[dev-dependencies]` for offline tests).
 //!

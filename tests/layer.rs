@@ -154,7 +154,7 @@ fn with_cred<T>(msg: T, cred: Cred<'_>) -> Request<T> {
         Cred::Cookie(t) => {
             md.insert(
                 "cookie",
-                format!("theme=dark; __session={t}; other=1")
+                format!("theme=dark; __session={t}; other=1; __client_uat=1")
                     .parse()
                     .unwrap(),
             );

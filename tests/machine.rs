@@ -833,8 +833,11 @@ async fn machine_tokens_are_never_taken_from_the_session_cookie() {
         list_with(&client, t).await.unwrap();
         // … refused from the cookie, also as the first of two (Clerk's parser: first wins).
         for cookie in [
-            format!("__session={t}"),
-            format!("__session={t}; __session={}", h.mint(&Default::default())),
+            format!("__session={t}; __client_uat=1"),
+            format!(
+                "__session={t}; __session={}; __client_uat=1",
+                h.mint(&Default::default())
+            ),
         ] {
             let status = list_cookie(cookie.into_bytes()).await.unwrap_err();
             assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
@@ -844,6 +847,7 @@ async fn machine_tokens_are_never_taken_from_the_session_cookie() {
     let session = h.mint(&Default::default());
     let mut cookie = b"theme=caf\xc3\xa9; lang=\xff; __session=".to_vec();
     cookie.extend_from_slice(session.as_bytes());
+    cookie.extend_from_slice(b"; __client_uat=1");
     list_cookie(cookie)
         .await
         .expect("a non-ASCII neighbour cookie is tolerated");

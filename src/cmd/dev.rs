@@ -350,7 +350,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
          AuthService     {addr}   ({transport}; health and reflection on)\n                  \
          http://{http_addr}/webhooks/clerk   (Clerk webhooks)\n                  \
          http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)\n  \
-         Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)\n\
+         Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)\n                  \
+         {emu_url}/sign-in   (browser sign-in: sets the __session cookie; examples/grpc_web.rs)\n\
          {tls_note}\n{steps}",
         emu_url = emu.url(),
         steps = walkthrough.render(),

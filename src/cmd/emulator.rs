@@ -24,7 +24,10 @@ pub async fn run(EmulatorArgs { listen, secret_key }: EmulatorArgs) -> ExitCode 
         }
     };
     let config = match secret_key {
-        Some(secret_key) => EmulatorConfig { secret_key },
+        Some(secret_key) => EmulatorConfig {
+            secret_key,
+            ..EmulatorConfig::default()
+        },
         None => EmulatorConfig::default(),
     };
     let emu = match Emulator::start(config, listener).await {

@@ -123,6 +123,16 @@ fn session_json(id: &str, user_id: &str) -> Value {
 }
 
 impl DirectoryState {
+    /// Every user, by id.
+    pub(super) fn users(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.users.iter().map(|(id, u)| (id.as_str(), u))
+    }
+
+    /// Every membership: (user id, membership object).
+    pub(super) fn memberships(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.memberships.iter().map(|(u, m)| (u.as_str(), m))
+    }
+
     pub(super) fn user_mut(&mut self, id: &str) -> Option<&mut Value> {
         self.users.get_mut(id)
     }

@@ -17,6 +17,7 @@
 //! | `POST /emulator/machines` | creates a machine `{"name", "scopes": [callee ids]}` → id and machine secret key |
 //! | `POST /emulator/machine_tokens` | mints any machine token from a [`MachineTokenSpec`] → `{"token": …}` |
 //! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the Backend API fail: the machine endpoints (verify, `POST /m2m_tokens`) and the identity endpoints (users, memberships, sessions); each request is counted in `bapi_requests`; `null` heals |
+//! | `GET /sign-in?redirect_url=…`, `POST /sign-in`; `GET`/`POST /sign-out` | hosted pages for browser apps: pick a user, organization and role → `__session` and `__client_uat` cookies, redirect back (see [`sign_in`]) |
 //! | `GET /v1/users/{user_id}`, `/v1/users/{user_id}/organization_memberships`, `/v1/sessions/{session_id}`; `POST /v1/sessions/{session_id}/revoke` | the identity endpoints (Bearer secret key) |
 //!
 //! # Stats
@@ -53,7 +54,8 @@
 //! ```
 //!
 //! Layer: the `emulator` feature, beside the server (neither imports the other). May import
-//! `token` (to sign tokens as Clerk does), `clerk::svix` (to sign webhooks), `secret`.
+//! `token` (to sign tokens as Clerk does), `clerk::svix` (to sign webhooks), `secret`,
+//! `canonical` (origins, for the sign-in page's redirects).
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +88,7 @@ use crate::token::{check::CAT_SESSION, keys::Alg};
 
 mod directory;
 mod machines;
+pub mod sign_in;
 
 pub use directory::{MembershipSpec, UserSpec};
 pub use machines::{Machine, MachineTokenKind, MachineTokenSpec};
@@ -145,6 +148,10 @@ pub struct OrgSpec {
 pub struct EmulatorConfig {
     /// The secret key `/v1/jwks` requires. Defaults to a random `sk_test_…`.
     pub secret_key: String,
+    /// Origins (`https://app.example.com`) the sign-in and sign-out pages may redirect to,
+    /// besides loopback hosts (always allowed). Defaults to none. Entries that are not origins
+    /// are ignored.
+    pub redirect_origins: Vec<String>,
 }
 
 /// A fault the JWKS endpoints inject (see [`Emulator::set_jwks_fault`]).
@@ -243,6 +250,8 @@ fn method_key(m: &Method) -> &'static str {
 struct Shared {
     secret_key: String,
     issuer: String,
+    /// Canonical origins the hosted pages may redirect to (besides loopback).
+    redirect_origins: Vec<String>,
     keys: Mutex<Vec<Arc<SigningKey>>>,
     jwks_fault: watch::Sender<Option<JwksFault>>,
     stats: watch::Sender<EmulatorStats>,
@@ -503,6 +512,7 @@ impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
             secret_key: format!("sk_test_{}", random_id(40)),
+            redirect_origins: Vec::new(),
         }
     }
 }
@@ -511,6 +521,7 @@ impl std::fmt::Debug for EmulatorConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmulatorConfig")
             .field("secret_key", &"…")
+            .field("redirect_origins", &self.redirect_origins)
             .finish()
     }
 }
@@ -534,6 +545,11 @@ impl Emulator {
         let shared = Arc::new(Shared {
             secret_key: config.secret_key,
             issuer: format!("http://{addr}"),
+            redirect_origins: config
+                .redirect_origins
+                .iter()
+                .filter_map(|o| crate::canonical::origin(o.as_bytes()).ok())
+                .collect(),
             keys: Mutex::new(vec![Arc::new(key)]),
             jwks_fault: watch::Sender::new(None),
             stats: watch::Sender::new(EmulatorStats::default()),
@@ -562,6 +578,7 @@ impl Emulator {
             .route("/emulator/stats/reset", post(reset_stats))
             .merge(machines::routes())
             .merge(directory::routes())
+            .merge(sign_in::routes())
             // Applied to every route and the fallback: it sees the matched route template.
             .layer(axum::middleware::from_fn_with_state(
                 shared.clone(),
@@ -922,7 +939,7 @@ impl Shared {
     /// `/emulator/*` control routes are not counted.
     fn count(&self, method: &Method, route: Option<&str>) {
         let key = match route {
-            Some(r) if r.starts_with("/emulator/") => return,
+            Some(r) if r.starts_with("/emulator/") || sign_in::ROUTES.contains(&r) => return,
             Some(r) => format!("{} {r}", method_key(method)),
             None => format!("{} {UNMATCHED}", method_key(method)),
         };

@@ -1,11 +1,13 @@
 //! Where the layer finds the token: `authorization: Bearer …`, a configured metadata key, or the
-//! `__session` cookie (gRPC-web from browsers).
+//! `__session` cookie (gRPC-web from browsers), and what a cookie-borne token must also show
+//! ([`CookieContext`]).
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use crate::{
+    canonical,
     error::{AuthError, Reason, VerifyError},
-    token::identity::TokenType,
+    token::identity::{Identity, TokenType},
 };
 
 /// Where a token was found.
@@ -55,6 +57,10 @@ pub struct TokenSources {
 
 /// The `__session` cookie Clerk's frontend SDKs set.
 pub const SESSION_COOKIE: &str = "__session";
+
+/// The `__client_uat` cookie Clerk's frontend SDKs set beside `__session`: when the client last
+/// signed in or out (seconds since the epoch; `0` once signed out).
+pub const CLIENT_UAT_COOKIE: &str = "__client_uat";
 
 const MALFORMED: VerifyError = VerifyError::new(
     Reason::TokenInvalid,
@@ -180,31 +186,194 @@ fn token_value(t: &[u8]) -> Result<&str, AuthError> {
     std::str::from_utf8(t).map_err(|_| MALFORMED.into())
 }
 
-/// The first `__session` cookie across every `cookie` header (HTTP/2 may split them), the
-/// first one winning as in Clerk's cookie parser. Read pair by pair as bytes: another cookie's
-/// value may hold anything (`theme=café`) without affecting this one; the `__session` value
-/// itself must be a visible-ASCII token (optionally in double quotes).
-fn session_cookie(headers: &HeaderMap) -> Result<Option<(&str, &HeaderValue)>, AuthError> {
+/// The first cookie named `name` across every `cookie` header (HTTP/2 may split them), the
+/// first one winning as in Clerk's cookie parser, with the header value holding it. Read pair
+/// by pair as bytes: another cookie's value may hold anything (`theme=café`) without affecting
+/// this one. The value is trimmed and unquoted (one pair of double quotes).
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<(&'h [u8], &'h HeaderValue)> {
     for value in headers.get_all(header::COOKIE) {
         for pair in value.as_bytes().split(|b| *b == b';') {
             let pair = pair.trim_ascii();
             let Some(eq) = memchr::memchr(b'=', pair) else {
                 continue;
             };
-            if pair[..eq].trim_ascii() != SESSION_COOKIE.as_bytes() {
+            if pair[..eq].trim_ascii() != name.as_bytes() {
                 continue;
             }
             let mut v = pair[eq + 1..].trim_ascii();
             if v.len() >= 2 && v[0] == b'"' && v[v.len() - 1] == b'"' {
                 v = &v[1..v.len() - 1];
             }
-            if v.is_empty() {
-                return Ok(None);
-            }
-            return token_value(v).map(|t| Some((t, value)));
+            return Some((v, value));
         }
     }
-    Ok(None)
+    None
+}
+
+/// The `__session` cookie; its value must be a visible-ASCII token.
+fn session_cookie(headers: &HeaderMap) -> Result<Option<(&str, &HeaderValue)>, AuthError> {
+    match cookie(headers, SESSION_COOKIE) {
+        None => Ok(None),
+        Some(([], _)) => Ok(None),
+        Some((v, value)) => token_value(v).map(|t| Some((t, value))),
+    }
+}
+
+/// The authorized parties as the layer compares them with a browser's `Origin`: each entry
+/// canonicalised by [`canonical::origin`]; an entry that is not an origin is left out (it can
+/// still match an `azp`, compared as configured, but never an `Origin`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuthorizedOrigins {
+    /// As configured (for the `azp` check, exact as in Clerk's SDK).
+    pub(crate) parties: Vec<String>,
+    /// Canonical origins, in the configured order, without duplicates.
+    pub(crate) origins: Vec<String>,
+}
+
+impl AuthorizedOrigins {
+    pub(crate) fn new(parties: Vec<String>) -> Self {
+        let mut origins: Vec<String> = Vec::new();
+        for p in &parties {
+            match canonical::origin(p.as_bytes()) {
+                Ok(o) if !origins.contains(&o) => origins.push(o),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    party = %p.escape_debug(),
+                    problem = e.message(),
+                    "an authorized party is not an origin (scheme://host[:port]): it never \
+                     matches a browser's Origin"
+                ),
+            }
+        }
+        Self { parties, origins }
+    }
+}
+
+fn origin_refused(reason: Reason, message: &'static str) -> AuthError {
+    AuthError::Rejected(VerifyError::new(reason, message))
+}
+
+/// What a request carrying its token in the `__session` cookie must also show, read from its
+/// headers before the token is verified ([`CookieContext::read`]) and checked against the
+/// verified token after ([`CookieContext::check`]).
+///
+/// As Clerk's `authenticateRequest` (cookie path):
+///
+/// * a `__client_uat` cookie (when the client last signed in or out) must come with it and be
+///   non-zero, else `SESSION_TOKEN_BUT_NO_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
+///   `__client_uat=0` means signed out). We read it as decimal digits only (Clerk's
+///   `parseInt` also takes `12abc` as 12; we take it as absent);
+/// * the token must not predate it: `iat` < `__client_uat` is
+///   `SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT` (a token from before the last sign-out or sign-in);
+/// * session tokens only, and `azp` against the authorized parties (done by the verifier, as
+///   for a header token).
+///
+/// Further than Clerk (which does not read `Origin`, and relies on `azp` and `SameSite`):
+///
+/// * several `Origin` headers, or one that is not a canonicalisable origin (`null`, a path,
+///   userinfo, non-ASCII, whitespace — [`canonical::origin`]), are `ORIGIN_INVALID`;
+/// * an `Origin` must be one of the authorized parties (compared canonically), or — with none
+///   configured — the token's own `azp` (the page Clerk minted it for), else
+///   `ORIGIN_NOT_AUTHORIZED`: a page on another site cannot spend the cookie even where the
+///   browser sends it (`SameSite=None`, a sibling subdomain, a non-browser client replaying
+///   it);
+/// * without an `Origin`, a `Sec-Fetch-Site: cross-site` request is `ORIGIN_NOT_AUTHORIZED`
+///   (browsers send `Origin` on every gRPC-web `POST`; a client that sends neither header is
+///   not a browser and is taken as Clerk takes it).
+#[derive(Debug, Clone)]
+pub(crate) struct CookieContext {
+    client_uat: u64,
+    origin: Option<String>,
+}
+
+impl CookieContext {
+    /// Reads and checks what the headers say (everything but the token's own claims).
+    pub(crate) fn read(
+        headers: &HeaderMap,
+        authorized: &AuthorizedOrigins,
+    ) -> Result<Self, AuthError> {
+        let client_uat = cookie(headers, CLIENT_UAT_COOKIE)
+            .map(|(v, _)| v)
+            .filter(|v| !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if client_uat == 0 {
+            return Err(origin_refused(
+                Reason::SessionTokenButNoClientUat,
+                "a __session cookie without a __client_uat cookie (or signed out: __client_uat=0)",
+            ));
+        }
+        let mut values = headers.get_all(header::ORIGIN).iter();
+        let origin = match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(origin_refused(
+                    Reason::OriginInvalid,
+                    "the request has several Origin headers",
+                ))
+            }
+            (Some(v), None) => Some(
+                canonical::origin(v.as_bytes())
+                    .map_err(|e| origin_refused(Reason::OriginInvalid, e.message()))?,
+            ),
+        };
+        match &origin {
+            Some(o) if !authorized.parties.is_empty() && !authorized.origins.contains(o) => {
+                return Err(origin_refused(
+                    Reason::OriginNotAuthorized,
+                    "the page's Origin is not one of the authorized parties",
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let mut sites = headers.get_all("sec-fetch-site").iter();
+                match (sites.next(), sites.next()) {
+                    (None, _) => {}
+                    (Some(v), None)
+                        if matches!(v.as_bytes(), b"same-origin" | b"same-site" | b"none") => {}
+                    _ => {
+                        return Err(origin_refused(
+                            Reason::OriginNotAuthorized,
+                            "a cross-site request without an Origin header",
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(Self { client_uat, origin })
+    }
+
+    /// Checks the verified token against the request: `iat` not before `__client_uat`, and,
+    /// with no authorized parties configured, the `Origin` (when sent) equal to the token's
+    /// `azp`.
+    pub(crate) fn check(
+        &self,
+        identity: &Identity,
+        authorized: &AuthorizedOrigins,
+    ) -> Result<(), AuthError> {
+        if identity
+            .issued_at
+            .is_some_and(|iat| iat < self.client_uat as f64)
+        {
+            return Err(origin_refused(
+                Reason::SessionTokenIatBeforeClientUat,
+                "the session token was issued before the client's last sign-in or sign-out",
+            ));
+        }
+        if let (Some(origin), true) = (&self.origin, authorized.parties.is_empty()) {
+            let azp = identity
+                .authorized_party
+                .as_deref()
+                .and_then(|a| canonical::origin(a.as_bytes()).ok());
+            if azp.as_deref() != Some(origin.as_str()) {
+                return Err(origin_refused(
+                    Reason::OriginNotAuthorized,
+                    "the page's Origin is not the token's authorized party (azp)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

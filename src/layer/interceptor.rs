@@ -4,7 +4,11 @@ use std::sync::Arc;
 
 use tonic::{service::Interceptor, Request, Status};
 
-use super::{authorize, request_for, TokenSources, Verified};
+use super::{
+    authorize,
+    extract::{AuthorizedOrigins, CookieContext},
+    request_for, Origin, TokenSources, Verified,
+};
 use crate::{authz::policy::Rule, error::AuthError, TokenVerifier};
 
 /// Authenticates every call of one service in-process, synchronously:
@@ -29,6 +33,7 @@ pub struct AuthInterceptor {
     verifier: TokenVerifier,
     rule: Arc<Rule>,
     sources: Arc<TokenSources>,
+    authorized: Arc<AuthorizedOrigins>,
     machine_id: Option<Arc<str>>,
 }
 
@@ -44,10 +49,12 @@ impl std::fmt::Debug for AuthInterceptor {
 impl AuthInterceptor {
     /// An interceptor applying `rule` to every call.
     pub fn new(verifier: TokenVerifier, rule: Rule) -> Self {
+        let authorized = AuthorizedOrigins::new(verifier.validation().authorized_parties.clone());
         Self {
             verifier,
             rule: Arc::new(rule),
             sources: Arc::new(TokenSources::default()),
+            authorized: Arc::new(authorized),
             machine_id: None,
         }
     }
@@ -55,6 +62,18 @@ impl AuthInterceptor {
     /// This service's machine id: M2M tokens must list it in their scopes.
     pub fn machine_id(mut self, id: &str) -> Self {
         self.machine_id = Some(id.into());
+        self
+    }
+
+    /// The authorized parties, replacing the verifier's: as [`super::AuthLayer::authorized_parties`]
+    /// (the `azp` allowlist, and the `Origin` a cookie-borne token must come from).
+    pub fn authorized_parties<I, P>(mut self, parties: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let parties = parties.into_iter().map(Into::into).collect();
+        self.authorized = Arc::new(AuthorizedOrigins::new(parties));
         self
     }
 
@@ -84,9 +103,19 @@ impl Interceptor for AuthInterceptor {
             let (token, header, origin) =
                 self.sources.extract_with_header(req.metadata().as_ref())?;
             let source = req.remote_addr().map(|a| a.ip());
-            let identity = self
-                .verifier
-                .verify_now(&request_for(&self.rule, token, origin, source)?)?;
+            let parties = &self.authorized.parties[..];
+            let request = request_for(&self.rule, token, origin, parties, source)?;
+            let cookie = match origin {
+                Origin::Cookie => Some(CookieContext::read(
+                    req.metadata().as_ref(),
+                    &self.authorized,
+                )?),
+                Origin::Header => None,
+            };
+            let identity = self.verifier.verify_now(&request)?;
+            if let Some(c) = &cookie {
+                c.check(&identity, &self.authorized)?;
+            }
             authorize(&self.rule, self.machine_id.as_deref(), &identity)?;
             Verified::new(identity, header, token)
         };

@@ -35,6 +35,8 @@ mod delegated;
 mod extract;
 mod feed;
 mod interceptor;
+#[cfg(feature = "web")]
+pub mod web;
 
 use std::{
     future::Future,
@@ -50,7 +52,7 @@ use tower::{Layer, Service};
 
 pub use body::ExpiringBody;
 pub use delegated::{CallerCredentials, DelegatedConfig, DelegatedStats, DelegatedVerifier};
-pub use extract::{Origin, TokenSources, SESSION_COOKIE};
+pub use extract::{Origin, TokenSources, CLIENT_UAT_COOKIE, SESSION_COOKIE};
 pub use feed::{watch_revocations, watch_revocations_with, RevocationFeed};
 pub use interceptor::AuthInterceptor;
 
@@ -64,6 +66,7 @@ use crate::{
 };
 
 use body::{CallLife, RequestBody};
+use extract::{AuthorizedOrigins, CookieContext};
 
 /// How often, by default, a stream whose token has no session to follow (API keys, M2M and
 /// OAuth tokens) is re-verified ([`AuthLayer::reverify_streams_every`]).
@@ -89,6 +92,13 @@ pub trait Authenticate: Send + Sync + 'static {
     fn revocations(&self) -> Option<&Revocations> {
         None
     }
+
+    /// The authorized parties (`azp` allowlist) this implementation verifies against, when it
+    /// knows them: the layer's default for [`AuthLayer::authorized_parties`] (its `Origin`
+    /// check for cookie-borne tokens, and its CORS policy). Default: none.
+    fn authorized_parties(&self) -> &[String] {
+        &[]
+    }
 }
 
 impl Authenticate for TokenVerifier {
@@ -101,6 +111,10 @@ impl Authenticate for TokenVerifier {
 
     fn revocations(&self) -> Option<&Revocations> {
         Some(TokenVerifier::revocations(self))
+    }
+
+    fn authorized_parties(&self) -> &[String] {
+        &self.validation().authorized_parties
     }
 }
 
@@ -199,6 +213,7 @@ struct Shared {
     auth: Arc<dyn Authenticate>,
     policy: Policy,
     sources: TokenSources,
+    authorized: AuthorizedOrigins,
     end_streams_at_expiry: bool,
     reverify_every: Duration,
 }
@@ -254,6 +269,33 @@ struct Shared {
 /// }
 /// # Ok(()) }
 /// ```
+///
+/// # Cookie-borne tokens
+///
+/// A token read from the `__session` cookie (browsers, gRPC-web) is a session token or nothing
+/// ([`Origin::accepted`]), and the request must also show, as Clerk's `authenticateRequest`
+/// checks on its cookie path:
+///
+/// * a non-zero `__client_uat` cookie beside it, else `UNAUTHENTICATED` /
+///   `SESSION_TOKEN_BUT_NO_CLIENT_UAT` (Clerk: `session-token-but-no-client-uat`;
+///   `__client_uat=0` means signed out). Read as decimal digits only;
+/// * a token issued no earlier than it (`iat` ≥ `__client_uat`), else
+///   `SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT`;
+/// * `azp` among the [authorized parties](AuthLayer::authorized_parties) when some are set
+///   (`TOKEN_INVALID_AUTHORIZED_PARTIES`, as for a header token).
+///
+/// Further than Clerk, which does not read `Origin` (it relies on `azp` and `SameSite`):
+///
+/// * one `Origin` header at most, and a canonicalisable one ([`crate::canonical::origin`]:
+///   not `null`, no path, userinfo, whitespace or non-ASCII), else `ORIGIN_INVALID`;
+/// * an `Origin` among the authorized parties (compared canonically) — or, with none
+///   configured, equal to the token's own `azp` — else `ORIGIN_NOT_AUTHORIZED`;
+/// * with no `Origin`, `Sec-Fetch-Site` absent, `same-origin`, `same-site` or `none`, else
+///   `ORIGIN_NOT_AUTHORIZED` (browsers send `Origin` on every gRPC-web `POST`; a client that
+///   sends neither is not a browser and is taken as Clerk takes it).
+///
+/// A token in `authorization` (a page calling with `getToken()`) is not subject to these: no
+/// browser attaches it on its own. Cookie checks happen before any rule's `has()` checks.
 #[derive(Clone)]
 pub struct AuthLayer {
     shared: Arc<Shared>,
@@ -264,6 +306,7 @@ impl std::fmt::Debug for AuthLayer {
         f.debug_struct("AuthLayer")
             .field("policy", &self.shared.policy)
             .field("sources", &self.shared.sources)
+            .field("authorized_parties", &self.shared.authorized.parties)
             .field("end_streams_at_expiry", &self.shared.end_streams_at_expiry)
             .field("reverify_every", &self.shared.reverify_every)
             .finish()
@@ -277,11 +320,13 @@ impl AuthLayer {
     }
 
     fn from_arc(auth: Arc<dyn Authenticate>, policy: Policy) -> Self {
+        let authorized = AuthorizedOrigins::new(auth.authorized_parties().to_vec());
         Self {
             shared: Arc::new(Shared {
                 auth,
                 policy,
                 sources: TokenSources::default(),
+                authorized,
                 end_streams_at_expiry: false,
                 reverify_every: DEFAULT_REVERIFY_INTERVAL,
             }),
@@ -326,6 +371,7 @@ impl AuthLayer {
                 auth: old.auth.clone(),
                 policy: old.policy.clone(),
                 sources: old.sources.clone(),
+                authorized: old.authorized.clone(),
                 end_streams_at_expiry: old.end_streams_at_expiry,
                 reverify_every: old.reverify_every,
             });
@@ -337,6 +383,43 @@ impl AuthLayer {
     /// Where tokens are read from (default: `authorization`, then the `__session` cookie).
     pub fn token_sources(self, sources: TokenSources) -> Self {
         self.modify(|s| s.sources = sources)
+    }
+
+    /// The authorized parties (`azp` allowlist, e.g. `https://app.example.com`) for every call
+    /// through this layer, replacing the verifier's (`CLERK_AUTHORIZED_PARTIES`, the default
+    /// for an in-process [`TokenVerifier`]; none for a [`DelegatedVerifier`], whose
+    /// AuthService has its own unless the layer sends these). One list serves three checks,
+    /// so they cannot drift apart:
+    ///
+    /// * a session token's `azp` must be one of them (exact, as Clerk's SDK; sent to
+    ///   AuthService by a delegated layer);
+    /// * a token from the `__session` cookie whose request has an `Origin` must come from one
+    ///   of them (compared canonically, [`crate::canonical::origin`]), see
+    ///   [the cookie rules](#cookie-borne-tokens);
+    /// * the CORS policy for browsers ([`AuthLayer::cors`], the `web` feature) allows exactly
+    ///   these origins.
+    ///
+    /// An entry that is not an origin (`scheme://host[:port]`) still counts for `azp` but never
+    /// matches an `Origin` (a warning is logged). An empty list: no `azp` check (Clerk's
+    /// default), and a cookie-borne token's `Origin` must equal its own `azp`.
+    pub fn authorized_parties<I, P>(self, parties: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let authorized = AuthorizedOrigins::new(parties.into_iter().map(Into::into).collect());
+        self.modify(|s| s.authorized = authorized)
+    }
+
+    /// The authorized parties in effect ([`AuthLayer::authorized_parties`]), as configured.
+    pub fn authorized_party_list(&self) -> &[String] {
+        &self.shared.authorized.parties
+    }
+
+    /// The authorized parties that are origins, canonical (`scheme://host[:port]`): what a
+    /// browser's `Origin` is compared with, and what the CORS policy allows.
+    pub fn authorized_origins(&self) -> &[String] {
+        &self.shared.authorized.origins
     }
 
     /// End every call — streams of either direction included — when the token that opened it
@@ -414,11 +497,12 @@ pub(crate) fn request_for<'a>(
     rule: &'a Rule,
     token: &'a str,
     origin: Origin,
+    authorized_parties: &'a [String],
     source: Option<std::net::IpAddr>,
 ) -> Result<VerifyRequest<'a>, AuthError> {
     Ok(VerifyRequest {
         token,
-        authorized_parties: &[],
+        authorized_parties,
         accept_pending: rule.accept_pending,
         // From the `__session` cookie: session tokens only.
         accepted_types: origin.accepted(&rule.token_types)?,
@@ -499,8 +583,23 @@ where
                 }
             };
             let source = peer_ip(req.extensions());
-            let verdict = match request_for(rule, token, origin, source) {
-                Ok(r) => shared.auth.authenticate(r).await,
+            let parties = &shared.authorized.parties[..];
+            // A token from the cookie (on a rule that takes session tokens): the browser
+            // context must check out too, before and after verification.
+            let verdict = match request_for(rule, token, origin, parties, source) {
+                Ok(r) => match origin {
+                    Origin::Header => shared.auth.authenticate(r).await,
+                    Origin::Cookie => {
+                        match CookieContext::read(req.headers(), &shared.authorized) {
+                            Ok(cookie) => shared.auth.authenticate(r).await.and_then(|identity| {
+                                cookie
+                                    .check(&identity, &shared.authorized)
+                                    .map(|()| identity)
+                            }),
+                            Err(e) => Err(e),
+                        }
+                    }
+                },
                 Err(e) => Err(e),
             };
             let verdict = match verdict {
@@ -578,7 +677,8 @@ fn life_of(
                 }
                 let again = async {
                     let rule = shared.policy.rule_for(&path)?;
-                    let req = request_for(rule, verified.token(), origin, source)?;
+                    let parties = &shared.authorized.parties[..];
+                    let req = request_for(rule, verified.token(), origin, parties, source)?;
                     let identity = shared.auth.authenticate(req).await?;
                     authorize(rule, shared.policy.own_machine_id(), &identity)
                 };

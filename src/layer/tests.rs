@@ -201,7 +201,7 @@ async fn a_valid_token_reaches_the_handler_with_its_identity() {
     assert_eq!(id.organization.as_ref().unwrap().id, "org_2layerUNIT");
     assert_eq!(seen.token.as_deref(), Some(t.as_str()), "Verified::token");
     // The `__session` cookie works too; the second verification is a verdict-cache hit.
-    let cookie = format!("theme=dark; {SESSION_COOKIE}={t}");
+    let cookie = format!("theme=dark; {SESSION_COOKIE}={t}; {CLIENT_UAT_COOKIE}=1");
     assert_eq!(
         call(&layer, &inner, request(LIST, &[("cookie", &cookie)])).await,
         (Code::Ok, None)
@@ -372,4 +372,278 @@ fn the_readme_snippet_is_the_compiled_doc_example() {
     let snippet: Vec<&str> = block[..block.find("```\n").unwrap()].lines().collect();
     assert!(example.len() > 10, "{example:?}");
     assert_eq!(snippet, example);
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const APP: &str = "https://app.example.com";
+
+fn session_from(azp: Option<&str>) -> String {
+    TestKey::get().session(&TokenSpec {
+        user_id: Some(USER.into()),
+        azp: azp.map(str::to_owned),
+        ..TokenSpec::default()
+    })
+}
+
+/// A request with the cookie `__session=<t>; __client_uat=<uat>` and `headers` (raw bytes).
+fn cookie_request(
+    t: &str,
+    uat: Option<&str>,
+    headers: &[(&str, &[u8])],
+) -> http::Request<tonic::body::Body> {
+    let cookie = match uat {
+        Some(u) => format!("theme=dark; {SESSION_COOKIE}={t}; {CLIENT_UAT_COOKIE}={u}"),
+        None => format!("theme=dark; {SESSION_COOKIE}={t}"),
+    };
+    let mut req = request(LIST, &[("cookie", &cookie)]);
+    for (k, v) in headers {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_bytes(v).unwrap(),
+        );
+    }
+    req
+}
+
+/// As Clerk's `authenticateRequest`: a `__session` cookie needs a non-zero `__client_uat`
+/// beside it, and a token issued before it is stale.
+#[tokio::test]
+async fn a_cookie_token_needs_a_client_uat_it_does_not_predate() {
+    let (verifier, _keys) = TestKey::get().verifier();
+    let layer = AuthLayer::in_process(verifier, policy());
+    let inner = Inner::default();
+    let t = session_from(None);
+    let before = (now_secs() - 30).to_string();
+    let after = (now_secs() + 3600).to_string();
+    let no_uat = refused(Code::Unauthenticated, "SESSION_TOKEN_BUT_NO_CLIENT_UAT");
+    for uat in [
+        None,
+        Some("0"),
+        Some(""),
+        Some("abc"),
+        Some("12abc"),
+        Some("-5"),
+        Some("+5"),
+        Some("1.5"),
+        Some("99999999999999999999999"),
+    ] {
+        assert_eq!(
+            call(&layer, &inner, cookie_request(&t, uat, &[])).await,
+            no_uat,
+            "{uat:?}"
+        );
+    }
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&t, Some(&after), &[])).await,
+        refused(Code::Unauthenticated, "SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT")
+    );
+    assert_eq!(inner.calls(), 0);
+    for uat in [before.as_str(), "\"1\"", "1"] {
+        assert_eq!(
+            call(&layer, &inner, cookie_request(&t, Some(uat), &[])).await,
+            (Code::Ok, None),
+            "{uat}"
+        );
+    }
+    // A header token needs none of it (and wins over the cookie).
+    let mut req = cookie_request("x.y.z", None, &[]);
+    req.headers_mut()
+        .insert("authorization", bearer(&t).parse().unwrap());
+    assert_eq!(call(&layer, &inner, req).await, (Code::Ok, None));
+}
+
+/// Further than Clerk: a cookie-borne token is spent only from a page among the authorized
+/// parties (its `Origin` compared canonically); hostile `Origin`s are refused.
+#[tokio::test]
+async fn a_cookie_token_from_a_page_outside_the_authorized_parties_is_refused() {
+    let (verifier, _keys) = TestKey::get().verifier();
+    let layer = AuthLayer::in_process(verifier, policy()).authorized_parties([
+        APP,
+        "http://127.0.0.1:5173",
+        "not an origin",
+    ]);
+    assert_eq!(
+        layer.authorized_origins(),
+        [APP, "http://127.0.0.1:5173"],
+        "canonical origins only"
+    );
+    let inner = Inner::default();
+    let t = session_from(Some(APP));
+    let uat = Some("1");
+    let ok = (Code::Ok, None);
+    let not_authorized = refused(Code::Unauthenticated, "ORIGIN_NOT_AUTHORIZED");
+    let invalid = refused(Code::Unauthenticated, "ORIGIN_INVALID");
+    type Headers<'a> = &'a [(&'a str, &'a [u8])];
+    let cases: &[(Headers<'_>, &(Code, Option<String>))] = &[
+        (&[("origin", b"https://app.example.com")], &ok),
+        (&[("origin", b"HTTPS://App.Example.COM:443")], &ok),
+        (&[("origin", b"https://app.example.com.")], &ok),
+        // Another party's page: the `Origin` passes, the token's `azp` is checked as well.
+        (&[("origin", b"http://127.0.0.1:5173")], &ok),
+        (&[("origin", b"https://evil.example")], &not_authorized),
+        (
+            &[("origin", b"https://app.example.com:8443")],
+            &not_authorized,
+        ),
+        (&[("origin", b"http://app.example.com")], &not_authorized),
+        (
+            &[("origin", b"https://app.example.com.evil.example")],
+            &not_authorized,
+        ),
+        (&[("origin", b"null")], &invalid),
+        (&[("origin", b"https://app.example.com/")], &invalid),
+        (
+            &[("origin", b"https://evil.example@app.example.com")],
+            &invalid,
+        ),
+        (&[("origin", b"https://app.example.com\xc2\xa0")], &invalid),
+        (
+            &[("origin", b"https://app\xef\xbc\x8eexample.com")],
+            &invalid,
+        ),
+        (
+            &[("origin", b"https://app.example.com, https://evil.example")],
+            &invalid,
+        ),
+        (
+            &[
+                ("origin", b"https://app.example.com"),
+                ("origin", b"https://app.example.com"),
+            ],
+            &invalid,
+        ),
+        (
+            &[
+                ("origin", b"https://app.example.com"),
+                ("origin", b"https://evil.example"),
+            ],
+            &invalid,
+        ),
+        // No Origin: a browser says where the request came from, anything else is not one.
+        (&[], &ok),
+        (&[("sec-fetch-site", b"same-origin")], &ok),
+        (&[("sec-fetch-site", b"same-site")], &ok),
+        (&[("sec-fetch-site", b"none")], &ok),
+        (&[("sec-fetch-site", b"cross-site")], &not_authorized),
+        (&[("sec-fetch-site", b"Cross-Site")], &not_authorized),
+        (
+            &[
+                ("sec-fetch-site", b"same-origin"),
+                ("sec-fetch-site", b"same-origin"),
+            ],
+            &not_authorized,
+        ),
+    ];
+    for (headers, want) in cases {
+        assert_eq!(
+            &call(&layer, &inner, cookie_request(&t, uat, headers)).await,
+            *want,
+            "{headers:?}"
+        );
+    }
+    // A token minted for another page fails the azp check even from an authorized Origin.
+    let foreign = session_from(Some("https://evil.example"));
+    assert_eq!(
+        call(
+            &layer,
+            &inner,
+            cookie_request(&foreign, uat, &[("origin", b"https://app.example.com")])
+        )
+        .await,
+        refused(Code::Unauthenticated, "TOKEN_INVALID_AUTHORIZED_PARTIES")
+    );
+    // A header token is not subject to the Origin: no browser attaches it on its own.
+    let mut req = request(LIST, &[("authorization", &bearer(&t))]);
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    assert_eq!(call(&layer, &inner, req).await, ok);
+}
+
+/// With no authorized parties, a cookie-borne token's `Origin` must be its own `azp`.
+#[tokio::test]
+async fn without_authorized_parties_the_origin_must_be_the_tokens_azp() {
+    let (verifier, _keys) = TestKey::get().verifier();
+    let layer = AuthLayer::in_process(verifier, policy());
+    assert!(layer.authorized_origins().is_empty());
+    let inner = Inner::default();
+    let uat = Some("1");
+    let app = session_from(Some(APP));
+    let app_loose = session_from(Some("HTTPS://APP.EXAMPLE.COM:443"));
+    let none = session_from(None);
+    let origin: &[(&str, &[u8])] = &[("origin", b"https://app.example.com")];
+    let evil: &[(&str, &[u8])] = &[("origin", b"https://evil.example")];
+    let not_authorized = refused(Code::Unauthenticated, "ORIGIN_NOT_AUTHORIZED");
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&app, uat, origin)).await,
+        (Code::Ok, None)
+    );
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&app_loose, uat, origin)).await,
+        (Code::Ok, None)
+    );
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&app, uat, evil)).await,
+        not_authorized
+    );
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&none, uat, origin)).await,
+        not_authorized
+    );
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&none, uat, &[])).await,
+        (Code::Ok, None)
+    );
+}
+
+/// The verifier's `CLERK_AUTHORIZED_PARTIES` are the layer's by default; the interceptor
+/// applies the same cookie rules.
+#[tokio::test]
+async fn the_verifiers_authorized_parties_are_the_default_and_the_interceptor_checks_cookies_too() {
+    let key = TestKey::get();
+    let env = std::collections::HashMap::from([
+        ("CLERK_JWT_KEY", key.pem.clone()),
+        (
+            "CLERK_AUTHORIZED_PARTIES",
+            format!("{APP},http://LOCALHOST:80"),
+        ),
+    ]);
+    let settings = crate::VerifierSettings::from_lookup(|k| env.get(k).cloned()).expect("settings");
+    let (verifier, _keys) = TokenVerifier::start(settings).expect("verifier");
+    let layer = AuthLayer::in_process(verifier.clone(), policy());
+    assert_eq!(layer.authorized_party_list(), [APP, "http://LOCALHOST:80"]);
+    assert_eq!(layer.authorized_origins(), [APP, "http://localhost"]);
+    let inner = Inner::default();
+    let t = session_from(Some(APP));
+    let evil: &[(&str, &[u8])] = &[("origin", b"https://evil.example")];
+    assert_eq!(
+        call(&layer, &inner, cookie_request(&t, Some("1"), evil)).await,
+        refused(Code::Unauthenticated, "ORIGIN_NOT_AUTHORIZED")
+    );
+
+    use tonic::service::Interceptor;
+    let mut interceptor = AuthInterceptor::new(verifier, Rule::authenticated());
+    let grpc = |req: http::Request<tonic::body::Body>| tonic::Request::from_http(req.map(|_| ()));
+    let reason = |r: Result<tonic::Request<()>, Status>| {
+        r.map(|_| ())
+            .map_err(|s| s.get_error_details().error_info().unwrap().reason.clone())
+    };
+    assert_eq!(
+        reason(interceptor.call(grpc(cookie_request(&t, Some("1"), evil)))),
+        Err("ORIGIN_NOT_AUTHORIZED".into())
+    );
+    assert_eq!(
+        reason(interceptor.call(grpc(cookie_request(&t, None, &[])))),
+        Err("SESSION_TOKEN_BUT_NO_CLIENT_UAT".into())
+    );
+    let app: &[(&str, &[u8])] = &[("origin", b"https://app.example.com")];
+    assert_eq!(
+        reason(interceptor.call(grpc(cookie_request(&t, Some("1"), app)))),
+        Ok(())
+    );
 }
