@@ -522,7 +522,7 @@ async fn cookie_tokens_and_routes_by_path_method_and_host() {
     let (h, c) = start().await;
     let member = admin_token(&h, "member", &["org:orders:read"]);
     let deleter = admin_token(&h, "member", &["org:orders:delete"]);
-    let cookie = format!("theme=dark; __session={member}");
+    let cookie = format!("theme=dark; __session={member}; __client_uat=1");
 
     // Browser request with the __session cookie.
     let r = check(
@@ -700,7 +700,10 @@ async fn repeated_raw_headers_read_as_envoy_joins_them() {
         &c,
         raw_header_request(
             "/orders",
-            &[("cookie", "theme=dark"), ("Cookie", session.as_str())],
+            &[
+                ("cookie", "theme=dark; __client_uat=1"),
+                ("Cookie", session.as_str()),
+            ],
         ),
     )
     .await;
@@ -979,8 +982,8 @@ token_types = ["session_token", "m2m_token"]
     ok_parts(&r);
     let session = admin_token(&h, "member", &[]);
     for cookie in [
-        format!("__session={m2m}"),
-        format!("__session={m2m}; __session={session}"),
+        format!("__session={m2m}; __client_uat=1"),
+        format!("__session={m2m}; __session={session}; __client_uat=1"),
     ] {
         let r = check(&c, get(vec![("cookie", cookie)])).await;
         let (_, http, _, body) = denied_parts(&r);
@@ -991,7 +994,7 @@ token_types = ["session_token", "m2m_token"]
         &c,
         get(vec![(
             "cookie",
-            format!("theme=café; lang=日本; __session={session}"),
+            format!("theme=café; lang=日本; __session={session}; __client_uat=1"),
         )]),
     )
     .await;

@@ -168,7 +168,7 @@ async fn a_valid_token_is_allowed_with_its_identity_in_all_five_headers() {
     let mut h = forwarded("api.example.com", "/orders", "GET");
     h.push((
         "cookie",
-        format!("other=1; __session={}", s.token("member")),
+        format!("other=1; __session={}; __client_uat=1", s.token("member")),
     ));
     let r = s.ask(&h).await;
     assert_eq!(r.status(), 200);
@@ -178,7 +178,10 @@ async fn a_valid_token_is_allowed_with_its_identity_in_all_five_headers() {
     for (k, v) in forwarded("api.example.com", "/orders", "GET") {
         req = req.header(k, v);
     }
-    let cookie = format!("theme=caf\u{e9}; __session={}", s.token("member"));
+    let cookie = format!(
+        "theme=caf\u{e9}; __session={}; __client_uat=1",
+        s.token("member")
+    );
     let r = req
         .header(
             "cookie",
@@ -511,4 +514,136 @@ async fn decisions_are_counted_as_forward_auth() {
         Some(1.0),
         "{text}"
     );
+}
+
+/// A token from the `__session` cookie needs what the layer asks of one (Clerk's
+/// `__client_uat` rules, and our `Origin` checks): a page on another site cannot spend the
+/// cookie, while a link from another site to the app (a top-level GET) is an ordinary visit,
+/// and a token in `Authorization` is not a cookie.
+#[tokio::test]
+async fn cookie_tokens_need_a_client_uat_and_an_authorized_origin() {
+    let s = start(ForwardedHeaders::Forwarded).await;
+    let token = s.clerk.mint(&TokenSpec {
+        user_id: Some("user_2fwdFWDfwdFWDfwdFWDfwdFWD".into()),
+        azp: Some("https://app.example.com".into()),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    });
+    let iat = {
+        let payload = token.split('.').nth(1).unwrap();
+        let bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["iat"]
+            .as_i64()
+            .unwrap()
+    };
+    let s = &s;
+    let ask = |method: &'static str, extra: Vec<(&'static str, String)>| {
+        let mut h = forwarded("api.example.com", "/x", method);
+        h.extend(extra);
+        async move { s.ask(&h).await }
+    };
+    let with_uat = |uat: i64| ("cookie", format!("__session={token}; __client_uat={uat}"));
+    let reason = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (
+            status,
+            body["error"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let ok = (200, String::new());
+    let refused = |why: &str| (401, why.to_owned());
+
+    // Clerk's rules: __client_uat must be there, non-zero, and not after the token's iat.
+    assert_eq!(
+        reason(ask("GET", vec![("cookie", format!("__session={token}"))]).await).await,
+        refused("SESSION_TOKEN_BUT_NO_CLIENT_UAT")
+    );
+    assert_eq!(
+        reason(ask("GET", vec![with_uat(0)]).await).await,
+        refused("SESSION_TOKEN_BUT_NO_CLIENT_UAT")
+    );
+    assert_eq!(
+        reason(ask("GET", vec![with_uat(iat + 60)]).await).await,
+        refused("SESSION_TOKEN_IAT_BEFORE_CLIENT_UAT")
+    );
+    assert_eq!(ask("GET", vec![with_uat(iat)]).await.status(), 200);
+
+    // Origins: the token's own azp (no authorized parties configured), nothing else.
+    let origin = |o: &str| ("origin", o.to_owned());
+    for (method, extra, want) in [
+        ("POST", vec![origin("https://app.example.com")], ok.clone()),
+        (
+            "POST",
+            vec![origin("HTTPS://App.Example.com:443")],
+            ok.clone(),
+        ),
+        (
+            "POST",
+            vec![origin("https://evil.example")],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![origin("https://app.example.com.evil.example")],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        ("POST", vec![origin("null")], refused("ORIGIN_INVALID")),
+        (
+            "POST",
+            vec![origin("https://app.example.com/")],
+            refused("ORIGIN_INVALID"),
+        ),
+        (
+            "POST",
+            vec![
+                origin("https://app.example.com"),
+                origin("https://evil.example"),
+            ],
+            refused("ORIGIN_INVALID"),
+        ),
+        // Without an Origin: a cross-site request is refused, but a page visit.
+        (
+            "POST",
+            vec![("sec-fetch-site", "cross-site".into())],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![("sec-fetch-site", "cross-site".into())],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "cross-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+            ],
+            ok.clone(),
+        ),
+        (
+            "POST",
+            vec![
+                ("sec-fetch-site", "cross-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+            ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "POST",
+            vec![("sec-fetch-site", "same-origin".into())],
+            ok.clone(),
+        ),
+    ] {
+        let mut extra = extra;
+        extra.push(with_uat(iat));
+        let what = format!("{method} {extra:?}");
+        assert_eq!(reason(ask(method, extra).await).await, want, "{what}");
+    }
+    // The same token in Authorization is no cookie: no Origin or __client_uat rules.
+    let r = ask("POST", vec![bearer(&token), origin("https://evil.example")]).await;
+    assert_eq!(r.status(), 200);
 }

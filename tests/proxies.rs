@@ -411,7 +411,10 @@ async fn suite(proxy: &Proxy, auth: &mut Auth, seen: &Seen) {
 
     // The `__session` cookie works as the header does.
     let n = next();
-    let cookie = format!("theme=dark; __session={}", &member["Bearer ".len()..]);
+    let cookie = format!(
+        "theme=dark; __session={}; __client_uat=1",
+        &member["Bearer ".len()..]
+    );
     let a = raw(p, "GET", &format!("/x?probe={n}"), &[("Cookie", &cookie)]).await;
     assert_eq!(a.status, 200, "{name}: cookie");
     let h = seen_probe(seen, n).unwrap();

@@ -292,6 +292,19 @@ impl CookieContext {
         headers: &HeaderMap,
         authorized: &AuthorizedOrigins,
     ) -> Result<Self, AuthError> {
+        Self::read_for(headers, authorized, false)
+    }
+
+    /// As [`CookieContext::read`], for an HTTP request that may be a page load
+    /// (`Check`, forward auth): `navigation` (a `GET` or `HEAD` the browser sent as a
+    /// top-level navigation, `Sec-Fetch-Mode: navigate`) is not refused for being cross-site
+    /// without an `Origin` — a link from another site to the app is an ordinary visit, and a
+    /// `SameSite=Lax` cookie is sent for it by design.
+    pub(crate) fn read_for(
+        headers: &HeaderMap,
+        authorized: &AuthorizedOrigins,
+        navigation: bool,
+    ) -> Result<Self, AuthError> {
         let client_uat = cookie(headers, CLIENT_UAT_COOKIE)
             .map(|(v, _)| v)
             .filter(|v| !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
@@ -331,6 +344,12 @@ impl CookieContext {
                     (None, _) => {}
                     (Some(v), None)
                         if matches!(v.as_bytes(), b"same-origin" | b"same-site" | b"none") => {}
+                    (Some(v), None)
+                        if navigation
+                            && v.as_bytes() == b"cross-site"
+                            && headers
+                                .get("sec-fetch-mode")
+                                .is_some_and(|m| m.as_bytes() == b"navigate") => {}
                     _ => {
                         return Err(origin_refused(
                             Reason::OriginNotAuthorized,

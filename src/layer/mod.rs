@@ -66,7 +66,7 @@ use crate::{
 };
 
 use body::{CallLife, RequestBody};
-use extract::{AuthorizedOrigins, CookieContext};
+pub(crate) use extract::{AuthorizedOrigins, CookieContext};
 
 /// How often, by default, a stream whose token has no session to follow (API keys, M2M and
 /// OAuth tokens) is re-verified ([`AuthLayer::reverify_streams_every`]).

@@ -45,7 +45,7 @@ use crate::{
     },
     canonical,
     error::{AuthError, Reason},
-    layer::TokenSources,
+    layer::{AuthorizedOrigins, CookieContext, TokenSources},
     secret::token_fingerprint,
     server::metrics::Observer,
     token::identity::Identity,
@@ -848,15 +848,19 @@ pub struct ExtAuthz {
     verifier: TokenVerifier,
     policy: Arc<RoutePolicy>,
     observer: Observer,
+    /// The verifier's authorized parties as origins, for cookie-borne tokens.
+    authorized: Arc<AuthorizedOrigins>,
 }
 
 impl ExtAuthz {
     /// Checks requests with `verifier` against `policy`.
     pub fn new(verifier: TokenVerifier, policy: RoutePolicy) -> Self {
+        let authorized = AuthorizedOrigins::new(verifier.validation().authorized_parties.clone());
         Self {
             verifier,
             policy: Arc::new(policy),
             observer: Observer::default(),
+            authorized: Arc::new(authorized),
         }
     }
 
@@ -950,17 +954,17 @@ impl ExtAuthz {
                 Err(AuthError::Misconfigured(Reason::RouteRuleUnknown))
             }
             (Ok(_), Err(e)) => Err(e),
-            (Ok(None), Ok(rules)) => self.decide(headers, &rules, client_ip).await,
+            (Ok(None), Ok(rules)) => self.decide(headers, method, &rules, client_ip).await,
             (Ok(Some((_, named))), Ok(mut rules)) => match self.policy.context_extensions {
                 ContextExtensions::And => {
                     rules.push(named);
-                    self.decide(headers, &rules, client_ip).await
+                    self.decide(headers, method, &rules, client_ip).await
                 }
                 // The named rule stands in for the request's own rule only: a POST still needs
                 // every rule its body could select (`method_override = "body"`).
                 ContextExtensions::Replace => {
                     rules[0] = named;
-                    self.decide(headers, &rules, client_ip).await
+                    self.decide(headers, method, &rules, client_ip).await
                 }
             },
         };
@@ -981,6 +985,7 @@ impl ExtAuthz {
     async fn decide(
         &self,
         headers: &HashMap<String, String>,
+        method: &str,
         rules: &[&Rule],
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
@@ -989,20 +994,31 @@ impl ExtAuthz {
             if rule.is_public() || rules[..i].contains(rule) {
                 continue;
             }
-            identity = Some(self.verify_token(headers, rule, client_ip).await?);
+            identity = Some(self.verify_token(headers, method, rule, client_ip).await?);
         }
         Ok(identity)
     }
 
+    /// The token against `rule`. From the `__session` cookie it needs what the layer asks
+    /// of one ([`CookieContext`]: `__client_uat`, `iat` not before it, an `Origin` among the
+    /// authorized parties, no cross-site request without one but a page visit).
     async fn verify_token(
         &self,
         headers: &HashMap<String, String>,
+        method: &str,
         rule: &Rule,
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Arc<Identity>, AuthError> {
-        // Only the credential headers are copied into a header map for the extractor.
+        // Only the headers the extractor and the cookie checks read are copied into a header
+        // map (repeated ones arrive joined: two `Origin`s are one unreadable value).
         let mut map = HeaderMap::new();
-        for name in ["authorization", "cookie"] {
+        for name in [
+            "authorization",
+            "cookie",
+            "origin",
+            "sec-fetch-site",
+            "sec-fetch-mode",
+        ] {
             if let Some(v) = headers.get(name) {
                 let v = HeaderValue::from_str(v).map_err(|_| {
                     AuthError::Rejected(crate::error::VerifyError::new(
@@ -1014,6 +1030,14 @@ impl ExtAuthz {
             }
         }
         let (token, origin) = TokenSources::default().extract_with_origin(&map)?;
+        let accepted = origin.accepted(&rule.token_types)?;
+        let cookie = match origin {
+            crate::layer::Origin::Cookie => {
+                let navigation = matches!(method, "GET" | "HEAD");
+                Some(CookieContext::read_for(&map, &self.authorized, navigation)?)
+            }
+            crate::layer::Origin::Header => None,
+        };
         let identity = self
             .verifier
             .verify(&VerifyRequest {
@@ -1021,7 +1045,7 @@ impl ExtAuthz {
                 accept_pending: rule.accept_pending,
                 // From the `__session` cookie: session tokens only (Clerk reads machine
                 // tokens from `Authorization` only).
-                accepted_types: origin.accepted(&rule.token_types)?,
+                accepted_types: accepted,
                 source: client_ip,
                 ..VerifyRequest::default()
             })
@@ -1029,6 +1053,9 @@ impl ExtAuthz {
             .inspect_err(|e| {
                 tracing::debug!(token = %token_fingerprint(token), reason = e.reason_str(), "Check refused");
             })?;
+        if let Some(cookie) = &cookie {
+            cookie.check(&identity, &self.authorized)?;
+        }
         rule.authorize(&identity, self.policy.machine_id.as_deref())
             .map_err(AuthError::Denied)?;
         Ok(identity)
