@@ -205,6 +205,10 @@ pub async fn run(args: DevArgs) -> ExitCode {
         backend: BackendApiConfig::new(api_url, Secret::new(emu.secret_key())),
         directory: DirectoryConfig::default(),
     });
+    // HTTP forward auth on the HTTP port, as Caddy and Traefik ask (X-Forwarded-*).
+    config.forward_auth = Some(server::forward_auth::ForwardAuthConfig {
+        headers: server::forward_auth::ForwardedHeaders::Forwarded,
+    });
     config.access = server::access::AccessConfig {
         machine_id: Some(auth_service.id.clone()),
         allowlist: vec![service_a.id.clone(), DEV_SPIFFE_ID.to_owned()],
@@ -349,6 +353,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         "\nclerk-grpc-auth dev: a Clerk emulator and the AuthService, wired together.\n\n  \
          AuthService     {addr}   ({transport}; health and reflection on)\n                  \
          http://{http_addr}/webhooks/clerk   (Clerk webhooks)\n                  \
+         http://{http_addr}/auth   (HTTP forward auth, asked as Caddy and Traefik ask)\n                  \
          http://{metrics_addr}/metrics   (Prometheus; /livez, /readyz)\n  \
          Clerk emulator  {emu_url}   (CLERK_API_URL; JWKS at /v1/jwks and /.well-known/jwks.json)\n                  \
          {emu_url}/sign-in   (browser sign-in: sets the __session cookie; examples/grpc_web.rs)\n\

@@ -351,6 +351,24 @@ impl Walkthrough<'_> {
 
         heading(
             &mut out,
+            "Behind Caddy or Traefik: the proxy asks /auth about each request, which it names in\n\
+             X-Forwarded headers. Allowed with the identity for the app, and without a token 401.",
+        );
+        let ask = "curl -s -o /dev/null -D - -H 'X-Forwarded-Method: GET' \
+                   -H 'X-Forwarded-Host: api.example.com' -H 'X-Forwarded-Uri: /orders'";
+        cmd(
+            &mut out,
+            &format!(r#"{ask} -H "Authorization: Bearer $TOKEN" $WEBHOOKS/auth"#),
+            &format!("HTTP/1.1 200 OK, x-clerk-user-id: {user_id}, x-clerk-org-id: {org_id}"),
+        );
+        cmd(
+            &mut out,
+            &format!("{ask} $WEBHOOKS/auth"),
+            "HTTP/1.1 401 Unauthorized, www-authenticate: Bearer",
+        );
+
+        heading(
+            &mut out,
             "Revoke the session. The emulator sends a signed session.revoked webhook to\n\
              AuthService, on its webhooks port, and returns once AuthService has taken it.\n\
              The examples learn it from the revocation stream of AuthService.",
