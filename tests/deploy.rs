@@ -398,16 +398,27 @@ fn istio_provider_points_at_the_service_and_fails_closed() {
         .unwrap()
         .starts_with("clerk-grpc-auth.clerk-auth.svc"));
     assert_eq!(grpc["failOpen"].as_bool(), Some(false));
-    let upstream: Vec<&str> = grpc["headersToUpstreamOnAllow"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .map(|h| h.as_str().unwrap())
-        .collect();
-    assert_eq!(
-        upstream,
-        clerk_grpc_auth::server::ext_authz::IDENTITY_HEADERS
-    );
+    // Only fields Istio's gRPC provider has: header lists (HTTP provider fields) would be
+    // refused, and a header allowlist would hide Origin / Sec-Fetch-* from Check.
+    let Yaml::Hash(fields) = grpc else {
+        panic!("envoyExtAuthzGrpc is not a mapping")
+    };
+    for (k, _) in fields {
+        let k = k.as_str().unwrap();
+        assert!(
+            [
+                "service",
+                "port",
+                "timeout",
+                "failOpen",
+                "clearRouteCache",
+                "statusOnError",
+                "includeRequestBodyInCheck"
+            ]
+            .contains(&k),
+            "envoyExtAuthzGrpc has no field {k}"
+        );
+    }
     // The proxies read the path as clerk-grpc-auth does, and refuse what it would refuse.
     assert_eq!(
         mesh["spec"]["meshConfig"]["pathNormalization"]["normalization"].as_str(),

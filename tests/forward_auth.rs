@@ -621,6 +621,16 @@ async fn cookie_tokens_need_a_client_uat_and_an_authorized_origin() {
             vec![
                 ("sec-fetch-site", "cross-site".into()),
                 ("sec-fetch-mode", "navigate".into()),
+                ("sec-fetch-dest", "document".into()),
+            ],
+            ok.clone(),
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "same-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+                ("sec-fetch-dest", "document".into()),
             ],
             ok.clone(),
         ),
@@ -629,7 +639,50 @@ async fn cookie_tokens_need_a_client_uat_and_an_authorized_origin() {
             vec![
                 ("sec-fetch-site", "cross-site".into()),
                 ("sec-fetch-mode", "navigate".into()),
+                ("sec-fetch-dest", "document".into()),
             ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        // Frames and embeds navigate too, but are not page loads; a sibling subdomain's
+        // image or script is another page's request.
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "cross-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+                ("sec-fetch-dest", "iframe".into()),
+            ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "cross-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+                ("sec-fetch-dest", "embed".into()),
+            ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "cross-site".into()),
+                ("sec-fetch-mode", "navigate".into()),
+            ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "same-site".into()),
+                ("sec-fetch-mode", "no-cors".into()),
+                ("sec-fetch-dest", "image".into()),
+            ],
+            refused("ORIGIN_NOT_AUTHORIZED"),
+        ),
+        (
+            "GET",
+            vec![("sec-fetch-site", "same-site".into())],
             refused("ORIGIN_NOT_AUTHORIZED"),
         ),
         (
@@ -643,6 +696,18 @@ async fn cookie_tokens_need_a_client_uat_and_an_authorized_origin() {
         let what = format!("{method} {extra:?}");
         assert_eq!(reason(ask(method, extra).await).await, want, "{what}");
     }
+    // A page load naming a method override is not a page load.
+    let mut h = forwarded("api.example.com", "/x?_method=DELETE", "GET");
+    h.extend([
+        ("sec-fetch-site", "cross-site".to_owned()),
+        ("sec-fetch-mode", "navigate".to_owned()),
+        ("sec-fetch-dest", "document".to_owned()),
+        with_uat(iat),
+    ]);
+    assert_eq!(
+        reason(s.ask(&h).await).await,
+        refused("ORIGIN_NOT_AUTHORIZED")
+    );
     // The same token in Authorization is no cookie: no Origin or __client_uat rules.
     let r = ask("POST", vec![bearer(&token), origin("https://evil.example")]).await;
     assert_eq!(r.status(), 200);

@@ -275,11 +275,14 @@ fn origin_refused(reason: Reason, message: &'static str) -> AuthError {
 /// * an `Origin` must be one of the authorized parties (compared canonically), or — with none
 ///   configured — the token's own `azp` (the page Clerk minted it for), else
 ///   `ORIGIN_NOT_AUTHORIZED`: a page on another site cannot spend the cookie even where the
-///   browser sends it (`SameSite=None`, a sibling subdomain, a non-browser client replaying
-///   it);
-/// * without an `Origin`, a `Sec-Fetch-Site: cross-site` request is `ORIGIN_NOT_AUTHORIZED`
-///   (browsers send `Origin` on every gRPC-web `POST`; a client that sends neither header is
-///   not a browser and is taken as Clerk takes it).
+///   browser sends it (`SameSite=None`, a sibling subdomain);
+/// * without an `Origin`, a `Sec-Fetch-Site` other than `same-origin` or `none` (so
+///   `same-site` and `cross-site`) is `ORIGIN_NOT_AUTHORIZED` (browsers send `Origin` on
+///   every gRPC-web `POST`; a client that sends neither header is not a browser and is taken
+///   as Clerk takes it).
+///
+/// These defend browsers, which send `Origin` and `Sec-Fetch-*` themselves: a client holding
+/// stolen cookies can leave both out, as it could with Clerk.
 #[derive(Debug, Clone)]
 pub(crate) struct CookieContext {
     client_uat: u64,
@@ -296,10 +299,11 @@ impl CookieContext {
     }
 
     /// As [`CookieContext::read`], for an HTTP request that may be a page load
-    /// (`Check`, forward auth): `navigation` (a `GET` or `HEAD` the browser sent as a
-    /// top-level navigation, `Sec-Fetch-Mode: navigate`) is not refused for being cross-site
-    /// without an `Origin` — a link from another site to the app is an ordinary visit, and a
-    /// `SameSite=Lax` cookie is sent for it by design.
+    /// (`Check`, forward auth): with `navigation` (a `GET` or `HEAD` naming no method
+    /// override), a top-level page load (`Sec-Fetch-Mode: navigate` and `Sec-Fetch-Dest:
+    /// document`) is not refused for coming from another site without an `Origin` — a link
+    /// from another site to the app is an ordinary visit, and a `SameSite=Lax` cookie is sent
+    /// for it by design. Frames, embeds and sub-resources are not page loads.
     pub(crate) fn read_for(
         headers: &HeaderMap,
         authorized: &AuthorizedOrigins,
@@ -342,14 +346,19 @@ impl CookieContext {
                 let mut sites = headers.get_all("sec-fetch-site").iter();
                 match (sites.next(), sites.next()) {
                     (None, _) => {}
-                    (Some(v), None)
-                        if matches!(v.as_bytes(), b"same-origin" | b"same-site" | b"none") => {}
+                    // A sibling subdomain is another page's request: `same-site` is treated as
+                    // `cross-site` (its `<img>` and `<script>` GETs carry the cookie and no
+                    // Origin).
+                    (Some(v), None) if matches!(v.as_bytes(), b"same-origin" | b"none") => {}
                     (Some(v), None)
                         if navigation
-                            && v.as_bytes() == b"cross-site"
+                            && matches!(v.as_bytes(), b"cross-site" | b"same-site")
                             && headers
                                 .get("sec-fetch-mode")
-                                .is_some_and(|m| m.as_bytes() == b"navigate") => {}
+                                .is_some_and(|m| m.as_bytes() == b"navigate")
+                            && headers
+                                .get("sec-fetch-dest")
+                                .is_some_and(|d| d.as_bytes() == b"document") => {}
                     _ => {
                         return Err(origin_refused(
                             Reason::OriginNotAuthorized,

@@ -290,7 +290,7 @@ struct Shared {
 ///   not `null`, no path, userinfo, whitespace or non-ASCII), else `ORIGIN_INVALID`;
 /// * an `Origin` among the authorized parties (compared canonically) — or, with none
 ///   configured, equal to the token's own `azp` — else `ORIGIN_NOT_AUTHORIZED`;
-/// * with no `Origin`, `Sec-Fetch-Site` absent, `same-origin`, `same-site` or `none`, else
+/// * with no `Origin`, `Sec-Fetch-Site` absent, `same-origin` or `none`, else
 ///   `ORIGIN_NOT_AUTHORIZED` (browsers send `Origin` on every gRPC-web `POST`; a client that
 ///   sends neither is not a browser and is taken as Clerk takes it).
 ///

@@ -528,7 +528,8 @@ async fn a_cookie_token_from_a_page_outside_the_authorized_parties_is_refused() 
         // No Origin: a browser says where the request came from, anything else is not one.
         (&[], &ok),
         (&[("sec-fetch-site", b"same-origin")], &ok),
-        (&[("sec-fetch-site", b"same-site")], &ok),
+        // A sibling subdomain's page: another page's request.
+        (&[("sec-fetch-site", b"same-site")], &not_authorized),
         (&[("sec-fetch-site", b"none")], &ok),
         (&[("sec-fetch-site", b"cross-site")], &not_authorized),
         (&[("sec-fetch-site", b"Cross-Site")], &not_authorized),

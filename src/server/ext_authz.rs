@@ -912,6 +912,10 @@ impl ExtAuthz {
     ) -> Result<Option<Arc<Identity>>, AuthError> {
         let started = std::time::Instant::now();
         let Target { host, path, method } = target;
+        // A page load behind a proxy (for the cookie checks): a GET or HEAD that no override
+        // turns into another method.
+        let navigation =
+            matches!(method, "GET" | "HEAD") && method_overrides(headers, path).is_empty();
         let named = route_rule.and_then(|name| match name {
             None => Ok(None),
             Some(name) => self
@@ -954,17 +958,17 @@ impl ExtAuthz {
                 Err(AuthError::Misconfigured(Reason::RouteRuleUnknown))
             }
             (Ok(_), Err(e)) => Err(e),
-            (Ok(None), Ok(rules)) => self.decide(headers, method, &rules, client_ip).await,
+            (Ok(None), Ok(rules)) => self.decide(headers, navigation, &rules, client_ip).await,
             (Ok(Some((_, named))), Ok(mut rules)) => match self.policy.context_extensions {
                 ContextExtensions::And => {
                     rules.push(named);
-                    self.decide(headers, method, &rules, client_ip).await
+                    self.decide(headers, navigation, &rules, client_ip).await
                 }
                 // The named rule stands in for the request's own rule only: a POST still needs
                 // every rule its body could select (`method_override = "body"`).
                 ContextExtensions::Replace => {
                     rules[0] = named;
-                    self.decide(headers, method, &rules, client_ip).await
+                    self.decide(headers, navigation, &rules, client_ip).await
                 }
             },
         };
@@ -985,7 +989,7 @@ impl ExtAuthz {
     async fn decide(
         &self,
         headers: &HashMap<String, String>,
-        method: &str,
+        navigation: bool,
         rules: &[&Rule],
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
@@ -994,18 +998,21 @@ impl ExtAuthz {
             if rule.is_public() || rules[..i].contains(rule) {
                 continue;
             }
-            identity = Some(self.verify_token(headers, method, rule, client_ip).await?);
+            identity = Some(
+                self.verify_token(headers, navigation, rule, client_ip)
+                    .await?,
+            );
         }
         Ok(identity)
     }
 
     /// The token against `rule`. From the `__session` cookie it needs what the layer asks
     /// of one ([`CookieContext`]: `__client_uat`, `iat` not before it, an `Origin` among the
-    /// authorized parties, no cross-site request without one but a page visit).
+    /// authorized parties, no request from another page without one but a page load).
     async fn verify_token(
         &self,
         headers: &HashMap<String, String>,
-        method: &str,
+        navigation: bool,
         rule: &Rule,
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Arc<Identity>, AuthError> {
@@ -1018,6 +1025,7 @@ impl ExtAuthz {
             "origin",
             "sec-fetch-site",
             "sec-fetch-mode",
+            "sec-fetch-dest",
         ] {
             if let Some(v) = headers.get(name) {
                 let v = HeaderValue::from_str(v).map_err(|_| {
@@ -1033,7 +1041,6 @@ impl ExtAuthz {
         let accepted = origin.accepted(&rule.token_types)?;
         let cookie = match origin {
             crate::layer::Origin::Cookie => {
-                let navigation = matches!(method, "GET" | "HEAD");
                 Some(CookieContext::read_for(&map, &self.authorized, navigation)?)
             }
             crate::layer::Origin::Header => None,
