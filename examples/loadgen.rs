@@ -62,6 +62,20 @@ struct Cli {
 enum Command {
     /// Drive a target and report.
     Run(RunArgs),
+    /// Write one call's gRPC request body (the 5-byte prefix and the protobuf message) for
+    /// another load generator, h2load (`scripts/h2load.sh`), with a token minted by the
+    /// emulator; prints the call's path.
+    Body {
+        /// Which call.
+        #[arg(long, value_enum, default_value_t = Target::Verify)]
+        target: Target,
+        /// The emulator that mints the token.
+        #[arg(long, default_value = "http://127.0.0.1:8787")]
+        emulator: String,
+        /// Where to write the body.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Serve the bare echo service (no auth): the framework's ceiling.
     ServeEcho {
         /// Address to listen on.
@@ -150,6 +164,11 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ServeEcho { listen } => serve_echo(listen).await,
+        Command::Body {
+            target,
+            emulator,
+            out,
+        } => write_body(target, emulator, &out).await,
         Command::Run(args) => run(args).await,
     };
     match result {
@@ -200,6 +219,46 @@ async fn serve_echo(listen: SocketAddr) -> Result<bool, BoxError> {
 }
 
 // === tokens ===
+
+/// `scripts/h2load.sh`'s body: one call of `target`, framed as gRPC puts it on the wire.
+async fn write_body(
+    target: Target,
+    emulator: String,
+    out: &std::path::Path,
+) -> Result<bool, BoxError> {
+    use prost::Message as _;
+    let args = RunArgs::parse_from(["run", "--pool", "1", "--emulator", &emulator]);
+    let token = mint_pool(&args)
+        .await?
+        .pop()
+        .ok_or("the emulator minted no token")?;
+    let (path, message) = match target {
+        Target::Verify => (
+            "/clerk.auth.v1.AuthService/VerifyToken",
+            VerifyTokenRequest {
+                token,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        Target::Check => (
+            "/envoy.service.auth.v3.Authorization/Check",
+            check_request(&token).encode_to_vec(),
+        ),
+        Target::Echo => (
+            "/examples.echo.v1.Echo/Echo",
+            echo::EchoRequest { token }.encode_to_vec(),
+        ),
+        Target::Orders => return Err("orders: send the token as a header instead".into()),
+    };
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    body.extend_from_slice(&message);
+    std::fs::write(out, body)?;
+    println!("{path}");
+    Ok(true)
+}
 
 async fn mint_pool(args: &RunArgs) -> Result<Vec<String>, BoxError> {
     let http = reqwest::Client::new();
