@@ -13,10 +13,10 @@ use clerk_grpc_auth::{
     server::{
         ext_authz::{RoutePolicy, IDENTITY_HEADERS},
         forward_auth::{ForwardAuthConfig, ForwardedHeaders},
-        AuthServer, Listeners, ServerError,
+        ServerError,
     },
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{sync::oneshot, task::JoinHandle};
 
 const ROUTES: &str = r#"
 [default]
@@ -64,32 +64,12 @@ async fn start_with(
     let mut config = common::config_for(&clerk);
     config.route_policy = RoutePolicy::from_toml(ROUTES, "tests/forward_auth.rs").unwrap();
     config.forward_auth = Some(ForwardAuthConfig { headers });
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = http_listener.local_addr().unwrap();
-    let server = AuthServer::build(config).unwrap();
-    let keys = server.verifier().keys().clone();
-    let events = server.events().await.unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve_on(
-        Listeners {
-            grpc,
-            http: Some(http_listener),
-            metrics: None,
-        },
-        events,
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    if ready {
-        keys.ready().await;
-    }
+    let common::HttpServer { http, stop, task } = common::serve_with_http(config, ready).await;
     Running {
         clerk,
         http,
         client: reqwest::Client::new(),
-        _stop: tx,
+        _stop: stop,
         _task: task,
     }
 }

@@ -24,7 +24,7 @@ use clerk_grpc_auth::{
     server::{
         ext_authz::RoutePolicy,
         forward_auth::{ForwardAuthConfig, ForwardedHeaders},
-        AuthServer, Listeners, ServerError,
+        ServerError,
     },
 };
 use tokio::{
@@ -104,29 +104,11 @@ async fn auth_service(headers: ForwardedHeaders) -> Auth {
     let mut config = common::config_for(&clerk);
     config.route_policy = RoutePolicy::from_toml(ROUTES, "tests/proxies.rs").unwrap();
     config.forward_auth = Some(ForwardAuthConfig { headers });
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = http_listener.local_addr().unwrap();
-    let server = AuthServer::build(config).unwrap();
-    let keys = server.verifier().keys().clone();
-    let events = server.events().await.unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve_on(
-        Listeners {
-            grpc,
-            http: Some(http_listener),
-            metrics: None,
-        },
-        events,
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    keys.ready().await;
+    let common::HttpServer { http, stop, task } = common::serve_with_http(config, true).await;
     Auth {
         clerk,
         http,
-        stop: Some(tx),
+        stop: Some(stop),
         task: Some(task),
     }
 }

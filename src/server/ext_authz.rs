@@ -406,6 +406,21 @@ fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String
     out
 }
 
+/// Adds one header to `joined` (lower-case names) as Envoy joins repeated headers in
+/// `CheckRequest.headers`: cookies with `; `, others with `,` — so a second `authorization`
+/// makes the credential unreadable, never "the last one wins". Used by `Check` for
+/// `header_map` and by the HTTP forward-auth endpoint.
+pub(crate) fn join_header(joined: &mut HashMap<String, String>, name: String, value: &str) {
+    let sep = if name == "cookie" { "; " } else { "," };
+    joined
+        .entry(name)
+        .and_modify(|old| {
+            old.push_str(sep);
+            old.push_str(value);
+        })
+        .or_insert_with(|| value.to_owned());
+}
+
 /// At most this many distinct other hosts or methods a request may name (each is judged in
 /// full; more is refused rather than judged).
 const MAX_ALTERNATIVES: usize = 16;
@@ -914,8 +929,10 @@ impl ExtAuthz {
         let Target { host, path, method } = target;
         // A page load behind a proxy (for the cookie checks): a GET or HEAD that no override
         // turns into another method.
-        let navigation =
-            matches!(method, "GET" | "HEAD") && method_overrides(headers, path).is_empty();
+        // Only a cookie-borne token reads it: the override scan is skipped for everyone else.
+        let navigation = matches!(method, "GET" | "HEAD")
+            && headers.contains_key("cookie")
+            && method_overrides(headers, path).is_empty();
         let named = route_rule.and_then(|name| match name {
             None => Ok(None),
             Some(name) => self
@@ -1199,19 +1216,11 @@ impl Authorization for ExtAuthz {
             let mut joined: HashMap<String, String> = HashMap::new();
             for h in http.header_map.iter().flat_map(|m| &m.headers) {
                 let v = if h.value.is_empty() {
-                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                    String::from_utf8_lossy(&h.raw_value)
                 } else {
-                    h.value.clone()
+                    std::borrow::Cow::Borrowed(h.value.as_str())
                 };
-                let key = h.key.to_ascii_lowercase();
-                let sep = if key == "cookie" { "; " } else { "," };
-                joined
-                    .entry(key)
-                    .and_modify(|old| {
-                        old.push_str(sep);
-                        old.push_str(&v);
-                    })
-                    .or_insert(v);
+                join_header(&mut joined, h.key.to_ascii_lowercase(), &v);
             }
             raw_headers = joined;
             &raw_headers

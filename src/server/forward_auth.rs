@@ -35,7 +35,7 @@ use tonic::Code;
 
 use crate::{
     error::AuthError,
-    server::ext_authz::{ExtAuthz, IDENTITY_HEADERS},
+    server::ext_authz::{join_header, ExtAuthz, IDENTITY_HEADERS},
     token::identity::Identity,
 };
 
@@ -192,15 +192,7 @@ async fn check(
             // app cookie with an `é` does not refuse the request; a credential with them is
             // refused by the token's own checks).
             let v = String::from_utf8_lossy(value.as_bytes());
-            let v = v.as_ref();
-            let sep = if name == "cookie" { "; " } else { "," };
-            joined
-                .entry(name.as_str().to_owned())
-                .and_modify(|old| {
-                    old.push_str(sep);
-                    old.push_str(v);
-                })
-                .or_insert_with(|| v.to_owned());
+            join_header(&mut joined, name.as_str().to_owned(), &v);
         }
         if config.headers == ForwardedHeaders::IngressNginx {
             // Set by ingress-nginx itself (replacing any client copy): read above as the

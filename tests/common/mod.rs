@@ -20,6 +20,41 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt;
 
+/// An AuthService serving `config` on 127.0.0.1:0 with an HTTP port (webhooks, `/auth`,
+/// `/metrics`) and no metrics port; stopped by sending on `stop` (or dropping it).
+pub struct HttpServer {
+    pub http: SocketAddr,
+    pub stop: oneshot::Sender<()>,
+    pub task: JoinHandle<Result<(), ServerError>>,
+}
+
+/// Starts [`HttpServer`]; `ready`: wait until the keys are loaded (a failing JWKS never gets
+/// there).
+pub async fn serve_with_http(config: ServerConfig, ready: bool) -> HttpServer {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = http_listener.local_addr().unwrap();
+    let server = AuthServer::build(config).unwrap();
+    let keys = server.verifier().keys().clone();
+    let events = server.events().await.unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve_on(
+        clerk_grpc_auth::server::Listeners {
+            grpc,
+            http: Some(http_listener),
+            metrics: None,
+        },
+        events,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    if ready {
+        keys.ready().await;
+    }
+    HttpServer { http, stop, task }
+}
+
 /// A running emulator + AuthService pair.
 pub struct Harness {
     pub clerk: Emulator,
