@@ -27,18 +27,76 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
-/// SHA-256. Never log the token itself.
+/// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of the
+/// SHA-256 of the token without trailing `=` ([`TokenDigest`]; Clerk accepts any padding, so
+/// `t` and `t==` are one token and one fingerprint). Never log the token itself.
 pub fn token_fingerprint(token: &str) -> String {
-    use sha2::{Digest, Sha256};
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let d = Sha256::digest(token.as_bytes());
-    let mut s = String::with_capacity(12);
-    for b in &d[..6] {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
+    TokenDigest::of(token).fingerprint().as_str().to_owned()
+}
+
+/// The SHA-256 of a token without its trailing `=`: computed once per request, it keys the
+/// verdict cache and gives the log's [`Fingerprint`]. `Debug` shows the fingerprint only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+/// The first 12 hex digits of a [`TokenDigest`], without allocating.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 12]);
+
+// === impl TokenDigest ===
+
+impl TokenDigest {
+    /// The digest of `token`.
+    pub fn of(token: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(token.trim_end_matches('=').as_bytes()).into())
     }
-    s
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// What logs show.
+    pub fn fingerprint(&self) -> Fingerprint {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 12];
+        for (i, b) in self.0[..6].iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        Fingerprint(out)
+    }
+}
+
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TokenDigest")
+            .field(&self.fingerprint().as_str())
+            .finish()
+    }
+}
+
+// === impl Fingerprint ===
+
+impl Fingerprint {
+    /// The 12 hex digits.
+    pub fn as_str(&self) -> &str {
+        // Hex digits only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", self.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -49,6 +107,10 @@ mod tests {
     fn fingerprint_is_short_and_stable() {
         let f = token_fingerprint("abc");
         assert_eq!(f, "ba7816bf8f01");
+        // Padding is not part of the token (Clerk accepts any number of `=`).
+        assert_eq!(token_fingerprint("abc=="), f);
+        assert_eq!(format!("{:?}", TokenDigest::of("abc")), "TokenDigest(\"ba7816bf8f01\")");
+        assert_ne!(token_fingerprint("abd"), f);
     }
 
     #[test]

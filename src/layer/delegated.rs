@@ -39,7 +39,7 @@ use crate::{
     credentials::TokenSource,
     error::{AuthError, MalformedAnswer, Reason, VerifyError},
     pb::{self, auth_service_client::AuthServiceClient},
-    secret::token_fingerprint,
+    secret::{token_fingerprint, TokenDigest},
     token::identity::{Identity, SessionStatus, TokenType},
     verify::{revocations::Revocations, verdict_key},
     TokenVerifier, VerifyRequest, MAX_TOKEN_BYTES,
@@ -326,7 +326,7 @@ impl DelegatedVerifier {
         let result = match &self.inner.cache {
             None => self.call(req).await.map(|v| v.identity),
             Some(cache) => {
-                let key = verdict_key(req);
+                let key = verdict_key(req, &TokenDigest::of(req.token));
                 // The common case, without the coalescing machinery.
                 if let Some(v) = cache.get(&key).await {
                     if v.identity.expires_at > now_secs() {

@@ -52,6 +52,10 @@ use crate::{
     TokenVerifier, VerifyRequest,
 };
 
+mod wire;
+
+pub use wire::CheckServer;
+
 /// The encoded `FileDescriptorSet` of `envoy.service.auth.v3` (`external_auth.proto` and its
 /// imports, from the vendored protos in `proto/envoy-vendored/`): served by reflection, so that
 /// grpcurl can call `Check` without Envoy's protos.
@@ -90,6 +94,14 @@ pub fn identity_header_spellings() -> &'static [String] {
         out
     });
     &SPELLINGS
+}
+
+/// What [`RoutePolicy::read_request`] read from a request: its rules (the request's own first) and
+/// its canonical host and path.
+pub(crate) struct Routed<'p> {
+    pub(crate) rules: Vec<&'p Rule>,
+    pub(crate) host: String,
+    pub(crate) path: canonical::CanonicalPath,
 }
 
 /// One route: which requests it covers and the rule for them.
@@ -546,11 +558,22 @@ impl RoutePolicy {
     /// upper-cased) select a different rule than the canonical one.
     pub fn rule_for(&self, host: &str, path: &str, method: &str) -> Result<&Rule, AuthError> {
         let host = canonical::host(host)?;
-        let method = canonical::method(method)?;
+        canonical::method(method)?;
         let path = canonical::path(path)?;
-        let rule = self.select(&host, path.as_str(), method, false);
+        self.rule_for_canonical(&host, &path, method)
+    }
+
+    /// [`RoutePolicy::rule_for`] with the host and path already in their canonical forms.
+    fn rule_for_canonical(
+        &self,
+        host: &str,
+        path: &canonical::CanonicalPath,
+        method: &str,
+    ) -> Result<&Rule, AuthError> {
+        let method = canonical::method(method)?;
+        let rule = self.select(host, path.as_str(), method, false);
         let upper = canonical::method_upper(method);
-        if self.select(&host, path.as_str(), &upper, false) != rule {
+        if self.select(host, path.as_str(), &upper, false) != rule {
             return Err(AuthError::NotCanonical {
                 reason: Reason::MethodInvalid,
                 message: "the HTTP method selects a different rule in upper case",
@@ -569,7 +592,7 @@ impl RoutePolicy {
         for &fold in folds {
             for reading in path.readings() {
                 for &m in methods {
-                    if self.select(&host, reading, m, fold) != rule {
+                    if self.select(host, reading, m, fold) != rule {
                         return Err(AuthError::NotCanonical {
                             reason: Reason::PathNotCanonical,
                             message: if fold {
@@ -601,7 +624,22 @@ impl RoutePolicy {
         method: &str,
         headers: &HashMap<String, String>,
     ) -> Result<Vec<&Rule>, AuthError> {
-        let rule = self.rule_for(host, path, method)?;
+        self.read_request(host, path, method, headers).map(|r| r.rules)
+    }
+
+    /// [`RoutePolicy::rules_for_request`], with the canonical host and path it read (each
+    /// canonicalised once, for every alternative and the audit line).
+    pub(crate) fn read_request(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &HashMap<String, String>,
+    ) -> Result<Routed<'_>, AuthError> {
+        let c_host = canonical::host(host)?;
+        canonical::method(method)?;
+        let c_path = canonical::path(path)?;
+        let rule = self.rule_for_canonical(&c_host, &c_path, method)?;
         let refuse = |reason, message| Err(AuthError::NotCanonical { reason, message });
         // IIS URL Rewrite, ASP.NET, older Symfony, Zend/Laminas serve the target these name
         // instead of the request's: it would be served under the rule of another path.
@@ -631,7 +669,7 @@ impl RoutePolicy {
             );
         }
         for alt in hosts {
-            match self.rule_for(alt, path, method) {
+            match canonical::host(alt).and_then(|h| self.rule_for_canonical(&h, &c_path, method)) {
                 Ok(r) if r == rule => {}
                 _ => {
                     return refuse(
@@ -642,7 +680,7 @@ impl RoutePolicy {
             }
         }
         for alt in methods {
-            match self.rule_for(host, path, &alt) {
+            match self.rule_for_canonical(&c_host, &c_path, &alt) {
                 Ok(r) if r == rule => {}
                 _ => {
                     return refuse(
@@ -662,13 +700,17 @@ impl RoutePolicy {
             }
             let named = self.routes.iter().flat_map(|r| r.methods.iter());
             for alt in named.chain(std::iter::once(&other)) {
-                let r = self.rule_for(host, path, alt)?;
+                let r = self.rule_for_canonical(&c_host, &c_path, alt)?;
                 if !rules.contains(&r) {
                     rules.push(r);
                 }
             }
         }
-        Ok(rules)
+        Ok(Routed {
+            rules,
+            host: c_host,
+            path: c_path,
+        })
     }
 
     /// The request's own rule of [`RoutePolicy::rules_for_request`].
@@ -885,9 +927,11 @@ impl ExtAuthz {
         self
     }
 
-    /// The tonic server for Envoy.
-    pub fn into_server(self) -> envoy_types::ext_authz::v3::pb::AuthorizationServer<Self> {
-        envoy_types::ext_authz::v3::pb::AuthorizationServer::new(self)
+    /// The tonic server for Envoy: `Check` as the generated `AuthorizationServer` serves it
+    /// (this type also implements [`Authorization`]), with the allowed answer assembled from
+    /// bytes ([`CheckServer`]).
+    pub fn into_server(self) -> CheckServer {
+        CheckServer::new(self)
     }
 
     /// The decision behind `Check` and the HTTP forward-auth endpoint: the rule for the
@@ -942,16 +986,9 @@ impl ExtAuthz {
                 .map(|(n, r)| Some((n.as_str(), r)))
                 .ok_or_else(|| RouteRuleError::NoSuchRule(bounded_debug(name))),
         });
-        let path_rules = self.policy.rules_for_request(host, path, method, headers);
-        let what = match &path_rules {
-            Ok(_) => format!(
-                "{} {}{}",
-                method,
-                canonical::host(host).unwrap_or_default(),
-                canonical::path(path)
-                    .map(|p| p.as_str().to_owned())
-                    .unwrap_or_default()
-            ),
+        let routed = self.policy.read_request(host, path, method, headers);
+        let what = match &routed {
+            Ok(r) => format!("{} {}{}", method, r.host, r.path.as_str()),
             Err(_) => format!(
                 "{} {}{}",
                 method.escape_debug(),
@@ -965,7 +1002,7 @@ impl ExtAuthz {
         };
         // A route naming no usable rule is the operator's error: refused before the target
         // is looked at, so that it shows on every request of that route.
-        let result = match (named, path_rules) {
+        let result = match (named, routed.map(|r| r.rules)) {
             (Err(e), _) => {
                 tracing::error!(
                     surface,
@@ -1086,7 +1123,9 @@ impl ExtAuthz {
     }
 }
 
-fn allowed(identity: Option<&Identity>) -> CheckResponse {
+/// The identity's own headers for the upstream: each set when the identity has a value,
+/// removed otherwise (a client's copy never passes).
+fn identity_headers(identity: Option<&Identity>) -> OkHttpResponseBuilder {
     let mut ok = OkHttpResponseBuilder::new();
     let mut set = |name: &str, value: Option<String>| match value.filter(|v| !v.is_empty()) {
         Some(v) => {
@@ -1110,18 +1149,28 @@ fn allowed(identity: Option<&Identity>) -> CheckResponse {
     set(IDENTITY_HEADERS[2], org.map(|o| o.id.clone()));
     set(IDENTITY_HEADERS[3], org.and_then(|o| o.role.clone()));
     set(IDENTITY_HEADERS[4], org.map(|o| o.permissions.join(",")));
+    ok
+}
+
+/// The allowed answer: the identity headers, the removal of every other spelling of them,
+/// the identity as dynamic metadata.
+fn allowed(identity: Option<&Identity>) -> CheckResponse {
+    let mut ok = identity_headers(identity);
     // CGI/WSGI upstreams read `x_clerk_user_id` (and any mix of `-` and `_`) as the same
     // header: the client's copies under those spellings are removed too.
     for name in identity_header_spellings() {
         ok.remove_header(name);
     }
-    let mut resp = CheckResponse::with_status(Status::ok("allowed"));
+    let mut resp = CheckResponse::with_status(Status::ok(ALLOWED));
     resp.set_http_response(ok);
     if let Some(i) = identity {
         resp.set_dynamic_metadata(Some(metadata(i)));
     }
     resp
 }
+
+/// The allowed answer's status message.
+const ALLOWED: &str = "allowed";
 
 fn string_value(s: impl Into<String>) -> Value {
     Value {
@@ -1189,23 +1238,27 @@ fn denied(err: &AuthError, grpc: bool) -> CheckResponse {
     resp
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthz {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let req = request.into_inner();
+/// What `Check` answers: an allow for an identity (or a public route), or a denial already
+/// built. Encoded by the trait ([`allowed`]) or, on the served path, from bytes
+/// ([`wire::allowed`]); the two are the same message (tested).
+enum Answer {
+    Allowed(Option<Arc<Identity>>),
+    Denied(CheckResponse),
+}
+
+impl ExtAuthz {
+    /// The decision for one `CheckRequest`.
+    async fn answer(&self, req: &CheckRequest) -> Answer {
         let http = req
             .attributes
             .as_ref()
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
         let Some(http) = http else {
-            return Ok(Response::new(denied(
+            return Answer::Denied(denied(
                 &AuthError::InvalidRequest("the CheckRequest has no HTTP request attributes"),
                 false,
-            )));
+            ));
         };
         // Envoy sends `headers`, or `header_map` when raw headers are encoded. Repeated
         // headers are joined as Envoy joins them in `headers` (cookies with `; `, others with
@@ -1258,11 +1311,23 @@ impl Authorization for ExtAuthz {
         let result = self
             .judge_routed("Check", target, headers, client_ip, route_rule)
             .await;
-        let resp = match result {
-            Ok(identity) => allowed(identity.as_deref()),
-            Err(e) => denied(&e, grpc),
-        };
-        Ok(Response::new(resp))
+        match result {
+            Ok(identity) => Answer::Allowed(identity),
+            Err(e) => Answer::Denied(denied(&e, grpc)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(match self.answer(request.get_ref()).await {
+            Answer::Allowed(identity) => allowed(identity.as_deref()),
+            Answer::Denied(resp) => resp,
+        }))
     }
 }
 

@@ -578,13 +578,14 @@ impl Observer {
         self.emit(method, what, rule, identity, None, result, elapsed);
     }
 
-    /// Records one decision.
+    /// Records one decision; `token` is the digest of the token it was about, whose
+    /// fingerprint the audit line shows.
     pub fn decision(
         &self,
         method: &'static str,
         what: &str,
         identity: Option<&crate::Identity>,
-        token: Option<&str>,
+        token: Option<&crate::secret::TokenDigest>,
         result: Result<(), &AuthError>,
         elapsed: Duration,
     ) {
@@ -598,7 +599,7 @@ impl Observer {
         what: &str,
         rule: Option<&str>,
         identity: Option<&crate::Identity>,
-        token: Option<&str>,
+        token: Option<&crate::secret::TokenDigest>,
         result: Result<(), &AuthError>,
         elapsed: Duration,
     ) {
@@ -627,7 +628,7 @@ impl Observer {
             machine = identity
                 .and_then(|i| i.machine.as_ref())
                 .and_then(|m| m.machine_id.as_deref()),
-            token = token.map(crate::secret::token_fingerprint).as_deref(),
+            token = token.map(|d| d.fingerprint()).as_ref().map(|f| f.as_str()),
             elapsed_us = elapsed.as_micros() as u64,
             "decision"
         );

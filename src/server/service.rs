@@ -14,7 +14,7 @@ use crate::{
     error::{AuthError, Denial, Reason, VerifyError},
     layer::TokenSources,
     pb::{self, auth_service_server::AuthService},
-    secret::token_fingerprint,
+    secret::TokenDigest,
     server::{
         access::{Access, Caller, Rpc},
         events::{Event, Events},
@@ -486,15 +486,17 @@ impl AuthService for AuthServiceImpl {
         let started = std::time::Instant::now();
         let source = self.source_of(&request, peer).await;
         let req = request.into_inner();
+        // Hashed once: the verdict cache's key and the audit line's fingerprint.
+        let digest = TokenDigest::of(&req.token);
         let result = match source {
-            Ok(source) => self.verify(&req, source).await,
+            Ok(source) => self.verify(&req, &digest, source).await,
             Err(e) => Err(e),
         };
         self.observer.decision(
             "VerifyToken",
             "",
             result.as_ref().ok().map(|(_, id)| &**id),
-            Some(&req.token),
+            Some(&digest),
             result.as_ref().map(|_| ()),
             started.elapsed(),
         );
@@ -506,7 +508,7 @@ impl AuthService for AuthServiceImpl {
             Err(e) => {
                 if matches!(e, AuthError::Unavailable(_)) {
                     tracing::warn!(
-                        token = %token_fingerprint(&req.token),
+                        token = %digest.fingerprint(),
                         reason = e.reason_str(),
                         "token not verified: keys unavailable"
                     );
@@ -567,6 +569,7 @@ impl AuthServiceImpl {
     async fn verify(
         &self,
         req: &pb::VerifyTokenRequest,
+        digest: &TokenDigest,
         source: Option<std::net::IpAddr>,
     ) -> Result<(pb::Identity, Arc<Identity>), AuthError> {
         if req.authorized_parties.len() > MAX_AUTHORIZED_PARTIES {
@@ -600,13 +603,16 @@ impl AuthServiceImpl {
             .collect::<Result<Vec<_>, _>>()?;
         let identity = self
             .verifier
-            .verify(&VerifyRequest {
-                token: &req.token,
-                authorized_parties: &req.authorized_parties,
-                accept_pending: req.accept_pending_session,
-                accepted_types: &types,
-                source,
-            })
+            .verify_digested(
+                &VerifyRequest {
+                    token: &req.token,
+                    authorized_parties: &req.authorized_parties,
+                    accept_pending: req.accept_pending_session,
+                    accepted_types: &types,
+                    source,
+                },
+                digest,
+            )
             .await?;
         if req.check_session_online {
             self.confirm_online(&identity, req.accept_pending_session)

@@ -7,15 +7,30 @@
 //! line per decision thus costs the calling thread its formatting and a copy, not a write
 //! system call nor a wake-up of another thread. The price: a line may reach stderr up to
 //! [`FLUSH_EVERY`] late, and a process killed without unwinding loses at most that much.
+//!
+//! The text format is tracing-subscriber's default line (time, level, target, span context,
+//! fields), written by [`TextFields`] and [`LineTime`] instead of the defaults: the same
+//! output (`name="value"` for strings, `name=7` for numbers), at a fraction of the cost per line
+//! (a string that needs no escaping is copied, not escaped character by character; the date
+//! is formatted once a second), and with control characters escaped in every field, not only
+//! in the message — a request field cannot start a forged log line.
 
 use std::{
+    cell::RefCell,
+    fmt::{self as stdfmt, Write as _},
     io::{self, BufWriter, Stderr, Write},
     sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tracing_subscriber::{fmt, fmt::MakeWriter, EnvFilter};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{
+    field::RecordFields,
+    fmt,
+    fmt::{format::Writer, time::FormatTime, FormatFields, MakeWriter},
+    EnvFilter,
+};
 
 /// Longest time a log line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -132,7 +147,10 @@ pub fn init(format: LogFormat) -> LogGuard {
         .with_ansi(ansi)
         .with_writer(sink.clone());
     let installed = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .fmt_fields(TextFields)
+            .with_timer(LineTime)
+            .try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
@@ -158,5 +176,287 @@ pub fn init(format: LogFormat) -> LogGuard {
     LogGuard {
         flusher: thread.map(|t| (stop, t)),
         sink: Some(sink),
+    }
+}
+
+/// The text format's fields: `message` as written, then `name=value` separated by spaces —
+/// strings quoted (`"…"`, escaped as `{:?}` escapes them when they hold a quote, a backslash
+/// or anything outside printable ASCII), numbers and booleans bare, other values by their
+/// `Debug` (or, for errors, `Display`) text with control characters escaped. The layout of
+/// tracing-subscriber's default, without its per-character escaping of every string.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> stdfmt::Result {
+        let mut v = TextVisitor {
+            w: writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct TextVisitor<'w> {
+    w: Writer<'w>,
+    first: bool,
+    result: stdfmt::Result,
+}
+
+impl TextVisitor<'_> {
+    /// Writes the separator and `name=`; false when the field is not written.
+    fn name(&mut self, field: &Field) -> bool {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return false;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let sep = if std::mem::take(&mut self.first) { "" } else { " " };
+        self.result = if name == "message" {
+            self.w.write_str(sep)
+        } else {
+            write!(self.w, "{sep}{name}=")
+        };
+        self.result.is_ok()
+    }
+
+    /// `value`'s text with control characters (newlines, escape sequences) escaped.
+    fn escaped(&mut self, value: stdfmt::Arguments<'_>) {
+        self.result = write!(NoControl(&mut self.w), "{value}");
+    }
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if !self.name(field) {
+            return;
+        }
+        if field.name() == "message" {
+            return self.escaped(format_args!("{value}"));
+        }
+        let plain = value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        self.result = if plain {
+            self.w
+                .write_char('"')
+                .and_then(|()| self.w.write_str(value))
+                .and_then(|()| self.w.write_char('"'))
+        } else {
+            write!(self.w, "{value:?}")
+        };
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.name(field) {
+            self.result = write!(self.w, "{value}");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.name(field) {
+            self.result = write!(self.w, "{value}");
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.name(field) {
+            self.result = write!(self.w, "{value}");
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.name(field) {
+            self.result = write!(self.w, "{value}");
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.name(field) {
+            self.escaped(format_args!("{value}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn stdfmt::Debug) {
+        if self.name(field) {
+            self.escaped(format_args!("{value:?}"));
+        }
+    }
+}
+
+/// Writes through, with each control character (and DEL) as `\u{…}`.
+struct NoControl<'a, 'w>(&'a mut Writer<'w>);
+
+impl stdfmt::Write for NoControl<'_, '_> {
+    fn write_str(&mut self, s: &str) -> stdfmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(|c: char| c.is_ascii_control()) {
+            self.0.write_str(&rest[..i])?;
+            write!(self.0, "\\u{{{:x}}}", rest.as_bytes()[i])?;
+            rest = &rest[i + 1..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// The text format's timestamp, as tracing-subscriber's default writes it
+/// (`2026-12-02T01:46:40.123456Z`, UTC), with the date and time of day formatted once per
+/// second per thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineTime;
+
+thread_local! {
+    /// The last second formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS`.
+    static LAST_SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for LineTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> stdfmt::Result {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = now.as_secs();
+        LAST_SECOND.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.0 != secs {
+                last.1.clear();
+                write_second(&mut last.1, secs)?;
+                last.0 = secs;
+            }
+            write!(w, "{}.{:06}Z", last.1, now.subsec_micros())
+        })
+    }
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic Gregorian).
+fn write_second(out: &mut impl stdfmt::Write, secs: u64) -> stdfmt::Result {
+    let days = (secs / 86_400) as i64;
+    let time = secs % 86_400;
+    // Days to a civil date (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        time / 3_600,
+        time / 60 % 60,
+        time % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::format::Writer;
+
+    #[test]
+    fn seconds_are_formatted_as_rfc_3339() {
+        // Each instant from `date -u -d @SECS +%Y-%m-%dT%H:%M:%S`: the epoch, leap days of a
+        // year divisible by 400 and by 4, the end of a century that is not a leap year, a
+        // year's last second, and today.
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_709_210_096, "2024-02-29T12:34:56"),
+            (4_107_542_399, "2100-02-28T23:59:59"),
+            (4_107_542_400, "2100-03-01T00:00:00"),
+            (1_798_761_599, "2026-12-31T23:59:59"),
+            (1_796_169_599, "2026-12-01T23:59:59"),
+        ] {
+            let mut s = String::new();
+            write_second(&mut s, secs).unwrap();
+            assert_eq!(s, text, "{secs}");
+        }
+    }
+
+    fn line(event: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = fmt()
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .with_timer(LineTime)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, event);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn text_lines_read_as_the_default_format_and_escape_control_characters() {
+        let text = line(|| {
+            let err = std::io::Error::other("broken\npipe");
+            tracing::info!(
+                target: "clerk_grpc_auth::audit",
+                method = "VerifyToken",
+                what = "user_1\" x=\"y",
+                who = "us\u{1b}[31mer",
+                none = Option::<&str>::None,
+                n = 7u64,
+                neg = -3i64,
+                ok = true,
+                dbg = ?"a\nb",
+                shown = %"line\nbreak",
+                error = &err as &(dyn std::error::Error + 'static),
+                "decision \n forged"
+            );
+        });
+        let mut lines = text.lines();
+        let first = lines.next().unwrap();
+        assert!(lines.next().is_none(), "one line only: {text:?}");
+        let (time, rest) = first.split_once(' ').unwrap();
+        // 2026-12-02T01:46:40.123456Z
+        assert_eq!(time.len(), 27, "{time}");
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
+        assert_eq!(
+            rest.trim_start(),
+            "INFO clerk_grpc_auth::audit: decision \\u{a} forged method=\"VerifyToken\" \
+             what=\"user_1\\\" x=\\\"y\" who=\"us\\u{1b}[31mer\" n=7 neg=-3 ok=true \
+             dbg=\"a\\nb\" shown=line\\u{a}break error=broken\\u{a}pipe"
+        );
+    }
+
+    #[test]
+    fn the_timestamp_is_now() {
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut s = String::new();
+        LineTime.format_time(&mut Writer::new(&mut s)).unwrap();
+        let after = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let candidates: Vec<String> = (before..=after)
+            .map(|t| {
+                let mut c = String::new();
+                write_second(&mut c, t).unwrap();
+                c
+            })
+            .collect();
+        assert!(candidates.iter().any(|c| s.starts_with(c.as_str())), "{s}");
     }
 }

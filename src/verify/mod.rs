@@ -36,6 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     clerk::machines::MachineVerifier,
     error::AuthError,
+    secret::TokenDigest,
     token::{
         check::{Decoded, Validation, Verifier, VerifyOptions, KID_MISMATCH},
         identity::{Identity, TokenType},
@@ -235,7 +236,19 @@ impl TokenVerifier {
 
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
-        let identity = self.verify_unrevoked(req).await?;
+        self.verify_digested(req, &TokenDigest::of(req.token))
+            .await
+    }
+
+    /// [`TokenVerifier::verify`], for a caller that needs the token's digest too (for its
+    /// log's fingerprint): computed once. `digest` must be `TokenDigest::of(req.token)`.
+    pub(crate) async fn verify_digested(
+        &self,
+        req: &VerifyRequest<'_>,
+        digest: &TokenDigest,
+    ) -> Result<Arc<Identity>, AuthError> {
+        debug_assert_eq!(*digest, TokenDigest::of(req.token));
+        let identity = self.verify_unrevoked(req, digest).await?;
         self.check_revoked(&identity)?;
         Ok(identity)
     }
@@ -252,14 +265,18 @@ impl TokenVerifier {
         }
     }
 
-    async fn verify_unrevoked(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
+    async fn verify_unrevoked(
+        &self,
+        req: &VerifyRequest<'_>,
+        digest: &TokenDigest,
+    ) -> Result<Arc<Identity>, AuthError> {
         if let Some(token_type) = self.opaque(req)? {
             let machine = self.inner.machine.as_ref().ok_or(AuthError::Misconfigured(
                 crate::error::Reason::SecretKeyMissing,
             ))?;
             return machine.verify(req.token, token_type, req.source).await;
         }
-        let pending = match self.begin(req)? {
+        let pending = match self.begin(req, Some(digest))? {
             Begin::Hit(identity) => return Ok(identity),
             Begin::Miss(p) => p,
         };
@@ -320,7 +337,7 @@ impl TokenVerifier {
                 "Opaque machine tokens cannot be verified synchronously; use the auth layer.",
             )));
         }
-        let pending = match self.begin(req)? {
+        let pending = match self.begin(req, None)? {
             Begin::Hit(identity) => return Ok(identity),
             Begin::Miss(p) => p,
         };
@@ -356,7 +373,12 @@ impl TokenVerifier {
     }
 
     /// Bounds, verdict cache, decoding and the type checks: everything before the key.
-    fn begin<'t>(&self, req: &VerifyRequest<'t>) -> Result<Begin<'t>, AuthError> {
+    /// `digest` is the token's, when the caller has it.
+    fn begin<'t>(
+        &self,
+        req: &VerifyRequest<'t>,
+        digest: Option<&TokenDigest>,
+    ) -> Result<Begin<'t>, AuthError> {
         let token = req.token;
         if token.is_empty() {
             return Err(AuthError::InvalidRequest("token is empty"));
@@ -365,7 +387,10 @@ impl TokenVerifier {
             return Err(AuthError::InvalidRequest("token exceeds 16 KiB"));
         }
         let now = now_ms();
-        let cache_key = self.inner.cache.as_ref().map(|_| verdict_key(req));
+        let cache_key = self.inner.cache.as_ref().map(|_| match digest {
+            Some(d) => verdict_key(req, d),
+            None => verdict_key(req, &TokenDigest::of(token)),
+        });
         if let (Some(cache), Some(key)) = (&self.inner.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
                 if hit.valid_until_ms > now as f64
@@ -482,18 +507,20 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
-/// SHA-256 over the token and every option that changes the verdict. The signature's
-/// padding is not part of it: Clerk accepts any number of trailing `=`, and they are the only
-/// bytes anyone can change without re-signing, so `t`, `t=`, `t==`… share one entry.
-pub(crate) fn verdict_key(req: &VerifyRequest<'_>) -> [u8; 32] {
+/// SHA-256 over the token's digest and every option that changes the verdict. The
+/// signature's padding is not part of the digest: Clerk accepts any number of trailing `=`,
+/// and they are the only bytes anyone can change without re-signing, so `t`, `t=`, `t==`…
+/// share one entry.
+pub(crate) fn verdict_key(req: &VerifyRequest<'_>, token: &TokenDigest) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(req.token.trim_end_matches('=').as_bytes());
+    h.update(token.as_bytes());
     h.update([0u8, u8::from(req.accept_pending)]);
+    // Length-prefixed: `["a", "b"]` and `["a\u{1e}b"]` are different lists.
     for p in req.authorized_parties {
-        h.update([0x1e]);
+        h.update((p.len() as u64).to_le_bytes());
         h.update(p.as_bytes());
     }
-    h.update([0x1d]);
+    h.update(u64::MAX.to_le_bytes());
     for t in req.accepted_types {
         h.update((*t as i32).to_le_bytes());
     }
@@ -506,31 +533,42 @@ mod tests {
 
     #[test]
     fn verdict_key_depends_on_every_option() {
+        let key = |r: &VerifyRequest<'_>| verdict_key(r, &TokenDigest::of(r.token));
         let parties = vec!["https://a".to_owned()];
+        let two = vec!["a".to_owned(), "b".to_owned()];
+        let joined = vec!["a\u{1e}b".to_owned()];
         let base = VerifyRequest {
             token: "t",
             ..Default::default()
         };
         let keys = [
-            verdict_key(&base),
-            verdict_key(&VerifyRequest {
+            key(&base),
+            key(&VerifyRequest {
                 accept_pending: true,
                 ..base
             }),
-            verdict_key(&VerifyRequest {
+            key(&VerifyRequest {
                 authorized_parties: &parties,
                 ..base
             }),
-            verdict_key(&VerifyRequest {
+            key(&VerifyRequest {
                 accepted_types: &[TokenType::SessionToken],
                 ..base
             }),
-            verdict_key(&VerifyRequest { token: "u", ..base }),
+            key(&VerifyRequest { token: "u", ..base }),
+            key(&VerifyRequest {
+                authorized_parties: &two,
+                ..base
+            }),
+            key(&VerifyRequest {
+                authorized_parties: &joined,
+                ..base
+            }),
         ];
         // Signature padding is not a different token.
         for padded in ["t=", "t===="] {
             assert_eq!(
-                verdict_key(&VerifyRequest {
+                key(&VerifyRequest {
                     token: padded,
                     ..base
                 }),
