@@ -60,6 +60,33 @@ fn retained(store: &KeyStore, tokens: &[String], capacity: u64, read_claims: boo
     after.saturating_sub(before)
 }
 
+/// Live heap bytes per identity kept by the caller (verdict cache off): the identity's own
+/// share of an entry.
+fn identities(store: &KeyStore, tokens: &[String]) -> f64 {
+    let verifier = TokenVerifier::new(
+        TokenVerifierConfig {
+            cache_capacity: 0,
+            ..TokenVerifierConfig::default()
+        },
+        store.clone(),
+    );
+    let mut kept = Vec::with_capacity(tokens.len());
+    let before = ALLOC.allocated();
+    for t in tokens {
+        kept.push(
+            verifier
+                .verify_now(&VerifyRequest {
+                    token: t,
+                    ..VerifyRequest::default()
+                })
+                .expect("a valid token"),
+        );
+    }
+    let after = ALLOC.allocated();
+    drop(kept);
+    after.saturating_sub(before) as f64 / tokens.len() as f64
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -92,7 +119,7 @@ fn main() {
         })
         .collect();
     let store = KeyStore::new(
-        KeySource::Static(keys),
+        KeySource::Static(keys.into()),
         KeyStoreConfig::default(),
         reqwest::Client::new(),
     );
@@ -108,4 +135,12 @@ fn main() {
         per(claims)
     );
     println!("cache off, bytes left per token         {:.0}", off as f64 / count as f64);
+    println!(
+        "of an entry, the identity (heap)         {:.0}",
+        identities(&store, &tokens)
+    );
+    println!(
+        "of which the Identity struct itself      {}",
+        std::mem::size_of::<clerk_grpc_auth::Identity>()
+    );
 }
