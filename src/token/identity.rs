@@ -32,7 +32,7 @@ pub struct Identity {
     /// `pla`, split by scope.
     pub plans: Entitlements,
     /// `act`: the impersonator, when the session is impersonated.
-    pub actor: Option<Actor>,
+    pub actor: Option<Box<Actor>>,
     /// `fva`: minutes since first and second factor verification (-1 = none).
     pub factor_verification_age: Option<[i32; 2]>,
     /// `iss`.
@@ -50,7 +50,7 @@ pub struct Identity {
     /// 2 for v2 session claims (`v: 2`), otherwise 1.
     pub claims_version: u8,
     /// Set for machine tokens (M2M, API key, OAuth).
-    pub machine: Option<MachineInfo>,
+    pub machine: Option<Box<MachineInfo>>,
     /// `fva` exactly as Clerk's `has()` reads it: two finite numbers, each -1 or ≥ 0.
     fva_exact: Option<[f64; 2]>,
     /// The payload's JSON text as Clerk's `TextDecoder` reads it, parsed on demand by
@@ -174,12 +174,12 @@ impl Identity {
         };
         let actor = c.act.as_ref().and_then(Value::as_object).map(|a| {
             let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
-            Actor {
+            Box::new(Actor {
                 sub: s("sub").unwrap_or_default(),
                 sid: s("sid"),
                 iss: s("iss"),
                 actor_type: s("type"),
-            }
+            })
         });
         let fva = c
             .fva
@@ -272,7 +272,7 @@ impl Identity {
             not_before,
             token_id: (!token_id.is_empty()).then_some(token_id),
             claims_version: 0,
-            machine: Some(info),
+            machine: Some(Box::new(info)),
             fva_exact: None,
             raw_claims,
             claims: OnceLock::from(claims),
@@ -292,15 +292,19 @@ impl Identity {
     pub fn from_proto(p: pb::Identity) -> Self {
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
         // `claims_json` is exact; the Struct (older servers, or when asked for) is the fallback.
+        // The map parsed from `claims_json` is not kept (a cached identity holds the text, and
+        // [`Identity::claims`] parses it on demand, as for a verified token).
         let (claims, raw_claims) = if p.claims_json.is_empty() {
             let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
             let raw = serde_json::to_string(&claims).unwrap_or_default();
-            (claims, raw)
+            (OnceLock::from(claims), raw)
         } else {
-            let claims = serde_json::from_str(&p.claims_json).unwrap_or_default();
-            (claims, p.claims_json)
+            (OnceLock::new(), p.claims_json)
         };
-        let fva_exact = fva_from_json(claims.get("fva"));
+        let fva_exact = match claims.get() {
+            Some(map) => fva_from_json(map.get("fva")),
+            None => fva_from_json(crate::token::claims::payload_map(&raw_claims).get("fva")),
+        };
         let secs = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
         };
@@ -327,11 +331,13 @@ impl Identity {
             }),
             features: entitlements(p.features),
             plans: entitlements(p.plans),
-            actor: p.actor.map(|a| Actor {
-                sub: a.sub,
-                sid: none_if_empty(a.sid),
-                iss: none_if_empty(a.iss),
-                actor_type: none_if_empty(a.r#type),
+            actor: p.actor.map(|a| {
+                Box::new(Actor {
+                    sub: a.sub,
+                    sid: none_if_empty(a.sid),
+                    iss: none_if_empty(a.iss),
+                    actor_type: none_if_empty(a.r#type),
+                })
             }),
             factor_verification_age: p
                 .factor_verification_age
@@ -343,23 +349,34 @@ impl Identity {
             not_before: secs(p.not_before),
             token_id: none_if_empty(p.token_id),
             claims_version: u8::try_from(p.claims_version).unwrap_or(1),
-            machine: p.machine.map(|m| MachineInfo {
-                subject: m.subject,
-                scopes: m.scopes,
-                machine_id: none_if_empty(m.machine_id),
-                client_id: none_if_empty(m.client_id),
-                name: none_if_empty(m.name),
+            machine: p.machine.map(|m| {
+                Box::new(MachineInfo {
+                    subject: m.subject,
+                    scopes: m.scopes,
+                    machine_id: none_if_empty(m.machine_id),
+                    client_id: none_if_empty(m.client_id),
+                    name: none_if_empty(m.name),
+                })
             }),
             fva_exact,
             raw_claims,
-            claims: OnceLock::from(claims),
+            claims,
         }
     }
 
-    /// Converts to the wire type, with the claims as a Struct too (`claims`).
+    /// Converts to the wire type, with the claims as a Struct too (`claims`). The claims
+    /// parsed for it are not kept: an identity in a verdict cache stays the size of its text.
     pub fn to_proto_with_claims_struct(&self) -> pb::Identity {
+        let parsed;
+        let claims = match self.claims.get() {
+            Some(map) => map,
+            None => {
+                parsed = crate::token::claims::payload_map(&self.raw_claims);
+                &parsed
+            }
+        };
         pb::Identity {
-            claims: Some(json_map_to_struct(self.claims())),
+            claims: Some(json_map_to_struct(claims)),
             ..self.to_proto()
         }
     }

@@ -76,7 +76,8 @@ pub struct VerifyRequest<'a> {
     pub source: Option<std::net::IpAddr>,
 }
 
-#[derive(Debug)]
+/// Held by value in the cache (moka keeps each value behind its own pointer already).
+#[derive(Debug, Clone)]
 struct CachedVerdict {
     identity: Arc<Identity>,
     /// `exp` + skew, in ms since the epoch: the verdict is void from then on.
@@ -106,7 +107,7 @@ struct Inner {
     keys_never_loaded: AtomicU64,
     warned_never_loaded: AtomicBool,
     keys: KeyStore,
-    cache: Option<moka::sync::Cache<[u8; 32], Arc<CachedVerdict>>>,
+    cache: Option<moka::sync::Cache<[u8; 32], CachedVerdict>>,
     machine: Option<MachineVerifier>,
     revocations: Revocations,
 }
@@ -134,11 +135,11 @@ impl Default for TokenVerifierConfig {
 
 // === impl VerdictExpiry ===
 
-impl moka::Expiry<[u8; 32], Arc<CachedVerdict>> for VerdictExpiry {
+impl moka::Expiry<[u8; 32], CachedVerdict> for VerdictExpiry {
     fn expire_after_create(
         &self,
         _key: &[u8; 32],
-        value: &Arc<CachedVerdict>,
+        value: &CachedVerdict,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let left_ms = value.valid_until_ms - now_ms() as f64;
@@ -436,12 +437,12 @@ impl TokenVerifier {
         if let (Some(cache), Some(key)) = (&self.inner.cache, p.cache_key) {
             cache.insert(
                 key,
-                Arc::new(CachedVerdict {
+                CachedVerdict {
                     identity: identity.clone(),
                     valid_until_ms: identity.expires_at_ms()
                         + self.inner.core.validation().clock_skew_ms as f64,
                     key_generation: p.generation,
-                }),
+                },
             );
         }
         Ok(identity)
