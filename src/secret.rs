@@ -27,15 +27,15 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of the
-/// SHA-256 of the token without trailing `=` ([`TokenDigest`]; Clerk accepts any padding, so
-/// `t` and `t==` are one token and one fingerprint). Never log the token itself.
+/// A short, non-reversible fingerprint of a token for logs: the first 12 hex digits of its
+/// SHA-256 ([`TokenDigest`]). Never log the token itself.
 pub fn token_fingerprint(token: &str) -> String {
     TokenDigest::of(token).fingerprint().as_str().to_owned()
 }
 
-/// The SHA-256 of a token without its trailing `=`: computed once per request, it keys the
-/// verdict cache and gives the log's [`Fingerprint`]. `Debug` shows the fingerprint only.
+/// The SHA-256 of a token: computed once per request, it gives the log's [`Fingerprint`] and
+/// (for a token without trailing `=`, i.e. every JWT Clerk issues) the verdict cache's key.
+/// `Debug` shows the fingerprint only.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TokenDigest([u8; 32]);
 
@@ -49,7 +49,7 @@ impl TokenDigest {
     /// The digest of `token`.
     pub fn of(token: &str) -> Self {
         use sha2::{Digest, Sha256};
-        Self(Sha256::digest(token.trim_end_matches('=').as_bytes()).into())
+        Self(Sha256::digest(token.as_bytes()).into())
     }
 
     /// The 32 bytes.
@@ -107,9 +107,11 @@ mod tests {
     fn fingerprint_is_short_and_stable() {
         let f = token_fingerprint("abc");
         assert_eq!(f, "ba7816bf8f01");
-        // Padding is not part of the token (Clerk accepts any number of `=`).
-        assert_eq!(token_fingerprint("abc=="), f);
-        assert_eq!(format!("{:?}", TokenDigest::of("abc")), "TokenDigest(\"ba7816bf8f01\")");
+        assert_ne!(token_fingerprint("abc=="), f);
+        assert_eq!(
+            format!("{:?}", TokenDigest::of("abc")),
+            "TokenDigest(\"ba7816bf8f01\")"
+        );
         assert_ne!(token_fingerprint("abd"), f);
     }
 

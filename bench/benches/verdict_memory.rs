@@ -130,11 +130,11 @@ fn main() {
     let per = |bytes: usize| bytes.saturating_sub(off) as f64 / count as f64;
     println!("tokens                                  {count} distinct, {token_bytes} bytes each");
     println!("verdict-cache bytes per entry           {:.0}", per(on));
+    println!("per entry, every identity's claims read {:.0}", per(claims));
     println!(
-        "per entry, every identity's claims read {:.0}",
-        per(claims)
+        "cache off, bytes left per token         {:.0}",
+        off as f64 / count as f64
     );
-    println!("cache off, bytes left per token         {:.0}", off as f64 / count as f64);
     println!(
         "of an entry, the identity (heap)         {:.0}",
         identities(&store, &tokens)

@@ -624,7 +624,8 @@ impl RoutePolicy {
         method: &str,
         headers: &HashMap<String, String>,
     ) -> Result<Vec<&Rule>, AuthError> {
-        self.read_request(host, path, method, headers).map(|r| r.rules)
+        self.read_request(host, path, method, headers)
+            .map(|r| r.rules)
     }
 
     /// [`RoutePolicy::rules_for_request`], with the canonical host and path it read (each

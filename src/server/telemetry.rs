@@ -10,10 +10,12 @@
 //!
 //! The text format is tracing-subscriber's default line (time, level, target, span context,
 //! fields), written by [`TextFields`] and [`LineTime`] instead of the defaults: the same
-//! output (`name="value"` for strings, `name=7` for numbers), at a fraction of the cost per line
+//! layout (`name="value"` for strings, `name=7` for numbers; an error's sources are not
+//! listed), at a fraction of the cost per line
 //! (a string that needs no escaping is copied, not escaped character by character; the date
-//! is formatted once a second), and with control characters escaped in every field, not only
-//! in the message — a request field cannot start a forged log line.
+//! is formatted once a second), and with control characters, line separators and bidi
+//! controls escaped in every field, not only in the message — a request field cannot start a
+//! forged log line.
 
 use std::{
     cell::RefCell,
@@ -213,7 +215,11 @@ impl TextVisitor<'_> {
         }
         let name = field.name();
         let name = name.strip_prefix("r#").unwrap_or(name);
-        let sep = if std::mem::take(&mut self.first) { "" } else { " " };
+        let sep = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
         self.result = if name == "message" {
             self.w.write_str(sep)
         } else {
@@ -269,7 +275,7 @@ impl Visit for TextVisitor<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         if self.name(field) {
-            self.result = write!(self.w, "{value}");
+            self.result = write!(self.w, "{value:?}");
         }
     }
 
@@ -286,16 +292,23 @@ impl Visit for TextVisitor<'_> {
     }
 }
 
-/// Writes through, with each control character (and DEL) as `\u{…}`.
+/// Whether `c` could end a line or restyle what follows in a log viewer: C0 and C1 controls
+/// and DEL, the Unicode line and paragraph separators, and the bidirectional controls.
+fn unsafe_in_logs(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Writes through, with each character [`unsafe_in_logs`] as `\u{…}`.
 struct NoControl<'a, 'w>(&'a mut Writer<'w>);
 
 impl stdfmt::Write for NoControl<'_, '_> {
     fn write_str(&mut self, s: &str) -> stdfmt::Result {
         let mut rest = s;
-        while let Some(i) = rest.find(|c: char| c.is_ascii_control()) {
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| unsafe_in_logs(c)) {
             self.0.write_str(&rest[..i])?;
-            write!(self.0, "\\u{{{:x}}}", rest.as_bytes()[i])?;
-            rest = &rest[i + 1..];
+            write!(self.0, "\\u{{{:x}}}", u32::from(c))?;
+            rest = &rest[i + c.len_utf8()..];
         }
         self.0.write_str(rest)
     }
@@ -418,7 +431,8 @@ mod tests {
                 neg = -3i64,
                 ok = true,
                 dbg = ?"a\nb",
-                shown = %"line\nbreak",
+                shown = %"line\nbreak\u{85}\u{2028}\u{202e}",
+                f = 1.0f64,
                 error = &err as &(dyn std::error::Error + 'static),
                 "decision \n forged"
             );
@@ -434,7 +448,8 @@ mod tests {
             rest.trim_start(),
             "INFO clerk_grpc_auth::audit: decision \\u{a} forged method=\"VerifyToken\" \
              what=\"user_1\\\" x=\\\"y\" who=\"us\\u{1b}[31mer\" n=7 neg=-3 ok=true \
-             dbg=\"a\\nb\" shown=line\\u{a}break error=broken\\u{a}pipe"
+             dbg=\"a\\nb\" shown=line\\u{a}break\\u{85}\\u{2028}\\u{202e} f=1.0 \
+             error=broken\\u{a}pipe"
         );
     }
 

@@ -292,18 +292,23 @@ impl Identity {
     pub fn from_proto(p: pb::Identity) -> Self {
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
         // `claims_json` is exact; the Struct (older servers, or when asked for) is the fallback.
-        // The map parsed from `claims_json` is not kept (a cached identity holds the text, and
-        // [`Identity::claims`] parses it on demand, as for a verified token).
-        let (claims, raw_claims) = if p.claims_json.is_empty() {
+        // A map parsed from `claims_json` is not kept (a cached identity holds the text, and
+        // [`Identity::claims`] parses it again on demand to the same map); text that is not a
+        // JSON object reads as no claims, as it always has.
+        let (claims, raw_claims, fva_exact) = if p.claims_json.is_empty() {
             let claims = p.claims.map(struct_to_json_map).unwrap_or_default();
             let raw = serde_json::to_string(&claims).unwrap_or_default();
-            (OnceLock::from(claims), raw)
+            let fva = fva_from_json(claims.get("fva"));
+            (OnceLock::from(claims), raw, fva)
         } else {
-            (OnceLock::new(), p.claims_json)
-        };
-        let fva_exact = match claims.get() {
-            Some(map) => fva_from_json(map.get("fva")),
-            None => fva_from_json(crate::token::claims::payload_map(&raw_claims).get("fva")),
+            match serde_json::from_str::<Map<String, Value>>(&p.claims_json) {
+                Ok(map) => (
+                    OnceLock::new(),
+                    p.claims_json,
+                    fva_from_json(map.get("fva")),
+                ),
+                Err(_) => (OnceLock::from(Map::new()), p.claims_json, None),
+            }
         };
         let secs = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)

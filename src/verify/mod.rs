@@ -237,8 +237,7 @@ impl TokenVerifier {
 
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
-        self.verify_digested(req, &TokenDigest::of(req.token))
-            .await
+        self.verify_digested(req, &TokenDigest::of(req.token)).await
     }
 
     /// [`TokenVerifier::verify`], for a caller that needs the token's digest too (for its
@@ -508,11 +507,20 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
-/// SHA-256 over the token's digest and every option that changes the verdict. The
-/// signature's padding is not part of the digest: Clerk accepts any number of trailing `=`,
-/// and they are the only bytes anyone can change without re-signing, so `t`, `t=`, `t==`…
-/// share one entry.
+/// SHA-256 over the digest of the token without its trailing `=` and every option that
+/// changes the verdict. The signature's padding is not part of it: Clerk accepts any number of
+/// trailing `=`, and they are the only bytes anyone can change without re-signing, so `t`,
+/// `t=`, `t==`… share one entry. `token` is `TokenDigest::of(req.token)`: the key's digest
+/// for every unpadded token, computed again only for a padded one.
 pub(crate) fn verdict_key(req: &VerifyRequest<'_>, token: &TokenDigest) -> [u8; 32] {
+    let trimmed = req.token.trim_end_matches('=');
+    let unpadded;
+    let token = if trimmed.len() == req.token.len() {
+        token
+    } else {
+        unpadded = TokenDigest::of(trimmed);
+        &unpadded
+    };
     let mut h = Sha256::new();
     h.update(token.as_bytes());
     h.update([0u8, u8::from(req.accept_pending)]);
