@@ -1242,6 +1242,8 @@ fn denied(err: &AuthError, grpc: bool) -> CheckResponse {
 /// What `Check` answers: an allow for an identity (or a public route), or a denial already
 /// built. Encoded by the trait ([`allowed`]) or, on the served path, from bytes
 /// ([`wire::allowed`]); the two are the same message (tested).
+// Returned once per call, never stored: boxing the denial would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Answer {
     Allowed(Option<Arc<Identity>>),
     Denied(CheckResponse),
