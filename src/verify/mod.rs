@@ -237,7 +237,9 @@ impl TokenVerifier {
 
     /// Verifies a token. See the crate docs for the order of checks and the error mapping.
     pub async fn verify(&self, req: &VerifyRequest<'_>) -> Result<Arc<Identity>, AuthError> {
-        self.verify_digested(req, &TokenDigest::of(req.token)).await
+        let identity = self.verify_unrevoked(req, None).await?;
+        self.check_revoked(&identity)?;
+        Ok(identity)
     }
 
     /// [`TokenVerifier::verify`], for a caller that needs the token's digest too (for its
@@ -248,7 +250,7 @@ impl TokenVerifier {
         digest: &TokenDigest,
     ) -> Result<Arc<Identity>, AuthError> {
         debug_assert_eq!(*digest, TokenDigest::of(req.token));
-        let identity = self.verify_unrevoked(req, digest).await?;
+        let identity = self.verify_unrevoked(req, Some(digest)).await?;
         self.check_revoked(&identity)?;
         Ok(identity)
     }
@@ -265,10 +267,11 @@ impl TokenVerifier {
         }
     }
 
+    /// `digest`: the token's, when the caller has it (else computed if the cache needs it).
     async fn verify_unrevoked(
         &self,
         req: &VerifyRequest<'_>,
-        digest: &TokenDigest,
+        digest: Option<&TokenDigest>,
     ) -> Result<Arc<Identity>, AuthError> {
         if let Some(token_type) = self.opaque(req)? {
             let machine = self.inner.machine.as_ref().ok_or(AuthError::Misconfigured(
@@ -276,7 +279,7 @@ impl TokenVerifier {
             ))?;
             return machine.verify(req.token, token_type, req.source).await;
         }
-        let pending = match self.begin(req, Some(digest))? {
+        let pending = match self.begin(req, digest)? {
             Begin::Hit(identity) => return Ok(identity),
             Begin::Miss(p) => p,
         };
