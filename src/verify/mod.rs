@@ -244,6 +244,7 @@ impl TokenVerifier {
 
     /// [`TokenVerifier::verify`], for a caller that needs the token's digest too (for its
     /// log's fingerprint): computed once. `digest` must be `TokenDigest::of(req.token)`.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) async fn verify_digested(
         &self,
         req: &VerifyRequest<'_>,
