@@ -228,6 +228,13 @@ impl TextVisitor<'_> {
         self.result.is_ok()
     }
 
+    /// `name=value` for a value whose text never needs escaping (a number, a boolean).
+    fn bare(&mut self, field: &Field, value: stdfmt::Arguments<'_>) {
+        if self.name(field) {
+            self.result = self.w.write_fmt(value);
+        }
+    }
+
     /// `value`'s text with control characters (newlines, escape sequences) escaped.
     fn escaped(&mut self, value: stdfmt::Arguments<'_>) {
         self.result = write!(NoControl(&mut self.w), "{value}");
@@ -256,27 +263,19 @@ impl Visit for TextVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if self.name(field) {
-            self.result = write!(self.w, "{value}");
-        }
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if self.name(field) {
-            self.result = write!(self.w, "{value}");
-        }
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.name(field) {
-            self.result = write!(self.w, "{value}");
-        }
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if self.name(field) {
-            self.result = write!(self.w, "{value:?}");
-        }
+        self.bare(field, format_args!("{value:?}"));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
