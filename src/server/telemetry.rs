@@ -220,11 +220,14 @@ impl TextVisitor<'_> {
         } else {
             " "
         };
-        self.result = if name == "message" {
-            self.w.write_str(sep)
-        } else {
-            write!(self.w, "{sep}{name}=")
-        };
+        // Plain writes: no formatting machinery for the separator and the name.
+        self.result = self.w.write_str(sep);
+        if name != "message" {
+            self.result = self
+                .result
+                .and_then(|()| self.w.write_str(name))
+                .and_then(|()| self.w.write_char('='));
+        }
         self.result.is_ok()
     }
 

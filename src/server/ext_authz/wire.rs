@@ -107,6 +107,56 @@ pub(crate) fn allowed(identity: Option<&Identity>) -> Encoded {
     Encoded(out.into())
 }
 
+/// How many identities' allowed answers each thread keeps ([`allowed_for`]).
+const RECENT_ANSWERS: usize = 16;
+
+/// The allowed answers this thread encoded last, by identity.
+struct Recent {
+    slots: [Option<(Arc<Identity>, Bytes)>; RECENT_ANSWERS],
+    /// The slot the next new answer takes (the oldest).
+    next: usize,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Recent> = const {
+        std::cell::RefCell::new(Recent {
+            slots: [const { None }; RECENT_ANSWERS],
+            next: 0,
+        })
+    };
+    /// The answer for a public route (no identity).
+    static PUBLIC: Bytes = allowed(None).0;
+}
+
+/// [`allowed`], encoded once per verdict while it is repeated: every verdict-cache hit on a
+/// token hands back the same `Arc<Identity>`, so the answer this thread last encoded for that
+/// `Arc` is sent again (a copy of a reference-counted buffer). The slot holds the `Arc`
+/// itself, so the identity can neither change (no `Arc::get_mut` while it is shared) nor
+/// give its address to another one while its answer is kept; a new verdict on the same token
+/// is another `Arc` and gets its own answer. At most [`RECENT_ANSWERS`] per thread, the
+/// oldest replaced first.
+fn allowed_for(identity: Option<Arc<Identity>>) -> Encoded {
+    let Some(identity) = identity else {
+        return Encoded(PUBLIC.with(Bytes::clone));
+    };
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if let Some((_, bytes)) = recent
+            .slots
+            .iter()
+            .flatten()
+            .find(|(id, _)| Arc::ptr_eq(id, &identity))
+        {
+            return Encoded(bytes.clone());
+        }
+        let bytes = allowed(Some(&identity)).0;
+        let slot = recent.next;
+        recent.slots[slot] = Some((identity, bytes.clone()));
+        recent.next = (slot + 1) % RECENT_ANSWERS;
+        Encoded(bytes)
+    })
+}
+
 /// `envoy.service.auth.v3.Authorization` for a tonic server ([`ExtAuthz::into_server`]).
 /// Cheap to clone.
 #[derive(Debug, Clone)]
@@ -138,7 +188,7 @@ impl tonic::server::UnaryService<CheckRequest> for CheckCall {
         let authz = self.0.clone();
         Box::pin(async move {
             let encoded = match authz.answer(request.get_ref()).await {
-                Answer::Allowed(identity) => allowed(identity.as_deref()),
+                Answer::Allowed(identity) => allowed_for(identity),
                 Answer::Denied(resp) => Encoded(resp.encode_to_vec().into()),
             };
             Ok(tonic::Response::new(encoded))
@@ -236,5 +286,36 @@ mod tests {
             // Byte for byte what prost writes, but for the field order inside ok_response.
             assert_eq!(encoded.0.len(), built.encoded_len());
         }
+    }
+
+    #[test]
+    fn a_repeated_verdict_is_answered_from_its_first_encoding() {
+        // The metadata's fields are a map, encoded in no fixed order: compared decoded.
+        let decoded = |b: &Bytes| CheckResponse::decode(b.clone()).unwrap();
+        let a = Arc::new(identity(None, Some("sess_a")));
+        let first = allowed_for(Some(a.clone())).0;
+        assert_eq!(decoded(&first), super::super::allowed(Some(&a)));
+        // The same Arc: the same buffer, not a new encoding.
+        assert_eq!(allowed_for(Some(a.clone())).0.as_ptr(), first.as_ptr());
+        // Another identity (or another verdict with equal fields) gets its own answer.
+        let mut other = identity(None, Some("sess_b"));
+        other.user_id = "user_other".into();
+        let b = Arc::new(other);
+        let answer_b = allowed_for(Some(b.clone())).0;
+        assert_eq!(decoded(&answer_b), super::super::allowed(Some(&b)));
+        assert_ne!(decoded(&answer_b), decoded(&first));
+        let twin = Arc::new((*a).clone());
+        assert_ne!(allowed_for(Some(twin)).0.as_ptr(), first.as_ptr());
+        // Past RECENT_ANSWERS newer identities, `a` is encoded again, still the same answer.
+        for i in 0..RECENT_ANSWERS {
+            let mut id = identity(None, None);
+            id.user_id = format!("user_{i}");
+            allowed_for(Some(Arc::new(id)));
+        }
+        let again = allowed_for(Some(a.clone())).0;
+        assert_eq!(decoded(&again), decoded(&first));
+        assert_ne!(again.as_ptr(), first.as_ptr());
+        // A public route's answer.
+        assert_eq!(decoded(&allowed_for(None).0), super::super::allowed(None));
     }
 }
