@@ -45,6 +45,12 @@ use tonic::{transport::Channel, Code, Request, Response, Status};
 #[path = "common/orders.rs"]
 mod orders;
 
+/// The allocator of the binary under test (the `mimalloc` feature, in `cli`), so that the
+/// echo ceiling and the AuthService are measured alike.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Generated code for `examples.echo.v1`.
 mod echo {
     #![allow(missing_docs, clippy::all)]

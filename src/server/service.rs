@@ -503,7 +503,10 @@ impl AuthService for AuthServiceImpl {
         match result {
             Ok((identity, _)) => Ok(Response::new(pb::VerifyTokenResponse {
                 identity: Some(identity),
-                cache_for: self.cache_for(&req.token).await,
+                cache_for: match crate::token::machine::opaque_type(&req.token) {
+                    Some(_) => Box::pin(self.cache_for(&req.token)).await,
+                    None => None,
+                },
             })),
             Err(e) => {
                 if matches!(e, AuthError::Unavailable(_)) {
@@ -549,11 +552,7 @@ impl AuthServiceImpl {
         if claimed.is_empty() {
             return Ok(peer);
         }
-        if !self
-            .forwarders
-            .admit(request, &self.verifier, &self.access)
-            .await
-        {
+        if !Box::pin(self.forwarders.admit(request, &self.verifier, &self.access)).await {
             tracing::debug!("client_ip ignored: the caller is not an allowed forwarder");
             return Ok(peer);
         }
@@ -615,8 +614,9 @@ impl AuthServiceImpl {
             )
             .await?;
         if req.check_session_online {
-            self.confirm_online(&identity, req.accept_pending_session)
-                .await?;
+            // Boxed, as the other awaits that ask the network here: their state would
+            // otherwise be part of every call's future, copied on every call.
+            Box::pin(self.confirm_online(&identity, req.accept_pending_session)).await?;
         }
         let proto = if req.claims_struct {
             identity.to_proto_with_claims_struct()

@@ -278,7 +278,9 @@ impl TokenVerifier {
             let machine = self.inner.machine.as_ref().ok_or(AuthError::Misconfigured(
                 crate::error::Reason::SecretKeyMissing,
             ))?;
-            return machine.verify(req.token, token_type, req.source).await;
+            // Boxed: the Backend API call's state would otherwise make every verification's
+            // future (moved, on every call, into the boxes of async traits) kilobytes larger.
+            return Box::pin(machine.verify(req.token, token_type, req.source)).await;
         }
         let pending = match self.begin(req, digest)? {
             Begin::Hit(identity) => return Ok(identity),
