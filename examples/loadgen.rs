@@ -32,10 +32,9 @@ use std::{
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use clerk_grpc_auth::pb::{auth_service_client::AuthServiceClient, VerifyTokenRequest};
+use clerk_grpc_auth::pb::VerifyTokenRequest;
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Request as AttrRequest},
-    authorization_client::AuthorizationClient,
     AttributeContext, CheckRequest,
 };
 use futures::StreamExt;
@@ -232,31 +231,15 @@ async fn write_body(
     emulator: String,
     out: &std::path::Path,
 ) -> Result<bool, BoxError> {
-    use prost::Message as _;
     let args = RunArgs::parse_from(["run", "--pool", "1", "--emulator", &emulator]);
     let token = mint_pool(&args)
         .await?
         .pop()
         .ok_or("the emulator minted no token")?;
-    let (path, message) = match target {
-        Target::Verify => (
-            "/clerk.auth.v1.AuthService/VerifyToken",
-            VerifyTokenRequest {
-                token,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        ),
-        Target::Check => (
-            "/envoy.service.auth.v3.Authorization/Check",
-            check_request(&token).encode_to_vec(),
-        ),
-        Target::Echo => (
-            "/examples.echo.v1.Echo/Echo",
-            echo::EchoRequest { token }.encode_to_vec(),
-        ),
-        Target::Orders => return Err("orders: send the token as a header instead".into()),
-    };
+    if target == Target::Orders {
+        return Err("orders: send the token as a header instead".into());
+    }
+    let (path, message) = (target.path(), request_message(target, &token));
     let mut body = Vec::with_capacity(5 + message.len());
     body.push(0);
     body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
@@ -327,50 +310,51 @@ async fn jwks_requests(args: &RunArgs) -> Option<u64> {
 
 // === the calls ===
 
+/// A connection posting encoded requests: every target costs the load generator the same
+/// per call (a copy of its prepared message out, an answer skipped in), so that the
+/// throughputs compare the servers, not the client's work on their messages.
 #[derive(Clone)]
-enum Client {
-    Verify(AuthServiceClient<Channel>),
-    Check(AuthorizationClient<Channel>),
-    Orders(orders::pb::orders_client::OrdersClient<Channel>),
-    Echo(echo::echo_client::EchoClient<Channel>),
+struct Client {
+    grpc: tonic::client::Grpc<Channel>,
+    target: Target,
+}
+
+/// A token and its target's request message, encoded once.
+#[derive(Clone)]
+struct Prepared {
+    token: String,
+    message: bytes::Bytes,
 }
 
 /// The outcome's label: `OK`, a gRPC code, or `DENIED_<http status>` for a `Check` denial.
 type Outcome = String;
 
 impl Client {
-    async fn call(&mut self, token: &str) -> Outcome {
-        let result: Result<Option<Outcome>, Status> = match self {
-            Client::Verify(c) => c
-                .verify_token(VerifyTokenRequest {
-                    token: token.to_owned(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| None),
-            Client::Echo(c) => c
-                .echo(echo::EchoRequest {
-                    token: token.to_owned(),
-                })
-                .await
-                .map(|_| None),
-            Client::Orders(c) => {
-                let mut req = Request::new(orders::pb::ListOrdersRequest {});
-                match format!("Bearer {token}").parse() {
-                    Ok(v) => {
-                        req.metadata_mut().insert("authorization", v);
-                    }
-                    Err(_) => return "CLIENT_BAD_TOKEN".into(),
+    async fn call(&mut self, p: &Prepared) -> Outcome {
+        if let Err(e) = self.grpc.ready().await {
+            return format!("CLIENT_NOT_READY: {e}");
+        }
+        let mut req = Request::new(Raw(p.message.clone()));
+        if self.target == Target::Orders {
+            match format!("Bearer {}", p.token).parse() {
+                Ok(v) => {
+                    req.metadata_mut().insert("authorization", v);
                 }
-                c.list_orders(req).await.map(|_| None)
+                Err(_) => return "CLIENT_BAD_TOKEN".into(),
             }
-            Client::Check(c) => c.check(check_request(token)).await.map(|r| {
-                let r = r.into_inner();
-                match r.status.map(|s| s.code).unwrap_or_default() {
+        }
+        let path = http::uri::PathAndQuery::from_static(self.target.path());
+        let result: Result<Option<Outcome>, Status> = if self.target == Target::Check {
+            let codec = tonic_prost::ProstCodec::<Raw, CheckAnswer>::default();
+            self.grpc.unary(req, path, codec).await.map(|r| {
+                match r.into_inner().status.map(|s| s.code).unwrap_or_default() {
                     0 => None,
                     code => Some(format!("DENIED_{:?}", Code::from(code))),
                 }
-            }),
+            })
+        } else {
+            let codec = tonic_prost::ProstCodec::<Raw, Ignored>::default();
+            self.grpc.unary(req, path, codec).await.map(|_| None)
         };
         match result {
             Ok(None) => "OK".into(),
@@ -378,6 +362,84 @@ impl Client {
             Err(s) => format!("{:?}", s.code()),
         }
     }
+}
+
+impl Target {
+    /// The method a call of this target posts to.
+    fn path(self) -> &'static str {
+        match self {
+            Target::Verify => "/clerk.auth.v1.AuthService/VerifyToken",
+            Target::Check => "/envoy.service.auth.v3.Authorization/Check",
+            Target::Echo => "/examples.echo.v1.Echo/Echo",
+            Target::Orders => "/examples.orders.v1.Orders/ListOrders",
+        }
+    }
+}
+
+/// One call's request message for `target`, encoded (Orders takes the token as a header:
+/// its message is empty).
+fn request_message(target: Target, token: &str) -> Vec<u8> {
+    use prost::Message as _;
+    match target {
+        Target::Verify => VerifyTokenRequest {
+            token: token.to_owned(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        Target::Check => check_request(token).encode_to_vec(),
+        Target::Echo => echo::EchoRequest {
+            token: token.to_owned(),
+        }
+        .encode_to_vec(),
+        Target::Orders => orders::pb::ListOrdersRequest {}.encode_to_vec(),
+    }
+}
+
+/// A request message already encoded: sent as it is.
+#[derive(Clone, Debug, Default)]
+struct Raw(bytes::Bytes);
+
+impl prost::Message for Raw {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = bytes::Bytes::new();
+    }
+}
+
+/// An answer read for nothing but its arrival (every field skipped unread).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ignored {}
+
+/// Of a `CheckResponse`, only `status.code` (allowed or denied); the header lists and
+/// metadata are skipped unread.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CheckAnswer {
+    #[prost(message, optional, tag = "1")]
+    status: Option<RpcCode>,
+}
+
+/// Of a `google.rpc.Status`, only `code`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcCode {
+    #[prost(int32, tag = "1")]
+    code: i32,
 }
 
 fn check_request(token: &str) -> CheckRequest {
@@ -428,11 +490,9 @@ async fn connect(args: &RunArgs) -> Result<Vec<Client>, BoxError> {
             .connect()
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        clients.push(match args.target {
-            Target::Verify => Client::Verify(AuthServiceClient::new(ch)),
-            Target::Check => Client::Check(AuthorizationClient::new(ch)),
-            Target::Orders => Client::Orders(orders::pb::orders_client::OrdersClient::new(ch)),
-            Target::Echo => Client::Echo(echo::echo_client::EchoClient::new(ch)),
+        clients.push(Client {
+            grpc: tonic::client::Grpc::new(ch),
+            target: args.target,
         });
     }
     Ok(clients)
@@ -543,7 +603,7 @@ impl Recorder {
 }
 
 struct Shared {
-    tokens: Vec<String>,
+    tokens: Vec<Prepared>,
     fresh: bool,
     next: AtomicUsize,
     stop: AtomicBool,
@@ -553,7 +613,7 @@ struct Shared {
 
 impl Shared {
     /// The next token, or `None` once a fresh pool is used up.
-    fn token(&self) -> Option<&str> {
+    fn token(&self) -> Option<&Prepared> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         if self.fresh && i >= self.tokens.len() {
             self.exhausted.store(true, Ordering::Relaxed);
@@ -612,7 +672,7 @@ async fn open_loop(shared: Arc<Shared>, clients: Vec<Client>, rate: u64) -> Reco
                     std::thread::sleep(due - now);
                 }
                 let Some(token) = shared.token() else { break };
-                let token = token.to_owned();
+                let token = token.clone();
                 let mut client = clients[issued as usize % clients.len()].clone();
                 let (shared, total) = (shared.clone(), total.clone());
                 inflight.push(runtime.spawn(async move {
@@ -652,7 +712,14 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
     if args.pool == 0 {
         return Err("--pool must be at least 1".into());
     }
-    let tokens = mint_pool(&args).await?;
+    let tokens = mint_pool(&args)
+        .await?
+        .into_iter()
+        .map(|token| Prepared {
+            message: request_message(args.target, &token).into(),
+            token,
+        })
+        .collect();
     let clients = connect(&args).await?;
     let http = reqwest::Client::new();
     let baseline = sample(&args, &http, 0.0).await;

@@ -18,9 +18,15 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes};
-use envoy_types::ext_authz::v3::{
-    pb::{CheckRequest, CheckResponse, OkHttpResponse},
-    CheckResponseExt,
+use envoy_types::{
+    ext_authz::v3::{
+        pb::{CheckRequest, CheckResponse, OkHttpResponse},
+        CheckResponseExt,
+    },
+    pb::envoy::service::auth::v3::{
+        attribute_context::{HttpRequest, Peer, Request as AttrRequest},
+        AttributeContext,
+    },
 };
 use prost::{
     encoding::{encode_key, encode_varint, DecodeContext, WireType},
@@ -107,6 +113,171 @@ pub(crate) fn allowed(identity: Option<&Identity>) -> Encoded {
     Encoded(out.into())
 }
 
+/// A `CheckRequest` decoded for [`ExtAuthz::answer`]: only the fields it reads are kept —
+/// `attributes.source.address`, `attributes.context_extensions` and, of
+/// `attributes.request.http`, `method`, `headers`, `path`, `host` and `header_map` — each
+/// merged by prost's own functions exactly as the generated decoder merges it (repeated
+/// occurrences, last-wins strings, map entries, UTF-8 checks, nesting limit). Every other
+/// field (the destination peer, the request's time, id, scheme, protocol, size and body, the
+/// TLS session, the metadata contexts, a peer's labels and certificate) is skipped unread:
+/// Envoy sends them on every call, and allocating them costs more than the decision.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lean(pub(crate) CheckRequest);
+
+/// Skips a field the decision never reads.
+fn skip(
+    tag: u32,
+    wire_type: WireType,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    prost::encoding::skip_field(wire_type, tag, buf, ctx)
+}
+
+/// Headers most requests carry fit without the map growing while it is decoded.
+const HEADERS_EXPECTED: usize = 32;
+
+/// Implements [`Message`] for a decoding view over `$target`, reading fields with `$merge`.
+/// Encoding writes what was kept (the server never encodes a request).
+macro_rules! lean_message {
+    ($name:ident, $target:ty, |$this:ident, $tag:ident, $wire:ident, $buf:ident, $ctx:ident| $merge:expr) => {
+        impl Message for $name<'_> {
+            fn encode_raw(&self, buf: &mut impl BufMut) {
+                self.0.encode_raw(buf)
+            }
+
+            fn merge_field(
+                &mut self,
+                $tag: u32,
+                $wire: WireType,
+                $buf: &mut impl Buf,
+                $ctx: DecodeContext,
+            ) -> Result<(), DecodeError> {
+                let $this: &mut $target = &mut *self.0;
+                $merge
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.0.encoded_len()
+            }
+
+            fn clear(&mut self) {
+                *self.0 = Default::default();
+            }
+        }
+    };
+}
+
+#[derive(Debug)]
+struct LeanAttributes<'a>(&'a mut AttributeContext);
+#[derive(Debug)]
+struct LeanPeer<'a>(&'a mut Peer);
+#[derive(Debug)]
+struct LeanRequest<'a>(&'a mut AttrRequest);
+#[derive(Debug)]
+struct LeanHttp<'a>(&'a mut HttpRequest);
+
+lean_message!(
+    LeanAttributes,
+    AttributeContext,
+    |a, tag, wire, buf, ctx| match tag {
+        1 => {
+            let peer = a.source.get_or_insert_with(Default::default);
+            prost::encoding::message::merge(wire, &mut LeanPeer(peer), buf, ctx)
+        }
+        4 => {
+            let request = a.request.get_or_insert_with(Default::default);
+            prost::encoding::message::merge(wire, &mut LeanRequest(request), buf, ctx)
+        }
+        10 => prost::encoding::hash_map::merge(
+            prost::encoding::string::merge,
+            prost::encoding::string::merge,
+            &mut a.context_extensions,
+            buf,
+            ctx,
+        ),
+        _ => skip(tag, wire, buf, ctx),
+    }
+);
+
+lean_message!(LeanPeer, Peer, |p, tag, wire, buf, ctx| match tag {
+    1 => {
+        let address = p.address.get_or_insert_with(Default::default);
+        prost::encoding::message::merge(wire, address, buf, ctx)
+    }
+    _ => skip(tag, wire, buf, ctx),
+});
+
+lean_message!(
+    LeanRequest,
+    AttrRequest,
+    |r, tag, wire, buf, ctx| match tag {
+        2 => {
+            let http = r.http.get_or_insert_with(Default::default);
+            prost::encoding::message::merge(wire, &mut LeanHttp(http), buf, ctx)
+        }
+        _ => skip(tag, wire, buf, ctx),
+    }
+);
+
+lean_message!(LeanHttp, HttpRequest, |h, tag, wire, buf, ctx| match tag {
+    2 => prost::encoding::string::merge(wire, &mut h.method, buf, ctx),
+    3 => {
+        if h.headers.capacity() == 0 {
+            h.headers.reserve(HEADERS_EXPECTED);
+        }
+        prost::encoding::hash_map::merge(
+            prost::encoding::string::merge,
+            prost::encoding::string::merge,
+            &mut h.headers,
+            buf,
+            ctx,
+        )
+    }
+    4 => prost::encoding::string::merge(wire, &mut h.path, buf, ctx),
+    5 => prost::encoding::string::merge(wire, &mut h.host, buf, ctx),
+    13 => {
+        let map = h.header_map.get_or_insert_with(Default::default);
+        prost::encoding::message::merge(wire, map, buf, ctx)
+    }
+    _ => skip(tag, wire, buf, ctx),
+});
+
+impl Message for Lean {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.0.encode_raw(buf)
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => {
+                let attributes = self.0.attributes.get_or_insert_with(Default::default);
+                prost::encoding::message::merge(
+                    wire_type,
+                    &mut LeanAttributes(attributes),
+                    buf,
+                    ctx,
+                )
+            }
+            _ => skip(tag, wire_type, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = CheckRequest::default();
+    }
+}
+
 /// How many identities' allowed answers each thread keeps ([`allowed_for`]).
 const RECENT_ANSWERS: usize = 16;
 
@@ -180,14 +351,14 @@ impl NamedService for CheckServer {
 /// One `Check` call.
 struct CheckCall(Arc<ExtAuthz>);
 
-impl tonic::server::UnaryService<CheckRequest> for CheckCall {
+impl tonic::server::UnaryService<Lean> for CheckCall {
     type Response = Encoded;
     type Future = futures::future::BoxFuture<'static, Result<tonic::Response<Encoded>, Status>>;
 
-    fn call(&mut self, request: tonic::Request<CheckRequest>) -> Self::Future {
+    fn call(&mut self, request: tonic::Request<Lean>) -> Self::Future {
         let authz = self.0.clone();
         Box::pin(async move {
-            let encoded = match authz.answer(request.get_ref()).await {
+            let encoded = match authz.answer(&request.get_ref().0).await {
                 Answer::Allowed(identity) => allowed_for(identity),
                 Answer::Denied(resp) => Encoded(resp.encode_to_vec().into()),
             };
@@ -226,7 +397,7 @@ where
         }
         let call = CheckCall(self.inner.clone());
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<Encoded, CheckRequest>::default();
+            let codec = tonic_prost::ProstCodec::<Encoded, Lean>::default();
             Ok(tonic::server::Grpc::new(codec).unary(call, req).await)
         })
     }
@@ -285,6 +456,153 @@ mod tests {
             assert_eq!(decoded, built, "{id:?}");
             // Byte for byte what prost writes, but for the field order inside ok_response.
             assert_eq!(encoded.0.len(), built.encoded_len());
+        }
+    }
+
+    /// A request with every field Envoy may send, so that the lean decoding has something to
+    /// skip at every level.
+    fn full_request(seed: &str) -> CheckRequest {
+        use envoy_types::pb::envoy::config::core::v3::{
+            address::Address as Kind, Address, HeaderMap, HeaderValue, SocketAddress,
+        };
+        let peer = |ip: &str| Peer {
+            address: Some(Address {
+                address: Some(Kind::SocketAddress(SocketAddress {
+                    address: ip.into(),
+                    ..Default::default()
+                })),
+            }),
+            service: format!("svc-{seed}"),
+            labels: [("app".to_owned(), seed.to_owned())].into(),
+            principal: format!("spiffe://x/{seed}"),
+            certificate: "-----BEGIN CERTIFICATE-----".into(),
+        };
+        let map = |pairs: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), format!("{v}{seed}")))
+                .collect()
+        };
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(peer("10.0.0.1")),
+                destination: Some(peer("10.0.0.2")),
+                request: Some(AttrRequest {
+                    time: Some(envoy_types::pb::google::protobuf::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: 5,
+                    }),
+                    http: Some(HttpRequest {
+                        id: format!("id-{seed}"),
+                        method: format!("GET{seed}"),
+                        headers: map(&[("authorization", "Bearer t"), ("cookie", "a=b")]),
+                        header_map: Some(HeaderMap {
+                            headers: vec![HeaderValue {
+                                key: "x-raw".into(),
+                                value: String::new(),
+                                raw_value: seed.as_bytes().to_vec(),
+                            }],
+                        }),
+                        path: format!("/orders/{seed}"),
+                        host: format!("{seed}.example.com"),
+                        scheme: "https".into(),
+                        query: "q".into(),
+                        fragment: "f".into(),
+                        size: 7,
+                        protocol: "HTTP/2".into(),
+                        body: format!("body {seed}"),
+                        raw_body: seed.as_bytes().to_vec(),
+                    }),
+                }),
+                context_extensions: map(&[("clerk_rule", "admin")]),
+                metadata_context: Some(Default::default()),
+                route_metadata_context: Some(Default::default()),
+                tls_session: Some(Default::default()),
+            }),
+        }
+    }
+
+    /// What the lean decoding keeps of `full`: everything `answer` reads.
+    fn kept(full: &CheckRequest) -> CheckRequest {
+        let a = full.attributes.as_ref().unwrap();
+        let http = a.request.as_ref().and_then(|r| r.http.as_ref()).unwrap();
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: a.source.as_ref().map(|p| Peer {
+                    address: p.address.clone(),
+                    ..Default::default()
+                }),
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: http.method.clone(),
+                        headers: http.headers.clone(),
+                        header_map: http.header_map.clone(),
+                        path: http.path.clone(),
+                        host: http.host.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: a.context_extensions.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_lean_decoding_reads_what_the_decision_reads_as_prost_does() {
+        let a = full_request("a");
+        let lean = Lean::decode(a.encode_to_vec().as_slice()).unwrap().0;
+        assert_eq!(lean, kept(&a));
+        // Two messages laid end to end merge (strings: the last; maps: entry by entry; the
+        // raw header list: appended) — the same as the generated decoder's merge.
+        let b = full_request("b");
+        let mut both = a.encode_to_vec();
+        both.extend(b.encode_to_vec());
+        let full = CheckRequest::decode(both.as_slice()).unwrap();
+        let lean = Lean::decode(both.as_slice()).unwrap().0;
+        assert_eq!(lean, kept(&full));
+        assert_eq!(
+            lean.attributes.unwrap().request.unwrap().http.unwrap().path,
+            "/orders/b"
+        );
+        // A field the decision reads is checked as prost checks it (UTF-8 here).
+        let mut bad = CheckRequest::default();
+        let http = HttpRequest {
+            method: "GET".into(),
+            ..Default::default()
+        };
+        bad.attributes = Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(http),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let mut bytes = bad.encode_to_vec();
+        let at = bytes.windows(3).position(|w| w == b"GET").unwrap();
+        bytes[at] = 0xff;
+        assert!(CheckRequest::decode(bytes.as_slice()).is_err());
+        assert!(Lean::decode(bytes.as_slice()).is_err());
+        // A field it never reads is skipped unread, malformed or not.
+        let mut skipped = bad.clone();
+        let http = skipped
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.scheme = "SCHEME".into();
+        let mut bytes = skipped.encode_to_vec();
+        let at = bytes.windows(6).position(|w| w == b"SCHEME").unwrap();
+        bytes[at] = 0xff;
+        assert!(CheckRequest::decode(bytes.as_slice()).is_err());
+        let lean = Lean::decode(bytes.as_slice()).unwrap().0;
+        assert_eq!(lean, kept(&bad));
+        // Truncated input fails in both.
+        let whole = a.encode_to_vec();
+        for cut in [1, whole.len() / 2, whole.len() - 1] {
+            assert!(Lean::decode(&whole[..cut]).is_err(), "cut at {cut}");
         }
     }
 
