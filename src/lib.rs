@@ -33,7 +33,8 @@
 //! | `mtls` | SPIFFE IDs read from verified client certificates | x509-parser |
 //! | `emulator` | [`emulator`]: the offline Clerk, e.g. in your `[dev-dependencies]` | axum |
 //! | `server` | [`server`]: AuthService, ext_authz, webhooks, Redis sharing, metrics (implies `layer`, `mtls`) | axum, redis, envoy-types, prometheus-client, tonic-health, tonic-reflection, tracing-subscriber |
-//! | `cli` | the `clerk-grpc-auth` binary (implies `server`, `emulator`) | clap, rcgen, tempfile |
+//! | `cli` | the `clerk-grpc-auth` binary (implies `server`, `emulator`, `mimalloc`) | clap, rcgen, tempfile |
+//! | `mimalloc` | mimalloc as the global allocator of the binary and of `examples/loadgen`; the library never sets one | mimalloc |
 //! | `demo` | the Orders/Echo protos of this package's examples and tests only | — |
 //!
 //! `default` is `cli` + `demo` + `web`. A service that only wants the layer depends on
