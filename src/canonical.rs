@@ -909,7 +909,7 @@ mod tests {
     /// algorithm does: same canonical form, same readings in the same order, same refusals.
     #[test]
     fn the_canonical_shortcut_reads_as_the_full_algorithm() {
-        // Every path of up to five pieces over an alphabet of the shapes that matter (dots,
+        // Every path of up to four pieces over an alphabet of the shapes that matter (dots,
         // slashes, escapes, trailing dots and spaces, refused bytes, suffixes), and then some
         // pseudo-random longer ones.
         const PIECES: [&str; 16] = [

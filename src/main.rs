@@ -7,17 +7,17 @@
 
 mod cmd;
 
-/// The server's allocator. A `Check` or `VerifyToken` call allocates and frees some hundred
-/// small buffers (HTTP/2 frames, protobuf strings, the audit line); mimalloc's per-thread
-/// free lists serve them at a fraction of glibc malloc's cost.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use crate::cmd::args::{Cli, Command};
+
+/// The server's allocator. A `Check` or `VerifyToken` call allocates and frees some hundred
+/// small buffers (HTTP/2 frames, protobuf strings, the audit line); mimalloc's per-thread
+/// free lists serve them at a fraction of glibc malloc's cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
