@@ -137,11 +137,12 @@ fn skip(
 /// Headers most requests carry fit without the map growing while it is decoded.
 const HEADERS_EXPECTED: usize = 32;
 
-/// Implements [`Message`] for a decoding view over `$target`, reading fields with `$merge`.
-/// Encoding writes what was kept (the server never encodes a request).
+/// Implements [`Message`] for `$view`, a decoding view over a `$target` (owned or borrowed),
+/// reading fields with `$merge`. Encoding writes what was kept (the server never encodes a
+/// request).
 macro_rules! lean_message {
-    ($name:ident, $target:ty, |$this:ident, $tag:ident, $wire:ident, $buf:ident, $ctx:ident| $merge:expr) => {
-        impl Message for $name<'_> {
+    ($view:ty, $target:ty, |$this:ident, $tag:ident, $wire:ident, $buf:ident, $ctx:ident| $merge:expr) => {
+        impl Message for $view {
             fn encode_raw(&self, buf: &mut impl BufMut) {
                 self.0.encode_raw(buf)
             }
@@ -153,7 +154,7 @@ macro_rules! lean_message {
                 $buf: &mut impl Buf,
                 $ctx: DecodeContext,
             ) -> Result<(), DecodeError> {
-                let $this: &mut $target = &mut *self.0;
+                let $this: &mut $target = &mut self.0;
                 $merge
             }
 
@@ -162,10 +163,48 @@ macro_rules! lean_message {
             }
 
             fn clear(&mut self) {
-                *self.0 = Default::default();
+                let target: &mut $target = &mut self.0;
+                *target = Default::default();
             }
         }
     };
+}
+
+/// Merges the nested message in `slot` (created empty when absent) through its lean `view`.
+fn nested<'a, T: Default, V: Message + 'a>(
+    wire: WireType,
+    slot: &'a mut Option<T>,
+    view: impl FnOnce(&'a mut T) -> V,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    let mut view = view(slot.get_or_insert_with(Default::default));
+    prost::encoding::message::merge(wire, &mut view, buf, ctx)
+}
+
+/// Merges the nested message in `slot` (created empty when absent), every field of it read.
+fn whole<T: Message + Default>(
+    wire: WireType,
+    slot: &mut Option<T>,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    prost::encoding::message::merge(wire, slot.get_or_insert_with(Default::default), buf, ctx)
+}
+
+/// Merges one entry of a `map<string, string>` field, as the generated decoder does.
+fn string_map(
+    map: &mut std::collections::HashMap<String, String>,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    prost::encoding::hash_map::merge(
+        prost::encoding::string::merge,
+        prost::encoding::string::merge,
+        map,
+        buf,
+        ctx,
+    )
 }
 
 #[derive(Debug)]
@@ -177,106 +216,53 @@ struct LeanRequest<'a>(&'a mut AttrRequest);
 #[derive(Debug)]
 struct LeanHttp<'a>(&'a mut HttpRequest);
 
+lean_message!(Lean, CheckRequest, |r, tag, wire, buf, ctx| match tag {
+    1 => nested(wire, &mut r.attributes, LeanAttributes, buf, ctx),
+    _ => skip(tag, wire, buf, ctx),
+});
+
 lean_message!(
-    LeanAttributes,
+    LeanAttributes<'_>,
     AttributeContext,
     |a, tag, wire, buf, ctx| match tag {
-        1 => {
-            let peer = a.source.get_or_insert_with(Default::default);
-            prost::encoding::message::merge(wire, &mut LeanPeer(peer), buf, ctx)
-        }
-        4 => {
-            let request = a.request.get_or_insert_with(Default::default);
-            prost::encoding::message::merge(wire, &mut LeanRequest(request), buf, ctx)
-        }
-        10 => prost::encoding::hash_map::merge(
-            prost::encoding::string::merge,
-            prost::encoding::string::merge,
-            &mut a.context_extensions,
-            buf,
-            ctx,
-        ),
+        1 => nested(wire, &mut a.source, LeanPeer, buf, ctx),
+        4 => nested(wire, &mut a.request, LeanRequest, buf, ctx),
+        10 => string_map(&mut a.context_extensions, buf, ctx),
         _ => skip(tag, wire, buf, ctx),
     }
 );
 
-lean_message!(LeanPeer, Peer, |p, tag, wire, buf, ctx| match tag {
-    1 => {
-        let address = p.address.get_or_insert_with(Default::default);
-        prost::encoding::message::merge(wire, address, buf, ctx)
-    }
+lean_message!(LeanPeer<'_>, Peer, |p, tag, wire, buf, ctx| match tag {
+    1 => whole(wire, &mut p.address, buf, ctx),
     _ => skip(tag, wire, buf, ctx),
 });
 
 lean_message!(
-    LeanRequest,
+    LeanRequest<'_>,
     AttrRequest,
     |r, tag, wire, buf, ctx| match tag {
-        2 => {
-            let http = r.http.get_or_insert_with(Default::default);
-            prost::encoding::message::merge(wire, &mut LeanHttp(http), buf, ctx)
-        }
+        2 => nested(wire, &mut r.http, LeanHttp, buf, ctx),
         _ => skip(tag, wire, buf, ctx),
     }
 );
 
-lean_message!(LeanHttp, HttpRequest, |h, tag, wire, buf, ctx| match tag {
-    2 => prost::encoding::string::merge(wire, &mut h.method, buf, ctx),
-    3 => {
-        if h.headers.capacity() == 0 {
-            h.headers.reserve(HEADERS_EXPECTED);
-        }
-        prost::encoding::hash_map::merge(
-            prost::encoding::string::merge,
-            prost::encoding::string::merge,
-            &mut h.headers,
-            buf,
-            ctx,
-        )
-    }
-    4 => prost::encoding::string::merge(wire, &mut h.path, buf, ctx),
-    5 => prost::encoding::string::merge(wire, &mut h.host, buf, ctx),
-    13 => {
-        let map = h.header_map.get_or_insert_with(Default::default);
-        prost::encoding::message::merge(wire, map, buf, ctx)
-    }
-    _ => skip(tag, wire, buf, ctx),
-});
-
-impl Message for Lean {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.0.encode_raw(buf)
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        match tag {
-            1 => {
-                let attributes = self.0.attributes.get_or_insert_with(Default::default);
-                prost::encoding::message::merge(
-                    wire_type,
-                    &mut LeanAttributes(attributes),
-                    buf,
-                    ctx,
-                )
+lean_message!(
+    LeanHttp<'_>,
+    HttpRequest,
+    |h, tag, wire, buf, ctx| match tag {
+        2 => prost::encoding::string::merge(wire, &mut h.method, buf, ctx),
+        3 => {
+            if h.headers.capacity() == 0 {
+                h.headers.reserve(HEADERS_EXPECTED);
             }
-            _ => skip(tag, wire_type, buf, ctx),
+            string_map(&mut h.headers, buf, ctx)
         }
+        4 => prost::encoding::string::merge(wire, &mut h.path, buf, ctx),
+        5 => prost::encoding::string::merge(wire, &mut h.host, buf, ctx),
+        13 => whole(wire, &mut h.header_map, buf, ctx),
+        _ => skip(tag, wire, buf, ctx),
     }
-
-    fn encoded_len(&self) -> usize {
-        self.0.encoded_len()
-    }
-
-    fn clear(&mut self) {
-        self.0 = CheckRequest::default();
-    }
-}
+);
 
 /// How many identities' allowed answers each thread keeps ([`allowed_for`]).
 const RECENT_ANSWERS: usize = 16;
