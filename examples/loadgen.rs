@@ -319,11 +319,29 @@ struct Client {
     target: Target,
 }
 
-/// A token and its target's request message, encoded once.
+/// A token's call, prepared once: its target's request message, encoded, and for Orders
+/// (which takes the token as a header) its `authorization` value.
 #[derive(Clone)]
 struct Prepared {
-    token: String,
     message: bytes::Bytes,
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Prepared {
+    fn new(target: Target, token: &str) -> Result<Self, BoxError> {
+        let bearer = match target {
+            Target::Orders => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| "the token is not a header value")?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            message: request_message(target, token).into(),
+            bearer,
+        })
+    }
 }
 
 /// The outcome's label: `OK`, a gRPC code, or `DENIED_<http status>` for a `Check` denial.
@@ -335,13 +353,8 @@ impl Client {
             return format!("CLIENT_NOT_READY: {e}");
         }
         let mut req = Request::new(Raw(p.message.clone()));
-        if self.target == Target::Orders {
-            match format!("Bearer {}", p.token).parse() {
-                Ok(v) => {
-                    req.metadata_mut().insert("authorization", v);
-                }
-                Err(_) => return "CLIENT_BAD_TOKEN".into(),
-            }
+        if let Some(bearer) = &p.bearer {
+            req.metadata_mut().insert("authorization", bearer.clone());
         }
         let path = http::uri::PathAndQuery::from_static(self.target.path());
         let result: Result<Option<Outcome>, Status> = if self.target == Target::Check {
@@ -715,11 +728,8 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let tokens = mint_pool(&args)
         .await?
         .into_iter()
-        .map(|token| Prepared {
-            message: request_message(args.target, &token).into(),
-            token,
-        })
-        .collect();
+        .map(|token| Prepared::new(args.target, &token))
+        .collect::<Result<_, _>>()?;
     let clients = connect(&args).await?;
     let http = reqwest::Client::new();
     let baseline = sample(&args, &http, 0.0).await;
