@@ -52,7 +52,10 @@ use crate::{
     TokenVerifier, VerifyRequest,
 };
 
+mod headers;
 mod wire;
+
+pub(crate) use headers::Headers;
 
 pub use wire::CheckServer;
 
@@ -338,18 +341,18 @@ fn same_header(lower_name: &str, name: &str) -> bool {
 
 /// The values of every spelling of `name` among `headers` (lower-case names).
 fn header_values<'h>(
-    headers: &'h HashMap<String, String>,
+    headers: &'h Headers,
     name: &'static str,
 ) -> impl Iterator<Item = &'h str> + 'h {
     headers
         .iter()
         .filter(move |(k, _)| same_header(k, name))
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v)
 }
 
 /// The hosts named by `x-forwarded-host` (every comma-separated entry, under any spelling) and
 /// `forwarded` (`host=` of every element, quotes removed).
-fn forwarded_hosts(headers: &HashMap<String, String>) -> Vec<&str> {
+fn forwarded_hosts(headers: &Headers) -> Vec<&str> {
     let mut out = Vec::new();
     for v in header_values(headers, "x-forwarded-host") {
         out.extend(v.split(',').map(str::trim));
@@ -391,7 +394,7 @@ fn query_key(raw: &str) -> String {
 /// (every spelling with `_`), and `_method` (or an override header's name) in the query
 /// (percent-decoded, PHP's key rules), upper-cased; a value that is not an HTTP token is kept
 /// as given, so that it is refused.
-fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String> {
+fn method_overrides(headers: &Headers, path: &str) -> Vec<String> {
     let mut out: Vec<String> = OVERRIDE_HEADERS
         .iter()
         .flat_map(|h| header_values(headers, h))
@@ -416,21 +419,6 @@ fn method_overrides(headers: &HashMap<String, String>, path: &str) -> Vec<String
         }
     }
     out
-}
-
-/// Adds one header to `joined` (lower-case names) as Envoy joins repeated headers in
-/// `CheckRequest.headers`: cookies with `; `, others with `,` — so a second `authorization`
-/// makes the credential unreadable, never "the last one wins". Used by `Check` for
-/// `header_map` and by the HTTP forward-auth endpoint.
-pub(crate) fn join_header(joined: &mut HashMap<String, String>, name: String, value: &str) {
-    let sep = if name == "cookie" { "; " } else { "," };
-    joined
-        .entry(name)
-        .and_modify(|old| {
-            old.push_str(sep);
-            old.push_str(value);
-        })
-        .or_insert_with(|| value.to_owned());
 }
 
 /// At most this many distinct other hosts or methods a request may name (each is judged in
@@ -624,7 +612,7 @@ impl RoutePolicy {
         method: &str,
         headers: &HashMap<String, String>,
     ) -> Result<Vec<&Rule>, AuthError> {
-        self.read_request(host, path, method, headers)
+        self.read_request(host, path, method, &Headers::from_map(headers))
             .map(|r| r.rules)
     }
 
@@ -635,7 +623,7 @@ impl RoutePolicy {
         host: &str,
         path: &str,
         method: &str,
-        headers: &HashMap<String, String>,
+        headers: &Headers,
     ) -> Result<Routed<'_>, AuthError> {
         let c_host = canonical::host(host)?;
         canonical::method(method)?;
@@ -645,7 +633,7 @@ impl RoutePolicy {
         // IIS URL Rewrite, ASP.NET, older Symfony, Zend/Laminas serve the target these name
         // instead of the request's: it would be served under the rule of another path.
         if headers
-            .keys()
+            .names()
             .any(|k| same_header(k, "x-original-url") || same_header(k, "x-rewrite-url"))
         {
             return refuse(
@@ -947,7 +935,7 @@ impl ExtAuthz {
         host: &str,
         path: &str,
         method: &str,
-        headers: &HashMap<String, String>,
+        headers: &Headers,
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
         let target = Target { host, path, method };
@@ -966,7 +954,7 @@ impl ExtAuthz {
         &self,
         surface: &'static str,
         target: Target<'_>,
-        headers: &HashMap<String, String>,
+        headers: &Headers,
         client_ip: Option<std::net::IpAddr>,
         route_rule: Result<Option<&str>, RouteRuleError>,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
@@ -976,7 +964,7 @@ impl ExtAuthz {
         // turns into another method.
         // Only a cookie-borne token reads it: the override scan is skipped for everyone else.
         let navigation = matches!(method, "GET" | "HEAD")
-            && headers.contains_key("cookie")
+            && headers.contains("cookie")
             && method_overrides(headers, path).is_empty();
         let named = route_rule.and_then(|name| match name {
             None => Ok(None),
@@ -1043,7 +1031,7 @@ impl ExtAuthz {
     /// second verification is a verdict-cache hit).
     async fn decide(
         &self,
-        headers: &HashMap<String, String>,
+        headers: &Headers,
         navigation: bool,
         rules: &[&Rule],
         client_ip: Option<std::net::IpAddr>,
@@ -1066,7 +1054,7 @@ impl ExtAuthz {
     /// authorized parties, no request from another page without one but a page load).
     async fn verify_token(
         &self,
-        headers: &HashMap<String, String>,
+        headers: &Headers,
         navigation: bool,
         rule: &Rule,
         client_ip: Option<std::net::IpAddr>,
@@ -1250,8 +1238,9 @@ enum Answer {
 }
 
 impl ExtAuthz {
-    /// The decision for one `CheckRequest`.
-    async fn answer(&self, req: &CheckRequest) -> Answer {
+    /// The decision for one `CheckRequest`. `headers` is its `attributes.request.http.headers`
+    /// (decoded apart from the message: [`wire::Lean`]).
+    async fn answer(&self, req: &CheckRequest, headers: &Headers) -> Answer {
         let http = req
             .attributes
             .as_ref()
@@ -1267,27 +1256,29 @@ impl ExtAuthz {
         // headers are joined as Envoy joins them in `headers` (cookies with `; `, others with
         // `,`), so both forms read the same: a second `authorization` makes the credential
         // unreadable (refused), never "the last one wins".
-        let raw_headers: HashMap<String, String>;
-        let headers = if http.headers.is_empty() {
-            let mut joined: HashMap<String, String> = HashMap::new();
-            for h in http.header_map.iter().flat_map(|m| &m.headers) {
-                let v = if h.value.is_empty() {
-                    String::from_utf8_lossy(&h.raw_value)
-                } else {
-                    std::borrow::Cow::Borrowed(h.value.as_str())
-                };
-                join_header(&mut joined, h.key.to_ascii_lowercase(), &v);
-            }
-            raw_headers = joined;
+        let raw_headers: Headers;
+        let headers = if headers.is_empty() {
+            let raw = http.header_map.iter().flat_map(|m| &m.headers);
+            let values: Vec<(&str, std::borrow::Cow<'_, str>)> = raw
+                .map(|h| {
+                    let v = if h.value.is_empty() {
+                        String::from_utf8_lossy(&h.raw_value)
+                    } else {
+                        std::borrow::Cow::Borrowed(h.value.as_str())
+                    };
+                    (h.key.as_str(), v)
+                })
+                .collect();
+            raw_headers = Headers::joined(values.iter().map(|(k, v)| (*k, &**v)));
             &raw_headers
         } else {
-            &http.headers
+            headers
         };
         let grpc = headers
             .get("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"));
         let host = if http.host.is_empty() {
-            headers.get(":authority").map_or("", String::as_str)
+            headers.get(":authority").unwrap_or("")
         } else {
             http.host.as_str()
         };
@@ -1327,7 +1318,15 @@ impl Authorization for ExtAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(match self.answer(request.get_ref()).await {
+        let req = request.get_ref();
+        let headers = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|h| Headers::from_map(&h.headers))
+            .unwrap_or_default();
+        Ok(Response::new(match self.answer(req, &headers).await {
             Answer::Allowed(identity) => allowed(identity.as_deref()),
             Answer::Denied(resp) => resp,
         }))
@@ -1535,7 +1534,7 @@ access = "public"
             path: "/healthz",
             method: "GET",
         };
-        let headers = HashMap::new();
+        let headers = Headers::default();
         tracing::subscriber::with_default(subscriber, || {
             runtime.block_on(async {
                 let ok = authz

@@ -23,8 +23,6 @@
 //!
 //! Bodies are terse JSON (`{"error": REASON}`): Traefik and Caddy show them to the client.
 
-use std::collections::HashMap;
-
 use axum::{
     extract::State,
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
@@ -35,7 +33,7 @@ use tonic::Code;
 
 use crate::{
     error::AuthError,
-    server::ext_authz::{join_header, ExtAuthz, IDENTITY_HEADERS},
+    server::ext_authz::{ExtAuthz, Headers, IDENTITY_HEADERS},
     token::identity::Identity,
 };
 
@@ -186,14 +184,14 @@ async fn check(
         let (host, target, method) = config.headers.read(&headers)?;
         // Lower-case names, repeated headers joined as Envoy joins them (a second
         // `authorization` makes the credential unreadable, never "the last one wins").
-        let mut joined: HashMap<String, String> = HashMap::new();
-        for (name, value) in &headers {
-            // As `Check` reads Envoy's raw values: bytes that are not UTF-8 are replaced (an
-            // app cookie with an `é` does not refuse the request; a credential with them is
-            // refused by the token's own checks).
-            let v = String::from_utf8_lossy(value.as_bytes());
-            join_header(&mut joined, name.as_str().to_owned(), &v);
-        }
+        // As `Check` reads Envoy's raw values: bytes that are not UTF-8 are replaced (an app
+        // cookie with an `é` does not refuse the request; a credential with them is refused
+        // by the token's own checks).
+        let values: Vec<(&str, std::borrow::Cow<'_, str>)> = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
+            .collect();
+        let mut joined = Headers::joined(values.iter().map(|(k, v)| (*k, &**v)));
         if config.headers == ForwardedHeaders::IngressNginx {
             // Set by ingress-nginx itself (replacing any client copy): read above as the
             // target, not a client's attempt to name another one.

@@ -34,7 +34,9 @@ use prost::{
 };
 use tonic::{body::Body, server::NamedService, Status};
 
-use super::{identity_header_spellings, identity_headers, metadata, Answer, ExtAuthz, ALLOWED};
+use super::{
+    identity_header_spellings, identity_headers, metadata, Answer, ExtAuthz, Headers, ALLOWED,
+};
 use crate::token::identity::Identity;
 
 /// `CheckResponse.ok_response`'s field number.
@@ -117,12 +119,14 @@ pub(crate) fn allowed(identity: Option<&Identity>) -> Encoded {
 /// `attributes.source.address`, `attributes.context_extensions` and, of
 /// `attributes.request.http`, `method`, `headers`, `path`, `host` and `header_map` — each
 /// merged by prost's own functions exactly as the generated decoder merges it (repeated
-/// occurrences, last-wins strings, map entries, UTF-8 checks, nesting limit). Every other
-/// field (the destination peer, the request's time, id, scheme, protocol, size and body, the
-/// TLS session, the metadata contexts, a peer's labels and certificate) is skipped unread:
-/// Envoy sends them on every call, and allocating them costs more than the decision.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Lean(pub(crate) CheckRequest);
+/// occurrences, last-wins strings, map entries, UTF-8 checks, nesting limit) — but for
+/// `headers`, which is decoded apart, into [`Headers`] (slices of the received message, no
+/// hashing: [`Headers::merge_entry`]), and left empty in the request. Every other field (the
+/// destination peer, the request's time, id, scheme, protocol, size and body, the TLS
+/// session, the metadata contexts, a peer's labels and certificate) is skipped unread: Envoy
+/// sends them on every call, and allocating them costs more than the decision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Lean(pub(crate) CheckRequest, pub(crate) Headers);
 
 /// Skips a field the decision never reads.
 fn skip(
@@ -134,14 +138,16 @@ fn skip(
     prost::encoding::skip_field(wire_type, tag, buf, ctx)
 }
 
-/// Headers most requests carry fit without the map growing while it is decoded.
+/// Headers most requests carry fit without the list growing while it is decoded.
 const HEADERS_EXPECTED: usize = 32;
 
-/// Implements [`Message`] for `$view`, a decoding view over a `$target` (owned or borrowed),
-/// reading fields with `$merge`. Encoding writes what was kept (the server never encodes a
-/// request).
+/// Implements [`Message`] for `$view`, a decoding view over a `$target` (owned or borrowed)
+/// and the request's [`Headers`], reading fields with `$merge` (`$this` matches the view).
+/// Encoding writes what was kept of the target (the server never encodes a request);
+/// clearing resets the target, then runs `$clear` (the owned view's headers).
 macro_rules! lean_message {
-    ($view:ty, $target:ty, |$this:ident, $tag:ident, $wire:ident, $buf:ident, $ctx:ident| $merge:expr) => {
+    ($view:ty, $target:ty, |$this:pat, $tag:ident, $wire:ident, $buf:ident, $ctx:ident| $merge:expr
+     $(, clear: |$cleared:ident| $clear:expr)?) => {
         impl Message for $view {
             fn encode_raw(&self, buf: &mut impl BufMut) {
                 self.0.encode_raw(buf)
@@ -154,7 +160,7 @@ macro_rules! lean_message {
                 $buf: &mut impl Buf,
                 $ctx: DecodeContext,
             ) -> Result<(), DecodeError> {
-                let $this: &mut $target = &mut self.0;
+                let $this = self;
                 $merge
             }
 
@@ -165,6 +171,7 @@ macro_rules! lean_message {
             fn clear(&mut self) {
                 let target: &mut $target = &mut self.0;
                 *target = Default::default();
+                $(let $cleared = self; $clear;)?
             }
         }
     };
@@ -208,40 +215,55 @@ fn string_map(
 }
 
 #[derive(Debug)]
-struct LeanAttributes<'a>(&'a mut AttributeContext);
+struct LeanAttributes<'a>(&'a mut AttributeContext, &'a mut Headers);
 #[derive(Debug)]
 struct LeanPeer<'a>(&'a mut Peer);
 #[derive(Debug)]
-struct LeanRequest<'a>(&'a mut AttrRequest);
+struct LeanRequest<'a>(&'a mut AttrRequest, &'a mut Headers);
 #[derive(Debug)]
-struct LeanHttp<'a>(&'a mut HttpRequest);
+struct LeanHttp<'a>(&'a mut HttpRequest, &'a mut Headers);
 
-lean_message!(Lean, CheckRequest, |r, tag, wire, buf, ctx| match tag {
-    1 => nested(wire, &mut r.attributes, LeanAttributes, buf, ctx),
-    _ => skip(tag, wire, buf, ctx),
-});
+lean_message!(
+    Lean,
+    CheckRequest,
+    |Lean(r, headers), tag, wire, buf, ctx| match tag {
+        1 => nested(
+            wire,
+            &mut r.attributes,
+            |a| LeanAttributes(a, headers),
+            buf,
+            ctx
+        ),
+        _ => skip(tag, wire, buf, ctx),
+    },
+    clear: |lean| lean.1 = Headers::default()
+);
 
 lean_message!(
     LeanAttributes<'_>,
     AttributeContext,
-    |a, tag, wire, buf, ctx| match tag {
+    |LeanAttributes(a, headers), tag, wire, buf, ctx| match tag {
         1 => nested(wire, &mut a.source, LeanPeer, buf, ctx),
-        4 => nested(wire, &mut a.request, LeanRequest, buf, ctx),
+        4 => nested(wire, &mut a.request, |r| LeanRequest(r, headers), buf, ctx),
         10 => string_map(&mut a.context_extensions, buf, ctx),
         _ => skip(tag, wire, buf, ctx),
     }
 );
 
-lean_message!(LeanPeer<'_>, Peer, |p, tag, wire, buf, ctx| match tag {
-    1 => whole(wire, &mut p.address, buf, ctx),
-    _ => skip(tag, wire, buf, ctx),
-});
+lean_message!(
+    LeanPeer<'_>,
+    Peer,
+    |LeanPeer(p), tag, wire, buf, ctx| match tag {
+        1 => whole(wire, &mut p.address, buf, ctx),
+        _ => skip(tag, wire, buf, ctx),
+    }
+);
 
 lean_message!(
     LeanRequest<'_>,
     AttrRequest,
-    |r, tag, wire, buf, ctx| match tag {
-        2 => nested(wire, &mut r.http, LeanHttp, buf, ctx),
+    |LeanRequest(r, headers), tag, wire, buf, ctx| match tag {
+        2 => nested(wire, &mut r.http, |h| LeanHttp(h, headers), buf, ctx),
         _ => skip(tag, wire, buf, ctx),
     }
 );
@@ -249,13 +271,13 @@ lean_message!(
 lean_message!(
     LeanHttp<'_>,
     HttpRequest,
-    |h, tag, wire, buf, ctx| match tag {
+    |LeanHttp(h, headers), tag, wire, buf, ctx| match tag {
         2 => prost::encoding::string::merge(wire, &mut h.method, buf, ctx),
         3 => {
-            if h.headers.capacity() == 0 {
-                h.headers.reserve(HEADERS_EXPECTED);
+            if headers.is_empty() {
+                headers.reserve(HEADERS_EXPECTED);
             }
-            string_map(&mut h.headers, buf, ctx)
+            headers.merge_entry(buf, ctx)
         }
         4 => prost::encoding::string::merge(wire, &mut h.path, buf, ctx),
         5 => prost::encoding::string::merge(wire, &mut h.host, buf, ctx),
@@ -344,7 +366,8 @@ impl tonic::server::UnaryService<Lean> for CheckCall {
     fn call(&mut self, request: tonic::Request<Lean>) -> Self::Future {
         let authz = self.0.clone();
         Box::pin(async move {
-            let encoded = match authz.answer(&request.get_ref().0).await {
+            let Lean(req, headers) = request.get_ref();
+            let encoded = match authz.answer(req, headers).await {
                 Answer::Allowed(identity) => allowed_for(identity),
                 Answer::Denied(resp) => Encoded(resp.encode_to_vec().into()),
             };
@@ -508,11 +531,11 @@ mod tests {
         }
     }
 
-    /// What the lean decoding keeps of `full`: everything `answer` reads.
-    fn kept(full: &CheckRequest) -> CheckRequest {
+    /// What the lean decoding keeps of `full`: everything `answer` reads, the headers apart.
+    fn kept(full: &CheckRequest) -> Lean {
         let a = full.attributes.as_ref().unwrap();
         let http = a.request.as_ref().and_then(|r| r.http.as_ref()).unwrap();
-        CheckRequest {
+        let request = CheckRequest {
             attributes: Some(AttributeContext {
                 source: a.source.as_ref().map(|p| Peer {
                     address: p.address.clone(),
@@ -521,7 +544,6 @@ mod tests {
                 request: Some(AttrRequest {
                     http: Some(HttpRequest {
                         method: http.method.clone(),
-                        headers: http.headers.clone(),
                         header_map: http.header_map.clone(),
                         path: http.path.clone(),
                         host: http.host.clone(),
@@ -532,26 +554,42 @@ mod tests {
                 context_extensions: a.context_extensions.clone(),
                 ..Default::default()
             }),
-        }
+        };
+        Lean(request, Headers::from_map(&http.headers))
     }
 
     #[test]
     fn the_lean_decoding_reads_what_the_decision_reads_as_prost_does() {
         let a = full_request("a");
-        let lean = Lean::decode(a.encode_to_vec().as_slice()).unwrap().0;
+        let lean = Lean::decode(a.encode_to_vec().as_slice()).unwrap();
         assert_eq!(lean, kept(&a));
+        assert_eq!(lean.1.get("authorization"), Some("Bearer ta"));
         // Two messages laid end to end merge (strings: the last; maps: entry by entry; the
         // raw header list: appended) — the same as the generated decoder's merge.
         let b = full_request("b");
         let mut both = a.encode_to_vec();
         both.extend(b.encode_to_vec());
         let full = CheckRequest::decode(both.as_slice()).unwrap();
-        let lean = Lean::decode(both.as_slice()).unwrap().0;
+        let lean = Lean::decode(both.as_slice()).unwrap();
         assert_eq!(lean, kept(&full));
+        assert_eq!(lean.1.get("authorization"), Some("Bearer tb"));
         assert_eq!(
-            lean.attributes.unwrap().request.unwrap().http.unwrap().path,
+            lean.0
+                .attributes
+                .unwrap()
+                .request
+                .unwrap()
+                .http
+                .unwrap()
+                .path,
             "/orders/b"
         );
+        // A header value that is not UTF-8 is refused, as by prost.
+        let mut bytes = a.encode_to_vec();
+        let at = bytes.windows(8).position(|w| w == b"Bearer t").unwrap();
+        bytes[at] = 0xff;
+        assert!(CheckRequest::decode(bytes.as_slice()).is_err());
+        assert!(Lean::decode(bytes.as_slice()).is_err());
         // A field the decision reads is checked as prost checks it (UTF-8 here).
         let mut bad = CheckRequest::default();
         let http = HttpRequest {
@@ -583,7 +621,7 @@ mod tests {
         let at = bytes.windows(6).position(|w| w == b"SCHEME").unwrap();
         bytes[at] = 0xff;
         assert!(CheckRequest::decode(bytes.as_slice()).is_err());
-        let lean = Lean::decode(bytes.as_slice()).unwrap().0;
+        let lean = Lean::decode(bytes.as_slice()).unwrap();
         assert_eq!(lean, kept(&bad));
         // Truncated input fails in both.
         let whole = a.encode_to_vec();

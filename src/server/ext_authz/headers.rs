@@ -1,0 +1,311 @@
+//! The headers of one request as a decision reads them ([`Headers`]): each name once, in lower
+//! case, repeated headers joined into one value as Envoy joins them in `CheckRequest.headers`.
+//!
+//! `Check` decodes Envoy's header map straight into one ([`Headers::merge_entry`]): each name
+//! and value is a slice of the received message (no copy, no hashing), checked as UTF-8 as
+//! prost checks a `map<string, string>`. Forward auth, Envoy's raw `header_map` and the public
+//! [`super::RoutePolicy::rules_for_request`] build one from owned strings
+//! ([`Headers::joined`], [`Headers::from_map`]).
+
+use std::collections::HashMap;
+
+use bytes::{Buf, Bytes};
+use bytestring::ByteString;
+use prost::{
+    encoding::{decode_key, merge_loop, skip_field, DecodeContext},
+    DecodeError,
+};
+
+/// Up to this many headers, a name is found by scanning; past it, through an index (so that a
+/// hostile message with a million header entries is decoded in linear time).
+const SCANNED: usize = 32;
+
+/// A request's headers: each name once, the last value given for it. Two are equal when they
+/// hold the same names with the same values, in any order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Headers {
+    entries: Vec<(ByteString, ByteString)>,
+    /// Each name's entry, once there are more than [`SCANNED`].
+    index: Option<HashMap<ByteString, usize>>,
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.iter().all(|(k, v)| other.get(k) == Some(v))
+    }
+}
+
+impl Headers {
+    /// No headers, with room for `n` without growing.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(n),
+            index: None,
+        }
+    }
+
+    /// The headers of `map` (its names as they are).
+    pub(crate) fn from_map(map: &HashMap<String, String>) -> Self {
+        let mut headers = Self::with_capacity(map.len());
+        for (k, v) in map {
+            headers.insert(ByteString::from(k.as_str()), ByteString::from(v.as_str()));
+        }
+        headers
+    }
+
+    /// Headers from `(name, value)` pairs: names lower-cased, repeated ones joined as Envoy
+    /// joins them in `CheckRequest.headers` — cookies with `; `, others with `,` — so a second
+    /// `authorization` makes the credential unreadable, never "the last one wins".
+    pub(crate) fn joined<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut order: Vec<(String, String)> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (name, value) in pairs {
+            let name = name.to_ascii_lowercase();
+            match seen.get(&name) {
+                Some(&i) => {
+                    let joined = &mut order[i].1;
+                    joined.push_str(if name == "cookie" { "; " } else { "," });
+                    joined.push_str(value);
+                }
+                None => {
+                    seen.insert(name.clone(), order.len());
+                    order.push((name, value.to_owned()));
+                }
+            }
+        }
+        let mut headers = Self::with_capacity(order.len());
+        for (k, v) in order {
+            headers.insert(ByteString::from(k), ByteString::from(v));
+        }
+        headers
+    }
+
+    /// Room for `n` more without growing.
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.entries.reserve(n);
+    }
+
+    /// Whether there are none.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The value of `name` (as stored: lower case).
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.position(name).map(|i| &*self.entries[i].1)
+    }
+
+    /// Whether `name` is present.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.position(name).is_some()
+    }
+
+    /// Every header, `(name, value)`, in the order first seen.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.entries.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// Every name.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.entries.iter().map(|(k, _)| &**k)
+    }
+
+    /// Removes `name`.
+    pub(crate) fn remove(&mut self, name: &str) {
+        if let Some(i) = self.position(name) {
+            self.entries.remove(i);
+            self.index = None;
+            self.reindex();
+        }
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(name).copied(),
+            None => self.entries.iter().position(|(k, _)| &**k == name),
+        }
+    }
+
+    /// Sets `name` to `value`: a map entry, as a protobuf map takes it (a repeated key's last
+    /// value wins).
+    fn insert(&mut self, name: ByteString, value: ByteString) {
+        if let Some(i) = self.position(&name) {
+            self.entries[i].1 = value;
+            return;
+        }
+        if let Some(index) = &mut self.index {
+            index.insert(name.clone(), self.entries.len());
+        }
+        self.entries.push((name, value));
+        self.reindex();
+    }
+
+    /// Builds the index once there are more than [`SCANNED`] entries.
+    fn reindex(&mut self) {
+        if self.index.is_none() && self.entries.len() > SCANNED {
+            self.index = Some(
+                self.entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect(),
+            );
+        }
+    }
+
+    /// Merges one entry of a `map<string, string>` field exactly as prost's generated decoder
+    /// merges it into a `HashMap<String, String>` (`prost::encoding::hash_map::merge`): key
+    /// field 1 and value field 2, each the last one given and empty when absent, any other
+    /// field skipped, each string refused when it is not UTF-8, a repeated key's last value
+    /// winning; like it, whatever the field's wire type says. The strings are slices of `buf`
+    /// when it holds its bytes shared (tonic's decode buffer does), copies otherwise. (prost
+    /// also counts the entry as one nesting level against its limit of 100; the headers sit
+    /// four levels deep, so that limit is never reached here.)
+    pub(crate) fn merge_entry(
+        &mut self,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        let mut entry = (Bytes::new(), Bytes::new());
+        merge_loop(&mut entry, buf, ctx, |(key, value), buf, ctx| {
+            let (tag, wire) = decode_key(buf)?;
+            match tag {
+                1 => prost::encoding::bytes::merge(wire, key, buf, ctx),
+                2 => prost::encoding::bytes::merge(wire, value, buf, ctx),
+                _ => skip_field(wire, tag, buf, ctx),
+            }
+        })?;
+        let text = |b: Bytes| ByteString::try_from(b).map_err(|_| not_utf8());
+        self.insert(text(entry.0)?, text(entry.1)?);
+        Ok(())
+    }
+}
+
+/// prost's own error for a string that is not UTF-8 (its constructor is not public API): the
+/// one its string decoder returns for the single byte 0xff.
+fn not_utf8() -> DecodeError {
+    let mut s = String::new();
+    prost::encoding::string::merge(
+        prost::encoding::WireType::LengthDelimited,
+        &mut s,
+        &mut &[1u8, 0xff][..],
+        DecodeContext::default(),
+    )
+    .expect_err("0xff is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// A message with one `map<string, string>` field (number 3, as `HttpRequest.headers`).
+    #[derive(Clone, PartialEq, Message)]
+    struct WithMap {
+        #[prost(map = "string, string", tag = "3")]
+        headers: HashMap<String, String>,
+    }
+
+    /// Decodes `bytes` (field 3 entries only) into [`Headers`].
+    fn decode(mut bytes: &[u8]) -> Result<Headers, DecodeError> {
+        let mut headers = Headers::default();
+        while bytes.has_remaining() {
+            let (tag, wire) = decode_key(&mut bytes)?;
+            assert_eq!(tag, 3);
+            let _ = wire; // prost's map merge reads the entry whatever the wire type says
+            headers.merge_entry(&mut bytes, DecodeContext::default())?;
+        }
+        Ok(headers)
+    }
+
+    fn entry(fields: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x1a, fields.len() as u8];
+        out.extend_from_slice(fields);
+        out
+    }
+
+    #[test]
+    fn map_entries_decode_as_prost_decodes_them() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("one", entry(b"\x0a\x01a\x12\x01b")),
+            ("value first", entry(b"\x12\x01b\x0a\x01a")),
+            ("no value", entry(b"\x0a\x01a")),
+            ("no key", entry(b"\x12\x01b")),
+            ("empty entry", entry(b"")),
+            ("repeated key field", entry(b"\x0a\x01a\x0a\x01c\x12\x01b")),
+            ("unknown field", entry(b"\x0a\x01a\x18\x07\x12\x01b")),
+            (
+                "repeated key",
+                [entry(b"\x0a\x01a\x12\x01b"), entry(b"\x0a\x01a\x12\x01c")].concat(),
+            ),
+            ("bad utf-8 key", entry(b"\x0a\x01\xff\x12\x01b")),
+            ("bad utf-8 value", entry(b"\x0a\x01a\x12\x02\xc3\x28")),
+            ("truncated", entry(b"\x0a\x05a")),
+            ("overlong entry", vec![0x1a, 0x09, 0x0a, 0x01, b'a']),
+            ("key as varint", entry(b"\x08\x01\x12\x01b")),
+            ("entry as varint", vec![0x18, 0x01]),
+        ];
+        for (name, bytes) in cases {
+            let ours = decode(&bytes);
+            match WithMap::decode(bytes.as_slice()) {
+                Ok(theirs) => {
+                    let ours = ours.unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert_eq!(ours, Headers::from_map(&theirs.headers), "{name}");
+                }
+                Err(_) => assert!(ours.is_err(), "{name}: decoded {ours:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn many_names_are_indexed_and_read_the_same() {
+        let map: HashMap<String, String> = (0..500)
+            .map(|i| (format!("x-h{i}"), format!("v{i}")))
+            .collect();
+        let mut bytes = WithMap {
+            headers: map.clone(),
+        }
+        .encode_to_vec();
+        // Every name again, with another value: the last wins.
+        let again: HashMap<String, String> =
+            map.keys().map(|k| (k.clone(), format!("{k}!"))).collect();
+        bytes.extend(
+            WithMap {
+                headers: again.clone(),
+            }
+            .encode_to_vec(),
+        );
+        let headers = decode(&bytes).unwrap();
+        assert!(headers.index.is_some());
+        assert_eq!(headers.iter().count(), 500);
+        for (k, v) in &again {
+            assert_eq!(headers.get(k), Some(v.as_str()));
+        }
+        assert_eq!(headers.get("x-h500"), None);
+        let mut fewer = headers.clone();
+        fewer.remove("x-h7");
+        assert_eq!(fewer.get("x-h7"), None);
+        assert_eq!(fewer.get("x-h8"), Some("x-h8!"));
+        assert_eq!(fewer.iter().count(), 499);
+    }
+
+    #[test]
+    fn joined_headers_read_as_envoy_joins_them() {
+        let h = Headers::joined([
+            ("Cookie", "a=1"),
+            ("authorization", "Bearer a"),
+            ("cookie", "b=2"),
+            ("Authorization", "Bearer b"),
+            ("X-One", "x"),
+        ]);
+        assert_eq!(h.get("cookie"), Some("a=1; b=2"));
+        assert_eq!(h.get("authorization"), Some("Bearer a,Bearer b"));
+        assert_eq!(h.get("x-one"), Some("x"));
+        assert_eq!(h.get("X-One"), None);
+        assert_eq!(
+            h.names().collect::<Vec<_>>(),
+            ["cookie", "authorization", "x-one"]
+        );
+    }
+}
