@@ -977,7 +977,8 @@ impl ExtAuthz {
         });
         let routed = self.policy.read_request(host, path, method, headers);
         let what = match &routed {
-            Ok(r) => format!("{} {}{}", method, r.host, r.path.as_str()),
+            // `METHOD hostPATH`, without the formatting machinery (every decision writes it).
+            Ok(r) => [method, " ", &r.host, r.path.as_str()].concat(),
             Err(_) => format!(
                 "{} {}{}",
                 method.escape_debug(),

@@ -7,7 +7,7 @@
 //! [`super::RoutePolicy::rules_for_request`] build one from owned strings
 //! ([`Headers::joined`], [`Headers::from_map`]).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, ops::Range};
 
 use bytes::{Buf, Bytes};
 use bytestring::ByteString;
@@ -162,24 +162,88 @@ impl Headers {
     /// when it holds its bytes shared (tonic's decode buffer does), copies otherwise. (prost
     /// also counts the entry as one nesting level against its limit of 100; the headers sit
     /// four levels deep, so that limit is never reached here.)
+    ///
+    /// The shape Envoy sends ([`plain_entry`]) is read from the buffer's bytes at once; any
+    /// other through prost's field-by-field functions.
     pub(crate) fn merge_entry(
         &mut self,
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
+        let text = |b: Bytes| ByteString::try_from(b).map_err(|_| not_utf8());
+        if let Some(plain) = plain_entry(buf.chunk()) {
+            let (len, key, value) = plain?;
+            let entry = buf.copy_to_bytes(len);
+            self.insert(text(entry.slice(key))?, text(entry.slice(value))?);
+            return Ok(());
+        }
         let mut entry = (Bytes::new(), Bytes::new());
         merge_loop(&mut entry, buf, ctx, |(key, value), buf, ctx| {
             let (tag, wire) = decode_key(buf)?;
-            match tag {
-                1 => prost::encoding::bytes::merge(wire, key, buf, ctx),
-                2 => prost::encoding::bytes::merge(wire, value, buf, ctx),
-                _ => skip_field(wire, tag, buf, ctx),
-            }
+            // Each string is checked as it is read, as prost checks it (a key that is not
+            // UTF-8 is refused even when a later one replaces it).
+            let string = match tag {
+                1 => key,
+                2 => value,
+                _ => return skip_field(wire, tag, buf, ctx),
+            };
+            prost::encoding::bytes::merge(wire, string, buf, ctx)?;
+            std::str::from_utf8(string)
+                .map(|_| ())
+                .map_err(|_| not_utf8())
         })?;
-        let text = |b: Bytes| ByteString::try_from(b).map_err(|_| not_utf8());
         self.insert(text(entry.0)?, text(entry.1)?);
         Ok(())
     }
+}
+
+/// A map entry in the shape Envoy writes, read from `chunk` in one pass: its length, then
+/// only key fields (`0x0a`) and value fields (`0x12`), each a length and its bytes, all within
+/// `chunk`. Returns the entry's whole length (its own length prefix included) and the ranges
+/// of its key and value (the last of each, as prost takes them; empty when absent), or
+/// prost's error when a key or value it replaces is not UTF-8 (prost checks each string as it
+/// reads it; the caller checks the last ones). `None`
+/// for anything else — another field, another wire type, a tag written in more than one
+/// byte, a length past five bytes, bytes beyond `chunk` — which
+/// [`Headers::merge_entry`] reads field by field, as prost does.
+#[allow(clippy::type_complexity)]
+fn plain_entry(chunk: &[u8]) -> Option<Result<(usize, Range<usize>, Range<usize>), DecodeError>> {
+    let (len, mut at) = varint(chunk, 0)?;
+    let end = at.checked_add(len)?;
+    let entry = chunk.get(..end)?;
+    let (mut key, mut value) = (0..0, 0..0);
+    while at < end {
+        let tag = entry[at];
+        let (len, start) = varint(entry, at + 1)?;
+        let stop = start.checked_add(len)?;
+        if stop > end {
+            return None;
+        }
+        let string = match tag {
+            0x0a => &mut key,
+            0x12 => &mut value,
+            _ => return None,
+        };
+        let replaced = std::mem::replace(string, start..stop);
+        if std::str::from_utf8(&entry[replaced]).is_err() {
+            return Some(Err(not_utf8()));
+        }
+        at = stop;
+    }
+    Some(Ok((end, key, value)))
+}
+
+/// The varint at `bytes[at..]` (at most five bytes) and where it ends.
+fn varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
+    let mut v = 0usize;
+    for i in 0..5 {
+        let byte = *bytes.get(at + i)?;
+        v |= usize::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((v, at + i + 1));
+        }
+    }
+    None
 }
 
 /// prost's own error for a string that is not UTF-8 (its constructor is not public API): the
@@ -208,13 +272,21 @@ mod tests {
     }
 
     /// Decodes `bytes` (field 3 entries only) into [`Headers`].
-    fn decode(mut bytes: &[u8]) -> Result<Headers, DecodeError> {
+    fn decode(bytes: &[u8]) -> Result<Headers, DecodeError> {
+        decode_from(bytes)
+    }
+
+    /// As [`decode`], from any buffer; another field number is skipped, as prost skips it.
+    fn decode_from(mut buf: impl Buf) -> Result<Headers, DecodeError> {
         let mut headers = Headers::default();
-        while bytes.has_remaining() {
-            let (tag, wire) = decode_key(&mut bytes)?;
-            assert_eq!(tag, 3);
-            let _ = wire; // prost's map merge reads the entry whatever the wire type says
-            headers.merge_entry(&mut bytes, DecodeContext::default())?;
+        while buf.has_remaining() {
+            let (tag, wire) = decode_key(&mut buf)?;
+            if tag != 3 {
+                skip_field(wire, tag, &mut buf, DecodeContext::default())?;
+                continue;
+            }
+            // prost's map merge reads the entry whatever the wire type says.
+            headers.merge_entry(&mut buf, DecodeContext::default())?;
         }
         Ok(headers)
     }
@@ -256,6 +328,69 @@ mod tests {
                 Err(_) => assert!(ours.is_err(), "{name}: decoded {ours:?}"),
             }
         }
+    }
+
+    /// Random entries, most of them well formed, some cut or garbled, decoded from one slice
+    /// (the one-pass reading where it applies) and from a buffer in two pieces (the pieces'
+    /// edge sends entries across it field by field): each as prost decodes it.
+    #[test]
+    fn random_entries_decode_as_prost_decodes_them() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(18);
+        let field = |rng: &mut StdRng, out: &mut Vec<u8>| {
+            let tag: &[u8] = match rng.random_range(0..10) {
+                0..=3 => &[0x0a],
+                4..=7 => &[0x12],
+                8 => [&[0x8a, 0x00][..], &[0x18], &[0x08], &[0x1a]][rng.random_range(0..4)],
+                _ => &[0x22],
+            };
+            out.extend_from_slice(tag);
+            let len = rng.random_range(0..20usize);
+            if rng.random_ratio(1, 10) {
+                out.extend_from_slice(&[0x80 | len as u8, 0x00]);
+            } else {
+                out.push(len as u8);
+            }
+            for _ in 0..len {
+                out.push(if rng.random_ratio(1, 30) {
+                    rng.random()
+                } else {
+                    rng.random_range(b'a'..=b'e')
+                });
+            }
+        };
+        let mut checked = 0;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            for _ in 0..rng.random_range(1..4) {
+                let mut fields = Vec::new();
+                for _ in 0..rng.random_range(0..4) {
+                    field(&mut rng, &mut fields);
+                }
+                bytes.push(0x1a);
+                let mut len = fields.len();
+                if rng.random_ratio(1, 20) {
+                    len = len.saturating_sub(1) + rng.random_range(0..3);
+                }
+                bytes.push(len as u8);
+                bytes.extend_from_slice(&fields);
+            }
+            if rng.random_ratio(1, 20) {
+                bytes.truncate(rng.random_range(0..bytes.len()));
+            }
+            let theirs = WithMap::decode(bytes.as_slice()).map(|m| Headers::from_map(&m.headers));
+            let cut = rng.random_range(0..=bytes.len());
+            let pieces = (&bytes[..cut]).chain(&bytes[cut..]);
+            for ours in [decode(&bytes), decode_from(pieces)] {
+                match (&theirs, ours) {
+                    (Ok(theirs), Ok(ours)) => assert_eq!(&ours, theirs, "{bytes:02x?}"),
+                    (Err(_), Err(_)) => {}
+                    (theirs, ours) => panic!("{bytes:02x?}: prost {theirs:?}, ours {ours:?}"),
+                }
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 20_000);
     }
 
     #[test]
