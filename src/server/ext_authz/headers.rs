@@ -12,8 +12,8 @@ use std::{collections::HashMap, ops::Range};
 use bytes::{Buf, Bytes};
 use bytestring::ByteString;
 use prost::{
-    encoding::{decode_key, merge_loop, skip_field, DecodeContext},
-    DecodeError,
+    encoding::{skip_field, DecodeContext, WireType},
+    DecodeError, Message,
 };
 
 /// Up to this many headers, a name is found by scanning; past it, through an index (so that a
@@ -159,12 +159,14 @@ impl Headers {
     /// field 1 and value field 2, each the last one given and empty when absent, any other
     /// field skipped, each string refused when it is not UTF-8, a repeated key's last value
     /// winning; like it, whatever the field's wire type says. The strings are slices of `buf`
-    /// when it holds its bytes shared (tonic's decode buffer does), copies otherwise. (prost
-    /// also counts the entry as one nesting level against its limit of 100; the headers sit
-    /// four levels deep, so that limit is never reached here.)
+    /// when it holds its bytes shared (tonic's decode buffer does), copies otherwise.
     ///
-    /// The shape Envoy sends ([`plain_entry`]) is read from the buffer's bytes at once; any
-    /// other through prost's field-by-field functions.
+    /// The shape Envoy sends ([`plain_entry`]: key and value fields only, so no group to nest)
+    /// is read from the buffer's bytes at once; any other as a message through prost's own
+    /// `message::merge`, which counts the entry and every group in it against prost's nesting
+    /// limit as its map merge does. (The one check the one-pass reading cannot make is
+    /// whether the limit was already reached before the entry: `Check` reads its headers
+    /// five levels deep, where it never is.)
     pub(crate) fn merge_entry(
         &mut self,
         buf: &mut impl Buf,
@@ -177,23 +179,55 @@ impl Headers {
             self.insert(text(entry.slice(key))?, text(entry.slice(value))?);
             return Ok(());
         }
-        let mut entry = (Bytes::new(), Bytes::new());
-        merge_loop(&mut entry, buf, ctx, |(key, value), buf, ctx| {
-            let (tag, wire) = decode_key(buf)?;
-            // Each string is checked as it is read, as prost checks it (a key that is not
-            // UTF-8 is refused even when a later one replaces it).
-            let string = match tag {
-                1 => key,
-                2 => value,
-                _ => return skip_field(wire, tag, buf, ctx),
-            };
-            prost::encoding::bytes::merge(wire, string, buf, ctx)?;
-            std::str::from_utf8(string)
-                .map(|_| ())
-                .map_err(|_| not_utf8())
-        })?;
-        self.insert(text(entry.0)?, text(entry.1)?);
+        // As a length-delimited message, whatever the wire type said: prost's nesting and
+        // length checks, exactly as its map merge makes them.
+        let mut entry = Entry::default();
+        prost::encoding::message::merge(WireType::LengthDelimited, &mut entry, buf, ctx)?;
+        self.insert(text(entry.key)?, text(entry.value)?);
         Ok(())
+    }
+}
+
+/// One `map<string, string>` entry read field by field.
+#[derive(Debug, Default)]
+struct Entry {
+    key: Bytes,
+    value: Bytes,
+}
+
+impl Message for Entry {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        prost::encoding::bytes::encode(1, &self.key, buf);
+        prost::encoding::bytes::encode(2, &self.value, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        let string = match tag {
+            1 => &mut self.key,
+            2 => &mut self.value,
+            _ => return skip_field(wire, tag, buf, ctx),
+        };
+        prost::encoding::bytes::merge(wire, string, buf, ctx)?;
+        // Each string is checked as it is read, as prost checks it (a key that is not UTF-8
+        // is refused even when a later one replaces it).
+        std::str::from_utf8(string)
+            .map(|_| ())
+            .map_err(|_| not_utf8())
+    }
+
+    fn encoded_len(&self) -> usize {
+        prost::encoding::bytes::encoded_len(1, &self.key)
+            + prost::encoding::bytes::encoded_len(2, &self.value)
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -235,12 +269,12 @@ fn plain_entry(chunk: &[u8]) -> Option<Result<(usize, Range<usize>, Range<usize>
 
 /// The varint at `bytes[at..]` (at most five bytes) and where it ends.
 fn varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
-    let mut v = 0usize;
+    let mut v = 0u64;
     for i in 0..5 {
         let byte = *bytes.get(at + i)?;
-        v |= usize::from(byte & 0x7f) << (7 * i);
+        v |= u64::from(byte & 0x7f) << (7 * i);
         if byte < 0x80 {
-            return Some((v, at + i + 1));
+            return Some((usize::try_from(v).ok()?, at + i + 1));
         }
     }
     None
@@ -262,7 +296,7 @@ fn not_utf8() -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
+    use prost::encoding::decode_key;
 
     /// A message with one `map<string, string>` field (number 3, as `HttpRequest.headers`).
     #[derive(Clone, PartialEq, Message)]
@@ -292,9 +326,19 @@ mod tests {
     }
 
     fn entry(fields: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x1a, fields.len() as u8];
+        let mut out = vec![0x1a];
+        prost::encoding::encode_varint(fields.len() as u64, &mut out);
         out.extend_from_slice(fields);
         out
+    }
+
+    /// A key field `a`, then `depth` nested groups of field 3, then a value field `b`.
+    fn nested_groups(depth: usize) -> Vec<u8> {
+        let mut fields = b"\x0a\x01a".to_vec();
+        fields.extend(std::iter::repeat_n(0x1b, depth));
+        fields.extend(std::iter::repeat_n(0x1c, depth));
+        fields.extend_from_slice(b"\x12\x01b");
+        entry(&fields)
     }
 
     #[test]
@@ -317,7 +361,27 @@ mod tests {
             ("overlong entry", vec![0x1a, 0x09, 0x0a, 0x01, b'a']),
             ("key as varint", entry(b"\x08\x01\x12\x01b")),
             ("entry as varint", vec![0x18, 0x01]),
+            (
+                "long value",
+                entry(&[b"\x0a\x01a\x12\xc8\x01".as_slice(), &[b'v'; 200]].concat()),
+            ),
+            (
+                "length past 32 bits",
+                vec![0x1a, 0x85, 0x80, 0x80, 0x80, 0x10, 0x0a],
+            ),
+            ("overlong tag", entry(b"\x8a\x00\x01a\x12\x01b")),
+            ("a group", nested_groups(1)),
         ];
+        let mut cases = cases;
+        // prost's nesting limit: a message at depth 1, the entry at 2, groups from 3 on.
+        for depth in 95..=100 {
+            cases.push(("nested groups", nested_groups(depth)));
+        }
+        let within = |depth| WithMap::decode(nested_groups(depth).as_slice()).is_ok();
+        assert!(
+            within(95) && !within(100),
+            "the depths straddle prost's limit"
+        );
         for (name, bytes) in cases {
             let ours = decode(&bytes);
             match WithMap::decode(bytes.as_slice()) {
@@ -345,11 +409,15 @@ mod tests {
                 _ => &[0x22],
             };
             out.extend_from_slice(tag);
-            let len = rng.random_range(0..20usize);
-            if rng.random_ratio(1, 10) {
+            let len = if rng.random_ratio(1, 10) {
+                rng.random_range(100..300usize)
+            } else {
+                rng.random_range(0..20usize)
+            };
+            if len < 0x80 && rng.random_ratio(1, 10) {
                 out.extend_from_slice(&[0x80 | len as u8, 0x00]);
             } else {
-                out.push(len as u8);
+                prost::encoding::encode_varint(len as u64, out);
             }
             for _ in 0..len {
                 out.push(if rng.random_ratio(1, 30) {
@@ -372,7 +440,7 @@ mod tests {
                 if rng.random_ratio(1, 20) {
                     len = len.saturating_sub(1) + rng.random_range(0..3);
                 }
-                bytes.push(len as u8);
+                prost::encoding::encode_varint(len as u64, &mut bytes);
                 bytes.extend_from_slice(&fields);
             }
             if rng.random_ratio(1, 20) {
@@ -391,6 +459,36 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 20_000);
+    }
+
+    #[test]
+    fn the_index_starts_and_ends_at_its_bound() {
+        let mut headers = Headers::default();
+        for i in 0..=SCANNED {
+            assert_eq!(headers.index.is_some(), i > SCANNED);
+            headers.insert(format!("h{i}").into(), format!("v{i}").into());
+        }
+        // The 33rd name built it; every name reads the same through it.
+        assert!(headers.index.is_some());
+        for i in 0..=SCANNED {
+            assert_eq!(
+                headers.get(&format!("h{i}")),
+                Some(format!("v{i}").as_str())
+            );
+        }
+        headers.insert("h3".into(), "again".into());
+        assert_eq!(headers.iter().count(), SCANNED + 1);
+        assert_eq!(headers.get("h3"), Some("again"));
+        // Back to 32: scanned again, the same answers.
+        headers.remove("h0");
+        assert!(headers.index.is_none());
+        assert_eq!(headers.get("h0"), None);
+        assert_eq!(headers.get("h3"), Some("again"));
+        assert_eq!(
+            headers.get(&format!("h{SCANNED}")),
+            Some(format!("v{SCANNED}").as_str())
+        );
+        assert_eq!(headers.iter().count(), SCANNED);
     }
 
     #[test]
