@@ -252,9 +252,10 @@ impl Visit for TextVisitor<'_> {
         if field.name() == "message" {
             return self.escaped(format_args!("{value}"));
         }
-        let plain = value
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        // Every byte looked at (no early exit), so that the loop runs over whole words.
+        let plain = value.bytes().fold(true, |plain, b| {
+            plain & (b.wrapping_sub(0x20) < 0x5f) & (b != b'"') & (b != b'\\')
+        });
         self.result = if plain {
             self.w
                 .write_char('"')
@@ -340,9 +341,23 @@ impl FormatTime for LineTime {
                 write_second(&mut last.1, secs)?;
                 last.0 = secs;
             }
-            write!(w, "{}.{:06}Z", last.1, now.subsec_micros())
+            w.write_str(&last.1)?;
+            let tail = micros_tail(now.subsec_micros());
+            w.write_str(std::str::from_utf8(&tail).map_err(|_| stdfmt::Error)?)
         })
     }
+}
+
+/// `.uuuuuuZ` for `micros` (below a million), as `format!(".{micros:06}Z")` writes it, by hand:
+/// the formatting machinery costs more than the text.
+fn micros_tail(micros: u32) -> [u8; 8] {
+    let mut tail = *b".000000Z";
+    let mut rest = micros;
+    for digit in tail[1..7].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    tail
 }
 
 /// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic Gregorian).
@@ -453,6 +468,17 @@ mod tests {
              dbg=\"a\\nb\" shown=line\\u{a}break\\u{85}\\u{2028}\\u{202e} f=1.0 \
              error=broken\\u{a}pipe"
         );
+    }
+
+    #[test]
+    fn microseconds_are_written_as_format_writes_them() {
+        for micros in [0, 5, 42, 1_000, 123_456, 999_999] {
+            let tail = micros_tail(micros);
+            assert_eq!(
+                std::str::from_utf8(&tail).unwrap(),
+                format!(".{micros:06}Z")
+            );
+        }
     }
 
     #[test]
