@@ -23,24 +23,9 @@ for tool in valgrind callgrind_control h2load; do
     }
 done
 cargo build --release --quiet --bin clerk-grpc-auth --example loadgen
-BIN=target/release/clerk-grpc-auth
-LG=target/release/examples/loadgen
-OUT=$(mktemp -d /tmp/clerk-callgrind.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 600); do
-        if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.2
-    done
-    echo "nothing listens on 127.0.0.1:$1 (logs in $OUT)" >&2
-    exit 1
-}
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_run callgrind
 
 grind=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" --dump-instr=no)
 if [ "$TARGET" = echo ]; then
@@ -56,8 +41,8 @@ else
     PORT=50051
 fi
 PIDS+=($SERVER)
-wait_port 8787
-wait_port "$PORT"
+wait_port 8787 120
+wait_port "$PORT" 120
 path=$("$LG" body --target "$TARGET" --out "$OUT/body.bin" 2>/dev/null)
 URL="http://127.0.0.1:$PORT$path"
 h2() { # h2 CALLS REPORT

@@ -24,24 +24,9 @@ command -v h2load >/dev/null || {
     exit 1
 }
 cargo build --release --quiet --bin clerk-grpc-auth --example loadgen
-BIN=target/release/clerk-grpc-auth
-LG=target/release/examples/loadgen
-OUT=$(mktemp -d /tmp/clerk-h2load.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$1 (logs in $OUT)" >&2
-    exit 1
-}
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_run h2load
 
 "$BIN" dev >"$OUT/dev.log" 2>&1 &
 DEV_PID=$!

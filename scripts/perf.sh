@@ -21,24 +21,9 @@ CONCURRENCY=${CONCURRENCY:-64}
 FRESH_POOL=${FRESH_POOL:-60000}
 
 cargo build --release --quiet --bin clerk-grpc-auth --example loadgen --example in_process
-BIN=target/release/clerk-grpc-auth
-LG=target/release/examples/loadgen
-OUT=$(mktemp -d /tmp/clerk-perf.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$1 (logs in $OUT)" >&2
-    exit 1
-}
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_run perf
 
 "$BIN" dev >"$OUT/dev-cache.log" 2>&1 &
 PIDS+=($!)
@@ -58,7 +43,7 @@ PIDS+=($!)
 wait_port 50061
 
 # The CPU time the hypervisor gave other guests instead of this VM ("steal", /proc/stat), in
-# clock ticks summed over the CPUs: a latency spike on a shared host is often this.
+# clock ticks summed over the CPUs: it tells a tail the host caused from one it did not.
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 
 # [RUN_DUR=… RUN_WARM=…] lg NAME ARGS…: one loadgen run; its JSON report goes to $OUT/NAME.json

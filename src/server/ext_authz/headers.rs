@@ -236,10 +236,9 @@ impl Message for Entry {
 /// `chunk`. Returns the entry's whole length (its own length prefix included) and the ranges
 /// of its key and value (the last of each, as prost takes them; empty when absent), or
 /// prost's error when a key or value it replaces is not UTF-8 (prost checks each string as it
-/// reads it; the caller checks the last ones). `None`
-/// for anything else — another field, another wire type, a tag written in more than one
-/// byte, a length past five bytes, bytes beyond `chunk` — which
-/// [`Headers::merge_entry`] reads field by field, as prost does.
+/// reads it; the caller checks the last ones). `None` for anything else — another field,
+/// another wire type, a tag written in more than one byte, a length past five bytes, bytes
+/// beyond `chunk` — which [`Headers::merge_entry`] reads field by field, as prost does.
 #[allow(clippy::type_complexity)]
 fn plain_entry(chunk: &[u8]) -> Option<Result<(usize, Range<usize>, Range<usize>), DecodeError>> {
     let (len, mut at) = varint(chunk, 0)?;
@@ -285,7 +284,7 @@ fn varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
 fn not_utf8() -> DecodeError {
     let mut s = String::new();
     prost::encoding::string::merge(
-        prost::encoding::WireType::LengthDelimited,
+        WireType::LengthDelimited,
         &mut s,
         &mut &[1u8, 0xff][..],
         DecodeContext::default(),
