@@ -1602,3 +1602,136 @@ async fn a_hostile_subject_never_reaches_a_backend_api_url() {
         "only the key's own verification reached Clerk; no user or session was fetched"
     );
 }
+
+#[tokio::test]
+async fn the_emulator_lists_a_users_sessions_as_clerk_does() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let url = clerk.url();
+    let http = reqwest::Client::new();
+    let new_session = |user: &'static str| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let s: serde_json::Value = http
+                .post(format!("{url}/emulator/sessions"))
+                .json(&serde_json::json!({ "user_id": user }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            s["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let mine = [
+        new_session("user_lister").await,
+        new_session("user_lister").await,
+        new_session("user_lister").await,
+    ];
+    let other = new_session("user_other").await;
+    let revoked = http
+        .post(format!("{url}/v1/sessions/{}/revoke", mine[1]))
+        .bearer_auth(clerk.secret_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let list = |query: &str| {
+        let http = http.clone();
+        let (url, key) = (url.clone(), clerk.secret_key().to_owned());
+        let query = query.to_owned();
+        async move {
+            let resp = http
+                .get(format!("{url}/v1/sessions?{query}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        let items = v.get("data").unwrap_or(v).as_array().unwrap().clone();
+        items
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Paginated (as Clerk's SDK asks): the user's own sessions only, with the total.
+    let (status, all) = list("user_id=user_lister&paginated=true").await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["total_count"], 3);
+    let mut got = ids(&all);
+    got.sort();
+    let mut want = mine.to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(!got.contains(&other));
+    // Without `paginated`, a bare array of the same sessions.
+    let (_, bare) = list("user_id=user_lister").await;
+    assert!(bare.is_array());
+    assert_eq!(ids(&bare), ids(&all));
+    // The status filter.
+    let (_, active) = list("user_id=user_lister&status=active&paginated=true").await;
+    assert_eq!(active["total_count"], 2);
+    assert!(!ids(&active).contains(&mine[1]));
+    let (_, gone) = list("user_id=user_lister&status=revoked&paginated=true").await;
+    assert_eq!(ids(&gone), [mine[1].clone()]);
+    // Pages: never overlapping, together the whole list, the total on each.
+    let (_, first) = list("user_id=user_lister&limit=2&paginated=true").await;
+    let (_, second) = list("user_id=user_lister&limit=2&offset=2&paginated=true").await;
+    assert_eq!(first["total_count"], 3);
+    assert_eq!(second["total_count"], 3);
+    let paged: Vec<String> = ids(&first).into_iter().chain(ids(&second)).collect();
+    assert_eq!(paged, ids(&all));
+    let (_, past) = list("user_id=user_lister&offset=9&paginated=true").await;
+    assert_eq!(ids(&past), Vec::<String>::new());
+    // An unknown user has no sessions.
+    let (status, none) = list("user_id=user_nobody&paginated=true").await;
+    assert_eq!((status, none["total_count"].as_u64()), (200, Some(0)));
+
+    // Refused with Clerk's 422 shape: no subject, or a value outside its range.
+    for (query, param) in [
+        ("paginated=true", "form_param_missing"),
+        (
+            "user_id=user_lister&status=bogus",
+            "form_param_value_invalid",
+        ),
+        (
+            "user_id=user_lister&status=ACTIVE",
+            "form_param_value_invalid",
+        ),
+        ("user_id=user_lister&limit=0", "form_param_value_invalid"),
+        ("user_id=user_lister&limit=501", "form_param_value_invalid"),
+        ("user_id=user_lister&limit=-1", "form_param_value_invalid"),
+        ("user_id=user_lister&limit=1.5", "form_param_value_invalid"),
+        (
+            "user_id=user_lister&limit=99999999999999999999",
+            "form_param_value_invalid",
+        ),
+        (
+            "user_id=user_lister&offset=%2B1",
+            "form_param_value_invalid",
+        ),
+        (
+            "user_id=user_lister&paginated=yes",
+            "form_param_value_invalid",
+        ),
+    ] {
+        let (status, body) = list(query).await;
+        assert_eq!(status, 422, "{query}: {body}");
+        assert_eq!(body["errors"][0]["code"], param, "{query}");
+    }
+    // Without the secret key: Clerk's 401, nothing listed.
+    let resp = http
+        .get(format!("{url}/v1/sessions?user_id=user_lister"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // Every call counted under its route: eight lists, ten refusals, one without the key.
+    assert_eq!(clerk.requests("GET /v1/sessions"), 8 + 10 + 1);
+}

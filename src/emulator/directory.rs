@@ -361,6 +361,130 @@ async fn list_memberships(
     Json(json!({"data": page, "total_count": all.len()})).into_response()
 }
 
+/// The query of `GET /v1/sessions`, every value as sent (checked by [`list_sessions`]).
+#[derive(Deserialize)]
+struct SessionListQuery {
+    user_id: Option<String>,
+    client_id: Option<String>,
+    status: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+    paginated: Option<String>,
+}
+
+/// The statuses a Clerk session can have (`status=` takes one of them).
+const SESSION_STATUSES: [&str; 8] = [
+    "abandoned",
+    "active",
+    "ended",
+    "expired",
+    "pending",
+    "removed",
+    "replaced",
+    "revoked",
+];
+
+/// A form parameter Clerk refuses (422, `form_param_value_invalid` or `form_param_missing`).
+fn bad_param(code: &str, name: &str, why: &str) -> Response {
+    clerk_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        code,
+        "is invalid",
+        &format!("{name} {why}"),
+    )
+}
+
+/// `GET /v1/sessions`: a user's (or a client's) sessions, newest first, filtered by `status`,
+/// `limit` 1–500 (10 by default) from `offset`; `{data, total_count}` with `paginated=true`
+/// (as Clerk's SDK asks), a bare array without it. One of `user_id` and `client_id` is
+/// required.
+async fn list_sessions(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<SessionListQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = s.check_secret(&headers) {
+        return r;
+    }
+    if let Some(r) = s.identity_fault().await {
+        return r;
+    }
+    if q.user_id.is_none() && q.client_id.is_none() {
+        return bad_param("form_param_missing", "user_id", "or client_id is required");
+    }
+    if let Some(st) = q.status.as_deref() {
+        if !SESSION_STATUSES.contains(&st) {
+            return bad_param(
+                "form_param_value_invalid",
+                "status",
+                "must be one of abandoned, active, ended, expired, pending, removed, replaced, revoked",
+            );
+        }
+    }
+    let number =
+        |v: &Option<String>, default: usize, range: std::ops::RangeInclusive<usize>| match v {
+            None => Some(default),
+            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() && v.len() <= 9 => {
+                v.parse().ok().filter(|n| range.contains(n))
+            }
+            Some(_) => None,
+        };
+    let Some(limit) = number(&q.limit, 10, 1..=500) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "limit",
+            "must be a number from 1 to 500",
+        );
+    };
+    let Some(offset) = number(&q.offset, 0, 0..=usize::MAX) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "offset",
+            "must be a number from 0",
+        );
+    };
+    let paginated = match q.paginated.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return bad_param(
+                "form_param_value_invalid",
+                "paginated",
+                "must be true or false",
+            )
+        }
+    };
+    let d = s.directory.lock().expect("lock");
+    let wanted = |field: &str, want: &Option<String>, v: &Value| {
+        want.as_deref()
+            .is_none_or(|w| v.get(field).and_then(Value::as_str) == Some(w))
+    };
+    let mut all: Vec<&Value> = d
+        .sessions
+        .values()
+        .filter(|v| {
+            wanted("user_id", &q.user_id, v)
+                && wanted("client_id", &q.client_id, v)
+                && wanted("status", &q.status, v)
+        })
+        .collect();
+    // Newest first; sessions made in the same millisecond by id, so that pages never overlap.
+    let created = |v: &Value| v.get("created_at").and_then(Value::as_i64).unwrap_or(0);
+    let id = |v: &Value| v.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
+    all.sort_by(|a, b| created(b).cmp(&created(a)).then_with(|| id(a).cmp(&id(b))));
+    let page: Vec<Value> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|v| (*v).clone())
+        .collect();
+    if paginated {
+        Json(json!({"data": page, "total_count": all.len()})).into_response()
+    } else {
+        Json(page).into_response()
+    }
+}
+
 async fn get_session(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -526,6 +650,7 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
             "/v1/users/{user_id}/organization_memberships",
             get(list_memberships),
         )
+        .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{session_id}", get(get_session))
         .route("/v1/sessions/{session_id}/revoke", post(revoke_session))
         .route("/emulator/users", post(emu_create_user))

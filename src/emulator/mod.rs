@@ -18,7 +18,7 @@
 //! | `POST /emulator/machine_tokens` | mints any machine token from a [`MachineTokenSpec`] → `{"token": …}` |
 //! | `PUT /emulator/faults/bapi` | `{"status": 429, "retry_after": 2}` makes the Backend API fail: the machine endpoints (verify, `POST /m2m_tokens`) and the identity endpoints (users, memberships, sessions); each request is counted in `bapi_requests`; `null` heals |
 //! | `GET /sign-in?redirect_url=…`, `POST /sign-in`; `GET`/`POST /sign-out` | hosted pages for browser apps: pick a user, organization and role → `__session` and `__client_uat` cookies, redirect back (see [`sign_in`]) |
-//! | `GET /v1/users/{user_id}`, `/v1/users/{user_id}/organization_memberships`, `/v1/sessions/{session_id}`; `POST /v1/sessions/{session_id}/revoke` | the identity endpoints (Bearer secret key) |
+//! | `GET /v1/users/{user_id}`, `/v1/users/{user_id}/organization_memberships`, `/v1/sessions/{session_id}`, `/v1/sessions?user_id=…` (a user's or client's sessions: `status`, `limit`, `offset`, `paginated`); `POST /v1/sessions/{session_id}/revoke` | the identity endpoints (Bearer secret key) |
 //!
 //! # Stats
 //!
