@@ -272,6 +272,15 @@ impl Shared {
         Some(session)
     }
 
+    /// What every identity endpoint answers before its own work, if anything: Clerk's 401
+    /// without the secret key, then the injected latency and Backend API fault.
+    async fn identity_gate(&self, headers: &HeaderMap) -> Option<Response> {
+        if let Some(r) = self.check_secret(headers) {
+            return Some(r);
+        }
+        self.identity_fault().await
+    }
+
     async fn identity_fault(&self) -> Option<Response> {
         let latency = self.latency.lock().expect("lock").0;
         if !latency.is_zero() {
@@ -311,10 +320,7 @@ async fn get_user(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.check_secret(&headers) {
-        return r;
-    }
-    if let Some(r) = s.identity_fault().await {
+    if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
     match s.directory.lock().expect("lock").users.get(&id) {
@@ -335,10 +341,7 @@ async fn list_memberships(
     Query(q): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.check_secret(&headers) {
-        return r;
-    }
-    if let Some(r) = s.identity_fault().await {
+    if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
     let d = s.directory.lock().expect("lock");
@@ -403,10 +406,7 @@ async fn list_sessions(
     Query(q): Query<SessionListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.check_secret(&headers) {
-        return r;
-    }
-    if let Some(r) = s.identity_fault().await {
+    if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
     if q.user_id.is_none() && q.client_id.is_none() {
@@ -414,11 +414,8 @@ async fn list_sessions(
     }
     if let Some(st) = q.status.as_deref() {
         if !SESSION_STATUSES.contains(&st) {
-            return bad_param(
-                "form_param_value_invalid",
-                "status",
-                "must be one of abandoned, active, ended, expired, pending, removed, replaced, revoked",
-            );
+            let why = format!("must be one of {}", SESSION_STATUSES.join(", "));
+            return bad_param("form_param_value_invalid", "status", &why);
         }
     }
     let number =
@@ -490,10 +487,7 @@ async fn get_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.check_secret(&headers) {
-        return r;
-    }
-    if let Some(r) = s.identity_fault().await {
+    if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
     match s.directory.lock().expect("lock").sessions.get(&id) {
@@ -507,10 +501,7 @@ async fn revoke_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.check_secret(&headers) {
-        return r;
-    }
-    if let Some(r) = s.identity_fault().await {
+    if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
     match s.set_session_status(&id, "revoked").await {

@@ -37,20 +37,22 @@ impl PartialEq for Headers {
 }
 
 impl Headers {
-    /// No headers, with room for `n` without growing.
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        Self {
-            entries: Vec::with_capacity(n),
-            index: None,
-        }
-    }
-
     /// The headers of `map` (its names as they are).
     pub(crate) fn from_map(map: &HashMap<String, String>) -> Self {
-        let mut headers = Self::with_capacity(map.len());
-        for (k, v) in map {
-            headers.insert(ByteString::from(k.as_str()), ByteString::from(v.as_str()));
-        }
+        Self::distinct(
+            map.iter()
+                .map(|(k, v)| (ByteString::from(k.as_str()), ByteString::from(v.as_str())))
+                .collect(),
+        )
+    }
+
+    /// Headers from entries whose names are already distinct (no duplicate to look for).
+    fn distinct(entries: Vec<(ByteString, ByteString)>) -> Self {
+        let mut headers = Self {
+            entries,
+            index: None,
+        };
+        headers.reindex();
         headers
     }
 
@@ -74,11 +76,12 @@ impl Headers {
                 }
             }
         }
-        let mut headers = Self::with_capacity(order.len());
-        for (k, v) in order {
-            headers.insert(ByteString::from(k), ByteString::from(v));
-        }
-        headers
+        Self::distinct(
+            order
+                .into_iter()
+                .map(|(k, v)| (ByteString::from(k), ByteString::from(v)))
+                .collect(),
+        )
     }
 
     /// Room for `n` more without growing.
