@@ -120,10 +120,31 @@ impl AuthService for Fake {
         unimplemented()
     }
 
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        unimplemented()
+    }
+
     async fn revoke_session(
         &self,
         _: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        unimplemented()
+    }
+
+    async fn get_organization(
+        &self,
+        _: Request<pb::GetOrganizationRequest>,
+    ) -> Result<Response<pb::OrganizationProfile>, Status> {
+        unimplemented()
+    }
+
+    async fn list_organization_members(
+        &self,
+        _: Request<pb::ListOrganizationMembersRequest>,
+    ) -> Result<Response<pb::ListOrganizationMembersResponse>, Status> {
         unimplemented()
     }
 

@@ -11,11 +11,14 @@ use clerk_grpc_auth::{
         api::BackendApiConfig, budget::BudgetConfig, directory::DirectoryConfig,
         machines::MachineConfig, svix::SvixVerifier,
     },
-    emulator::{Emulator, MachineTokenKind, MachineTokenSpec, MembershipSpec, TokenSpec, UserSpec},
+    emulator::{
+        Emulator, MachineTokenKind, MachineTokenSpec, MemberPatch, MembershipSpec, OrgSpec,
+        OrganizationPatch, TokenSpec, UserSpec,
+    },
     pb::{
-        auth_service_client::AuthServiceClient, GetSessionRequest, GetUserRequest,
-        ListOrganizationMembershipsRequest, RevokeSessionRequest, VerifyTokenRequest,
-        WhoAmIRequest,
+        auth_service_client::AuthServiceClient, GetOrganizationRequest, GetSessionRequest,
+        GetUserRequest, ListOrganizationMembersRequest, ListOrganizationMembershipsRequest,
+        ListSessionsRequest, RevokeSessionRequest, VerifyTokenRequest, WhoAmIRequest,
     },
     secret::Secret,
     server::{
@@ -772,10 +775,39 @@ async fn ask(r: &Replica, rpc: &str, token: &str, target: &str) -> Result<(), (C
             ))
             .await
             .map(|_| ()),
+        "ListSessions" => c
+            .list_sessions(req(
+                ListSessionsRequest {
+                    user_id: target.into(),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
         "RevokeSession" => c
             .revoke_session(req(
                 RevokeSessionRequest {
                     session_id: target.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        "GetOrganization" => c
+            .get_organization(req(
+                GetOrganizationRequest {
+                    organization_id: target.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        "ListOrganizationMembers" => c
+            .list_organization_members(req(
+                ListOrganizationMembersRequest {
+                    organization_id: target.into(),
+                    ..Default::default()
                 },
                 token,
             ))
@@ -824,8 +856,16 @@ async fn who_may_ask() {
     let alice = clerk.create_user(&UserSpec::default());
     let bob = clerk.create_user(&UserSpec::default());
     let alice_session = clerk.create_session(&alice);
+    let alice_other = clerk.create_session(&alice);
     let bob_session = clerk.create_session(&bob);
     let alice_token = user_token(&clerk, &alice, &alice_session);
+    let alice_pending = clerk.mint(&TokenSpec {
+        user_id: Some(alice.clone()),
+        session_id: Some(alice_session.clone()),
+        session_status: Some("pending".into()),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    });
     let m2m = |m: &str, jwt: bool| {
         clerk.mint_machine(&MachineTokenSpec {
             kind: MachineTokenKind::M2m,
@@ -987,13 +1027,105 @@ async fn who_may_ask() {
             &bob_session,
             OK,
         ),
-        // Revoking: trusted machines only.
+        // Revoking: trusted machines anyone's, a user its own (the others with a fresh
+        // second factor, which this token does not show).
         (
-            "user revokes",
+            "user revokes another's session",
             "RevokeSession",
             &alice_token,
-            &alice_session,
+            &bob_session,
             no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "user revokes a made-up session",
+            "RevokeSession",
+            &alice_token,
+            "sess_doesNotExist",
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "user revokes its other session, no fresh factor",
+            "RevokeSession",
+            &alice_token,
+            &alice_other,
+            no(Denied, "REVERIFICATION_REQUIRED"),
+        ),
+        (
+            "user lists its sessions",
+            "ListSessions",
+            &alice_token,
+            &alice,
+            OK,
+        ),
+        (
+            "user lists another's sessions",
+            "ListSessions",
+            &alice_token,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "trusted lists anyone's sessions",
+            "ListSessions",
+            &trusted_token,
+            &bob,
+            OK,
+        ),
+        (
+            "stranger lists sessions",
+            "ListSessions",
+            &stranger_token,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "B replays A's token, list sessions",
+            "ListSessions",
+            &replayed,
+            &bob,
+            no(Denied, "MACHINE_NOT_ALLOWED"),
+        ),
+        (
+            "OAuth token, list sessions",
+            "ListSessions",
+            &alice_oauth,
+            &alice,
+            no(Unauth, "TOKEN_TYPE_MISMATCH"),
+        ),
+        (
+            "no token, list sessions",
+            "ListSessions",
+            "",
+            &alice,
+            no(Unauth, "TOKEN_MISSING"),
+        ),
+        (
+            "user-owned API key, list sessions",
+            "ListSessions",
+            &alice_key,
+            &alice,
+            no(Unauth, "TOKEN_TYPE_MISMATCH"),
+        ),
+        (
+            "pending session, list sessions",
+            "ListSessions",
+            &alice_pending,
+            &alice,
+            no(Unauth, "SESSION_PENDING"),
+        ),
+        (
+            "pending session, revoke its other session",
+            "RevokeSession",
+            &alice_pending,
+            &alice_other,
+            no(Unauth, "SESSION_PENDING"),
+        ),
+        (
+            "pending session, revoke itself",
+            "RevokeSession",
+            &alice_pending,
+            &alice_session,
+            no(Unauth, "SESSION_PENDING"),
         ),
         (
             "stranger revokes",
@@ -1161,6 +1293,42 @@ async fn oauth_tokens_and_api_keys_get_what_they_were_granted() {
             "WhoAmI",
             &org_key,
             "",
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "user API key, own sessions",
+            "ListSessions",
+            &alice_key,
+            &alice,
+            OK,
+        ),
+        (
+            "user API key, another's sessions",
+            "ListSessions",
+            &alice_key,
+            &bob,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        // An API key shows no fresh factor (no `fva`) and is no session of its own.
+        (
+            "user API key, revoke a session of its user",
+            "RevokeSession",
+            &alice_key,
+            &alice_session,
+            no(Denied, "REVERIFICATION_REQUIRED"),
+        ),
+        (
+            "organization API key, sessions",
+            "ListSessions",
+            &org_key,
+            &alice,
+            no(Denied, "CALLER_NOT_ALLOWED"),
+        ),
+        (
+            "OAuth, sessions (no scope configured)",
+            "ListSessions",
+            &both,
+            &alice,
             no(Denied, "CALLER_NOT_ALLOWED"),
         ),
     ];
@@ -1734,4 +1902,751 @@ async fn the_emulator_lists_a_users_sessions_as_clerk_does() {
     assert_eq!(resp.status(), 401);
     // Every call counted under its route: eight lists, ten refusals, one without the key.
     assert_eq!(clerk.requests("GET /v1/sessions"), 8 + 10 + 1);
+}
+
+async fn list_sessions(
+    r: &Replica,
+    token: &str,
+    user: &str,
+    status: &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<clerk_grpc_auth::pb::ListSessionsResponse, Status> {
+    r.client
+        .clone()
+        .list_sessions(with_token(
+            ListSessionsRequest {
+                user_id: user.into(),
+                status: status.into(),
+                page_size,
+                page_token: page_token.into(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn revoke(
+    r: &Replica,
+    token: &str,
+    session: &str,
+) -> Result<clerk_grpc_auth::pb::Session, Status> {
+    r.client
+        .clone()
+        .revoke_session(with_token(
+            RevokeSessionRequest {
+                session_id: session.into(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The "signed-in devices" screen: a user lists its sessions, is refused signing out another
+/// device until its token shows a fresh second factor, then does, and that session's tokens
+/// are refused at once by this replica, a second one (through Redis) and a layer following
+/// WatchRevocations; signing itself out needs no factor.
+#[tokio::test]
+async fn a_user_lists_its_sessions_and_signs_out_other_devices() {
+    use clerk_grpc_auth::layer::watch_revocations_with;
+    let clerk = Emulator::start_local().await.unwrap();
+    let follower = clerk.create_machine("follower");
+    let prefix = format!("clerk-auth-test-{}", rand::random::<u64>());
+    let setup = Setup {
+        allowlist: vec![follower.id.clone()],
+        redis_prefix: Some(prefix.clone()),
+        ..Setup::default()
+    };
+    let one = replica(&clerk, &setup).await;
+    let two = replica(&clerk, &setup).await;
+    let alice = clerk.create_user(&UserSpec::default());
+    let bob = clerk.create_user(&UserSpec::default());
+    let laptop = clerk.create_session(&alice);
+    let phone = clerk.create_session(&alice);
+    let tablet = clerk.create_session(&alice);
+    let bobs = clerk.create_session(&bob);
+    let token = |session: &str, fva: Option<[i64; 2]>| {
+        clerk.mint(&TokenSpec {
+            user_id: Some(alice.clone()),
+            session_id: Some(session.into()),
+            expires_in: Some(600),
+            fva,
+            ..TokenSpec::default()
+        })
+    };
+    let on_laptop = token(&laptop, None);
+    let on_phone = token(&phone, None);
+
+    // The list: newest first, the asking session marked, paged with our tokens.
+    let before = clerk.bapi_requests();
+    let all = list_sessions(&one, &on_laptop, &alice, "", 0, "")
+        .await
+        .unwrap();
+    let ids: Vec<&str> = all.sessions.iter().map(|s| s.id.as_str()).collect();
+    let mut expected = vec![laptop.as_str(), phone.as_str(), tablet.as_str()];
+    expected.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "alice's three sessions, not bob's");
+    assert_eq!(all.total_count, 3);
+    assert_eq!(all.next_page_token, "");
+    let current: Vec<&str> = all
+        .sessions
+        .iter()
+        .filter(|s| s.is_current)
+        .map(|s| s.id.as_str())
+        .collect();
+    assert_eq!(current, [laptop.as_str()]);
+    let activity = all.sessions[0].latest_activity.as_ref().expect("device");
+    assert_eq!(activity.browser_name, "Chrome");
+    // Ten identical queries cost Clerk one request.
+    for _ in 0..9 {
+        list_sessions(&one, &on_laptop, &alice, "", 0, "")
+            .await
+            .unwrap();
+    }
+    assert_eq!(clerk.bapi_requests(), before + 1);
+    let first = list_sessions(&one, &on_laptop, &alice, "", 2, "")
+        .await
+        .unwrap();
+    assert_eq!(first.sessions.len(), 2);
+    assert_eq!(first.next_page_token, "o2");
+    let second = list_sessions(&one, &on_laptop, &alice, "", 2, &first.next_page_token)
+        .await
+        .unwrap();
+    assert_eq!(second.sessions.len(), 1);
+    assert_eq!(second.next_page_token, "");
+    let paged: Vec<&str> = first
+        .sessions
+        .iter()
+        .chain(&second.sessions)
+        .map(|s| s.id.as_str())
+        .collect();
+    assert_eq!(paged, ids, "pages follow the one order");
+    // Hostile shapes are refused before anything is asked.
+    let before = clerk.bapi_requests();
+    for (status, size, page) in [
+        ("bogus", 0, ""),
+        ("Active", 0, ""),
+        ("active&user_id=user_x", 0, ""),
+        ("", 101, ""),
+        ("", -1, ""),
+        ("", 0, "o+2"),
+        ("", 0, "o02"),
+        ("", 0, "o 2"),
+        ("", 0, "2"),
+        ("", 0, "o99999999999999999999"),
+        ("", 0, "o10001"),
+    ] {
+        let e = list_sessions(&one, &on_laptop, &alice, status, size, page)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{status:?} {size} {page:?}"
+        );
+    }
+    for user in ["user_x/../../users", "USER_1", "", "sess_1"] {
+        let e = list_sessions(&one, &on_laptop, user, "", 0, "")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{user:?}");
+    }
+    assert_eq!(
+        clerk.bapi_requests(),
+        before,
+        "no request for a refused query"
+    );
+    let e = list_sessions(&one, &on_laptop, &bob, "", 0, "")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "CALLER_NOT_ALLOWED");
+
+    // Another device: refused without a fresh second factor, with Clerk's hint …
+    for fva in [None, Some([1, 30]), Some([1, 10])] {
+        let e = revoke(&one, &token(&laptop, fva), &phone)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{fva:?}");
+        let info = e.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "REVERIFICATION_REQUIRED");
+        assert_eq!(info.metadata["level"], "second_factor");
+        assert_eq!(info.metadata["after_minutes"], "10");
+    }
+    // … and nobody else's session, however fresh the factor.
+    let fresh = token(&laptop, Some([30, 2]));
+    assert_eq!(
+        reason(&revoke(&one, &fresh, &bobs).await.unwrap_err()),
+        "CALLER_NOT_ALLOWED"
+    );
+    verify(&one, &on_phone, false).await.unwrap();
+    verify(&two, &on_phone, false).await.unwrap();
+
+    // A layer following the revocation feed.
+    let credentials = Static(clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::M2m,
+        subject: Some(follower.id.clone()),
+        ..MachineTokenSpec::default()
+    }));
+    let server = AuthServer::build(common::config_for(&clerk)).unwrap();
+    let layer = server.verifier().clone();
+    let _refresher = layer.keys().spawn_refresher();
+    layer.keys().ready().await;
+    let channel = Channel::from_shared(format!("http://{}", one.grpc))
+        .unwrap()
+        .connect_lazy();
+    let feed = watch_revocations_with(channel, layer.revocations().clone(), credentials);
+    feed.connected().await;
+    let phone_req = clerk_grpc_auth::VerifyRequest {
+        token: &on_phone,
+        ..Default::default()
+    };
+    layer.verify(&phone_req).await.unwrap();
+
+    // With the factor fresh: revoked, and refused at once everywhere.
+    let applied = two.events.applied();
+    let revoked = revoke(&one, &fresh, &phone).await.unwrap();
+    assert_eq!(revoked.status, "revoked");
+    assert_eq!(
+        reason(&verify(&one, &on_phone, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    feed.wait_received(1).await;
+    assert_eq!(
+        layer.verify(&phone_req).await.unwrap_err().reason_str(),
+        "SESSION_REVOKED"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        two.events.wait_applied(applied + 1),
+    )
+    .await
+    .expect("replica two received the revocation");
+    assert_eq!(
+        reason(&verify(&two, &on_phone, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+    // The cached list shows it at once (the revocation dropped it).
+    let active = list_sessions(&one, &on_laptop, &alice, "active", 0, "")
+        .await
+        .unwrap();
+    let mut left: Vec<&str> = active.sessions.iter().map(|s| s.id.as_str()).collect();
+    left.sort();
+    let mut want = vec![laptop.as_str(), tablet.as_str()];
+    want.sort();
+    assert_eq!(left, want);
+
+    // Signing out needs no factor; the token is refused then.
+    revoke(&one, &on_laptop, &laptop).await.unwrap();
+    assert_eq!(
+        reason(&verify(&one, &on_laptop, false).await.unwrap_err()),
+        "SESSION_REVOKED"
+    );
+
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for s in [&phone, &laptop] {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}:revoked:{s}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+async fn members(
+    r: &Replica,
+    token: &str,
+    org: &str,
+    roles: &[&str],
+    page_size: i32,
+    page_token: &str,
+) -> Result<clerk_grpc_auth::pb::ListOrganizationMembersResponse, Status> {
+    r.client
+        .clone()
+        .list_organization_members(with_token(
+            ListOrganizationMembersRequest {
+                organization_id: org.into(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                page_size,
+                page_token: page_token.into(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn organization(
+    r: &Replica,
+    token: &str,
+    org: &str,
+) -> Result<clerk_grpc_auth::pb::OrganizationProfile, Status> {
+    r.client
+        .clone()
+        .get_organization(with_token(
+            GetOrganizationRequest {
+                organization_id: org.into(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A session token whose active organization is `org` with `role` (permissions: the custom
+/// ones, as Clerk puts them in tokens — never the system ones).
+fn org_token(clerk: &Emulator, user: &str, org: &str, role: &str, permissions: &[&str]) -> String {
+    let session = clerk.create_session(user);
+    clerk.mint(&TokenSpec {
+        user_id: Some(user.into()),
+        session_id: Some(session),
+        org: Some(OrgSpec {
+            id: Some(org.into()),
+            slug: None,
+            role: Some(role.into()),
+            permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        }),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    })
+}
+
+/// Organizations for tenants: who may read an organization's profile and members (the
+/// matrix), what it costs Clerk, hostile request shapes, and webhooks changing what is
+/// answered at once.
+#[tokio::test]
+async fn an_organization_admin_lists_its_members_and_others_are_refused() {
+    const ACME: &str = "org_2acmeACMEacmeACMEacmeACME";
+    const GLOBEX: &str = "org_2globexGLOBEXglobexGLOBEX";
+    let clerk = Emulator::start_local().await.unwrap();
+    let trusted = clerk.create_machine("trusted");
+    let stranger = clerk.create_machine("stranger");
+    let replayer = clerk.create_machine("machine-a");
+    let service_b = clerk.create_machine("service-b");
+    assert!(clerk.allow(&replayer.id, &service_b.id));
+    let r = replica(
+        &clerk,
+        &Setup {
+            allowlist: vec![trusted.id.clone()],
+            access: AccessConfig {
+                allowlist: vec![replayer.id.clone()],
+                // Let OAuth tokens and API keys in, so that they are verified and refused
+                // by the organization rule itself.
+                caller_types: vec![TokenType::OauthToken, TokenType::ApiKey],
+                oauth_scopes: parse_oauth_scopes("WhoAmI=profile").unwrap(),
+                ..AccessConfig::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
+    clerk.set_webhook(Some((&format!("http://{}/webhooks/clerk", r.http), SECRET)));
+    let person = |first: &str| {
+        clerk.create_user(&UserSpec {
+            first_name: Some(first.into()),
+            email: Some(format!("{}@example.com", first.to_lowercase())),
+            ..UserSpec::default()
+        })
+    };
+    let (ada, max, gus, eve) = (person("Ada"), person("Max"), person("Gus"), person("Eve"));
+    let join = |user: &str, org: &str, role: &str, permissions: &[&str]| MembershipSpec {
+        user_id: user.into(),
+        org_id: org.into(),
+        org_name: Some(if org == ACME { "Acme" } else { "Globex" }.into()),
+        org_slug: Some(if org == ACME { "acme" } else { "globex" }.into()),
+        role: Some(role.into()),
+        permissions: permissions.iter().map(|p| p.to_string()).collect(),
+    };
+    clerk.add_membership(&join(&ada, ACME, "admin", &[])).await;
+    clerk.add_membership(&join(&max, ACME, "member", &[])).await;
+    // A custom role without Clerk's system permission to read members.
+    clerk
+        .add_membership(&join(&gus, ACME, "viewer", &["org:reports:read"]))
+        .await;
+    clerk
+        .add_membership(&join(&eve, GLOBEX, "admin", &[]))
+        .await;
+
+    let admin = org_token(&clerk, &ada, ACME, "org:admin", &[]);
+    let member = org_token(&clerk, &max, ACME, "org:member", &[]);
+    let viewer = org_token(&clerk, &gus, ACME, "org:viewer", &["org:reports:read"]);
+    // A token claiming the system permission (Clerk never issues one): not believed.
+    let claims_sys = org_token(
+        &clerk,
+        &gus,
+        ACME,
+        "org:viewer",
+        &["org:sys_memberships:read"],
+    );
+    let other_admin = org_token(&clerk, &eve, GLOBEX, "org:admin", &[]);
+    // Ada, with no organization active.
+    let no_org = user_token(&clerk, &ada, &clerk.create_session(&ada));
+    let pending = clerk.mint(&TokenSpec {
+        user_id: Some(ada.clone()),
+        session_id: Some(clerk.create_session(&ada)),
+        session_status: Some("pending".into()),
+        org: Some(OrgSpec {
+            id: Some(ACME.into()),
+            role: Some("org:admin".into()),
+            ..OrgSpec::default()
+        }),
+        expires_in: Some(600),
+        ..TokenSpec::default()
+    });
+    let m2m = |m: &str| {
+        clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::M2m,
+            subject: Some(m.into()),
+            ..MachineTokenSpec::default()
+        })
+    };
+    let (trusted_token, stranger_token, replayed) =
+        (m2m(&trusted.id), m2m(&stranger.id), m2m(&replayer.id));
+    let key = |owner: &str| {
+        clerk.mint_machine(&MachineTokenSpec {
+            kind: MachineTokenKind::ApiKey,
+            subject: Some(owner.into()),
+            ..MachineTokenSpec::default()
+        })
+    };
+    let (ada_key, acme_key) = (key(&ada), key(ACME));
+    let ada_oauth = clerk.mint_machine(&MachineTokenSpec {
+        kind: MachineTokenKind::Oauth,
+        subject: Some(ada.clone()),
+        scopes: vec!["profile".into()],
+        ..MachineTokenSpec::default()
+    });
+
+    use Code::{PermissionDenied as Denied, Unauthenticated as Unauth};
+    for rpc in ["GetOrganization", "ListOrganizationMembers"] {
+        let cases: Vec<(&str, &str, &str, &str, Want)> = vec![
+            ("admin, its active org", rpc, &admin, ACME, OK),
+            (
+                "member (Clerk's org:member reads members)",
+                rpc,
+                &member,
+                ACME,
+                OK,
+            ),
+            (
+                "member without org:sys_memberships:read",
+                rpc,
+                &viewer,
+                ACME,
+                no(Denied, "ORG_PERMISSION_REQUIRED"),
+            ),
+            (
+                "a token claiming the system permission",
+                rpc,
+                &claims_sys,
+                ACME,
+                no(Denied, "ORG_PERMISSION_REQUIRED"),
+            ),
+            (
+                "admin of another organization",
+                rpc,
+                &other_admin,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "admin, an organization not active in its token",
+                rpc,
+                &admin,
+                GLOBEX,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "admin, a made-up organization",
+                rpc,
+                &admin,
+                "org_doesNotExist",
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "no organization active",
+                rpc,
+                &no_org,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "pending session",
+                rpc,
+                &pending,
+                ACME,
+                no(Unauth, "SESSION_PENDING"),
+            ),
+            ("trusted machine", rpc, &trusted_token, ACME, OK),
+            (
+                "machine not allowlisted",
+                rpc,
+                &stranger_token,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "B replays A's token",
+                rpc,
+                &replayed,
+                ACME,
+                no(Denied, "MACHINE_NOT_ALLOWED"),
+            ),
+            (
+                "user-owned API key",
+                rpc,
+                &ada_key,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "the organization's own API key",
+                rpc,
+                &acme_key,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            (
+                "OAuth token",
+                rpc,
+                &ada_oauth,
+                ACME,
+                no(Denied, "CALLER_NOT_ALLOWED"),
+            ),
+            ("no token", rpc, "", ACME, no(Unauth, "TOKEN_MISSING")),
+            (
+                "garbage token",
+                rpc,
+                "nope",
+                ACME,
+                no(Unauth, "TOKEN_INVALID"),
+            ),
+            (
+                "trusted machine, a made-up organization",
+                rpc,
+                &trusted_token,
+                "org_doesNotExist",
+                no(Code::NotFound, "RESOURCE_NOT_FOUND"),
+            ),
+        ];
+        check_cases(&r, &cases).await;
+    }
+    // What the refusal names: the permission the policy asks.
+    let refused = members(&r, &viewer, ACME, &[], 0, "").await.unwrap_err();
+    let info = refused.get_details_error_info().unwrap();
+    assert_eq!(
+        info.metadata.get("permission").map(String::as_str),
+        Some("org:sys_memberships:read")
+    );
+
+    // The admin's view: the profile with its member count, the members newest first, paged,
+    // with what the organization may see of each.
+    let org = organization(&r, &admin, ACME).await.unwrap();
+    assert_eq!(
+        (org.id.as_str(), org.name.as_str(), org.slug.as_str()),
+        (ACME, "Acme", "acme")
+    );
+    assert_eq!(org.members_count, 3);
+    let first = members(&r, &admin, ACME, &[], 2, "").await.unwrap();
+    assert_eq!(first.total_count, 3);
+    assert_eq!(first.next_page_token, "o2");
+    let rest = members(&r, &admin, ACME, &[], 2, "o2").await.unwrap();
+    assert!(rest.next_page_token.is_empty());
+    let everyone: Vec<_> = first.members.iter().chain(&rest.members).collect();
+    let mut ids: Vec<&str> = everyone
+        .iter()
+        .map(|m| m.user.as_ref().unwrap().user_id.as_str())
+        .collect();
+    // Newest first (Clerk's order); the pages neither overlap nor leave anyone out.
+    let created: Vec<i64> = everyone
+        .iter()
+        .map(|m| m.created_at.as_ref().unwrap().seconds)
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "{created:?}");
+    ids.sort();
+    let mut want = [gus.as_str(), max.as_str(), ada.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    let ada_row = *everyone
+        .iter()
+        .find(|m| m.user.as_ref().unwrap().user_id == ada)
+        .unwrap();
+    let ada_user = ada_row.user.as_ref().unwrap();
+    assert_eq!(
+        (
+            ada_row.role.as_str(),
+            ada_user.first_name.as_str(),
+            ada_user.identifier.as_str()
+        ),
+        ("org:admin", "Ada", "ada@example.com")
+    );
+    assert!(ada_row
+        .permissions
+        .contains(&"org:sys_memberships:manage".to_owned()));
+    // A role filter, in any order, is one query.
+    let admins = members(&r, &admin, ACME, &["org:admin"], 0, "")
+        .await
+        .unwrap();
+    assert_eq!(admins.total_count, 1);
+    let two_roles = members(&r, &admin, ACME, &["org:viewer", "org:admin"], 0, "")
+        .await
+        .unwrap();
+    assert_eq!(two_roles.total_count, 2);
+    let before = clerk.bapi_requests();
+    let same = members(&r, &admin, ACME, &["org:admin", "org:viewer"], 0, "")
+        .await
+        .unwrap();
+    assert_eq!(same.members.len(), 2);
+    assert_eq!(
+        clerk.bapi_requests(),
+        before,
+        "the same filter, another order: cached"
+    );
+
+    // Ten identical queries cost Clerk one request, each kind.
+    let stats_url = format!("{}/emulator/stats/reset", clerk.url());
+    reqwest::Client::new()
+        .post(&stats_url)
+        .send()
+        .await
+        .unwrap();
+    let fresh = org_token(&clerk, &eve, GLOBEX, "org:admin", &[]);
+    for _ in 0..10 {
+        organization(&r, &fresh, GLOBEX).await.unwrap();
+        members(&r, &fresh, GLOBEX, &[], 10, "").await.unwrap();
+    }
+    let stats = emulator_stats(&clerk).await;
+    let requests = &stats["requests"];
+    assert_eq!(
+        requests["GET /v1/organizations/{organization_id}"], 1,
+        "{stats}"
+    );
+    assert_eq!(
+        requests["GET /v1/organizations/{organization_id}/memberships"], 1,
+        "{stats}"
+    );
+    // Eve's memberships (for the system permission): once too.
+    assert_eq!(
+        requests["GET /v1/users/{user_id}/organization_memberships"], 1,
+        "{stats}"
+    );
+
+    // Hostile shapes: refused before any Backend API request or authorization.
+    let before = clerk.bapi_requests();
+    let bad_orgs = [
+        "",
+        "org_",
+        "acme",
+        "org_x/../../users/user_1",
+        "org_x%2F..",
+        "org_x?limit=1",
+        "org_x y",
+        "ORG_x",
+        "user_2acme",
+    ];
+    for org in bad_orgs {
+        for rpc in ["GetOrganization", "ListOrganizationMembers"] {
+            let got = ask(&r, rpc, &admin, org).await;
+            assert_eq!(
+                got,
+                Err((Code::InvalidArgument, "INVALID_REQUEST".into())),
+                "{rpc} {org:?}"
+            );
+        }
+    }
+    let eleven: Vec<String> = (1..=11).map(|n| format!("org:r{n}")).collect();
+    let eleven: Vec<&str> = eleven.iter().map(String::as_str).collect();
+    let bad_roles: [&[&str]; 9] = [
+        &["admin"],
+        &["org:Admin"],
+        &["ORG:admin"],
+        &["org:admin&role=org:member"],
+        &["org:admin", "org:admin"],
+        &["org:ad min"],
+        &["org:"],
+        &["org:a:b"],
+        &eleven,
+    ];
+    for roles in bad_roles {
+        let got = members(&r, &admin, ACME, roles, 0, "").await.unwrap_err();
+        assert_eq!(got.code(), Code::InvalidArgument, "{roles:?}");
+    }
+    for (size, page_token) in [
+        (101, ""),
+        (-1, ""),
+        (0, "o-1"),
+        (0, "o05"),
+        (0, "o+5"),
+        (0, "5"),
+        (0, "o100001"),
+        (0, "o9999999999"),
+    ] {
+        let got = members(&r, &admin, ACME, &[], size, page_token)
+            .await
+            .unwrap_err();
+        assert_eq!(got.code(), Code::InvalidArgument, "{size} {page_token:?}");
+    }
+    assert_eq!(
+        clerk.bapi_requests(),
+        before,
+        "hostile shapes cost Clerk nothing"
+    );
+
+    // Webhooks change what is answered at once: a rename, a demotion, a removal.
+    assert!(
+        clerk
+            .update_organization(
+                ACME,
+                &OrganizationPatch {
+                    name: Some("Acme Corp".into()),
+                    ..OrganizationPatch::default()
+                },
+            )
+            .await
+    );
+    assert_eq!(
+        organization(&r, &admin, ACME).await.unwrap().name,
+        "Acme Corp"
+    );
+    // Max becomes a viewer: Clerk takes the system permission away, so the same token is
+    // refused at once, and the admin sees the new role.
+    assert!(
+        clerk
+            .update_member(
+                ACME,
+                &max,
+                &MemberPatch {
+                    role: Some("viewer".into()),
+                    ..MemberPatch::default()
+                },
+            )
+            .await
+    );
+    let got = members(&r, &member, ACME, &[], 0, "").await.unwrap_err();
+    assert_eq!(reason(&got), "ORG_PERMISSION_REQUIRED");
+    let viewers = members(&r, &admin, ACME, &["org:viewer"], 0, "")
+        .await
+        .unwrap();
+    assert_eq!(viewers.total_count, 2);
+    // Gus leaves: gone from the list and from the count; his token is refused like a
+    // stranger's.
+    assert!(clerk.remove_member(ACME, &gus).await);
+    let left = members(&r, &admin, ACME, &[], 0, "").await.unwrap();
+    assert_eq!(left.total_count, 2);
+    assert!(left
+        .members
+        .iter()
+        .all(|m| m.user.as_ref().unwrap().user_id != gus));
+    assert_eq!(
+        organization(&r, &admin, ACME).await.unwrap().members_count,
+        2
+    );
+    let got = members(&r, &claims_sys, ACME, &[], 0, "")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&got), "CALLER_NOT_ALLOWED");
 }

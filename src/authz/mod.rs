@@ -268,6 +268,21 @@ impl Check {
     }
 }
 
+/// Whether `s` is one part of a Clerk role or permission key: lowercase ASCII letters, digits, `_`.
+pub fn is_key_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Whether `s` is a Clerk role key as Clerk writes it: `org:` and one key part
+/// (`org:admin`, `org:billing_manager`). Any other shape — case, spaces, `org:org:admin`, a
+/// bare `admin` — is not one.
+pub fn is_role_key(s: &str) -> bool {
+    s.strip_prefix("org:").is_some_and(is_key_part)
+}
+
 /// Replaces any run of leading `org:` prefixes by a single `org:`.
 fn norm(v: &str) -> String {
     let mut rest = v;
@@ -398,6 +413,33 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_keys_are_taken_exactly_as_clerk_writes_them() {
+        for ok in ["org:admin", "org:member", "org:billing_manager", "org:r2"] {
+            assert!(is_role_key(ok), "{ok}");
+        }
+        let long = format!("org:{}", "a".repeat(65));
+        for bad in [
+            "",
+            "admin",
+            "org:",
+            "org:Admin",
+            "ORG:admin",
+            "org:org:admin",
+            "org:a:b",
+            "org:ad min",
+            " org:admin",
+            "org:admin\n",
+            "org:admin&role=x",
+            "org:a%3Ab",
+            "org:\u{0430}dmin",
+            "org:admin-x",
+            &long,
+        ] {
+            assert!(!is_role_key(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn norm_collapses_org_prefixes() {

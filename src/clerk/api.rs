@@ -482,15 +482,21 @@ impl std::fmt::Debug for BackendApi {
 
 /// Whether a Backend API path is plain: segments of ASCII letters, digits and `_` (no empty,
 /// `.` or `..` segment, no escape), then an optional query of `name=value` pairs of the same
-/// characters. Every path the client sends is checked here, whatever built it, so that an id
+/// characters (a value may also hold `:`, as role keys do: `role=org:admin`; RFC 3986 lets
+/// it stand unescaped in a query). Every path the client sends is checked here, whatever built it, so that an id
 /// can never climb to another resource (`user_x/../../sessions/…`).
 fn is_plain_path(path: &str) -> bool {
     let (p, q) = path.split_once('?').unwrap_or((path, ""));
     let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let value = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+    };
     p.split('/').all(word)
         && (q.is_empty()
             || q.split('&')
-                .all(|kv| kv.split_once('=').is_some_and(|(k, v)| word(k) && word(v))))
+                .all(|kv| kv.split_once('=').is_some_and(|(k, v)| word(k) && value(v))))
 }
 
 /// Whether `id` is safe in a URL path: Clerk ids are `prefix_` + alphanumerics.
@@ -674,6 +680,7 @@ mod tests {
             "users/user_1",
             "sessions/sess_1/revoke",
             "users/user_1/organization_memberships?limit=100&offset=0",
+            "organizations/org_1/memberships?limit=20&offset=0&role=org:admin&role=org:member",
         ] {
             assert!(is_plain_path(ok), "{ok}");
         }
@@ -687,6 +694,11 @@ mod tests {
             "users/x?limit=1&offset=../",
             "users/x?limit",
             "users/x y",
+            "users/user_1:x",
+            "organizations/org_1/memberships?role=org:admin%26x",
+            "organizations/org_1/memberships?role=org:a=b",
+            "organizations/org_1/memberships?role:x=org",
+            "organizations/org_1/memberships?role=org:a/../b",
         ] {
             assert!(!is_plain_path(bad), "{bad}");
         }

@@ -1,6 +1,6 @@
 //! Identity queries through the Backend API ([`BackendApi`], the identity path of the shared
-//! [`ClerkApi`](crate::clerk::api::ClerkApi)), cached: users, organization memberships and
-//! sessions. Per-kind TTL and capacity, concurrent misses coalesced into one request, optional
+//! [`ClerkApi`](crate::clerk::api::ClerkApi)), cached: users, organization memberships,
+//! sessions, organizations and their members. Per-kind TTL and capacity, concurrent misses coalesced into one request, optional
 //! stale-if-error (users and memberships only: a session's status is never served stale), and
 //! invalidation by webhooks ([`Directory::invalidate_user`], …).
 
@@ -144,7 +144,86 @@ pub struct Membership {
     /// Milliseconds since the epoch.
     #[serde(default)]
     pub created_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub updated_at: Option<i64>,
+    /// The member, as the organization sees it.
+    #[serde(default)]
+    pub public_user_data: Option<PublicUserData>,
 }
+
+/// Clerk's `public_user_data` of a membership.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PublicUserData {
+    /// `user_…`.
+    pub user_id: String,
+    /// Email address, phone number or username.
+    pub identifier: Option<String>,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Username.
+    pub username: Option<String>,
+    /// Profile image.
+    pub image_url: Option<String>,
+    /// Whether the image is the user's own.
+    pub has_image: bool,
+}
+
+/// Clerk's `Organization` (the fields we expose; unknown fields are ignored).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Organization {
+    /// `org_…`.
+    pub id: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Slug.
+    #[serde(default)]
+    pub slug: Option<String>,
+    /// Image.
+    #[serde(default)]
+    pub image_url: Option<String>,
+    /// Whether the image is the organization's own.
+    #[serde(default)]
+    pub has_image: bool,
+    /// Members, when asked for (`include_members_count`).
+    #[serde(default)]
+    pub members_count: Option<i64>,
+    /// The membership limit (0: none).
+    #[serde(default)]
+    pub max_allowed_memberships: Option<i64>,
+    /// Whether admins may delete the organization.
+    #[serde(default)]
+    pub admin_delete_enabled: bool,
+    /// Public metadata.
+    #[serde(default)]
+    pub public_metadata: Option<Map<String, Value>>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub updated_at: Option<i64>,
+}
+
+/// One page of an organization's members (`GET /v1/organizations/{id}/memberships`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberPage {
+    /// The memberships, newest first.
+    pub members: Vec<Membership>,
+    /// How many match in all.
+    pub total_count: usize,
+}
+
+/// Most roles one member query filters by.
+pub const MAX_ROLE_FILTERS: usize = 10;
+/// Largest page of members asked of Clerk.
+pub const MAX_MEMBER_PAGE: usize = 100;
+/// Largest offset into an organization's members.
+pub const MAX_MEMBER_OFFSET: usize = 100_000;
 
 /// The organization inside a membership.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -194,7 +273,59 @@ pub struct Session {
     /// Milliseconds since the epoch.
     #[serde(default)]
     pub updated_at: Option<i64>,
+    /// The device and place it was last active from.
+    #[serde(default)]
+    pub latest_activity: Option<SessionActivity>,
 }
+
+/// Clerk's `SessionActivity`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SessionActivity {
+    /// `sess_activity_…`.
+    pub id: String,
+    /// e.g. `Macintosh`.
+    pub device_type: Option<String>,
+    /// Whether the device is a mobile one.
+    pub is_mobile: bool,
+    /// e.g. `Chrome`.
+    pub browser_name: Option<String>,
+    /// The browser's version.
+    pub browser_version: Option<String>,
+    /// The address seen by Clerk.
+    pub ip_address: Option<String>,
+    /// City, by the address.
+    pub city: Option<String>,
+    /// Country, by the address.
+    pub country: Option<String>,
+}
+
+/// One page of a user's sessions (`GET /v1/sessions?user_id=…&paginated=true`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionPage {
+    /// The sessions, newest first.
+    pub sessions: Vec<Session>,
+    /// How many sessions match in all.
+    pub total_count: usize,
+}
+
+/// The statuses a Clerk session can have (what `ListSessions` filters by).
+pub const SESSION_STATUSES: [&str; 8] = [
+    "abandoned",
+    "active",
+    "ended",
+    "expired",
+    "pending",
+    "removed",
+    "replaced",
+    "revoked",
+];
+
+/// Largest page of sessions asked of Clerk.
+pub const MAX_SESSION_PAGE: usize = 100;
+/// Largest offset into a user's sessions (Clerk keeps ended sessions too; no screen pages
+/// this deep).
+pub const MAX_SESSION_OFFSET: usize = 10_000;
 
 impl Session {
     /// Whether Clerk still considers the session live (`active`, or `pending` when accepted).
@@ -235,6 +366,7 @@ impl<V: Send + Sync + 'static> Kind<V> {
             fresh: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
+                .support_invalidation_closures()
                 .build(),
             stale: (!stale.is_zero()).then(|| {
                 moka::future::Cache::builder()
@@ -307,6 +439,13 @@ impl<V: Send + Sync + 'static> Kind<V> {
         }
     }
 
+    /// Drops every fresh entry whose key starts with `prefix` (a user's session pages).
+    fn invalidate_prefix(&self, prefix: String) {
+        let _ = self
+            .fresh
+            .invalidate_entries_if(move |k, _| k.starts_with(&prefix));
+    }
+
     async fn invalidate(&self, key: &str) {
         if let Some(m) = &self.missing {
             m.invalidate(key);
@@ -324,6 +463,11 @@ struct Inner {
     users: Kind<User>,
     memberships: Kind<Vec<Membership>>,
     sessions: Kind<Session>,
+    /// `{user_id}/{status}/{offset}/{limit}` → a page of the user's sessions.
+    session_pages: Kind<SessionPage>,
+    organizations: Kind<Organization>,
+    /// `{org_id}/{roles,}/{offset}/{limit}` → a page of the organization's members.
+    member_pages: Kind<MemberPage>,
     /// Session id → its user, for sessions once fetched.
     owners: moka::sync::Cache<String, Arc<str>>,
 }
@@ -366,6 +510,24 @@ impl Directory {
                     config.not_found_ttl,
                     config.capacity,
                 ),
+                session_pages: Kind::new(
+                    config.session_ttl,
+                    Duration::ZERO,
+                    Duration::ZERO,
+                    config.capacity,
+                ),
+                organizations: Kind::new(
+                    config.memberships_ttl,
+                    config.stale_if_error,
+                    config.not_found_ttl,
+                    config.capacity,
+                ),
+                member_pages: Kind::new(
+                    config.memberships_ttl,
+                    config.stale_if_error,
+                    Duration::ZERO,
+                    config.capacity,
+                ),
                 owners: moka::sync::Cache::builder()
                     .max_capacity(config.capacity)
                     .time_to_live(config.session_owner_ttl.max(Duration::from_secs(1)))
@@ -379,13 +541,29 @@ impl Directory {
     /// Cache counters, all kinds together.
     pub fn stats(&self) -> DirectoryStats {
         let i = &self.inner;
+        let sum =
+            |f: fn(&Inner) -> [&AtomicU64; 6]| f(i).iter().map(|c| c.load(Ordering::Relaxed)).sum();
         DirectoryStats {
-            hits: i.users.hits.load(Ordering::Relaxed)
-                + i.memberships.hits.load(Ordering::Relaxed)
-                + i.sessions.hits.load(Ordering::Relaxed),
-            misses: i.users.misses.load(Ordering::Relaxed)
-                + i.memberships.misses.load(Ordering::Relaxed)
-                + i.sessions.misses.load(Ordering::Relaxed),
+            hits: sum(|i| {
+                [
+                    &i.users.hits,
+                    &i.memberships.hits,
+                    &i.sessions.hits,
+                    &i.session_pages.hits,
+                    &i.organizations.hits,
+                    &i.member_pages.hits,
+                ]
+            }),
+            misses: sum(|i| {
+                [
+                    &i.users.misses,
+                    &i.memberships.misses,
+                    &i.sessions.misses,
+                    &i.session_pages.misses,
+                    &i.organizations.misses,
+                    &i.member_pages.misses,
+                ]
+            }),
         }
     }
 
@@ -533,8 +711,75 @@ impl Directory {
         }
     }
 
+    /// A page of `user_id`'s sessions (`GET /v1/sessions?user_id=…`, newest first), with
+    /// `status` one of [`SESSION_STATUSES`] or every status, `limit` 1..=[`MAX_SESSION_PAGE`]
+    /// from `offset` (at most [`MAX_SESSION_OFFSET`]); cached for `session_ttl` per query
+    /// and dropped when any of the user's sessions changes ([`Directory::invalidate_sessions_of`]).
+    /// A miss is charged to `caller`. Every value is checked before it goes into the URL.
+    pub async fn sessions_of(
+        &self,
+        user_id: &str,
+        status: Option<&str>,
+        offset: usize,
+        limit: usize,
+        caller: Option<&str>,
+    ) -> Result<Arc<SessionPage>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(user_id, "user_")
+            || status.is_some_and(|s| !SESSION_STATUSES.contains(&s))
+            || !(1..=MAX_SESSION_PAGE).contains(&limit)
+            || offset > MAX_SESSION_OFFSET
+        {
+            return Err(ApiError::InvalidId);
+        }
+        let status = status.unwrap_or("");
+        let key = format!("{user_id}/{status}/{offset}/{limit}");
+        self.charge_miss(&self.inner.session_pages, &key, caller)?;
+        let api = &self.inner.api;
+        let filter = if status.is_empty() {
+            String::new()
+        } else {
+            format!("&status={status}")
+        };
+        let page = self
+            .inner
+            .session_pages
+            .get(&key, async {
+                let page: Page<Session> = api
+                    .get(&format!(
+                        "sessions?user_id={user_id}{filter}&limit={limit}&offset={offset}&paginated=true"
+                    ))
+                    .await?;
+                // Clerk answers for the user asked; anything else is not shown.
+                let sessions: Vec<Session> = page
+                    .data
+                    .into_iter()
+                    .filter(|s| s.user_id == user_id)
+                    .collect();
+                Ok(SessionPage {
+                    total_count: page.total_count.unwrap_or(offset + sessions.len()),
+                    sessions,
+                })
+            })
+            .await?;
+        for s in &page.sessions {
+            self.inner
+                .owners
+                .insert(s.id.clone(), Arc::from(s.user_id.as_str()));
+        }
+        Ok(page)
+    }
+
+    /// Drops the cached pages of `user_id`'s sessions.
+    pub fn invalidate_sessions_of(&self, user_id: &str) {
+        if crate::clerk::api::is_clerk_id(user_id, "user_") {
+            self.inner
+                .session_pages
+                .invalidate_prefix(format!("{user_id}/"));
+        }
+    }
+
     /// Revokes a session at Clerk (`POST /v1/sessions/{id}/revoke`), charged to `caller`;
-    /// drops the cached entry.
+    /// drops the cached entry and the owner's session pages.
     pub async fn revoke_session(
         &self,
         session_id: &str,
@@ -550,7 +795,104 @@ impl Directory {
             .post(&format!("sessions/{session_id}/revoke"), Value::Null)
             .await?;
         self.invalidate_session(session_id).await;
+        self.invalidate_sessions_of(&s.user_id);
         Ok(s)
+    }
+
+    /// An organization (`GET /v1/organizations/{id}?include_members_count=true`), cached like
+    /// memberships (stale-if-error included); a miss is charged to `caller`. Only an `org_…`
+    /// id is asked — never a slug, which Clerk's same path would also take.
+    pub async fn organization(
+        &self,
+        org_id: &str,
+        caller: Option<&str>,
+    ) -> Result<Arc<Organization>, ApiError> {
+        if !crate::clerk::api::is_clerk_id(org_id, "org_") {
+            return Err(ApiError::InvalidId);
+        }
+        self.charge_miss(&self.inner.organizations, org_id, caller)?;
+        let api = &self.inner.api;
+        let org = self
+            .inner
+            .organizations
+            .get(org_id, async {
+                api.get::<Organization>(&format!(
+                    "organizations/{org_id}?include_members_count=true"
+                ))
+                .await
+            })
+            .await?;
+        // Clerk answers for the id asked; anything else is not shown.
+        if org.id != org_id {
+            return Err(ApiError::NotFound);
+        }
+        Ok(org)
+    }
+
+    /// A page of `org_id`'s members (`GET /v1/organizations/{id}/memberships`, newest first),
+    /// only `roles` when not empty (role keys, each [`is_role_key`], at most
+    /// [`MAX_ROLE_FILTERS`], sorted and without repeats — the caller canonicalises), `limit`
+    /// 1..=[`MAX_MEMBER_PAGE`] from `offset` (at most [`MAX_MEMBER_OFFSET`]); cached per query
+    /// and dropped when the organization or one of its memberships changes
+    /// ([`Directory::invalidate_organization`]). A miss is charged to `caller`.
+    ///
+    /// [`is_role_key`]: crate::authz::is_role_key
+    pub async fn members_of(
+        &self,
+        org_id: &str,
+        roles: &[String],
+        offset: usize,
+        limit: usize,
+        caller: Option<&str>,
+    ) -> Result<Arc<MemberPage>, ApiError> {
+        let canonical_roles = roles.len() <= MAX_ROLE_FILTERS
+            && roles.iter().all(|r| crate::authz::is_role_key(r))
+            && roles.windows(2).all(|w| w[0] < w[1]);
+        if !crate::clerk::api::is_clerk_id(org_id, "org_")
+            || !canonical_roles
+            || !(1..=MAX_MEMBER_PAGE).contains(&limit)
+            || offset > MAX_MEMBER_OFFSET
+        {
+            return Err(ApiError::InvalidId);
+        }
+        let key = format!("{org_id}/{}/{offset}/{limit}", roles.join(","));
+        self.charge_miss(&self.inner.member_pages, &key, caller)?;
+        let api = &self.inner.api;
+        let filter: String = roles.iter().map(|r| format!("&role={r}")).collect();
+        self.inner
+            .member_pages
+            .get(&key, async {
+                let page: Page<Membership> = api
+                    .get(&format!(
+                        "organizations/{org_id}/memberships?limit={limit}&offset={offset}{filter}"
+                    ))
+                    .await?;
+                // Clerk answers for the organization and roles asked; anything else is not
+                // shown.
+                let members: Vec<Membership> = page
+                    .data
+                    .into_iter()
+                    .filter(|m| {
+                        m.organization.id == org_id && (roles.is_empty() || roles.contains(&m.role))
+                    })
+                    .collect();
+                Ok(MemberPage {
+                    total_count: page.total_count.unwrap_or(offset + members.len()),
+                    members,
+                })
+            })
+            .await
+    }
+
+    /// Drops an organization's cached profile (and a remembered "not found") and every page
+    /// of its members.
+    pub async fn invalidate_organization(&self, org_id: &str) {
+        if crate::clerk::api::is_clerk_id(org_id, "org_") {
+            self.inner.organizations.invalidate(org_id).await;
+            self.inner
+                .member_pages
+                .invalidate_prefix(format!("{org_id}/"));
+        }
     }
 
     /// Drops a user's cached profile and memberships (and a remembered "not found").
@@ -564,9 +906,12 @@ impl Directory {
         self.inner.memberships.invalidate(user_id).await;
     }
 
-    /// Drops a cached session.
+    /// Drops a cached session, and its owner's session pages when the owner is known.
     pub async fn invalidate_session(&self, session_id: &str) {
         self.inner.sessions.invalidate(session_id).await;
+        if let Some(owner) = self.inner.owners.get(session_id) {
+            self.invalidate_sessions_of(&owner);
+        }
     }
 }
 
@@ -634,6 +979,52 @@ impl Membership {
             created_at: ts(self.created_at),
         }
     }
+
+    /// The wire type, seen from the organization.
+    pub fn to_member_proto(&self) -> pb::OrganizationMember {
+        let u = self.public_user_data.clone().unwrap_or_default();
+        pb::OrganizationMember {
+            id: self.id.clone(),
+            role: self.role.clone(),
+            permissions: self.permissions.clone(),
+            user: Some(pb::MemberUser {
+                user_id: u.user_id,
+                identifier: u.identifier.unwrap_or_default(),
+                first_name: u.first_name.unwrap_or_default(),
+                last_name: u.last_name.unwrap_or_default(),
+                username: u.username.unwrap_or_default(),
+                image_url: u.image_url.unwrap_or_default(),
+                has_image: u.has_image,
+            }),
+            public_metadata: Some(json_map_to_struct(
+                self.public_metadata.as_ref().unwrap_or(&Map::new()),
+            )),
+            created_at: ts(self.created_at),
+            updated_at: ts(self.updated_at),
+        }
+    }
+}
+
+impl Organization {
+    /// The wire type.
+    pub fn to_proto(&self) -> pb::OrganizationProfile {
+        let count = |n: Option<i64>| n.map_or(0, |n| i32::try_from(n.max(0)).unwrap_or(i32::MAX));
+        pb::OrganizationProfile {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            slug: self.slug.clone().unwrap_or_default(),
+            image_url: self.image_url.clone().unwrap_or_default(),
+            has_image: self.has_image,
+            members_count: count(self.members_count),
+            max_allowed_memberships: count(self.max_allowed_memberships),
+            admin_delete_enabled: self.admin_delete_enabled,
+            public_metadata: Some(json_map_to_struct(
+                self.public_metadata.as_ref().unwrap_or(&Map::new()),
+            )),
+            created_at: ts(self.created_at),
+            updated_at: ts(self.updated_at),
+        }
+    }
 }
 
 impl Session {
@@ -653,6 +1044,17 @@ impl Session {
             abandon_at: ts(self.abandon_at),
             created_at: ts(self.created_at),
             updated_at: ts(self.updated_at),
+            is_current: false,
+            latest_activity: self.latest_activity.as_ref().map(|a| pb::SessionActivity {
+                id: a.id.clone(),
+                device_type: a.device_type.clone().unwrap_or_default(),
+                is_mobile: a.is_mobile,
+                browser_name: a.browser_name.clone().unwrap_or_default(),
+                browser_version: a.browser_version.clone().unwrap_or_default(),
+                ip_address: a.ip_address.clone().unwrap_or_default(),
+                city: a.city.clone().unwrap_or_default(),
+                country: a.country.clone().unwrap_or_default(),
+            }),
         }
     }
 }

@@ -123,10 +123,20 @@ struct ServeFlags {
     /// `WhoAmI=profile email;GetUser=profile email`). An RPC not named refuses OAuth tokens.
     #[arg(long, env = "CLERK_AUTH_IDENTITY_OAUTH_SCOPES")]
     identity_oauth_scopes: Option<String>,
-    /// `true`: `RevokeSession` needs an allowlisted mTLS certificate *and* a trusted M2M token
-    /// (default `false`: either).
+    /// `true`: a trusted caller's `RevokeSession` needs an allowlisted mTLS certificate *and*
+    /// a trusted M2M token (default `false`: either).
     #[arg(long, env = "CLERK_AUTH_REVOKE_REQUIRES_MTLS")]
     revoke_requires_mtls: Option<String>,
+    /// Users revoking their own sessions: the current one always, the others with a recent
+    /// second factor per Clerk's reverification preset (`strict_mfa`, `strict` — the
+    /// default —, `moderate`, `lax`); `any`: no factor asked; `never`: trusted callers only.
+    #[arg(long, env = "CLERK_AUTH_SELF_REVOKE")]
+    self_revoke: Option<String>,
+    /// What a member needs in its active organization to read it (`GetOrganization`,
+    /// `ListOrganizationMembers`): a permission (default `org:sys_memberships:read`, system
+    /// permissions read from Clerk), a role (`org:admin`), or `never`.
+    #[arg(long, env = "CLERK_AUTH_ORG_READ")]
+    org_read: Option<String>,
     /// `true`: an M2M caller counts only when `CLERK_AUTH_MACHINE_ID` is its token's *only*
     /// scope (a machine that may also call other services is not trusted). Default `false`.
     #[arg(long, env = "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE")]
@@ -310,6 +320,10 @@ pub struct TokenArgs {
     /// Mint a pending session (`sts: pending`).
     #[arg(long)]
     pub pending: bool,
+    /// Minutes since the first and the second factor were verified, `FIRST,SECOND` (Clerk's
+    /// `fva`; `-1` for a factor not set up), e.g. `0,2` for a second factor just now.
+    #[arg(long, value_parser = parse_fva, allow_hyphen_values = true)]
+    pub fva: Option<[i64; 2]>,
     /// Mint v1 claims instead of v2.
     #[arg(long)]
     pub v1: bool,
@@ -377,6 +391,16 @@ pub struct DevArgs {
     #[arg(long, default_value = "text", value_parser = log_format())]
     pub log_format: LogFormat,
 }
+/// `--fva FIRST,SECOND`: two whole numbers of minutes, each `-1` or more.
+fn parse_fva(s: &str) -> Result<[i64; 2], String> {
+    let (a, b) = s.split_once(',').ok_or("FIRST,SECOND minutes, e.g. 0,2")?;
+    let minutes = |v: &str| match v.trim().parse::<i64>() {
+        Ok(n) if (-1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("{v:?} is not a number of minutes from -1")),
+    };
+    Ok([minutes(a)?, minutes(b)?])
+}
+
 #[cfg(test)]
 mod tests {
     use clap::{Args as _, CommandFactory as _};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clerk_grpc_auth::{
     clerk::{api::BackendApiConfig, directory::DirectoryConfig, machines::MachineConfig},
-    emulator::{Emulator, EmulatorConfig, OrgSpec, TokenSpec, UserSpec},
+    emulator::{Emulator, EmulatorConfig, MembershipSpec, OrgSpec, TokenSpec, UserSpec},
     secret::Secret,
     server::{
         self, config, telemetry, AuthServer, IdentityConfig, ServerConfig, TlsConfig, WebhookConfig,
@@ -18,6 +18,24 @@ use super::{args::DevArgs, walkthrough::Walkthrough, EXIT_CONFIG};
 
 /// The dev token's organization ("acme").
 const ORG_ID: &str = "org_2devACMEacmeACMEacmeACME";
+
+/// Another organization ("globex"), whose admin may not read acme.
+const OTHER_ORG_ID: &str = "org_2devGLOBEXglobexGLOBEXgl";
+
+/// The dev user, admin of acme.
+const USER_ID: &str = "user_2devDEVdevDEVdevDEVdevDEV";
+
+/// The dev token's session.
+const SESSION_ID: &str = "sess_2devDEVdevDEVdevDEVdevDEV";
+
+/// The dev user's other signed-in device (its phone).
+const PHONE_SESSION_ID: &str = "sess_2devPHONEphonePHONEphone";
+
+/// Grace, acme's billing member (no `org:sys_memberships:read`).
+const GRACE_ID: &str = "user_2otherOTHERotherOTHERother";
+
+/// Linus, admin of globex.
+const LINUS_ID: &str = "user_2devLINUSlinusLINUSlinus";
 
 /// The SPIFFE ID of `dev --tls`'s client certificate.
 pub const DEV_SPIFFE_ID: &str = "spiffe://dev.local/ns/default/sa/dev-client";
@@ -229,6 +247,50 @@ pub async fn run(args: DevArgs) -> ExitCode {
     } else {
         None
     };
+    // The directory the walk-through reads (before webhooks are wired: nothing to send yet).
+    // The dev user administers acme; Grace is acme's billing member, a custom role without
+    // Clerk's org:sys_memberships:read; Linus administers globex.
+    let person = |id: &str, first: &str, last: &str, email: &str| UserSpec {
+        id: Some(id.into()),
+        first_name: Some(first.into()),
+        last_name: Some(last.into()),
+        email: Some(email.into()),
+        ..UserSpec::default()
+    };
+    emu.create_user(&person(USER_ID, "Dev", "User", "dev@example.com"));
+    let other_user = emu.create_user(&person(GRACE_ID, "Grace", "Hopper", "grace@example.com"));
+    emu.create_user(&person(LINUS_ID, "Linus", "Torvalds", "linus@example.com"));
+    for (user, org, name, role, permissions) in [
+        (
+            USER_ID,
+            ORG_ID,
+            "acme",
+            "admin",
+            &[
+                "org:invoices:read",
+                "org:invoices:write",
+                "org:members:manage",
+            ][..],
+        ),
+        (
+            GRACE_ID,
+            ORG_ID,
+            "acme",
+            "billing",
+            &["org:invoices:read"][..],
+        ),
+        (LINUS_ID, OTHER_ORG_ID, "globex", "admin", &[][..]),
+    ] {
+        emu.add_membership(&MembershipSpec {
+            user_id: user.into(),
+            org_id: org.into(),
+            org_name: Some(format!("{}{}", name[..1].to_uppercase(), &name[1..])),
+            org_slug: Some(name.into()),
+            role: Some(role.into()),
+            permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
+        })
+        .await;
+    }
     // Webhooks from the emulator to the HTTP port, signed with a fresh secret.
     let webhook_secret = format!(
         "whsec_{}",
@@ -252,13 +314,6 @@ pub async fn run(args: DevArgs) -> ExitCode {
         &format!("http://{http_addr}/webhooks/clerk"),
         &webhook_secret,
     )));
-    let other_user = emu.create_user(&UserSpec {
-        id: Some("user_2otherOTHERotherOTHERother".into()),
-        first_name: Some("Grace".into()),
-        last_name: Some("Hopper".into()),
-        email: Some("grace@example.com".into()),
-        ..UserSpec::default()
-    });
     let server = match AuthServer::build(config) {
         Ok(s) => s,
         Err(e) => {
@@ -299,8 +354,14 @@ pub async fn run(args: DevArgs) -> ExitCode {
         shutdown,
     ));
     keys.ready().await;
-    let session_id = "sess_2devDEVdevDEVdevDEVdevDEV";
-    let user_id = "user_2devDEVdevDEVdevDEVdevDEV";
+    let (user_id, session_id) = (USER_ID, SESSION_ID);
+    // The phone's own token (minting it signs the phone in: its session exists from now on).
+    let phone_token = emu.mint(&TokenSpec {
+        user_id: Some(user_id.into()),
+        session_id: Some(PHONE_SESSION_ID.into()),
+        expires_in: Some(3600),
+        ..TokenSpec::default()
+    });
     let token = emu.mint(&TokenSpec {
         user_id: Some(user_id.into()),
         session_id: Some(session_id.into()),
@@ -326,7 +387,11 @@ pub async fn run(args: DevArgs) -> ExitCode {
         token: &token,
         user_id,
         session_id,
+        phone_session_id: PHONE_SESSION_ID,
+        phone_token: &phone_token,
         org_id,
+        other_org_id: OTHER_ORG_ID,
+        linus: LINUS_ID,
         other_user: &other_user,
         machine_a: &service_a.id,
         machine_a_secret: &service_a.secret_key,

@@ -27,6 +27,7 @@ pub async fn run(args: TokenArgs) -> ExitCode {
         v1: args.v1,
         azp: args.azp,
         session_status: args.pending.then(|| "pending".to_owned()),
+        fva: args.fva,
         ..TokenSpec::default()
     };
     let url = format!(

@@ -40,8 +40,16 @@ pub struct Walkthrough<'a> {
     pub user_id: &'a str,
     /// The dev token's session (revoked in the last step).
     pub session_id: &'a str,
+    /// The dev user's other signed-in device, signed out from the dev session.
+    pub phone_session_id: &'a str,
+    /// That device's token (one hour).
+    pub phone_token: &'a str,
     /// The dev token's organization.
     pub org_id: &'a str,
+    /// Another organization.
+    pub other_org_id: &'a str,
+    /// Its admin (Linus).
+    pub linus: &'a str,
     /// Another user (Grace), whom machine A may read and the dev user may not.
     pub other_user: &'a str,
     /// Machine A: on the identity-query allowlist; calls B.
@@ -85,7 +93,10 @@ impl Walkthrough<'_> {
         let Walkthrough {
             user_id,
             session_id,
+            phone_session_id,
             org_id,
+            other_org_id,
+            linus,
             other_user,
             ..
         } = *self;
@@ -155,6 +166,7 @@ impl Walkthrough<'_> {
             cmd(&mut out, &format!("export CERTS={certs}"), "");
         }
         cmd(&mut out, &format!("export TOKEN={}", self.token), "");
+        cmd(&mut out, &format!("export PHONE={}", self.phone_token), "");
 
         heading(
             &mut out,
@@ -272,6 +284,141 @@ impl Walkthrough<'_> {
             &verify(r#"\"token\":\"$MEMBER\""#),
             r#""role": "org:member", "org:invoices:read""#,
         );
+
+        // As whom the identity queries below ask: over mTLS the allowlisted certificate is a
+        // trusted caller by itself.
+        let as_user = |rpc: &str, body: &str| {
+            format!(
+                r#"{g} -H "authorization: Bearer $TOKEN" -d '{body}' $AUTH clerk.auth.v1.AuthService/{rpc}"#
+            )
+        };
+        if tls {
+            heading(
+                &mut out,
+                "Signed-in devices. Your certificate is a trusted caller: it lists the sessions of\n\
+                 any user and revokes any of them, with no token at all. Without --tls, dev\n\
+                 shows the user doing it for itself, refused until its token shows a fresh\n\
+                 second factor. Either way the token of the phone is refused at once.",
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    r#"{g} -d '{{"user_id":"{user_id}"}}' $AUTH clerk.auth.v1.AuthService/ListSessions"#
+                ),
+                &format!(r#""id": "{phone_session_id}", "browserName": "Chrome""#),
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    r#"{g} -d '{{"session_id":"{phone_session_id}"}}' $AUTH clerk.auth.v1.AuthService/RevokeSession"#
+                ),
+                r#""status": "revoked""#,
+            );
+        } else {
+            heading(
+                &mut out,
+                "Signed-in devices: the user lists its sessions, the one of TOKEN marked current,\n\
+                 and signs out its phone. That needs a second factor within 10 minutes, the strict\n\
+                 reverification of Clerk: refused with what to ask for, then allowed for a token\n\
+                 of the same session showing one, fva 0,2. The token of the phone is refused at once.",
+            );
+            cmd(
+                &mut out,
+                &as_user("ListSessions", &format!(r#"{{"user_id":"{user_id}"}}"#)),
+                &format!(
+                    r#""isCurrent": true, "id": "{phone_session_id}", "browserName": "Chrome""#
+                ),
+            );
+            cmd(
+                &mut out,
+                &as_user(
+                    "RevokeSession",
+                    &format!(r#"{{"session_id":"{phone_session_id}"}}"#),
+                ),
+                r#"Code: PermissionDenied, REVERIFICATION_REQUIRED, "level": "second_factor""#,
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    "FRESH=$(cargo run --release -q -- token --emulator-url $EMU --user {user_id} --session {session_id} --fva 0,2 --expires-in 600)"
+                ),
+                "",
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    r#"{g} -H "authorization: Bearer $FRESH" -d '{{"session_id":"{phone_session_id}"}}' $AUTH clerk.auth.v1.AuthService/RevokeSession"#
+                ),
+                r#""status": "revoked""#,
+            );
+        }
+        cmd(
+            &mut out,
+            &verify(r#"\"token\":\"$PHONE\""#),
+            "Code: Unauthenticated, SESSION_REVOKED",
+        );
+
+        heading(
+            &mut out,
+            &if tls {
+                "Organizations for tenants. Your certificate reads any organization. Without\n\
+                 --tls, dev shows the rule for users: the admin of acme lists its members, while\n\
+                 a billing member, lacking org:sys_memberships:read, and the admin of another\n\
+                 organization are refused."
+                    .to_owned()
+            } else {
+                "Organizations for tenants: the admin of acme, TOKEN, reads it and lists its\n\
+                 members. Grace, its billing member, lacks org:sys_memberships:read, and\n\
+                 Linus administers another organization, globex: both are refused."
+                    .to_owned()
+            },
+        );
+        cmd(
+            &mut out,
+            &as_user(
+                "GetOrganization",
+                &format!(r#"{{"organization_id":"{org_id}"}}"#),
+            ),
+            r#""slug": "acme", "membersCount": 2"#,
+        );
+        cmd(
+            &mut out,
+            &as_user(
+                "ListOrganizationMembers",
+                &format!(r#"{{"organization_id":"{org_id}"}}"#),
+            ),
+            r#""role": "org:billing", "firstName": "Grace", "role": "org:admin", "totalCount": 2"#,
+        );
+        if !tls {
+            cmd(
+                &mut out,
+                &format!(
+                    "GRACE=$(cargo run --release -q -- token --emulator-url $EMU --user {other_user} --org {org_id} --org-slug acme --role billing --permission org:invoices:read --expires-in 600)"
+                ),
+                "",
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    r#"{g} -H "authorization: Bearer $GRACE" -d '{{"organization_id":"{org_id}"}}' $AUTH clerk.auth.v1.AuthService/ListOrganizationMembers"#
+                ),
+                r#"Code: PermissionDenied, ORG_PERMISSION_REQUIRED, "permission": "org:sys_memberships:read""#,
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    "LINUS=$(cargo run --release -q -- token --emulator-url $EMU --user {linus} --org {other_org_id} --org-slug globex --role admin --expires-in 600)"
+                ),
+                "",
+            );
+            cmd(
+                &mut out,
+                &format!(
+                    r#"{g} -H "authorization: Bearer $LINUS" -d '{{"organization_id":"{org_id}"}}' $AUTH clerk.auth.v1.AuthService/ListOrganizationMembers"#
+                ),
+                "Code: PermissionDenied, CALLER_NOT_ALLOWED",
+            );
+        }
 
         heading(
             &mut out,

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{clerk_error, now_secs, random_id, Shared};
-use crate::{clerk::svix::SvixVerifier, secret::Secret};
+use crate::{
+    clerk::{directory::SESSION_STATUSES, svix::SvixVerifier},
+    secret::Secret,
+};
 
 /// A user to create. Every field is optional.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,14 +51,58 @@ pub struct MembershipSpec {
     pub org_slug: Option<String>,
     /// Role, `org:`-prefixed or not (default `org:member`).
     pub role: Option<String>,
-    /// Permission keys.
+    /// Permission keys, besides the system permissions Clerk's `org:admin` and `org:member`
+    /// roles carry ([`role_permissions`]).
     pub permissions: Vec<String>,
+}
+
+/// The system permissions of Clerk's default roles: `org:admin` has every one, `org:member`
+/// may read members; any other role has none (as a custom role without them).
+pub fn role_permissions(role: &str) -> &'static [&'static str] {
+    match role {
+        "org:admin" => &[
+            "org:sys_profile:manage",
+            "org:sys_profile:delete",
+            "org:sys_memberships:read",
+            "org:sys_memberships:manage",
+            "org:sys_domains:read",
+            "org:sys_domains:manage",
+            "org:sys_billing:read",
+            "org:sys_billing:manage",
+        ],
+        "org:member" => &["org:sys_memberships:read"],
+        _ => &[],
+    }
+}
+
+/// A role as the emulator stores it: `org:`-prefixed.
+fn role_key(role: Option<&str>) -> String {
+    match role {
+        Some(r) if r.starts_with("org:") => r.to_owned(),
+        Some(r) => format!("org:{r}"),
+        None => "org:member".into(),
+    }
+}
+
+/// The role's system permissions, then the others given (no repeats).
+fn membership_permissions(role: &str, extra: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = role_permissions(role)
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect();
+    for p in extra {
+        if !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default)]
 pub(super) struct DirectoryState {
     users: HashMap<String, Value>,
     memberships: Vec<(String, Value)>,
+    organizations: HashMap<String, Value>,
     sessions: HashMap<String, Value>,
     webhook: Option<(String, SvixVerifier)>,
 }
@@ -114,6 +161,17 @@ fn session_json(id: &str, user_id: &str) -> Value {
         "status": "active",
         "last_active_organization_id": null,
         "actor": null,
+        "latest_activity": {
+            "object": "session_activity",
+            "id": format!("sess_activity_{}", random_id(24)),
+            "device_type": "Macintosh",
+            "is_mobile": false,
+            "browser_name": "Chrome",
+            "browser_version": "131.0.0.0",
+            "ip_address": "127.0.0.1",
+            "city": null,
+            "country": null,
+        },
         "last_active_at": now,
         "expire_at": now + 7 * 86_400_000,
         "abandon_at": now + 30 * 86_400_000,
@@ -208,47 +266,125 @@ impl Shared {
         user
     }
 
+    /// Adds (or replaces) the user's membership of the organization, creating the
+    /// organization when new.
     pub(super) fn add_membership(&self, spec: &MembershipSpec) -> Value {
-        let role = spec
-            .role
-            .clone()
-            .map(|r| {
-                if r.starts_with("org:") {
-                    r
-                } else {
-                    format!("org:{r}")
-                }
+        let role = role_key(spec.role.as_deref());
+        let mut d = self.directory.lock().expect("lock");
+        let org = d
+            .organizations
+            .entry(spec.org_id.clone())
+            .or_insert_with(|| {
+                let slug = spec.org_slug.clone().unwrap_or_else(|| spec.org_id.clone());
+                json!({
+                    "object": "organization",
+                    "id": spec.org_id,
+                    "name": spec.org_name.clone().unwrap_or_else(|| slug.clone()),
+                    "slug": slug,
+                    "image_url": "",
+                    "has_image": false,
+                    "max_allowed_memberships": 0,
+                    "admin_delete_enabled": true,
+                    "public_metadata": {},
+                    "private_metadata": {},
+                    "created_by": spec.user_id,
+                    "created_at": now_ms(),
+                    "updated_at": now_ms(),
+                })
             })
-            .unwrap_or_else(|| "org:member".into());
-        let slug = spec.org_slug.clone().unwrap_or_else(|| spec.org_id.clone());
+            .clone();
+        let user = d.users.get(&spec.user_id).cloned().unwrap_or(Value::Null);
+        let identifier = user["email_addresses"][0]["email_address"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}@example.com", spec.user_id));
         let m = json!({
             "object": "organization_membership",
             "id": format!("orgmem_{}", random_id(24)),
             "role": role,
-            "permissions": spec.permissions,
+            "role_name": role.trim_start_matches("org:"),
+            "permissions": membership_permissions(&role, &spec.permissions),
             "public_metadata": {},
             "private_metadata": {},
             "created_at": now_ms(),
             "updated_at": now_ms(),
-            "organization": {
-                "object": "organization",
-                "id": spec.org_id,
-                "name": spec.org_name.clone().unwrap_or_else(|| slug.clone()),
-                "slug": slug,
-                "image_url": "",
-                "has_image": false,
-                "public_metadata": {},
-                "created_at": now_ms(),
-                "updated_at": now_ms(),
+            "organization": org,
+            "public_user_data": {
+                "user_id": spec.user_id,
+                "identifier": identifier,
+                "first_name": user["first_name"],
+                "last_name": user["last_name"],
+                "username": user["username"],
+                "image_url": user["image_url"],
+                "has_image": user["has_image"].as_bool().unwrap_or(false),
             },
-            "public_user_data": {"user_id": spec.user_id, "identifier": format!("{}@example.com", spec.user_id)},
         });
-        self.directory
-            .lock()
-            .expect("lock")
-            .memberships
-            .push((spec.user_id.clone(), m.clone()));
+        let org_id = spec.org_id.as_str();
+        d.memberships.retain(|(u, m)| {
+            !(*u == spec.user_id && m["organization"]["id"].as_str() == Some(org_id))
+        });
+        d.memberships.push((spec.user_id.clone(), m.clone()));
         m
+    }
+
+    /// Changes an organization (and every membership's copy of it); `None` if unknown.
+    pub(super) fn update_organization(&self, id: &str, patch: &OrganizationPatch) -> Option<Value> {
+        let mut d = self.directory.lock().expect("lock");
+        let org = d.organizations.get_mut(id)?;
+        if let Some(v) = &patch.name {
+            org["name"] = v.clone().into();
+        }
+        if let Some(v) = &patch.slug {
+            org["slug"] = v.clone().into();
+        }
+        if let Some(v) = &patch.public_metadata {
+            org["public_metadata"] = Value::Object(v.clone());
+        }
+        if let Some(v) = patch.max_allowed_memberships {
+            org["max_allowed_memberships"] = v.into();
+        }
+        org["updated_at"] = now_ms().into();
+        let org = org.clone();
+        for (_, m) in d.memberships.iter_mut() {
+            if m["organization"]["id"].as_str() == Some(id) {
+                m["organization"] = org.clone();
+            }
+        }
+        Some(org)
+    }
+
+    /// Changes a member's role (its permissions follow: the role's system permissions and
+    /// those given); `None` if the user is not a member.
+    pub(super) fn update_member(
+        &self,
+        org_id: &str,
+        user_id: &str,
+        patch: &MemberPatch,
+    ) -> Option<Value> {
+        let mut d = self.directory.lock().expect("lock");
+        let (_, m) = d
+            .memberships
+            .iter_mut()
+            .find(|(u, m)| u == user_id && m["organization"]["id"].as_str() == Some(org_id))?;
+        let role = match &patch.role {
+            Some(r) => role_key(Some(r)),
+            None => m["role"].as_str().unwrap_or("org:member").to_owned(),
+        };
+        m["permissions"] = json!(membership_permissions(&role, &patch.permissions));
+        m["role_name"] = role.trim_start_matches("org:").into();
+        m["role"] = role.into();
+        m["updated_at"] = now_ms().into();
+        Some(m.clone())
+    }
+
+    /// Removes a member; the removed membership, or `None` if the user was not one.
+    pub(super) fn remove_member(&self, org_id: &str, user_id: &str) -> Option<Value> {
+        let mut d = self.directory.lock().expect("lock");
+        let at = d
+            .memberships
+            .iter()
+            .position(|(u, m)| u == user_id && m["organization"]["id"].as_str() == Some(org_id))?;
+        Some(d.memberships.remove(at).1)
     }
 
     /// Sets a session's status; sends `session.<event>` for ended / revoked / removed.
@@ -364,6 +500,134 @@ async fn list_memberships(
     Json(json!({"data": page, "total_count": all.len()})).into_response()
 }
 
+/// A number parameter as Clerk reads it: ASCII digits only (no sign, space or fraction), at
+/// most 9 of them, within `range`; `default` when absent. `None`: refused.
+fn number_param(
+    v: Option<&str>,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Option<usize> {
+    match v {
+        None => Some(default),
+        Some(v) if !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit()) => {
+            v.parse().ok().filter(|n| range.contains(n))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Sorts Clerk objects newest first (`created_at`; those made in the same millisecond by id,
+/// so that pages never overlap) and returns `limit` of them from `offset`.
+fn newest_first(all: &mut [&Value], offset: usize, limit: usize) -> Vec<Value> {
+    let created = |v: &Value| v["created_at"].as_i64().unwrap_or(0);
+    let id = |v: &Value| v["id"].as_str().unwrap_or("").to_owned();
+    all.sort_by(|a, b| created(b).cmp(&created(a)).then_with(|| id(a).cmp(&id(b))));
+    all.iter()
+        .skip(offset)
+        .take(limit)
+        .map(|v| (*v).clone())
+        .collect()
+}
+
+/// `GET /v1/organizations/{id}`: by id or slug, as Clerk's; `members_count` with
+/// `include_members_count=true`.
+async fn get_organization(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = s.identity_gate(&headers).await {
+        return r;
+    }
+    let mut count = false;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "include_members_count" {
+            match &*v {
+                "true" => count = true,
+                "false" => count = false,
+                _ => {
+                    return bad_param(
+                        "form_param_value_invalid",
+                        "include_members_count",
+                        "must be true or false",
+                    )
+                }
+            }
+        }
+    }
+    let d = s.directory.lock().expect("lock");
+    let found = d.organizations.get(&id).or_else(|| {
+        d.organizations
+            .values()
+            .find(|o| o["slug"].as_str() == Some(id.as_str()))
+    });
+    let Some(org) = found else {
+        return not_found("organization");
+    };
+    let mut org = org.clone();
+    if count {
+        let oid = org["id"].as_str().unwrap_or_default().to_owned();
+        let n = d
+            .memberships
+            .iter()
+            .filter(|(_, m)| m["organization"]["id"].as_str() == Some(oid.as_str()))
+            .count();
+        org["members_count"] = n.into();
+    }
+    Json(org).into_response()
+}
+
+/// `GET /v1/organizations/{id}/memberships`: newest first, `limit` 1–500 (10 by default)
+/// from `offset`, `role` any number of times (members with one of them), `{data,
+/// total_count}`.
+async fn list_organization_memberships(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = s.identity_gate(&headers).await {
+        return r;
+    }
+    let (mut limit, mut offset, mut roles) = (None, None, Vec::new());
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "limit" => limit = Some(v.into_owned()),
+            "offset" => offset = Some(v.into_owned()),
+            "role" => roles.push(v.into_owned()),
+            _ => {}
+        }
+    }
+    let Some(limit) = number_param(limit.as_deref(), 10, 1..=500) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "limit",
+            "must be a number from 1 to 500",
+        );
+    };
+    let Some(offset) = number_param(offset.as_deref(), 0, 0..=usize::MAX) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "offset",
+            "must be a number from 0",
+        );
+    };
+    let d = s.directory.lock().expect("lock");
+    if !d.organizations.contains_key(&id) {
+        return not_found("organization");
+    }
+    let mut all: Vec<&Value> = d
+        .memberships
+        .iter()
+        .map(|(_, m)| m)
+        .filter(|m| m["organization"]["id"].as_str() == Some(id.as_str()))
+        .filter(|m| roles.is_empty() || roles.iter().any(|r| m["role"].as_str() == Some(r)))
+        .collect();
+    let page = newest_first(&mut all, offset, limit);
+    Json(json!({"data": page, "total_count": all.len()})).into_response()
+}
+
 /// The query of `GET /v1/sessions`, every value as sent (checked by [`list_sessions`]).
 #[derive(Deserialize)]
 struct SessionListQuery {
@@ -374,18 +638,6 @@ struct SessionListQuery {
     offset: Option<String>,
     paginated: Option<String>,
 }
-
-/// The statuses a Clerk session can have (`status=` takes one of them).
-const SESSION_STATUSES: [&str; 8] = [
-    "abandoned",
-    "active",
-    "ended",
-    "expired",
-    "pending",
-    "removed",
-    "replaced",
-    "revoked",
-];
 
 /// A form parameter Clerk refuses (422, `form_param_value_invalid` or `form_param_missing`).
 fn bad_param(code: &str, name: &str, why: &str) -> Response {
@@ -418,22 +670,14 @@ async fn list_sessions(
             return bad_param("form_param_value_invalid", "status", &why);
         }
     }
-    let number =
-        |v: &Option<String>, default: usize, range: std::ops::RangeInclusive<usize>| match v {
-            None => Some(default),
-            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() && v.len() <= 9 => {
-                v.parse().ok().filter(|n| range.contains(n))
-            }
-            Some(_) => None,
-        };
-    let Some(limit) = number(&q.limit, 10, 1..=500) else {
+    let Some(limit) = number_param(q.limit.as_deref(), 10, 1..=500) else {
         return bad_param(
             "form_param_value_invalid",
             "limit",
             "must be a number from 1 to 500",
         );
     };
-    let Some(offset) = number(&q.offset, 0, 0..=usize::MAX) else {
+    let Some(offset) = number_param(q.offset.as_deref(), 0, 0..=usize::MAX) else {
         return bad_param(
             "form_param_value_invalid",
             "offset",
@@ -465,16 +709,7 @@ async fn list_sessions(
                 && wanted("status", &q.status, v)
         })
         .collect();
-    // Newest first; sessions made in the same millisecond by id, so that pages never overlap.
-    let created = |v: &Value| v.get("created_at").and_then(Value::as_i64).unwrap_or(0);
-    let id = |v: &Value| v.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
-    all.sort_by(|a, b| created(b).cmp(&created(a)).then_with(|| id(a).cmp(&id(b))));
-    let page: Vec<Value> = all
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(|v| (*v).clone())
-        .collect();
+    let page = newest_first(&mut all, offset, limit);
     if paginated {
         Json(json!({"data": page, "total_count": all.len()})).into_response()
     } else {
@@ -576,6 +811,67 @@ async fn emu_add_membership(
     Json(m).into_response()
 }
 
+/// A change to an organization (`PATCH /emulator/organizations/{id}`); absent fields stay.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct OrganizationPatch {
+    /// Name.
+    pub name: Option<String>,
+    /// Slug.
+    pub slug: Option<String>,
+    /// Public metadata (replaced).
+    pub public_metadata: Option<Map<String, Value>>,
+    /// The membership limit (0: none).
+    pub max_allowed_memberships: Option<i64>,
+}
+
+/// A change to a membership (`PATCH /emulator/organizations/{id}/memberships/{user_id}`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MemberPatch {
+    /// The new role, `org:`-prefixed or not (absent: unchanged).
+    pub role: Option<String>,
+    /// Permissions besides the role's system ones (replaced).
+    pub permissions: Vec<String>,
+}
+
+async fn emu_update_organization(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Json(p): Json<OrganizationPatch>,
+) -> Response {
+    let Some(org) = s.update_organization(&id, &p) else {
+        return not_found("organization");
+    };
+    s.send_webhook("organization.updated", org.clone()).await;
+    Json(org).into_response()
+}
+
+async fn emu_update_member(
+    State(s): State<Arc<Shared>>,
+    Path((org_id, user_id)): Path<(String, String)>,
+    Json(p): Json<MemberPatch>,
+) -> Response {
+    let Some(m) = s.update_member(&org_id, &user_id, &p) else {
+        return not_found("membership");
+    };
+    s.send_webhook("organizationMembership.updated", m.clone())
+        .await;
+    Json(m).into_response()
+}
+
+async fn emu_remove_member(
+    State(s): State<Arc<Shared>>,
+    Path((org_id, user_id)): Path<(String, String)>,
+) -> Response {
+    let Some(m) = s.remove_member(&org_id, &user_id) else {
+        return not_found("membership");
+    };
+    s.send_webhook("organizationMembership.deleted", m.clone())
+        .await;
+    Json(m).into_response()
+}
+
 #[derive(Deserialize)]
 struct NewSession {
     user_id: String,
@@ -641,6 +937,11 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
             "/v1/users/{user_id}/organization_memberships",
             get(list_memberships),
         )
+        .route("/v1/organizations/{organization_id}", get(get_organization))
+        .route(
+            "/v1/organizations/{organization_id}/memberships",
+            get(list_organization_memberships),
+        )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{session_id}", get(get_session))
         .route("/v1/sessions/{session_id}/revoke", post(revoke_session))
@@ -650,6 +951,14 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
             axum::routing::patch(emu_update_user).delete(emu_delete_user),
         )
         .route("/emulator/memberships", post(emu_add_membership))
+        .route(
+            "/emulator/organizations/{id}",
+            axum::routing::patch(emu_update_organization),
+        )
+        .route(
+            "/emulator/organizations/{org_id}/memberships/{user_id}",
+            axum::routing::patch(emu_update_member).delete(emu_remove_member),
+        )
         .route("/emulator/sessions", post(emu_create_session))
         .route("/emulator/sessions/{id}/status", post(emu_session_status))
         .route("/emulator/webhook", put(emu_set_webhook))

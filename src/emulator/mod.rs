@@ -90,7 +90,7 @@ mod directory;
 mod machines;
 pub mod sign_in;
 
-pub use directory::{MembershipSpec, UserSpec};
+pub use directory::{role_permissions, MemberPatch, MembershipSpec, OrganizationPatch, UserSpec};
 pub use machines::{Machine, MachineTokenKind, MachineTokenSpec};
 
 /// An RSA-2048 signing key with a Clerk-like kid (`ins_…`).
@@ -795,6 +795,46 @@ impl Emulator {
         };
         self.shared.send_webhook("user.updated", user).await;
         true
+    }
+
+    /// Changes an organization (and sends `organization.updated`, waiting for its delivery).
+    /// `false` for an unknown organization.
+    pub async fn update_organization(&self, org_id: &str, patch: &OrganizationPatch) -> bool {
+        match self.shared.update_organization(org_id, patch) {
+            Some(org) => {
+                self.shared.send_webhook("organization.updated", org).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes a member's role and permissions (and sends `organizationMembership.updated`,
+    /// waiting for its delivery). `false` when the user is not a member.
+    pub async fn update_member(&self, org_id: &str, user_id: &str, patch: &MemberPatch) -> bool {
+        match self.shared.update_member(org_id, user_id, patch) {
+            Some(m) => {
+                self.shared
+                    .send_webhook("organizationMembership.updated", m)
+                    .await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a member (and sends `organizationMembership.deleted`, waiting for its
+    /// delivery). `false` when the user was not a member.
+    pub async fn remove_member(&self, org_id: &str, user_id: &str) -> bool {
+        match self.shared.remove_member(org_id, user_id) {
+            Some(m) => {
+                self.shared
+                    .send_webhook("organizationMembership.deleted", m)
+                    .await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Creates an active session for a user; returns its id.

@@ -362,8 +362,10 @@ async fn sign_in(
             .as_ref()
             .and_then(|m| m["permissions"].as_array())
             .map(|a| {
+                // Session tokens never carry system permissions (Clerk's rule).
                 a.iter()
                     .filter_map(Value::as_str)
+                    .filter(|p| !p.starts_with("org:sys_"))
                     .map(str::to_owned)
                     .collect()
             })

@@ -1,10 +1,11 @@
 //! Who may ask AuthService what: the caller rules of the identity queries (`WhoAmI`,
-//! `GetUser`, `ListOrganizationMemberships`, `GetSession`, `RevokeSession`) and of the
-//! revocation feed (`WatchRevocations`), in one place.
+//! `GetUser`, `ListOrganizationMemberships`, `GetSession`, `ListSessions`, `RevokeSession`,
+//! `GetOrganization`, `ListOrganizationMembers`) and of the revocation feed
+//! (`WatchRevocations`), in one place.
 //!
 //! A caller is one of:
 //!
-//! * **trusted** — may read anyone, revoke sessions and follow the revocation feed:
+//! * **trusted** — may read anyone, revoke any session and follow the revocation feed:
 //!   * an mTLS client whose certificate's one SPIFFE ID is on the allowlist, or
 //!   * an M2M token whose machine is on the allowlist **and whose `scopes` name AuthService's
 //!     own machine id** ([`AccessConfig::machine_id`]). Clerk's M2M `scopes` are the machines
@@ -16,11 +17,20 @@
 //!     workload.
 //! * **a user speaking for itself** — a session token (always), an OAuth access token or a
 //!   user-owned API key when [`AccessConfig::caller_types`] lets them in. It may read its own
-//!   profile, memberships and sessions; an OAuth token only for the RPCs whose scopes
+//!   profile, memberships and sessions, and revoke its own sessions as
+//!   [`AccessConfig::self_revoke`] allows (its current one always — signing out —, the others
+//!   with a recent second factor by default); an OAuth token only for the RPCs whose scopes
 //!   ([`AccessConfig::oauth_scopes`]) it holds.
+//! * **a member reading its organization** — a session token whose active organization
+//!   (`o.id`) is the one asked, holding what [`AccessConfig::org_read`] names (by default
+//!   Clerk's `org:sys_memberships:read`, looked up at Clerk since tokens never carry system
+//!   permissions). OAuth tokens and API keys carry no active organization and read none.
 //!
 //! Everything else is refused: `PERMISSION_DENIED` with `CALLER_NOT_ALLOWED` (not on the
-//! allowlist, or asking about someone else), `MACHINE_NOT_ALLOWED` (an allowlisted machine's
+//! allowlist, or asking about someone else or another organization), `ORG_PERMISSION_REQUIRED`
+//! / `ORG_ROLE_REQUIRED` (a member without what the organization policy names),
+//! `REVERIFICATION_REQUIRED` (revoking another of one's sessions without a fresh second
+//! factor), `MACHINE_NOT_ALLOWED` (an allowlisted machine's
 //! token not scoped to AuthService), `SCOPE_REQUIRED` (an OAuth token without the RPC's
 //! scopes) or `PEER_NOT_ALLOWED` (`RevokeSession` configured to need mTLS *and* an M2M token).
 //! A token type that is not let in is refused before it is verified
@@ -33,7 +43,7 @@ use std::{
 };
 
 use crate::{
-    authz::{peer::PeerIdentity, Unmet},
+    authz::{is_key_part, peer::PeerIdentity, Unmet},
     clerk::api::is_clerk_id,
     error::Denial,
     token::identity::{Identity, TokenType},
@@ -50,20 +60,31 @@ pub enum Rpc {
     ListOrganizationMemberships,
     /// `GetSession`.
     GetSession,
-    /// `RevokeSession`: trusted callers only.
+    /// `ListSessions`.
+    ListSessions,
+    /// `RevokeSession`: trusted callers, and users for their own sessions
+    /// ([`AccessConfig::self_revoke`]).
     RevokeSession,
+    /// `GetOrganization`: trusted callers, and session tokens for their active organization
+    /// as [`AccessConfig::org_read`] allows.
+    GetOrganization,
+    /// `ListOrganizationMembers`: as `GetOrganization`.
+    ListOrganizationMembers,
     /// `WatchRevocations`: trusted callers only.
     WatchRevocations,
 }
 
 impl Rpc {
     /// Every RPC, in proto order.
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 9] = [
         Rpc::WhoAmI,
         Rpc::GetUser,
         Rpc::ListOrganizationMemberships,
         Rpc::GetSession,
+        Rpc::ListSessions,
         Rpc::RevokeSession,
+        Rpc::GetOrganization,
+        Rpc::ListOrganizationMembers,
         Rpc::WatchRevocations,
     ];
 
@@ -74,7 +95,10 @@ impl Rpc {
             Rpc::GetUser => "GetUser",
             Rpc::ListOrganizationMemberships => "ListOrganizationMemberships",
             Rpc::GetSession => "GetSession",
+            Rpc::ListSessions => "ListSessions",
             Rpc::RevokeSession => "RevokeSession",
+            Rpc::GetOrganization => "GetOrganization",
+            Rpc::ListOrganizationMembers => "ListOrganizationMembers",
             Rpc::WatchRevocations => "WatchRevocations",
         }
     }
@@ -86,7 +110,185 @@ impl Rpc {
 
     /// Whether only trusted callers may use the RPC.
     pub const fn trusted_only(self) -> bool {
-        matches!(self, Rpc::RevokeSession | Rpc::WatchRevocations)
+        matches!(self, Rpc::WatchRevocations)
+    }
+
+    /// Whether the RPC reads an organization (users need it active and [`OrgRead`]).
+    pub const fn organization_scoped(self) -> bool {
+        matches!(self, Rpc::GetOrganization | Rpc::ListOrganizationMembers)
+    }
+}
+
+/// What a user needs in an organization to read it — its profile and its members
+/// (`CLERK_AUTH_ORG_READ`). Whatever it says, the organization must be the one active in the
+/// caller's session token (`o.id`); a trusted caller reads any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrgRead {
+    /// A permission key, `org:<feature>:<permission>` (default: Clerk's system permission
+    /// `org:sys_memberships:read`, which Clerk's `org:admin` and `org:member` roles have).
+    /// System permissions (`org:sys_*`) are never in session tokens, so they are read from
+    /// the user's memberships at Clerk (cached, dropped by `organizationMembership.*`
+    /// webhooks); other permissions from the token, as Clerk's `has()`.
+    Permission(String),
+    /// A role key, `org:<role>`, from the token (as Clerk's `has({ role })`).
+    Role(String),
+    /// Users read no organization; only trusted callers do (`never`).
+    Never,
+}
+
+impl Default for OrgRead {
+    fn default() -> Self {
+        OrgRead::Permission("org:sys_memberships:read".into())
+    }
+}
+
+impl OrgRead {
+    /// Parses `never`, a role key (`org:admin`) or a permission key
+    /// (`org:sys_memberships:read`, `org:members:read`), exactly as Clerk writes them.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "never" {
+            return Ok(OrgRead::Never);
+        }
+        let Some(rest) = s.strip_prefix("org:") else {
+            return Err("not never, org:<role> or org:<feature>:<permission>".to_owned());
+        };
+        match rest.split_once(':') {
+            None if is_key_part(rest) => Ok(OrgRead::Role(s.to_owned())),
+            Some((f, p)) if is_key_part(f) && is_key_part(p) => {
+                Ok(OrgRead::Permission(s.to_owned()))
+            }
+            _ => Err("not never, org:<role> or org:<feature>:<permission> \
+                      (lowercase letters, digits, _)"
+                .to_owned()),
+        }
+    }
+
+    /// Whether the permission asked is a system permission, read from Clerk rather than from
+    /// the token.
+    pub fn needs_memberships(&self) -> bool {
+        matches!(self, OrgRead::Permission(p) if p.starts_with("org:sys_"))
+    }
+
+    /// Whether `identity` (a session token's) may read `org_id`. `clerk_permissions`: the
+    /// user's permissions in `org_id` as Clerk has them (`None`: not a member there), needed
+    /// when [`OrgRead::needs_memberships`]. Another organization than the active one is
+    /// `CALLER_NOT_ALLOWED` whether it exists or not; a missing permission or role names
+    /// what is needed.
+    pub fn allows(
+        &self,
+        identity: &Identity,
+        org_id: &str,
+        clerk_permissions: Option<&[String]>,
+    ) -> Result<(), Denial> {
+        let not_allowed = Denial {
+            unmet: Unmet::CallerNotAllowed,
+            required: Vec::new(),
+        };
+        let active = identity
+            .organization
+            .as_ref()
+            .filter(|o| identity.token_type == TokenType::SessionToken && o.id == org_id);
+        let Some(org) = active else {
+            return Err(not_allowed);
+        };
+        match self {
+            OrgRead::Never => Err(not_allowed),
+            OrgRead::Role(role) if org.role.as_deref() == Some(role.as_str()) => Ok(()),
+            OrgRead::Role(role) => Err(Denial {
+                unmet: Unmet::Role,
+                required: vec![("role", role.clone())],
+            }),
+            OrgRead::Permission(p) => {
+                let held = if self.needs_memberships() {
+                    match clerk_permissions {
+                        Some(held) => held.contains(p),
+                        // Clerk no longer has the user in the organization.
+                        None => return Err(not_allowed),
+                    }
+                } else {
+                    org.permissions.contains(p)
+                };
+                if held {
+                    Ok(())
+                } else {
+                    Err(Denial {
+                        unmet: Unmet::Permission,
+                        required: vec![("permission", p.clone())],
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Whether and how a user may revoke its own sessions (`CLERK_AUTH_SELF_REVOKE`). Its current
+/// session (signing out) is always allowed unless [`SelfRevoke::Never`]; the others need what
+/// this says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SelfRevoke {
+    /// Users revoke nothing; only trusted callers do (`never`).
+    Never,
+    /// A user may revoke any of its sessions, no fresh factor asked (`any`). A stolen token
+    /// can then sign its owner out everywhere.
+    Any,
+    /// A user may revoke its other sessions when its token shows this reverification (a
+    /// preset name, e.g. `strict`, Clerk's `second_factor` within 10 minutes — the default).
+    Reverify(crate::authz::Reverification),
+}
+
+impl Default for SelfRevoke {
+    fn default() -> Self {
+        SelfRevoke::Reverify(crate::authz::Reverification::Preset(
+            crate::authz::ReverificationPreset::Strict,
+        ))
+    }
+}
+
+impl SelfRevoke {
+    /// Parses `never`, `any`, or one of Clerk's presets (`strict_mfa`, `strict`, `moderate`,
+    /// `lax`), exactly (lowercase).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        use crate::authz::{Reverification::Preset, ReverificationPreset as P};
+        Ok(match s {
+            "never" => SelfRevoke::Never,
+            "any" => SelfRevoke::Any,
+            "strict_mfa" => SelfRevoke::Reverify(Preset(P::StrictMfa)),
+            "strict" => SelfRevoke::Reverify(Preset(P::Strict)),
+            "moderate" => SelfRevoke::Reverify(Preset(P::Moderate)),
+            "lax" => SelfRevoke::Reverify(Preset(P::Lax)),
+            _ => return Err("not one of never, any, strict_mfa, strict, moderate, lax".to_owned()),
+        })
+    }
+
+    /// Whether `identity` (the caller's own token) may revoke its user's session
+    /// `target`, already known to be that user's: `Err` says what is missing, with Clerk's
+    /// reverification hint (`level`, `after_minutes`) as metadata.
+    pub fn allows(&self, identity: &Identity, target: &str) -> Result<(), Denial> {
+        let current = identity.session_id.as_deref() == Some(target);
+        match self {
+            SelfRevoke::Never => Err(Denial {
+                unmet: Unmet::CallerNotAllowed,
+                required: Vec::new(),
+            }),
+            SelfRevoke::Any => Ok(()),
+            _ if current => Ok(()),
+            SelfRevoke::Reverify(r) => {
+                // Clerk's rule, from the token's `fva` (only session tokens carry one).
+                let fresh = identity.token_type == TokenType::SessionToken
+                    && r.is_met(identity.factor_verification_age_exact());
+                if fresh {
+                    return Ok(());
+                }
+                let (level, after) = r.resolve();
+                Err(Denial {
+                    unmet: Unmet::Reverification,
+                    required: vec![
+                        ("level", level.as_str().to_owned()),
+                        ("after_minutes", after.to_string()),
+                    ],
+                })
+            }
+        }
     }
 }
 
@@ -113,6 +315,12 @@ pub struct AccessConfig {
     /// (`CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE`): a machine that may also call other services
     /// (whose tokens those services could replay here) is not trusted. Default: off.
     pub exclusive_scope: bool,
+    /// Whether and how users revoke their own sessions (`CLERK_AUTH_SELF_REVOKE`). Default:
+    /// their current one always, the others with Clerk's `strict` reverification.
+    pub self_revoke: SelfRevoke,
+    /// What a user needs in its active organization to read it (`CLERK_AUTH_ORG_READ`).
+    /// Default: Clerk's `org:sys_memberships:read`.
+    pub org_read: OrgRead,
 }
 
 /// Who is asking, once [`Access`] has let the call in.
@@ -159,6 +367,8 @@ struct Inner {
     oauth_scopes: HashMap<Rpc, Vec<String>>,
     revoke_requires_mtls: bool,
     exclusive_scope: bool,
+    self_revoke: SelfRevoke,
+    org_read: OrgRead,
 }
 
 /// The caller rules (see the module docs). Cheap to clone.
@@ -223,6 +433,13 @@ impl Access {
                     rpc.name()
                 ));
             }
+            if rpc.organization_scoped() {
+                return Err(format!(
+                    "{}: organizations are read in a session's name (its active \
+                     organization), OAuth scopes cannot open it",
+                    rpc.name()
+                ));
+            }
             if scopes.is_empty() || scopes.iter().any(|s| !is_scope(s)) {
                 return Err(format!(
                     "{}: OAuth scopes must be non-empty words without spaces, got {scopes:?}",
@@ -245,6 +462,8 @@ impl Access {
                 oauth_scopes: config.oauth_scopes,
                 revoke_requires_mtls: config.revoke_requires_mtls,
                 exclusive_scope: config.exclusive_scope,
+                self_revoke: config.self_revoke,
+                org_read: config.org_read,
             }),
         })
     }
@@ -287,6 +506,16 @@ impl Access {
     /// Whether `RevokeSession` needs an allowlisted certificate and a trusted M2M token.
     pub fn revoke_requires_mtls(&self) -> bool {
         self.inner.revoke_requires_mtls
+    }
+
+    /// Whether and how users revoke their own sessions.
+    pub fn self_revoke(&self) -> SelfRevoke {
+        self.inner.self_revoke
+    }
+
+    /// What users need to read their active organization.
+    pub fn org_read(&self) -> &OrgRead {
+        &self.inner.org_read
     }
 
     /// AuthService's own machine id, when configured.
@@ -401,10 +630,23 @@ impl Access {
             }
             _ => return Err(deny(Unmet::CallerNotAllowed)),
         };
-        if rpc.trusted_only() && !matches!(caller, Caller::Trusted { .. }) {
+        let trusted = matches!(caller, Caller::Trusted { .. });
+        if rpc.trusted_only() && !trusted {
             return Err(deny(Unmet::CallerNotAllowed));
         }
-        if rpc == Rpc::RevokeSession && i.revoke_requires_mtls && peer.is_none() {
+        if rpc == Rpc::RevokeSession && !trusted && i.self_revoke == SelfRevoke::Never {
+            return Err(deny(Unmet::CallerNotAllowed));
+        }
+        // An organization is read in a session's name (its active organization), never an
+        // OAuth token's or an API key's, which carry none.
+        if rpc.organization_scoped()
+            && !trusted
+            && (identity.token_type != TokenType::SessionToken || i.org_read == OrgRead::Never)
+        {
+            return Err(deny(Unmet::CallerNotAllowed));
+        }
+        // Revoking *anyone's* session with mTLS and a token; a user's own go by `self_revoke`.
+        if rpc == Rpc::RevokeSession && trusted && i.revoke_requires_mtls && peer.is_none() {
             return Err(deny(Unmet::PeerNotAllowed));
         }
         Ok(caller)
@@ -513,6 +755,8 @@ mod tests {
             oauth_scopes: parse_oauth_scopes("WhoAmI=profile;GetUser=profile email").unwrap(),
             revoke_requires_mtls: false,
             exclusive_scope: false,
+            self_revoke: SelfRevoke::default(),
+            org_read: OrgRead::default(),
         })
         .unwrap()
     }
@@ -581,12 +825,22 @@ mod tests {
                 session_id: Some("sess_1".into())
             })
         );
-        for rpc in [Rpc::RevokeSession, Rpc::WatchRevocations] {
-            assert_eq!(
-                unmet(a.decide(rpc, &session, None)),
-                Unmet::CallerNotAllowed
-            );
-        }
+        assert_eq!(
+            unmet(a.decide(Rpc::WatchRevocations, &session, None)),
+            Unmet::CallerNotAllowed
+        );
+        // Its own sessions it may revoke (what it needs for which is `SelfRevoke`'s) …
+        assert!(a.decide(Rpc::RevokeSession, &session, None).is_ok());
+        // … unless users revoke nothing.
+        let never = Access::new(AccessConfig {
+            self_revoke: SelfRevoke::Never,
+            ..AccessConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            unmet(never.decide(Rpc::RevokeSession, &session, None)),
+            Unmet::CallerNotAllowed
+        );
         let email_only = user(TokenType::OauthToken, "user_a", &["email"]);
         assert_eq!(
             unmet(a.decide(Rpc::WhoAmI, &email_only, None)),
@@ -665,6 +919,143 @@ mod tests {
     }
 
     #[test]
+    fn self_revocation_needs_a_fresh_factor_for_other_sessions() {
+        let token = |fva: Option<[i64; 2]>| {
+            let mut claims = serde_json::json!({"sub": "user_a", "sid": "sess_own"});
+            if let Some(f) = fva {
+                claims["fva"] = serde_json::json!(f);
+            }
+            Identity::from_proto(crate::pb::Identity {
+                token_type: TokenType::SessionToken as i32,
+                user_id: "user_a".into(),
+                session_id: "sess_own".into(),
+                claims_json: claims.to_string(),
+                factor_verification_age: fva.map(|[a, b]| crate::pb::FactorVerificationAge {
+                    first_factor_minutes: a as i32,
+                    second_factor_minutes: b as i32,
+                }),
+                ..Default::default()
+            })
+        };
+        let strict = SelfRevoke::default();
+        assert_eq!(SelfRevoke::parse("strict"), Ok(strict));
+        // Signing out is always allowed; other sessions need the second factor within 10 min.
+        assert!(strict.allows(&token(None), "sess_own").is_ok());
+        let d = strict.allows(&token(None), "sess_other").unwrap_err();
+        assert_eq!(d.unmet, Unmet::Reverification);
+        assert_eq!(
+            d.required,
+            vec![
+                ("level", "second_factor".to_owned()),
+                ("after_minutes", "10".to_owned())
+            ]
+        );
+        assert!(strict.allows(&token(Some([30, 2])), "sess_other").is_ok());
+        assert!(strict.allows(&token(Some([2, 30])), "sess_other").is_err());
+        assert!(strict.allows(&token(Some([30, 10])), "sess_other").is_err());
+        // No second factor enabled: the first counts (Clerk's rule).
+        assert!(strict.allows(&token(Some([3, -1])), "sess_other").is_ok());
+        assert!(SelfRevoke::parse("lax")
+            .unwrap()
+            .allows(&token(Some([30, 600])), "sess_other")
+            .is_ok());
+        assert!(SelfRevoke::Any.allows(&token(None), "sess_other").is_ok());
+        assert!(SelfRevoke::Never.allows(&token(None), "sess_own").is_err());
+        for bad in ["Strict", "", "none", "strict "] {
+            assert!(SelfRevoke::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_organization_is_read_in_its_active_session_with_the_permission() {
+        let token = |kind: TokenType, org: &str, role: &str, per: &[&str]| {
+            Identity::from_proto(crate::pb::Identity {
+                token_type: kind as i32,
+                user_id: "user_a".into(),
+                session_id: "sess_a".into(),
+                organization: (!org.is_empty()).then(|| crate::pb::Organization {
+                    id: org.into(),
+                    slug: String::new(),
+                    role: role.into(),
+                    permissions: per.iter().map(|p| p.to_string()).collect(),
+                }),
+                claims_json: "{}".into(),
+                ..Default::default()
+            })
+        };
+        let session = TokenType::SessionToken;
+        let sys = OrgRead::default();
+        assert!(sys.needs_memberships());
+        let member = token(session, "org_a", "org:member", &[]);
+        let clerk = ["org:sys_memberships:read".to_owned()];
+        assert!(sys.allows(&member, "org_a", Some(&clerk)).is_ok());
+        // Clerk says the permission is missing: named in the refusal.
+        let d = sys.allows(&member, "org_a", Some(&[])).unwrap_err();
+        assert_eq!(
+            (d.unmet, d.required),
+            (
+                Unmet::Permission,
+                vec![("permission", "org:sys_memberships:read".to_owned())]
+            )
+        );
+        // A system permission in the token is not believed (Clerk never puts one there) …
+        let claims_it = token(
+            session,
+            "org_a",
+            "org:member",
+            &["org:sys_memberships:read"],
+        );
+        assert!(sys.allows(&claims_it, "org_a", Some(&[])).is_err());
+        // … and Clerk no longer knowing the membership refuses like another organization.
+        let not_member = sys.allows(&member, "org_a", None).unwrap_err();
+        assert_eq!(not_member.unmet, Unmet::CallerNotAllowed);
+        // Another organization than the active one, or none active: refused alike.
+        for (who, org) in [(&member, "org_b"), (&token(session, "", "", &[]), "org_a")] {
+            let d = sys.allows(who, org, Some(&clerk)).unwrap_err();
+            assert_eq!((d.unmet, d.required), (Unmet::CallerNotAllowed, vec![]));
+        }
+        // Only session tokens carry an active organization.
+        let oauth = token(TokenType::OauthToken, "org_a", "org:admin", &[]);
+        assert!(sys.allows(&oauth, "org_a", Some(&clerk)).is_err());
+        // A custom permission is read from the token; a role from the token too.
+        let custom = OrgRead::parse("org:members:read").unwrap();
+        assert!(!custom.needs_memberships());
+        let reader = token(session, "org_a", "org:member", &["org:members:read"]);
+        assert!(custom.allows(&reader, "org_a", None).is_ok());
+        assert_eq!(
+            custom
+                .allows(&member, "org_a", Some(&clerk))
+                .unwrap_err()
+                .unmet,
+            Unmet::Permission
+        );
+        let admins = OrgRead::parse("org:admin").unwrap();
+        assert!(admins
+            .allows(&token(session, "org_a", "org:admin", &[]), "org_a", None)
+            .is_ok());
+        let d = admins.allows(&member, "org_a", None).unwrap_err();
+        assert_eq!(
+            (d.unmet, d.required),
+            (Unmet::Role, vec![("role", "org:admin".to_owned())])
+        );
+        assert!(OrgRead::Never
+            .allows(&member, "org_a", Some(&clerk))
+            .is_err());
+
+        // The caller rules: session tokens only (unless trusted), never with `never`.
+        let a = Access::default();
+        assert!(a
+            .decide(Rpc::ListOrganizationMembers, &member, None)
+            .is_ok());
+        let never = Access::new(AccessConfig {
+            org_read: OrgRead::Never,
+            ..AccessConfig::default()
+        })
+        .unwrap();
+        assert!(never.decide(Rpc::GetOrganization, &member, None).is_err());
+    }
+
+    #[test]
     fn configuration_is_checked() {
         let bad = |c: AccessConfig| Access::new(c).unwrap_err();
         bad(AccessConfig {
@@ -680,9 +1071,39 @@ mod tests {
             ..AccessConfig::default()
         });
         bad(AccessConfig {
-            oauth_scopes: parse_oauth_scopes("RevokeSession=admin").unwrap(),
+            oauth_scopes: parse_oauth_scopes("WatchRevocations=admin").unwrap(),
             ..AccessConfig::default()
         });
+        bad(AccessConfig {
+            oauth_scopes: parse_oauth_scopes("ListOrganizationMembers=org").unwrap(),
+            ..AccessConfig::default()
+        });
+        assert_eq!(OrgRead::parse("never"), Ok(OrgRead::Never));
+        assert_eq!(
+            OrgRead::parse("org:admin"),
+            Ok(OrgRead::Role("org:admin".into()))
+        );
+        assert_eq!(
+            OrgRead::parse("org:sys_memberships:read"),
+            Ok(OrgRead::default())
+        );
+        for shape in [
+            "",
+            "admin",
+            "org:",
+            "org:Admin",
+            "ORG:admin",
+            "org:a:b:c",
+            "org:a:",
+            "org::b",
+            " org:admin",
+            "org:admin ",
+            "org:ad min",
+            "org:adm\u{0130}n",
+            "Never",
+        ] {
+            assert!(OrgRead::parse(shape).is_err(), "{shape:?}");
+        }
         assert!(parse_oauth_scopes("WhoAmI=profile;WhoAmI=email").is_err());
         assert!(parse_oauth_scopes("whoami=profile").is_err());
         assert!(parse_oauth_scopes("WhoAmI").is_err());

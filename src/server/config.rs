@@ -73,6 +73,8 @@ pub const VARIABLES: &[&str] = &[
     "CLERK_AUTH_IDENTITY_OAUTH_SCOPES",
     "CLERK_AUTH_REVOKE_REQUIRES_MTLS",
     "CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE",
+    "CLERK_AUTH_SELF_REVOKE",
+    "CLERK_AUTH_ORG_READ",
     "CLERK_AUTH_CLIENT_IP_FORWARDERS",
     "CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC",
     "CLERK_AUTH_IDENTITY_CALLER_BURST",
@@ -343,6 +345,16 @@ fn access(env: &Env<'_>) -> Result<AccessConfig, ConfigError> {
         },
         revoke_requires_mtls: env.flag("CLERK_AUTH_REVOKE_REQUIRES_MTLS")?,
         exclusive_scope: env.flag("CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE")?,
+        self_revoke: match env.text("CLERK_AUTH_SELF_REVOKE")? {
+            None => Default::default(),
+            Some(s) => crate::server::access::SelfRevoke::parse(&s)
+                .map_err(|e| err("CLERK_AUTH_SELF_REVOKE", e))?,
+        },
+        org_read: match env.text("CLERK_AUTH_ORG_READ")? {
+            None => Default::default(),
+            Some(s) => crate::server::access::OrgRead::parse(&s)
+                .map_err(|e| err("CLERK_AUTH_ORG_READ", e))?,
+        },
     };
     // The whole rule set must hold together (e.g. OAuth scopes for a trusted-only RPC).
     crate::server::access::Access::new(access.clone())

@@ -66,17 +66,34 @@ pub enum Event {
         /// `user_…`.
         user_id: String,
     },
+    /// One of the user's sessions was created or changed: drop the pages of its sessions.
+    SessionsChanged {
+        /// `user_…`.
+        user_id: String,
+    },
+    /// The organization, or one of its memberships, changed or was deleted: drop its profile
+    /// and the pages of its members.
+    OrganizationChanged {
+        /// `org_…`.
+        id: String,
+    },
 }
 
 impl Event {
     /// Whether every id of the event has the shape Clerk gives it: a plausible session id
-    /// ([`is_plausible_session_id`]) or a `user_…` id of at most [`MAX_SESSION_ID_LEN`] bytes.
+    /// ([`is_plausible_session_id`]) or a `user_…` (`org_…`) id of at most
+    /// [`MAX_SESSION_ID_LEN`] bytes.
     /// Events from Redis that are not are skipped and counted.
     pub fn is_well_formed(&self) -> bool {
         match self {
             Event::SessionRevoked { id } => is_plausible_session_id(id),
-            Event::UserChanged { id } | Event::MembershipsChanged { user_id: id } => {
+            Event::UserChanged { id }
+            | Event::MembershipsChanged { user_id: id }
+            | Event::SessionsChanged { user_id: id } => {
                 crate::clerk::api::is_clerk_id(id, "user_") && id.len() <= MAX_SESSION_ID_LEN
+            }
+            Event::OrganizationChanged { id } => {
+                crate::clerk::api::is_clerk_id(id, "org_") && id.len() <= MAX_SESSION_ID_LEN
             }
         }
     }
@@ -305,7 +322,8 @@ impl Events {
     /// event is still applied here and waits (at most [`MAX_PENDING_EVENTS`], oldest dropped
     /// first) to be stored and published when Redis answers again.
     /// A revocation of an implausible session id ([`is_plausible_session_id`]) is counted as
-    /// refused and neither applied nor shared.
+    /// refused and neither applied nor shared; any other event naming an id Clerk would not
+    /// issue ([`Event::is_well_formed`]) is ignored.
     pub async fn publish(&self, event: Event) {
         if let Event::SessionRevoked { id } = &event {
             if !is_plausible_session_id(id) {
@@ -316,6 +334,11 @@ impl Events {
                 );
                 return;
             }
+        } else if !event.is_well_formed() {
+            // An id Clerk would not issue names nothing cached here, and other replicas
+            // would refuse it from Redis: neither applied nor shared.
+            tracing::debug!("ignoring an event whose id Clerk would not issue");
+            return;
         }
         self.apply(&event).await;
         let Some(r) = &self.inner.redis else { return };
@@ -427,6 +450,16 @@ impl Events {
             Event::MembershipsChanged { user_id } => {
                 if let Some(d) = &self.inner.directory {
                     d.invalidate_memberships(user_id).await;
+                }
+            }
+            Event::SessionsChanged { user_id } => {
+                if let Some(d) = &self.inner.directory {
+                    d.invalidate_sessions_of(user_id);
+                }
+            }
+            Event::OrganizationChanged { id } => {
+                if let Some(d) = &self.inner.directory {
+                    d.invalidate_organization(id).await;
                 }
             }
         }

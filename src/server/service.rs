@@ -9,8 +9,13 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    authz::Unmet,
-    clerk::{api::is_clerk_id, directory::Directory},
+    authz::{is_role_key, Unmet},
+    clerk::{
+        api::is_clerk_id,
+        directory::{
+            Directory, MAX_MEMBER_OFFSET, MAX_ROLE_FILTERS, MAX_SESSION_OFFSET, SESSION_STATUSES,
+        },
+    },
     error::{AuthError, Denial, Reason, VerifyError},
     layer::TokenSources,
     pb::{self, auth_service_server::AuthService},
@@ -231,6 +236,45 @@ impl AuthServiceImpl {
         }
     }
 
+    /// The caller of `rpc`, which must be allowed to read the organization `org_id`: a
+    /// trusted caller, or a session token with `org_id` active that holds what the
+    /// organization policy asks ([`crate::server::access::OrgRead`]; a system permission is
+    /// looked up in the user's memberships at Clerk, cached). Refused before anything about
+    /// the organization is fetched, the same way whether it exists or not.
+    async fn caller_for_org<T>(
+        &self,
+        rpc: Rpc,
+        request: &Request<T>,
+        org_id: &str,
+    ) -> Result<Caller, AuthError> {
+        let (caller, identity) = self.caller(rpc, request).await?;
+        let (Caller::User { user_id, .. }, Some(identity)) = (&caller, &identity) else {
+            return Ok(caller);
+        };
+        let policy = self.access.org_read();
+        let active = identity
+            .organization
+            .as_ref()
+            .is_some_and(|o| o.id == org_id);
+        let held = if active && policy.needs_memberships() {
+            let memberships = self
+                .queries()?
+                .directory
+                .memberships(user_id, Some(user_id))
+                .await?;
+            memberships
+                .iter()
+                .find(|m| m.organization.id == org_id)
+                .map(|m| m.permissions.clone())
+        } else {
+            None
+        };
+        policy
+            .allows(identity, org_id, held.as_deref())
+            .map_err(AuthError::Denied)?;
+        Ok(caller)
+    }
+
     /// The generated tonic server for this service.
     pub fn into_server(self) -> pb::auth_service_server::AuthServiceServer<Self> {
         pb::auth_service_server::AuthServiceServer::new(self)
@@ -242,6 +286,61 @@ fn check_id(id: &str, prefix: &str, what: &'static str) -> Result<(), AuthError>
         Ok(())
     } else {
         Err(AuthError::InvalidRequest(what))
+    }
+}
+
+/// A page request's size and offset: `page_size` 1..=100 (0: 20), `page_token` empty or
+/// one we issued (`o` and the offset in canonical decimal, at most `max_offset`). Every other
+/// shape (`o+5`, `o05`, `o 5`, a huge number) is refused, never read as something close.
+fn page(page_size: i32, page_token: &str, max_offset: usize) -> Result<(usize, usize), AuthError> {
+    let size = match page_size {
+        0 => 20,
+        n @ 1..=100 => n as usize,
+        _ => return Err(AuthError::InvalidRequest("page_size must be 1..=100")),
+    };
+    if page_token.is_empty() {
+        return Ok((size, 0));
+    }
+    let bad = AuthError::InvalidRequest("page_token is not one we issued");
+    let digits = page_token.strip_prefix('o').ok_or(bad.clone())?;
+    let canonical = !digits.is_empty()
+        && digits.len() <= 9
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0');
+    match digits.parse::<usize>() {
+        Ok(n) if canonical && n <= max_offset => Ok((size, n)),
+        _ => Err(bad),
+    }
+}
+
+/// The role filter of a member query, canonical: every entry a role key as Clerk writes it
+/// (`org:admin`), at most [`MAX_ROLE_FILTERS`], no repeats; sorted (the order asked does not
+/// matter, so that the same filter is one cache entry). Anything else is refused.
+fn role_filter(roles: &[String]) -> Result<Vec<String>, AuthError> {
+    if roles.len() > MAX_ROLE_FILTERS {
+        return Err(AuthError::InvalidRequest("at most 10 roles"));
+    }
+    if !roles.iter().all(|r| is_role_key(r)) {
+        return Err(AuthError::InvalidRequest(
+            "a role is not a Clerk role key (org: and lowercase letters, digits, _)",
+        ));
+    }
+    let mut sorted = roles.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() != roles.len() {
+        return Err(AuthError::InvalidRequest("a role is named twice"));
+    }
+    Ok(sorted)
+}
+
+/// The `next_page_token` after a page of `got` entries from `offset` out of `total`.
+fn next_page(offset: usize, got: usize, total: usize) -> String {
+    let next = offset + got;
+    if got > 0 && next < total {
+        format!("o{next}")
+    } else {
+        String::new()
     }
 }
 
@@ -373,19 +472,7 @@ impl AuthService for AuthServiceImpl {
                 let r = request.get_ref();
                 let user_id = r.user_id.clone();
                 check_id(&user_id, "user_", "user_id is not a Clerk user id")?;
-                let size = match r.page_size {
-                    0 => 20,
-                    n @ 1..=100 => n as usize,
-                    _ => return Err(AuthError::InvalidRequest("page_size must be 1..=100")),
-                };
-                let offset: usize = if r.page_token.is_empty() {
-                    0
-                } else {
-                    r.page_token
-                        .strip_prefix("o")
-                        .and_then(|o| o.parse().ok())
-                        .ok_or(AuthError::InvalidRequest("page_token is not one we issued"))?
-                };
+                let (size, offset) = page(r.page_size, &r.page_token, usize::MAX)?;
                 let caller = self
                     .caller_for_user(Rpc::ListOrganizationMemberships, &request, &user_id)
                     .await?;
@@ -400,14 +487,9 @@ impl AuthService for AuthServiceImpl {
                     .take(size)
                     .map(|m| m.to_proto())
                     .collect();
-                let next = offset + page.len();
                 Ok(pb::ListOrganizationMembershipsResponse {
+                    next_page_token: next_page(offset, page.len(), all.len()),
                     memberships: page,
-                    next_page_token: if next < all.len() {
-                        format!("o{next}")
-                    } else {
-                        String::new()
-                    },
                     total_count: i32::try_from(all.len()).unwrap_or(i32::MAX),
                 })
             },
@@ -435,11 +517,13 @@ impl AuthService for AuthServiceImpl {
                 Caller::User {
                     user_id,
                     session_id: Some(own),
-                } if *own == session_id => Ok(q
-                    .directory
-                    .session(&session_id, Some(user_id))
-                    .await?
-                    .to_proto()),
+                } if *own == session_id => Ok(pb::Session {
+                    is_current: true,
+                    ..q.directory
+                        .session(&session_id, Some(user_id))
+                        .await?
+                        .to_proto()
+                }),
                 Caller::User { user_id, .. } => {
                     match q.directory.session_of_user(&session_id, user_id).await? {
                         Some(s) => Ok(s.to_proto()),
@@ -447,6 +531,52 @@ impl AuthService for AuthServiceImpl {
                     }
                 }
             }
+        })
+        .await
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let what = request.get_ref().user_id.clone();
+        traced(&self.observer, "ListSessions", &what, async {
+            let r = request.get_ref();
+            check_id(&r.user_id, "user_", "user_id is not a Clerk user id")?;
+            let status = match r.status.as_str() {
+                "" => None,
+                s if SESSION_STATUSES.contains(&s) => Some(s),
+                _ => {
+                    return Err(AuthError::InvalidRequest(
+                        "status is not a Clerk session status",
+                    ))
+                }
+            };
+            let (size, offset) = page(r.page_size, &r.page_token, MAX_SESSION_OFFSET)?;
+            let caller = self
+                .caller_for_user(Rpc::ListSessions, &request, &r.user_id)
+                .await?;
+            let current = match &caller {
+                Caller::User { session_id, .. } => session_id.as_deref(),
+                Caller::Trusted { .. } => None,
+            };
+            let q = self.queries()?;
+            let got = q
+                .directory
+                .sessions_of(&r.user_id, status, offset, size, Some(caller.budget_key()))
+                .await?;
+            Ok(pb::ListSessionsResponse {
+                sessions: got
+                    .sessions
+                    .iter()
+                    .map(|s| pb::Session {
+                        is_current: current == Some(s.id.as_str()),
+                        ..s.to_proto()
+                    })
+                    .collect(),
+                next_page_token: next_page(offset, got.sessions.len(), got.total_count),
+                total_count: i32::try_from(got.total_count).unwrap_or(i32::MAX),
+            })
         })
         .await
     }
@@ -459,8 +589,23 @@ impl AuthService for AuthServiceImpl {
         traced(&self.observer, "RevokeSession", &what, async {
             let session_id = request.get_ref().session_id.clone();
             check_id(&session_id, "sess_", "session_id is not a Clerk session id")?;
-            let (caller, _) = self.caller(Rpc::RevokeSession, &request).await?;
+            let (caller, identity) = self.caller(Rpc::RevokeSession, &request).await?;
             let q = self.queries()?;
+            if let (Caller::User { user_id, .. }, Some(identity)) = (&caller, &identity) {
+                // Its own sessions only, refused alike whether another's or made up; then
+                // the self-revocation policy (a fresh factor for the other sessions).
+                if q.directory
+                    .session_of_user(&session_id, user_id)
+                    .await?
+                    .is_none()
+                {
+                    return Err(denied());
+                }
+                self.access
+                    .self_revoke()
+                    .allows(identity, &session_id)
+                    .map_err(AuthError::Denied)?;
+            }
             let session = q
                 .directory
                 .revoke_session(&session_id, Some(caller.budget_key()))
@@ -470,8 +615,77 @@ impl AuthService for AuthServiceImpl {
                     id: session_id.clone(),
                 })
                 .await;
+            if crate::clerk::api::is_clerk_id(&session.user_id, "user_") {
+                // Other replicas' pages of the user's sessions.
+                self.events
+                    .publish(Event::SessionsChanged {
+                        user_id: session.user_id.clone(),
+                    })
+                    .await;
+            }
             tracing::info!(session = %session_id, "session revoked");
             Ok(session.to_proto())
+        })
+        .await
+    }
+
+    async fn get_organization(
+        &self,
+        request: Request<pb::GetOrganizationRequest>,
+    ) -> Result<Response<pb::OrganizationProfile>, Status> {
+        let what = request.get_ref().organization_id.clone();
+        traced(&self.observer, "GetOrganization", &what, async {
+            let org_id = request.get_ref().organization_id.clone();
+            check_id(
+                &org_id,
+                "org_",
+                "organization_id is not a Clerk organization id",
+            )?;
+            let caller = self
+                .caller_for_org(Rpc::GetOrganization, &request, &org_id)
+                .await?;
+            let q = self.queries()?;
+            Ok(q.directory
+                .organization(&org_id, Some(caller.budget_key()))
+                .await?
+                .to_proto())
+        })
+        .await
+    }
+
+    async fn list_organization_members(
+        &self,
+        request: Request<pb::ListOrganizationMembersRequest>,
+    ) -> Result<Response<pb::ListOrganizationMembersResponse>, Status> {
+        let what = request.get_ref().organization_id.clone();
+        traced(&self.observer, "ListOrganizationMembers", &what, async {
+            let r = request.get_ref();
+            check_id(
+                &r.organization_id,
+                "org_",
+                "organization_id is not a Clerk organization id",
+            )?;
+            let roles = role_filter(&r.roles)?;
+            let (size, offset) = page(r.page_size, &r.page_token, MAX_MEMBER_OFFSET)?;
+            let caller = self
+                .caller_for_org(Rpc::ListOrganizationMembers, &request, &r.organization_id)
+                .await?;
+            let q = self.queries()?;
+            let got = q
+                .directory
+                .members_of(
+                    &r.organization_id,
+                    &roles,
+                    offset,
+                    size,
+                    Some(caller.budget_key()),
+                )
+                .await?;
+            Ok(pb::ListOrganizationMembersResponse {
+                members: got.members.iter().map(|m| m.to_member_proto()).collect(),
+                next_page_token: next_page(offset, got.members.len(), got.total_count),
+                total_count: i32::try_from(got.total_count).unwrap_or(i32::MAX),
+            })
         })
         .await
     }

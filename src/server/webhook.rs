@@ -2,8 +2,11 @@
 //! [`Event`]s. A delivery id seen before is acknowledged without being applied again.
 //!
 //! `user.updated` / `user.deleted` drop the user's cached profile and memberships;
-//! `organizationMembership.*` drop the member's memberships; `session.ended`,
-//! `session.revoked` and `session.removed` revoke the session: its tokens are refused with
+//! `organization.*` drop the organization's cached profile and member pages;
+//! `organizationMembership.*` drop the member's memberships and the organization's member
+//! pages (and profile: its `members_count` changed);
+//! every `session.*` event drops the user's cached session pages; `session.ended`,
+//! `session.revoked` and `session.removed` also revoke the session: its tokens are refused with
 //! `SESSION_REVOKED` from then on, on every replica when Redis is configured.
 
 use std::{sync::Arc, time::Duration};
@@ -45,12 +48,26 @@ pub(crate) fn events_for(kind: &str, data: &Value) -> Vec<Event> {
         "user.created" | "user.updated" | "user.deleted" => s(&data["id"])
             .map(|id| vec![Event::UserChanged { id }])
             .unwrap_or_default(),
-        k if k.starts_with("organizationMembership.") => s(&data["public_user_data"]["user_id"])
-            .map(|user_id| vec![Event::MembershipsChanged { user_id }])
+        k if k.starts_with("organization.") => s(&data["id"])
+            .map(|id| vec![Event::OrganizationChanged { id }])
             .unwrap_or_default(),
-        "session.ended" | "session.revoked" | "session.removed" => s(&data["id"])
-            .map(|id| vec![Event::SessionRevoked { id }])
-            .unwrap_or_default(),
+        k if k.starts_with("organizationMembership.") => {
+            let user = s(&data["public_user_data"]["user_id"])
+                .map(|user_id| Event::MembershipsChanged { user_id });
+            let org = s(&data["organization"]["id"]).map(|id| Event::OrganizationChanged { id });
+            user.into_iter().chain(org).collect()
+        }
+        // Every session event changes its user's list of sessions; these three end it too.
+        k if k.starts_with("session.") => {
+            let mut out: Vec<Event> = s(&data["user_id"])
+                .map(|user_id| Event::SessionsChanged { user_id })
+                .into_iter()
+                .collect();
+            if matches!(k, "session.ended" | "session.revoked" | "session.removed") {
+                out.extend(s(&data["id"]).map(|id| Event::SessionRevoked { id }));
+            }
+            out
+        }
         _ => Vec::new(),
     }
 }
@@ -129,6 +146,24 @@ mod tests {
             );
         }
         assert!(events_for("session.created", &d).is_empty());
+        // With the user (as Clerk sends it), its session pages go too.
+        let d = json!({"id": "sess_1", "user_id": "user_1"});
+        let pages = Event::SessionsChanged {
+            user_id: "user_1".into(),
+        };
+        assert_eq!(
+            events_for("session.created", &d),
+            std::slice::from_ref(&pages)
+        );
+        assert_eq!(
+            events_for("session.revoked", &d),
+            [
+                pages,
+                Event::SessionRevoked {
+                    id: "sess_1".into()
+                }
+            ]
+        );
         assert_eq!(
             events_for("user.created", &json!({"id": "user_1"})),
             [Event::UserChanged {
@@ -149,6 +184,33 @@ mod tests {
             [Event::MembershipsChanged {
                 user_id: "user_2".into()
             }]
+        );
+        // With the organization (as Clerk sends it), its member pages go too.
+        assert_eq!(
+            events_for(
+                "organizationMembership.deleted",
+                &json!({"organization": {"id": "org_1"}, "public_user_data": {"user_id": "user_2"}})
+            ),
+            [
+                Event::MembershipsChanged {
+                    user_id: "user_2".into()
+                },
+                Event::OrganizationChanged { id: "org_1".into() }
+            ]
+        );
+        for kind in [
+            "organization.created",
+            "organization.updated",
+            "organization.deleted",
+        ] {
+            assert_eq!(
+                events_for(kind, &json!({"id": "org_1", "object": "organization"})),
+                [Event::OrganizationChanged { id: "org_1".into() }]
+            );
+        }
+        assert!(events_for("organization.updated", &json!({"id": ["org_1"]})).is_empty());
+        assert!(
+            events_for("organizationInvitation.created", &json!({"id": "orginv_1"})).is_empty()
         );
         assert!(events_for("user.updated", &json!({"id": 5})).is_empty());
     }

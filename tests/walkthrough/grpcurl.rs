@@ -2,7 +2,8 @@
 //! (`-plaintext`, `-cacert`/`-cert`/`-key`/`-authority`, `-H`, `-d`; `list`, `describe`, unary
 //! calls), over the server's reflection (v1), printing and exiting as grpcurl does: the
 //! response as JSON; on an error status `ERROR:` with `Code:`, `Message:` and the
-//! `google.rpc.ErrorInfo` detail, and exit code 64 + the status code.
+//! `google.rpc.ErrorInfo` detail (indented JSON, metadata included), and exit code 64 + the
+//! status code.
 
 use std::{str::FromStr, time::Duration};
 
@@ -255,15 +256,23 @@ async fn call(o: &Options, channel: Channel, method: &str) -> Result<i32, Error>
             eprintln!("  Code: {:?}", status.code());
             eprintln!("  Message: {}", status.message());
             if let Some(info) = status.get_details_error_info() {
+                // As grpcurl: the detail as indented JSON, its later lines under the first.
+                let mut detail = serde_json::json!({
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": info.reason,
+                    "domain": info.domain,
+                });
+                if !info.metadata.is_empty() {
+                    detail["metadata"] = serde_json::json!(info.metadata);
+                }
                 eprintln!("  Details:");
-                eprintln!(
-                    "  1)\t{}",
-                    serde_json::json!({
-                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                        "domain": info.domain,
-                        "reason": info.reason,
-                    })
-                );
+                for (i, line) in serde_json::to_string_pretty(&detail)?.lines().enumerate() {
+                    if i == 0 {
+                        eprintln!("  1)\t{line}");
+                    } else {
+                        eprintln!("    \t{line}");
+                    }
+                }
             }
             Ok(64 + status.code() as i32)
         }

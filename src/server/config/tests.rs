@@ -349,9 +349,16 @@ fn identity_access_settings() {
         ("CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE", "true"),
         ("CLERK_AUTH_IDENTITY_CALLER_CALLS_PER_SEC", "2"),
         ("CLERK_AUTH_IDENTITY_CALLER_BURST", "7"),
+        ("CLERK_AUTH_SELF_REVOKE", "any"),
+        ("CLERK_AUTH_ORG_READ", "org:admin"),
     ])
     .unwrap()
     .server;
+    assert_eq!(c.access.self_revoke, crate::server::access::SelfRevoke::Any);
+    assert_eq!(
+        c.access.org_read,
+        crate::server::access::OrgRead::Role("org:admin".into())
+    );
     assert_eq!(c.access.machine_id.as_deref(), Some("mch_authsvc"));
     assert_eq!(c.access.allowlist.len(), 2);
     assert_eq!(
@@ -381,8 +388,21 @@ fn identity_access_settings() {
             "CLERK_AUTH_IDENTITY_OAUTH_SCOPES",
         ),
         (
-            ("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", "RevokeSession=admin"),
+            ("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", "WatchRevocations=admin"),
             "CLERK_AUTH_IDENTITY_ALLOWLIST",
+        ),
+        (
+            ("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", "GetOrganization=org"),
+            "CLERK_AUTH_IDENTITY_ALLOWLIST",
+        ),
+        (
+            ("CLERK_AUTH_SELF_REVOKE", "Strict"),
+            "CLERK_AUTH_SELF_REVOKE",
+        ),
+        (("CLERK_AUTH_ORG_READ", "admin"), "CLERK_AUTH_ORG_READ"),
+        (
+            ("CLERK_AUTH_ORG_READ", "org:Sys_memberships:read"),
+            "CLERK_AUTH_ORG_READ",
         ),
         (
             ("CLERK_AUTH_REVOKE_REQUIRES_MTLS", "yes"),
