@@ -1309,13 +1309,14 @@ async fn oauth_tokens_and_api_keys_get_what_they_were_granted() {
             &bob,
             no(Denied, "CALLER_NOT_ALLOWED"),
         ),
-        // An API key shows no fresh factor (no `fva`) and is no session of its own.
+        // An API key can never show a fresh factor (no `fva`) and is no session of its own:
+        // under the default policy it revokes nothing.
         (
             "user API key, revoke a session of its user",
             "RevokeSession",
             &alice_key,
             &alice_session,
-            no(Denied, "REVERIFICATION_REQUIRED"),
+            no(Denied, "CALLER_NOT_ALLOWED"),
         ),
         (
             "organization API key, sessions",
@@ -2649,4 +2650,29 @@ async fn an_organization_admin_lists_its_members_and_others_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(reason(&got), "CALLER_NOT_ALLOWED");
+
+    // Ada renames herself: the roster shows it at once (user.updated drops the member pages
+    // of the organizations in her cached memberships).
+    let roster = members(&r, &admin, ACME, &["org:admin"], 0, "").await.unwrap();
+    assert_eq!(roster.members[0].user.as_ref().unwrap().first_name, "Ada");
+    assert!(clerk.rename_user(&ada, "Augusta").await);
+    let roster = members(&r, &admin, ACME, &["org:admin"], 0, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        roster.members[0].user.as_ref().unwrap().first_name,
+        "Augusta"
+    );
+
+    // A roster dropped by a webhook is never served again, not even stale while Clerk
+    // fails: Max leaves, then Clerk goes down.
+    assert!(clerk.remove_member(ACME, &max).await);
+    clerk.set_bapi_failure(Some((503, None)));
+    let got = members(&r, &admin, ACME, &[], 0, "").await.unwrap_err();
+    assert_eq!(got.code(), Code::Unavailable, "{got:?}");
+    let got = organization(&r, &admin, ACME).await.unwrap_err();
+    assert_eq!(got.code(), Code::Unavailable, "{got:?}");
+    clerk.set_bapi_failure(None);
+    let left = members(&r, &admin, ACME, &[], 0, "").await.unwrap();
+    assert_eq!(left.total_count, 1);
 }

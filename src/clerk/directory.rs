@@ -366,7 +366,6 @@ impl<V: Send + Sync + 'static> Kind<V> {
             fresh: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
-                .support_invalidation_closures()
                 .build(),
             stale: (!stale.is_zero()).then(|| {
                 moka::future::Cache::builder()
@@ -439,13 +438,6 @@ impl<V: Send + Sync + 'static> Kind<V> {
         }
     }
 
-    /// Drops every fresh entry whose key starts with `prefix` (a user's session pages).
-    fn invalidate_prefix(&self, prefix: String) {
-        let _ = self
-            .fresh
-            .invalidate_entries_if(move |k, _| k.starts_with(&prefix));
-    }
-
     async fn invalidate(&self, key: &str) {
         if let Some(m) = &self.missing {
             m.invalidate(key);
@@ -463,13 +455,53 @@ struct Inner {
     users: Kind<User>,
     memberships: Kind<Vec<Membership>>,
     sessions: Kind<Session>,
-    /// `{user_id}/{status}/{offset}/{limit}` → a page of the user's sessions.
+    /// `{user_id}/{generation}/{status}/{offset}/{limit}` → a page of the user's sessions.
     session_pages: Kind<SessionPage>,
     organizations: Kind<Organization>,
-    /// `{org_id}/{roles,}/{offset}/{limit}` → a page of the organization's members.
+    /// `{org_id}/{generation}/{roles,}/{offset}/{limit}` → a page of the organization's
+    /// members.
     member_pages: Kind<MemberPage>,
+    /// The pages of a user's sessions and of an organization's members are dropped together
+    /// by changing their generation, which is in their keys.
+    generations: Generations,
     /// Session id → its user, for sessions once fetched.
     owners: moka::sync::Cache<String, Arc<str>>,
+}
+
+/// The generation of each group of cached pages (a user's sessions, an organization's
+/// members): part of their keys, so that changing it drops the whole group at once — fresh
+/// and stale copies, and fetches still under way — with no scan of the cache. A generation
+/// comes from one counter and is never reused: a scope the map has forgotten (TTL or
+/// capacity) gets a new one, a miss rather than an old page.
+struct Generations {
+    next: AtomicU64,
+    of: moka::sync::Cache<String, u64>,
+}
+
+impl Generations {
+    fn new(capacity: u64, ttl: Duration) -> Self {
+        Self {
+            next: AtomicU64::new(1),
+            of: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_idle(ttl.max(Duration::from_secs(1)))
+                .build(),
+        }
+    }
+
+    fn fresh(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The scope's current generation.
+    fn current(&self, scope: &str) -> u64 {
+        self.of.get_with_by_ref(scope, || self.fresh())
+    }
+
+    /// Gives the scope a new generation: its pages are no longer found.
+    fn bump(&self, scope: &str) {
+        self.of.insert(scope.to_owned(), self.fresh());
+    }
 }
 
 /// Users, memberships and sessions from the Backend API, cached. Cheap to clone.
@@ -527,6 +559,10 @@ impl Directory {
                     config.stale_if_error,
                     Duration::ZERO,
                     config.capacity,
+                ),
+                generations: Generations::new(
+                    config.capacity.saturating_mul(2),
+                    config.memberships_ttl.max(config.session_ttl) + config.stale_if_error,
                 ),
                 owners: moka::sync::Cache::builder()
                     .max_capacity(config.capacity)
@@ -732,7 +768,8 @@ impl Directory {
             return Err(ApiError::InvalidId);
         }
         let status = status.unwrap_or("");
-        let key = format!("{user_id}/{status}/{offset}/{limit}");
+        let generation = self.inner.generations.current(&format!("u/{user_id}"));
+        let key = format!("{user_id}/{generation}/{status}/{offset}/{limit}");
         self.charge_miss(&self.inner.session_pages, &key, caller)?;
         let api = &self.inner.api;
         let filter = if status.is_empty() {
@@ -769,12 +806,11 @@ impl Directory {
         Ok(page)
     }
 
-    /// Drops the cached pages of `user_id`'s sessions.
+    /// Drops the cached pages of `user_id`'s sessions (fresh and stale, and any fetch still
+    /// under way: they are under the previous generation).
     pub fn invalidate_sessions_of(&self, user_id: &str) {
         if crate::clerk::api::is_clerk_id(user_id, "user_") {
-            self.inner
-                .session_pages
-                .invalidate_prefix(format!("{user_id}/"));
+            self.inner.generations.bump(&format!("u/{user_id}"));
         }
     }
 
@@ -855,7 +891,8 @@ impl Directory {
         {
             return Err(ApiError::InvalidId);
         }
-        let key = format!("{org_id}/{}/{offset}/{limit}", roles.join(","));
+        let generation = self.inner.generations.current(&format!("o/{org_id}"));
+        let key = format!("{org_id}/{generation}/{}/{offset}/{limit}", roles.join(","));
         self.charge_miss(&self.inner.member_pages, &key, caller)?;
         let api = &self.inner.api;
         let filter: String = roles.iter().map(|r| format!("&role={r}")).collect();
@@ -889,16 +926,31 @@ impl Directory {
     pub async fn invalidate_organization(&self, org_id: &str) {
         if crate::clerk::api::is_clerk_id(org_id, "org_") {
             self.inner.organizations.invalidate(org_id).await;
-            self.inner
-                .member_pages
-                .invalidate_prefix(format!("{org_id}/"));
+            self.inner.generations.bump(&format!("o/{org_id}"));
         }
     }
 
-    /// Drops a user's cached profile and memberships (and a remembered "not found").
+    /// Drops a user's cached profile and memberships (and a remembered "not found"), and the
+    /// member pages of the organizations its cached memberships name (they show its name,
+    /// identifier and image). An organization this replica has no cached membership for
+    /// keeps its pages until their TTL, or until an `organizationMembership.*` event.
     pub async fn invalidate_user(&self, user_id: &str) {
-        self.inner.users.invalidate(user_id).await;
-        self.inner.memberships.invalidate(user_id).await;
+        let i = &self.inner;
+        let mut orgs: Vec<String> = Vec::new();
+        for cache in std::iter::once(&i.memberships.fresh).chain(&i.memberships.stale) {
+            if let Some(ms) = cache.get(user_id).await {
+                orgs.extend(ms.iter().map(|m| m.organization.id.clone()));
+            }
+        }
+        orgs.sort();
+        orgs.dedup();
+        for org in orgs {
+            if crate::clerk::api::is_clerk_id(&org, "org_") {
+                i.generations.bump(&format!("o/{org}"));
+            }
+        }
+        i.users.invalidate(user_id).await;
+        i.memberships.invalidate(user_id).await;
     }
 
     /// Drops a user's cached memberships.

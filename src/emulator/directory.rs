@@ -151,6 +151,23 @@ fn user_json(id: &str, spec: &UserSpec) -> Value {
     })
 }
 
+/// What an organization sees of a member (`public_user_data`).
+fn public_user_data(user_id: &str, user: &Value) -> Value {
+    let identifier = user["email_addresses"][0]["email_address"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{user_id}@example.com"));
+    json!({
+        "user_id": user_id,
+        "identifier": identifier,
+        "first_name": user["first_name"],
+        "last_name": user["last_name"],
+        "username": user["username"],
+        "image_url": user["image_url"],
+        "has_image": user["has_image"].as_bool().unwrap_or(false),
+    })
+}
+
 fn session_json(id: &str, user_id: &str) -> Value {
     let now = now_ms();
     json!({
@@ -193,6 +210,16 @@ impl DirectoryState {
 
     pub(super) fn user_mut(&mut self, id: &str) -> Option<&mut Value> {
         self.users.get_mut(id)
+    }
+
+    /// Shows a user's current profile in its memberships (`public_user_data`), as Clerk's.
+    pub(super) fn refresh_memberships_of(&mut self, user_id: &str) {
+        let user = self.users.get(user_id).cloned().unwrap_or(Value::Null);
+        for (u, m) in self.memberships.iter_mut() {
+            if u == user_id {
+                m["public_user_data"] = public_user_data(user_id, &user);
+            }
+        }
     }
 
     pub(super) fn set_webhook(&mut self, target: Option<(String, SvixVerifier)>) {
@@ -294,10 +321,6 @@ impl Shared {
             })
             .clone();
         let user = d.users.get(&spec.user_id).cloned().unwrap_or(Value::Null);
-        let identifier = user["email_addresses"][0]["email_address"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("{}@example.com", spec.user_id));
         let m = json!({
             "object": "organization_membership",
             "id": format!("orgmem_{}", random_id(24)),
@@ -309,15 +332,7 @@ impl Shared {
             "created_at": now_ms(),
             "updated_at": now_ms(),
             "organization": org,
-            "public_user_data": {
-                "user_id": spec.user_id,
-                "identifier": identifier,
-                "first_name": user["first_name"],
-                "last_name": user["last_name"],
-                "username": user["username"],
-                "image_url": user["image_url"],
-                "has_image": user["has_image"].as_bool().unwrap_or(false),
-            },
+            "public_user_data": public_user_data(&spec.user_id, &user),
         });
         let org_id = spec.org_id.as_str();
         d.memberships.retain(|(u, m)| {
@@ -785,7 +800,9 @@ async fn emu_update_user(
             u["banned"] = v.into();
         }
         u["updated_at"] = now_ms().into();
-        u.clone()
+        let u = u.clone();
+        d.refresh_memberships_of(&id);
+        u
     };
     s.send_webhook("user.updated", user.clone()).await;
     Json(user).into_response()

@@ -788,7 +788,9 @@ impl Emulator {
             match d.user_mut(user_id) {
                 Some(u) => {
                     u["first_name"] = first_name.into();
-                    u.clone()
+                    let u = u.clone();
+                    d.refresh_memberships_of(user_id);
+                    u
                 }
                 None => return false,
             }

@@ -272,11 +272,17 @@ impl SelfRevoke {
             }),
             SelfRevoke::Any => Ok(()),
             _ if current => Ok(()),
+            // Only session tokens carry an `fva`: an OAuth token or API key could never show
+            // the factor, so it is not told to.
+            SelfRevoke::Reverify(_) if identity.token_type != TokenType::SessionToken => {
+                Err(Denial {
+                    unmet: Unmet::CallerNotAllowed,
+                    required: Vec::new(),
+                })
+            }
             SelfRevoke::Reverify(r) => {
-                // Clerk's rule, from the token's `fva` (only session tokens carry one).
-                let fresh = identity.token_type == TokenType::SessionToken
-                    && r.is_met(identity.factor_verification_age_exact());
-                if fresh {
+                // Clerk's rule, from the token's `fva`.
+                if r.is_met(identity.factor_verification_age_exact()) {
                     return Ok(());
                 }
                 let (level, after) = r.resolve();
@@ -316,7 +322,10 @@ pub struct AccessConfig {
     /// (whose tokens those services could replay here) is not trusted. Default: off.
     pub exclusive_scope: bool,
     /// Whether and how users revoke their own sessions (`CLERK_AUTH_SELF_REVOKE`). Default:
-    /// their current one always, the others with Clerk's `strict` reverification.
+    /// their current one always, the others with Clerk's `strict` reverification (the
+    /// server's configuration makes it [`SelfRevoke::Never`] when `revoke_requires_mtls` is
+    /// set and no policy is named). OAuth tokens and API keys carry no `fva`: they revoke
+    /// only under [`SelfRevoke::Any`].
     pub self_revoke: SelfRevoke,
     /// What a user needs in its active organization to read it (`CLERK_AUTH_ORG_READ`).
     /// Default: Clerk's `org:sys_memberships:read`.
@@ -960,6 +969,13 @@ mod tests {
             .allows(&token(Some([30, 600])), "sess_other")
             .is_ok());
         assert!(SelfRevoke::Any.allows(&token(None), "sess_other").is_ok());
+        // An OAuth token or API key never shows a factor: not told to, refused outright.
+        let mut key = token(Some([0, 0]));
+        key.token_type = TokenType::ApiKey;
+        key.session_id = None;
+        let d = strict.allows(&key, "sess_own").unwrap_err();
+        assert_eq!((d.unmet, d.required), (Unmet::CallerNotAllowed, vec![]));
+        assert!(SelfRevoke::Any.allows(&key, "sess_own").is_ok());
         assert!(SelfRevoke::Never.allows(&token(None), "sess_own").is_err());
         for bad in ["Strict", "", "none", "strict "] {
             assert!(SelfRevoke::parse(bad).is_err(), "{bad:?}");

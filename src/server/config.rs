@@ -330,6 +330,7 @@ fn access(env: &Env<'_>) -> Result<AccessConfig, ConfigError> {
         Some(m) if is_clerk_id(&m, "mch_") => Some(m),
         Some(_) => return Err(err("CLERK_AUTH_MACHINE_ID", "not a machine id (mch_…)")),
     };
+    let revoke_requires_mtls = env.flag("CLERK_AUTH_REVOKE_REQUIRES_MTLS")?;
     let access = AccessConfig {
         machine_id,
         allowlist,
@@ -343,9 +344,12 @@ fn access(env: &Env<'_>) -> Result<AccessConfig, ConfigError> {
             Some(s) => crate::server::access::parse_oauth_scopes(&s)
                 .map_err(|e| err("CLERK_AUTH_IDENTITY_OAUTH_SCOPES", e))?,
         },
-        revoke_requires_mtls: env.flag("CLERK_AUTH_REVOKE_REQUIRES_MTLS")?,
+        revoke_requires_mtls,
         exclusive_scope: env.flag("CLERK_AUTH_MACHINE_SCOPE_EXCLUSIVE")?,
         self_revoke: match env.text("CLERK_AUTH_SELF_REVOKE")? {
+            // Who locked revocation down to mTLS before users could revoke their own keeps
+            // it locked unless they say otherwise.
+            None if revoke_requires_mtls => crate::server::access::SelfRevoke::Never,
             None => Default::default(),
             Some(s) => crate::server::access::SelfRevoke::parse(&s)
                 .map_err(|e| err("CLERK_AUTH_SELF_REVOKE", e))?,

@@ -355,6 +355,14 @@ fn identity_access_settings() {
     .unwrap()
     .server;
     assert_eq!(c.access.self_revoke, crate::server::access::SelfRevoke::Any);
+    // Revocation locked down to mTLS stays locked for users unless they are let in.
+    let locked = keyed(&[("CLERK_AUTH_REVOKE_REQUIRES_MTLS", "true")])
+        .unwrap()
+        .server;
+    assert_eq!(
+        locked.access.self_revoke,
+        crate::server::access::SelfRevoke::Never
+    );
     assert_eq!(
         c.access.org_read,
         crate::server::access::OrgRead::Role("org:admin".into())
