@@ -493,7 +493,16 @@ impl AuthError {
                 "the subscriber fell behind and was dropped; resubscribe"
             }
             AuthError::Unavailable(_) => "authentication is unavailable; retry later",
-            AuthError::Denied(_) => "the caller is not allowed to call this method",
+            AuthError::Denied(d) => match d.unmet {
+                Unmet::Reverification => {
+                    "a more recent factor verification is required (ErrorInfo metadata: level, after_minutes)"
+                }
+                Unmet::Permission => {
+                    "an organization permission is required (ErrorInfo metadata: permission)"
+                }
+                Unmet::Role => "an organization role is required (ErrorInfo metadata: role)",
+                _ => "the caller is not allowed to call this method",
+            },
             AuthError::Misconfigured(Reason::SecretKeyMissing) => {
                 "the server has no Clerk secret key for this (CLERK_SECRET_KEY, or CLERK_MACHINE_SECRET_KEY for M2M tokens)"
             }

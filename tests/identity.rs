@@ -2653,7 +2653,9 @@ async fn an_organization_admin_lists_its_members_and_others_are_refused() {
 
     // Ada renames herself: the roster shows it at once (user.updated drops the member pages
     // of the organizations in her cached memberships).
-    let roster = members(&r, &admin, ACME, &["org:admin"], 0, "").await.unwrap();
+    let roster = members(&r, &admin, ACME, &["org:admin"], 0, "")
+        .await
+        .unwrap();
     assert_eq!(roster.members[0].user.as_ref().unwrap().first_name, "Ada");
     assert!(clerk.rename_user(&ada, "Augusta").await);
     let roster = members(&r, &admin, ACME, &["org:admin"], 0, "")

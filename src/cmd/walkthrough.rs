@@ -335,7 +335,7 @@ impl Walkthrough<'_> {
                     "RevokeSession",
                     &format!(r#"{{"session_id":"{phone_session_id}"}}"#),
                 ),
-                r#"Code: PermissionDenied, REVERIFICATION_REQUIRED, "level": "second_factor""#,
+                r#"Code: PermissionDenied, REVERIFICATION_REQUIRED, "level":"second_factor""#,
             );
             cmd(
                 &mut out,
@@ -402,7 +402,7 @@ impl Walkthrough<'_> {
                 &format!(
                     r#"{g} -H "authorization: Bearer $GRACE" -d '{{"organization_id":"{org_id}"}}' $AUTH clerk.auth.v1.AuthService/ListOrganizationMembers"#
                 ),
-                r#"Code: PermissionDenied, ORG_PERMISSION_REQUIRED, "permission": "org:sys_memberships:read""#,
+                r#"Code: PermissionDenied, ORG_PERMISSION_REQUIRED, "permission":"org:sys_memberships:read""#,
             );
             cmd(
                 &mut out,

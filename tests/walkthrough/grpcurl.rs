@@ -2,8 +2,8 @@
 //! (`-plaintext`, `-cacert`/`-cert`/`-key`/`-authority`, `-H`, `-d`; `list`, `describe`, unary
 //! calls), over the server's reflection (v1), printing and exiting as grpcurl does: the
 //! response as JSON; on an error status `ERROR:` with `Code:`, `Message:` and the
-//! `google.rpc.ErrorInfo` detail (indented JSON, metadata included), and exit code 64 + the
-//! status code.
+//! `google.rpc.ErrorInfo` detail (compact JSON, metadata included, as grpcurl 1.8.6 prints
+//! it), and exit code 64 + the status code.
 
 use std::{str::FromStr, time::Duration};
 
@@ -256,7 +256,7 @@ async fn call(o: &Options, channel: Channel, method: &str) -> Result<i32, Error>
             eprintln!("  Code: {:?}", status.code());
             eprintln!("  Message: {}", status.message());
             if let Some(info) = status.get_details_error_info() {
-                // As grpcurl: the detail as indented JSON, its later lines under the first.
+                // As grpcurl 1.8: the detail as compact JSON, keys in order.
                 let mut detail = serde_json::json!({
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                     "reason": info.reason,
@@ -266,13 +266,7 @@ async fn call(o: &Options, channel: Channel, method: &str) -> Result<i32, Error>
                     detail["metadata"] = serde_json::json!(info.metadata);
                 }
                 eprintln!("  Details:");
-                for (i, line) in serde_json::to_string_pretty(&detail)?.lines().enumerate() {
-                    if i == 0 {
-                        eprintln!("  1)\t{line}");
-                    } else {
-                        eprintln!("    \t{line}");
-                    }
-                }
+                eprintln!("  1)\t{detail}");
             }
             Ok(64 + status.code() as i32)
         }
