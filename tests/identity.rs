@@ -2678,3 +2678,89 @@ async fn an_organization_admin_lists_its_members_and_others_are_refused() {
     let left = members(&r, &admin, ACME, &[], 0, "").await.unwrap();
     assert_eq!(left.total_count, 1);
 }
+
+/// The emulator's organization endpoints over HTTP, as Clerk's SDK calls them: by id or slug,
+/// `include_members_count`, members newest first with `role` repeated, Clerk's 422 for a
+/// value out of range, 404 and 401; and the roles' system permissions.
+#[tokio::test]
+async fn the_emulator_serves_organizations_as_clerk_does() {
+    let clerk = Emulator::start_local().await.unwrap();
+    let (url, key) = (clerk.url().to_owned(), clerk.secret_key().to_owned());
+    let http = reqwest::Client::new();
+    let org = "org_2emuEMUemuEMUemuEMUemuEMU";
+    let users: Vec<String> = ["admin", "member", "viewer"]
+        .iter()
+        .map(|_| clerk.create_user(&UserSpec::default()))
+        .collect();
+    for (user, role) in users.iter().zip(["admin", "member", "viewer"]) {
+        clerk
+            .add_membership(&MembershipSpec {
+                user_id: user.clone(),
+                org_id: org.into(),
+                org_slug: Some("emu".into()),
+                role: Some(role.into()),
+                ..MembershipSpec::default()
+            })
+            .await;
+    }
+    let get = |path: String, auth: bool| {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move {
+            let mut req = http.get(format!("{url}{path}"));
+            if auth {
+                req = req.bearer_auth(key);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, o) = get(
+        format!("/v1/organizations/{org}?include_members_count=true"),
+        true,
+    )
+    .await;
+    assert_eq!((status, o["members_count"].as_u64()), (200, Some(3)));
+    let (status, o) = get("/v1/organizations/emu".into(), true).await;
+    assert_eq!((status, o["id"].as_str()), (200, Some(org)));
+    assert!(o.get("members_count").is_none(), "only when asked");
+    let path = format!("/v1/organizations/{org}/memberships?role=org:admin&role=org:viewer");
+    let (status, page) = get(path, true).await;
+    assert_eq!((status, page["total_count"].as_u64()), (200, Some(2)));
+    let perms = |role: &str| {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["role"] == role)
+            .map(|m| m["permissions"].clone())
+    };
+    assert!(perms("org:admin")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .contains(&"org:sys_memberships:read".into()));
+    assert_eq!(perms("org:viewer"), Some(serde_json::json!([])));
+    for bad in [
+        "limit=0",
+        "limit=501",
+        "limit=-1",
+        "limit=1.5",
+        "offset=x",
+        "limit=+5",
+    ] {
+        let (status, e) = get(format!("/v1/organizations/{org}/memberships?{bad}"), true).await;
+        assert_eq!(status, 422, "{bad}");
+        assert_eq!(e["errors"][0]["code"], "form_param_value_invalid", "{bad}");
+        let (status, _) = get(
+            format!("/v1/users/{}/organization_memberships?{bad}", users[0]),
+            true,
+        )
+        .await;
+        assert_eq!(status, 422, "{bad}");
+    }
+    let (status, _) = get("/v1/organizations/org_missing/memberships".into(), true).await;
+    assert_eq!(status, 404);
+    let (status, _) = get(format!("/v1/organizations/{org}"), false).await;
+    assert_eq!(status, 401);
+}

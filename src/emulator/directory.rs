@@ -480,10 +480,11 @@ async fn get_user(
     }
 }
 
+/// `limit` and `offset` as sent (checked by [`number_param`]).
 #[derive(Deserialize)]
 struct PageQuery {
-    limit: Option<usize>,
-    offset: Option<usize>,
+    limit: Option<String>,
+    offset: Option<String>,
 }
 
 async fn list_memberships(
@@ -495,6 +496,20 @@ async fn list_memberships(
     if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
+    let Some(limit) = number_param(q.limit.as_deref(), 10, 1..=500) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "limit",
+            "must be a number from 1 to 500",
+        );
+    };
+    let Some(offset) = number_param(q.offset.as_deref(), 0, 0..=usize::MAX) else {
+        return bad_param(
+            "form_param_value_invalid",
+            "offset",
+            "must be a number from 0",
+        );
+    };
     let d = s.directory.lock().expect("lock");
     if !d.users.contains_key(&id) {
         return not_found("user");
@@ -505,10 +520,9 @@ async fn list_memberships(
         .filter(|(u, _)| *u == id)
         .map(|(_, m)| m)
         .collect();
-    let limit = q.limit.unwrap_or(10).clamp(1, 500);
     let page: Vec<Value> = all
         .iter()
-        .skip(q.offset.unwrap_or(0))
+        .skip(offset)
         .take(limit)
         .map(|m| (*m).clone())
         .collect();
