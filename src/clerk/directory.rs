@@ -498,9 +498,24 @@ impl Generations {
         self.of.get_with_by_ref(scope, || self.fresh())
     }
 
-    /// Gives the scope a new generation: its pages are no longer found.
+    /// The scope's generation, if anyone asked for it since it was last forgotten.
+    fn held(&self, scope: &str) -> Option<u64> {
+        self.of.get(scope)
+    }
+
+    /// Gives the scope a new generation: what was cached under the old one is no longer
+    /// found. A scope nobody has asked for is left out (whoever asks first gets a new one
+    /// anyway), so that events for ids this replica never serves do not push out the
+    /// generations it reads.
     fn bump(&self, scope: &str) {
-        self.of.insert(scope.to_owned(), self.fresh());
+        use moka::ops::compute::Op;
+        let _ = self
+            .of
+            .entry_by_ref(scope)
+            .and_compute_with(|held| match held {
+                Some(_) => Op::Put(self.fresh()),
+                None => Op::Nop,
+            });
     }
 }
 
@@ -561,7 +576,8 @@ impl Directory {
                     config.capacity,
                 ),
                 generations: Generations::new(
-                    config.capacity.saturating_mul(2),
+                    // One scope per cached object or group, of six kinds.
+                    config.capacity.saturating_mul(6),
                     config.memberships_ttl.max(config.session_ttl) + config.stale_if_error,
                 ),
                 owners: moka::sync::Cache::builder()
@@ -627,6 +643,15 @@ impl Directory {
         }
     }
 
+    /// The cache key of `id` in its scope (`p` users, `m` memberships, `s` sessions, `o` an
+    /// organization and its member pages): `{id}/{generation}`. An invalidation changes the
+    /// generation, so that a fetch still under way when it comes lands under a key nobody
+    /// asks for, instead of bringing back what the invalidation dropped — fresh or stale.
+    fn key(&self, scope: &str, id: &str) -> String {
+        let generation = self.inner.generations.current(&format!("{scope}/{id}"));
+        format!("{id}/{generation}")
+    }
+
     /// Charges `caller` when `key` is neither cached nor known missing (a likely miss).
     fn charge_miss<V: Send + Sync + 'static>(
         &self,
@@ -646,13 +671,12 @@ impl Directory {
         if !crate::clerk::api::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
-        self.charge_miss(&self.inner.users, user_id, caller)?;
+        let key = self.key("p", user_id);
+        self.charge_miss(&self.inner.users, &key, caller)?;
         let api = &self.inner.api;
         self.inner
             .users
-            .get(user_id, async {
-                api.get(&format!("users/{user_id}")).await
-            })
+            .get(&key, async { api.get(&format!("users/{user_id}")).await })
             .await
     }
 
@@ -666,12 +690,13 @@ impl Directory {
         if !crate::clerk::api::is_clerk_id(user_id, "user_") {
             return Err(ApiError::InvalidId);
         }
-        self.charge_miss(&self.inner.memberships, user_id, caller)?;
+        let key = self.key("m", user_id);
+        self.charge_miss(&self.inner.memberships, &key, caller)?;
         let api = &self.inner.api;
         let max = self.inner.config.max_memberships;
         self.inner
             .memberships
-            .get(user_id, async {
+            .get(&key, async {
                 let mut all = Vec::new();
                 loop {
                     let page: Page<Membership> = api
@@ -702,12 +727,13 @@ impl Directory {
         if !crate::clerk::api::is_clerk_id(session_id, "sess_") {
             return Err(ApiError::InvalidId);
         }
-        self.charge_miss(&self.inner.sessions, session_id, caller)?;
+        let key = self.key("s", session_id);
+        self.charge_miss(&self.inner.sessions, &key, caller)?;
         let api = &self.inner.api;
         let s = self
             .inner
             .sessions
-            .get(session_id, async {
+            .get(&key, async {
                 api.get::<Session>(&format!("sessions/{session_id}")).await
             })
             .await?;
@@ -768,8 +794,7 @@ impl Directory {
             return Err(ApiError::InvalidId);
         }
         let status = status.unwrap_or("");
-        let generation = self.inner.generations.current(&format!("u/{user_id}"));
-        let key = format!("{user_id}/{generation}/{status}/{offset}/{limit}");
+        let key = format!("{}/{status}/{offset}/{limit}", self.key("u", user_id));
         self.charge_miss(&self.inner.session_pages, &key, caller)?;
         let api = &self.inner.api;
         let filter = if status.is_empty() {
@@ -846,12 +871,13 @@ impl Directory {
         if !crate::clerk::api::is_clerk_id(org_id, "org_") {
             return Err(ApiError::InvalidId);
         }
-        self.charge_miss(&self.inner.organizations, org_id, caller)?;
+        let key = self.key("o", org_id);
+        self.charge_miss(&self.inner.organizations, &key, caller)?;
         let api = &self.inner.api;
         let org = self
             .inner
             .organizations
-            .get(org_id, async {
+            .get(&key, async {
                 api.get::<Organization>(&format!(
                     "organizations/{org_id}?include_members_count=true"
                 ))
@@ -891,8 +917,11 @@ impl Directory {
         {
             return Err(ApiError::InvalidId);
         }
-        let generation = self.inner.generations.current(&format!("o/{org_id}"));
-        let key = format!("{org_id}/{generation}/{}/{offset}/{limit}", roles.join(","));
+        let key = format!(
+            "{}/{}/{offset}/{limit}",
+            self.key("o", org_id),
+            roles.join(",")
+        );
         self.charge_miss(&self.inner.member_pages, &key, caller)?;
         let api = &self.inner.api;
         let filter: String = roles.iter().map(|r| format!("&role={r}")).collect();
@@ -925,8 +954,19 @@ impl Directory {
     /// of its members.
     pub async fn invalidate_organization(&self, org_id: &str) {
         if crate::clerk::api::is_clerk_id(org_id, "org_") {
-            self.inner.organizations.invalidate(org_id).await;
-            self.inner.generations.bump(&format!("o/{org_id}"));
+            self.drop_group(&self.inner.organizations, "o", org_id)
+                .await;
+        }
+    }
+
+    /// Drops what is cached of `id` in `scope` (the entry in `kind`, its stale copy and a
+    /// remembered "not found", and with the generation everything else keyed by it).
+    async fn drop_group<V: Send + Sync + 'static>(&self, kind: &Kind<V>, scope: &str, id: &str) {
+        let scope = format!("{scope}/{id}");
+        // A scope nobody asked for has nothing reachable to drop.
+        if let Some(old) = self.inner.generations.held(&scope) {
+            self.inner.generations.bump(&scope);
+            kind.invalidate(&format!("{id}/{old}")).await;
         }
     }
 
@@ -937,9 +977,12 @@ impl Directory {
     pub async fn invalidate_user(&self, user_id: &str) {
         let i = &self.inner;
         let mut orgs: Vec<String> = Vec::new();
-        for cache in std::iter::once(&i.memberships.fresh).chain(&i.memberships.stale) {
-            if let Some(ms) = cache.get(user_id).await {
-                orgs.extend(ms.iter().map(|m| m.organization.id.clone()));
+        if let Some(generation) = i.generations.held(&format!("m/{user_id}")) {
+            let key = format!("{user_id}/{generation}");
+            for cache in std::iter::once(&i.memberships.fresh).chain(&i.memberships.stale) {
+                if let Some(ms) = cache.get(&key).await {
+                    orgs.extend(ms.iter().map(|m| m.organization.id.clone()));
+                }
             }
         }
         orgs.sort();
@@ -949,18 +992,18 @@ impl Directory {
                 i.generations.bump(&format!("o/{org}"));
             }
         }
-        i.users.invalidate(user_id).await;
-        i.memberships.invalidate(user_id).await;
+        self.drop_group(&i.users, "p", user_id).await;
+        self.drop_group(&i.memberships, "m", user_id).await;
     }
 
     /// Drops a user's cached memberships.
     pub async fn invalidate_memberships(&self, user_id: &str) {
-        self.inner.memberships.invalidate(user_id).await;
+        self.drop_group(&self.inner.memberships, "m", user_id).await;
     }
 
     /// Drops a cached session, and its owner's session pages when the owner is known.
     pub async fn invalidate_session(&self, session_id: &str) {
-        self.inner.sessions.invalidate(session_id).await;
+        self.drop_group(&self.inner.sessions, "s", session_id).await;
         if let Some(owner) = self.inner.owners.get(session_id) {
             self.invalidate_sessions_of(&owner);
         }
@@ -1114,6 +1157,29 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generations_change_on_invalidation_and_are_never_reused() {
+        let g = Generations::new(2, Duration::from_secs(60));
+        // Bumping a scope nobody asked for adds nothing.
+        g.bump("u/user_never");
+        assert_eq!(g.held("u/user_never"), None);
+        let first = g.current("u/user_a");
+        assert_eq!(g.current("u/user_a"), first, "stable until invalidated");
+        g.bump("u/user_a");
+        let second = g.current("u/user_a");
+        assert_ne!(second, first);
+        // Forgotten (here: pushed out by capacity), a scope gets a value never handed out
+        // before, so pages under an old generation are never found again.
+        let mut seen = std::collections::HashSet::from([first, second]);
+        for n in 0..50 {
+            let v = g.current(&format!("u/user_{n}"));
+            g.of.run_pending_tasks();
+            assert!(seen.insert(v), "generation {v} reused");
+        }
+        let again = g.current("u/user_a");
+        assert!(again == second || seen.insert(again));
+    }
 
     #[test]
     fn clerk_objects_parse_and_tolerate_new_fields() {

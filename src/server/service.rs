@@ -334,10 +334,11 @@ fn role_filter(roles: &[String]) -> Result<Vec<String>, AuthError> {
     Ok(sorted)
 }
 
-/// The `next_page_token` after a page of `got` entries from `offset` out of `total`.
-fn next_page(offset: usize, got: usize, total: usize) -> String {
+/// The `next_page_token` after a page of `got` entries from `offset` out of `total`; none
+/// past `max_offset`, where [`page`] would refuse it.
+fn next_page(offset: usize, got: usize, total: usize, max_offset: usize) -> String {
     let next = offset + got;
-    if got > 0 && next < total {
+    if got > 0 && next < total && next <= max_offset {
         format!("o{next}")
     } else {
         String::new()
@@ -488,7 +489,7 @@ impl AuthService for AuthServiceImpl {
                     .map(|m| m.to_proto())
                     .collect();
                 Ok(pb::ListOrganizationMembershipsResponse {
-                    next_page_token: next_page(offset, page.len(), all.len()),
+                    next_page_token: next_page(offset, page.len(), all.len(), usize::MAX),
                     memberships: page,
                     total_count: i32::try_from(all.len()).unwrap_or(i32::MAX),
                 })
@@ -574,7 +575,12 @@ impl AuthService for AuthServiceImpl {
                         ..s.to_proto()
                     })
                     .collect(),
-                next_page_token: next_page(offset, got.sessions.len(), got.total_count),
+                next_page_token: next_page(
+                    offset,
+                    got.sessions.len(),
+                    got.total_count,
+                    MAX_SESSION_OFFSET,
+                ),
                 total_count: i32::try_from(got.total_count).unwrap_or(i32::MAX),
             })
         })
@@ -683,7 +689,12 @@ impl AuthService for AuthServiceImpl {
                 .await?;
             Ok(pb::ListOrganizationMembersResponse {
                 members: got.members.iter().map(|m| m.to_member_proto()).collect(),
-                next_page_token: next_page(offset, got.members.len(), got.total_count),
+                next_page_token: next_page(
+                    offset,
+                    got.members.len(),
+                    got.total_count,
+                    MAX_MEMBER_OFFSET,
+                ),
                 total_count: i32::try_from(got.total_count).unwrap_or(i32::MAX),
             })
         })
@@ -869,5 +880,70 @@ impl AuthServiceImpl {
             Reason::SessionRevoked,
             "The session is no longer active at Clerk.",
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_taken_only_as_issued() {
+        assert_eq!(page(0, "", 100).ok(), Some((20, 0)));
+        assert_eq!(page(7, "o40", 100).ok(), Some((7, 40)));
+        assert_eq!(page(100, "o100", 100).ok(), Some((100, 100)));
+        for (size, token) in [
+            (101, ""),
+            (-1, ""),
+            (i32::MIN, ""),
+            (0, "o"),
+            (0, "o0"),
+            (0, "o05"),
+            (0, "o+5"),
+            (0, "o-5"),
+            (0, "o 5"),
+            (0, "o5 "),
+            (0, "O5"),
+            (0, "5"),
+            (0, "o1e3"),
+            (0, "o\u{0665}"),
+            (0, "o101"),
+            (0, "o1234567890"),
+            (0, "o99999999999999999999"),
+        ] {
+            assert!(page(size, token, 100).is_err(), "{size} {token:?}");
+        }
+        // What is issued is what is taken back, and nothing past the bound is issued.
+        for (offset, got, total) in [(0, 20, 45), (20, 20, 45), (40, 5, 45), (90, 10, 500)] {
+            let next = next_page(offset, got, total, 100);
+            if next.is_empty() {
+                assert!(offset + got >= total || offset + got > 100);
+            } else {
+                assert_eq!(page(0, &next, 100).ok(), Some((20, offset + got)));
+            }
+        }
+        assert_eq!(next_page(95, 10, 500, 100), "");
+        assert_eq!(next_page(0, 0, 10, 100), "");
+    }
+
+    #[test]
+    fn role_filters_are_canonical_or_refused() {
+        let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            role_filter(&roles(&["org:member", "org:admin"])).ok(),
+            Some(roles(&["org:admin", "org:member"]))
+        );
+        assert_eq!(role_filter(&[]).ok(), Some(vec![]));
+        for bad in [
+            &["org:admin", "org:admin"][..],
+            &["admin"],
+            &["org:Admin"],
+            &["org:admin&role=org:member"],
+            &["org:admin "],
+        ] {
+            assert!(role_filter(&roles(bad)).is_err(), "{bad:?}");
+        }
+        let eleven: Vec<String> = (0..11).map(|n| format!("org:r{n}")).collect();
+        assert!(role_filter(&eleven).is_err());
     }
 }

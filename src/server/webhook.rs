@@ -58,14 +58,13 @@ pub(crate) fn events_for(kind: &str, data: &Value) -> Vec<Event> {
             user.into_iter().chain(org).collect()
         }
         // Every session event changes its user's list of sessions; these three end it too.
+        // The revocation first: it is the one that refuses tokens.
         k if k.starts_with("session.") => {
-            let mut out: Vec<Event> = s(&data["user_id"])
-                .map(|user_id| Event::SessionsChanged { user_id })
-                .into_iter()
-                .collect();
+            let mut out: Vec<Event> = Vec::new();
             if matches!(k, "session.ended" | "session.revoked" | "session.removed") {
                 out.extend(s(&data["id"]).map(|id| Event::SessionRevoked { id }));
             }
+            out.extend(s(&data["user_id"]).map(|user_id| Event::SessionsChanged { user_id }));
             out
         }
         _ => Vec::new(),
@@ -158,10 +157,10 @@ mod tests {
         assert_eq!(
             events_for("session.revoked", &d),
             [
-                pages,
                 Event::SessionRevoked {
                     id: "sess_1".into()
-                }
+                },
+                pages
             ]
         );
         assert_eq!(
