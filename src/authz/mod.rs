@@ -162,6 +162,42 @@ impl Check {
         }
     }
 
+    /// [`Check::evaluate`] as a refusal: the first requirement not met, with what it asked
+    /// (`role`, `permission`, `feature`, `plan`; `level` and `after_minutes` for
+    /// reverification) as the `ErrorInfo` metadata.
+    pub fn judge(&self, identity: &Identity) -> Result<(), crate::error::Denial> {
+        self.evaluate(identity)
+            .map_err(|unmet| crate::error::Denial {
+                unmet,
+                required: self.required(unmet),
+            })
+    }
+
+    /// What the check asked on the dimension `unmet`.
+    fn required(&self, unmet: Unmet) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut put = |k: &'static str, v: &Option<String>| {
+            if let Some(v) = v {
+                out.push((k, v.clone()));
+            }
+        };
+        match unmet {
+            Unmet::Role => put("role", &self.role),
+            Unmet::Permission => put("permission", &self.permission),
+            Unmet::Feature => put("feature", &self.feature),
+            Unmet::Plan => put("plan", &self.plan),
+            Unmet::Reverification => {
+                if let Some(r) = self.reverification {
+                    let (level, after) = r.resolve();
+                    out.push(("level", level.as_str().to_owned()));
+                    out.push(("after_minutes", after.to_string()));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
     /// Clerk's `has()` verdict for `identity`; on `false`, the first requirement not met.
     pub fn evaluate(&self, identity: &Identity) -> Result<(), Unmet> {
         if identity.token_type != TokenType::SessionToken || identity.user_id.is_empty() {

@@ -50,7 +50,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use serde::Deserialize;
 
 use crate::{
-    authz::{Check, Reverification, Unmet},
+    authz::{Check, Unmet},
     error::{AuthError, Denial},
     token::identity::{Identity, TokenType},
 };
@@ -315,12 +315,7 @@ impl Rule {
             }
         }
         for check in &self.require {
-            if let Err(unmet) = check.evaluate(identity) {
-                return Err(Denial {
-                    unmet,
-                    required: required_metadata(check, unmet),
-                });
-            }
+            check.judge(identity)?;
         }
         Ok(())
     }
@@ -358,30 +353,6 @@ impl Rule {
         }
         Ok(())
     }
-}
-
-fn required_metadata(check: &Check, unmet: Unmet) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    let mut put = |k: &'static str, v: &Option<String>| {
-        if let Some(v) = v {
-            out.push((k, v.clone()));
-        }
-    };
-    match unmet {
-        Unmet::Role => put("role", &check.role),
-        Unmet::Permission => put("permission", &check.permission),
-        Unmet::Feature => put("feature", &check.feature),
-        Unmet::Plan => put("plan", &check.plan),
-        Unmet::Reverification => {
-            if let Some(r) = check.reverification {
-                let (level, after) = Reverification::resolve(r);
-                out.push(("level", level.as_str().to_owned()));
-                out.push(("after_minutes", after.to_string()));
-            }
-        }
-        _ => {}
-    }
-    out
 }
 
 // === impl Policy ===

@@ -593,30 +593,19 @@ impl Directory {
     /// Cache counters, all kinds together.
     pub fn stats(&self) -> DirectoryStats {
         let i = &self.inner;
-        let sum =
-            |f: fn(&Inner) -> [&AtomicU64; 6]| f(i).iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        DirectoryStats {
-            hits: sum(|i| {
-                [
-                    &i.users.hits,
-                    &i.memberships.hits,
-                    &i.sessions.hits,
-                    &i.session_pages.hits,
-                    &i.organizations.hits,
-                    &i.member_pages.hits,
-                ]
-            }),
-            misses: sum(|i| {
-                [
-                    &i.users.misses,
-                    &i.memberships.misses,
-                    &i.sessions.misses,
-                    &i.session_pages.misses,
-                    &i.organizations.misses,
-                    &i.member_pages.misses,
-                ]
-            }),
+        let mut stats = DirectoryStats::default();
+        for (hits, misses) in [
+            (&i.users.hits, &i.users.misses),
+            (&i.memberships.hits, &i.memberships.misses),
+            (&i.sessions.hits, &i.sessions.misses),
+            (&i.session_pages.hits, &i.session_pages.misses),
+            (&i.organizations.hits, &i.organizations.misses),
+            (&i.member_pages.hits, &i.member_pages.misses),
+        ] {
+            stats.hits += hits.load(Ordering::Relaxed);
+            stats.misses += misses.load(Ordering::Relaxed);
         }
+        stats
     }
 
     /// The Backend API client.

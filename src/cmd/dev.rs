@@ -260,11 +260,11 @@ pub async fn run(args: DevArgs) -> ExitCode {
     emu.create_user(&person(USER_ID, "Dev", "User", "dev@example.com"));
     let other_user = emu.create_user(&person(GRACE_ID, "Grace", "Hopper", "grace@example.com"));
     emu.create_user(&person(LINUS_ID, "Linus", "Torvalds", "linus@example.com"));
-    for (user, org, name, role, permissions) in [
+    for (user, org, (name, slug), role, permissions) in [
         (
             USER_ID,
             ORG_ID,
-            "acme",
+            ("Acme", "acme"),
             "admin",
             &[
                 "org:invoices:read",
@@ -275,17 +275,23 @@ pub async fn run(args: DevArgs) -> ExitCode {
         (
             GRACE_ID,
             ORG_ID,
-            "acme",
+            ("Acme", "acme"),
             "billing",
             &["org:invoices:read"][..],
         ),
-        (LINUS_ID, OTHER_ORG_ID, "globex", "admin", &[][..]),
+        (
+            LINUS_ID,
+            OTHER_ORG_ID,
+            ("Globex", "globex"),
+            "admin",
+            &[][..],
+        ),
     ] {
         emu.add_membership(&MembershipSpec {
             user_id: user.into(),
             org_id: org.into(),
-            org_name: Some(format!("{}{}", name[..1].to_uppercase(), &name[1..])),
-            org_slug: Some(name.into()),
+            org_name: Some(name.into()),
+            org_slug: Some(slug.into()),
             role: Some(role.into()),
             permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
         })

@@ -287,11 +287,12 @@ impl Walkthrough<'_> {
 
         // As whom the identity queries below ask: over mTLS the allowlisted certificate is a
         // trusted caller by itself.
-        let as_user = |rpc: &str, body: &str| {
+        let bearer = |var: &str, rpc: &str, body: &str| {
             format!(
-                r#"{g} -H "authorization: Bearer $TOKEN" -d '{body}' $AUTH clerk.auth.v1.AuthService/{rpc}"#
+                r#"{g} -H "authorization: Bearer ${var}" -d '{body}' $AUTH clerk.auth.v1.AuthService/{rpc}"#
             )
         };
+        let as_user = |rpc: &str, body: &str| bearer("TOKEN", rpc, body);
         if tls {
             heading(
                 &mut out,
@@ -346,8 +347,10 @@ impl Walkthrough<'_> {
             );
             cmd(
                 &mut out,
-                &format!(
-                    r#"{g} -H "authorization: Bearer $FRESH" -d '{{"session_id":"{phone_session_id}"}}' $AUTH clerk.auth.v1.AuthService/RevokeSession"#
+                &bearer(
+                    "FRESH",
+                    "RevokeSession",
+                    &format!(r#"{{"session_id":"{phone_session_id}"}}"#),
                 ),
                 r#""status": "revoked""#,
             );
@@ -373,20 +376,15 @@ impl Walkthrough<'_> {
                     .to_owned()
             },
         );
+        let org_body = format!(r#"{{"organization_id":"{org_id}"}}"#);
         cmd(
             &mut out,
-            &as_user(
-                "GetOrganization",
-                &format!(r#"{{"organization_id":"{org_id}"}}"#),
-            ),
+            &as_user("GetOrganization", &org_body),
             r#""slug": "acme", "membersCount": 2"#,
         );
         cmd(
             &mut out,
-            &as_user(
-                "ListOrganizationMembers",
-                &format!(r#"{{"organization_id":"{org_id}"}}"#),
-            ),
+            &as_user("ListOrganizationMembers", &org_body),
             r#""role": "org:billing", "firstName": "Grace", "role": "org:admin", "totalCount": 2"#,
         );
         if !tls {
@@ -399,9 +397,7 @@ impl Walkthrough<'_> {
             );
             cmd(
                 &mut out,
-                &format!(
-                    r#"{g} -H "authorization: Bearer $GRACE" -d '{{"organization_id":"{org_id}"}}' $AUTH clerk.auth.v1.AuthService/ListOrganizationMembers"#
-                ),
+                &bearer("GRACE", "ListOrganizationMembers", &org_body),
                 r#"Code: PermissionDenied, ORG_PERMISSION_REQUIRED, "permission":"org:sys_memberships:read""#,
             );
             cmd(
@@ -413,9 +409,7 @@ impl Walkthrough<'_> {
             );
             cmd(
                 &mut out,
-                &format!(
-                    r#"{g} -H "authorization: Bearer $LINUS" -d '{{"organization_id":"{org_id}"}}' $AUTH clerk.auth.v1.AuthService/ListOrganizationMembers"#
-                ),
+                &bearer("LINUS", "ListOrganizationMembers", &org_body),
                 "Code: PermissionDenied, CALLER_NOT_ALLOWED",
             );
         }

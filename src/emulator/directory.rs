@@ -496,19 +496,9 @@ async fn list_memberships(
     if let Some(r) = s.identity_gate(&headers).await {
         return r;
     }
-    let Some(limit) = number_param(q.limit.as_deref(), 10, 1..=500) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "limit",
-            "must be a number from 1 to 500",
-        );
-    };
-    let Some(offset) = number_param(q.offset.as_deref(), 0, 0..=usize::MAX) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "offset",
-            "must be a number from 0",
-        );
+    let (limit, offset) = match paging(q.limit.as_deref(), q.offset.as_deref()) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
     };
     let d = s.directory.lock().expect("lock");
     if !d.users.contains_key(&id) {
@@ -542,6 +532,19 @@ fn number_param(
             v.parse().ok().filter(|n| range.contains(n))
         }
         Some(_) => None,
+    }
+}
+
+/// A list's `limit` (1–500, 10 by default) and `offset` (0 by default), or Clerk's 422.
+fn paging(limit: Option<&str>, offset: Option<&str>) -> Result<(usize, usize), Box<Response>> {
+    let refuse = |name: &str, why: &str| bad_param("form_param_value_invalid", name, why);
+    match (
+        number_param(limit, 10, 1..=500),
+        number_param(offset, 0, 0..=usize::MAX),
+    ) {
+        (Some(limit), Some(offset)) => Ok((limit, offset)),
+        (None, _) => Err(Box::new(refuse("limit", "must be a number from 1 to 500"))),
+        (_, None) => Err(Box::new(refuse("offset", "must be a number from 0"))),
     }
 }
 
@@ -628,19 +631,9 @@ async fn list_organization_memberships(
             _ => {}
         }
     }
-    let Some(limit) = number_param(limit.as_deref(), 10, 1..=500) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "limit",
-            "must be a number from 1 to 500",
-        );
-    };
-    let Some(offset) = number_param(offset.as_deref(), 0, 0..=usize::MAX) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "offset",
-            "must be a number from 0",
-        );
+    let (limit, offset) = match paging(limit.as_deref(), offset.as_deref()) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
     };
     let d = s.directory.lock().expect("lock");
     if !d.organizations.contains_key(&id) {
@@ -699,19 +692,9 @@ async fn list_sessions(
             return bad_param("form_param_value_invalid", "status", &why);
         }
     }
-    let Some(limit) = number_param(q.limit.as_deref(), 10, 1..=500) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "limit",
-            "must be a number from 1 to 500",
-        );
-    };
-    let Some(offset) = number_param(q.offset.as_deref(), 0, 0..=usize::MAX) else {
-        return bad_param(
-            "form_param_value_invalid",
-            "offset",
-            "must be a number from 0",
-        );
+    let (limit, offset) = match paging(q.limit.as_deref(), q.offset.as_deref()) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
     };
     let paginated = match q.paginated.as_deref() {
         None | Some("false") => false,

@@ -43,7 +43,7 @@ use std::{
 };
 
 use crate::{
-    authz::{is_key_part, peer::PeerIdentity, Unmet},
+    authz::{is_key_part, peer::PeerIdentity, Check, Unmet},
     clerk::api::is_clerk_id,
     error::Denial,
     token::identity::{Identity, TokenType},
@@ -184,39 +184,31 @@ impl OrgRead {
             unmet: Unmet::CallerNotAllowed,
             required: Vec::new(),
         };
-        let active = identity
-            .organization
-            .as_ref()
-            .filter(|o| identity.token_type == TokenType::SessionToken && o.id == org_id);
-        let Some(org) = active else {
+        let active = identity.token_type == TokenType::SessionToken
+            && identity
+                .organization
+                .as_ref()
+                .is_some_and(|o| o.id == org_id);
+        if !active {
             return Err(not_allowed);
-        };
+        }
         match self {
             OrgRead::Never => Err(not_allowed),
-            OrgRead::Role(role) if org.role.as_deref() == Some(role.as_str()) => Ok(()),
-            OrgRead::Role(role) => Err(Denial {
-                unmet: Unmet::Role,
-                required: vec![("role", role.clone())],
-            }),
-            OrgRead::Permission(p) => {
-                let held = if self.needs_memberships() {
-                    match clerk_permissions {
-                        Some(held) => held.contains(p),
-                        // Clerk no longer has the user in the organization.
-                        None => return Err(not_allowed),
-                    }
-                } else {
-                    org.permissions.contains(p)
-                };
-                if held {
-                    Ok(())
-                } else {
-                    Err(Denial {
-                        unmet: Unmet::Permission,
-                        required: vec![("permission", p.clone())],
-                    })
-                }
+            // From the token, as Clerk's `has()`.
+            OrgRead::Role(role) => Check::role(role.as_str()).judge(identity),
+            OrgRead::Permission(p) if !self.needs_memberships() => {
+                Check::permission(p.as_str()).judge(identity)
             }
+            // A system permission, from Clerk.
+            OrgRead::Permission(p) => match clerk_permissions {
+                Some(held) if held.contains(p) => Ok(()),
+                Some(_) => Err(Denial {
+                    unmet: Unmet::Permission,
+                    required: vec![("permission", p.clone())],
+                }),
+                // Clerk no longer has the user in the organization.
+                None => Err(not_allowed),
+            },
         }
     }
 }
@@ -280,20 +272,8 @@ impl SelfRevoke {
                     required: Vec::new(),
                 })
             }
-            SelfRevoke::Reverify(r) => {
-                // Clerk's rule, from the token's `fva`.
-                if r.is_met(identity.factor_verification_age_exact()) {
-                    return Ok(());
-                }
-                let (level, after) = r.resolve();
-                Err(Denial {
-                    unmet: Unmet::Reverification,
-                    required: vec![
-                        ("level", level.as_str().to_owned()),
-                        ("after_minutes", after.to_string()),
-                    ],
-                })
-            }
+            // Clerk's rule, from the token's `fva`.
+            SelfRevoke::Reverify(r) => Check::reverification(*r).judge(identity),
         }
     }
 }
